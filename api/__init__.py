@@ -1,0 +1,28 @@
+"""vmtask's producer library: VM and disk operations as tracked, cancellable tasks.
+
+    from api import VirtualServer
+    server = VirtualServer()            # VMTASK_REDIS_URL, VMTASK_HOST
+    task = server.ping(duration_ms=500, steps=5)
+    task.wait_for_completion(-1)
+    task.result                          # VMTaskResult.Success
+
+This package never imports `workers`: a producer needs Redis, not QEMU.
+"""
+
+from api import errors
+from api.enums import VMHardDiskType, VMTaskResult, VMVMState
+from api.records import TaskSnapshot
+from api.server import VirtualServer
+from api.settings import Settings
+from api.task import VMTask
+
+__all__ = [
+    "Settings",
+    "TaskSnapshot",
+    "VMHardDiskType",
+    "VMTask",
+    "VMTaskResult",
+    "VMVMState",
+    "VirtualServer",
+    "errors",
+]

@@ -1,0 +1,77 @@
+"""Every exception the vmtask client raises.
+
+    VMTaskError                       .hresult on every instance
+    ├── InvalidTimeoutError           also ValueError; E_POINTER
+    ├── InvalidArgumentError          also ValueError; E_INVALIDARG
+    ├── TaskNotFoundError
+    ├── TaskNotCancelableError
+    ├── InvalidStateError             the VM's state forbids the operation
+    ├── NotFoundError                 a VM, disk or host that does not exist
+    │   └── HostUnavailableError      no live worker serves the host
+    └── BrokerUnavailableError        Redis cannot be reached
+
+A task that *runs* and fails does not raise: it completes with a `VMTaskResult`
+and an HRESULT, read from the `VMTask` handle.
+"""
+
+from __future__ import annotations
+
+from api import hresults
+
+
+class VMTaskError(Exception):
+    """Base of the tree; ``hresult`` is the unsigned 32-bit HRESULT."""
+
+    default_hresult = hresults.E_UNEXPECTED
+
+    def __init__(self, message: str, hresult: int | None = None) -> None:
+        super().__init__(message)
+        self.hresult = self.default_hresult if hresult is None else hresult
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} [{hresults.format_hresult(self.hresult)}]"
+
+
+class InvalidTimeoutError(VMTaskError, ValueError):
+    default_hresult = hresults.E_POINTER
+
+
+class InvalidArgumentError(VMTaskError, ValueError):
+    default_hresult = hresults.E_INVALIDARG
+
+
+class TaskNotFoundError(VMTaskError):
+    default_hresult = hresults.E_INVALIDARG
+
+
+class TaskNotCancelableError(VMTaskError):
+    default_hresult = hresults.E_UNEXPECTED
+
+
+class InvalidStateError(VMTaskError):
+    default_hresult = hresults.E_UNEXPECTED
+
+
+class NotFoundError(VMTaskError):
+    default_hresult = hresults.FILE_NOT_FOUND
+
+
+class HostUnavailableError(NotFoundError):
+    default_hresult = hresults.SERVER_FAULT
+
+
+class BrokerUnavailableError(VMTaskError):
+    default_hresult = hresults.SERVER_FAULT
+
+
+__all__ = [
+    "BrokerUnavailableError",
+    "HostUnavailableError",
+    "InvalidArgumentError",
+    "InvalidStateError",
+    "InvalidTimeoutError",
+    "NotFoundError",
+    "TaskNotCancelableError",
+    "TaskNotFoundError",
+    "VMTaskError",
+]

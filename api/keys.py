@@ -1,0 +1,42 @@
+"""Every Redis key and channel vmtask uses, in one place.
+
+All keys start with ``vmtask:`` so a shared Redis can be inspected (or cleaned) by
+prefix.  Celery's own keys (queues ``host.<name>``, ``celery-task-meta-*``, events)
+live beside these and are named by Celery.
+"""
+
+from __future__ import annotations
+
+PREFIX = "vmtask:"
+
+
+def task_record(task_id: str) -> str:
+    """Hash: the task record, written when the task is enqueued."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def task_lease(task_id: str) -> str:
+    """String with a TTL: present while a live worker runs the task."""
+    return f"{PREFIX}lease:{task_id}"
+
+
+def task_channel(task_id: str) -> str:
+    """Pub/sub channel: ``progress``, ``cancel`` and ``done`` messages of one task."""
+    return f"{PREFIX}events:{task_id}"
+
+
+RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
+RECENT_TASKS = f"{PREFIX}recent"  # sorted set: task id by enqueue time
+
+
+def host_heartbeat(host: str) -> str:
+    """String with a TTL: present while a worker serves the host."""
+    return f"{PREFIX}host:{host}"
+
+
+KNOWN_HOSTS = f"{PREFIX}hosts"  # set of every host name that ever advertised
+
+
+def host_queue(host: str) -> str:
+    """The Celery queue a host's worker consumes."""
+    return f"host.{host}"

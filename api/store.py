@@ -1,0 +1,166 @@
+"""Reads and writes task records for the producer: one round trip per call.
+
+`TaskStore` is the only producer code that touches task keys; `VMTask` and
+`VirtualServer` go through it.  Redis connection failures surface as
+`errors.BrokerUnavailableError`, never as redis-py exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from api import hresults, keys, records
+from api.enums import VMTaskResult
+from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
+from api.records import TaskSnapshot
+from api.settings import redact_url
+
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+
+
+@contextmanager
+def broker_errors(url: str) -> Iterator[None]:
+    """Turn redis-py connection failures into `BrokerUnavailableError`."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailableError(
+            f"Redis at {redact_url(url)} cannot be reached: {exc}"
+        ) from None
+
+
+class TaskStore:
+    def __init__(self, client: redis.Redis, url: str, retention_seconds: float) -> None:
+        self.client = client
+        self.url = url
+        self.retention_seconds = int(retention_seconds)
+        self._finish = client.register_script(records.FINISH_SCRIPT)
+        self._cancel = client.register_script(records.CANCEL_SCRIPT)
+
+    def create(
+        self,
+        task_id: str,
+        *,
+        name: str,
+        description: str,
+        host: str,
+        cancelable: bool,
+        arguments: Mapping[str, Any],
+    ) -> None:
+        now = time.time()
+        with broker_errors(self.url):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(
+                keys.task_record(task_id),
+                mapping={
+                    "name": name,
+                    "description": description,
+                    "host": host,
+                    "cancelable": "1" if cancelable else "0",
+                    "state": records.PENDING,
+                    "percent": "0",
+                    "created": repr(now),
+                    "arguments": json.dumps(dict(arguments), sort_keys=True),
+                },
+            )
+            pipe.expire(keys.task_record(task_id), PENDING_RECORD_TTL_SECONDS)
+            pipe.zadd(keys.RECENT_TASKS, {task_id: now})
+            pipe.execute()
+
+    def discard(self, task_id: str) -> None:
+        """Forget a record whose message could not be sent."""
+        with broker_errors(self.url):
+            self.client.delete(keys.task_record(task_id))
+            self.client.zrem(keys.RECENT_TASKS, task_id)
+
+    def read(self, task_id: str) -> TaskSnapshot:
+        """One pipelined round trip; judges a lease-less running task crashed."""
+        snapshot = self._read_once(task_id)
+        if snapshot.is_crashed_candidate and self.judge_crashed(task_id):
+            snapshot = self._read_once(task_id)
+        return snapshot
+
+    def _read_once(self, task_id: str) -> TaskSnapshot:
+        with broker_errors(self.url):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(keys.task_record(task_id))
+            pipe.exists(keys.task_lease(task_id))
+            fields, lease = pipe.execute()
+        if not fields:
+            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+        return TaskSnapshot.from_record(task_id, fields, bool(lease))
+
+    def read_many(self, task_ids: Sequence[str]) -> list[TaskSnapshot]:
+        with broker_errors(self.url):
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hgetall(keys.task_record(task_id))
+                pipe.exists(keys.task_lease(task_id))
+            replies = pipe.execute()
+        return [
+            TaskSnapshot.from_record(task_id, fields, bool(lease))
+            for task_id, fields, lease in zip(task_ids, replies[::2], replies[1::2], strict=True)
+            if fields
+        ]
+
+    def judge_crashed(self, task_id: str) -> bool:
+        """End a started task whose lease expired with ThreadCrashError; True if it did."""
+        with broker_errors(self.url):
+            return judge_crashed(self.client, self._finish, task_id, self.retention_seconds)
+
+    def cancel(self, task_id: str) -> str:
+        with broker_errors(self.url):
+            outcome = self._cancel(
+                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
+                args=[repr(time.time()), self.retention_seconds],
+            )
+        if outcome == "MISSING":
+            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+        if outcome == "NOT_CANCELABLE":
+            raise TaskNotCancelableError(f"Task {task_id} cannot be cancelled")
+        if outcome == "COMPLETE":
+            raise TaskNotCancelableError(f"Task {task_id} is already complete")
+        return str(outcome)
+
+
+def judge_crashed(
+    client: redis.Redis, finish_script: Any, task_id: str, retention_seconds: int
+) -> bool:
+    """Shared by producers and workers' reapers: the script re-checks the lease atomically."""
+    outcome = finish_script(
+        keys=[
+            keys.task_record(task_id),
+            keys.task_lease(task_id),
+            keys.RUNNING_TASKS,
+            keys.task_channel(task_id),
+        ],
+        args=[
+            records.FAILURE,
+            int(VMTaskResult.ThreadCrashError),
+            hresults.SERVER_FAULT,
+            "The worker running the task stopped (killed, out of memory, or host lost)",
+            repr(time.time()),
+            0,
+            retention_seconds,
+            task_id,
+            "1",
+        ],
+    )
+    return bool(outcome == "OK")

@@ -1,0 +1,150 @@
+"""`VMTask`: the producer's handle on one task, with the members of IVMTask2.
+
+The properties are live, as IVMTask2's are: each one reads the record again, in
+one pipelined round trip.  To read several at one instant (and pay one round
+trip for all), call `snapshot()`; ``id`` and ``description`` never change and are
+served from memory after the first read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from api import keys, records
+from api.enums import VMTaskResult
+from api.errors import BrokerUnavailableError, InvalidTimeoutError
+from api.records import TaskSnapshot
+from api.store import CONNECTION_ERRORS, TaskStore
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_WAIT_ERRORS: tuple[type[Exception], ...] = (BrokerUnavailableError, *CONNECTION_ERRORS)
+MAX_TIMEOUT_MS = 4_000_000
+WAIT_FOREVER = -1
+
+
+def validate_timeout(timeout: int) -> int:
+    if isinstance(timeout, bool) or not isinstance(timeout, int):
+        raise InvalidTimeoutError(f"timeout must be an int of milliseconds, not {timeout!r}")
+    if timeout != WAIT_FOREVER and not 0 <= timeout <= MAX_TIMEOUT_MS:
+        raise InvalidTimeoutError(
+            f"timeout must be -1 (forever) or 0..{MAX_TIMEOUT_MS:,} ms, not {timeout}"
+        )
+    return timeout
+
+
+class VMTask:
+    def __init__(
+        self, store: TaskStore, task_id: str, *, poll_interval: float = 1.0
+    ) -> None:
+        self._store = store
+        self._id = task_id
+        self._description: str | None = None
+        # The safety net under pub/sub: how often a waiter re-reads the record anyway.
+        self.poll_interval = poll_interval
+
+    def __repr__(self) -> str:
+        return f"<VMTask {self._id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VMTask) and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def snapshot(self) -> TaskSnapshot:
+        """Every property at one instant, in one Redis round trip."""
+        snapshot = self._store.read(self._id)
+        self._description = snapshot.description
+        return snapshot
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def description(self) -> str:
+        if self._description is None:
+            self.snapshot()
+        assert self._description is not None
+        return self._description
+
+    @property
+    def percent_completed(self) -> int:
+        return self.snapshot().percent_completed
+
+    @property
+    def is_complete(self) -> bool:
+        return self.snapshot().is_complete
+
+    @property
+    def is_cancelable(self) -> bool:
+        return self.snapshot().is_cancelable
+
+    @property
+    def result(self) -> VMTaskResult | None:
+        return self.snapshot().result
+
+    @property
+    def error(self) -> int:
+        return self.snapshot().error
+
+    @property
+    def error_description(self) -> str:
+        return self.snapshot().error_description
+
+    def cancel(self) -> None:
+        """Revoke a queued task, or ask a running cancelable one to stop.
+
+        Raises `TaskNotCancelableError` for an operation that cannot be cancelled or
+        a task that is already complete.  A running task ends `Cancelled` once its
+        worker notices the request, which survives worker and Redis restarts.
+        """
+        self._store.cancel(self._id)
+
+    def wait_for_completion(self, timeout: int) -> bool:
+        """Wait up to ``timeout`` ms (-1: forever); True once the task is complete.
+
+        Subscribes to the task's channel before reading its state, so a completion
+        that lands between the two is never missed; re-reads every `poll_interval`
+        anyway in case a message is lost, and rides out Redis restarts.
+        """
+        validate_timeout(timeout)
+        if timeout == 0:
+            return self.snapshot().is_complete
+        deadline = None if timeout == WAIT_FOREVER else time.monotonic() + timeout / 1000
+        backoff = 0.05
+        while True:
+            try:
+                return self._wait_subscribed(deadline)
+            except RETRYABLE_WAIT_ERRORS as exc:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise BrokerUnavailableError(
+                        f"Redis was unreachable until the wait for task {self._id} timed out"
+                    ) from exc
+                log.warning("Lost Redis while waiting for task %s; retrying: %s", self._id, exc)
+                time.sleep(backoff if remaining is None else min(backoff, remaining))
+                backoff = min(backoff * 2, 1.0)
+
+    def _wait_subscribed(self, deadline: float | None) -> bool:
+        pubsub = self._store.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.task_channel(self._id))
+            while True:
+                if self.snapshot().is_complete:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                slice_end = time.monotonic() + (
+                    self.poll_interval if remaining is None else min(self.poll_interval, remaining)
+                )
+                # Progress messages are frequent; only 'done' (or the poll) warrants a read.
+                while (left := slice_end - time.monotonic()) > 0:
+                    message = pubsub.get_message(timeout=left)
+                    if message is not None and message.get("data") == records.MSG_DONE:
+                        break
+        finally:
+            pubsub.close()

@@ -1,0 +1,62 @@
+"""Operations that exist only for tests; test workers load this with --include."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+from workers import app
+from workers.failures import IllegalValue, IncompatibleSavedState
+from workers.runtime import TaskRun, operation
+
+OS_ERRORS = {
+    "enospc": errno.ENOSPC,
+    "enoent": errno.ENOENT,
+    "eacces": errno.EACCES,
+    "eexist": errno.EEXIST,
+    "eio": errno.EIO,
+    "enomem": errno.ENOMEM,
+}
+
+
+@operation("tests.fail", cancelable=False)
+def fail(run: TaskRun, kind: str) -> None:
+    run.report_progress(40)
+    if kind in OS_ERRORS:
+        raise OSError(OS_ERRORS[kind], os.strerror(OS_ERRORS[kind]), "disk.img")
+    if kind == "memory":
+        raise MemoryError()
+    if kind == "illegal":
+        raise IllegalValue("size 9 TiB is beyond the VHD maximum")
+    if kind == "incompatible":
+        raise IncompatibleSavedState("saved with 256 MB, configured with 128 MB")
+    raise RuntimeError(f"boom: {kind}")
+
+
+@operation("tests.overrun", cancelable=True, soft_time_limit=1)
+def overrun(run: TaskRun) -> None:
+    run.sleep(60)
+
+
+@operation("tests.uncancelable_sleep", cancelable=False)
+def uncancelable_sleep(run: TaskRun, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@operation("tests.write_marker", cancelable=True)
+def write_marker(run: TaskRun, path: str) -> None:
+    """Appends one line per execution: proves how many times a task ran."""
+    with open(path, "a") as marker:
+        marker.write(f"{run.task_id}\n")
+
+
+@app.task(name="bench.noop")
+def noop() -> None:
+    """Bare Celery baseline for the throughput benchmark."""
+
+
+@app.task(name="bench.stamp")
+def stamp() -> float:
+    """Bare Celery baseline for completion latency: when the task body ended."""
+    return time.time()

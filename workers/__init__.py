@@ -1,0 +1,8 @@
+"""vmtask's worker side: the Celery app and the operations it runs.
+
+Start one per host with ``celery -A workers worker`` (or ``vmtask worker``).
+"""
+
+from workers.celery_app import app, settings
+
+__all__ = ["app", "settings"]

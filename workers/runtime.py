@@ -1,0 +1,278 @@
+"""The machinery every operation shares: start gate, progress, cancel, lease, failure.
+
+An operation is a plain function ``body(run, **kwargs)`` registered with
+`operation`.  Its `TaskRun` is the `OperationContext` engines see.  Around the
+body the runtime:
+
+1. passes the record's start gate (PENDING -> STARTED, lease taken) or drops the
+   message unread;
+2. keeps the lease alive from a per-process thread while the body runs;
+3. records success, or the failure `classify` maps the exception to, as plain
+   strings in the record, and publishes ``done``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec
+
+import redis
+from celery import Task
+from celery.exceptions import Ignore
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from api import hresults, keys, records
+from api.enums import VMTaskResult
+from workers.celery_app import app, settings
+from workers.failures import Failure, classify
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+# At most this many progress writes per second per task.
+PROGRESS_MIN_INTERVAL = 0.2
+# How stale a cancel check may be: the delay between cancel() and the task noticing.
+CANCEL_CHECK_INTERVAL = 0.1
+# How long a finishing task keeps retrying its final write while Redis is away.
+FINISH_RETRY_SECONDS = 120.0
+
+
+class TaskFailed(Exception):
+    """What Celery (and Flower) see of a failed operation; args are plain JSON."""
+
+
+class WorkerRedis:
+    """One client per process, with the scripts the worker runs, built lazily after fork."""
+
+    def __init__(self) -> None:
+        self.client = redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self.start = self.client.register_script(records.START_SCRIPT)
+        self.progress = self.client.register_script(records.PROGRESS_SCRIPT)
+        self.finish = self.client.register_script(records.FINISH_SCRIPT)
+
+
+_process_redis: tuple[int, WorkerRedis] | None = None
+
+
+def worker_redis() -> WorkerRedis:
+    global _process_redis
+    if _process_redis is None or _process_redis[0] != os.getpid():
+        _process_redis = (os.getpid(), WorkerRedis())
+    return _process_redis[1]
+
+
+def worker_identity() -> str:
+    return f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
+
+
+class TaskRun:
+    """One execution of one task; the `OperationContext` handed to engines."""
+
+    def __init__(self, task_id: str, conn: WorkerRedis) -> None:
+        self.task_id = task_id
+        self._conn = conn
+        self._record = keys.task_record(task_id)
+        self._channel = keys.task_channel(task_id)
+        self._written_percent = 0.0
+        self._pending_percent = 0.0
+        self._last_write = 0.0
+        self._cancel_seen = False
+        self._last_cancel_check = 0.0
+        # Set by the lease keeper when our lease vanished: the task has been judged
+        # crashed, so the body must stop as if cancelled and publish nothing.
+        self.lease_lost = threading.Event()
+
+    def begin(self) -> str:
+        return str(
+            self._conn.start(
+                keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS],
+                args=[repr(time.time()), worker_identity(), int(settings.lease_seconds * 1000),
+                      self.task_id],
+            )
+        )
+
+    def report_progress(self, percent: float) -> None:
+        percent = max(0.0, min(99.0, float(percent)))
+        self._pending_percent = max(self._pending_percent, percent)
+        now = time.monotonic()
+        if int(self._pending_percent) <= int(self._written_percent):
+            return
+        if now - self._last_write < PROGRESS_MIN_INTERVAL:
+            return
+        try:
+            self._conn.progress(keys=[self._record, self._channel],
+                                args=[int(self._pending_percent)])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Progress is advisory; the final write carries the latest value.
+            log.warning("Could not record progress of %s: %s", self.task_id, exc)
+            return
+        self._written_percent = self._pending_percent
+        self._last_write = now
+
+    def cancel_requested(self) -> bool:
+        if self._cancel_seen or self.lease_lost.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_check >= CANCEL_CHECK_INTERVAL:
+            self._last_cancel_check = now
+            try:
+                self._cancel_seen = self._conn.client.hget(self._record, "cancel_requested") == "1"
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # the request is durable; we will see it once Redis is back
+        return self._cancel_seen
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking early (and raising `Cancelled`) when a cancel arrives."""
+        from workers.context import raise_if_cancelled
+
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            raise_if_cancelled(self)
+            time.sleep(min(left, CANCEL_CHECK_INTERVAL))
+        raise_if_cancelled(self)
+
+    def finish(self, failure: Failure | None) -> str:
+        """Write the outcome; retried while Redis is away, since losing it loses the task."""
+        if failure is None:
+            state, result, error, text, percent = records.SUCCESS, VMTaskResult.Success, 0, "", 100
+        else:
+            state = records.REVOKED if failure.result == VMTaskResult.Cancelled else records.FAILURE
+            result, error, text = failure.result, failure.hresult, failure.description
+            percent = int(self._pending_percent)
+        deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        while True:
+            try:
+                return str(self._conn.finish(
+                    keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS,
+                          self._channel],
+                    args=[state, int(result), error, text, repr(time.time()), percent,
+                          int(settings.retention_seconds), self.task_id, "0"],
+                ))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Redis unavailable while finishing %s; retrying: %s", self.task_id, exc)
+                time.sleep(0.5)
+
+
+class LeaseKeeper:
+    """Renews the leases of the tasks running in this process, from one thread."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, TaskRun] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def hold(self, run: TaskRun) -> None:
+        with self._lock:
+            self._runs[run.task_id] = run
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._renew_forever, name="vmtask-lease", daemon=True
+                )
+                self._thread.start()
+
+    def release(self, run: TaskRun) -> None:
+        with self._lock:
+            self._runs.pop(run.task_id, None)
+
+    def _renew_forever(self) -> None:
+        interval = settings.lease_seconds / 3
+        lease_ms = int(settings.lease_seconds * 1000)
+        while True:
+            time.sleep(interval)
+            with self._lock:
+                runs = list(self._runs.values())
+            for run in runs:
+                try:
+                    renewed = worker_redis().client.set(
+                        keys.task_lease(run.task_id), worker_identity(), xx=True, px=lease_ms
+                    )
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("Could not renew lease of %s: %s", run.task_id, exc)
+                    continue
+                if not renewed:
+                    log.error("Lease of %s expired: it was judged crashed; stopping it",
+                              run.task_id)
+                    run.lease_lost.set()
+
+
+lease_keeper = LeaseKeeper()
+
+Body = Callable[Concatenate[TaskRun, P], Any]
+
+
+def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    task_id = task.request.id
+    run = TaskRun(task_id, worker_redis())
+    gate = run.begin()
+    if gate != records.STARTED:
+        # Cancelled while queued, already run, or no record: never run it (again).
+        log.info("Not running %s %s: its record is %s", task.name, task_id, gate)
+        raise Ignore()
+    lease_keeper.hold(run)
+    failure: Failure | None = None
+    value: Any = None
+    try:
+        value = body(run, **kwargs)
+    except Exception as exc:
+        failure = classify(exc)
+        if failure.result == VMTaskResult.UnexpectedError:
+            log.exception("Task %s %s failed unexpectedly", task.name, task_id)
+    finally:
+        lease_keeper.release(run)
+    if failure is None and run.lease_lost.is_set():
+        log.error("Task %s finished after being judged crashed; result dropped", task_id)
+    outcome = run.finish(failure)
+    if outcome != "OK":
+        log.warning("Final write of %s found its record %s", task_id, outcome)
+    if failure is not None:
+        raise TaskFailed(failure.result.name, hresults.format_hresult(failure.hresult),
+                         failure.description)
+    return value
+
+
+def operation(
+    name: str, *, cancelable: bool, soft_time_limit: float | None = None
+) -> Callable[[Callable[..., Any]], Task]:
+    """Register ``body(run, **kwargs)`` as the Celery task ``name``.
+
+    ``cancelable`` is what the producer records; the body honours it by polling
+    ``run.cancel_requested()`` (or through an engine that does).
+    """
+    limit = soft_time_limit if soft_time_limit is not None else settings.time_limit_seconds
+
+    def register(body: Callable[..., Any]) -> Task:
+        def run_task(self: Task, **kwargs: Any) -> Any:
+            return execute(self, body, kwargs)
+
+        run_task.__name__ = body.__name__
+        run_task.__doc__ = body.__doc__
+        task: Task = app.task(
+            name=name,
+            bind=True,
+            soft_time_limit=limit,
+            # The hard limit kills a body that ignores the soft one; its lease then
+            # lapses and it ends ThreadCrashError.
+            time_limit=limit + 30,
+            cancelable=cancelable,
+        )(run_task)
+        return task
+
+    return register
