@@ -59,7 +59,10 @@ return 1
 #       retention seconds, task id, only_if_lease_expired ('1' or '0').
 FINISH_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'STARTED' then return state or 'MISSING' end
+if state ~= 'STARTED' then
+  redis.call('SREM', KEYS[3], ARGV[8])
+  return state or 'MISSING'
+end
 if ARGV[9] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 'LEASED' end
 local percent = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
 if tonumber(ARGV[6]) > percent then percent = tonumber(ARGV[6]) end
