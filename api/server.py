@@ -40,7 +40,9 @@ def producer_app(url: str) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_send_sent_event=True,
+        # No task-sent event: it would cost a PUBLISH per enqueue; Flower learns of a
+        # task from the worker's task-received event.
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         # Fail fast to the caller (BrokerUnavailableError) rather than retry for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
@@ -77,6 +79,7 @@ class VirtualServer:
         self.close()
 
     def close(self) -> None:
+        self.store.drop_subscription()
         if self._celery is not None:
             self._celery.close()
         self.redis.close()

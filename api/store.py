@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,6 +54,34 @@ class TaskStore:
         self.retention_seconds = int(retention_seconds)
         self._finish = client.register_script(records.FINISH_SCRIPT)
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
+        # One pub/sub connection per thread, reused across waits: opening one per
+        # wait costs a TCP handshake and an AUTH each time.
+        self._local = threading.local()
+
+    def subscription(self) -> Any:
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            self._local.pubsub = pubsub
+        return pubsub
+
+    def release_subscription(self, channel: str) -> None:
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            return
+        try:
+            pubsub.unsubscribe(channel)
+        except CONNECTION_ERRORS:
+            self.drop_subscription()
+
+    def drop_subscription(self) -> None:
+        pubsub = getattr(self._local, "pubsub", None)
+        self._local.pubsub = None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except CONNECTION_ERRORS:
+                pass
 
     def create(
         self,

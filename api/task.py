@@ -111,14 +111,18 @@ class VMTask:
         anyway in case a message is lost, and rides out Redis restarts.
         """
         validate_timeout(timeout)
-        if timeout == 0:
-            return self.snapshot().is_complete
+        # Already complete: no subscription needed.  Otherwise the subscribe-then-read
+        # in _wait_subscribed closes the race with a completion landing in between.
+        complete = self.snapshot().is_complete
+        if complete or timeout == 0:
+            return complete
         deadline = None if timeout == WAIT_FOREVER else time.monotonic() + timeout / 1000
         backoff = 0.05
         while True:
             try:
                 return self._wait_subscribed(deadline)
             except RETRYABLE_WAIT_ERRORS as exc:
+                self._store.drop_subscription()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise BrokerUnavailableError(
@@ -129,9 +133,10 @@ class VMTask:
                 backoff = min(backoff * 2, 1.0)
 
     def _wait_subscribed(self, deadline: float | None) -> bool:
-        pubsub = self._store.client.pubsub(ignore_subscribe_messages=True)
+        channel = keys.task_channel(self._id)
+        pubsub = self._store.subscription()
+        pubsub.subscribe(channel)
         try:
-            pubsub.subscribe(keys.task_channel(self._id))
             while True:
                 if self.snapshot().is_complete:
                     return True
@@ -141,10 +146,12 @@ class VMTask:
                 slice_end = time.monotonic() + (
                     self.poll_interval if remaining is None else min(self.poll_interval, remaining)
                 )
-                # Progress messages are frequent; only 'done' (or the poll) warrants a read.
                 while (left := slice_end - time.monotonic()) > 0:
                     message = pubsub.get_message(timeout=left)
-                    if message is not None and message.get("data") == records.MSG_DONE:
-                        break
+                    # 'done' is published by the script that completes the record, so
+                    # it needs no second read; 'progress' messages need none at all.
+                    if (message is not None and message.get("channel") == channel
+                            and message.get("data") == records.MSG_DONE):
+                        return True
         finally:
-            pubsub.close()
+            self._store.release_subscription(channel)

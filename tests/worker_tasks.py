@@ -60,3 +60,10 @@ def noop() -> None:
 def stamp() -> float:
     """Bare Celery baseline for completion latency: when the task body ended."""
     return time.time()
+
+
+@app.task(name="bench.stamp_after")
+def stamp_after(delay: float) -> float:
+    """Like bench.stamp, after a delay so the caller is already waiting."""
+    time.sleep(delay)
+    return time.time()

@@ -75,8 +75,14 @@ def worker_redis() -> WorkerRedis:
     return _process_redis[1]
 
 
+_identity: tuple[int, str] | None = None
+
+
 def worker_identity() -> str:
-    return f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
+    global _identity
+    if _identity is None or _identity[0] != os.getpid():
+        _identity = (os.getpid(), f"{settings.host}:{socket.gethostname()}:{os.getpid()}")
+    return _identity[1]
 
 
 class TaskRun:
@@ -271,6 +277,9 @@ def operation(
             # The hard limit kills a body that ignores the soft one; its lease then
             # lapses and it ends ThreadCrashError.
             time_limit=limit + 30,
+            # The task record is the result store; Celery's copy would be a second
+            # write per task that nobody reads.  Flower follows task events instead.
+            ignore_result=True,
             cancelable=cancelable,
         )(run_task)
         return task

@@ -1,4 +1,4 @@
-"""Real processes for tests and benchmarks: a private redis-server, celery workers.
+"""Local real processes for the demo, tests and benchmarks: redis-server, workers.
 
 Nothing here talks to a Redis it did not start.  Every wait is a condition polled
 against a deadline; every process is stopped (its whole process group) on exit.
@@ -23,6 +23,7 @@ import redis
 from api import keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_TASK_MODULE = "tests.worker_tasks"
 
 
 def free_port() -> int:
@@ -110,12 +111,14 @@ class WorkerProcess:
     """A real ``celery -A workers worker`` serving one host."""
 
     def __init__(self, redis_url: str, host: str, storage_root: Path, log_dir: Path, *,
-                 concurrency: int = 2, env: Mapping[str, str] | None = None) -> None:
+                 concurrency: int = 2, env: Mapping[str, str] | None = None,
+                 include: tuple[str, ...] = (TEST_TASK_MODULE,)) -> None:
         self.redis_url = redis_url
         self.host = host
         self.storage_root = storage_root
         self.concurrency = concurrency
         self.extra_env = dict(env or {})
+        self.include = include
         self.log_path = log_dir / f"worker-{host}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -137,7 +140,8 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", "worker",
              "--loglevel", "INFO", "--pool", "prefork", "-c", str(self.concurrency),
-             "-n", f"{self.host}-{uuid.uuid4().hex[:6]}@%h", "--include", "tests.worker_tasks",
+             "-n", f"{self.host}-{uuid.uuid4().hex[:6]}@%h",
+             *(["--include", ",".join(self.include)] if self.include else []),
              "--without-gossip", "--without-mingle"],
             cwd=REPO_ROOT, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
