@@ -10,6 +10,7 @@ This package never imports `workers`: a producer needs Redis, not QEMU.
 """
 
 from api import errors
+from api.disks import HardDisk
 from api.enums import VMHardDiskType, VMTaskResult, VMVMState
 from api.records import TaskSnapshot
 from api.server import VirtualServer
@@ -17,6 +18,7 @@ from api.settings import Settings
 from api.task import VMTask
 
 __all__ = [
+    "HardDisk",
     "Settings",
     "TaskSnapshot",
     "VMHardDiskType",

@@ -8,6 +8,7 @@
     ├── InvalidStateError             the VM's state forbids the operation
     ├── NotFoundError                 a VM, disk or host that does not exist
     │   └── HostUnavailableError      no live worker serves the host
+    ├── OperationFailedError          a synchronous query (e.g. get_hard_disk) failed
     └── BrokerUnavailableError        Redis cannot be reached
 
 A task that *runs* and fails does not raise: it completes with a `VMTaskResult`
@@ -60,6 +61,10 @@ class HostUnavailableError(NotFoundError):
     default_hresult = hresults.SERVER_FAULT
 
 
+class OperationFailedError(VMTaskError):
+    """A call that waits for its task (e.g. `get_hard_disk`) saw the task fail."""
+
+
 class BrokerUnavailableError(VMTaskError):
     default_hresult = hresults.SERVER_FAULT
 
@@ -71,6 +76,7 @@ __all__ = [
     "InvalidStateError",
     "InvalidTimeoutError",
     "NotFoundError",
+    "OperationFailedError",
     "TaskNotCancelableError",
     "TaskNotFoundError",
     "VMTaskError",

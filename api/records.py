@@ -15,7 +15,9 @@ is dropped without running.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from api import hresults
 from api.enums import VMTaskResult
@@ -56,7 +58,7 @@ return 1
 
 # KEYS: record, lease, running set, channel.
 # ARGV: state, result, error, error description, finished time, percent,
-#       retention seconds, task id, only_if_lease_expired ('1' or '0').
+#       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON.
 FINISH_SCRIPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'STARTED' then
@@ -67,7 +69,8 @@ if ARGV[9] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 'LEASED' en
 local percent = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
 if tonumber(ARGV[6]) > percent then percent = tonumber(ARGV[6]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3],
-           'error_description', ARGV[4], 'finished', ARGV[5], 'percent', percent)
+           'error_description', ARGV[4], 'finished', ARGV[5], 'percent', percent,
+           'output', ARGV[10])
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
@@ -115,6 +118,8 @@ class TaskSnapshot:
     finished: float | None
     cancel_requested: bool
     lease_alive: bool
+    output: Any = None
+    """The small JSON value a successful operation returned (e.g. disk information)."""
 
     @property
     def is_complete(self) -> bool:
@@ -151,4 +156,5 @@ class TaskSnapshot:
             finished=maybe_float("finished"),
             cancel_requested=fields.get("cancel_requested") == "1",
             lease_alive=lease_alive,
+            output=json.loads(fields["output"]) if fields.get("output") else None,
         )

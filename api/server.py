@@ -17,6 +17,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from api import keys
+from api.disks import DiskOperations
 from api.errors import (
     BrokerUnavailableError,
     HostUnavailableError,
@@ -50,7 +51,7 @@ def producer_app(url: str) -> Celery:
     return app
 
 
-class VirtualServer:
+class VirtualServer(DiskOperations):
     def __init__(
         self,
         url: str | None = None,

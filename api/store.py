@@ -190,6 +190,7 @@ def judge_crashed(
             retention_seconds,
             task_id,
             "1",
+            "",
         ],
     )
     return bool(outcome == "OK")

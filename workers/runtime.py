@@ -13,6 +13,7 @@ body the runtime:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -151,7 +152,7 @@ class TaskRun:
             time.sleep(min(left, CANCEL_CHECK_INTERVAL))
         raise_if_cancelled(self)
 
-    def finish(self, failure: Failure | None) -> str:
+    def finish(self, failure: Failure | None, output: Any = None) -> str:
         """Write the outcome; retried while Redis is away, since losing it loses the task."""
         if failure is None:
             state, result, error, text, percent = records.SUCCESS, VMTaskResult.Success, 0, "", 100
@@ -166,7 +167,8 @@ class TaskRun:
                     keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS,
                           self._channel],
                     args=[state, int(result), error, text, repr(time.time()), percent,
-                          int(settings.retention_seconds), self.task_id, "0"],
+                          int(settings.retention_seconds), self.task_id, "0",
+                          "" if output is None else json.dumps(output)],
                 ))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
@@ -245,7 +247,7 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
         lease_keeper.release(run)
     if failure is None and run.lease_lost.is_set():
         log.error("Task %s finished after being judged crashed; result dropped", task_id)
-    outcome = run.finish(failure)
+    outcome = run.finish(failure, value if failure is None else None)
     if outcome != "OK":
         log.warning("Final write of %s found its record %s", task_id, outcome)
     if failure is not None:

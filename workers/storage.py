@@ -51,9 +51,7 @@ def resolve_in_root(root: Path, relative: str, *, must_exist: bool = False) -> P
     try:
         real_root = Path(root).resolve(strict=True)
     except OSError as exc:
-        raise DiskError(
-            f"The storage root {root} does not exist", hresults.FILE_NOT_FOUND
-        ) from exc
+        raise DiskError(f"The storage root {root} does not exist", hresults.FILE_NOT_FOUND) from exc
     if not real_root.is_dir():
         raise DiskError(f"The storage root {root} is not a directory", hresults.FILE_NOT_FOUND)
 
@@ -106,7 +104,13 @@ def _renameat2_noreplace(source: Path, target: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     renameat2.restype = ctypes.c_int
     result = renameat2(
         _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE

@@ -214,9 +214,12 @@ main() {
     load_modules
     arm_power_button
     echo "@MARKER@"
-    find_agent_port
-    exec 3<> "$port"
-    serve_agent
+    # PID 1 must never exit (the kernel would panic), and a failed redirection
+    # ends a shell, so the agent runs in a child that is restarted if it dies.
+    while :; do
+        (find_agent_port && exec 3<> "$port" && serve_agent)
+        sleep 1
+    done
 }
 
 [ "$$" = 1 ] && main
@@ -296,6 +299,8 @@ def build_tiny_guest(cache_dir: Path | None = None) -> TinyGuest:
         for stale in cache.glob(f".{final.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+        # mkdtemp is private; the finished guest is readable by every user of the cache.
+        staging.chmod(0o755)
         try:
             _build(staging, kernel_pkg, busybox_pkg)
             os.rename(staging, final)
@@ -322,9 +327,7 @@ def _cache_key(kernel: _Package, busybox: _Package, recipe: str) -> str:
 
 
 def _newest_build(cache: Path, recipe: str) -> Path | None:
-    builds = [
-        d for d in cache.glob(f"*+r{recipe}") if d.is_dir() and not d.name.startswith(".")
-    ]
+    builds = [d for d in cache.glob(f"*+r{recipe}") if d.is_dir() and not d.name.startswith(".")]
     return max(builds, key=lambda d: d.stat().st_mtime, default=None)
 
 

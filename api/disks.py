@@ -1,0 +1,177 @@
+"""`HardDisk` (IVMHardDisk) and the disk operations of `VirtualServer`.
+
+A `HardDisk` is what the owning host's ``qemu-img info`` said when it was read;
+`refresh()` reads it again.  Its operations return `VMTask`s like every other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from api.enums import VMHardDiskType
+from api.errors import InvalidArgumentError, NotFoundError, OperationFailedError
+from api.formats import check_relative_path, check_size_bytes, format_for_name
+from api.hresults import FILE_NOT_FOUND
+from api.task import VMTask
+
+if TYPE_CHECKING:
+    from api.server import VirtualServer
+
+MiB = 1 << 20
+INFO_TIMEOUT_MS = 60_000
+DISK_TYPE_NAMES = {VMHardDiskType.Dynamic: "dynamic", VMHardDiskType.FixedSize: "fixed-size"}
+
+
+def _target_type(disk_type: VMHardDiskType | int) -> VMHardDiskType:
+    try:
+        kind = VMHardDiskType(disk_type)
+    except ValueError:
+        kind = None
+    if kind not in DISK_TYPE_NAMES:
+        raise InvalidArgumentError(
+            f"disk_type must be VMHardDiskType.Dynamic or FixedSize, not {disk_type!r}"
+        )
+    assert kind is not None
+    return kind
+
+
+@dataclass(frozen=True)
+class HardDisk:
+    server: VirtualServer
+    host: str
+    file: str
+    type: VMHardDiskType
+    format: str
+    size_in_guest: int
+    size_on_host: int
+    host_free_disk_space: int
+    host_drive: str | None
+    parent: HardDisk | None
+
+    @classmethod
+    def from_info(cls, server: VirtualServer, host: str, info: Mapping[str, Any]) -> HardDisk:
+        parent: HardDisk | None = None
+        for link in reversed(info["chain"]):  # build from the root of the chain up
+            parent = cls(
+                server=server, host=host, file=link["file"], type=VMHardDiskType(link["type"]),
+                format=link["format"], size_in_guest=link["size_in_guest"],
+                size_on_host=link["size_on_host"],
+                host_free_disk_space=info["host_free_disk_space"],
+                host_drive=link.get("host_drive"), parent=parent,
+            )
+        assert parent is not None
+        return parent
+
+    def refresh(self) -> HardDisk:
+        return self.server.get_hard_disk(self.file, host=self.host)
+
+    def compact(self) -> VMTask:
+        return self.server.submit(
+            "vmtask.disk.compact", description=f"Compacting {self.file}", cancelable=True,
+            kwargs={"path": self.file}, host=self.host)
+
+    def convert(self, destination: str, disk_type: VMHardDiskType | int) -> VMTask:
+        kind = _target_type(disk_type)
+        check_relative_path(destination, "destination")
+        format_for_name(destination)
+        return self.server.submit(
+            "vmtask.disk.convert",
+            description=f"Converting {self.file} to {DISK_TYPE_NAMES[kind]} {destination}",
+            cancelable=True,
+            kwargs={"path": self.file, "destination": destination, "disk_type": int(kind)},
+            host=self.host)
+
+    def merge(self) -> VMTask:
+        """Merge this differencing disk into its parent (in place: not cancelable)."""
+        if self.parent is None:
+            raise InvalidArgumentError(f"{self.file} is not a differencing disk")
+        return self.server.submit(
+            "vmtask.disk.merge", description=f"Merging {self.file} into {self.parent.file}",
+            cancelable=False, kwargs={"path": self.file}, host=self.host)
+
+    def merge_to(self, destination: str, disk_type: VMHardDiskType | int) -> VMTask:
+        kind = _target_type(disk_type)
+        check_relative_path(destination, "destination")
+        format_for_name(destination)
+        return self.server.submit(
+            "vmtask.disk.merge_to",
+            description=f"Merging the chain of {self.file} into {DISK_TYPE_NAMES[kind]} "
+                        f"{destination}",
+            cancelable=True,
+            kwargs={"path": self.file, "destination": destination, "disk_type": int(kind)},
+            host=self.host)
+
+
+class DiskOperations:
+    """The IVMVirtualServer disk methods; mixed into `VirtualServer`."""
+
+    def submit(self, task_name: str, *, description: str, cancelable: bool,
+               kwargs: Mapping[str, Any] | None = None, host: str | None = None) -> VMTask:
+        raise NotImplementedError
+
+    def resolve_host(self, host: str | None = None) -> str:
+        raise NotImplementedError
+
+    def _create(self, operation: str, what: str, path: str, host: str | None,
+                **kwargs: Any) -> VMTask:
+        check_relative_path(path)
+        return self.submit(f"vmtask.disk.{operation}", description=f"Creating {what} {path}",
+                           cancelable=True, kwargs={"path": path, **kwargs}, host=host)
+
+    def create_fixed_virtual_hard_disk(self, path: str, size_mb: int, *,
+                                       host: str | None = None) -> VMTask:
+        size = _size_bytes(path, size_mb)
+        return self._create("create_fixed", f"fixed-size disk of {size_mb} MB", path, host,
+                            size_bytes=size)
+
+    def create_dynamic_virtual_hard_disk(self, path: str, size_mb: int, *,
+                                         host: str | None = None) -> VMTask:
+        size = _size_bytes(path, size_mb)
+        return self._create("create_dynamic", f"dynamic disk of {size_mb} MB", path, host,
+                            size_bytes=size)
+
+    def create_differencing_virtual_hard_disk(self, path: str, parent_path: str, *,
+                                              host: str | None = None) -> VMTask:
+        check_relative_path(parent_path, "parent_path")
+        if format_for_name(path) != "qcow2":
+            raise InvalidArgumentError(
+                f"A differencing disk must be a .qcow2 overlay, not {path!r}: qemu cannot "
+                "write VHD differencing disks (the parent may be any format)")
+        format_for_name(parent_path)
+        return self._create("create_differencing", f"differencing disk over {parent_path}:",
+                            path, host, parent_path=parent_path)
+
+    def create_host_drive_virtual_hard_disk(self, path: str, host_drive: str, *,
+                                            read_only: bool = True,
+                                            host: str | None = None) -> VMTask:
+        if not isinstance(host_drive, str) or not host_drive.startswith("/"):
+            raise InvalidArgumentError(f"host_drive must be an absolute host path, "
+                                       f"not {host_drive!r}")
+        if format_for_name(path) != "qcow2":
+            raise InvalidArgumentError(f"A host-drive disk must be a .qcow2 file, not {path!r}")
+        return self._create("create_host_drive", f"host-drive disk for {host_drive}:", path,
+                            host, host_drive=host_drive, read_only=bool(read_only))
+
+    def get_hard_disk(self, path: str, *, host: str | None = None) -> HardDisk:
+        check_relative_path(path)
+        format_for_name(path)
+        target = self.resolve_host(host)
+        task = self.submit("vmtask.disk.info", description=f"Reading {path}",
+                           cancelable=False, kwargs={"path": path}, host=target)
+        if not task.wait_for_completion(INFO_TIMEOUT_MS):
+            raise OperationFailedError(f"Host {target} did not answer about {path} in time")
+        snap = task.snapshot()
+        if snap.output is None:
+            cls = NotFoundError if snap.error == FILE_NOT_FOUND else OperationFailedError
+            raise cls(f"Cannot read {path} on {target}: {snap.error_description}", snap.error)
+        return HardDisk.from_info(self, target, snap.output)  # type: ignore[arg-type]
+
+
+def _size_bytes(path: str, size_mb: int) -> int:
+    if isinstance(size_mb, bool) or not isinstance(size_mb, int) or size_mb <= 0:
+        raise InvalidArgumentError(f"size_mb must be a positive int, not {size_mb!r}")
+    check_relative_path(path)
+    check_size_bytes(path, size_mb * MiB)
+    return size_mb * MiB

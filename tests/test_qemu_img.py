@@ -1,0 +1,763 @@
+"""The disk engine on real images: real qemu-img and qemu-io, bytes checked.
+
+Each test's ``tmp_path`` is its storage root.  Data is written with ``qemu-io`` and
+verified with ``qemu-io -c "read -P ..."`` or ``qemu-img compare``, so a passing test
+means the right bytes are in the right places, not just that qemu-img exited 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api import hresults
+from api.enums import VMHardDiskType
+from workers import qemu_img as q
+from workers.context import NullContext
+from workers.failures import (
+    Cancelled,
+    CorruptImage,
+    DiskError,
+    IllegalValue,
+    OperationFailed,
+    OperationTimedOut,
+)
+from workers.storage import (
+    free_space,
+    publish_atomically,
+    remove_stale_temporaries,
+    resolve_in_root,
+    temporary_path_for,
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
+    reason="qemu-img and qemu-io are required",
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+# Not a whole number of MiB: shows that every format keeps the exact size.
+ODD_SIZE = 20 * MiB + 7 * 512
+BIG_SIZE = 512 * MiB
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def qemu_io(fmt: str, path: Path, *commands: str) -> None:
+    args = ["qemu-io", "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    result = subprocess.run([*args, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{commands}: {result.stdout}{result.stderr}"
+    assert "verification failed" not in result.stdout, result.stdout
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Same guest-visible bytes (qemu-img compare, formats given explicitly)."""
+    result = subprocess.run(
+        ["qemu-img", "compare", "-f", q.format_for(a), "-F", q.format_for(b), str(a), str(b)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if ".vmtask-" in path.name]
+
+
+def qemu_img_processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-img") and any(text.encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class CancelOnProgress(NullContext):
+    """A NullContext whose cancel flag another thread sets once progress is above 0."""
+
+    def __init__(self) -> None:
+        super().__init__("cancel-test")
+        self.started = threading.Event()
+        self.flipped = threading.Event()
+        self._thread = threading.Thread(target=self._canceller, daemon=True)
+        self._thread.start()
+
+    def report_progress(self, percent: float) -> None:
+        super().report_progress(percent)
+        if percent > 0:
+            self.started.set()
+
+    def _canceller(self) -> None:
+        if self.started.wait(timeout=30):
+            self.cancelled = True
+            self.flipped.set()
+
+    def join(self) -> None:
+        self.started.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """512 MiB of non-zero data, so a convert takes long enough to watch and cancel."""
+    path = tmp_path_factory.mktemp("big") / "big.img"
+    block = bytes([0xAB]) * MiB
+    with open(path, "wb") as handle:
+        for _ in range(BIG_SIZE // MiB):
+            handle.write(block)
+    return path
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs inside the storage root, to run out of space for real."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {result.stderr}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+# --- formats and sizes --------------------------------------------------------------
+
+
+def test_format_by_extension_and_unsupported_extension(tmp_path: Path) -> None:
+    assert [q.format_for(f"x{s}") for s in (".vhd", ".VHDX", ".qcow2", ".img", ".raw")] == [
+        "vpc",
+        "vhdx",
+        "qcow2",
+        "raw",
+        "raw",
+    ]
+    with pytest.raises(IllegalValue) as caught:
+        q.create_dynamic(tmp_path / "disk.vmdk", 10 * MiB, NullContext())
+    assert caught.value.hresult == hresults.E_INVALIDARG
+    with pytest.raises(IllegalValue):
+        q.create_dynamic(tmp_path / "disk", 10 * MiB, NullContext())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sizes_beyond_the_format_maximum_are_illegal(tmp_path: Path) -> None:
+    q.check_size("vpc", 2040 * GiB)
+    for fmt, size in (("vpc", 2041 * GiB), ("vhdx", 65 * (GiB << 10)), ("qcow2", 1 << 60)):
+        with pytest.raises(IllegalValue):
+            q.check_size(fmt, size)
+    for bad in (0, -512, 1000):
+        with pytest.raises(IllegalValue):
+            q.check_size("raw", bad)
+
+    for create in (q.create_dynamic, q.create_fixed):
+        with pytest.raises(IllegalValue) as caught:
+            create(tmp_path / "huge.vhd", 2041 * GiB, NullContext())
+        assert caught.value.hresult == hresults.E_INVALIDARG
+        assert "2040 GiB" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_producer_side_table_matches_the_engine() -> None:
+    """api.formats mirrors these tables so a producer can refuse early without workers."""
+    formats = pytest.importorskip("api.formats")
+    assert dict(formats.FORMAT_BY_EXTENSION) == dict(q.FORMAT_BY_EXTENSION)
+    assert dict(formats.MAX_SIZE_BYTES) == dict(q.MAX_SIZE_BYTES)
+
+
+# --- creating -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["d.vhd", "d.vhdx", "d.qcow2", "d.img"])
+def test_create_dynamic_is_sparse_with_exact_size(tmp_path: Path, name: str) -> None:
+    context = NullContext()
+    disk = q.create_dynamic(tmp_path / name, ODD_SIZE, context)
+    assert disk.disk_type == VMHardDiskType.Dynamic
+    assert disk.virtual_size == ODD_SIZE
+    assert disk.actual_size < ODD_SIZE // 2
+    assert context.progress[-1] == 100.0
+    assert json.loads(json.dumps(disk.to_json()))["disk_type"] == 0
+    qemu_io(disk.format, tmp_path / name, f"read -P 0 0 {ODD_SIZE}")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["f.vhd", "f.vhdx", "f.qcow2", "f.img"])
+def test_create_fixed_allocates_everything(tmp_path: Path, name: str) -> None:
+    context = NullContext()
+    disk = q.create_fixed(tmp_path / name, 100 * MiB, context)
+    assert disk.disk_type == VMHardDiskType.FixedSize
+    assert disk.virtual_size == 100 * MiB
+    assert disk.actual_size >= 100 * MiB
+    assert context.progress == sorted(context.progress)
+    assert any(0 < p < 100 for p in context.progress)
+    assert context.progress[-1] == 100.0
+    qemu_io(disk.format, tmp_path / name, "read -P 0 0 1M", f"read -P 0 {99 * MiB} 1M")
+    assert leftovers(tmp_path) == []
+
+
+def test_create_refuses_an_existing_target(tmp_path: Path) -> None:
+    target = tmp_path / "taken.vhd"
+    target.write_bytes(b"precious")
+    for create in (q.create_dynamic, q.create_fixed):
+        with pytest.raises(DiskError) as caught:
+            create(target, 10 * MiB, NullContext())
+        assert caught.value.hresult == hresults.FILE_EXISTS
+    assert target.read_bytes() == b"precious"
+
+
+def test_differencing_disk_must_be_qcow2_and_needs_its_parent(tmp_path: Path) -> None:
+    q.create_dynamic(tmp_path / "base.vhd", 8 * MiB, NullContext())
+    with pytest.raises(IllegalValue, match="cannot create"):
+        q.create_differencing(tmp_path / "child.vhd", tmp_path / "base.vhd", NullContext())
+    with pytest.raises(DiskError) as caught:
+        q.create_differencing(tmp_path / "child.qcow2", tmp_path / "gone.vhd", NullContext())
+    assert caught.value.hresult == hresults.FILE_NOT_FOUND
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.vhd"]
+
+
+# --- converting ---------------------------------------------------------------------
+
+
+def test_round_trips_between_all_formats_keep_bytes_and_exact_size(tmp_path: Path) -> None:
+    first = tmp_path / "r0.vhd"
+    q.create_fixed(first, ODD_SIZE, NullContext())
+    last_sector = ODD_SIZE - 512
+    qemu_io(
+        "vpc",
+        first,
+        "write -P 0xab 0 1M",
+        "write -P 0xcd 5M 512k",
+        f"write -P 0xef {last_sector} 512",
+    )
+    steps = [
+        ("r1.vhd", False),
+        ("r2.vhdx", True),
+        ("r3.vhdx", False),
+        ("r4.qcow2", True),
+        ("r5.qcow2", False),
+        ("r6.img", True),
+        ("r7.raw", False),
+        ("r8.vhd", True),
+    ]
+    previous = first
+    for name, fixed in steps:
+        target = tmp_path / name
+        disk = q.convert(previous, target, fixed, NullContext())
+        expected = VMHardDiskType.FixedSize if fixed else VMHardDiskType.Dynamic
+        assert (name, disk.disk_type) == (name, expected)
+        assert (name, disk.virtual_size) == (name, ODD_SIZE)
+        assert identical(first, target), name
+        qemu_io(
+            disk.format,
+            target,
+            "read -P 0xab 0 1M",
+            "read -P 0 1M 4M",
+            "read -P 0xcd 5M 512k",
+            f"read -P 0xef {last_sector} 512",
+        )
+        previous = target
+    assert q.info(first).disk_type == VMHardDiskType.FixedSize
+    assert leftovers(tmp_path) == []
+
+
+def test_convert_leaves_the_source_untouched_and_refuses_existing_destination(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "src.qcow2"
+    q.create_dynamic(source, 8 * MiB, NullContext())
+    qemu_io("qcow2", source, "write -P 0x5a 0 2M")
+    before = sha256(source)
+    existing = tmp_path / "dst.vhd"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(DiskError) as caught:
+        q.convert(source, existing, False, NullContext())
+    assert caught.value.hresult == hresults.FILE_EXISTS
+    assert existing.read_bytes() == b"keep me"
+    q.convert(source, tmp_path / "dst2.vhd", False, NullContext())
+    assert sha256(source) == before
+
+
+def test_missing_source_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(DiskError) as caught:
+        q.convert(tmp_path / "nope.vhd", tmp_path / "out.vhd", False, NullContext())
+    assert caught.value.hresult == hresults.FILE_NOT_FOUND
+    with pytest.raises(DiskError) as caught:
+        q.info(tmp_path / "nope.qcow2")
+    assert caught.value.hresult == hresults.FILE_NOT_FOUND
+
+    # A missing parent is only discovered by qemu-img itself: the stderr mapping.
+    q.create_dynamic(tmp_path / "base.img", 4 * MiB, NullContext())
+    q.create_differencing(tmp_path / "child.qcow2", tmp_path / "base.img", NullContext())
+    (tmp_path / "base.img").unlink()
+    with pytest.raises(DiskError) as caught:
+        q.convert(tmp_path / "child.qcow2", tmp_path / "flat.qcow2", False, NullContext())
+    assert caught.value.hresult == hresults.FILE_NOT_FOUND
+    assert not (tmp_path / "flat.qcow2").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["junk.qcow2", "junk.vhd", "junk.vhdx"])
+def test_garbage_image_is_corrupt(tmp_path: Path, name: str) -> None:
+    junk = tmp_path / name
+    junk.write_bytes(os.urandom(MiB))
+    with pytest.raises(CorruptImage) as caught:
+        q.info(junk)
+    assert caught.value.hresult == hresults.DISK_CORRUPT == 0x80070570
+    with pytest.raises(CorruptImage) as caught:
+        q.convert(junk, tmp_path / "out.img", False, NullContext())
+    assert caught.value.hresult == hresults.DISK_CORRUPT
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_damaged_qcow2_metadata_is_corrupt_not_io_error(tmp_path: Path) -> None:
+    """The header is fine, so info works; the copy then meets an unaligned L2 table,
+    which qemu 7.2 reports as "Image is corrupt" followed by "Input/output error"."""
+    disk = tmp_path / "damaged.qcow2"
+    q.create_dynamic(disk, 8 * MiB, NullContext())
+    qemu_io("qcow2", disk, "write -P 0x12 0 64k")
+    with open(disk, "r+b") as handle:
+        header = handle.read(104)
+        l1_offset = int.from_bytes(header[40:48], "big")
+        handle.seek(l1_offset)
+        handle.write(((1 << 63) | 0x10200).to_bytes(8, "big"))
+    assert q.info(disk).virtual_size == 8 * MiB
+    with pytest.raises(CorruptImage) as caught:
+        q.convert(disk, tmp_path / "copy.vhd", False, NullContext())
+    assert caught.value.hresult == hresults.DISK_CORRUPT
+    assert "corrupt" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.qcow2"]
+
+
+def test_file_names_do_not_fool_the_error_mapping(tmp_path: Path) -> None:
+    failure = q.failure_from_stderr(
+        f"Could not open '{tmp_path}/corrupt-invalid argument.qcow2': No such file or directory",
+        "qemu-img info",
+    )
+    assert failure.hresult == hresults.FILE_NOT_FOUND
+
+
+def test_progress_is_monotonic_with_intermediate_values(tmp_path: Path, big_source: Path) -> None:
+    context = NullContext()
+    started = time.monotonic()
+    q.convert(big_source, tmp_path / "copy.vhd", False, context)
+    elapsed = time.monotonic() - started
+    assert context.progress == sorted(context.progress)
+    intermediate = [p for p in context.progress if 5 < p < 95]
+    assert len(intermediate) >= 10, (elapsed, context.progress)
+    assert context.progress[-1] == 100.0
+    qemu_io("vpc", tmp_path / "copy.vhd", f"read -P 0xab {BIG_SIZE - MiB} 1M")
+
+
+def test_cancel_mid_convert_kills_qemu_img_and_leaves_nothing(
+    tmp_path: Path, big_source: Path
+) -> None:
+    context = CancelOnProgress()
+    target = tmp_path / "copy.vhd"
+    try:
+        with pytest.raises(Cancelled) as caught:
+            q.convert(big_source, target, False, context)
+    finally:
+        context.join()
+    assert context.flipped.is_set()
+    assert caught.value.hresult == hresults.E_ABORT
+    assert 0 < max(context.progress) < 100
+    assert qemu_img_processes_mentioning(str(tmp_path)) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timeout_kills_qemu_img_and_leaves_nothing(tmp_path: Path, big_source: Path) -> None:
+    with pytest.raises(OperationTimedOut) as caught:
+        q.convert(big_source, tmp_path / "copy.vhdx", True, NullContext(), timeout=0.2)
+    assert caught.value.hresult == hresults.TIMEOUT
+    assert qemu_img_processes_mentioning(str(tmp_path)) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_is_reported_and_leaves_no_partial_file(tmp_path: Path, small_fs: Path) -> None:
+    with pytest.raises(DiskError) as caught:
+        q.create_fixed(small_fs / "fixed.vhd", 16 * MiB, NullContext())
+    assert caught.value.hresult == hresults.DISK_FULL == 0x80070070
+    assert list(small_fs.iterdir()) == []
+
+    # Here qemu-img itself hits ENOSPC: the stderr mapping.
+    source = tmp_path / "data.qcow2"
+    q.create_dynamic(source, 16 * MiB, NullContext())
+    qemu_io("qcow2", source, "write -P 0x77 0 16M")
+    with pytest.raises(DiskError) as caught:
+        q.convert(source, small_fs / "copy.qcow2", False, NullContext())
+    assert caught.value.hresult == hresults.DISK_FULL
+    assert list(small_fs.iterdir()) == []
+
+
+# --- chains: merge_to, merge, compact -----------------------------------------------
+
+
+def build_chain(root: Path) -> tuple[Path, Path, Path]:
+    """base.vhd <- mid.qcow2 <- top.qcow2, with overlapping writes at each level."""
+    base, mid, top = root / "base.vhd", root / "mid.qcow2", root / "top.qcow2"
+    q.create_dynamic(base, 8 * MiB, NullContext())
+    qemu_io("vpc", base, "write -P 0x11 0 4M")
+    q.create_differencing(mid, base, NullContext())
+    qemu_io("qcow2", mid, "write -P 0x22 1M 1M")
+    q.create_differencing(top, mid, NullContext())
+    qemu_io("qcow2", top, "write -P 0x33 1536k 1M", "write -z 3M 512k")
+    return base, mid, top
+
+
+CHAIN_LAYOUT = (
+    "read -P 0x11 0 1M",
+    "read -P 0x22 1M 512k",
+    "read -P 0x33 1536k 1M",
+    "read -P 0x11 2560k 512k",
+    "read -P 0 3M 512k",
+    "read -P 0x11 3584k 512k",
+    "read -P 0 4M 4M",
+)
+
+
+def test_merge_to_collapses_a_three_level_chain(tmp_path: Path) -> None:
+    base, mid, top = build_chain(tmp_path)
+    assert q.info(mid).parent == str(base)
+    assert q.info(top).disk_type == VMHardDiskType.Differencing
+    parents = sha256(base), sha256(mid), sha256(top)
+
+    for name, fixed in (("flat.vhd", False), ("flat.vhdx", True)):
+        context = NullContext()
+        flat = q.merge_to(top, tmp_path / name, fixed, context)
+        assert flat.parent is None
+        assert flat.virtual_size == 8 * MiB
+        assert context.progress[-1] == 100.0
+        qemu_io(flat.format, tmp_path / name, *CHAIN_LAYOUT)
+        assert identical(top, tmp_path / name)
+    assert (sha256(base), sha256(mid), sha256(top)) == parents
+    assert leftovers(tmp_path) == []
+
+
+def test_merge_commits_into_the_parent(tmp_path: Path) -> None:
+    base, mid, top = build_chain(tmp_path)
+    context = NullContext()
+    parent = q.merge(top, context)
+    assert parent.file == str(mid)
+    assert context.progress[-1] == 100.0
+    assert context.progress == sorted(context.progress)
+    qemu_io("qcow2", mid, *CHAIN_LAYOUT)
+    assert identical(top, mid)  # the merged child is now an empty overlay
+    qemu_io("vpc", base, "read -P 0x11 0 4M")  # the grandparent is not touched
+
+    with pytest.raises(IllegalValue):
+        q.merge(base, NullContext())
+
+
+def test_compact_keeps_data_and_does_not_grow(tmp_path: Path) -> None:
+    disk = tmp_path / "dyn.vhd"
+    q.create_dynamic(disk, 32 * MiB, NullContext())
+    # Explicit zeros still occupy VHD blocks: compacting is what reclaims them.
+    qemu_io("vpc", disk, "write -P 0xab 0 8M", "write -P 0 0 6M")
+    reference = tmp_path / "reference.qcow2"
+    q.convert(disk, reference, False, NullContext())
+    before = q.info(disk)
+
+    context = NullContext()
+    after = q.compact(disk, context)
+    assert after.actual_size < before.actual_size
+    assert after.virtual_size == before.virtual_size == 32 * MiB
+    assert after.disk_type == VMHardDiskType.Dynamic
+    assert context.progress[-1] == 100.0
+    assert identical(disk, reference)
+    qemu_io("vpc", disk, "read -P 0 0 6M", "read -P 0xab 6M 2M", "read -P 0 8M 24M")
+
+    # Compacting again has nothing left to reclaim: the file must not grow.
+    again = q.compact(disk, NullContext())
+    assert again.actual_size <= after.actual_size
+    assert identical(disk, reference)
+    assert leftovers(tmp_path) == []
+
+
+def test_compact_differencing_keeps_parent_and_own_data(tmp_path: Path) -> None:
+    _base, mid, top = build_chain(tmp_path)
+    qemu_io("qcow2", top, "write -P 0 6M 2M")  # zeros over a zero parent: reclaimable
+    reference = tmp_path / "reference.qcow2"
+    q.merge_to(top, reference, False, NullContext())
+    before = q.info(top)
+    after = q.compact(top, NullContext())
+    assert after.parent == str(mid)
+    assert after.actual_size <= before.actual_size
+    assert identical(top, reference)
+    qemu_io("qcow2", top, *CHAIN_LAYOUT)
+
+    q.create_fixed(tmp_path / "fixed.qcow2", 4 * MiB, NullContext())
+    with pytest.raises(IllegalValue):
+        q.compact(tmp_path / "fixed.qcow2", NullContext())
+
+
+# --- host drives --------------------------------------------------------------------
+
+
+def test_read_only_host_drive_never_writes_the_device(tmp_path: Path) -> None:
+    device = tmp_path / "device.bin"
+    device.write_bytes(bytes([0x42]) * (4 * MiB))
+    disk_path = tmp_path / "linked.qcow2"
+    disk = q.create_host_drive(disk_path, device, NullContext())
+    assert disk.disk_type == VMHardDiskType.HostDrive
+    assert (disk.host_drive, disk.read_only, disk.virtual_size) == (str(device), True, 4 * MiB)
+    qemu_io("qcow2", disk_path, "read -P 0x42 0 4M")
+
+    qemu_io("qcow2", disk_path, "write -P 0x99 0 64k")  # lands in the qcow2 only
+    assert device.read_bytes() == bytes([0x42]) * (4 * MiB)
+    with pytest.raises(IllegalValue):
+        q.merge(disk_path, NullContext())
+    with pytest.raises(IllegalValue):
+        q.compact(disk_path, NullContext())
+    # qemu itself refuses to commit into the device.
+    commit = subprocess.run(
+        ["qemu-img", "commit", "-f", "qcow2", str(disk_path)], capture_output=True, text=True
+    )
+    assert commit.returncode != 0
+    assert device.read_bytes() == bytes([0x42]) * (4 * MiB)
+
+    copy = q.convert(disk_path, tmp_path / "copy.vhd", False, NullContext())
+    qemu_io(copy.format, tmp_path / "copy.vhd", "read -P 0x99 0 64k", "read -P 0x42 64k 4032k")
+
+
+def test_read_write_host_drive_creation_keeps_the_device_and_writes_through(
+    tmp_path: Path,
+) -> None:
+    device = tmp_path / "device.img"
+    device.write_bytes(os.urandom(4 * MiB))
+    original = device.read_bytes()
+    disk_path = tmp_path / "linked.qcow2"
+    disk = q.create_host_drive(disk_path, device, NullContext(), read_only=False)
+    assert device.read_bytes() == original  # qemu-img create would have truncated it
+    assert (disk.disk_type, disk.host_drive, disk.read_only) == (
+        VMHardDiskType.HostDrive,
+        str(device),
+        False,
+    )
+    assert identical(disk_path, device)
+    qemu_io("qcow2", disk_path, "write -P 0x99 0 64k")
+    assert device.read_bytes()[: 64 * 1024] == bytes([0x99]) * (64 * 1024)
+    assert device.read_bytes()[64 * 1024 :] == original[64 * 1024 :]
+    assert leftovers(tmp_path) == []
+
+
+def test_host_drive_on_a_block_device(tmp_path: Path) -> None:
+    backing = tmp_path / "loop.bin"
+    backing.write_bytes(bytes([0x3C]) * (8 * MiB))
+    attach = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(backing)],
+        capture_output=True,
+        text=True,
+    )
+    if attach.returncode != 0:
+        pytest.skip(f"no loop devices here: {attach.stderr.strip()}")
+    loop = Path(attach.stdout.strip())
+    try:
+        disk = q.create_host_drive(tmp_path / "linked.qcow2", loop, NullContext())
+        assert (disk.host_drive, disk.virtual_size) == (str(loop), 8 * MiB)
+        qemu_io("qcow2", tmp_path / "linked.qcow2", "read -P 0x3c 0 8M")
+    finally:
+        subprocess.run(["losetup", "--detach", str(loop)], capture_output=True)
+
+
+def test_host_drive_validation(tmp_path: Path) -> None:
+    with pytest.raises(IllegalValue):
+        q.create_host_drive(tmp_path / "linked.vhd", Path("/dev/null"), NullContext())
+    with pytest.raises(DiskError) as caught:
+        q.create_host_drive(tmp_path / "linked.qcow2", tmp_path / "absent", NullContext())
+    assert caught.value.hresult == hresults.FILE_NOT_FOUND
+    with pytest.raises(IllegalValue):  # a character device is not a disk
+        q.create_host_drive(tmp_path / "linked.qcow2", Path("/dev/null"), NullContext())
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the runner and the error mapping -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stderr", "kind", "hresult"),
+    [
+        ("error while writing at byte 0: No space left on device", DiskError, hresults.DISK_FULL),
+        ("Could not open 'a': No such file or directory", DiskError, hresults.FILE_NOT_FOUND),
+        ("Could not open 'a': Permission denied", DiskError, hresults.ACCESS_DENIED),
+        ("Could not create 'a': File exists", DiskError, hresults.FILE_EXISTS),
+        ("error while reading at byte 0: Input/output error", DiskError, hresults.WRITE_FAULT),
+        ("Could not open 'a': Image is not in qcow2 format", CorruptImage, hresults.DISK_CORRUPT),
+        ("Could not open 'a': Could not open 'a': Invalid argument", CorruptImage, 0x80070570),
+        ("qcow2: Marking image as corrupt: L2 table offset", CorruptImage, 0x80070570),
+        ("Something nobody expected", OperationFailed, hresults.E_UNEXPECTED),
+    ],
+)
+def test_stderr_mapping(stderr: str, kind: type[OperationFailed], hresult: int) -> None:
+    failure = q.failure_from_stderr(stderr, "qemu-img convert")
+    assert type(failure) is kind
+    assert failure.hresult == hresult
+    assert stderr in str(failure)
+
+
+def test_image_locked_by_another_process_is_a_sharing_violation(tmp_path: Path) -> None:
+    disk = tmp_path / "busy.qcow2"
+    q.create_dynamic(disk, 8 * MiB, NullContext())
+    # qemu-io holds the image open read-write, as a running VM would, until stdin closes.
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", str(disk)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        fd_dir = Path(f"/proc/{holder.pid}/fd")
+        while not any(os.path.realpath(fd) == str(disk) for fd in fd_dir.iterdir()):
+            assert time.monotonic() < deadline, "qemu-io never opened the image"
+            time.sleep(0.01)
+        with pytest.raises(DiskError) as caught:
+            q.convert(disk, tmp_path / "copy.img", False, NullContext())
+        assert caught.value.hresult == hresults.SHARING_VIOLATION
+        assert q.info(disk).virtual_size == 8 * MiB  # info reads through the lock
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert leftovers(tmp_path) == []
+
+
+def test_unexpected_failure_carries_stderr() -> None:
+    with pytest.raises(OperationFailed) as caught:
+        q.run_qemu_img(["frobnicate"], NullContext())
+    assert "frobnicate" in str(caught.value)
+
+
+def test_cancel_before_start_runs_nothing(tmp_path: Path) -> None:
+    context = NullContext()
+    context.cancelled = True
+    with pytest.raises(Cancelled):
+        q.create_dynamic(tmp_path / "d.qcow2", MiB, context)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- storage: confinement, temporaries, publishing ----------------------------------
+
+
+def test_paths_are_confined_to_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "disks").mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "evil.vhd").symlink_to(outside / "target.vhd")  # dangling, points out
+    (root / "disks" / "up").symlink_to(Path("..") / ".." / "outside")
+    (root / "fine.vhd").symlink_to(root / "disks" / "real.vhd")
+
+    for escape in (
+        "../outside/x.vhd",
+        "disks/../../outside/x.vhd",
+        str(outside / "x.vhd"),
+        "/etc/passwd",
+        "link/x.vhd",
+        "evil.vhd",
+        "disks/up/x.vhd",
+    ):
+        with pytest.raises(DiskError) as caught:
+            resolve_in_root(root, escape)
+        assert caught.value.hresult == hresults.ACCESS_DENIED, escape
+    for malformed in ("", "   ", "a\0b", ".", "disks/.."):
+        with pytest.raises(IllegalValue):
+            resolve_in_root(root, malformed)
+
+    assert resolve_in_root(root, "disks/a.vhd") == root.resolve() / "disks" / "a.vhd"
+    assert resolve_in_root(root, "disks/../b.vhd") == root.resolve() / "b.vhd"
+    assert resolve_in_root(root, str(root / "disks" / "c.vhd")) == root.resolve() / "disks/c.vhd"
+    assert resolve_in_root(root, "fine.vhd") == root.resolve() / "disks" / "real.vhd"
+    with pytest.raises(DiskError) as caught:
+        resolve_in_root(root, "disks/missing.vhd", must_exist=True)
+    assert caught.value.hresult == hresults.FILE_NOT_FOUND
+
+    # An operation handed a refused path never starts, so nothing appears outside.
+    for escape in ("link/x.vhd", "evil.vhd"):
+        with pytest.raises(DiskError):
+            q.create_dynamic(resolve_in_root(root, escape), MiB, NullContext())
+    assert list(outside.iterdir()) == []
+
+
+def test_temporary_names_and_stale_cleanup(tmp_path: Path) -> None:
+    target = tmp_path / "disks" / "a.vhd"
+    target.parent.mkdir()
+    temp = temporary_path_for(target, "1234-abcd")
+    assert temp.parent == target.parent
+    assert temp.name.startswith(".a.vhd.") and temp.name.endswith(".tmp")
+    assert "1234-abcd" in temp.name
+    with pytest.raises(IllegalValue):
+        temporary_path_for(target, "../x")
+    long_target = tmp_path / ("x" * 250 + ".vhd")
+    assert len(temporary_path_for(long_target, "t" * 36).name) <= 255
+
+    dead = temporary_path_for(target, "dead-task")
+    live = temporary_path_for(tmp_path / "b.qcow2", "live-task")
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    unrelated = tmp_path / "disks" / "notes.tmp"
+    unrelated.write_bytes(b"not ours")
+    outside_file = tmp_path.parent / f"{tmp_path.name}-outside.bin"
+    outside_file.write_bytes(b"outside")
+    sneaky = temporary_path_for(tmp_path / "c.vhd", "gone")
+    sneaky.symlink_to(outside_file)
+    try:
+        removed = remove_stale_temporaries(tmp_path, lambda task_id: task_id == "live-task")
+        assert sorted(removed) == sorted([dead, sneaky])
+        assert live.exists() and unrelated.exists() and outside_file.exists()
+        assert remove_stale_temporaries(tmp_path) == [live]
+        assert leftovers(tmp_path) == []
+    finally:
+        outside_file.unlink()
+
+
+def test_publish_never_overwrites(tmp_path: Path) -> None:
+    temp = tmp_path / ".new.vmtask-t.tmp"
+    target = tmp_path / "new.img"
+    temp.write_bytes(b"new")
+    target.write_bytes(b"old")
+    with pytest.raises(DiskError) as caught:
+        publish_atomically(temp, target)
+    assert caught.value.hresult == hresults.FILE_EXISTS
+    assert target.read_bytes() == b"old"
+    target.unlink()
+    publish_atomically(temp, target)
+    assert target.read_bytes() == b"new"
+    assert not temp.exists()
+
+
+def test_free_space(tmp_path: Path) -> None:
+    stats = os.statvfs(tmp_path)
+    assert abs(free_space(tmp_path) - stats.f_bavail * stats.f_frsize) < 64 * MiB
+    assert free_space(tmp_path / "not" / "yet") > 0
