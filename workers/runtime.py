@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 # At most this many progress writes per second per task.
 PROGRESS_MIN_INTERVAL = 0.2
+# Flower learns a task's percentage from a 'task-progress' event (its state then
+# reads PROGRESS); a second write per update, so sent at most once a second.
+EVENT_MIN_INTERVAL = 1.0
 # How stale a cancel check may be: the delay between cancel() and the task noticing.
 CANCEL_CHECK_INTERVAL = 0.1
 # How long a finishing task keeps retrying its final write while Redis is away.
@@ -89,8 +92,10 @@ def worker_identity() -> str:
 class TaskRun:
     """One execution of one task; the `OperationContext` handed to engines."""
 
-    def __init__(self, task_id: str, conn: WorkerRedis) -> None:
+    def __init__(self, task_id: str, conn: WorkerRedis, task: Task | None = None) -> None:
         self.task_id = task_id
+        self._task = task
+        self._last_event = 0.0
         self._conn = conn
         self._record = keys.task_record(task_id)
         self._channel = keys.task_channel(task_id)
@@ -129,6 +134,12 @@ class TaskRun:
             return
         self._written_percent = self._pending_percent
         self._last_write = now
+        if self._task is not None and now - self._last_event >= EVENT_MIN_INTERVAL:
+            self._last_event = now
+            try:
+                self._task.send_event("task-progress", percent=int(self._written_percent))
+            except Exception as exc:  # noqa: BLE001 - monitoring must never fail a task
+                log.debug("Could not send the progress event of %s: %s", self.task_id, exc)
 
     def cancel_requested(self) -> bool:
         if self._cancel_seen or self.lease_lost.is_set():
@@ -228,7 +239,7 @@ Body = Callable[Concatenate[TaskRun, P], Any]
 
 def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     task_id = task.request.id
-    run = TaskRun(task_id, worker_redis())
+    run = TaskRun(task_id, worker_redis(), task)
     gate = run.begin()
     if gate != records.STARTED:
         # Cancelled while queued, already run, or no record: never run it (again).
