@@ -58,14 +58,19 @@ def relative(path: Path | str | None) -> str | None:
     return str(real.relative_to(root())) if real.is_relative_to(root()) else str(path)
 
 
-def chain_of(path: Path) -> list[Path]:
-    """The image and its parents (backing files), nearest first."""
-    chain = [path]
-    while (parent := qemu_img.info(chain[-1]).parent) is not None:
+def chain_infos(path: Path) -> list[qemu_img.DiskInfo]:
+    """``qemu-img info`` of the image and of each parent (backing file), nearest first."""
+    chain = [qemu_img.info(path)]
+    while (parent := chain[-1].parent) is not None:
         if len(chain) > 64:
             raise IllegalValue(f"The backing chain of {relative(path)} is too deep")
-        chain.append(Path(parent))
+        chain.append(qemu_img.info(Path(parent)))
     return chain
+
+
+def chain_of(path: Path) -> list[Path]:
+    """The image and its parents (backing files), nearest first."""
+    return [Path(info.file) for info in chain_infos(path)]
 
 
 @contextmanager
@@ -89,11 +94,15 @@ def file_locks(reads: Sequence[Path], writes: Sequence[Path]) -> Iterator[None]:
         yield
 
 
-def describe(path: Path) -> dict[str, Any]:
-    """What `HardDisk` shows: the image, then its parents, paths relative to the root."""
+def describe(path: Path, known: qemu_img.DiskInfo | None = None) -> dict[str, Any]:
+    """What `HardDisk` shows: the image, then its parents, paths relative to the root.
+
+    ``known`` is the image's info when the engine just produced it (and it has no
+    parent), which saves reading it again.
+    """
+    infos = [known] if known is not None and known.parent is None else chain_infos(path)
     chain: list[dict[str, Any]] = []
-    for link in chain_of(path):
-        info = qemu_img.info(link)
+    for info in infos:
         chain.append({
             "file": relative(info.file),
             "type": int(info.disk_type),
@@ -115,16 +124,16 @@ def disk_info(run: TaskRun, path: str) -> dict[str, Any]:
 def create_fixed(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
     target = resolve_output(path)
     with file_locks([], [target]):
-        qemu_img.create_fixed(target, size_bytes, run, run.task_id)
-    return describe(target)
+        made = qemu_img.create_fixed(target, size_bytes, run, run.task_id)
+    return describe(target, made)
 
 
 @operation("vmtask.disk.create_dynamic", cancelable=True)
 def create_dynamic(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
     target = resolve_output(path)
     with file_locks([], [target]):
-        qemu_img.create_dynamic(target, size_bytes, run, run.task_id)
-    return describe(target)
+        made = qemu_img.create_dynamic(target, size_bytes, run, run.task_id)
+    return describe(target, made)
 
 
 @operation("vmtask.disk.create_differencing", cancelable=True)
@@ -175,8 +184,8 @@ def convert(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[s
     target = resolve_output(destination)
     fixed = VMHardDiskType(disk_type) is VMHardDiskType.FixedSize
     with file_locks(chain_of(source), [target]):
-        qemu_img.convert(source, target, fixed, run, run.task_id)
-    return describe(target)
+        made = qemu_img.convert(source, target, fixed, run, run.task_id)
+    return describe(target, made)
 
 
 @operation("vmtask.disk.merge_to", cancelable=True)
@@ -185,8 +194,8 @@ def merge_to(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[
     target = resolve_output(destination)
     fixed = VMHardDiskType(disk_type) is VMHardDiskType.FixedSize
     with file_locks(chain_of(source), [target]):
-        qemu_img.merge_to(source, target, fixed, run, run.task_id)
-    return describe(target)
+        made = qemu_img.merge_to(source, target, fixed, run, run.task_id)
+    return describe(target, made)
 
 
 @operation("vmtask.disk.merge", cancelable=False)
