@@ -84,7 +84,8 @@ def main() -> None:
     print(f"{SIZE_MB} MiB raw -> qcow2 convert, median of {ROUNDS}:")
     print(f"  direct qemu-img convert + fsync   {d:7.3f} s")
     print(f"  through vmtask's queue            {q:7.3f} s")
-    print(f"  samples: direct {[round(x, 2) for x in direct]}, queued {[round(x, 2) for x in queued]}")
+    print(f"  samples: direct {[round(x, 2) for x in direct]}")
+    print(f"           queued {[round(x, 2) for x in queued]}")
     print(f"ratio queued / direct: {q / d:5.3f}x  (target <= 1.05)")
 
 
