@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
-from api.enums import VMTaskResult
+from api.enums import VMHardDiskType, VMTaskResult
 from api.records import TaskSnapshot
 from api.server import VirtualServer
 from api.task import VMTask
 from workers.sandbox import RedisServer, WorkerProcess
 
 DEMO_HOST = "demo"
+DEMO_DISK_MB = 512
+
+
+def fill_disk(path: Path, size_mb: int) -> None:
+    """Write a different pattern into each 8 MiB of the first half of the disk."""
+    commands: list[str] = []
+    for n in range(size_mb // 16):
+        commands += ["-c", f"write -P {n % 250 + 1} {n * 8}M 8M"]
+    subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(path)], check=True,
+                   capture_output=True)
 
 
 def run_demo(workdir: Path, console: Console,
@@ -36,16 +47,43 @@ def run_demo(workdir: Path, console: Console,
         console.print(f"started a worker for host '{DEMO_HOST}' (log: {worker.log_path})")
         with VirtualServer(url, host=DEMO_HOST, poll_interval=0.5) as server:
             console.print(f"live hosts: {server.hosts}")
-            steps: list[tuple[str, Callable[[], VMTask]]] = [
+            storage = workdir / "storage"
+
+            def fill() -> None:
+                # Real data, so the conversions below have bytes to copy.
+                fill_disk(storage / "demo/data.qcow2", DEMO_DISK_MB)
+                console.print(f"wrote {DEMO_DISK_MB // 2} MiB of patterns with qemu-io")
+
+            steps: list[tuple[str, Callable[[], VMTask | None]]] = [
                 ("diagnostic ping, 2 s in 20 steps", lambda: server.ping(2000, 20)),
+                ("create a dynamic qcow2 disk",
+                 lambda: server.create_dynamic_virtual_hard_disk("demo/data.qcow2",
+                                                                 DEMO_DISK_MB)),
+                ("fill it with data (qemu-io on the host)", fill),
+                ("convert it to a fixed-size VHD",
+                 lambda: server.get_hard_disk("demo/data.qcow2").convert(
+                     "demo/data-fixed.vhd", VMHardDiskType.FixedSize)),
+                ("convert that back to a dynamic VHDX",
+                 lambda: server.get_hard_disk("demo/data-fixed.vhd").convert(
+                     "demo/data.vhdx", VMHardDiskType.Dynamic)),
+                ("compact the qcow2",
+                 lambda: server.get_hard_disk("demo/data.qcow2").compact()),
             ]
             for title, start in steps:
                 console.rule(title)
-                snap = follow(start())
+                task = start()
+                if task is None:
+                    continue
+                snap = follow(task)
                 colour = "green" if snap.result is VMTaskResult.Success else "red"
                 console.print(f"[{colour}]{snap.description}: "
                               f"{snap.result.name if snap.result is not None else '?'}"
                               f"[/{colour}]", highlight=False)
+            for name in ("demo/data.qcow2", "demo/data-fixed.vhd", "demo/data.vhdx"):
+                disk = server.get_hard_disk(name)
+                console.print(f"{disk.file:24} {disk.type.name:10} "
+                              f"guest {disk.size_in_guest >> 20} MiB, "
+                              f"host {disk.size_on_host >> 20} MiB", highlight=False)
             console.rule("cancelling a running task")
             task = server.ping(60_000, 600)
             while task.percent_completed < 3:
