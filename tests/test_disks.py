@@ -318,3 +318,31 @@ def test_stale_temporaries_are_removed_when_the_worker_restarts(
     worker.start()
     assert [p.name for p in worker.storage_root.iterdir() if not p.name.startswith(".vmtask")] \
         == ["big.img"]
+
+
+def test_host_drive_disks_honour_the_allow_list_and_stay_read_only(
+    spawn: object, tmp_path: Path
+) -> None:
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    device = devices / "sdx"
+    device.write_bytes(b"\x5a" * (4 * MiB))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x00" * MiB)
+    redis: RedisServer = spawn("redis")  # type: ignore[operator]
+    spawn("worker", redis_url=redis.url, host="hd",  # type: ignore[operator]
+          env={"VMTASK_HOST_DRIVE_ALLOW": f"{devices}/"})
+    server = VirtualServer(redis.url, host="hd")
+    refused = server.create_host_drive_virtual_hard_disk("no.qcow2", str(secret))
+    assert refused.wait_for_completion(30_000)
+    assert (refused.result, refused.error) == (VMTaskResult.DiskRelatedError,
+                                               hresults.ACCESS_DENIED)
+    done(server.create_host_drive_virtual_hard_disk("hd.qcow2", str(device)))
+    disk = server.get_hard_disk("hd.qcow2")
+    assert (disk.type, disk.host_drive, disk.size_in_guest) == (VMHardDiskType.HostDrive,
+                                                                str(device), 4 * MiB)
+    image = tmp_path / "storage-hd" / "hd.qcow2"
+    qemu_io(image, "qcow2", "read -P 0x5a 0 4M", "write -P 0x11 0 1M", "read -P 0x11 0 1M")
+    assert device.read_bytes() == b"\x5a" * (4 * MiB)  # the guest's write stayed in the qcow2
+    with pytest.raises(errors.InvalidArgumentError):
+        server.create_host_drive_virtual_hard_disk("x.qcow2", "relative/dev")
