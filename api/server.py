@@ -23,13 +23,17 @@ from api.errors import (
     HostUnavailableError,
     InvalidArgumentError,
 )
+from api.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.settings import DEFAULT_REDIS_URL, Settings, redact_url, validate_host_name
 from api.store import TaskStore, broker_errors, connect
 from api.task import VMTask
 
+ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
+
 log = logging.getLogger(__name__)
 
 PING_TASK = "vmtask.ping"
+MAX_SCAN = 20_000  # how far back tasks() looks when filters are selective
 MAX_PING_DURATION_MS = 3_600_000
 MAX_PING_STEPS = 10_000
 
@@ -176,6 +180,31 @@ class VirtualServer(DiskOperations):
             self.store.discard(task_id)
             raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
         return VMTask(self.store, task_id, poll_interval=self.poll_interval)
+
+    def tasks(self, state: str | None = None, host: str | None = None,
+              limit: int = 50) -> list[TaskSnapshot]:
+        """Recent tasks, newest first: running and completed (kept for the retention).
+
+        ``state`` is a record state (PENDING, STARTED, SUCCESS, FAILURE, REVOKED).
+        """
+        _check_int("limit", limit, 1, 10_000)
+        if state is not None and state not in ALL_STATES:
+            raise InvalidArgumentError(f"state must be one of {sorted(ALL_STATES)}, not {state!r}")
+        found: list[TaskSnapshot] = []
+        # Filters may drop most of a page; read further back in pages until satisfied.
+        scanned = 0
+        page = max(limit, 100)
+        while len(found) < limit:
+            ids = self.store.recent(scanned + page)[scanned:]
+            if not ids:
+                break
+            scanned += len(ids)
+            for snap in self.store.read_many(ids):
+                if (state is None or snap.state == state) and (host is None or snap.host == host):
+                    found.append(snap)
+            if scanned >= MAX_SCAN:
+                break
+        return found[:limit]
 
     @property
     def celery(self) -> Celery:

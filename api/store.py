@@ -24,6 +24,7 @@ from api.settings import redact_url
 
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
+MAX_RECENT_TASKS = 100_000
 
 
 def connect(url: str) -> redis.Redis:
@@ -111,6 +112,9 @@ class TaskStore:
             )
             pipe.expire(keys.task_record(task_id), PENDING_RECORD_TTL_SECONDS)
             pipe.zadd(keys.RECENT_TASKS, {task_id: now})
+            # The index of recent tasks is bounded by age and by count, like the records.
+            pipe.zremrangebyscore(keys.RECENT_TASKS, "-inf", now - self.retention_seconds)
+            pipe.zremrangebyrank(keys.RECENT_TASKS, 0, -MAX_RECENT_TASKS - 1)
             pipe.execute()
 
     def discard(self, task_id: str) -> None:
@@ -148,6 +152,11 @@ class TaskStore:
             for task_id, fields, lease in zip(task_ids, replies[::2], replies[1::2], strict=True)
             if fields
         ]
+
+    def recent(self, limit: int) -> list[str]:
+        """Ids of the newest tasks first."""
+        with broker_errors(self.url):
+            return list(self.client.zrevrange(keys.RECENT_TASKS, 0, limit - 1))
 
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""

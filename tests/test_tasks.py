@@ -471,3 +471,25 @@ def test_environment_is_read_for_defaults(redis_server: RedisServer, alpha: Work
     assert task.wait_for_completion(20_000)
     assert server.store.read(task.id).host == "alpha"
     assert os.environ["VMTASK_HOST"] == "alpha"
+
+
+def test_tasks_lists_recent_tasks_with_filters(server: VirtualServer,
+                                               redis_server: RedisServer) -> None:
+    ok = server.ping()
+    failed = server.submit("tests.fail", description="listed failure", cancelable=False,
+                           kwargs={"kind": "eio"})
+    assert ok.wait_for_completion(20_000) and failed.wait_for_completion(20_000)
+    recent = server.tasks(limit=5)
+    assert [t.id for t in recent][:2] == [failed.id, ok.id]  # newest first
+    failures = server.tasks(state="FAILURE", limit=500)
+    assert failed.id in [t.id for t in failures] and ok.id not in [t.id for t in failures]
+    assert all(t.host == "alpha" for t in server.tasks(host="alpha", limit=20))
+    assert server.tasks(host="nohost") == []
+    snap = next(t for t in failures if t.id == failed.id)
+    assert (snap.description, snap.result, snap.started is not None) == (
+        "listed failure", VMTaskResult.DiskRelatedError, True)
+    # Completed records expire after the retention (default one day).
+    ttl = redis_server.client().ttl(keys.task_record(ok.id))
+    assert 0 < ttl <= 86400
+    with pytest.raises(errors.InvalidArgumentError):
+        server.tasks(state="DONE")
