@@ -16,15 +16,20 @@ from api.records import TaskSnapshot
 from api.server import VirtualServer
 from api.settings import Settings
 from api.task import VMTask
+from api.vms import GuestOS, VirtualMachine
+from api.vmstate import VMStateEvent
 
 __all__ = [
+    "GuestOS",
     "HardDisk",
     "Settings",
     "TaskSnapshot",
     "VMHardDiskType",
+    "VMStateEvent",
     "VMTask",
     "VMTaskResult",
     "VMVMState",
+    "VirtualMachine",
     "VirtualServer",
     "errors",
 ]

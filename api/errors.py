@@ -50,7 +50,7 @@ class TaskNotCancelableError(VMTaskError):
 
 
 class InvalidStateError(VMTaskError):
-    default_hresult = hresults.E_UNEXPECTED
+    default_hresult = hresults.INVALID_STATE
 
 
 class NotFoundError(VMTaskError):

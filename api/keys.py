@@ -40,3 +40,12 @@ KNOWN_HOSTS = f"{PREFIX}hosts"  # set of every host name that ever advertised
 def host_queue(host: str) -> str:
     """The Celery queue a host's worker consumes."""
     return f"host.{host}"
+
+
+def vm_record(name: str) -> str:
+    """Hash: a VM's configuration, owning host and authoritative VMVMState."""
+    return f"{PREFIX}vm:{name}"
+
+
+VM_NAMES = f"{PREFIX}vms"  # set of every VM name (names are unique across hosts)
+VM_EVENTS = f"{PREFIX}vm-events"  # stream: one entry per VMVMState change

@@ -27,6 +27,7 @@ from api.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.settings import DEFAULT_REDIS_URL, Settings, redact_url, validate_host_name
 from api.store import TaskStore, broker_errors, connect
 from api.task import VMTask
+from api.vms import VMOperations
 
 ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
 
@@ -55,7 +56,7 @@ def producer_app(url: str) -> Celery:
     return app
 
 
-class VirtualServer(DiskOperations):
+class VirtualServer(DiskOperations, VMOperations):
     def __init__(
         self,
         url: str | None = None,

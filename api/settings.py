@@ -65,6 +65,8 @@ class Settings:
     time_limit_seconds: float = 6 * 3600.0
     # Block devices or files a host-drive disk may refer to (exact paths or prefixes ending in /).
     host_drive_allow: tuple[str, ...] = ()
+    # Bytes per second a VM save may write (0: unlimited), to spare a busy disk.
+    save_max_bandwidth: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,4 +93,5 @@ class Settings:
                 env, "VMTASK_TIME_LIMIT_SECONDS", defaults.time_limit_seconds, 1.0
             ),
             host_drive_allow=allow,
+            save_max_bandwidth=int(_number(env, "VMTASK_SAVE_MAX_BANDWIDTH", 0, 0)),
         )

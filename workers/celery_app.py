@@ -15,7 +15,7 @@ from api.settings import Settings
 settings = Settings.from_env()
 HOST_QUEUE = keys.host_queue(settings.host)
 
-OPERATION_MODULES = ["workers.diagnostics", "workers.disks"]
+OPERATION_MODULES = ["workers.diagnostics", "workers.disks", "workers.vms"]
 
 app = Celery("vmtask", broker=settings.redis_url, backend=settings.redis_url)
 app.conf.update(

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # Engines register cleanups to run once when a worker starts, e.g. removing the
 # temporary files of tasks that crashed on this host.
 startup_hooks: list[Callable[[redis.Redis], None]] = []
+# Engines run a check on every beat, e.g. noticing VMs that stopped by themselves.
+tick_hooks: list[Callable[[redis.Redis], None]] = []
 # Engines contribute counters to the heartbeat, e.g. the number of running VMs.
 status_providers: list[Callable[[redis.Redis], dict[str, Any]]] = []
 
@@ -56,6 +58,11 @@ class HostBeacon:
             "storage_root": str(root),
             "storage_free_bytes": usage.free if usage else None,
         }
+        # A running task's lease names the host holding it ("host:machine:pid").
+        running = sorted(self.client.smembers(keys.RUNNING_TASKS))
+        holders = self.client.mget([keys.task_lease(t) for t in running]) if running else []
+        status["tasks_running"] = sum(
+            1 for h in holders if h and h.startswith(f"{settings.host}:"))
         for provider in status_providers:
             status.update(provider(self.client))
         return status
@@ -84,8 +91,12 @@ class HostBeacon:
             try:
                 self.beat()
                 self.reap()
+                for hook in tick_hooks:
+                    hook(self.client)
             except redis.RedisError as exc:
                 log.warning("Host heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("A host check failed")
             self.stopping.wait(settings.heartbeat_seconds / 3)
 
     def stop(self) -> None:

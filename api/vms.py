@@ -1,0 +1,238 @@
+"""`VirtualMachine` (IVMVirtualMachine), `GuestOS` (IVMGuestOS) and the VM registry.
+
+A VM's record lives in Redis (``vmtask:vm:<name>``): its configuration, its host
+and its authoritative `VMVMState`.  Operations check the state at once (raising
+`InvalidStateError` with nothing queued) and are routed to the VM's host.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from api import keys
+from api.enums import VMVMState
+from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
+from api.formats import check_relative_path, format_for_name
+from api.store import broker_errors
+from api.task import VMTask
+from api.vmstate import ALLOWED, VMStateEvent
+
+if TYPE_CHECKING:
+    import redis
+
+    from api.server import VirtualServer
+
+VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+MAX_MEMORY_MB = 1024 * 1024
+DEFAULT_GUEST_TIMEOUT_S = 120
+
+CREATE_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class VirtualMachine:
+    """A handle on one VM; its configuration is read once, its state live."""
+
+    def __init__(self, server: VirtualServer, record: Mapping[str, str]) -> None:
+        self._server = server
+        self.name: str = record["name"]
+        self.host: str = record["host"]
+        self.memory_mb = int(record["memory_mb"])
+        self.disks: tuple[str, ...] = tuple(json.loads(record.get("disks", "[]")))
+        self.undoable = record.get("undoable") == "1"
+        self.guest_agent = record.get("guest_agent") == "1"
+        self.guest_os = GuestOS(self)
+
+    def __repr__(self) -> str:
+        return f"<VirtualMachine {self.name} on {self.host}>"
+
+    @property
+    def state(self) -> VMVMState:
+        """Read live.  A VM whose host has no live worker is Invalid until it returns."""
+        with broker_errors(self._server.url):
+            pipe = self._server.redis.pipeline(transaction=False)
+            pipe.hget(keys.vm_record(self.name), "state")
+            pipe.exists(keys.host_heartbeat(self.host))
+            state, host_alive = pipe.execute()
+        if state is None:
+            raise NotFoundError(f"VM {self.name!r} no longer exists")
+        return VMVMState(int(state)) if host_alive else VMVMState.Invalid
+
+    def _operate(self, operation: str, description: str, *, cancelable: bool,
+                 **kwargs: Any) -> VMTask:
+        state = self.state
+        if state not in ALLOWED[operation]:
+            allowed = ", ".join(s.name for s in sorted(ALLOWED[operation]))
+            raise InvalidStateError(
+                f"Cannot {operation.replace('_', ' ')} VM {self.name!r} while it is "
+                f"{state.name} (allowed from: {allowed})")
+        return self._server.submit(
+            f"vmtask.vm.{operation}", description=f"{description} {self.name}",
+            cancelable=cancelable, kwargs={"name": self.name, **kwargs}, host=self.host)
+
+    def startup(self) -> VMTask:
+        """Boot a TurnedOff VM, or restore a Saved one."""
+        return self._operate("startup", "Starting", cancelable=True)
+
+    def save(self) -> VMTask:
+        return self._operate("save", "Saving", cancelable=True)
+
+    def reset(self) -> VMTask:
+        return self._operate("reset", "Resetting", cancelable=False)
+
+    def turn_off(self) -> VMTask:
+        return self._operate("turn_off", "Turning off", cancelable=False)
+
+    def pause(self) -> VMTask:
+        return self._operate("pause", "Pausing", cancelable=False)
+
+    def resume(self) -> VMTask:
+        return self._operate("resume", "Resuming", cancelable=False)
+
+    def merge_undo_disks(self) -> VMTask:
+        self._require_undoable()
+        return self._operate("merge_undo_disks", "Merging the undo disks of", cancelable=False)
+
+    def discard_undo_disks(self) -> VMTask:
+        self._require_undoable()
+        return self._operate("discard_undo_disks", "Discarding the undo disks of",
+                             cancelable=False)
+
+    def delete(self) -> VMTask:
+        return self._operate("delete", "Deleting", cancelable=False)
+
+    def _require_undoable(self) -> None:
+        if not self.undoable:
+            raise InvalidArgumentError(f"VM {self.name!r} has no undo disks (not undoable)")
+
+
+class GuestOS:
+    """IVMGuestOS: requests to the guest, through its agent or the ACPI power button."""
+
+    def __init__(self, vm: VirtualMachine) -> None:
+        self._vm = vm
+
+    def shutdown(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
+        """Ask the guest to power off; TimeOutError (VM still running) if it ignores us."""
+        return self._vm._operate("guest_shutdown", "Shutting down the guest of",
+                                 cancelable=True, timeout_s=_timeout(timeout_s))
+
+    def restart(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
+        return self._vm._operate("guest_restart", "Restarting the guest of", cancelable=True,
+                                 timeout_s=_timeout(timeout_s))
+
+    def logoff(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
+        return self._vm._operate("guest_logoff", "Logging off the guest of", cancelable=True,
+                                 timeout_s=_timeout(timeout_s))
+
+
+def _timeout(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
+        raise InvalidArgumentError(f"timeout_s must be an int in 1..3600, not {value!r}")
+    return value
+
+
+class VMOperations:
+    """The IVMVirtualServer VM methods; mixed into `VirtualServer`."""
+
+    url: str
+    redis: redis.Redis
+
+    def resolve_host(self, host: str | None = None) -> str:
+        raise NotImplementedError
+
+    def create_virtual_machine(
+        self,
+        name: str,
+        memory_mb: int = 128,
+        disks: Sequence[str] = (),
+        undoable: bool = False,
+        *,
+        host: str | None = None,
+        kernel: str | None = None,
+        initrd: str | None = None,
+        append: str | None = None,
+        guest_agent: bool = False,
+    ) -> VirtualMachine:
+        """Register a VM (TurnedOff) on a host.  Paths are relative to its storage root."""
+        if not isinstance(name, str) or not VM_NAME_PATTERN.match(name):
+            raise InvalidArgumentError(
+                f"Invalid VM name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) \
+                or not 1 <= memory_mb <= MAX_MEMORY_MB:
+            raise InvalidArgumentError(f"memory_mb must be an int in 1..{MAX_MEMORY_MB}, "
+                                       f"not {memory_mb!r}")
+        if isinstance(disks, str):
+            raise InvalidArgumentError("disks must be a sequence of paths, not one string")
+        disk_list = [check_relative_path(d, "disk") for d in disks]
+        for disk in disk_list:
+            format_for_name(disk)
+        if len(set(disk_list)) != len(disk_list):
+            raise InvalidArgumentError("A disk is attached twice")
+        for what, value in (("kernel", kernel), ("initrd", initrd)):
+            if value is not None:
+                check_relative_path(value, what)
+        if kernel is None and (initrd is not None or append is not None):
+            raise InvalidArgumentError("initrd and append need a kernel")
+        target = self.resolve_host(host)
+        fields = {
+            "name": name, "host": target, "state": str(int(VMVMState.TurnedOff)),
+            "memory_mb": str(memory_mb), "disks": json.dumps(disk_list),
+            "undoable": "1" if undoable else "0", "guest_agent": "1" if guest_agent else "0",
+            "kernel": kernel or "", "initrd": initrd or "", "append": append or "",
+            "created": repr(time.time()),
+        }
+        args = [name]
+        for key, value in fields.items():
+            args += [key, value]
+        with broker_errors(self.url):
+            created = self.redis.eval(CREATE_SCRIPT, 2, keys.vm_record(name), keys.VM_NAMES,
+                                      *args)
+        if not created:
+            raise InvalidArgumentError(f"A VM named {name!r} already exists")
+        return VirtualMachine(self, fields)  # type: ignore[arg-type]
+
+    def find_virtual_machine(self, name: str) -> VirtualMachine | None:
+        with broker_errors(self.url):
+            record = self.redis.hgetall(keys.vm_record(name))
+        return VirtualMachine(self, record) if record else None  # type: ignore[arg-type]
+
+    @property
+    def virtual_machines(self) -> list[VirtualMachine]:
+        with broker_errors(self.url):
+            names = sorted(self.redis.smembers(keys.VM_NAMES))
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hgetall(keys.vm_record(name))
+            records = pipe.execute() if names else []
+        return [VirtualMachine(self, r) for r in records if r]  # type: ignore[arg-type]
+
+    def vm_events(self, since: str = "$", *, timeout_ms: int | None = None
+                  ) -> Iterator[VMStateEvent]:
+        """Every VM state change from ``since`` (a stream id; "$": from now, "0": all kept).
+
+        Blocks for new events; with ``timeout_ms`` the iteration ends after that long
+        without one.  The analogue of IVMVirtualServerEvents::OnVMStateChange.
+        """
+        last = since
+        if last == "$":
+            with broker_errors(self.url):
+                newest = self.redis.xrevrange(keys.VM_EVENTS, count=1)
+            last = newest[0][0] if newest else "0"
+        while True:
+            with broker_errors(self.url):
+                reply = self.redis.xread({keys.VM_EVENTS: last}, block=timeout_ms or 0,
+                                         count=100)
+            if not reply:
+                return
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                yield VMStateEvent.from_stream(entry_id, fields)

@@ -1,0 +1,436 @@
+"""The VM operations as Celery tasks, and the host's watch over its VMs.
+
+Every operation takes the VM's lock (an fcntl lock in its directory, so it dies
+with its holder), moves the recorded state with the atomic compare-and-set of
+`api.vmstate`, drives QEMU through `workers.qemu_vm`, and moves the state on to
+where QEMU really is, on success and on failure alike.
+
+The host's beacon also calls `watch_vms` on every beat: a VM that stopped by
+itself (guest powered off, QEMU crashed) becomes TurnedOff or Invalid.  When a
+worker starts, `reconcile_vms` matches the recorded states with the QEMU
+processes that really run: VMs outlive worker restarts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from api import hresults, keys
+from api.enums import VMVMState as S
+from api.vmstate import ALLOWED, EVENTS_MAXLEN, TRANSITION_SCRIPT, allowed_csv
+from workers import qemu_img, qemu_vm
+from workers.celery_app import settings
+from workers.failures import (
+    Cancelled,
+    IllegalValue,
+    OperationFailed,
+    OperationTimedOut,
+)
+from workers.guest_agent import GuestAgentClient, qemu_guest_agent_args
+from workers.host import startup_hooks, status_providers, tick_hooks
+from workers.runtime import TaskRun, operation, worker_redis
+from workers.storage import resolve_in_root
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT = 30.0
+ACPI_PRESS_INTERVAL = 1.0
+
+
+class InvalidVMState(OperationFailed):
+    """The VM was not in a state that allows the operation when the worker checked."""
+
+    hresult = hresults.INVALID_STATE
+
+
+def root() -> Path:
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    return settings.storage_root.resolve()
+
+
+def record_of(client: redis.Redis, name: str) -> dict[str, str]:
+    record: dict[str, str] = client.hgetall(keys.vm_record(name))
+    if not record:
+        raise IllegalValue(f"No VM named {name!r}")
+    if record["host"] != settings.host:
+        raise IllegalValue(f"VM {name!r} belongs to host {record['host']}, not {settings.host}")
+    return record
+
+
+def paths_of(name: str) -> qemu_vm.VMPaths:
+    return qemu_vm.VMPaths.for_vm(root(), name)
+
+
+def undo_overlay(paths: qemu_vm.VMPaths, index: int, base: Path) -> Path:
+    return paths.directory / "undo" / f"{index}-{base.stem}.qcow2"
+
+
+def config_of(record: dict[str, str]) -> qemu_vm.VMConfig:
+    """The QEMU configuration; an undoable VM runs on its qcow2 overlays."""
+    name = record["name"]
+    paths = paths_of(name)
+    disks: list[str] = []
+    for index, disk in enumerate(json.loads(record["disks"])):
+        base = resolve_in_root(root(), disk)
+        disks.append(str(undo_overlay(paths, index, base) if record["undoable"] == "1"
+                         else base))
+    extra: list[str] = []
+    if record.get("guest_agent") == "1":
+        extra = qemu_guest_agent_args(agent_socket(paths))
+
+    def in_root(value: str) -> str | None:
+        return str(resolve_in_root(root(), value, must_exist=True)) if value else None
+
+    return qemu_vm.VMConfig(
+        name=name, memory_mb=int(record["memory_mb"]), disks=disks,
+        kernel=in_root(record.get("kernel", "")), initrd=in_root(record.get("initrd", "")),
+        append=record.get("append") or None, extra_args=extra, accel=settings.accel,
+    )
+
+
+def agent_socket(paths: qemu_vm.VMPaths) -> Path:
+    return paths.directory / "qga.sock"
+
+
+def transition(client: redis.Redis, name: str, allowed: frozenset[S], new: S) -> S:
+    """Compare-and-set the recorded state; `InvalidVMState` if it is not in ``allowed``."""
+    outcome, old = client.eval(
+        TRANSITION_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
+        allowed_csv(allowed), int(new), repr(time.time()), EVENTS_MAXLEN)
+    if outcome == "MISSING":
+        raise IllegalValue(f"No VM named {name!r}")
+    if outcome == "REFUSED":
+        raise InvalidVMState(f"VM {name!r} is {S(int(old)).name}: cannot go to {new.name}")
+    return S(int(old))
+
+
+def settle(client: redis.Redis, name: str, state: S) -> None:
+    """Record where the VM really is after an operation, from whatever state it was in."""
+    transition(client, name, frozenset(S), state)
+
+
+@contextmanager
+def vm_lock(run: TaskRun, name: str) -> Iterator[None]:
+    """Serialize operations on one VM across the host's pool processes."""
+    paths = paths_of(name)
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OperationTimedOut(f"VM {name!r} stayed busy with another task") from None
+                run.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def begin(run: TaskRun, operation_name: str, name: str, new: S | None
+          ) -> tuple[redis.Redis, dict[str, str], S]:
+    client = worker_redis().client
+    record = record_of(client, name)
+    allowed = ALLOWED[operation_name]
+    if new is None:
+        current = S(int(record["state"]))
+        if current not in allowed:
+            raise InvalidVMState(f"Cannot {operation_name} VM {name!r} while {current.name}")
+        return client, record, current
+    return client, record, transition(client, name, allowed, new)
+
+
+# -- lifecycle ----------------------------------------------------------------------
+
+
+@operation("vmtask.vm.startup", cancelable=True)
+def startup(run: TaskRun, name: str) -> None:
+    with vm_lock(run, name):
+        client, record, current = begin(run, "startup", name, None)
+        paths = paths_of(name)
+        if current is S.Saved:
+            transition(client, name, frozenset({S.Saved}), S.Restoring)
+            try:
+                qemu_vm.start(config_of(record), paths, run, incoming_state=paths.state_file)
+            except BaseException:
+                settle(client, name, S.Saved)
+                raise
+        else:
+            transition(client, name, frozenset({S.TurnedOff}), S.TurningOn)
+            try:
+                config = config_of(record)
+                if record["undoable"] == "1":
+                    prepare_undo_disks(run, record, paths)
+                qemu_vm.start(config, paths, run)
+            except BaseException:
+                settle(client, name, S.TurnedOff)
+                raise
+        settle(client, name, qemu_vm.vm_state(paths))
+
+
+def prepare_undo_disks(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
+    for index, disk in enumerate(json.loads(record["disks"])):
+        base = resolve_in_root(root(), disk, must_exist=True)
+        overlay = undo_overlay(paths, index, base)
+        if not overlay.exists():
+            overlay.parent.mkdir(parents=True, exist_ok=True)
+            qemu_img.create_differencing(overlay, base, run, run.task_id)
+
+
+@operation("vmtask.vm.save", cancelable=True)
+def save(run: TaskRun, name: str) -> None:
+    with vm_lock(run, name):
+        client, record, _ = begin(run, "save", name, S.Saving)
+        paths = paths_of(name)
+        try:
+            qemu_vm.save(config_of(record), paths, run,
+                         max_bandwidth=settings.save_max_bandwidth or None)
+        except BaseException:
+            settle(client, name, qemu_vm.vm_state(paths))
+            raise
+        settle(client, name, S.Saved)
+
+
+def simple_command(run: TaskRun, operation_name: str, name: str, after: S,
+                   command: Any) -> None:
+    with vm_lock(run, name):
+        client, _record, _current = begin(run, operation_name, name, None)
+        paths = paths_of(name)
+        try:
+            command(paths)
+        except qemu_vm.VMNotRunning:
+            settle(client, name, qemu_vm.vm_state(paths))
+            raise
+        transition(client, name, ALLOWED[operation_name], after)
+
+
+@operation("vmtask.vm.pause", cancelable=False)
+def pause(run: TaskRun, name: str) -> None:
+    simple_command(run, "pause", name, S.Paused, qemu_vm.pause)
+
+
+@operation("vmtask.vm.resume", cancelable=False)
+def resume(run: TaskRun, name: str) -> None:
+    simple_command(run, "resume", name, S.Running, qemu_vm.resume)
+
+
+@operation("vmtask.vm.reset", cancelable=False)
+def reset(run: TaskRun, name: str) -> None:
+    with vm_lock(run, name):
+        begin(run, "reset", name, None)
+        qemu_vm.reset(paths_of(name))
+
+
+@operation("vmtask.vm.turn_off", cancelable=False)
+def turn_off(run: TaskRun, name: str) -> None:
+    with vm_lock(run, name):
+        client, _record, current = begin(run, "turn_off", name, None)
+        paths = paths_of(name)
+        if current is S.Saved:
+            qemu_vm.discard_saved_state(paths)
+            transition(client, name, frozenset({S.Saved}), S.TurnedOff)
+            return
+        transition(client, name, ALLOWED["turn_off"], S.TurningOff)
+        try:
+            qemu_vm.turn_off(paths)
+        finally:
+            settle(client, name, qemu_vm.vm_state(paths))
+
+
+# -- undo disks and deletion ----------------------------------------------------------
+
+
+def overlays_of(record: dict[str, str], paths: qemu_vm.VMPaths) -> list[Path]:
+    return [undo_overlay(paths, i, resolve_in_root(root(), disk))
+            for i, disk in enumerate(json.loads(record["disks"]))]
+
+
+@operation("vmtask.vm.merge_undo_disks", cancelable=False)
+def merge_undo_disks(run: TaskRun, name: str) -> None:
+    with vm_lock(run, name):
+        client, record, _ = begin(run, "merge_undo_disks", name, S.MergingDrives)
+        try:
+            overlays = [o for o in overlays_of(record, paths_of(name)) if o.exists()]
+            for index, overlay in enumerate(overlays):
+                share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
+                qemu_img.merge(overlay, share, run.task_id)
+                overlay.unlink()
+        finally:
+            settle(client, name, S.TurnedOff)
+
+
+class _Share:
+    """Progress of one step scaled into its share of the whole operation."""
+
+    def __init__(self, run: TaskRun, low: float, high: float) -> None:
+        self.task_id = run.task_id
+        self._run, self._low, self._high = run, low, high
+
+    def report_progress(self, percent: float) -> None:
+        self._run.report_progress(100 * (self._low + (self._high - self._low) * percent / 100))
+
+    def cancel_requested(self) -> bool:
+        return self._run.cancel_requested()
+
+
+@operation("vmtask.vm.discard_undo_disks", cancelable=False)
+def discard_undo_disks(run: TaskRun, name: str) -> None:
+    with vm_lock(run, name):
+        _client, record, _ = begin(run, "discard_undo_disks", name, None)
+        for overlay in overlays_of(record, paths_of(name)):
+            overlay.unlink(missing_ok=True)
+
+
+@operation("vmtask.vm.delete", cancelable=False)
+def delete(run: TaskRun, name: str) -> None:
+    from api.vmstate import DELETE_SCRIPT
+
+    with vm_lock(run, name):
+        client, _record, _ = begin(run, "delete", name, S.DeleteMachine)
+        paths = paths_of(name)
+        qemu_vm.cleanup(paths)
+        shutil.rmtree(paths.directory, ignore_errors=True)
+        client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
+                    name, repr(time.time()), EVENTS_MAXLEN)
+
+
+# -- the guest OS ----------------------------------------------------------------------
+
+
+def wait_for_agent(run: TaskRun, paths: qemu_vm.VMPaths, deadline: float) -> GuestAgentClient:
+    """The guest is ready once its agent answers: the analogue of VS's heartbeat."""
+    while True:
+        if run.cancel_requested():
+            raise Cancelled()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OperationTimedOut("The guest agent did not answer in time")
+        agent = GuestAgentClient(agent_socket(paths))
+        try:
+            if agent.ping(timeout=min(2.0, remaining)):
+                return agent
+        except OperationTimedOut:
+            pass
+        agent.close()
+
+
+@operation("vmtask.vm.guest_shutdown", cancelable=True)
+def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
+    with vm_lock(run, name):
+        client, record, _ = begin(run, "guest_shutdown", name, S.TurningOff)
+        paths = paths_of(name)
+        deadline = time.monotonic() + timeout_s
+        try:
+            if record.get("guest_agent") == "1":
+                agent = wait_for_agent(run, paths, deadline)
+                with agent:
+                    agent.shutdown("powerdown")
+            # Without an agent, press the ACPI button until the guest obeys: a press
+            # made before the guest's ACPI handler is up is lost, so one is not enough.
+            next_press = time.monotonic()
+            while qemu_vm.is_alive(paths):
+                if run.cancel_requested():
+                    raise Cancelled()
+                if time.monotonic() > deadline:
+                    raise OperationTimedOut(
+                        f"The guest of {name!r} did not shut down within {timeout_s} s")
+                if record.get("guest_agent") != "1" and time.monotonic() >= next_press:
+                    qemu_vm.powerdown(paths)
+                    next_press = time.monotonic() + ACPI_PRESS_INTERVAL
+                time.sleep(0.05)
+            qemu_vm.cleanup(paths)
+        finally:
+            settle(client, name, qemu_vm.vm_state(paths))
+
+
+@operation("vmtask.vm.guest_restart", cancelable=True)
+def guest_restart(run: TaskRun, name: str, timeout_s: int = 120) -> None:
+    with vm_lock(run, name):
+        _client, record, _ = begin(run, "guest_restart", name, None)
+        if record.get("guest_agent") != "1":
+            raise IllegalValue(f"Restarting the guest of {name!r} needs its guest agent "
+                               "(create the VM with guest_agent=True)")
+        agent = wait_for_agent(run, paths_of(name), time.monotonic() + timeout_s)
+        with agent:
+            agent.shutdown("reboot")
+
+
+@operation("vmtask.vm.guest_logoff", cancelable=True)
+def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
+    with vm_lock(run, name):
+        begin(run, "guest_logoff", name, None)
+        raise IllegalValue("The QEMU guest agent has no log-off command; "
+                           "logoff is not supported for QEMU guests")
+
+
+# -- the host's watch ------------------------------------------------------------------
+
+
+def host_vms(client: redis.Redis) -> list[dict[str, str]]:
+    names = sorted(client.smembers(keys.VM_NAMES))
+    if not names:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(keys.vm_record(name))
+    return [r for r in pipe.execute() if r and r.get("host") == settings.host]
+
+
+def stopped_state(paths: qemu_vm.VMPaths) -> S:
+    """QEMU removes its pidfile on a clean exit: one left behind means it crashed."""
+    return S.Invalid if paths.pidfile.exists() else S.TurnedOff
+
+
+def watch_vms(client: redis.Redis) -> None:
+    """Notice VMs that stopped by themselves (guest power-off, QEMU crash)."""
+    for record in host_vms(client):
+        if S(int(record["state"])) not in (S.Running, S.Paused):
+            continue
+        paths = paths_of(record["name"])
+        if qemu_vm.is_alive(paths):
+            continue
+        state = stopped_state(paths)
+        try:
+            transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
+        except InvalidVMState:
+            continue  # an operation moved it meanwhile: it owns the state now
+        log.warning("VM %s stopped by itself: now %s", record["name"], state.name)
+
+
+def reconcile_vms(client: redis.Redis) -> None:
+    """On start-up: trust the QEMU processes, not the records of a dead worker."""
+    for record in host_vms(client):
+        recorded = S(int(record["state"]))
+        paths = paths_of(record["name"])
+        actual = qemu_vm.vm_state(paths)
+        if actual is S.TurnedOff and recorded in (S.Running, S.Paused):
+            actual = stopped_state(paths)
+        if actual is not recorded:
+            settle(client, record["name"], actual)
+            log.warning("Reconciled VM %s: recorded %s, really %s", record["name"],
+                        recorded.name, actual.name)
+
+
+def vm_counts(client: redis.Redis) -> dict[str, Any]:
+    vms = host_vms(client)
+    running = sum(1 for r in vms if S(int(r["state"])) in (S.Running, S.Paused))
+    return {"vms": len(vms), "vms_running": running}
+
+
+startup_hooks.append(reconcile_vms)
+tick_hooks.append(watch_vms)
+status_providers.append(vm_counts)
