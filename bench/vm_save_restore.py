@@ -1,0 +1,81 @@
+"""Save and restore of a 256 MB VM through the queue, against the same steps done
+directly over QMP (workers.qemu_vm with no queue), in one run.
+
+Both VMs are identical and idle (no OS), on the same storage.  Rounds alternate.
+Prints median times and the ratio; target: queued <= 1.2x direct + 50 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("VMTASK_ACCEL", "tcg")
+
+from api import VirtualServer, VMTaskResult
+from workers import qemu_vm
+from workers.context import NullContext
+from workers.sandbox import RedisServer, WorkerProcess
+
+MEMORY_MB = 256
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+
+
+def timed(action: object) -> float:
+    started = time.perf_counter()
+    action()  # type: ignore[operator]
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="vmb-", dir="/tmp") as t:
+        tmp = Path(t)
+        redis = RedisServer(tmp / "redis").start()
+        worker = WorkerProcess(redis.url, "bench", tmp / "q", tmp, concurrency=1, include=())
+        config = qemu_vm.VMConfig(name="direct", memory_mb=MEMORY_MB, accel="tcg")
+        paths = qemu_vm.VMPaths.for_vm(tmp / "d", "direct")
+        paths.directory.mkdir(parents=True)
+        results: dict[str, list[float]] = {"direct save": [], "direct restore": [],
+                                           "queued save": [], "queued restore": []}
+        try:
+            worker.start()
+            server = VirtualServer(redis.url, host="bench", poll_interval=0.5)
+            vm = server.create_virtual_machine("queued", memory_mb=MEMORY_MB)
+
+            def run(task_factory: object) -> None:
+                task = task_factory()  # type: ignore[operator]
+                assert task.wait_for_completion(-1)
+                assert task.result is VMTaskResult.Success, task.error_description
+
+            run(vm.startup)
+            qemu_vm.start(config, paths, NullContext())
+            for _ in range(ROUNDS):
+                results["direct save"].append(
+                    timed(lambda: qemu_vm.save(config, paths, NullContext())))
+                results["queued save"].append(timed(lambda: run(vm.save)))
+                results["direct restore"].append(timed(lambda: qemu_vm.start(
+                    config, paths, NullContext(), incoming_state=paths.state_file)))
+                results["queued restore"].append(timed(lambda: run(vm.startup)))
+            run(vm.turn_off)
+            run(vm.delete)
+        finally:
+            qemu_vm.turn_off(paths)
+            worker.stop()
+            redis.stop()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"{MEMORY_MB} MB idle VM under TCG, median of {ROUNDS}:")
+    for key in ("save", "restore"):
+        d, q = med[f"direct {key}"], med[f"queued {key}"]
+        limit = 1.2 * d + 0.05
+        print(f"  {key:8} direct {d * 1000:7.1f} ms   queued {q * 1000:7.1f} ms   "
+              f"ratio {q / d:5.2f}x   queued - (1.2x direct + 50 ms) = "
+              f"{(q - limit) * 1000:+7.1f} ms  ({'met' if q <= limit else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()
