@@ -15,6 +15,7 @@ from api.records import TaskSnapshot
 from api.server import VirtualServer
 from api.task import VMTask
 from workers.sandbox import RedisServer, WorkerProcess
+from workers.tinyguest import build_tiny_guest
 
 DEMO_HOST = "demo"
 DEMO_DISK_MB = 512
@@ -27,6 +28,37 @@ def fill_disk(path: Path, size_mb: int) -> None:
         commands += ["-c", f"write -P {n % 250 + 1} {n * 8}M 8M"]
     subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(path)], check=True,
                    capture_output=True)
+
+
+def run_vm_demo(server: VirtualServer, storage: Path, console: Console,
+                follow: Callable[[VMTask], TaskSnapshot]) -> None:
+    """Boot a tiny Linux guest, save it, restore it, shut it down through its guest OS."""
+    console.rule("building the tiny Linux guest (cached after the first run)")
+    guest = build_tiny_guest()
+    (storage / "guest").mkdir(parents=True, exist_ok=True)
+    shutil.copy(guest.kernel, storage / "guest" / "vmlinuz")
+    shutil.copy(guest.initrd, storage / "guest" / "initrd.gz")
+    vm = server.create_virtual_machine(
+        "demo-vm", memory_mb=256, disks=["demo/data.qcow2"], kernel="guest/vmlinuz",
+        initrd="guest/initrd.gz", append=guest.append, guest_agent=True)
+    console.print(f"created VM {vm.name} on host {vm.host}: {vm.state.name}")
+    for title, start in [
+        ("boot the VM", vm.startup),
+        ("save it (RAM to a state file)", vm.save),
+        ("restore it", vm.startup),
+        ("shut it down through its guest OS (guest agent)", vm.guest_os.shutdown),
+        ("delete it", vm.delete),
+    ]:
+        console.rule(title)
+        snap = follow(start())
+        colour = "green" if snap.result is VMTaskResult.Success else "red"
+        state = vm.state.name if title != "delete it" else "gone"
+        console.print(f"[{colour}]{snap.description}: "
+                      f"{snap.result.name if snap.result is not None else '?'}[/{colour}]"
+                      f" -> {state}", highlight=False)
+    events = [e for e in server.vm_events("0", timeout_ms=100) if e.name == vm.name]
+    console.print("state changes: " + " ".join(
+        f"{e.old.name}->{e.new.name if e.new else 'gone'}" for e in events), highlight=False)
 
 
 def run_demo(workdir: Path, console: Console,
@@ -84,6 +116,7 @@ def run_demo(workdir: Path, console: Console,
                 console.print(f"{disk.file:24} {disk.type.name:10} "
                               f"guest {disk.size_in_guest >> 20} MiB, "
                               f"host {disk.size_on_host >> 20} MiB", highlight=False)
+            run_vm_demo(server, storage, console, follow)
             console.rule("cancelling a running task")
             task = server.ping(60_000, 600)
             while task.percent_completed < 3:
