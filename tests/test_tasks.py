@@ -493,3 +493,29 @@ def test_tasks_lists_recent_tasks_with_filters(server: VirtualServer,
     assert 0 < ttl <= 86400
     with pytest.raises(errors.InvalidArgumentError):
         server.tasks(state="DONE")
+
+
+def test_two_hosts_route_and_survive_each_others_loss(
+    spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    redis = spawn("redis")
+    east = spawn("worker", redis_url=redis.url, host="east", concurrency=1,
+                 env={"VMTASK_LEASE_SECONDS": "3", "VMTASK_HEARTBEAT_SECONDS": "2"})
+    spawn("worker", redis_url=redis.url, host="west", concurrency=1,
+          env={"VMTASK_HEARTBEAT_SECONDS": "2"})
+    server = VirtualServer(redis.url, poll_interval=0.5)
+    assert server.hosts == ["east", "west"]
+    status = server.host_status()
+    assert status["east"]["storage_root"] != status["west"]["storage_root"]
+    doomed = server.ping(duration_ms=60_000, steps=60, host="east")
+    wait_started(doomed)
+    # The count travels in the heartbeat, refreshed every beat.
+    wait_until(lambda: server.host_status()["east"]["tasks_running"] == 1, 10, "the count")
+    east.kill()  # the host is cut off mid-task
+    survivor = server.ping(duration_ms=100, host="west")
+    assert survivor.wait_for_completion(20_000) and survivor.result is VMTaskResult.Success
+    assert doomed.wait_for_completion(30_000)
+    assert doomed.result is VMTaskResult.ThreadCrashError
+    wait_until(lambda: server.hosts == ["west"], 20, "east to drop out of the host list")
+    with pytest.raises(errors.HostUnavailableError):
+        server.ping(host="east")
