@@ -8,6 +8,7 @@ atomic compare-and-set that moves a VM between states and records the event.
     Running|Paused --turn_off / guest shutdown--> TurningOff --> TurnedOff
     TurnedOff --merge_undo_disks--> MergingDrives --> TurnedOff
     TurnedOff|Saved --delete--> DeleteMachine --> (gone)
+    Invalid --turn_off--> TurningOff --> TurnedOff;  Invalid --delete--> (gone)
 
 Producers check `ALLOWED` before queueing (InvalidStateError at once); the worker
 re-checks with `TRANSITION_SCRIPT` under the VM's lock, so a race between two
@@ -26,14 +27,15 @@ ALLOWED: dict[str, frozenset[S]] = {
     "pause": frozenset({S.Running}),
     "resume": frozenset({S.Paused}),
     "reset": frozenset({S.Running, S.Paused}),
-    # Turning off a saved VM discards its saved state.
-    "turn_off": frozenset({S.Running, S.Paused, S.Saved}),
+    # Turning off a saved VM discards its saved state; an Invalid one (crashed, or
+    # unreachable over QMP) is killed and cleaned up: the way out of Invalid.
+    "turn_off": frozenset({S.Running, S.Paused, S.Saved, S.Invalid}),
     "guest_shutdown": frozenset({S.Running}),
     "guest_restart": frozenset({S.Running}),
     "guest_logoff": frozenset({S.Running}),
     "merge_undo_disks": frozenset({S.TurnedOff}),
     "discard_undo_disks": frozenset({S.TurnedOff}),
-    "delete": frozenset({S.TurnedOff, S.Saved}),
+    "delete": frozenset({S.TurnedOff, S.Saved, S.Invalid}),
 }
 
 EVENTS_MAXLEN = 10_000

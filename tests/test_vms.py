@@ -354,6 +354,10 @@ def test_a_vm_that_stops_by_itself_is_noticed(server: VirtualServer, vmhost: Wor
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: crash.state is S.Invalid, 30, "the watcher to notice the crash")
+    assert not (vmhost.storage_root / "vms" / crash.name / "qmp.sock").exists()
+    ok(crash.turn_off())  # the way out of Invalid
+    assert crash.state is S.TurnedOff
+    ok(crash.delete())
     ok(vm.delete())
 
 
@@ -383,6 +387,7 @@ def test_vms_survive_a_killed_worker_and_are_reconciled(
         ok(keep.pause())  # still controllable
         ok(keep.turn_off())
         ok(keep.delete())
+        ok(lost.delete())  # an Invalid VM can be deleted
     finally:
         worker.stop()
         kill_leftover_qemu(root)

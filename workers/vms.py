@@ -302,7 +302,7 @@ def delete(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         client, _record, _ = begin(run, "delete", name, S.DeleteMachine)
         paths = paths_of(name)
-        qemu_vm.cleanup(paths)
+        qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)
         client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
                     name, repr(time.time()), EVENTS_MAXLEN)
@@ -408,6 +408,7 @@ def watch_vms(client: redis.Redis) -> None:
             transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
         except InvalidVMState:
             continue  # an operation moved it meanwhile: it owns the state now
+        qemu_vm.cleanup(paths)  # a crashed QEMU leaves its socket and pidfile
         log.warning("VM %s stopped by itself: now %s", record["name"], state.name)
 
 
