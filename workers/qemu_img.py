@@ -37,7 +37,6 @@ file) are qcow2 files that reference the device without copying it:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -59,6 +58,7 @@ from api import formats, hresults
 from api.enums import VMHardDiskType
 from workers.context import OperationContext
 from workers.failures import (
+    ERRNO_TO_HRESULT,
     Cancelled,
     CorruptImage,
     DiskError,
@@ -649,15 +649,7 @@ def _task_id(context: OperationContext, task_id: str | None) -> str:
 
 
 def _disk_error(exc: OSError, what: str) -> DiskError:
-    code = {
-        errno.ENOSPC: hresults.DISK_FULL,
-        errno.EDQUOT: hresults.DISK_FULL,
-        errno.ENOENT: hresults.FILE_NOT_FOUND,
-        errno.EACCES: hresults.ACCESS_DENIED,
-        errno.EPERM: hresults.ACCESS_DENIED,
-        errno.EROFS: hresults.ACCESS_DENIED,
-        errno.EEXIST: hresults.FILE_EXISTS,
-    }.get(exc.errno or 0, hresults.WRITE_FAULT)
+    code = ERRNO_TO_HRESULT.get(exc.errno or 0, hresults.WRITE_FAULT)
     return DiskError(f"{what}: {exc.strerror or exc}", code)
 
 
@@ -764,6 +756,22 @@ def _escape_option(value: str) -> str:
 # --- operations -------------------------------------------------------------------
 
 
+def _create_image(
+    temp: Path,
+    fmt: str,
+    size_bytes: int,
+    fixed: bool,
+    context: OperationContext,
+    timeout: float | None,
+) -> None:
+    run_qemu_img(
+        ["create", "-q", "-f", fmt, *_create_options(fmt, fixed=fixed), str(temp),
+         str(size_bytes)],
+        context,
+        timeout=timeout,
+    )
+
+
 def create_fixed(
     path: Path,
     size_bytes: int,
@@ -781,19 +789,7 @@ def create_fixed(
     target = _require_new_target(path)
     deadline = _Deadline(timeout)
     with _new_output(target, _task_id(context, task_id)) as temp:
-        run_qemu_img(
-            [
-                "create",
-                "-q",
-                "-f",
-                fmt,
-                *_create_options(fmt, fixed=True),
-                str(temp),
-                str(size_bytes),
-            ],
-            context,
-            timeout=deadline.remaining(),
-        )
+        _create_image(temp, fmt, size_bytes, True, context, deadline.remaining())
         _allocate(temp, context, _Progress(context, 2.0, 99.0), deadline)
     context.report_progress(100.0)
     return info(target)
@@ -813,19 +809,7 @@ def create_dynamic(
     target = _require_new_target(path)
     with _new_output(target, _task_id(context, task_id)) as temp:
         context.report_progress(10.0)
-        run_qemu_img(
-            [
-                "create",
-                "-q",
-                "-f",
-                fmt,
-                *_create_options(fmt, fixed=False),
-                str(temp),
-                str(size_bytes),
-            ],
-            context,
-            timeout=timeout,
-        )
+        _create_image(temp, fmt, size_bytes, False, context, timeout)
         context.report_progress(90.0)
     context.report_progress(100.0)
     return info(target)
