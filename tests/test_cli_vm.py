@@ -1,0 +1,164 @@
+"""The ``vmtask vm`` verbs end to end: real subprocesses, the session's ``alpha`` worker,
+real QEMU (TCG).  The VMs have no OS unless a test boots the tiny guest."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api import VirtualServer, VMTaskResult, VMVMState
+from tests.test_cli import Cli, Run, assert_one_error_line, cli, root  # noqa: F401 - fixtures
+from workers.sandbox import RedisServer, WorkerProcess
+
+INVALID_STATE = "0x8007139F"
+
+
+@pytest.fixture
+def api_server(redis_server: RedisServer, alpha: WorkerProcess) -> Iterator[VirtualServer]:
+    with VirtualServer(redis_server.url, host="alpha", poll_interval=0.5) as server:
+        yield server
+
+
+@pytest.fixture
+def vm_name(request: pytest.FixtureRequest, api_server: VirtualServer) -> Iterator[str]:
+    """A VM name for the test; whatever the test left of that VM is removed after it."""
+    name: str = "cli-" + request.node.name.removeprefix("test_")[:30]
+    yield name
+    machine = api_server.find_virtual_machine(name)
+    if machine is None:
+        return
+    if machine.state in (VMVMState.Running, VMVMState.Paused, VMVMState.Saved):
+        machine.turn_off().wait_for_completion(60_000)
+    machine.delete().wait_for_completion(60_000)
+
+
+def vm_state(run: Run) -> str:
+    assert run.code == 0, run
+    state: str = run.json()["vm"]["state"]
+    return state
+
+
+def test_vm_lifecycle_through_the_cli(cli: Cli, root: Path, vm_name: str) -> None:  # noqa: F811
+    disk = f"{vm_name}/disk.qcow2"
+    assert cli("disk", "create", disk, "--size-mb", "16", "--json").code == 0
+
+    created = cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk, "--json")
+    assert created.code == 0, created
+    assert created.json() | {"guest_agent": False} == {
+        "name": vm_name, "host": "alpha", "state": "TurnedOff", "state_code": 1,
+        "memory_mb": 64, "disks": [disk], "undoable": False, "guest_agent": False}
+    duplicate = cli("vm", "create", vm_name)
+    assert duplicate.code == 2, duplicate
+    assert_one_error_line(duplicate, "already exists", "0x80070057")
+
+    listed = cli("vm", "list", "--json")
+    assert listed.code == 0 and vm_name in [v["name"] for v in listed.json()], listed
+    table = cli("vm", "list")
+    assert any(vm_name in line and "TurnedOff" in line for line in table.out.splitlines())
+    shown = cli("vm", "show", vm_name, "--json")
+    assert (shown.code, shown.json()["state"]) == (0, "TurnedOff"), shown
+
+    started = cli("vm", "start", vm_name, "--json")
+    assert vm_state(started) == "Running"
+    assert started.json()["result"] == "Success"
+    # Starting a running VM is refused at once, nothing queued: exit 2, one clear line.
+    again = cli("vm", "start", vm_name)
+    assert again.code == 2 and again.out == "", again
+    assert_one_error_line(again, "Running", INVALID_STATE)
+
+    assert vm_state(cli("vm", "pause", vm_name, "--json")) == "Paused"
+    assert vm_state(cli("vm", "resume", vm_name, "--json")) == "Running"
+    assert vm_state(cli("vm", "reset", vm_name, "--json")) == "Running"
+    saved = cli("vm", "save", vm_name)  # people see a bar and the new state
+    assert saved.code == 0 and f"VM {vm_name} is now Saved" in saved.out, saved
+    assert "100%" in saved.err
+    assert (root / "vms" / vm_name / "saved.state").exists()
+    human = cli("vm", "show", vm_name)
+    assert "Saved" in human.out and disk in human.out, human
+
+    assert vm_state(cli("vm", "start", vm_name, "--json")) == "Running"  # restore
+    assert vm_state(cli("vm", "off", vm_name, "--json")) == "TurnedOff"
+    deleted = cli("vm", "delete", vm_name, "--json")
+    assert deleted.code == 0 and deleted.json()["vm"] is None, deleted
+
+    gone = cli("vm", "show", vm_name)
+    assert gone.code == 4, gone
+    assert_one_error_line(gone, "No VM named", "0x80070002")
+
+
+def test_vm_no_wait_and_task_wait(cli: Cli, vm_name: str) -> None:  # noqa: F811
+    assert cli("vm", "create", vm_name, "--memory-mb", "64").code == 0
+    run = cli("vm", "start", vm_name, "--no-wait")
+    assert run.code == 0 and run.err == "", run
+    waited = cli("task", "wait", run.out.strip(), "--json")
+    assert waited.code == 0 and waited.json()["description"] == f"Starting {vm_name}", waited
+    assert cli("vm", "show", vm_name, "--json").json()["state"] == "Running"
+    assert cli("vm", "off", vm_name).code == 0
+
+
+def test_undo_disks_merge_and_discard(cli: Cli, vm_name: str) -> None:  # noqa: F811
+    disk = f"{vm_name}/base.qcow2"
+    assert cli("disk", "create", disk, "--size-mb", "8").code == 0
+    created = cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk, "--undoable",
+                  "--json")
+    assert created.code == 0 and created.json()["undoable"] is True, created
+    for verb, state in (("start", "Running"), ("off", "TurnedOff"),
+                        ("discard-undo", "TurnedOff"), ("start", "Running"),
+                        ("off", "TurnedOff"), ("merge-undo", "TurnedOff")):
+        assert vm_state(cli("vm", verb, vm_name, "--json")) == state, verb
+    # Undo verbs on a running VM: the state forbids them.
+    assert cli("vm", "start", vm_name).code == 0
+    refused = cli("vm", "merge-undo", vm_name)
+    assert refused.code == 2, refused
+    assert_one_error_line(refused, INVALID_STATE)
+
+
+def test_guest_verbs_without_an_os(cli: Cli, vm_name: str) -> None:  # noqa: F811
+    assert cli("vm", "create", vm_name, "--memory-mb", "64").code == 0
+    assert cli("vm", "start", vm_name).code == 0
+    # Nobody in the VM hears the power button: the exit code is 10 + TimeOutError.
+    ignored = cli("vm", "shutdown", vm_name, "--timeout-s", "3", "--json")
+    assert ignored.code == 10 + VMTaskResult.TimeOutError, ignored
+    assert ignored.json()["error_hex"] == "0x800705B4"
+    assert ignored.json()["vm"]["state"] == "Running"  # the VM's state comes with a failure too
+    assert_one_error_line(ignored, "TimeOutError", "0x800705B4")
+    logoff = cli("vm", "logoff", vm_name)
+    assert logoff.code == 10 + VMTaskResult.IllegalValueError, logoff
+    assert_one_error_line(logoff, "IllegalValueError", "0x80070057")
+    assert cli("vm", "show", vm_name, "--json").json()["state"] == "Running"
+    bad = cli("vm", "shutdown", vm_name, "--timeout-s", "0")
+    assert bad.code == 2, bad
+    assert_one_error_line(bad, "0x80070057")
+
+
+@pytest.fixture
+def tiny_guest(root: Path) -> Callable[[], dict[str, Any]]:  # noqa: F811
+    def install() -> dict[str, Any]:
+        from workers.tinyguest import build_tiny_guest
+
+        guest = build_tiny_guest()
+        (root / "guest").mkdir(parents=True, exist_ok=True)
+        shutil.copy(guest.kernel, root / "guest" / "vmlinuz")
+        shutil.copy(guest.initrd, root / "guest" / "initrd.gz")
+        return {"kernel": "guest/vmlinuz", "initrd": "guest/initrd.gz", "append": guest.append}
+    return install
+
+
+@pytest.mark.slow
+def test_guest_restart_and_shutdown_with_the_agent(
+    cli: Cli, vm_name: str, tiny_guest: Callable[[], dict[str, Any]]  # noqa: F811
+) -> None:
+    boot = tiny_guest()
+    created = cli("vm", "create", vm_name, "--memory-mb", "128", "--kernel", boot["kernel"],
+                  "--initrd", boot["initrd"], "--append", boot["append"], "--guest-agent",
+                  "--json")
+    assert created.code == 0 and created.json()["guest_agent"] is True, created
+    assert cli("vm", "start", vm_name).code == 0
+    restarted = cli("vm", "restart", vm_name, "--timeout-s", "120", "--json")
+    assert vm_state(restarted) == "Running"
+    assert vm_state(cli("vm", "shutdown", vm_name, "--timeout-s", "120", "--json")) == \
+        "TurnedOff"
