@@ -120,22 +120,28 @@ def settle(client: redis.Redis, name: str, state: S) -> None:
     transition(client, name, frozenset(S), state)
 
 
-@contextmanager
-def vm_lock(run: TaskRun, name: str) -> Iterator[None]:
-    """Serialize operations on one VM across the host's pool processes."""
+def try_lock(name: str) -> int | None:
+    """The VM's lock file descriptor, locked; None while another holder has it."""
     paths = paths_of(name)
     paths.directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise OperationTimedOut(f"VM {name!r} stayed busy with another task") from None
-                run.sleep(0.05)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def vm_lock(run: TaskRun, name: str) -> Iterator[None]:
+    """Serialize operations on one VM across the host's pool processes."""
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while (fd := try_lock(name)) is None:
+        if time.monotonic() > deadline:
+            raise OperationTimedOut(f"VM {name!r} stayed busy with another task")
+        run.sleep(0.05)
+    try:
         yield
     finally:
         os.close(fd)
@@ -396,20 +402,30 @@ def stopped_state(paths: qemu_vm.VMPaths) -> S:
 
 
 def watch_vms(client: redis.Redis) -> None:
-    """Notice VMs that stopped by themselves (guest power-off, QEMU crash)."""
+    """Notice VMs that stopped by themselves (guest power-off, QEMU crash).
+
+    Under the VM's lock, so no operation is half-way through it; a VM whose lock is
+    held is looked at on the next beat.
+    """
     for record in host_vms(client):
         if S(int(record["state"])) not in (S.Running, S.Paused):
             continue
-        paths = paths_of(record["name"])
-        if qemu_vm.is_alive(paths):
+        fd = try_lock(record["name"])
+        if fd is None:
             continue
-        state = stopped_state(paths)
         try:
-            transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
-        except InvalidVMState:
-            continue  # an operation moved it meanwhile: it owns the state now
-        qemu_vm.cleanup(paths)  # a crashed QEMU leaves its socket and pidfile
-        log.warning("VM %s stopped by itself: now %s", record["name"], state.name)
+            paths = paths_of(record["name"])
+            if qemu_vm.is_alive(paths):
+                continue
+            state = stopped_state(paths)
+            qemu_vm.cleanup(paths)  # before the new state shows: no stale socket then
+            try:
+                transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
+            except InvalidVMState:
+                continue  # it changed since we read it
+            log.warning("VM %s stopped by itself: now %s", record["name"], state.name)
+        finally:
+            os.close(fd)
 
 
 def reconcile_vms(client: redis.Redis) -> None:
