@@ -48,6 +48,13 @@ def server(redis_server: RedisServer, alpha: WorkerProcess) -> Iterator[VirtualS
 
 
 @pytest.fixture
+def root(alpha: WorkerProcess) -> Path:
+    """The alpha host's storage root, where tests put and inspect image files."""
+    alpha.storage_root.mkdir(parents=True, exist_ok=True)
+    return alpha.storage_root
+
+
+@pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Start private redis-servers and workers; all stopped at the end of the test."""
     started: list[RedisServer | WorkerProcess] = []

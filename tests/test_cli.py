@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from api import VirtualServer
 from api.cli import EXIT_CODES, main
+from tests.helpers import qemu_io
 from workers.sandbox import REPO_ROOT, RedisServer, WorkerProcess, free_port, wait_until
 
 MiB = 1 << 20
@@ -72,12 +73,6 @@ def cli(redis_server: RedisServer, alpha: WorkerProcess) -> Cli:
 
 
 @pytest.fixture
-def root(alpha: WorkerProcess) -> Path:
-    alpha.storage_root.mkdir(parents=True, exist_ok=True)
-    return alpha.storage_root
-
-
-@pytest.fixture
 def unique(request: pytest.FixtureRequest) -> str:
     name: str = request.node.name
     return "cli-" + name.removeprefix("test_")[:40]
@@ -102,14 +97,6 @@ def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
                          check=True, capture_output=True, text=True).stdout
     info: dict[str, Any] = json.loads(out)
     return info
-
-
-def qemu_io(path: Path, fmt: str, *commands: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    out = subprocess.run([*args, str(path)], check=True, capture_output=True, text=True)
-    assert "fail" not in out.stdout.lower() and "error" not in out.stdout.lower(), out.stdout
 
 
 def succeeded(run: Run) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState
-from tests.test_cli import Cli, Run, assert_one_error_line, cli, root  # noqa: F401 - fixtures
+from tests.test_cli import Cli, Run, assert_one_error_line, cli  # noqa: F401 - fixtures
 from workers.sandbox import RedisServer, WorkerProcess
 
 INVALID_STATE = "0x8007139F"
@@ -136,7 +136,7 @@ def test_guest_verbs_without_an_os(cli: Cli, vm_name: str) -> None:  # noqa: F81
 
 
 @pytest.fixture
-def tiny_guest(root: Path) -> Callable[[], dict[str, Any]]:  # noqa: F811
+def tiny_guest(root: Path) -> Callable[[], dict[str, Any]]:
     def install() -> dict[str, Any]:
         from workers.tinyguest import build_tiny_guest
 

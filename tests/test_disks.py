@@ -9,33 +9,11 @@ from pathlib import Path
 import pytest
 
 from api import HardDisk, VirtualServer, VMHardDiskType, VMTaskResult, errors, hresults
+from tests.helpers import assert_succeeded as done
+from tests.helpers import qemu_io
 from workers.sandbox import RedisServer, WorkerProcess, wait_until
 
 MiB = 1 << 20
-
-
-def qemu_io(path: Path, fmt: str, *commands: str) -> str:
-    args = ["qemu-io", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    out = subprocess.run([*args, str(path)], check=True, capture_output=True, text=True)
-    assert "error" not in out.stdout.lower() and "fail" not in out.stdout.lower(), out.stdout
-    return out.stdout
-
-
-def done(task: object, timeout: int = 120_000) -> None:
-    from api import VMTask
-
-    assert isinstance(task, VMTask)
-    assert task.wait_for_completion(timeout)
-    snap = task.snapshot()
-    assert snap.result is VMTaskResult.Success, (snap.error_description, hex(snap.error))
-
-
-@pytest.fixture
-def root(alpha: WorkerProcess) -> Path:
-    alpha.storage_root.mkdir(parents=True, exist_ok=True)
-    return alpha.storage_root
 
 
 @pytest.fixture

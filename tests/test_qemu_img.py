@@ -21,6 +21,7 @@ import pytest
 
 from api import hresults
 from api.enums import VMHardDiskType
+from tests.helpers import qemu_io
 from workers import qemu_img as q
 from workers.context import NullContext
 from workers.failures import (
@@ -52,15 +53,6 @@ BIG_SIZE = 512 * MiB
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def qemu_io(fmt: str, path: Path, *commands: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    result = subprocess.run([*args, str(path)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"{commands}: {result.stdout}{result.stderr}"
-    assert "verification failed" not in result.stdout, result.stdout
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -207,7 +199,7 @@ def test_create_dynamic_is_sparse_with_exact_size(tmp_path: Path, name: str) -> 
     assert disk.actual_size < ODD_SIZE // 2
     assert context.progress[-1] == 100.0
     assert json.loads(json.dumps(disk.to_json()))["disk_type"] == 0
-    qemu_io(disk.format, tmp_path / name, f"read -P 0 0 {ODD_SIZE}")
+    qemu_io(tmp_path / name, disk.format, f"read -P 0 0 {ODD_SIZE}")
     assert leftovers(tmp_path) == []
 
 
@@ -221,7 +213,7 @@ def test_create_fixed_allocates_everything(tmp_path: Path, name: str) -> None:
     assert context.progress == sorted(context.progress)
     assert any(0 < p < 100 for p in context.progress)
     assert context.progress[-1] == 100.0
-    qemu_io(disk.format, tmp_path / name, "read -P 0 0 1M", f"read -P 0 {99 * MiB} 1M")
+    qemu_io(tmp_path / name, disk.format, "read -P 0 0 1M", f"read -P 0 {99 * MiB} 1M")
     assert leftovers(tmp_path) == []
 
 
@@ -253,8 +245,8 @@ def test_round_trips_between_all_formats_keep_bytes_and_exact_size(tmp_path: Pat
     q.create_fixed(first, ODD_SIZE, NullContext())
     last_sector = ODD_SIZE - 512
     qemu_io(
-        "vpc",
         first,
+        "vpc",
         "write -P 0xab 0 1M",
         "write -P 0xcd 5M 512k",
         f"write -P 0xef {last_sector} 512",
@@ -278,8 +270,8 @@ def test_round_trips_between_all_formats_keep_bytes_and_exact_size(tmp_path: Pat
         assert (name, disk.virtual_size) == (name, ODD_SIZE)
         assert identical(first, target), name
         qemu_io(
-            disk.format,
             target,
+            disk.format,
             "read -P 0xab 0 1M",
             "read -P 0 1M 4M",
             "read -P 0xcd 5M 512k",
@@ -295,7 +287,7 @@ def test_convert_leaves_the_source_untouched_and_refuses_existing_destination(
 ) -> None:
     source = tmp_path / "src.qcow2"
     q.create_dynamic(source, 8 * MiB, NullContext())
-    qemu_io("qcow2", source, "write -P 0x5a 0 2M")
+    qemu_io(source, "qcow2", "write -P 0x5a 0 2M")
     before = sha256(source)
     existing = tmp_path / "dst.vhd"
     existing.write_bytes(b"keep me")
@@ -344,7 +336,7 @@ def test_damaged_qcow2_metadata_is_corrupt_not_io_error(tmp_path: Path) -> None:
     which qemu 7.2 reports as "Image is corrupt" followed by "Input/output error"."""
     disk = tmp_path / "damaged.qcow2"
     q.create_dynamic(disk, 8 * MiB, NullContext())
-    qemu_io("qcow2", disk, "write -P 0x12 0 64k")
+    qemu_io(disk, "qcow2", "write -P 0x12 0 64k")
     with open(disk, "r+b") as handle:
         header = handle.read(104)
         l1_offset = int.from_bytes(header[40:48], "big")
@@ -375,7 +367,7 @@ def test_progress_is_monotonic_with_intermediate_values(tmp_path: Path, big_sour
     intermediate = [p for p in context.progress if 5 < p < 95]
     assert len(intermediate) >= 10, (elapsed, context.progress)
     assert context.progress[-1] == 100.0
-    qemu_io("vpc", tmp_path / "copy.vhd", f"read -P 0xab {BIG_SIZE - MiB} 1M")
+    qemu_io(tmp_path / "copy.vhd", "vpc", f"read -P 0xab {BIG_SIZE - MiB} 1M")
 
 
 def test_cancel_mid_convert_kills_qemu_img_and_leaves_nothing(
@@ -412,7 +404,7 @@ def test_disk_full_is_reported_and_leaves_no_partial_file(tmp_path: Path, small_
     # Here qemu-img itself hits ENOSPC: the stderr mapping.
     source = tmp_path / "data.qcow2"
     q.create_dynamic(source, 16 * MiB, NullContext())
-    qemu_io("qcow2", source, "write -P 0x77 0 16M")
+    qemu_io(source, "qcow2", "write -P 0x77 0 16M")
     with pytest.raises(DiskError) as caught:
         q.convert(source, small_fs / "copy.qcow2", False, NullContext())
     assert caught.value.hresult == hresults.DISK_FULL
@@ -426,11 +418,11 @@ def build_chain(root: Path) -> tuple[Path, Path, Path]:
     """base.vhd <- mid.qcow2 <- top.qcow2, with overlapping writes at each level."""
     base, mid, top = root / "base.vhd", root / "mid.qcow2", root / "top.qcow2"
     q.create_dynamic(base, 8 * MiB, NullContext())
-    qemu_io("vpc", base, "write -P 0x11 0 4M")
+    qemu_io(base, "vpc", "write -P 0x11 0 4M")
     q.create_differencing(mid, base, NullContext())
-    qemu_io("qcow2", mid, "write -P 0x22 1M 1M")
+    qemu_io(mid, "qcow2", "write -P 0x22 1M 1M")
     q.create_differencing(top, mid, NullContext())
-    qemu_io("qcow2", top, "write -P 0x33 1536k 1M", "write -z 3M 512k")
+    qemu_io(top, "qcow2", "write -P 0x33 1536k 1M", "write -z 3M 512k")
     return base, mid, top
 
 
@@ -457,7 +449,7 @@ def test_merge_to_collapses_a_three_level_chain(tmp_path: Path) -> None:
         assert flat.parent is None
         assert flat.virtual_size == 8 * MiB
         assert context.progress[-1] == 100.0
-        qemu_io(flat.format, tmp_path / name, *CHAIN_LAYOUT)
+        qemu_io(tmp_path / name, flat.format, *CHAIN_LAYOUT)
         assert identical(top, tmp_path / name)
     assert (sha256(base), sha256(mid), sha256(top)) == parents
     assert leftovers(tmp_path) == []
@@ -470,9 +462,9 @@ def test_merge_commits_into_the_parent(tmp_path: Path) -> None:
     assert parent.file == str(mid)
     assert context.progress[-1] == 100.0
     assert context.progress == sorted(context.progress)
-    qemu_io("qcow2", mid, *CHAIN_LAYOUT)
+    qemu_io(mid, "qcow2", *CHAIN_LAYOUT)
     assert identical(top, mid)  # the merged child is now an empty overlay
-    qemu_io("vpc", base, "read -P 0x11 0 4M")  # the grandparent is not touched
+    qemu_io(base, "vpc", "read -P 0x11 0 4M")  # the grandparent is not touched
 
     with pytest.raises(IllegalValue):
         q.merge(base, NullContext())
@@ -482,7 +474,7 @@ def test_compact_keeps_data_and_does_not_grow(tmp_path: Path) -> None:
     disk = tmp_path / "dyn.vhd"
     q.create_dynamic(disk, 32 * MiB, NullContext())
     # Explicit zeros still occupy VHD blocks: compacting is what reclaims them.
-    qemu_io("vpc", disk, "write -P 0xab 0 8M", "write -P 0 0 6M")
+    qemu_io(disk, "vpc", "write -P 0xab 0 8M", "write -P 0 0 6M")
     reference = tmp_path / "reference.qcow2"
     q.convert(disk, reference, False, NullContext())
     before = q.info(disk)
@@ -494,7 +486,7 @@ def test_compact_keeps_data_and_does_not_grow(tmp_path: Path) -> None:
     assert after.disk_type == VMHardDiskType.Dynamic
     assert context.progress[-1] == 100.0
     assert identical(disk, reference)
-    qemu_io("vpc", disk, "read -P 0 0 6M", "read -P 0xab 6M 2M", "read -P 0 8M 24M")
+    qemu_io(disk, "vpc", "read -P 0 0 6M", "read -P 0xab 6M 2M", "read -P 0 8M 24M")
 
     # Compacting again has nothing left to reclaim: the file must not grow.
     again = q.compact(disk, NullContext())
@@ -505,7 +497,7 @@ def test_compact_keeps_data_and_does_not_grow(tmp_path: Path) -> None:
 
 def test_compact_differencing_keeps_parent_and_own_data(tmp_path: Path) -> None:
     _base, mid, top = build_chain(tmp_path)
-    qemu_io("qcow2", top, "write -P 0 6M 2M")  # zeros over a zero parent: reclaimable
+    qemu_io(top, "qcow2", "write -P 0 6M 2M")  # zeros over a zero parent: reclaimable
     reference = tmp_path / "reference.qcow2"
     q.merge_to(top, reference, False, NullContext())
     before = q.info(top)
@@ -513,7 +505,7 @@ def test_compact_differencing_keeps_parent_and_own_data(tmp_path: Path) -> None:
     assert after.parent == str(mid)
     assert after.actual_size <= before.actual_size
     assert identical(top, reference)
-    qemu_io("qcow2", top, *CHAIN_LAYOUT)
+    qemu_io(top, "qcow2", *CHAIN_LAYOUT)
 
     q.create_fixed(tmp_path / "fixed.qcow2", 4 * MiB, NullContext())
     with pytest.raises(IllegalValue):
@@ -530,9 +522,9 @@ def test_read_only_host_drive_never_writes_the_device(tmp_path: Path) -> None:
     disk = q.create_host_drive(disk_path, device, NullContext())
     assert disk.disk_type == VMHardDiskType.HostDrive
     assert (disk.host_drive, disk.read_only, disk.virtual_size) == (str(device), True, 4 * MiB)
-    qemu_io("qcow2", disk_path, "read -P 0x42 0 4M")
+    qemu_io(disk_path, "qcow2", "read -P 0x42 0 4M")
 
-    qemu_io("qcow2", disk_path, "write -P 0x99 0 64k")  # lands in the qcow2 only
+    qemu_io(disk_path, "qcow2", "write -P 0x99 0 64k")  # lands in the qcow2 only
     assert device.read_bytes() == bytes([0x42]) * (4 * MiB)
     with pytest.raises(IllegalValue):
         q.merge(disk_path, NullContext())
@@ -546,7 +538,7 @@ def test_read_only_host_drive_never_writes_the_device(tmp_path: Path) -> None:
     assert device.read_bytes() == bytes([0x42]) * (4 * MiB)
 
     copy = q.convert(disk_path, tmp_path / "copy.vhd", False, NullContext())
-    qemu_io(copy.format, tmp_path / "copy.vhd", "read -P 0x99 0 64k", "read -P 0x42 64k 4032k")
+    qemu_io(tmp_path / "copy.vhd", copy.format, "read -P 0x99 0 64k", "read -P 0x42 64k 4032k")
 
 
 def test_read_write_host_drive_creation_keeps_the_device_and_writes_through(
@@ -564,7 +556,7 @@ def test_read_write_host_drive_creation_keeps_the_device_and_writes_through(
         False,
     )
     assert identical(disk_path, device)
-    qemu_io("qcow2", disk_path, "write -P 0x99 0 64k")
+    qemu_io(disk_path, "qcow2", "write -P 0x99 0 64k")
     assert device.read_bytes()[: 64 * 1024] == bytes([0x99]) * (64 * 1024)
     assert device.read_bytes()[64 * 1024 :] == original[64 * 1024 :]
     assert leftovers(tmp_path) == []
@@ -584,7 +576,7 @@ def test_host_drive_on_a_block_device(tmp_path: Path) -> None:
     try:
         disk = q.create_host_drive(tmp_path / "linked.qcow2", loop, NullContext())
         assert (disk.host_drive, disk.virtual_size) == (str(loop), 8 * MiB)
-        qemu_io("qcow2", tmp_path / "linked.qcow2", "read -P 0x3c 0 8M")
+        qemu_io(tmp_path / "linked.qcow2", "qcow2", "read -P 0x3c 0 8M")
     finally:
         subprocess.run(["losetup", "--detach", str(loop)], capture_output=True)
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState, errors
+from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.vmstate import VMStateEvent
+from tests.helpers import assert_succeeded as ok
+from tests.helpers import qemu_io
 from workers.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.tinyguest import build_tiny_guest
 
@@ -59,13 +61,6 @@ def server(vm_env: tuple[RedisServer, Path], vmhost: WorkerProcess) -> Iterator[
 @pytest.fixture
 def name(request: pytest.FixtureRequest) -> str:
     return request.node.name.replace("test_", "")[:40].strip("_")
-
-
-def ok(task: VMTask, timeout: int = 120_000) -> None:
-    assert task.wait_for_completion(timeout)
-    snap = task.snapshot()
-    assert snap.result is VMTaskResult.Success, (snap.description, hex(snap.error),
-                                                 snap.error_description)
 
 
 def make_disk(server: VirtualServer, path: str, size_mb: int = 16) -> None:
@@ -241,38 +236,30 @@ def test_cancel_a_save_leaves_the_vm_running(vm_env: tuple[RedisServer, Path],
 # -- undo disks --------------------------------------------------------------------------
 
 
-def qemu_io(path: Path, *commands: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for command in commands:
-        args += ["-c", command]
-    out = subprocess.run([*args, str(path)], check=True, capture_output=True, text=True)
-    assert "fail" not in out.stdout.lower(), out.stdout
-
-
 def test_undo_disks_merge_and_discard(server: VirtualServer, vmhost: WorkerProcess,
                                       name: str) -> None:
     make_disk(server, f"{name}/base.qcow2")
     base = vmhost.storage_root / name / "base.qcow2"
-    qemu_io(base, "write -P 0x11 0 1M")
+    qemu_io(base, "qcow2", "write -P 0x11 0 1M")
     vm = server.create_virtual_machine(name, memory_mb=64, disks=[f"{name}/base.qcow2"],
                                        undoable=True)
     ok(vm.startup())
     overlays = list((vmhost.storage_root / "vms" / name / "undo").glob("*.qcow2"))
     assert len(overlays) == 1
     ok(vm.turn_off())
-    qemu_io(overlays[0], "write -P 0x22 0 512k")  # what the guest would have written
-    qemu_io(base, "read -P 0x11 0 1M")  # the base is untouched while undoable
+    qemu_io(overlays[0], "qcow2", "write -P 0x22 0 512k")  # what the guest would have written
+    qemu_io(base, "qcow2", "read -P 0x11 0 1M")  # the base is untouched while undoable
     ok(vm.discard_undo_disks())
     assert not overlays[0].exists()
-    qemu_io(base, "read -P 0x11 0 1M")
+    qemu_io(base, "qcow2", "read -P 0x11 0 1M")
     ok(vm.startup())
     ok(vm.turn_off())
-    qemu_io(overlays[0], "write -P 0x33 0 512k")
+    qemu_io(overlays[0], "qcow2", "write -P 0x33 0 512k")
     since = last_event_id(server)
     merge = vm.merge_undo_disks()
     assert merge.is_cancelable is False
     ok(merge)
-    qemu_io(base, "read -P 0x33 0 512k", "read -P 0x11 512k 512k")
+    qemu_io(base, "qcow2", "read -P 0x33 0 512k", "read -P 0x11 512k 512k")
     assert not overlays[0].exists()
     assert [(e.old, e.new) for e in events_for(server, name, since)] == [
         (S.TurnedOff, S.MergingDrives), (S.MergingDrives, S.TurnedOff)]
