@@ -31,6 +31,7 @@ from redis.retry import Retry
 from api import hresults, keys, records
 from api.enums import VMTaskResult
 from workers.celery_app import app, settings
+from workers.context import raise_if_cancelled
 from workers.failures import Failure, classify
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,6 @@ class TaskRun:
 
     def sleep(self, seconds: float) -> None:
         """Sleep, waking early (and raising `Cancelled`) when a cancel arrives."""
-        from workers.context import raise_if_cancelled
-
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             raise_if_cancelled(self)

@@ -28,7 +28,13 @@ import redis
 
 from api import hresults, keys
 from api.enums import VMVMState as S
-from api.vmstate import ALLOWED, EVENTS_MAXLEN, TRANSITION_SCRIPT, allowed_csv
+from api.vmstate import (
+    ALLOWED,
+    DELETE_SCRIPT,
+    EVENTS_MAXLEN,
+    TRANSITION_SCRIPT,
+    allowed_csv,
+)
 from workers import qemu_img, qemu_vm
 from workers.celery_app import settings
 from workers.failures import (
@@ -303,8 +309,6 @@ def discard_undo_disks(run: TaskRun, name: str) -> None:
 
 @operation("vmtask.vm.delete", cancelable=False)
 def delete(run: TaskRun, name: str) -> None:
-    from api.vmstate import DELETE_SCRIPT
-
     with vm_lock(run, name):
         client, _record, _ = begin(run, "delete", name, S.DeleteMachine)
         paths = paths_of(name)
