@@ -42,11 +42,12 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from api import errors, hresults, keys
+from api import errors
 from api.disks import HardDisk
 from api.enums import VMHardDiskType, VMTaskResult, VMVMState
-from api.hresults import format_hresult
-from api.records import STARTED, TaskSnapshot
+from api.protocol import hresults, keys
+from api.protocol.hresults import format_hresult
+from api.protocol.records import STARTED, TaskSnapshot
 from api.server import VirtualServer
 from api.settings import redact_url
 from api.store import broker_errors
@@ -1055,7 +1056,7 @@ def worker(ctx: click.Context, worker_host: str, storage_root: Path, concurrency
 @click.pass_context
 def demo(ctx: click.Context, workdir: Path) -> None:
     """Start Redis (unless VMTASK_REDIS_URL is set) and a worker, run operations, clean up."""
-    from workers.demo import run_demo
+    from workers.devtools.demo import run_demo
 
     started = time.monotonic()
     run_demo(workdir.absolute(), console, follow)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from api.enums import VMHardDiskType
 from api.errors import InvalidArgumentError, NotFoundError, OperationFailedError
-from api.formats import check_relative_path, check_size_bytes, format_for_name
-from api.hresults import FILE_NOT_FOUND
+from api.protocol.formats import check_relative_path, check_size_bytes, format_for_name
+from api.protocol.hresults import FILE_NOT_FOUND
 from api.task import VMTask
 
 if TYPE_CHECKING:

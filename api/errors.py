@@ -17,7 +17,7 @@ and an HRESULT, read from the `VMTask` handle.
 
 from __future__ import annotations
 
-from api import hresults
+from api.protocol import hresults
 
 
 class VMTaskError(Exception):

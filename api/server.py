@@ -16,14 +16,14 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from api import keys
 from api.disks import DiskOperations
 from api.errors import (
     BrokerUnavailableError,
     HostUnavailableError,
     InvalidArgumentError,
 )
-from api.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
+from api.protocol import keys
+from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.settings import DEFAULT_REDIS_URL, Settings, redact_url, validate_host_name
 from api.store import TaskStore, broker_errors, connect
 from api.task import VMTask

@@ -16,10 +16,10 @@ from typing import Any
 
 import redis
 
-from api import hresults, keys, records
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
-from api.records import TaskSnapshot
+from api.protocol import hresults, keys, records
+from api.protocol.records import TaskSnapshot
 from api.settings import redact_url
 
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)

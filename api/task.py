@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from api import keys, records
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, InvalidTimeoutError
-from api.records import TaskSnapshot
+from api.protocol import keys, records
+from api.protocol.records import TaskSnapshot
 from api.store import CONNECTION_ERRORS, TaskStore
 
 log = logging.getLogger(__name__)

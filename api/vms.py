@@ -13,13 +13,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from api import keys
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
-from api.formats import check_relative_path, format_for_name
+from api.protocol import keys
+from api.protocol.formats import check_relative_path, format_for_name
+from api.protocol.vmstate import ALLOWED, VMStateEvent
 from api.store import broker_errors
 from api.task import VMTask
-from api.vmstate import ALLOWED, VMStateEvent
 
 if TYPE_CHECKING:
     import redis

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from workers.sandbox import RedisServer, WorkerProcess
+from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api import VirtualServer, VMHardDiskType, VMTaskResult
-from workers.sandbox import RedisServer, WorkerProcess
+from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 MiB = 1 << 20
 SIZE_MB = int(os.environ.get("BENCH_CONVERT_MB", "1024"))

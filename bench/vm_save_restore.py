@@ -1,5 +1,5 @@
 """Save and restore of a 256 MB VM through the queue, against the same steps done
-directly over QMP (workers.qemu_vm with no queue), in one run.
+directly over QMP (workers.engines.qemu_vm with no queue), in one run.
 
 Both VMs are identical and idle (no OS), on the same storage.  Rounds alternate.
 Prints median times and the ratio; target: queued <= 1.2x direct + 50 ms.
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VMTASK_ACCEL", "tcg")
 
 from api import VirtualServer, VMTaskResult
-from workers import qemu_vm
-from workers.context import NullContext
-from workers.sandbox import RedisServer, WorkerProcess
+from workers.devtools.sandbox import RedisServer, WorkerProcess
+from workers.engines import qemu_vm
+from workers.engines.context import NullContext
 
 MEMORY_MB = 256
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))

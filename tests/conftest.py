@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from api import VirtualServer
-from workers.sandbox import RedisServer, WorkerProcess
+from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from api import VirtualServer
 from api.cli import EXIT_CODES, main
 from tests.helpers import qemu_io
-from workers.sandbox import REPO_ROOT, RedisServer, WorkerProcess, free_port, wait_until
+from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess, free_port, wait_until
 
 MiB = 1 << 20
 E_INVALIDARG = "0x80070057"

@@ -12,7 +12,7 @@ import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState
 from tests.test_cli import Cli, Run, assert_one_error_line, cli  # noqa: F401 - fixtures
-from workers.sandbox import RedisServer, WorkerProcess
+from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 INVALID_STATE = "0x8007139F"
 
@@ -138,7 +138,7 @@ def test_guest_verbs_without_an_os(cli: Cli, vm_name: str) -> None:  # noqa: F81
 @pytest.fixture
 def tiny_guest(root: Path) -> Callable[[], dict[str, Any]]:
     def install() -> dict[str, Any]:
-        from workers.tinyguest import build_tiny_guest
+        from workers.devtools.tinyguest import build_tiny_guest
 
         guest = build_tiny_guest()
         (root / "guest").mkdir(parents=True, exist_ok=True)

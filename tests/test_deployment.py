@@ -27,9 +27,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from api import VirtualServer, VMTaskResult, keys
+from api import VirtualServer, VMTaskResult
+from api.protocol import keys
 from api.settings import ACCELERATORS, Settings
-from workers.sandbox import REPO_ROOT, RedisServer, stop_process_group, wait_until
+from workers.devtools.sandbox import REPO_ROOT, RedisServer, stop_process_group, wait_until
 
 yaml = pytest.importorskip("yaml", reason="PyYAML parses docker-compose.yml (test extra)")
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from api import HardDisk, VirtualServer, VMHardDiskType, VMTaskResult, errors, hresults
+from api import HardDisk, VirtualServer, VMHardDiskType, VMTaskResult, errors
+from api.protocol import hresults
 from tests.helpers import assert_succeeded as done
 from tests.helpers import qemu_io
-from workers.sandbox import RedisServer, WorkerProcess, wait_until
+from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
 MiB = 1 << 20
 

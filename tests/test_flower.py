@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from api import VirtualServer, VMTaskResult
-from workers.sandbox import (
+from workers.devtools.sandbox import (
     RedisServer,
     WorkerProcess,
     free_port,

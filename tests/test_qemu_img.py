@@ -19,11 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from api import hresults
 from api.enums import VMHardDiskType
+from api.protocol import hresults
 from tests.helpers import qemu_io
-from workers import qemu_img as q
-from workers.context import NullContext
+from workers.engines import qemu_img as q
+from workers.engines.context import NullContext
+from workers.engines.storage import (
+    free_space,
+    publish_atomically,
+    remove_stale_temporaries,
+    resolve_in_root,
+    temporary_path_for,
+)
 from workers.failures import (
     Cancelled,
     CorruptImage,
@@ -31,13 +38,6 @@ from workers.failures import (
     IllegalValue,
     OperationFailed,
     OperationTimedOut,
-)
-from workers.storage import (
-    free_space,
-    publish_atomically,
-    remove_stale_temporaries,
-    resolve_in_root,
-    temporary_path_for,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -181,8 +181,8 @@ def test_sizes_beyond_the_format_maximum_are_illegal(tmp_path: Path) -> None:
 
 
 def test_producer_side_table_matches_the_engine() -> None:
-    """api.formats mirrors these tables so a producer can refuse early without workers."""
-    formats = pytest.importorskip("api.formats")
+    """api.protocol.formats mirrors these tables so a producer can refuse early without workers."""
+    formats = pytest.importorskip("api.protocol.formats")
     assert dict(formats.FORMAT_BY_EXTENSION) == dict(q.FORMAT_BY_EXTENSION)
     assert dict(formats.MAX_SIZE_BYTES) == dict(q.MAX_SIZE_BYTES)
 

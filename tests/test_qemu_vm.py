@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from api import hresults
 from api.enums import VMVMState
-from workers import qemu_vm
-from workers.context import NullContext
+from api.protocol import hresults
+from workers.engines import qemu_vm
+from workers.engines.context import NullContext
+from workers.engines.qemu_vm import VMConfig, VMPaths
 from workers.failures import (
     Cancelled,
     DiskError,
@@ -36,7 +37,6 @@ from workers.failures import (
     OperationFailed,
     OutOfMemory,
 )
-from workers.qemu_vm import VMConfig, VMPaths
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
@@ -320,8 +320,8 @@ def test_vm_outlives_the_process_that_started_it(env: Env) -> None:
     paths = env.paths()
     script = (
         "import sys\n"
-        "from workers import qemu_vm\n"
-        "from workers.context import NullContext\n"
+        "from workers.engines import qemu_vm\n"
+        "from workers.engines.context import NullContext\n"
         "config = qemu_vm.VMConfig.from_json(sys.argv[1])\n"
         "paths = qemu_vm.VMPaths(sys.argv[2])\n"
         "print(qemu_vm.start(config, paths, NullContext()))\n"

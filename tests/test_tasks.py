@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from api import VirtualServer, VMHardDiskType, VMTaskResult, VMVMState, errors, hresults, keys
-from api.records import STARTED
-from workers.sandbox import REPO_ROOT, RedisServer, WorkerProcess, wait_until
+from api import VirtualServer, VMHardDiskType, VMTaskResult, VMVMState, errors
+from api.protocol import hresults, keys
+from api.protocol.records import STARTED
+from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess, wait_until
 
 
 def wait_started(task: Any, timeout: float = 20) -> None:
@@ -256,7 +257,7 @@ def test_an_unknown_host_is_refused(server: VirtualServer) -> None:
 
 
 def test_an_unreachable_broker_raises_brokerunavailable(tmp_path: Path) -> None:
-    from workers.sandbox import free_port
+    from workers.devtools.sandbox import free_port
 
     server = VirtualServer(f"redis://:s3cret@127.0.0.1:{free_port()}/0", host="alpha")
     with pytest.raises(errors.BrokerUnavailableError) as caught:

@@ -22,10 +22,14 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
-from workers import tinyguest
+from workers.devtools import tinyguest
+from workers.devtools.tinyguest import READY_MARKER, TinyGuest, build_tiny_guest
+from workers.engines.guest_agent import (
+    GuestAgentClient,
+    qemu_guest_agent_args,
+    tiny_guest_boot_args,
+)
 from workers.failures import OperationTimedOut
-from workers.guest_agent import GuestAgentClient, qemu_guest_agent_args, tiny_guest_boot_args
-from workers.tinyguest import READY_MARKER, TinyGuest, build_tiny_guest
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or shutil.which("apt-get") is None,
@@ -178,7 +182,7 @@ def test_concurrent_builders_share_one_build(tmp_path: Path) -> None:
     program = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from workers.tinyguest import build_tiny_guest\n"
+        "from workers.devtools.tinyguest import build_tiny_guest\n"
         "g = build_tiny_guest(Path(sys.argv[1]))\n"
         "print(json.dumps([str(g.kernel), str(g.initrd)]))\n"
     )

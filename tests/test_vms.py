@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
-from api.vmstate import VMStateEvent
+from api.protocol.vmstate import VMStateEvent
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
-from workers.sandbox import RedisServer, WorkerProcess, wait_until
-from workers.tinyguest import build_tiny_guest
+from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
+from workers.devtools.tinyguest import build_tiny_guest
 
 S = VMVMState
 
@@ -318,8 +318,8 @@ def test_a_vm_that_stops_by_itself_is_noticed(server: VirtualServer, vmhost: Wor
     vm = guest_vm(server, name, agent=True)
     ok(vm.startup())
     # The guest powers itself off (as if a user ran poweroff inside it).
+    from workers.engines.guest_agent import GuestAgentClient
     from workers.failures import OperationTimedOut
-    from workers.guest_agent import GuestAgentClient
 
     sock = vmhost.storage_root / "vms" / name / "qga.sock"
 

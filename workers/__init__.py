@@ -3,6 +3,6 @@
 Start one per host with ``celery -A workers worker`` (or ``vmtask worker``).
 """
 
-from workers.celery_app import app, settings
+from workers.app import app, settings
 
 __all__ = ["app", "settings"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from api import hresults
 from api.enums import VMTaskResult
+from api.protocol import hresults
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from api import keys, records
+from api.protocol import keys, records
 from api.store import judge_crashed
-from workers.celery_app import settings
+from workers.app import settings
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from celery.exceptions import Ignore
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from api import hresults, keys, records
 from api.enums import VMTaskResult
-from workers.celery_app import app, settings
-from workers.context import raise_if_cancelled
+from api.protocol import hresults, keys, records
+from workers.app import app, settings
+from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, classify
 
 log = logging.getLogger(__name__)

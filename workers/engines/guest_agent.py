@@ -23,8 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from workers.devtools.tinyguest import AGENT_PORT_NAME, TinyGuest
 from workers.failures import IllegalValue, OperationFailed, OperationTimedOut
-from workers.tinyguest import AGENT_PORT_NAME, TinyGuest
 
 ShutdownMode = Literal["powerdown", "reboot", "halt"]
 _T = TypeVar("_T")

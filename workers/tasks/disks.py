@@ -21,14 +21,14 @@ from typing import Any
 
 import redis
 
-from api import hresults, keys
 from api.enums import VMHardDiskType
-from workers import qemu_img
-from workers.celery_app import settings
+from api.protocol import hresults, keys
+from workers.app import settings
+from workers.engines import qemu_img
+from workers.engines.storage import free_space, remove_stale_temporaries, resolve_in_root
 from workers.failures import DiskError, IllegalValue
 from workers.host import startup_hooks
 from workers.runtime import TaskRun, operation
-from workers.storage import free_space, remove_stale_temporaries, resolve_in_root
 
 LOCK_DIRECTORY = ".vmtask-locks"
 log = logging.getLogger(__name__)

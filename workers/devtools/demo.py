@@ -11,11 +11,11 @@ from pathlib import Path
 from rich.console import Console
 
 from api.enums import VMHardDiskType, VMTaskResult
-from api.records import TaskSnapshot
+from api.protocol.records import TaskSnapshot
 from api.server import VirtualServer
 from api.task import VMTask
-from workers.sandbox import RedisServer, WorkerProcess
-from workers.tinyguest import build_tiny_guest
+from workers.devtools.sandbox import RedisServer, WorkerProcess
+from workers.devtools.tinyguest import build_tiny_guest
 
 DEMO_HOST = "demo"
 DEMO_DISK_MB = 512

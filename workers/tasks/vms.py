@@ -2,7 +2,7 @@
 
 Every operation takes the VM's lock (an fcntl lock in its directory, so it dies
 with its holder), moves the recorded state with the atomic compare-and-set of
-`api.vmstate`, drives QEMU through `workers.qemu_vm`, and moves the state on to
+`api.protocol.vmstate`, drives QEMU through `workers.engines.qemu_vm`, and moves the state on to
 where QEMU really is, on success and on failure alike.
 
 The host's beacon also calls `watch_vms` on every beat: a VM that stopped by
@@ -26,27 +26,27 @@ from typing import Any
 
 import redis
 
-from api import hresults, keys
 from api.enums import VMVMState as S
-from api.vmstate import (
+from api.protocol import hresults, keys
+from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
     EVENTS_MAXLEN,
     TRANSITION_SCRIPT,
     allowed_csv,
 )
-from workers import qemu_img, qemu_vm
-from workers.celery_app import settings
+from workers.app import settings
+from workers.engines import qemu_img, qemu_vm
+from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
+from workers.engines.storage import resolve_in_root
 from workers.failures import (
     Cancelled,
     IllegalValue,
     OperationFailed,
     OperationTimedOut,
 )
-from workers.guest_agent import GuestAgentClient, qemu_guest_agent_args
 from workers.host import startup_hooks, status_providers, tick_hooks
 from workers.runtime import TaskRun, operation, worker_redis
-from workers.storage import resolve_in_root
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ suffix   format    notes
 ======== ========= ================================================================
 
 Every operation that produces a file builds it under a temporary name beside the
-target and publishes it with `workers.storage.publish_atomically` only on success; a
+target and publishes it with `workers.engines.storage.publish_atomically` only on success; a
 failure or a cancel removes the temporary.  Paths given to the operations are
-absolute and already confined by `workers.storage.resolve_in_root`.
+absolute and already confined by `workers.engines.storage.resolve_in_root`.
 
 Host-drive disks ("linked" disks: a small image whose data is a host block device or
 file) are qcow2 files that reference the device without copying it:
@@ -54,9 +54,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from api import formats, hresults
 from api.enums import VMHardDiskType
-from workers.context import OperationContext
+from api.protocol import formats, hresults
+from workers.engines.context import OperationContext
+from workers.engines.storage import (
+    publish_atomically,
+    remove_quietly,
+    temporary_path_for,
+)
 from workers.failures import (
     ERRNO_TO_HRESULT,
     Cancelled,
@@ -65,11 +70,6 @@ from workers.failures import (
     IllegalValue,
     OperationFailed,
     OperationTimedOut,
-)
-from workers.storage import (
-    publish_atomically,
-    remove_quietly,
-    temporary_path_for,
 )
 
 # --- formats and sizes: plain data, cheap to import --------------------------------

@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from api import hresults
 from api.enums import VMTaskResult
+from api.protocol import hresults
 
 PENDING = "PENDING"
 STARTED = "STARTED"

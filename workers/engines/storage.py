@@ -21,7 +21,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from api import hresults
+from api.protocol import hresults
 from workers.failures import DiskError, IllegalValue
 
 TEMP_SUFFIX = ".tmp"

@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 
-from api import keys
+from api.protocol import keys
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_TASK_MODULE = "tests.worker_tasks"
 
 

@@ -17,7 +17,7 @@ What the guest does (see `INIT_SCRIPT`):
 * serves a small subset of the QEMU guest agent protocol on the virtio-serial port
   named `AGENT_PORT_NAME`: ``guest-sync``, ``guest-sync-delimited``,
   ``guest-ping``, ``guest-info`` and ``guest-shutdown``.  The agent is line based:
-  every command must end with a newline, which `workers.guest_agent` always sends.
+  every command must end with a newline, which `workers.engines.guest_agent` always sends.
 """
 
 from __future__ import annotations

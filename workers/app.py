@@ -9,13 +9,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu.entity import Queue
 
-from api import keys
+from api.protocol import keys
 from api.settings import Settings
 
 settings = Settings.from_env()
 HOST_QUEUE = keys.host_queue(settings.host)
 
-OPERATION_MODULES = ["workers.diagnostics", "workers.disks", "workers.vms"]
+OPERATION_MODULES = ["workers.tasks.diagnostics", "workers.tasks.disks", "workers.tasks.vms"]
 
 app = Celery("vmtask", broker=settings.redis_url, backend=settings.redis_url)
 app.conf.update(

@@ -50,9 +50,9 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
-from api import hresults
 from api.enums import VMVMState
-from workers.context import OperationContext
+from api.protocol import hresults
+from workers.engines.context import OperationContext
 from workers.failures import (
     Cancelled,
     CorruptImage,
