@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from api.arguments import check_relative_path, disk_size_bytes, format_for_name
 from api.enums import VMHardDiskType
 from api.errors import InvalidArgumentError, NotFoundError, OperationFailedError
-from api.protocol.formats import check_relative_path, check_size_bytes, format_for_name
 from api.protocol.hresults import FILE_NOT_FOUND
 from api.task import VMTask
 
@@ -122,13 +122,13 @@ class DiskOperations:
 
     def create_fixed_virtual_hard_disk(self, path: str, size_mb: int, *,
                                        host: str | None = None) -> VMTask:
-        size = _size_bytes(path, size_mb)
+        size = disk_size_bytes(path, size_mb)
         return self._create("create_fixed", f"fixed-size disk of {size_mb} MB", path, host,
                             size_bytes=size)
 
     def create_dynamic_virtual_hard_disk(self, path: str, size_mb: int, *,
                                          host: str | None = None) -> VMTask:
-        size = _size_bytes(path, size_mb)
+        size = disk_size_bytes(path, size_mb)
         return self._create("create_dynamic", f"dynamic disk of {size_mb} MB", path, host,
                             size_bytes=size)
 
@@ -168,10 +168,3 @@ class DiskOperations:
             raise cls(f"Cannot read {path} on {target}: {snap.error_description}", snap.error)
         return HardDisk.from_info(self, target, snap.output)  # type: ignore[arg-type]
 
-
-def _size_bytes(path: str, size_mb: int) -> int:
-    if isinstance(size_mb, bool) or not isinstance(size_mb, int) or size_mb <= 0:
-        raise InvalidArgumentError(f"size_mb must be a positive int, not {size_mb!r}")
-    check_relative_path(path)
-    check_size_bytes(path, size_mb * MiB)
-    return size_mb * MiB

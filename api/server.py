@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from api.arguments import check_int
 from api.disks import DiskOperations
 from api.errors import (
     BrokerUnavailableError,
@@ -188,7 +189,7 @@ class VirtualServer(DiskOperations, VMOperations):
 
         ``state`` is a record state (PENDING, STARTED, SUCCESS, FAILURE, REVOKED).
         """
-        _check_int("limit", limit, 1, 10_000)
+        check_int("limit", limit, 1, 10_000)
         if state is not None and state not in ALL_STATES:
             raise InvalidArgumentError(f"state must be one of {sorted(ALL_STATES)}, not {state!r}")
         found: list[TaskSnapshot] = []
@@ -217,8 +218,8 @@ class VirtualServer(DiskOperations, VMOperations):
 
     def ping(self, duration_ms: int = 0, steps: int = 0, *, host: str | None = None) -> VMTask:
         """A cancelable task that sleeps `duration_ms` and reports `steps` progress updates."""
-        _check_int("duration_ms", duration_ms, 0, MAX_PING_DURATION_MS)
-        _check_int("steps", steps, 0, MAX_PING_STEPS)
+        check_int("duration_ms", duration_ms, 0, MAX_PING_DURATION_MS)
+        check_int("steps", steps, 0, MAX_PING_STEPS)
         return self.submit(
             PING_TASK,
             description=f"Ping: {duration_ms} ms in {steps} steps",
@@ -227,8 +228,3 @@ class VirtualServer(DiskOperations, VMOperations):
             host=host,
         )
 
-
-def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgumentError(f"{name} must be an int in {low}..{high:,}, not {value!r}")
-    return value

@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from api.arguments import check_relative_path, format_for_name
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
 from api.protocol import keys
-from api.protocol.formats import check_relative_path, format_for_name
 from api.protocol.vmstate import ALLOWED, VMStateEvent
 from api.store import broker_errors
 from api.task import VMTask

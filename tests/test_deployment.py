@@ -543,7 +543,8 @@ def test_dockerfile_installs_qemu_and_the_project() -> None:
     copied = {source.strip("/") for keyword, arguments in instructions if keyword == "COPY"
               for source in arguments.split()[:-1] if not source.startswith("--")}
     needed = {"pyproject.toml", project["project"]["readme"],
-              *project["tool"]["setuptools"]["packages"]}
+              *(pattern.rstrip("*") for pattern
+                in project["tool"]["setuptools"]["packages"]["find"]["include"])}
     assert needed <= copied, f"not copied into the image: {needed - copied}"
 
 

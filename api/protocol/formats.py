@@ -1,15 +1,17 @@
-"""Disk formats by file extension and their size limits: shared by both sides.
+"""Disk formats by file extension and their size limits: the one table both sides use.
 
-Producers check these before queueing; the worker's disk engine uses the same table.
+Producers check extensions and sizes before queueing; the worker's engines use
+the same table.  `FormatError` is neutral: each side turns it into its own kind
+of failure (`errors.InvalidArgumentError` before queueing, IllegalValue in a task).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import PurePath
 
-from api.errors import InvalidArgumentError
-
+KiB = 1 << 10
+MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 PiB = 1 << 50
@@ -20,6 +22,14 @@ FORMAT_BY_EXTENSION: Mapping[str, str] = {
     ".qcow2": "qcow2",
     ".img": "raw",
     ".raw": "raw",
+}
+
+# What a person calls each qemu format.
+FORMAT_NAMES: Mapping[str, str] = {
+    "vpc": "VHD",
+    "vhdx": "VHDX",
+    "qcow2": "qcow2",
+    "raw": "raw",
 }
 
 # vpc: qemu's VHD_MAX_SECTORS (0xff000000 sectors).  vhdx: the specification's 64 TiB.
@@ -33,38 +43,36 @@ MAX_SIZE_BYTES: Mapping[str, int] = {
 }
 
 
-def check_relative_path(path: str, what: str = "path") -> str:
-    """A producer-side check: a relative path with no '..', inside the storage root.
-
-    The worker re-resolves it against the real root, symlinks included.
-    """
-    if not isinstance(path, str) or not path.strip() or "\x00" in path:
-        raise InvalidArgumentError(f"{what} must be a non-empty path, not {path!r}")
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise InvalidArgumentError(
-            f"{what} {path!r} must be relative to the storage root, without '..'"
-        )
-    return path
+class FormatError(ValueError):
+    """An extension or size that no supported format accepts."""
 
 
-def format_for_name(path: str) -> str:
-    suffix = PurePosixPath(path).suffix.lower()
+def format_for_name(path: str | PurePath) -> str:
+    """The qemu format for a disk path, from its extension; never probed."""
+    suffix = PurePath(path).suffix.lower()
     fmt = FORMAT_BY_EXTENSION.get(suffix)
     if fmt is None:
-        raise InvalidArgumentError(
-            f"Unsupported disk file extension {suffix or '(none)'!r} in {path!r}; "
+        raise FormatError(
+            f"Unsupported disk file extension {suffix or '(none)'!r} in {str(path)!r}; "
             f"use one of {', '.join(FORMAT_BY_EXTENSION)}"
         )
     return fmt
 
 
-def check_size_bytes(path: str, size_bytes: int) -> None:
-    fmt = format_for_name(path)
-    if size_bytes <= 0:
-        raise InvalidArgumentError(f"A disk size must be positive, not {size_bytes} bytes")
-    if size_bytes > MAX_SIZE_BYTES[fmt]:
-        raise InvalidArgumentError(
-            f"{size_bytes // GiB} GiB is beyond the maximum of {fmt} disks "
-            f"({MAX_SIZE_BYTES[fmt] // GiB} GiB)"
+def human_size(size: int) -> str:
+    for unit, name in ((PiB, "PiB"), (TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
+
+
+def check_maximum(fmt: str, size_bytes: int) -> None:
+    """`FormatError` when ``size_bytes`` is beyond what format ``fmt`` can hold."""
+    maximum = MAX_SIZE_BYTES.get(fmt)
+    if maximum is None:
+        raise FormatError(f"Unsupported disk format {fmt!r}")
+    if size_bytes > maximum:
+        raise FormatError(
+            f"{human_size(size_bytes)} is beyond the {human_size(maximum)} maximum "
+            f"of {FORMAT_NAMES[fmt]} disks"
         )

@@ -26,6 +26,35 @@ def raise_if_cancelled(context: OperationContext) -> None:
         raise Cancelled()
 
 
+class ProgressSpan:
+    """Maps a step's own 0..100 onto its slice ``low..high`` of the task's progress.
+
+    Never reports a decrease, and drops steps finer than ``min_step`` (the runtime's
+    rate limit would drop them anyway); reaching ``high`` is always reported.
+    """
+
+    def __init__(self, context: OperationContext, low: float = 0.0, high: float = 100.0,
+                 *, min_step: float = 0.0) -> None:
+        self._context = context
+        self._low = low
+        self._high = high
+        self._min_step = min_step
+        self._last = -1.0
+
+    def step(self, percent: float) -> None:
+        """Report ``percent`` (0..100) of this span."""
+        percent = min(max(percent, 0.0), 100.0)
+        value = self._low + (self._high - self._low) * percent / 100.0
+        if (value >= self._last + self._min_step and value > self._last) \
+                or (percent == 100.0 and self._last < value):
+            self._last = value
+            self._context.report_progress(value)
+
+    def span(self, low: float, high: float, fraction: float) -> None:
+        """Report ``fraction`` (0..1) of the sub-slice ``low..high`` of this span."""
+        self.step(low + (high - low) * max(0.0, min(1.0, fraction)))
+
+
 class NullContext:
     """A context that records progress in memory and can be cancelled by hand."""
 

@@ -203,3 +203,21 @@ def free_space(path: Path) -> int:
         probe = probe.parent
     result = os.statvfs(probe)
     return result.f_bavail * result.f_frsize
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable.
+
+    Best effort: some filesystems refuse a directory fsync, and the rename itself
+    has already happened, so a refusal is not a failure of the operation.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

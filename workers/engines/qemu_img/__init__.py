@@ -74,52 +74,33 @@ from workers.failures import (
 
 # --- formats and sizes: plain data, cheap to import --------------------------------
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
-TiB = 1 << 40
-PiB = 1 << 50
+KiB = formats.KiB
+MiB = formats.MiB
+GiB = formats.GiB
+TiB = formats.TiB
+PiB = formats.PiB
 SECTOR = 512
 
 # One table for both sides: producers check sizes and extensions before queueing.
 FORMAT_BY_EXTENSION = formats.FORMAT_BY_EXTENSION
 MAX_SIZE_BYTES = formats.MAX_SIZE_BYTES
-
-FORMAT_NAMES: Mapping[str, str] = {
-    "vpc": "VHD",
-    "vhdx": "VHDX",
-    "qcow2": "qcow2",
-    "raw": "raw",
-}
+FORMAT_NAMES = formats.FORMAT_NAMES
 
 
 def format_for(path: str | os.PathLike[str]) -> str:
     """The qemu format name for a disk path, from its extension; else IllegalValue."""
-    suffix = PurePath(path).suffix.lower()
-    fmt = FORMAT_BY_EXTENSION.get(suffix)
-    if fmt is None:
-        known = ", ".join(FORMAT_BY_EXTENSION)
-        raise IllegalValue(f"Unsupported disk file extension {suffix or '(none)'!r}; use {known}")
-    return fmt
-
-
-def _human_size(size: int) -> str:
-    for unit, name in ((PiB, "PiB"), (TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit} {name}"
-    return f"{size} bytes"
+    try:
+        return formats.format_for_name(os.fspath(path))
+    except formats.FormatError as exc:
+        raise IllegalValue(str(exc)) from None
 
 
 def check_maximum(fmt: str, size_bytes: int) -> None:
     """IllegalValue when ``size_bytes`` is beyond what format ``fmt`` can hold."""
-    maximum = MAX_SIZE_BYTES.get(fmt)
-    if maximum is None:
-        raise IllegalValue(f"Unsupported disk format {fmt!r}")
-    if size_bytes > maximum:
-        raise IllegalValue(
-            f"{_human_size(size_bytes)} is beyond the {_human_size(maximum)} maximum "
-            f"of {FORMAT_NAMES[fmt]} disks"
-        )
+    try:
+        formats.check_maximum(fmt, size_bytes)
+    except formats.FormatError as exc:
+        raise IllegalValue(str(exc)) from None
 
 
 def check_size(fmt: str, size_bytes: int) -> None:
