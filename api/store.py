@@ -167,7 +167,8 @@ class TaskStore:
         with broker_errors(self.url):
             outcome = self._cancel(
                 keys=[keys.task_record(task_id), keys.task_channel(task_id)],
-                args=[repr(time.time()), self.retention_seconds],
+                args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
+                      hresults.E_ABORT],
             )
         if outcome == "MISSING":
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from api.arguments import check_relative_path, format_for_name
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
-from api.protocol import keys
+from api.protocol import keys, scripts
 from api.protocol.vmstate import ALLOWED, VMStateEvent
 from api.store import broker_errors
 from api.task import VMTask
@@ -30,12 +30,7 @@ VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_MEMORY_MB = 1024 * 1024
 DEFAULT_GUEST_TIMEOUT_S = 120
 
-CREATE_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('SADD', KEYS[2], ARGV[1])
-return 1
-"""
+CREATE_SCRIPT = scripts.load("vm_create")
 
 
 class VirtualMachine:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.enums import VMTaskResult
-from api.protocol import hresults
+from api.protocol import scripts
 
 PENDING = "PENDING"
 STARTED = "STARTED"
@@ -34,69 +34,13 @@ MSG_PROGRESS = "progress"
 MSG_CANCEL = "cancel"
 MSG_DONE = "done"
 
-# KEYS: record, lease, running set. ARGV: now, worker name, lease ms, task id.
-START_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'PENDING' then return state or 'MISSING' end
-redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started', ARGV[1], 'worker', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'runs', 1)
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[4])
-return 'STARTED'
-"""
+START_SCRIPT = scripts.load("task_start")
 
-# KEYS: record, channel. ARGV: percent. Only ever raises the percentage.
-PROGRESS_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'STARTED' then return 0 end
-local current = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
-local new = tonumber(ARGV[1])
-if new <= current then return 0 end
-redis.call('HSET', KEYS[1], 'percent', ARGV[1])
-redis.call('PUBLISH', KEYS[2], 'progress')
-return 1
-"""
+PROGRESS_SCRIPT = scripts.load("task_progress")
 
-# KEYS: record, lease, running set, channel.
-# ARGV: state, result, error, error description, finished time, percent,
-#       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON.
-FINISH_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'STARTED' then
-  redis.call('SREM', KEYS[3], ARGV[8])
-  return state or 'MISSING'
-end
-if ARGV[9] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 'LEASED' end
-local percent = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
-if tonumber(ARGV[6]) > percent then percent = tonumber(ARGV[6]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3],
-           'error_description', ARGV[4], 'finished', ARGV[5], 'percent', percent,
-           'output', ARGV[10])
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[8])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('PUBLISH', KEYS[4], 'done')
-return 'OK'
-"""
+FINISH_SCRIPT = scripts.load("task_finish")
 
-# KEYS: record, channel. ARGV: finished time, retention seconds.
-# %-formatting because Lua's braces would need escaping with str.format().
-CANCEL_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'MISSING' end
-if state ~= 'PENDING' and state ~= 'STARTED' then return 'COMPLETE' end
-if redis.call('HGET', KEYS[1], 'cancelable') ~= '1' then return 'NOT_CANCELABLE' end
-redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-if state == 'PENDING' then
-  redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', '%(cancelled)d',
-             'error', '%(e_abort)d', 'error_description', 'Cancelled before it started',
-             'finished', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('PUBLISH', KEYS[2], 'done')
-  return 'REVOKED'
-end
-redis.call('PUBLISH', KEYS[2], 'cancel')
-return 'REQUESTED'
-""" % {"cancelled": VMTaskResult.Cancelled, "e_abort": hresults.E_ABORT}  # noqa: UP031
+CANCEL_SCRIPT = scripts.load("task_cancel")
 
 
 @dataclass(frozen=True)

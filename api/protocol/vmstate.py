@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from api.enums import VMVMState as S
+from api.protocol import scripts
 
 ALLOWED: dict[str, frozenset[S]] = {
     "startup": frozenset({S.TurnedOff, S.Saved}),
@@ -40,36 +41,9 @@ ALLOWED: dict[str, frozenset[S]] = {
 
 EVENTS_MAXLEN = 10_000
 
-# KEYS: vm record, events stream. ARGV: allowed states (comma-separated ints),
-# new state, time, stream max length.  Returns {outcome, old state}.
-TRANSITION_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'MISSING', ''} end
-local allowed = false
-for s in string.gmatch(ARGV[1], '[^,]+') do
-  if s == state then allowed = true end
-end
-if not allowed then return {'REFUSED', state} end
-if state ~= ARGV[2] then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'changed', ARGV[3])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
-             'name', redis.call('HGET', KEYS[1], 'name'),
-             'host', redis.call('HGET', KEYS[1], 'host'),
-             'old', state, 'new', ARGV[2], 'time', ARGV[3])
-end
-return {'OK', state}
-"""
+TRANSITION_SCRIPT = scripts.load("vm_transition")
 
-# KEYS: vm record, names set, events stream. ARGV: name, time, stream max length.
-DELETE_SCRIPT = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= tostring(%(deleting)d) then return state or 'MISSING' end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'name', ARGV[1],
-           'host', redis.call('HGET', KEYS[1], 'host'), 'old', state, 'new', '', 'time', ARGV[2])
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return 'OK'
-""" % {"deleting": S.DeleteMachine}  # noqa: UP031 - Lua braces would need escaping
+DELETE_SCRIPT = scripts.load("vm_delete")
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,7 @@ def delete(run: TaskRun, name: str) -> None:
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)
         client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
-                    name, repr(time.time()), EVENTS_MAXLEN)
+                    name, repr(time.time()), EVENTS_MAXLEN, int(S.DeleteMachine))
 
 
 # -- the guest OS ----------------------------------------------------------------------

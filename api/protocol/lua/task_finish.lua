@@ -1,0 +1,20 @@
+-- KEYS: record, lease, running set, channel.
+-- ARGV: state, result, error, error description, finished time, percent,
+--       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON.
+
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'STARTED' then
+  redis.call('SREM', KEYS[3], ARGV[8])
+  return state or 'MISSING'
+end
+if ARGV[9] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 'LEASED' end
+local percent = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
+if tonumber(ARGV[6]) > percent then percent = tonumber(ARGV[6]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3],
+           'error_description', ARGV[4], 'finished', ARGV[5], 'percent', percent,
+           'output', ARGV[10])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('PUBLISH', KEYS[4], 'done')
+return 'OK'

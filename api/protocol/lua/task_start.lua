@@ -1,0 +1,9 @@
+-- KEYS: record, lease, running set. ARGV: now, worker name, lease ms, task id.
+
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'PENDING' then return state or 'MISSING' end
+redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started', ARGV[1], 'worker', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'runs', 1)
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 'STARTED'
