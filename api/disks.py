@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from api.arguments import check_relative_path, disk_size_bytes, format_for_name
+from api.core import ServerCore
 from api.enums import VMHardDiskType
 from api.errors import InvalidArgumentError, NotFoundError, OperationFailedError
+from api.protocol import tasks
 from api.protocol.hresults import FILE_NOT_FOUND
+from api.protocol.tasks import TaskSpec
 from api.task import VMTask
-
-if TYPE_CHECKING:
-    from api.server import VirtualServer
 
 MiB = 1 << 20
 INFO_TIMEOUT_MS = 60_000
@@ -39,7 +39,7 @@ def _target_type(disk_type: VMHardDiskType | int) -> VMHardDiskType:
 
 @dataclass(frozen=True)
 class HardDisk:
-    server: VirtualServer
+    server: DiskOperations
     host: str
     file: str
     type: VMHardDiskType
@@ -51,7 +51,7 @@ class HardDisk:
     parent: HardDisk | None
 
     @classmethod
-    def from_info(cls, server: VirtualServer, host: str, info: Mapping[str, Any]) -> HardDisk:
+    def from_info(cls, server: DiskOperations, host: str, info: Mapping[str, Any]) -> HardDisk:
         parent: HardDisk | None = None
         for link in reversed(info["chain"]):  # build from the root of the chain up
             parent = cls(
@@ -69,7 +69,7 @@ class HardDisk:
 
     def compact(self) -> VMTask:
         return self.server.submit(
-            "vmtask.disk.compact", description=f"Compacting {self.file}", cancelable=True,
+            tasks.DISK_COMPACT, description=f"Compacting {self.file}",
             kwargs={"path": self.file}, host=self.host)
 
     def convert(self, destination: str, disk_type: VMHardDiskType | int) -> VMTask:
@@ -77,9 +77,8 @@ class HardDisk:
         check_relative_path(destination, "destination")
         format_for_name(destination)
         return self.server.submit(
-            "vmtask.disk.convert",
+            tasks.DISK_CONVERT,
             description=f"Converting {self.file} to {DISK_TYPE_NAMES[kind]} {destination}",
-            cancelable=True,
             kwargs={"path": self.file, "destination": destination, "disk_type": int(kind)},
             host=self.host)
 
@@ -88,48 +87,42 @@ class HardDisk:
         if self.parent is None:
             raise InvalidArgumentError(f"{self.file} is not a differencing disk")
         return self.server.submit(
-            "vmtask.disk.merge", description=f"Merging {self.file} into {self.parent.file}",
-            cancelable=False, kwargs={"path": self.file}, host=self.host)
+            tasks.DISK_MERGE, description=f"Merging {self.file} into {self.parent.file}",
+            kwargs={"path": self.file}, host=self.host)
 
     def merge_to(self, destination: str, disk_type: VMHardDiskType | int) -> VMTask:
         kind = _target_type(disk_type)
         check_relative_path(destination, "destination")
         format_for_name(destination)
         return self.server.submit(
-            "vmtask.disk.merge_to",
+            tasks.DISK_MERGE_TO,
             description=f"Merging the chain of {self.file} into {DISK_TYPE_NAMES[kind]} "
                         f"{destination}",
-            cancelable=True,
             kwargs={"path": self.file, "destination": destination, "disk_type": int(kind)},
             host=self.host)
 
 
-class DiskOperations:
+class DiskOperations(ServerCore):
     """The IVMVirtualServer disk methods; mixed into `VirtualServer`."""
 
-    def submit(self, task_name: str, *, description: str, cancelable: bool,
-               kwargs: Mapping[str, Any] | None = None, host: str | None = None) -> VMTask:
-        raise NotImplementedError
-
-    def resolve_host(self, host: str | None = None) -> str:
-        raise NotImplementedError
-
-    def _create(self, operation: str, what: str, path: str, host: str | None,
+    def _create(self, spec: TaskSpec, what: str, path: str, host: str | None,
                 **kwargs: Any) -> VMTask:
         check_relative_path(path)
-        return self.submit(f"vmtask.disk.{operation}", description=f"Creating {what} {path}",
-                           cancelable=True, kwargs={"path": path, **kwargs}, host=host)
+        return self.submit(spec, description=f"Creating {what} {path}",
+                           kwargs={"path": path, **kwargs}, host=host)
 
     def create_fixed_virtual_hard_disk(self, path: str, size_mb: int, *,
                                        host: str | None = None) -> VMTask:
         size = disk_size_bytes(path, size_mb)
-        return self._create("create_fixed", f"fixed-size disk of {size_mb} MB", path, host,
+        return self._create(tasks.DISK_CREATE_FIXED, f"fixed-size disk of {size_mb} MB", path,
+                            host,
                             size_bytes=size)
 
     def create_dynamic_virtual_hard_disk(self, path: str, size_mb: int, *,
                                          host: str | None = None) -> VMTask:
         size = disk_size_bytes(path, size_mb)
-        return self._create("create_dynamic", f"dynamic disk of {size_mb} MB", path, host,
+        return self._create(tasks.DISK_CREATE_DYNAMIC, f"dynamic disk of {size_mb} MB", path,
+                            host,
                             size_bytes=size)
 
     def create_differencing_virtual_hard_disk(self, path: str, parent_path: str, *,
@@ -140,7 +133,8 @@ class DiskOperations:
                 f"A differencing disk must be a .qcow2 overlay, not {path!r}: qemu cannot "
                 "write VHD differencing disks (the parent may be any format)")
         format_for_name(parent_path)
-        return self._create("create_differencing", f"differencing disk over {parent_path}:",
+        return self._create(tasks.DISK_CREATE_DIFFERENCING,
+                            f"differencing disk over {parent_path}:",
                             path, host, parent_path=parent_path)
 
     def create_host_drive_virtual_hard_disk(self, path: str, host_drive: str, *,
@@ -151,20 +145,21 @@ class DiskOperations:
                                        f"not {host_drive!r}")
         if format_for_name(path) != "qcow2":
             raise InvalidArgumentError(f"A host-drive disk must be a .qcow2 file, not {path!r}")
-        return self._create("create_host_drive", f"host-drive disk for {host_drive}:", path,
+        return self._create(tasks.DISK_CREATE_HOST_DRIVE, f"host-drive disk for {host_drive}:",
+                            path,
                             host, host_drive=host_drive, read_only=bool(read_only))
 
     def get_hard_disk(self, path: str, *, host: str | None = None) -> HardDisk:
         check_relative_path(path)
         format_for_name(path)
         target = self.resolve_host(host)
-        task = self.submit("vmtask.disk.info", description=f"Reading {path}",
-                           cancelable=False, kwargs={"path": path}, host=target)
+        task = self.submit(tasks.DISK_INFO, description=f"Reading {path}",
+                           kwargs={"path": path}, host=target)
         if not task.wait_for_completion(INFO_TIMEOUT_MS):
             raise OperationFailedError(f"Host {target} did not answer about {path} in time")
         snap = task.snapshot()
         if snap.output is None:
             cls = NotFoundError if snap.error == FILE_NOT_FOUND else OperationFailedError
             raise cls(f"Cannot read {path} on {target}: {snap.error_description}", snap.error)
-        return HardDisk.from_info(self, target, snap.output)  # type: ignore[arg-type]
+        return HardDisk.from_info(self, target, snap.output)
 

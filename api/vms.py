@@ -11,20 +11,16 @@ import json
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from api.arguments import check_relative_path, format_for_name
+from api.core import ServerCore
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
-from api.protocol import keys, scripts
+from api.protocol import keys, scripts, tasks
 from api.protocol.vmstate import ALLOWED, VMStateEvent
 from api.store import broker_errors
 from api.task import VMTask
-
-if TYPE_CHECKING:
-    import redis
-
-    from api.server import VirtualServer
 
 VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_MEMORY_MB = 1024 * 1024
@@ -36,7 +32,7 @@ CREATE_SCRIPT = scripts.load("vm_create")
 class VirtualMachine:
     """A handle on one VM; its configuration is read once, its state live."""
 
-    def __init__(self, server: VirtualServer, record: Mapping[str, str]) -> None:
+    def __init__(self, server: ServerCore, record: Mapping[str, str]) -> None:
         self._server = server
         self.name: str = record["name"]
         self.host: str = record["host"]
@@ -61,8 +57,7 @@ class VirtualMachine:
             raise NotFoundError(f"VM {self.name!r} no longer exists")
         return VMVMState(int(state)) if host_alive else VMVMState.Invalid
 
-    def _operate(self, operation: str, description: str, *, cancelable: bool,
-                 **kwargs: Any) -> VMTask:
+    def _operate(self, operation: str, description: str, **kwargs: Any) -> VMTask:
         state = self.state
         if state not in ALLOWED[operation]:
             allowed = ", ".join(s.name for s in sorted(ALLOWED[operation]))
@@ -70,39 +65,38 @@ class VirtualMachine:
                 f"Cannot {operation.replace('_', ' ')} VM {self.name!r} while it is "
                 f"{state.name} (allowed from: {allowed})")
         return self._server.submit(
-            f"vmtask.vm.{operation}", description=f"{description} {self.name}",
-            cancelable=cancelable, kwargs={"name": self.name, **kwargs}, host=self.host)
+            tasks.VM_OPERATIONS[operation], description=f"{description} {self.name}",
+            kwargs={"name": self.name, **kwargs}, host=self.host)
 
     def startup(self) -> VMTask:
         """Boot a TurnedOff VM, or restore a Saved one."""
-        return self._operate("startup", "Starting", cancelable=True)
+        return self._operate("startup", "Starting")
 
     def save(self) -> VMTask:
-        return self._operate("save", "Saving", cancelable=True)
+        return self._operate("save", "Saving")
 
     def reset(self) -> VMTask:
-        return self._operate("reset", "Resetting", cancelable=False)
+        return self._operate("reset", "Resetting")
 
     def turn_off(self) -> VMTask:
-        return self._operate("turn_off", "Turning off", cancelable=False)
+        return self._operate("turn_off", "Turning off")
 
     def pause(self) -> VMTask:
-        return self._operate("pause", "Pausing", cancelable=False)
+        return self._operate("pause", "Pausing")
 
     def resume(self) -> VMTask:
-        return self._operate("resume", "Resuming", cancelable=False)
+        return self._operate("resume", "Resuming")
 
     def merge_undo_disks(self) -> VMTask:
         self._require_undoable()
-        return self._operate("merge_undo_disks", "Merging the undo disks of", cancelable=False)
+        return self._operate("merge_undo_disks", "Merging the undo disks of")
 
     def discard_undo_disks(self) -> VMTask:
         self._require_undoable()
-        return self._operate("discard_undo_disks", "Discarding the undo disks of",
-                             cancelable=False)
+        return self._operate("discard_undo_disks", "Discarding the undo disks of")
 
     def delete(self) -> VMTask:
-        return self._operate("delete", "Deleting", cancelable=False)
+        return self._operate("delete", "Deleting")
 
     def _require_undoable(self) -> None:
         if not self.undoable:
@@ -118,14 +112,14 @@ class GuestOS:
     def shutdown(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
         """Ask the guest to power off; TimeOutError (VM still running) if it ignores us."""
         return self._vm._operate("guest_shutdown", "Shutting down the guest of",
-                                 cancelable=True, timeout_s=_timeout(timeout_s))
+                                 timeout_s=_timeout(timeout_s))
 
     def restart(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        return self._vm._operate("guest_restart", "Restarting the guest of", cancelable=True,
+        return self._vm._operate("guest_restart", "Restarting the guest of",
                                  timeout_s=_timeout(timeout_s))
 
     def logoff(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        return self._vm._operate("guest_logoff", "Logging off the guest of", cancelable=True,
+        return self._vm._operate("guest_logoff", "Logging off the guest of",
                                  timeout_s=_timeout(timeout_s))
 
 
@@ -135,14 +129,8 @@ def _timeout(value: int) -> int:
     return value
 
 
-class VMOperations:
+class VMOperations(ServerCore):
     """The IVMVirtualServer VM methods; mixed into `VirtualServer`."""
-
-    url: str
-    redis: redis.Redis
-
-    def resolve_host(self, host: str | None = None) -> str:
-        raise NotImplementedError
 
     def create_virtual_machine(
         self,
@@ -193,12 +181,12 @@ class VMOperations:
                                       *args)
         if not created:
             raise InvalidArgumentError(f"A VM named {name!r} already exists")
-        return VirtualMachine(self, fields)  # type: ignore[arg-type]
+        return VirtualMachine(self, fields)
 
     def find_virtual_machine(self, name: str) -> VirtualMachine | None:
         with broker_errors(self.url):
             record = self.redis.hgetall(keys.vm_record(name))
-        return VirtualMachine(self, record) if record else None  # type: ignore[arg-type]
+        return VirtualMachine(self, record) if record else None
 
     @property
     def virtual_machines(self) -> list[VirtualMachine]:
@@ -208,7 +196,7 @@ class VMOperations:
             for name in names:
                 pipe.hgetall(keys.vm_record(name))
             records = pipe.execute() if names else []
-        return [VirtualMachine(self, r) for r in records if r]  # type: ignore[arg-type]
+        return [VirtualMachine(self, r) for r in records if r]
 
     def vm_events(self, since: str = "$", *, timeout_ms: int | None = None
                   ) -> Iterator[VMStateEvent]:

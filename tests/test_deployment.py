@@ -462,7 +462,8 @@ def test_worker_command_loads_the_workers_app_for_its_host(
     assert argv[argv.index("-n") + 1] == f"vmtask-{host}@%h"
     probe = (
         "import json\n"
-        "from workers import app, settings\n"
+        "from workers import app\n"
+        "settings = app.settings\n"
         "print(json.dumps({'queues': [q.name for q in app.conf.task_queues],\n"
         "  'default': app.conf.task_default_queue, 'host': settings.host,\n"
         "  'root': str(settings.storage_root), 'broker': app.conf.broker_url,\n"

@@ -23,12 +23,13 @@ import pytest
 from qemu.qmp import QMPClient
 
 from workers.devtools import tinyguest
-from workers.devtools.tinyguest import READY_MARKER, TinyGuest, build_tiny_guest
-from workers.engines.guest_agent import (
-    GuestAgentClient,
-    qemu_guest_agent_args,
+from workers.devtools.tinyguest import (
+    READY_MARKER,
+    TinyGuest,
+    build_tiny_guest,
     tiny_guest_boot_args,
 )
+from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
 from workers.failures import OperationTimedOut
 
 pytestmark = pytest.mark.skipif(

@@ -6,7 +6,9 @@ import errno
 import os
 import time
 
-from workers import app
+from celery import shared_task
+
+from api.protocol.tasks import TaskSpec
 from workers.failures import IllegalValue, IncompatibleSavedState
 from workers.runtime import TaskRun, operation
 
@@ -20,7 +22,7 @@ OS_ERRORS = {
 }
 
 
-@operation("tests.fail", cancelable=False)
+@operation(TaskSpec("tests.fail", ("kind",), cancelable=False))
 def fail(run: TaskRun, kind: str) -> None:
     run.report_progress(40)
     if kind in OS_ERRORS:
@@ -34,35 +36,35 @@ def fail(run: TaskRun, kind: str) -> None:
     raise RuntimeError(f"boom: {kind}")
 
 
-@operation("tests.overrun", cancelable=True, soft_time_limit=1)
+@operation(TaskSpec("tests.overrun", (), cancelable=True), soft_time_limit=1)
 def overrun(run: TaskRun) -> None:
     run.sleep(60)
 
 
-@operation("tests.uncancelable_sleep", cancelable=False)
+@operation(TaskSpec("tests.uncancelable_sleep", ("seconds",), cancelable=False))
 def uncancelable_sleep(run: TaskRun, seconds: float) -> None:
     time.sleep(seconds)
 
 
-@operation("tests.write_marker", cancelable=True)
+@operation(TaskSpec("tests.write_marker", ("path",), cancelable=True))
 def write_marker(run: TaskRun, path: str) -> None:
     """Appends one line per execution: proves how many times a task ran."""
     with open(path, "a") as marker:
         marker.write(f"{run.task_id}\n")
 
 
-@app.task(name="bench.noop")
+@shared_task(name="bench.noop")
 def noop() -> None:
     """Bare Celery baseline for the throughput benchmark."""
 
 
-@app.task(name="bench.stamp")
+@shared_task(name="bench.stamp")
 def stamp() -> float:
     """Bare Celery baseline for completion latency: when the task body ended."""
     return time.time()
 
 
-@app.task(name="bench.stamp_after")
+@shared_task(name="bench.stamp_after")
 def stamp_after(delay: float) -> float:
     """Like bench.stamp, after a delay so the caller is already waiting."""
     time.sleep(delay)

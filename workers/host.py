@@ -15,31 +15,41 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from api.protocol import keys, records
+from api.settings import Settings
 from api.store import judge_crashed
-from workers.app import settings
 
 log = logging.getLogger(__name__)
 
-# Engines register cleanups to run once when a worker starts, e.g. removing the
-# temporary files of tasks that crashed on this host.
-startup_hooks: list[Callable[[redis.Redis], None]] = []
-# Engines run a check on every beat, e.g. noticing VMs that stopped by themselves.
-tick_hooks: list[Callable[[redis.Redis], None]] = []
-# Engines contribute counters to the heartbeat, e.g. the number of running VMs.
-status_providers: list[Callable[[redis.Redis], dict[str, Any]]] = []
+Hook = Callable[[redis.Redis, Settings], None]
+
+
+@dataclass(frozen=True)
+class HostHooks:
+    """What the operation modules ask of the host's main process; given to `install`."""
+
+    startup: Sequence[Hook] = ()
+    """Run once when the worker starts, e.g. removing the temporaries of crashed tasks."""
+    tick: Sequence[Hook] = ()
+    """Run on every beat, e.g. noticing VMs that stopped by themselves."""
+    status: Sequence[Callable[[redis.Redis, Settings], dict[str, Any]]] = ()
+    """Counters for the heartbeat, e.g. the number of running VMs."""
 
 
 class HostBeacon:
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, hooks: HostHooks) -> None:
+        self.settings = settings
+        self.hooks = hooks
         self.client = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_connect_timeout=5
+            self.settings.redis_url, decode_responses=True, socket_connect_timeout=5
         )
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
         self.started = time.time()
@@ -47,10 +57,10 @@ class HostBeacon:
         self.thread = threading.Thread(target=self.run, name="vmtask-host", daemon=True)
 
     def status(self) -> dict[str, Any]:
-        root = settings.storage_root
+        root = self.settings.storage_root
         usage = shutil.disk_usage(root) if root.exists() else None
         status: dict[str, Any] = {
-            "host": settings.host,
+            "host": self.settings.host,
             "machine": socket.gethostname(),
             "pid": os.getpid(),
             "started": self.started,
@@ -62,16 +72,16 @@ class HostBeacon:
         running = sorted(self.client.smembers(keys.RUNNING_TASKS))
         holders = self.client.mget([keys.task_lease(t) for t in running]) if running else []
         status["tasks_running"] = sum(
-            1 for h in holders if h and h.startswith(f"{settings.host}:"))
-        for provider in status_providers:
-            status.update(provider(self.client))
+            1 for h in holders if h and h.startswith(f"{self.settings.host}:"))
+        for provider in self.hooks.status:
+            status.update(provider(self.client, self.settings))
         return status
 
     def beat(self) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(keys.host_heartbeat(settings.host), json.dumps(self.status()),
-                 px=int(settings.heartbeat_seconds * 1000))
-        pipe.sadd(keys.KNOWN_HOSTS, settings.host)
+        pipe.set(keys.host_heartbeat(self.settings.host), json.dumps(self.status()),
+                 px=int(self.settings.heartbeat_seconds * 1000))
+        pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
         pipe.execute()
 
     def reap(self) -> None:
@@ -83,7 +93,7 @@ class HostBeacon:
             pipe.exists(keys.task_lease(task_id))
         for task_id, leased in zip(running, pipe.execute(), strict=True):
             if not leased and judge_crashed(self.client, self.finish, task_id,
-                                            int(settings.retention_seconds)):
+                                            int(self.settings.retention_seconds)):
                 log.error("Task %s lost its worker: ended ThreadCrashError", task_id)
 
     def run(self) -> None:
@@ -91,43 +101,45 @@ class HostBeacon:
             try:
                 self.beat()
                 self.reap()
-                for hook in tick_hooks:
-                    hook(self.client)
+                for hook in self.hooks.tick:
+                    hook(self.client, self.settings)
             except redis.RedisError as exc:
                 log.warning("Host heartbeat failed: %s", exc)
             except Exception:
                 log.exception("A host check failed")
-            self.stopping.wait(settings.heartbeat_seconds / 3)
+            self.stopping.wait(self.settings.heartbeat_seconds / 3)
 
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=5)
         try:
-            self.client.delete(keys.host_heartbeat(settings.host))
+            self.client.delete(keys.host_heartbeat(self.settings.host))
         except redis.RedisError as exc:
             log.warning("Could not withdraw the host heartbeat: %s", exc)
 
 
-_beacon: HostBeacon | None = None
+def install(app: Celery, settings: Settings, hooks: HostHooks) -> None:
+    """Run the host's presence in ``app``'s worker: from ready to shutdown."""
+    beacons: list[HostBeacon] = []
 
+    def on_ready(sender: Any = None, **_: object) -> None:
+        if getattr(sender, "app", app) is not app:
+            return
+        settings.storage_root.mkdir(parents=True, exist_ok=True)
+        beacon = HostBeacon(settings, hooks)
+        for hook in hooks.startup:
+            try:
+                hook(beacon.client, settings)
+            except Exception:
+                log.exception("Start-up hook %s failed", hook)
+        beacon.beat()
+        beacon.thread.start()
+        beacons.append(beacon)
+        log.info("vmtask host %s serving %s", settings.host, keys.host_queue(settings.host))
 
-@worker_ready.connect
-def _on_worker_ready(**_: object) -> None:
-    global _beacon
-    settings.storage_root.mkdir(parents=True, exist_ok=True)
-    beacon = HostBeacon()
-    for hook in startup_hooks:
-        try:
-            hook(beacon.client)
-        except Exception:
-            log.exception("Start-up hook %s failed", hook)
-    beacon.beat()
-    beacon.thread.start()
-    _beacon = beacon
-    log.info("vmtask host %s serving %s", settings.host, keys.host_queue(settings.host))
+    def on_shutdown(sender: Any = None, **_: object) -> None:
+        while beacons:
+            beacons.pop().stop()
 
-
-@worker_shutdown.connect
-def _on_worker_shutdown(**_: object) -> None:
-    if _beacon is not None:
-        _beacon.stop()
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)

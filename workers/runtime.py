@@ -13,6 +13,7 @@ body the runtime:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -23,14 +24,15 @@ from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec
 
 import redis
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import Ignore
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records
-from workers.app import app, settings
+from api.protocol.tasks import TaskSpec
+from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, classify
 
@@ -55,9 +57,9 @@ class TaskFailed(Exception):
 class WorkerRedis:
     """One client per process, with the scripts the worker runs, built lazily after fork."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(
-            settings.redis_url,
+            url,
             decode_responses=True,
             socket_connect_timeout=5,
             socket_keepalive=True,
@@ -73,28 +75,32 @@ class WorkerRedis:
 _process_redis: tuple[int, WorkerRedis] | None = None
 
 
-def worker_redis() -> WorkerRedis:
+def worker_redis(settings: Settings) -> WorkerRedis:
     global _process_redis
     if _process_redis is None or _process_redis[0] != os.getpid():
-        _process_redis = (os.getpid(), WorkerRedis())
+        _process_redis = (os.getpid(), WorkerRedis(settings.redis_url))
     return _process_redis[1]
 
 
-_identity: tuple[int, str] | None = None
+def worker_identity(settings: Settings) -> str:
+    """Who holds a lease: ``host:machine:pid``, so a restarted worker can tell its own."""
+    return f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
 
 
-def worker_identity() -> str:
-    global _identity
-    if _identity is None or _identity[0] != os.getpid():
-        _identity = (os.getpid(), f"{settings.host}:{socket.gethostname()}:{os.getpid()}")
-    return _identity[1]
+def settings_of(task: Task) -> Settings:
+    """The settings the worker's app was built with (`workers.app.create_app`)."""
+    settings: Settings = task.app.settings
+    return settings
 
 
 class TaskRun:
     """One execution of one task; the `OperationContext` handed to engines."""
 
-    def __init__(self, task_id: str, conn: WorkerRedis, task: Task | None = None) -> None:
+    def __init__(self, task_id: str, settings: Settings, conn: WorkerRedis,
+                 task: Task | None = None) -> None:
         self.task_id = task_id
+        self.settings = settings
+        self.redis = conn.client
         self._task = task
         self._last_event = 0.0
         self._conn = conn
@@ -113,7 +119,8 @@ class TaskRun:
         return str(
             self._conn.start(
                 keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS],
-                args=[repr(time.time()), worker_identity(), int(settings.lease_seconds * 1000),
+                args=[repr(time.time()), worker_identity(self.settings),
+                      int(self.settings.lease_seconds * 1000),
                       self.task_id],
             )
         )
@@ -177,7 +184,7 @@ class TaskRun:
                     keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS,
                           self._channel],
                     args=[state, int(result), error, text, repr(time.time()), percent,
-                          int(settings.retention_seconds), self.task_id, "0",
+                          int(self.settings.retention_seconds), self.task_id, "0",
                           "" if output is None else json.dumps(output)],
                 ))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -211,6 +218,9 @@ class LeaseKeeper:
             self._runs.pop(run.task_id, None)
 
     def _renew_forever(self) -> None:
+        # Every run in a process shares the app's settings.
+        with self._lock:
+            settings = next(iter(self._runs.values())).settings
         interval = settings.lease_seconds / 3
         lease_ms = int(settings.lease_seconds * 1000)
         while True:
@@ -219,8 +229,9 @@ class LeaseKeeper:
                 runs = list(self._runs.values())
             for run in runs:
                 try:
-                    renewed = worker_redis().client.set(
-                        keys.task_lease(run.task_id), worker_identity(), xx=True, px=lease_ms
+                    renewed = run.redis.set(
+                        keys.task_lease(run.task_id), worker_identity(settings), xx=True,
+                        px=lease_ms
                     )
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
@@ -238,7 +249,8 @@ Body = Callable[Concatenate[TaskRun, P], Any]
 
 def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     task_id = task.request.id
-    run = TaskRun(task_id, worker_redis(), task)
+    settings = settings_of(task)
+    run = TaskRun(task_id, settings, worker_redis(settings), task)
     gate = run.begin()
     if gate != records.STARTED:
         # Cancelled while queued, already run, or no record: never run it (again).
@@ -267,33 +279,54 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
 
 
 def operation(
-    name: str, *, cancelable: bool, soft_time_limit: float | None = None
+    spec: TaskSpec, *, soft_time_limit: float | None = None
 ) -> Callable[[Callable[..., Any]], Task]:
-    """Register ``body(run, **kwargs)`` as the Celery task ``name``.
+    """Register ``body(run, **kwargs)`` as the Celery task of ``spec``.
 
-    ``cancelable`` is what the producer records; the body honours it by polling
-    ``run.cancel_requested()`` (or through an engine that does).
+    The body's keyword parameters must be exactly ``spec.params`` (those with a
+    default exactly ``spec.optional``): producer and worker cannot drift apart.
+    It is a shared task, bound to whichever app the worker builds, so importing an
+    operation module never builds an app or reads settings.  Without its own
+    ``soft_time_limit`` it gets the app's (``VMTASK_TIME_LIMIT_SECONDS``).
+
+    ``spec.cancelable`` is what the producer records; the body honours it by
+    polling ``run.cancel_requested()`` (or through an engine that does).
     """
-    limit = soft_time_limit if soft_time_limit is not None else settings.time_limit_seconds
 
     def register(body: Callable[..., Any]) -> Task:
+        check_signature(spec, body)
+
         def run_task(self: Task, **kwargs: Any) -> Any:
             return execute(self, body, kwargs)
 
         run_task.__name__ = body.__name__
         run_task.__doc__ = body.__doc__
-        task: Task = app.task(
-            name=name,
-            bind=True,
-            soft_time_limit=limit,
+        limits: dict[str, float] = {}
+        if soft_time_limit is not None:
             # The hard limit kills a body that ignores the soft one; its lease then
             # lapses and it ends ThreadCrashError.
-            time_limit=limit + 30,
+            limits = {"soft_time_limit": soft_time_limit, "time_limit": soft_time_limit + 30}
+        task: Task = shared_task(
+            name=spec.name,
+            bind=True,
             # The task record is the result store; Celery's copy would be a second
             # write per task that nobody reads.  Flower follows task events instead.
             ignore_result=True,
-            cancelable=cancelable,
+            cancelable=spec.cancelable,
+            **limits,
         )(run_task)
         return task
 
     return register
+
+
+def check_signature(spec: TaskSpec, body: Callable[..., Any]) -> None:
+    """`TypeError` at import when a body's parameters differ from its spec's."""
+    parameters = list(inspect.signature(body).parameters.values())[1:]  # after ``run``
+    names = tuple(p.name for p in parameters)
+    optional = tuple(p.name for p in parameters if p.default is not inspect.Parameter.empty)
+    if set(names) != set(spec.params) or set(optional) != set(spec.optional):
+        raise TypeError(
+            f"{body.__qualname__} takes {names} (defaults: {optional}); "
+            f"the spec of {spec.name} says {spec.params} (optional: {spec.optional})"
+        )

@@ -38,10 +38,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.engines.guest_agent import AGENT_PORT_NAME
 from workers.failures import OperationFailed
 
 READY_MARKER = "VMTASK-GUEST-READY"
-AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # The roots of the module closure; their dependencies are added from the modules
@@ -631,3 +631,8 @@ class _Cpio:
         self._chunks.append(b"\0" * (-(len(header) + len(encoded)) % 4))
         self._chunks.append(data)
         self._chunks.append(b"\0" * (-len(data) % 4))
+
+
+def tiny_guest_boot_args(guest: TinyGuest) -> list[str]:
+    """The QEMU arguments that boot `guest` directly, without firmware disk boot."""
+    return ["-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.append]

@@ -23,7 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from workers.devtools.tinyguest import AGENT_PORT_NAME, TinyGuest
 from workers.failures import IllegalValue, OperationFailed, OperationTimedOut
 
 ShutdownMode = Literal["powerdown", "reboot", "halt"]
@@ -31,6 +30,8 @@ _T = TypeVar("_T")
 
 DEFAULT_TIMEOUT = 5.0
 _SENTINEL = b"\xff"
+# The virtio-serial port name qemu-ga (and the tiny test guest) listen on.
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 _CHARDEV_ID = "vmtask-qga0"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -64,11 +65,6 @@ def qemu_guest_agent_args(socket_path: Path) -> list[str]:
         "-device",
         f"virtserialport,bus=vmtask-vser0.0,chardev={_CHARDEV_ID},name={AGENT_PORT_NAME}",
     ]
-
-
-def tiny_guest_boot_args(guest: TinyGuest) -> list[str]:
-    """The QEMU arguments that boot `guest` directly, without firmware disk boot."""
-    return ["-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.append]
 
 
 class GuestAgentClient:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from api.protocol import tasks
 from workers.runtime import TaskRun, operation
 
 
-@operation("vmtask.ping", cancelable=True)
+@operation(tasks.PING)
 def ping(run: TaskRun, duration_ms: int = 0, steps: int = 0) -> dict[str, int]:
     if steps <= 0:
         if duration_ms:

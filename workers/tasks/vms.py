@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys
+from api.protocol import hresults, keys, tasks
 from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
@@ -35,7 +35,7 @@ from api.protocol.vmstate import (
     TRANSITION_SCRIPT,
     allowed_csv,
 )
-from workers.app import settings
+from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
 from workers.engines.storage import resolve_in_root
@@ -45,8 +45,8 @@ from workers.failures import (
     OperationFailed,
     OperationTimedOut,
 )
-from workers.host import startup_hooks, status_providers, tick_hooks
-from workers.runtime import TaskRun, operation, worker_redis
+from workers.runtime import TaskRun, operation
+from workers.tasks.files import HostFiles
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,11 @@ class InvalidVMState(OperationFailed):
     hresult = hresults.INVALID_STATE
 
 
-def root() -> Path:
-    settings.storage_root.mkdir(parents=True, exist_ok=True)
-    return settings.storage_root.resolve()
+def root(settings: Settings) -> Path:
+    return HostFiles.of(settings).root
 
 
-def record_of(client: redis.Redis, name: str) -> dict[str, str]:
+def record_of(client: redis.Redis, settings: Settings, name: str) -> dict[str, str]:
     record: dict[str, str] = client.hgetall(keys.vm_record(name))
     if not record:
         raise IllegalValue(f"No VM named {name!r}")
@@ -74,21 +73,21 @@ def record_of(client: redis.Redis, name: str) -> dict[str, str]:
     return record
 
 
-def paths_of(name: str) -> qemu_vm.VMPaths:
-    return qemu_vm.VMPaths.for_vm(root(), name)
+def paths_of(settings: Settings, name: str) -> qemu_vm.VMPaths:
+    return qemu_vm.VMPaths.for_vm(root(settings), name)
 
 
 def undo_overlay(paths: qemu_vm.VMPaths, index: int, base: Path) -> Path:
     return paths.directory / "undo" / f"{index}-{base.stem}.qcow2"
 
 
-def config_of(record: dict[str, str]) -> qemu_vm.VMConfig:
+def config_of(settings: Settings, record: dict[str, str]) -> qemu_vm.VMConfig:
     """The QEMU configuration; an undoable VM runs on its qcow2 overlays."""
     name = record["name"]
-    paths = paths_of(name)
+    paths = paths_of(settings, name)
     disks: list[str] = []
     for index, disk in enumerate(json.loads(record["disks"])):
-        base = resolve_in_root(root(), disk)
+        base = resolve_in_root(root(settings), disk)
         disks.append(str(undo_overlay(paths, index, base) if record["undoable"] == "1"
                          else base))
     extra: list[str] = []
@@ -96,7 +95,7 @@ def config_of(record: dict[str, str]) -> qemu_vm.VMConfig:
         extra = qemu_guest_agent_args(agent_socket(paths))
 
     def in_root(value: str) -> str | None:
-        return str(resolve_in_root(root(), value, must_exist=True)) if value else None
+        return str(resolve_in_root(root(settings), value, must_exist=True)) if value else None
 
     return qemu_vm.VMConfig(
         name=name, memory_mb=int(record["memory_mb"]), disks=disks,
@@ -126,9 +125,9 @@ def settle(client: redis.Redis, name: str, state: S) -> None:
     transition(client, name, frozenset(S), state)
 
 
-def try_lock(name: str) -> int | None:
+def try_lock(settings: Settings, name: str) -> int | None:
     """The VM's lock file descriptor, locked; None while another holder has it."""
-    paths = paths_of(name)
+    paths = paths_of(settings, name)
     paths.directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -143,7 +142,7 @@ def try_lock(name: str) -> int | None:
 def vm_lock(run: TaskRun, name: str) -> Iterator[None]:
     """Serialize operations on one VM across the host's pool processes."""
     deadline = time.monotonic() + LOCK_TIMEOUT
-    while (fd := try_lock(name)) is None:
+    while (fd := try_lock(run.settings, name)) is None:
         if time.monotonic() > deadline:
             raise OperationTimedOut(f"VM {name!r} stayed busy with another task")
         run.sleep(0.05)
@@ -155,8 +154,8 @@ def vm_lock(run: TaskRun, name: str) -> Iterator[None]:
 
 def begin(run: TaskRun, operation_name: str, name: str, new: S | None
           ) -> tuple[redis.Redis, dict[str, str], S]:
-    client = worker_redis().client
-    record = record_of(client, name)
+    client = run.redis
+    record = record_of(client, run.settings, name)
     allowed = ALLOWED[operation_name]
     if new is None:
         current = S(int(record["state"]))
@@ -169,22 +168,23 @@ def begin(run: TaskRun, operation_name: str, name: str, new: S | None
 # -- lifecycle ----------------------------------------------------------------------
 
 
-@operation("vmtask.vm.startup", cancelable=True)
+@operation(tasks.VM_STARTUP)
 def startup(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         client, record, current = begin(run, "startup", name, None)
-        paths = paths_of(name)
+        paths = paths_of(run.settings, name)
         if current is S.Saved:
             transition(client, name, frozenset({S.Saved}), S.Restoring)
             try:
-                qemu_vm.start(config_of(record), paths, run, incoming_state=paths.state_file)
+                qemu_vm.start(config_of(run.settings, record), paths, run,
+                              incoming_state=paths.state_file)
             except BaseException:
                 settle(client, name, S.Saved)
                 raise
         else:
             transition(client, name, frozenset({S.TurnedOff}), S.TurningOn)
             try:
-                config = config_of(record)
+                config = config_of(run.settings, record)
                 if record["undoable"] == "1":
                     prepare_undo_disks(run, record, paths)
                 qemu_vm.start(config, paths, run)
@@ -196,21 +196,21 @@ def startup(run: TaskRun, name: str) -> None:
 
 def prepare_undo_disks(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
     for index, disk in enumerate(json.loads(record["disks"])):
-        base = resolve_in_root(root(), disk, must_exist=True)
+        base = resolve_in_root(root(run.settings), disk, must_exist=True)
         overlay = undo_overlay(paths, index, base)
         if not overlay.exists():
             overlay.parent.mkdir(parents=True, exist_ok=True)
             qemu_img.create_differencing(overlay, base, run, run.task_id)
 
 
-@operation("vmtask.vm.save", cancelable=True)
+@operation(tasks.VM_SAVE)
 def save(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         client, record, _ = begin(run, "save", name, S.Saving)
-        paths = paths_of(name)
+        paths = paths_of(run.settings, name)
         try:
-            qemu_vm.save(config_of(record), paths, run,
-                         max_bandwidth=settings.save_max_bandwidth or None)
+            qemu_vm.save(config_of(run.settings, record), paths, run,
+                         max_bandwidth=run.settings.save_max_bandwidth or None)
         except BaseException:
             settle(client, name, qemu_vm.vm_state(paths))
             raise
@@ -221,7 +221,7 @@ def simple_command(run: TaskRun, operation_name: str, name: str, after: S,
                    command: Any) -> None:
     with vm_lock(run, name):
         client, _record, _current = begin(run, operation_name, name, None)
-        paths = paths_of(name)
+        paths = paths_of(run.settings, name)
         try:
             command(paths)
         except qemu_vm.VMNotRunning:
@@ -230,28 +230,28 @@ def simple_command(run: TaskRun, operation_name: str, name: str, after: S,
         transition(client, name, ALLOWED[operation_name], after)
 
 
-@operation("vmtask.vm.pause", cancelable=False)
+@operation(tasks.VM_PAUSE)
 def pause(run: TaskRun, name: str) -> None:
     simple_command(run, "pause", name, S.Paused, qemu_vm.pause)
 
 
-@operation("vmtask.vm.resume", cancelable=False)
+@operation(tasks.VM_RESUME)
 def resume(run: TaskRun, name: str) -> None:
     simple_command(run, "resume", name, S.Running, qemu_vm.resume)
 
 
-@operation("vmtask.vm.reset", cancelable=False)
+@operation(tasks.VM_RESET)
 def reset(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         begin(run, "reset", name, None)
-        qemu_vm.reset(paths_of(name))
+        qemu_vm.reset(paths_of(run.settings, name))
 
 
-@operation("vmtask.vm.turn_off", cancelable=False)
+@operation(tasks.VM_TURN_OFF)
 def turn_off(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         client, _record, current = begin(run, "turn_off", name, None)
-        paths = paths_of(name)
+        paths = paths_of(run.settings, name)
         if current is S.Saved:
             qemu_vm.discard_saved_state(paths)
             transition(client, name, frozenset({S.Saved}), S.TurnedOff)
@@ -266,17 +266,19 @@ def turn_off(run: TaskRun, name: str) -> None:
 # -- undo disks and deletion ----------------------------------------------------------
 
 
-def overlays_of(record: dict[str, str], paths: qemu_vm.VMPaths) -> list[Path]:
-    return [undo_overlay(paths, i, resolve_in_root(root(), disk))
+def overlays_of(settings: Settings, record: dict[str, str], paths: qemu_vm.VMPaths
+                ) -> list[Path]:
+    return [undo_overlay(paths, i, resolve_in_root(root(settings), disk))
             for i, disk in enumerate(json.loads(record["disks"]))]
 
 
-@operation("vmtask.vm.merge_undo_disks", cancelable=False)
+@operation(tasks.VM_MERGE_UNDO_DISKS)
 def merge_undo_disks(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         client, record, _ = begin(run, "merge_undo_disks", name, S.MergingDrives)
         try:
-            overlays = [o for o in overlays_of(record, paths_of(name)) if o.exists()]
+            overlays = [o for o in overlays_of(run.settings, record, paths_of(run.settings, name))
+                        if o.exists()]
             for index, overlay in enumerate(overlays):
                 share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
                 qemu_img.merge(overlay, share, run.task_id)
@@ -299,19 +301,19 @@ class _Share:
         return self._run.cancel_requested()
 
 
-@operation("vmtask.vm.discard_undo_disks", cancelable=False)
+@operation(tasks.VM_DISCARD_UNDO_DISKS)
 def discard_undo_disks(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         _client, record, _ = begin(run, "discard_undo_disks", name, None)
-        for overlay in overlays_of(record, paths_of(name)):
+        for overlay in overlays_of(run.settings, record, paths_of(run.settings, name)):
             overlay.unlink(missing_ok=True)
 
 
-@operation("vmtask.vm.delete", cancelable=False)
+@operation(tasks.VM_DELETE)
 def delete(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
         client, _record, _ = begin(run, "delete", name, S.DeleteMachine)
-        paths = paths_of(name)
+        paths = paths_of(run.settings, name)
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)
         client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
@@ -338,11 +340,11 @@ def wait_for_agent(run: TaskRun, paths: qemu_vm.VMPaths, deadline: float) -> Gue
         agent.close()
 
 
-@operation("vmtask.vm.guest_shutdown", cancelable=True)
+@operation(tasks.VM_GUEST_SHUTDOWN)
 def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
     with vm_lock(run, name):
         client, record, _ = begin(run, "guest_shutdown", name, S.TurningOff)
-        paths = paths_of(name)
+        paths = paths_of(run.settings, name)
         deadline = time.monotonic() + timeout_s
         try:
             if record.get("guest_agent") == "1":
@@ -367,19 +369,19 @@ def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
             settle(client, name, qemu_vm.vm_state(paths))
 
 
-@operation("vmtask.vm.guest_restart", cancelable=True)
+@operation(tasks.VM_GUEST_RESTART)
 def guest_restart(run: TaskRun, name: str, timeout_s: int = 120) -> None:
     with vm_lock(run, name):
         _client, record, _ = begin(run, "guest_restart", name, None)
         if record.get("guest_agent") != "1":
             raise IllegalValue(f"Restarting the guest of {name!r} needs its guest agent "
                                "(create the VM with guest_agent=True)")
-        agent = wait_for_agent(run, paths_of(name), time.monotonic() + timeout_s)
+        agent = wait_for_agent(run, paths_of(run.settings, name), time.monotonic() + timeout_s)
         with agent:
             agent.shutdown("reboot")
 
 
-@operation("vmtask.vm.guest_logoff", cancelable=True)
+@operation(tasks.VM_GUEST_LOGOFF)
 def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
     with vm_lock(run, name):
         begin(run, "guest_logoff", name, None)
@@ -390,7 +392,7 @@ def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
 # -- the host's watch ------------------------------------------------------------------
 
 
-def host_vms(client: redis.Redis) -> list[dict[str, str]]:
+def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
     names = sorted(client.smembers(keys.VM_NAMES))
     if not names:
         return []
@@ -405,20 +407,20 @@ def stopped_state(paths: qemu_vm.VMPaths) -> S:
     return S.Invalid if paths.pidfile.exists() else S.TurnedOff
 
 
-def watch_vms(client: redis.Redis) -> None:
+def watch_vms(client: redis.Redis, settings: Settings) -> None:
     """Notice VMs that stopped by themselves (guest power-off, QEMU crash).
 
     Under the VM's lock, so no operation is half-way through it; a VM whose lock is
     held is looked at on the next beat.
     """
-    for record in host_vms(client):
+    for record in host_vms(client, settings):
         if S(int(record["state"])) not in (S.Running, S.Paused):
             continue
-        fd = try_lock(record["name"])
+        fd = try_lock(settings, record["name"])
         if fd is None:
             continue
         try:
-            paths = paths_of(record["name"])
+            paths = paths_of(settings, record["name"])
             if qemu_vm.is_alive(paths):
                 continue
             state = stopped_state(paths)
@@ -432,11 +434,11 @@ def watch_vms(client: redis.Redis) -> None:
             os.close(fd)
 
 
-def reconcile_vms(client: redis.Redis) -> None:
+def reconcile_vms(client: redis.Redis, settings: Settings) -> None:
     """On start-up: trust the QEMU processes, not the records of a dead worker."""
-    for record in host_vms(client):
+    for record in host_vms(client, settings):
         recorded = S(int(record["state"]))
-        paths = paths_of(record["name"])
+        paths = paths_of(settings, record["name"])
         actual = qemu_vm.vm_state(paths)
         if actual is S.TurnedOff and recorded in (S.Running, S.Paused):
             actual = stopped_state(paths)
@@ -446,12 +448,8 @@ def reconcile_vms(client: redis.Redis) -> None:
                         recorded.name, actual.name)
 
 
-def vm_counts(client: redis.Redis) -> dict[str, Any]:
-    vms = host_vms(client)
+def vm_counts(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    vms = host_vms(client, settings)
     running = sum(1 for r in vms if S(int(r["state"])) in (S.Running, S.Paused))
     return {"vms": len(vms), "vms_running": running}
 
-
-startup_hooks.append(reconcile_vms)
-tick_hooks.append(watch_vms)
-status_providers.append(vm_counts)

@@ -1,0 +1,80 @@
+"""Every operation's task name, keyword arguments and fixed traits, for both sides.
+
+The producer sends ``spec.name`` with keyword arguments checked against
+``spec.params``; the worker registers its body under the same spec, and
+`workers.runtime.operation` refuses a body whose parameters differ.  A task name
+therefore exists once, and a producer cannot send kwargs no worker accepts.
+
+``quick`` marks the control operations that must never wait behind long work
+(pause, turn off, disk info...): they take milliseconds and hold no slot for long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    params: tuple[str, ...]
+    cancelable: bool
+    quick: bool = False
+    optional: tuple[str, ...] = ()
+    """Parameters the worker defaults; the producer may leave them out."""
+
+    def check_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        """`TypeError` for kwargs this task does not take, or required ones missing."""
+        unknown = set(kwargs) - set(self.params)
+        missing = set(self.params) - set(self.optional) - set(kwargs)
+        if unknown or missing:
+            raise TypeError(
+                f"{self.name} takes {', '.join(self.params) or 'no arguments'}; "
+                f"unknown: {sorted(unknown)}, missing: {sorted(missing)}"
+            )
+
+
+PING = TaskSpec("vmtask.ping", ("duration_ms", "steps"), cancelable=True,
+                optional=("duration_ms", "steps"))
+
+DISK_INFO = TaskSpec("vmtask.disk.info", ("path",), cancelable=False, quick=True)
+DISK_CREATE_FIXED = TaskSpec("vmtask.disk.create_fixed", ("path", "size_bytes"), cancelable=True)
+DISK_CREATE_DYNAMIC = TaskSpec("vmtask.disk.create_dynamic", ("path", "size_bytes"),
+                               cancelable=True)
+DISK_CREATE_DIFFERENCING = TaskSpec("vmtask.disk.create_differencing", ("path", "parent_path"),
+                                    cancelable=True)
+DISK_CREATE_HOST_DRIVE = TaskSpec("vmtask.disk.create_host_drive",
+                                  ("path", "host_drive", "read_only"), cancelable=True,
+                                  optional=("read_only",))
+DISK_COMPACT = TaskSpec("vmtask.disk.compact", ("path",), cancelable=True)
+DISK_CONVERT = TaskSpec("vmtask.disk.convert", ("path", "destination", "disk_type"),
+                        cancelable=True)
+DISK_MERGE_TO = TaskSpec("vmtask.disk.merge_to", ("path", "destination", "disk_type"),
+                         cancelable=True)
+DISK_MERGE = TaskSpec("vmtask.disk.merge", ("path",), cancelable=False)
+
+VM_STARTUP = TaskSpec("vmtask.vm.startup", ("name",), cancelable=True)
+VM_SAVE = TaskSpec("vmtask.vm.save", ("name",), cancelable=True)
+VM_PAUSE = TaskSpec("vmtask.vm.pause", ("name",), cancelable=False, quick=True)
+VM_RESUME = TaskSpec("vmtask.vm.resume", ("name",), cancelable=False, quick=True)
+VM_RESET = TaskSpec("vmtask.vm.reset", ("name",), cancelable=False, quick=True)
+VM_TURN_OFF = TaskSpec("vmtask.vm.turn_off", ("name",), cancelable=False, quick=True)
+VM_MERGE_UNDO_DISKS = TaskSpec("vmtask.vm.merge_undo_disks", ("name",), cancelable=False)
+VM_DISCARD_UNDO_DISKS = TaskSpec("vmtask.vm.discard_undo_disks", ("name",), cancelable=False)
+VM_DELETE = TaskSpec("vmtask.vm.delete", ("name",), cancelable=False, quick=True)
+VM_GUEST_SHUTDOWN = TaskSpec("vmtask.vm.guest_shutdown", ("name", "timeout_s"), cancelable=True,
+                             optional=("timeout_s",))
+VM_GUEST_RESTART = TaskSpec("vmtask.vm.guest_restart", ("name", "timeout_s"), cancelable=True,
+                            optional=("timeout_s",))
+VM_GUEST_LOGOFF = TaskSpec("vmtask.vm.guest_logoff", ("name", "timeout_s"), cancelable=True,
+                           optional=("timeout_s",))
+
+ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
+BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}
+
+# The VM operations by the name the state machine (`vmstate.ALLOWED`) uses.
+VM_OPERATIONS: Mapping[str, TaskSpec] = {
+    spec.name.removeprefix("vmtask.vm."): spec for spec in ALL if spec.name.startswith("vmtask.vm.")
+}

@@ -1,0 +1,154 @@
+"""The layout's rules, checked on the source: no import circle, each layer imports
+only below it, every producer task matches a registered worker task."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import api
+from api.protocol import tasks
+from api.settings import Settings
+from workers.factory import create_app
+from workers.runtime import check_signature
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("api", "workers")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(*, anywhere: bool) -> dict[str, set[str]]:
+    """Module -> the project modules it imports: at import time, or also in functions."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = module_name(path)
+            tree = ast.parse(path.read_text(), str(path))
+            found: set[str] = set()
+            for node in tree.body:
+                if isinstance(node, ast.If):  # `if TYPE_CHECKING:` imports run nothing
+                    continue
+                if not anywhere and isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    continue
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Import):
+                        found.update(alias.name for alias in sub.names)
+                    elif isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+                        found.add(sub.module)
+                        found.update(f"{sub.module}.{alias.name}" for alias in sub.names)
+            graph[name] = {m for m in found if m.split(".")[0] in PACKAGES}
+    modules = set(graph)
+    return {name: {m for m in deps if m in modules and m != name} for name, deps in graph.items()}
+
+
+def test_no_import_circle() -> None:
+    graph = project_imports(anywhere=False)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            # A package's __init__ importing its own submodules is not a circle.
+            if node != dep.rsplit(".", 1)[0] and state.get(dep) == 1:
+                pytest.fail("import circle: " + " -> ".join([*path, node, dep]))
+            if dep not in state:
+                visit(dep, [*path, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("api", ("workers",)),
+        ("api.protocol", ("api.core", "api.server", "api.store", "api.task", "api.disks",
+                          "api.vms", "api.cli", "api.settings", "api.errors", "workers")),
+        ("workers.engines", ("workers.tasks", "workers.runtime", "workers.host",
+                             "workers.factory", "workers.devtools", "api.store")),
+        ("workers.tasks", ("workers.factory", "workers.devtools")),
+        ("workers.runtime", ("workers.factory", "workers.tasks", "workers.devtools")),
+    ],
+)
+def test_each_layer_imports_only_below_it(layer: str, forbidden: tuple[str, ...]) -> None:
+    graph = project_imports(anywhere=True)
+    for module, deps in graph.items():
+        if module == layer or module.startswith(layer + "."):
+            bad = {d for d in deps for f in forbidden if d == f or d.startswith(f + ".")}
+            assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_engines_import_neither_celery_nor_redis() -> None:
+    for path in sorted((REPO / "workers" / "engines").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in ("celery", "kombu", "redis"), (path, name)
+
+
+def test_no_module_is_over_600_lines() -> None:
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            lines = len(path.read_text().splitlines())
+            assert lines <= 600, f"{path.relative_to(REPO)} has {lines} lines"
+
+
+def test_every_task_spec_is_registered_by_the_worker_with_its_parameters(
+        tmp_path: Path) -> None:
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", host="contract",
+                              storage_root=tmp_path))
+    app.loader.import_default_modules()
+    registered = app.tasks
+    for spec in tasks.ALL:
+        assert spec.name in registered, f"no worker task {spec.name}"
+        task = registered[spec.name]
+        assert task.cancelable is spec.cancelable, spec.name
+
+
+def test_a_body_whose_parameters_differ_from_its_spec_is_refused() -> None:
+    spec = tasks.TaskSpec("x.y", ("path",), cancelable=True)
+
+    def body(run: object, path: str, extra: int) -> None: ...
+
+    with pytest.raises(TypeError, match="x.y"):
+        check_signature(spec, body)
+
+    def optional_body(run: object, path: str = "") -> None: ...
+
+    with pytest.raises(TypeError):
+        check_signature(spec, optional_body)
+
+
+def test_producer_kwargs_outside_the_spec_are_refused() -> None:
+    with pytest.raises(TypeError, match="unknown"):
+        tasks.DISK_CONVERT.check_kwargs({"path": "a", "destination": "b", "disk_type": 0,
+                                         "force": True})
+    with pytest.raises(TypeError, match="missing"):
+        tasks.DISK_CONVERT.check_kwargs({"path": "a"})
+    tasks.VM_GUEST_SHUTDOWN.check_kwargs({"name": "vm"})  # timeout_s is optional
+
+
+def test_the_public_names_are_exactly_the_curated_ones() -> None:
+    assert sorted(api.__all__) == sorted([
+        "GuestOS", "HardDisk", "Settings", "TaskSnapshot", "VMHardDiskType", "VMStateEvent",
+        "VMTask", "VMTaskResult", "VMVMState", "VirtualMachine", "VirtualServer", "errors",
+    ])
+    for name in api.__all__:
+        assert getattr(api, name) is not None
+    server_api = {name for name, _ in inspect.getmembers(api.VirtualServer)}
+    for name in ("hosts", "ping", "get_task", "create_fixed_virtual_hard_disk",
+                 "create_dynamic_virtual_hard_disk", "create_differencing_virtual_hard_disk",
+                 "create_host_drive_virtual_hard_disk", "get_hard_disk",
+                 "create_virtual_machine", "find_virtual_machine", "virtual_machines"):
+        assert name in server_api, name
