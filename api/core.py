@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 MAX_SCAN = 20_000  # how far back tasks() looks when filters are selective
 
 
-def producer_app(url: str) -> Celery:
+def producer_app(url: str, timeout: float = 5.0) -> Celery:
     """A Celery app that only sends: JSON only, no result backend reads."""
     app = Celery("vmtask-producer", broker=url, set_as_current=False)
     app.conf.update(
+        broker_transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout},
         task_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
@@ -70,7 +71,8 @@ class ServerCore:
         explicit_host = host or os.environ.get("VMTASK_HOST") or None
         self.default_host = validate_host_name(explicit_host) if explicit_host else None
         self.poll_interval = poll_interval
-        self.redis = connect(self.url)
+        self.timeout = env_settings.redis_timeout_seconds
+        self.redis = connect(self.url, self.timeout)
         self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds)
         self._celery: Celery | None = None
 
@@ -159,9 +161,10 @@ class ServerCore:
         a task without a record.
         """
         arguments = dict(kwargs or {})
+        quick = False
         if isinstance(task, TaskSpec):
             task.check_kwargs(arguments)
-            task_name, cancelable = task.name, task.cancelable
+            task_name, cancelable, quick = task.name, task.cancelable, task.quick
         else:
             task_name = task
         if cancelable is None:
@@ -176,14 +179,15 @@ class ServerCore:
             cancelable=cancelable,
             arguments={"args": list(args), **arguments},
         )
+        queue = keys.control_queue(target) if quick else keys.host_queue(target)
         try:
             self.celery.send_task(
                 task_name,
                 args=list(args),
                 kwargs=arguments,
                 task_id=task_id,
-                queue=keys.host_queue(target),
-                routing_key=keys.host_queue(target),
+                queue=queue,
+                routing_key=queue,
             )
         except OperationalError as exc:
             self.store.discard(task_id)
@@ -218,5 +222,5 @@ class ServerCore:
     @property
     def celery(self) -> Celery:
         if self._celery is None:
-            self._celery = producer_app(self.url)
+            self._celery = producer_app(self.url, self.timeout)
         return self._celery

@@ -15,6 +15,7 @@ from api.errors import InvalidArgumentError
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 HOST_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ACCELERATORS = ("auto", "kvm", "tcg")
+WORKER_ROLES = ("main", "control")
 
 
 def redact_url(url: str) -> str:
@@ -67,6 +68,21 @@ class Settings:
     host_drive_allow: tuple[str, ...] = ()
     # Bytes per second a VM save may write (0: unlimited), to spare a busy disk.
     save_max_bandwidth: int = 0
+    # Long operations (copies, VM starts, saves) a host runs at once.  They wait on
+    # subprocesses and QMP, not on the CPU, so this is not tied to the CPU count.
+    concurrency: int = 4
+    # Quick control operations (pause, turn off, disk info...) a host runs at once,
+    # in their own lane that never waits behind long work.
+    control_concurrency: int = 4
+    # A message a worker took but never started (it died, or Redis restarted) goes
+    # back to its queue after this long.  Safe to keep short: a copy of a task that
+    # did start is dropped by the record's start gate.
+    visibility_timeout_seconds: float = 30.0
+    # Every Redis call's deadline: a frozen Redis fails calls after this long.
+    redis_timeout_seconds: float = 5.0
+    # "main" serves the host; "control" is the lane for quick operations that the
+    # main worker starts by itself.
+    role: str = "main"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -76,6 +92,9 @@ class Settings:
             raise InvalidArgumentError(f"VMTASK_ACCEL must be one of {ACCELERATORS}, not {accel!r}")
         defaults = cls()
         host = env.get("VMTASK_HOST") or defaults.host
+        role = env.get("VMTASK_WORKER_ROLE") or "main"
+        if role not in WORKER_ROLES:
+            raise InvalidArgumentError(f"VMTASK_WORKER_ROLE must be one of {WORKER_ROLES}")
         allow = tuple(p for p in env.get("VMTASK_HOST_DRIVE_ALLOW", "").split(os.pathsep) if p)
         return cls(
             redis_url=env.get("VMTASK_REDIS_URL") or DEFAULT_REDIS_URL,
@@ -94,4 +113,12 @@ class Settings:
             ),
             host_drive_allow=allow,
             save_max_bandwidth=int(_number(env, "VMTASK_SAVE_MAX_BANDWIDTH", 0, 0)),
+            concurrency=int(_number(env, "VMTASK_CONCURRENCY", defaults.concurrency, 1)),
+            control_concurrency=int(_number(env, "VMTASK_CONTROL_CONCURRENCY",
+                                            defaults.control_concurrency, 1)),
+            visibility_timeout_seconds=_number(env, "VMTASK_VISIBILITY_TIMEOUT_SECONDS",
+                                               defaults.visibility_timeout_seconds, 5.0),
+            redis_timeout_seconds=_number(env, "VMTASK_REDIS_TIMEOUT_SECONDS",
+                                          defaults.redis_timeout_seconds, 0.5),
+            role=role,
         )

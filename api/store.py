@@ -27,11 +27,14 @@ PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host tha
 MAX_RECENT_TASKS = 100_000
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+    """A client whose every call fails after ``timeout`` seconds rather than hang
+    (a Redis stopped with SIGSTOP accepts connections and never answers)."""
     return redis.Redis.from_url(
         url,
         decode_responses=True,
-        socket_connect_timeout=5,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
         socket_keepalive=True,
         health_check_interval=30,
     )

@@ -210,12 +210,21 @@ class VMOperations(ServerCore):
             with broker_errors(self.url):
                 newest = self.redis.xrevrange(keys.VM_EVENTS, count=1)
             last = newest[0][0] if newest else "0"
+        # Block in slices shorter than the client's deadline: one long XREAD BLOCK
+        # would be indistinguishable from a frozen Redis.
+        slice_ms = max(1, int(self.timeout * 500))
+        idle_since = time.monotonic()
         while True:
+            block: int | None = slice_ms
+            if timeout_ms is not None:
+                left_ms = timeout_ms - int((time.monotonic() - idle_since) * 1000)
+                block = min(slice_ms, left_ms) if left_ms > 0 else None  # None: no wait
             with broker_errors(self.url):
-                reply = self.redis.xread({keys.VM_EVENTS: last}, block=timeout_ms or 0,
-                                         count=100)
-            if not reply:
+                reply = self.redis.xread({keys.VM_EVENTS: last}, block=block, count=100)
+            if reply:
+                for entry_id, fields in reply[0][1]:
+                    last = entry_id
+                    yield VMStateEvent.from_stream(entry_id, fields)
+                idle_since = time.monotonic()
+            elif block is None:
                 return
-            for entry_id, fields in reply[0][1]:
-                last = entry_id
-                yield VMStateEvent.from_stream(entry_id, fields)

@@ -13,7 +13,8 @@ from kombu.entity import Queue
 
 from api.protocol import keys
 from api.settings import Settings
-from workers import host
+from workers import control as control_lane
+from workers import host, transport
 from workers.tasks import diagnostics, disks, vms
 
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, vms.__name__]
@@ -34,7 +35,32 @@ class WorkerApp(Celery):  # type: ignore[misc]
 
 
 def create_app(settings: Settings) -> WorkerApp:
-    queue = keys.host_queue(settings.host)
+    """The worker's app.  Its delivery policy, in one place:
+
+    - **At most once.**  A message is acknowledged when its execution starts
+      (``task_acks_late=False``), so a worker dying mid-task does not hand it back;
+      the task's lease lapses and it ends ThreadCrashError instead.  Every copy of a
+      message (a redelivery, a duplicate, a forgery) meets the record's start gate,
+      which lets exactly one delivery run the body and drops the rest untouched.
+    - **Never stranded.**  A worker takes a message only when a slot is free
+      (``worker_disable_prefetch``), so nothing waits reserved behind a long task.
+      A message taken but never started (its worker died, or Redis restarted) goes
+      back to the queue after ``VMTASK_VISIBILITY_TIMEOUT_SECONDS``; kombu checks
+      every 10 s, so it runs within that plus 10 s of a worker being free.
+    - **Control never waits behind a copy.**  Quick operations go to
+      ``host.<name>.control``, served by a lane of their own (`workers.control`),
+      and also by this worker when it has a free slot.
+    - **No message stops a worker** (`workers.transport`).
+    - **Every Redis call has a deadline** (``VMTASK_REDIS_TIMEOUT_SECONDS``).
+    """
+    transport.install()
+    long_queue = keys.host_queue(settings.host)
+    control = keys.control_queue(settings.host)
+    queues = [control] if settings.role == "control" else [long_queue, control]
+    timeouts = {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+    }
     app = WorkerApp("vmtask", broker=settings.redis_url, backend=settings.redis_url)
     app.settings = settings
     app.conf.update(
@@ -45,27 +71,24 @@ def create_app(settings: Settings) -> WorkerApp:
         event_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_queues=[Queue(queue, routing_key=queue)],  # type: ignore[no-untyped-call]
-        task_default_queue=queue,
+        task_queues=[Queue(q, routing_key=q) for q in queues],  # type: ignore[no-untyped-call]
+        task_default_queue=long_queue,
         # Task events feed Flower: it sees workers, task names, arguments and states.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        # Delivery policy: at most once.  Merges and saves are not idempotent, so a
-        # task must never run twice, even if its worker dies mid-way:
-        #  - acks_late=False: the message is acknowledged as its execution starts, so
-        #    a worker dying mid-task does not give the message back to the queue;
-        #    the task's lease expiring turns it into ThreadCrashError instead.
-        #  - reject_on_worker_lost=False: likewise for a pool child killed mid-task.
-        #  - visibility_timeout only governs messages a worker reserved but never
-        #    started (prefetch); they are redelivered after it.  A redelivered copy
-        #    of a task that did start meets the record's start gate (PENDING only)
-        #    and is dropped, which is what makes a short timeout safe.
-        #  - prefetch_multiplier=1 keeps few messages reserved behind a long task.
         task_acks_late=False,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": 600},
+        worker_disable_prefetch=True,
+        worker_concurrency=(settings.control_concurrency if settings.role == "control"
+                            else settings.concurrency),
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            **timeouts,
+        },
         broker_connection_retry_on_startup=True,
+        redis_socket_timeout=settings.redis_timeout_seconds,
+        redis_socket_connect_timeout=settings.redis_timeout_seconds,
         # Our own record carries the state; Celery's "STARTED" write would be redundant.
         task_track_started=False,
         result_expires=int(settings.retention_seconds),
@@ -75,5 +98,7 @@ def create_app(settings: Settings) -> WorkerApp:
         task_soft_time_limit=settings.time_limit_seconds,
         task_time_limit=settings.time_limit_seconds + 30,
     )
-    host.install(app, settings, HOST_HOOKS)
+    if settings.role == "main":
+        host.install(app, settings, HOST_HOOKS)
+        control_lane.install(app, settings)
     return app

@@ -23,7 +23,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from api.protocol import keys, records
+from api.protocol import keys, records, scripts
 from api.settings import Settings
 from api.store import judge_crashed
 
@@ -49,9 +49,13 @@ class HostBeacon:
         self.settings = settings
         self.hooks = hooks
         self.client = redis.Redis.from_url(
-            self.settings.redis_url, decode_responses=True, socket_connect_timeout=5
+            self.settings.redis_url, decode_responses=True,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            socket_timeout=settings.redis_timeout_seconds,
         )
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
+        self.withdraw = self.client.register_script(scripts.load("host_withdraw"))
+        self.identity = f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
         self.started = time.time()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="vmtask-host", daemon=True)
@@ -78,9 +82,17 @@ class HostBeacon:
         return status
 
     def beat(self) -> None:
+        """Refresh the host's heartbeat and this worker's own presence in it.
+
+        Several workers may serve one host; each refreshes the shared heartbeat, so
+        the host stays live while any of them is.
+        """
+        ttl = self.settings.heartbeat_seconds
         pipe = self.client.pipeline(transaction=True)
         pipe.set(keys.host_heartbeat(self.settings.host), json.dumps(self.status()),
-                 px=int(self.settings.heartbeat_seconds * 1000))
+                 px=int(ttl * 1000))
+        pipe.zadd(keys.host_workers(self.settings.host), {self.identity: time.time() + ttl})
+        pipe.expire(keys.host_workers(self.settings.host), int(ttl) + 1)
         pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
         pipe.execute()
 
@@ -113,7 +125,11 @@ class HostBeacon:
         self.stopping.set()
         self.thread.join(timeout=5)
         try:
-            self.client.delete(keys.host_heartbeat(self.settings.host))
+            self.withdraw(
+                keys=[keys.host_heartbeat(self.settings.host),
+                      keys.host_workers(self.settings.host)],
+                args=[self.identity, repr(time.time())],
+            )
         except redis.RedisError as exc:
             log.warning("Could not withdraw the host heartbeat: %s", exc)
 

@@ -57,11 +57,12 @@ class TaskFailed(Exception):
 class WorkerRedis:
     """One client per process, with the scripts the worker runs, built lazily after fork."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.client = redis.Redis.from_url(
-            url,
+            settings.redis_url,
             decode_responses=True,
-            socket_connect_timeout=5,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            socket_timeout=settings.redis_timeout_seconds,
             socket_keepalive=True,
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
@@ -78,7 +79,7 @@ _process_redis: tuple[int, WorkerRedis] | None = None
 def worker_redis(settings: Settings) -> WorkerRedis:
     global _process_redis
     if _process_redis is None or _process_redis[0] != os.getpid():
-        _process_redis = (os.getpid(), WorkerRedis(settings.redis_url))
+        _process_redis = (os.getpid(), WorkerRedis(settings))
     return _process_redis[1]
 
 
@@ -252,8 +253,9 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
     settings = settings_of(task)
     run = TaskRun(task_id, settings, worker_redis(settings), task)
     gate = run.begin()
-    if gate != records.STARTED:
-        # Cancelled while queued, already run, or no record: never run it (again).
+    if gate != records.BEGUN:
+        # Running or run elsewhere (a duplicate delivery), cancelled while queued, or
+        # no record (forged): never run it, and touch neither record nor lease.
         log.info("Not running %s %s: its record is %s", task.name, task_id, gate)
         raise Ignore()
     lease_keeper.hold(run)

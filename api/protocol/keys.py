@@ -38,8 +38,18 @@ KNOWN_HOSTS = f"{PREFIX}hosts"  # set of every host name that ever advertised
 
 
 def host_queue(host: str) -> str:
-    """The Celery queue a host's worker consumes."""
+    """The Celery queue of a host's long operations."""
     return f"host.{host}"
+
+
+def control_queue(host: str) -> str:
+    """The Celery queue of a host's quick operations: its own lane, never behind a copy."""
+    return f"host.{host}.control"
+
+
+def host_workers(host: str) -> str:
+    """Sorted set: each live worker of the host, scored by when its presence expires."""
+    return f"{PREFIX}host-workers:{host}"
 
 
 def vm_record(name: str) -> str:

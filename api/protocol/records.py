@@ -28,6 +28,8 @@ SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REVOKED = "REVOKED"
 COMPLETE_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+# What the start gate answers the one delivery that may run the task.
+BEGUN = "BEGUN"
 
 # Messages on a task's channel.
 MSG_PROGRESS = "progress"

@@ -1,4 +1,6 @@
 -- KEYS: record, lease, running set. ARGV: now, worker name, lease ms, task id.
+-- Returns 'BEGUN' only to the one delivery that moved the record out of PENDING;
+-- every other delivery (a duplicate, a late copy) gets the state it found.
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'PENDING' then return state or 'MISSING' end
@@ -6,4 +8,4 @@ redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started', ARGV[1], 'worker', AR
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[4])
-return 'STARTED'
+return 'BEGUN'
