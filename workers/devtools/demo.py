@@ -1,15 +1,25 @@
-"""The README's demo: a private Redis and worker, real operations with live progress."""
+"""The README's demo: a private Redis and worker, real operations with live progress.
+
+``vmtask demo`` runs it as ``python -m workers.devtools.demo --workdir DIR [--json]``.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 from rich.console import Console
 
+from api.cli.follow import follow as follow_task
+from api.cli.main import reported_errors
+from api.cli.output import console as cli_console
+from api.cli.output import emit_json
+from api.cli.state import CliState
 from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol.records import TaskSnapshot
 from api.server import VirtualServer
@@ -129,3 +139,22 @@ def run_demo(workdir: Path, console: Console,
         worker.stop()
         if redis is not None:
             redis.stop()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--workdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Emptied, then holds the demo's Redis, storage and logs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON document.")
+def main(workdir: Path, as_json: bool) -> None:
+    """Run the demo with the CLI's progress bars; errors and exit codes as ``vmtask``'s."""
+    with reported_errors(CliState(json=as_json)):
+        started = time.monotonic()
+        run_demo(workdir.absolute(), cli_console, follow_task)
+        seconds = time.monotonic() - started
+        if as_json:
+            emit_json({"result": "Success", "seconds": round(seconds, 3)})
+        cli_console.print(f"[bold]demo finished in {seconds:.1f} s; nothing left running[/bold]")
+
+
+if __name__ == "__main__":
+    main()
