@@ -36,10 +36,14 @@ def worker_environment(base: Mapping[str, str], host: str, storage_root: Path,
     return env
 
 
-def worker_arguments(host: str, concurrency: int, loglevel: str) -> list[str]:
-    """``-m celery -A workers worker ...``: the worker's command line, after the interpreter."""
-    return ["-m", "celery", "-A", "workers", "worker", "--loglevel", loglevel,
-            "-c", str(concurrency), "-n", f"vmtask-{host}@%h"]
+def worker_arguments(host: str, concurrency: int | None, loglevel: str) -> list[str]:
+    """``-m celery -A workers worker ...``: the worker's command line, after the interpreter.
+
+    Without ``concurrency`` the worker runs ``VMTASK_CONCURRENCY`` long operations.
+    """
+    slots = [] if concurrency is None else ["-c", str(concurrency)]
+    return ["-m", "celery", "-A", "workers", "worker", "--loglevel", loglevel, *slots,
+            "-n", f"vmtask-{host}@%h"]
 
 
 @click.command()
@@ -47,10 +51,11 @@ def worker_arguments(host: str, concurrency: int, loglevel: str) -> list[str]:
               help="The host this worker serves (queue host.<NAME>).")
 @click.option("--storage-root", envvar="VMTASK_STORAGE_ROOT", default="./var/storage",
               type=click.Path(file_okay=False, path_type=Path), show_default=True)
-@click.option("--concurrency", "-c", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--concurrency", "-c", default=None, type=click.IntRange(1, 64),
+              help="Long operations run at once (default: VMTASK_CONCURRENCY, else 4).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.pass_context
-def worker(ctx: click.Context, worker_host: str, storage_root: Path, concurrency: int,
+def worker(ctx: click.Context, worker_host: str, storage_root: Path, concurrency: int | None,
            loglevel: str) -> None:
     """Run a worker for one host: the same as `celery -A workers worker`."""
     env = worker_environment(os.environ, worker_host, storage_root, state_of(ctx).url)
