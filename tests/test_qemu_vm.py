@@ -28,7 +28,7 @@ from api.enums import VMVMState
 from api.protocol import hresults
 from workers.engines import qemu_vm
 from workers.engines.context import NullContext
-from workers.engines.qemu_vm import VMConfig, VMPaths
+from workers.engines.qemu_vm import VMConfig, VMPaths, accel, lifecycle, statefile
 from workers.failures import (
     Cancelled,
     DiskError,
@@ -205,8 +205,8 @@ def test_choose_accel_auto_picks_tcg_on_this_host() -> None:
 
 def test_probe_rom_runs_to_completion_under_tcg(tmp_path: Path) -> None:
     rom = tmp_path / "probe.rom"
-    rom.write_bytes(qemu_vm._probe_rom(outer=2, inner=10))
-    assert qemu_vm._time_probe(rom, "tcg", 10.0) is not None
+    rom.write_bytes(accel._probe_rom(outer=2, inner=10))
+    assert accel._time_probe(rom, "tcg", 10.0) is not None
 
 
 # --------------------------------------------------------------------------- run states
@@ -463,7 +463,7 @@ def test_qemu_load_failure_is_incompatible_and_leaves_no_process(env: Env) -> No
     data[32:] = b"\x5a" * (len(data) - 32)
     paths.state_file.write_bytes(bytes(data))
     info = json.loads(paths.fingerprint_file.read_text())
-    size, digest = qemu_vm._sha256(paths.state_file)
+    size, digest = statefile._sha256(paths.state_file)
     info.update(state_size=size, state_sha256=digest)
     paths.fingerprint_file.write_text(json.dumps(info))
 
@@ -510,7 +510,7 @@ def test_qemu_failing_to_allocate_guest_ram_is_out_of_memory(
     # under heuristic overcommit a single mapping beyond RAM + swap is refused.
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
         pytest.skip("overcommit_memory=1: the kernel lets any mapping through")
-    monkeypatch.setattr(qemu_vm, "_available_memory_bytes", lambda: None)
+    monkeypatch.setattr(lifecycle, "_available_memory_bytes", lambda: None)
     config = env.config(memory_mb=3 * host_memory_mb())
     paths = env.paths()
     with pytest.raises(OutOfMemory, match="cannot set up guest memory"):

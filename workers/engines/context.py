@@ -43,8 +43,9 @@ class ProgressSpan:
 
     def step(self, percent: float) -> None:
         """Report ``percent`` (0..100) of this span."""
-        percent = min(max(percent, 0.0), 100.0)
-        value = self._low + (self._high - self._low) * percent / 100.0
+        percent = max(0.0, min(100.0, percent))
+        # Scaled by (high - low) / 100 so that the full span 0..100 passes values unchanged.
+        value = self._low + percent * ((self._high - self._low) / 100.0)
         if (value >= self._last + self._min_step and value > self._last) \
                 or (percent == 100.0 and self._last < value):
             self._last = value
