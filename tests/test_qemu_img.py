@@ -40,7 +40,9 @@ from workers.failures import (
     OperationTimedOut,
 )
 
-pytestmark = pytest.mark.skipif(
+# Only for the tests that run the binaries: the pure logic (error mapping, argument
+# checks, storage) is tested wherever the suite runs.
+needs_qemu = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
     reason="qemu-img and qemu-io are required",
 )
@@ -190,6 +192,7 @@ def test_producer_side_table_matches_the_engine() -> None:
 # --- creating -----------------------------------------------------------------------
 
 
+@needs_qemu
 @pytest.mark.parametrize("name", ["d.vhd", "d.vhdx", "d.qcow2", "d.img"])
 def test_create_dynamic_is_sparse_with_exact_size(tmp_path: Path, name: str) -> None:
     context = NullContext()
@@ -203,6 +206,7 @@ def test_create_dynamic_is_sparse_with_exact_size(tmp_path: Path, name: str) -> 
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 @pytest.mark.parametrize("name", ["f.vhd", "f.vhdx", "f.qcow2", "f.img"])
 def test_create_fixed_allocates_everything(tmp_path: Path, name: str) -> None:
     context = NullContext()
@@ -227,6 +231,7 @@ def test_create_refuses_an_existing_target(tmp_path: Path) -> None:
     assert target.read_bytes() == b"precious"
 
 
+@needs_qemu
 def test_differencing_disk_must_be_qcow2_and_needs_its_parent(tmp_path: Path) -> None:
     q.create_dynamic(tmp_path / "base.vhd", 8 * MiB, NullContext())
     with pytest.raises(IllegalValue, match="cannot create"):
@@ -240,6 +245,7 @@ def test_differencing_disk_must_be_qcow2_and_needs_its_parent(tmp_path: Path) ->
 # --- converting ---------------------------------------------------------------------
 
 
+@needs_qemu
 def test_round_trips_between_all_formats_keep_bytes_and_exact_size(tmp_path: Path) -> None:
     first = tmp_path / "r0.vhd"
     q.create_fixed(first, ODD_SIZE, NullContext())
@@ -282,6 +288,7 @@ def test_round_trips_between_all_formats_keep_bytes_and_exact_size(tmp_path: Pat
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 def test_convert_leaves_the_source_untouched_and_refuses_existing_destination(
     tmp_path: Path,
 ) -> None:
@@ -299,6 +306,7 @@ def test_convert_leaves_the_source_untouched_and_refuses_existing_destination(
     assert sha256(source) == before
 
 
+@needs_qemu
 def test_missing_source_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(DiskError) as caught:
         q.convert(tmp_path / "nope.vhd", tmp_path / "out.vhd", False, NullContext())
@@ -318,6 +326,7 @@ def test_missing_source_is_file_not_found(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 @pytest.mark.parametrize("name", ["junk.qcow2", "junk.vhd", "junk.vhdx"])
 def test_garbage_image_is_corrupt(tmp_path: Path, name: str) -> None:
     junk = tmp_path / name
@@ -331,6 +340,7 @@ def test_garbage_image_is_corrupt(tmp_path: Path, name: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+@needs_qemu
 def test_damaged_qcow2_metadata_is_corrupt_not_io_error(tmp_path: Path) -> None:
     """The header is fine, so info works; the copy then meets an unaligned L2 table,
     which qemu 7.2 reports as "Image is corrupt" followed by "Input/output error"."""
@@ -350,6 +360,7 @@ def test_damaged_qcow2_metadata_is_corrupt_not_io_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.qcow2"]
 
 
+@needs_qemu
 def test_file_names_do_not_fool_the_error_mapping(tmp_path: Path) -> None:
     failure = q.failure_from_stderr(
         f"Could not open '{tmp_path}/corrupt-invalid argument.qcow2': No such file or directory",
@@ -358,6 +369,7 @@ def test_file_names_do_not_fool_the_error_mapping(tmp_path: Path) -> None:
     assert failure.hresult == hresults.FILE_NOT_FOUND
 
 
+@needs_qemu
 def test_progress_is_monotonic_with_intermediate_values(tmp_path: Path, big_source: Path) -> None:
     context = NullContext()
     started = time.monotonic()
@@ -370,6 +382,7 @@ def test_progress_is_monotonic_with_intermediate_values(tmp_path: Path, big_sour
     qemu_io(tmp_path / "copy.vhd", "vpc", f"read -P 0xab {BIG_SIZE - MiB} 1M")
 
 
+@needs_qemu
 def test_cancel_mid_convert_kills_qemu_img_and_leaves_nothing(
     tmp_path: Path, big_source: Path
 ) -> None:
@@ -387,6 +400,7 @@ def test_cancel_mid_convert_kills_qemu_img_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_qemu
 def test_timeout_kills_qemu_img_and_leaves_nothing(tmp_path: Path, big_source: Path) -> None:
     with pytest.raises(OperationTimedOut) as caught:
         q.convert(big_source, tmp_path / "copy.vhdx", True, NullContext(), timeout=0.2)
@@ -395,6 +409,7 @@ def test_timeout_kills_qemu_img_and_leaves_nothing(tmp_path: Path, big_source: P
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_qemu
 def test_disk_full_is_reported_and_leaves_no_partial_file(tmp_path: Path, small_fs: Path) -> None:
     with pytest.raises(DiskError) as caught:
         q.create_fixed(small_fs / "fixed.vhd", 16 * MiB, NullContext())
@@ -437,6 +452,7 @@ CHAIN_LAYOUT = (
 )
 
 
+@needs_qemu
 def test_merge_to_collapses_a_three_level_chain(tmp_path: Path) -> None:
     base, mid, top = build_chain(tmp_path)
     assert q.info(mid).parent == str(base)
@@ -455,6 +471,7 @@ def test_merge_to_collapses_a_three_level_chain(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 def test_merge_commits_into_the_parent(tmp_path: Path) -> None:
     base, mid, top = build_chain(tmp_path)
     context = NullContext()
@@ -470,6 +487,7 @@ def test_merge_commits_into_the_parent(tmp_path: Path) -> None:
         q.merge(base, NullContext())
 
 
+@needs_qemu
 def test_compact_keeps_data_and_does_not_grow(tmp_path: Path) -> None:
     disk = tmp_path / "dyn.vhd"
     q.create_dynamic(disk, 32 * MiB, NullContext())
@@ -495,6 +513,7 @@ def test_compact_keeps_data_and_does_not_grow(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 def test_compact_differencing_keeps_parent_and_own_data(tmp_path: Path) -> None:
     _base, mid, top = build_chain(tmp_path)
     qemu_io(top, "qcow2", "write -P 0 6M 2M")  # zeros over a zero parent: reclaimable
@@ -515,6 +534,7 @@ def test_compact_differencing_keeps_parent_and_own_data(tmp_path: Path) -> None:
 # --- host drives --------------------------------------------------------------------
 
 
+@needs_qemu
 def test_read_only_host_drive_never_writes_the_device(tmp_path: Path) -> None:
     device = tmp_path / "device.bin"
     device.write_bytes(bytes([0x42]) * (4 * MiB))
@@ -541,6 +561,7 @@ def test_read_only_host_drive_never_writes_the_device(tmp_path: Path) -> None:
     qemu_io(tmp_path / "copy.vhd", copy.format, "read -P 0x99 0 64k", "read -P 0x42 64k 4032k")
 
 
+@needs_qemu
 def test_read_write_host_drive_creation_keeps_the_device_and_writes_through(
     tmp_path: Path,
 ) -> None:
@@ -562,6 +583,7 @@ def test_read_write_host_drive_creation_keeps_the_device_and_writes_through(
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 def test_host_drive_on_a_block_device(tmp_path: Path) -> None:
     backing = tmp_path / "loop.bin"
     backing.write_bytes(bytes([0x3C]) * (8 * MiB))
@@ -616,6 +638,7 @@ def test_stderr_mapping(stderr: str, kind: type[OperationFailed], hresult: int) 
     assert stderr in str(failure)
 
 
+@needs_qemu
 def test_image_locked_by_another_process_is_a_sharing_violation(tmp_path: Path) -> None:
     disk = tmp_path / "busy.qcow2"
     q.create_dynamic(disk, 8 * MiB, NullContext())
@@ -643,6 +666,7 @@ def test_image_locked_by_another_process_is_a_sharing_violation(tmp_path: Path) 
     assert leftovers(tmp_path) == []
 
 
+@needs_qemu
 def test_unexpected_failure_carries_stderr() -> None:
     with pytest.raises(OperationFailed) as caught:
         q.run_qemu_img(["frobnicate"], NullContext())

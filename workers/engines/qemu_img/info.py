@@ -1,0 +1,146 @@
+"""Image information: `DiskInfo` and `info`, from ``qemu-img info`` and the headers.
+
+The disk type comes from what qemu-img reports (backing file, external data file)
+and, for VHD and VHDX, from the image's own header (`headers`).  A host-drive disk
+is recognised by its raw external data file (read-write) or by a ``json:`` backing
+filename naming the device (read-only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from api.enums import VMHardDiskType
+from api.protocol import hresults
+from workers.engines.context import NullContext
+from workers.engines.qemu_img.headers import vhd_disk_type, vhdx_file_flags
+from workers.engines.qemu_img.runner import run_qemu_img
+from workers.engines.qemu_img.sizes import format_for
+from workers.failures import DiskError, OperationFailed
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """What `info` learns about one image file (sizes in bytes)."""
+
+    file: str
+    format: str
+    disk_type: VMHardDiskType
+    virtual_size: int
+    actual_size: int
+    parent: str | None
+    """The backing file of a differencing disk, as an absolute path."""
+    host_drive: str | None = None
+    """The host block device or file a host-drive disk is bound to."""
+    read_only: bool = False
+    """True for a host-drive disk whose device must never be written."""
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["disk_type"] = int(self.disk_type)
+        return data
+
+
+def _host_drive_from_backing(backing: str) -> str | None:
+    """The device named by a host-drive backing file (a ``json:`` filename)."""
+    if not backing.startswith("json:"):
+        return None
+    try:
+        options = json.loads(backing[len("json:") :])
+        filename = options["file"]["filename"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return filename if isinstance(filename, str) else None
+
+
+def _absolute_beside(image: Path, name: str) -> str:
+    """A backing or data file name as qemu resolves it: relative to the image's directory."""
+    return os.path.normpath(os.path.join(image.parent, name))
+
+
+def query(path: Path, timeout: float | None) -> dict[str, Any]:
+    """The raw ``qemu-img info --output=json`` of one image (not its backing chain)."""
+    fmt = format_for(path)
+    if not os.path.lexists(path):
+        raise DiskError(f"{path} does not exist", hresults.FILE_NOT_FOUND)
+    # -U: reading the header of a disk that a running VM holds open is harmless, and
+    # without it qemu-img refuses for the VM's write lock.
+    output = run_qemu_img(
+        ["info", "--output=json", "-U", "-f", fmt, str(path)],
+        NullContext("internal"),
+        timeout=timeout,
+    )
+    try:
+        data = json.loads(output)
+        int(data["virtual-size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OperationFailed(
+            f"Unexpected qemu-img info output for {path}: {output[:500]}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise OperationFailed(f"Unexpected qemu-img info output for {path}: {output[:500]}")
+    return data
+
+
+def info(path: Path, *, timeout: float | None = 60.0) -> DiskInfo:
+    """Describe the image at ``path`` (``qemu-img info --output=json -f <fmt>``)."""
+    path = Path(path)
+    return describe(path, query(path, timeout))
+
+
+def describe(path: Path, data: dict[str, Any]) -> DiskInfo:
+    """The `DiskInfo` of the image at ``path`` whose ``qemu-img info`` output is ``data``."""
+    fmt = format_for(path)
+    virtual_size = int(data["virtual-size"])
+    actual_size = int(data.get("actual-size", 0))
+    backing = data.get("backing-filename")
+    specific = data.get("format-specific", {}).get("data", {})
+    parent: str | None = None
+    host_drive: str | None = None
+    read_only = False
+
+    if fmt == "qcow2" and isinstance(specific.get("data-file"), str):
+        disk_type = VMHardDiskType.HostDrive
+        host_drive = _absolute_beside(path, specific["data-file"])
+    elif isinstance(backing, str) and _host_drive_from_backing(backing) is not None:
+        disk_type = VMHardDiskType.HostDrive
+        host_drive = _host_drive_from_backing(backing)
+        read_only = True
+    elif isinstance(backing, str) and backing:
+        disk_type = VMHardDiskType.Differencing
+        parent = _absolute_beside(path, backing)
+    elif fmt == "vpc":
+        found = vhd_disk_type(path)
+        if found is None:
+            # qemu only reports a block size for dynamic VHDs.
+            found = VMHardDiskType.Dynamic if "cluster-size" in data else VMHardDiskType.FixedSize
+        disk_type = found
+    elif fmt == "vhdx":
+        flags = vhdx_file_flags(path)
+        if flags is not None and flags & 2:
+            disk_type = VMHardDiskType.Differencing
+        elif flags is not None and flags & 1:
+            disk_type = VMHardDiskType.FixedSize
+        else:
+            disk_type = VMHardDiskType.Dynamic
+    else:
+        # qcow2 and raw record no "fixed" flag: a disk whose file holds at least its
+        # whole virtual size is fixed (preallocated); a fully written dynamic disk is
+        # indistinguishable from one.
+        disk_type = (
+            VMHardDiskType.FixedSize if actual_size >= virtual_size else VMHardDiskType.Dynamic
+        )
+    return DiskInfo(
+        file=str(path),
+        format=fmt,
+        disk_type=disk_type,
+        virtual_size=virtual_size,
+        actual_size=actual_size,
+        parent=parent,
+        host_drive=host_drive,
+        read_only=read_only,
+    )

@@ -1,0 +1,194 @@
+"""Rewriting existing disks: convert and merge_to into a new disk, compact, merge.
+
+`convert` and `merge_to` read a source (through its whole chain) into a new
+standalone disk; `compact` rebuilds a dynamic or differencing disk beside itself and
+replaces it; `merge` commits a differencing disk into its parent in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from api.enums import VMHardDiskType
+from workers.engines.context import OperationContext, ProgressSpan, raise_if_cancelled
+from workers.engines.qemu_img.info import DiskInfo, describe, info, query
+from workers.engines.qemu_img.outputs import (
+    allocate,
+    create_options,
+    fsync_file,
+    new_output,
+    require_new_target,
+    require_source,
+    task_id_for,
+)
+from workers.engines.qemu_img.runner import Deadline, run_qemu_img
+from workers.engines.qemu_img.sizes import check_maximum, format_for
+from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
+from workers.failures import IllegalValue
+
+
+def _convert_into(
+    source: Path,
+    destination: Path,
+    fixed: bool,
+    context: OperationContext,
+    task_id: str | None,
+    timeout: float | None,
+) -> DiskInfo:
+    source = require_source(source)
+    source_fmt = format_for(source)
+    destination_fmt = format_for(destination)
+    target = require_new_target(destination)
+    deadline = Deadline(timeout)
+    source_info = info(source, timeout=deadline.remaining())
+    check_maximum(destination_fmt, source_info.virtual_size)
+    copy_end = 90.0 if fixed else 99.0
+    with new_output(target, task_id_for(context, task_id)) as temp:
+        run_qemu_img(
+            [
+                "convert",
+                "-p",
+                "-f",
+                source_fmt,
+                "-O",
+                destination_fmt,
+                *create_options(destination_fmt, fixed),
+                str(source),
+                str(temp),
+            ],
+            context,
+            progress_range=(0.0, copy_end),
+            timeout=deadline.remaining(),
+        )
+        if fixed:
+            allocate(temp, context, ProgressSpan(context, copy_end, 99.0), deadline)
+    context.report_progress(100.0)
+    return info(target)
+
+
+def convert(
+    source: Path,
+    destination: Path,
+    fixed: bool,
+    context: OperationContext,
+    task_id: str | None = None,
+    *,
+    timeout: float | None = None,
+) -> DiskInfo:
+    """Copy ``source`` into a new fixed or dynamic disk, format by ``destination``'s
+    extension.  The source is only read; an existing destination is FILE_EXISTS
+    before anything runs.  A differencing source is read through its whole chain."""
+    return _convert_into(source, destination, fixed, context, task_id, timeout)
+
+
+def merge_to(
+    source: Path,
+    destination: Path,
+    fixed: bool,
+    context: OperationContext,
+    task_id: str | None = None,
+    *,
+    timeout: float | None = None,
+) -> DiskInfo:
+    """Collapse the chain ending at ``source`` into a new standalone disk."""
+    return _convert_into(source, destination, fixed, context, task_id, timeout)
+
+
+def compact(
+    path: Path,
+    context: OperationContext,
+    task_id: str | None = None,
+    *,
+    timeout: float | None = None,
+) -> DiskInfo:
+    """Rewrite a dynamic or differencing disk without its unused and zeroed blocks.
+
+    The copy is built beside the original and replaces it in one rename; replacing is
+    the point here, unlike the other operations.  A differencing disk keeps its
+    parent and only its own data.  If the copy would be larger, the original stays.
+    """
+    path = require_source(path)
+    fmt = format_for(path)
+    deadline = Deadline(timeout)
+    data = query(path, deadline.remaining())
+    before = describe(path, data)
+    if before.disk_type == VMHardDiskType.HostDrive:
+        raise IllegalValue("A host-drive disk holds no data of its own to compact")
+    if before.disk_type == VMHardDiskType.FixedSize:
+        raise IllegalValue("Only dynamic and differencing disks can be compacted")
+    backing: list[str] = []
+    if before.disk_type == VMHardDiskType.Differencing:
+        # The stored (relative) name, so the copy's chain resolves like the original's.
+        backing = [
+            "-B",
+            str(data["backing-filename"]),
+            "-F",
+            str(data.get("backing-filename-format") or format_for(before.parent or "")),
+        ]
+    temp = temporary_path_for(path, task_id_for(context, task_id))
+    remove_quietly(temp)
+    try:
+        run_qemu_img(
+            [
+                "convert",
+                "-p",
+                "-f",
+                fmt,
+                "-O",
+                fmt,
+                *create_options(fmt, fixed=False),
+                *backing,
+                str(path),
+                str(temp),
+            ],
+            context,
+            progress_range=(0.0, 98.0),
+            timeout=deadline.remaining(),
+        )
+        raise_if_cancelled(context)
+        if os.stat(temp).st_blocks * 512 < os.stat(path).st_blocks * 512:
+            shutil.copymode(path, temp)
+            fsync_file(temp)
+            os.replace(temp, path)
+            fsync_directory(path.parent)
+    finally:
+        remove_quietly(temp)
+    context.report_progress(100.0)
+    return info(path)
+
+
+def merge(
+    path: Path,
+    context: OperationContext,
+    task_id: str | None = None,
+    *,
+    timeout: float | None = None,
+) -> DiskInfo:
+    """Commit the differencing disk ``path`` into its parent (``qemu-img commit -p``).
+
+    Not cancelable: the parent is modified in place, and stopping halfway would leave
+    it neither old nor new.  (If the worker dies anyway, the overlay still holds all
+    its data, because qemu-img empties it only after the commit completed, so running
+    the merge again finishes the job.)  Afterwards ``path`` is an empty overlay, so
+    its contents equal the parent's.  A parent shared by other differencing disks is
+    changed under them too, as with any merge.  ``timeout`` still kills qemu-img.
+    Returns the parent's info.
+    """
+    del task_id  # in place by definition: there is no temporary file
+    path = require_source(path)
+    fmt = format_for(path)
+    disk = info(path)
+    if disk.disk_type != VMHardDiskType.Differencing or disk.parent is None:
+        raise IllegalValue(f"{path} is not a differencing disk, so it has no parent to merge into")
+    context.report_progress(1.0)
+    run_qemu_img(
+        ["commit", "-p", "-f", fmt, str(path)],
+        context,
+        progress_range=(1.0, 99.0),
+        timeout=timeout,
+        cancelable=False,
+    )
+    context.report_progress(100.0)
+    return info(Path(disk.parent))
