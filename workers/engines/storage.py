@@ -205,19 +205,23 @@ def free_space(path: Path) -> int:
     return result.f_bavail * result.f_frsize
 
 
-def fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path, *, strict: bool = False) -> None:
     """Make a rename in ``directory`` durable.
 
-    Best effort: some filesystems refuse a directory fsync, and the rename itself
-    has already happened, so a refusal is not a failure of the operation.
+    Best effort unless ``strict``: some filesystems refuse a directory fsync, and
+    the rename itself has already happened.  A saved VM state is strict, since a
+    state whose rename may not survive a power cut must not be trusted.
     """
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)

@@ -147,7 +147,7 @@ def publish_saved_state(
         "saved_at": datetime.now(UTC).isoformat(),
     }
     _write_atomically(paths.fingerprint_file, json.dumps(metadata, indent=2).encode())
-    fsync_directory(paths.directory)
+    fsync_directory(paths.directory, strict=True)
 
 
 def discard_saved_state(paths: VMPaths) -> None:
