@@ -38,7 +38,7 @@ WORKDIR /opt/vmtask/src
 COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY workers/ workers/
-RUN pip install . \
+RUN pip install ".[worker,flower]" \
     && rm -rf /opt/vmtask/src
 
 # The storage root: mount a volume here (docker-compose.yml uses a named volume

@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check api workers tests bench
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -q "$@"
+# Two processes: the modules start their own redis-servers and workers on free ports,
+# so they share nothing.  "-m 'not slow'" gives the quick subset while working.
+exec .venv/bin/python -m pytest -q -n 2 "$@"

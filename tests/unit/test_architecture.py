@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,24 @@ def test_the_public_names_are_exactly_the_curated_ones() -> None:
                  "create_host_drive_virtual_hard_disk", "get_hard_disk",
                  "create_virtual_machine", "find_virtual_machine", "virtual_machines"):
         assert name in server_api, name
+
+
+def test_a_producer_needs_neither_the_cli_nor_the_worker_dependencies() -> None:
+    """``pip install vmtask`` (celery, kombu, redis) is enough for ``from api import ...``
+
+    (click comes with Celery itself.)
+    """
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('rich', 'qemu', 'flower', 'workers'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from api import VirtualServer, errors\n"
+        "VirtualServer('redis://127.0.0.1:1/0', host='h').close()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -187,7 +187,7 @@ def test_concurrent_builders_share_one_build(tmp_path: Path) -> None:
         "g = build_tiny_guest(Path(sys.argv[1]))\n"
         "print(json.dumps([str(g.kernel), str(g.initrd)]))\n"
     )
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     builders = [
         subprocess.Popen(
             [sys.executable, "-c", program, str(tmp_path)],

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs qemu-system-x86_64 and qemu-img",
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 20.0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState
-from tests.test_cli import Cli, Run, assert_one_error_line, cli  # noqa: F401 - fixtures
+from tests.integration.test_cli import Cli, Run, assert_one_error_line, cli  # noqa: F401 - fixtures
 from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 INVALID_STATE = "0x8007139F"
