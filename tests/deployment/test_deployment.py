@@ -475,7 +475,9 @@ def test_worker_command_loads_the_workers_app_for_its_host(
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert loaded["queues"] == [keys.host_queue(host)] == [f"host.{host}"]
+    # Long operations, and quick ones (also served by the host's control lane).
+    assert loaded["queues"] == [keys.host_queue(host), keys.control_queue(host)] \
+        == [f"host.{host}", f"host.{host}.control"]
     assert loaded["default"] == f"host.{host}"
     assert (loaded["host"], loaded["root"]) == (host, STORAGE_ROOT)
     assert loaded["broker"] == environment["VMTASK_REDIS_URL"]

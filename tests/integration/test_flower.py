@@ -122,7 +122,8 @@ def test_flower_lists_the_worker_and_its_host_queue(cluster: tuple[WorkerProcess
         return None
 
     info = wait_until(listed, 20, "Flower to list the worker", interval=0.5)
-    assert [queue["name"] for queue in info["active_queues"]] == [f"host.{HOST}"]
+    assert sorted(queue["name"] for queue in info["active_queues"]) == [
+        f"host.{HOST}", f"host.{HOST}.control"]
     assert "vmtask.ping" in info["registered"]
     assert worker.proc is not None and info["stats"]["pid"] == worker.proc.pid
 
