@@ -18,6 +18,7 @@ from typing import Any, Self
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from api import celery_backend, events
 from api.arguments import check_int
 from api.errors import (
     BrokerUnavailableError,
@@ -40,15 +41,16 @@ MAX_SCAN = 20_000  # how far back tasks() looks when filters are selective
 
 def producer_app(url: str, timeout: float = 5.0) -> Celery:
     """A Celery app that only sends: JSON only, no result backend reads."""
-    app = Celery("vmtask-producer", broker=url, set_as_current=False)
+    app = Celery("vmtask-producer", broker=url, backend=celery_backend.BACKEND,
+                  set_as_current=False)
     app.conf.update(
+        vmtask_redis_timeout=timeout,
         broker_transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout},
         task_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # No task-sent event: it would cost a PUBLISH per enqueue; Flower learns of a
-        # task from the worker's task-received event.
-        task_send_sent_event=False,
+        # Flower shows a queued task from its task-sent event: one PUBLISH per enqueue.
+        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         # Fail fast to the caller (BrokerUnavailableError) rather than retry for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
@@ -74,6 +76,8 @@ class ServerCore:
         self.timeout = env_settings.redis_timeout_seconds
         self.redis = connect(self.url, self.timeout)
         self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds)
+        self.store.on_revoked = self._announce_revoked
+        self.store.on_crash_judged = self._announce_crash
         self._celery: Celery | None = None
 
     def __repr__(self) -> str:
@@ -219,8 +223,19 @@ class ServerCore:
                 break
         return found[:limit]
 
+    def _announce_revoked(self, task_id: str) -> None:
+        """A queued task was cancelled: Flower shows it REVOKED now, not when a worker
+        reaches its message."""
+        events.send(self.celery, "task-revoked", task_id, terminated=False, signum=None,
+                    expired=False)
+
+    def _announce_crash(self, task_id: str) -> None:
+        events.send(self.celery, "task-failed", task_id, **events.crash_fields())
+
     @property
     def celery(self) -> Celery:
+        """The producer's Celery app: ``AsyncResult(id)`` reads the task record
+        (`api.celery_backend`); ``control.revoke(id)`` cancels as `VMTask.cancel` does."""
         if self._celery is None:
             self._celery = producer_app(self.url, self.timeout)
         return self._celery

@@ -9,6 +9,8 @@
     ├── NotFoundError                 a VM, disk or host that does not exist
     │   └── HostUnavailableError      no live worker serves the host
     ├── OperationFailedError          a synchronous query (e.g. get_hard_disk) failed
+    ├── TaskFailedError               how Celery's result API and Flower show a task that
+    │                                 ended without success (never raised by VMTask)
     └── BrokerUnavailableError        Redis cannot be reached
 
 A task that *runs* and fails does not raise: it completes with a `VMTaskResult`
@@ -65,6 +67,28 @@ class OperationFailedError(VMTaskError):
     """A call that waits for its task (e.g. `get_hard_disk`) saw the task fail."""
 
 
+class TaskFailedError(VMTaskError):
+    """A task that ended without success, as Celery's result API and Flower show it.
+
+    Its ``args`` are plain JSON (the VMTaskResult name, the HRESULT in hex, the
+    description), so it reads the same in Flower, in ``AsyncResult.result`` and in
+    ``celery result``.  `VMTask` never raises it: a task's failure is its result.
+    """
+
+    def __init__(self, result: str, hresult: int | str | None = None,
+                 description: str = "") -> None:
+        code = (self.default_hresult if hresult is None
+                else int(hresult.split()[0], 16) if isinstance(hresult, str) else hresult)
+        super().__init__(description or result, code)
+        self.args = (result, f"0x{code:08X}", description)
+        self.result = result
+        self.description = description
+
+    def __str__(self) -> str:
+        result, code, description = self.args
+        return f"{result} {code}: {description}" if description else f"{result} {code}"
+
+
 class BrokerUnavailableError(VMTaskError):
     default_hresult = hresults.SERVER_FAULT
 
@@ -77,6 +101,7 @@ __all__ = [
     "InvalidTimeoutError",
     "NotFoundError",
     "OperationFailedError",
+    "TaskFailedError",
     "TaskNotCancelableError",
     "TaskNotFoundError",
     "VMTaskError",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from api.settings import redact_url
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
 MAX_RECENT_TASKS = 100_000
+CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
 def connect(url: str, timeout: float = 5.0) -> redis.Redis:
@@ -58,6 +59,9 @@ class TaskStore:
         self.retention_seconds = int(retention_seconds)
         self._finish = client.register_script(records.FINISH_SCRIPT)
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
+        # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
+        self.on_revoked: Callable[[str], None] | None = None
+        self.on_crash_judged: Callable[[str], None] | None = None
         # One pub/sub connection per thread, reused across waits: opening one per
         # wait costs a TCP handshake and an AUTH each time.
         self._local = threading.local()
@@ -164,15 +168,16 @@ class TaskStore:
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""
         with broker_errors(self.url):
-            return judge_crashed(self.client, self._finish, task_id, self.retention_seconds)
+            judged = judge_crashed(self.client, self._finish, task_id, self.retention_seconds)
+        if judged and self.on_crash_judged is not None:
+            self.on_crash_judged(task_id)
+        return judged
 
     def cancel(self, task_id: str) -> str:
         with broker_errors(self.url):
-            outcome = self._cancel(
-                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
-                args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
-                      hresults.E_ABORT],
-            )
+            outcome = cancel_record(self._cancel, task_id, self.retention_seconds)
+        if outcome == "REVOKED" and self.on_revoked is not None:
+            self.on_revoked(task_id)
         if outcome == "MISSING":
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
         if outcome == "NOT_CANCELABLE":
@@ -180,6 +185,20 @@ class TaskStore:
         if outcome == "COMPLETE":
             raise TaskNotCancelableError(f"Task {task_id} is already complete")
         return str(outcome)
+
+
+def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
+                  revoke_queued: bool = False) -> str:
+    """The record's cancel transition; ``revoke_queued`` is Celery's revoke, which
+    also drops a queued task whose operation is not cancelable (it never ran).
+
+    Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
+    (it runs, and stops at its next check)."""
+    return str(cancel_script(
+        keys=[keys.task_record(task_id), keys.task_channel(task_id)],
+        args=[repr(time.time()), retention_seconds, int(VMTaskResult.Cancelled),
+              hresults.E_ABORT, "1" if revoke_queued else "0"],
+    ))
 
 
 def judge_crashed(
@@ -197,7 +216,7 @@ def judge_crashed(
             records.FAILURE,
             int(VMTaskResult.ThreadCrashError),
             hresults.SERVER_FAULT,
-            "The worker running the task stopped (killed, out of memory, or host lost)",
+            CRASH_DESCRIPTION,
             repr(time.time()),
             0,
             retention_seconds,

@@ -11,10 +11,11 @@ from __future__ import annotations
 from celery import Celery
 from kombu.entity import Queue
 
+from api import celery_backend
 from api.protocol import keys
 from api.settings import Settings
 from workers import control as control_lane
-from workers import host, transport
+from workers import host, monitoring, transport
 from workers.tasks import diagnostics, disks, vms
 
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, vms.__name__]
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> WorkerApp:
     - **Every Redis call has a deadline** (``VMTASK_REDIS_TIMEOUT_SECONDS``).
     """
     transport.install()
+    monitoring.rank_progress_as_started()
     long_queue = keys.host_queue(settings.host)
     control = keys.control_queue(settings.host)
     queues = [control] if settings.role == "control" else [long_queue, control]
@@ -61,10 +63,12 @@ def create_app(settings: Settings) -> WorkerApp:
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
     }
-    app = WorkerApp("vmtask", broker=settings.redis_url, backend=settings.redis_url)
+    app = WorkerApp("vmtask", broker=settings.redis_url, backend=celery_backend.BACKEND)
     app.settings = settings
     app.conf.update(
         include=OPERATION_MODULES,
+        vmtask_redis_timeout=settings.redis_timeout_seconds,
+        vmtask_retention_seconds=settings.retention_seconds,
         # JSON only, both ways: a pickled message is refused (ContentDisallowed) unread.
         task_serializer="json",
         result_serializer="json",
@@ -98,6 +102,7 @@ def create_app(settings: Settings) -> WorkerApp:
         task_soft_time_limit=settings.time_limit_seconds,
         task_time_limit=settings.time_limit_seconds + 30,
     )
+    monitoring.install(app, settings)
     if settings.role == "main":
         host.install(app, settings, HOST_HOOKS)
         control_lane.install(app, settings)

@@ -23,6 +23,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from api import events
 from api.protocol import keys, records, scripts
 from api.settings import Settings
 from api.store import judge_crashed
@@ -45,9 +46,11 @@ class HostHooks:
 
 
 class HostBeacon:
-    def __init__(self, settings: Settings, hooks: HostHooks) -> None:
+    def __init__(self, settings: Settings, hooks: HostHooks,
+                 on_crash_judged: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.hooks = hooks
+        self.on_crash_judged = on_crash_judged
         self.client = redis.Redis.from_url(
             self.settings.redis_url, decode_responses=True,
             socket_connect_timeout=settings.redis_timeout_seconds,
@@ -107,6 +110,8 @@ class HostBeacon:
             if not leased and judge_crashed(self.client, self.finish, task_id,
                                             int(self.settings.retention_seconds)):
                 log.error("Task %s lost its worker: ended ThreadCrashError", task_id)
+                if self.on_crash_judged is not None:
+                    self.on_crash_judged(task_id)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -142,7 +147,12 @@ def install(app: Celery, settings: Settings, hooks: HostHooks) -> None:
         if getattr(sender, "app", app) is not app:
             return
         settings.storage_root.mkdir(parents=True, exist_ok=True)
-        beacon = HostBeacon(settings, hooks)
+        node = str(getattr(sender, "hostname", "") or settings.host)
+
+        def announce_crash(task_id: str) -> None:
+            events.send(app, "task-failed", task_id, hostname=node, **events.crash_fields())
+
+        beacon = HostBeacon(settings, hooks, announce_crash)
         for hook in hooks.startup:
             try:
                 hook(beacon.client, settings)

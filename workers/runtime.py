@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec
 
@@ -29,6 +30,7 @@ from celery.exceptions import Ignore
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from api import events
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records
 from api.protocol.tasks import TaskSpec
@@ -48,10 +50,6 @@ EVENT_MIN_INTERVAL = 1.0
 CANCEL_CHECK_INTERVAL = 0.1
 # How long a finishing task keeps retrying its final write while Redis is away.
 FINISH_RETRY_SECONDS = 120.0
-
-
-class TaskFailed(Exception):
-    """What Celery (and Flower) see of a failed operation; args are plain JSON."""
 
 
 class WorkerRedis:
@@ -103,6 +101,7 @@ class TaskRun:
         self.settings = settings
         self.redis = conn.client
         self._task = task
+        self._description: str | None = None
         self._last_event = 0.0
         self._conn = conn
         self._record = keys.task_record(task_id)
@@ -146,7 +145,10 @@ class TaskRun:
         if self._task is not None and now - self._last_event >= EVENT_MIN_INTERVAL:
             self._last_event = now
             try:
-                self._task.send_event("task-progress", percent=int(self._written_percent))
+                if self._description is None:
+                    self._description = str(self.redis.hget(self._record, "description") or "")
+                self._task.send_event(events.PROGRESS_EVENT, **events.progress_fields(
+                    int(self._written_percent), self._description))
             except Exception as exc:  # noqa: BLE001 - monitoring must never fail a task
                 log.debug("Could not send the progress event of %s: %s", self.task_id, exc)
 
@@ -193,6 +195,24 @@ class TaskRun:
                     raise
                 log.warning("Redis unavailable while finishing %s; retrying: %s", self.task_id, exc)
                 time.sleep(0.5)
+
+
+    def announce(self, failure: Failure, trace: str | None = None) -> None:
+        """Tell Celery's monitors (Flower) how the task ended, as the record says.
+
+        ``trace`` is the traceback of an unexpected failure; expected ones have none.
+        """
+        if self._task is None:
+            return
+        try:
+            if failure.result == VMTaskResult.Cancelled:
+                self._task.send_event("task-revoked", terminated=False, signum=None,
+                                      expired=False)
+            else:
+                self._task.send_event("task-failed", **events.failure_fields(
+                    failure.result.name, failure.hresult, failure.description, trace))
+        except Exception as exc:  # noqa: BLE001 - monitoring must never fail a task
+            log.debug("Could not announce the end of %s: %s", self.task_id, exc)
 
 
 class LeaseKeeper:
@@ -257,27 +277,38 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
         # Running or run elsewhere (a duplicate delivery), cancelled while queued, or
         # no record (forged): never run it, and touch neither record nor lease.
         log.info("Not running %s %s: its record is %s", task.name, task_id, gate)
+        if gate == records.REVOKED:
+            task.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore()
     lease_keeper.hold(run)
     failure: Failure | None = None
+    trace: str | None = None
     value: Any = None
     try:
         value = body(run, **kwargs)
     except Exception as exc:
         failure = classify(exc)
         if failure.result == VMTaskResult.UnexpectedError:
+            trace = traceback.format_exc()
             log.exception("Task %s %s failed unexpectedly", task.name, task_id)
+        else:
+            log.warning("Task %s %s ended %s %s: %s", task.name, task_id, failure.result.name,
+                        hresults.format_hresult(failure.hresult), failure.description)
     finally:
         lease_keeper.release(run)
-    if failure is None and run.lease_lost.is_set():
-        log.error("Task %s finished after being judged crashed; result dropped", task_id)
     outcome = run.finish(failure, value if failure is None else None)
     if outcome != "OK":
-        log.warning("Final write of %s found its record %s", task_id, outcome)
-    if failure is not None:
-        raise TaskFailed(failure.result.name, hresults.format_hresult(failure.hresult),
-                         failure.description)
-    return value
+        # Judged crashed meanwhile: the record's FAILURE stands, and its judge sent
+        # the event.  Celery must not announce a success the record does not hold.
+        log.error("Task %s finished after its record became %s; result dropped",
+                  task_id, outcome)
+        raise Ignore()
+    if failure is None:
+        return value
+    run.announce(failure, trace)
+    # The failure is recorded and announced; Celery's own failure handling would
+    # only add a traceback to an expected outcome.
+    raise Ignore()
 
 
 def operation(

@@ -8,7 +8,11 @@ its credentials the way docker-compose.yml gives them: ``FLOWER_BASIC_AUTH``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -19,7 +23,9 @@ from typing import Any
 
 import pytest
 
-from api import VirtualServer, VMTaskResult
+from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
+from api.protocol import hresults
+from tests.helpers import assert_succeeded, qemu_io
 from workers.devtools.sandbox import (
     RedisServer,
     WorkerProcess,
@@ -53,6 +59,21 @@ class Flower:
             return int(error.code), error.read().decode(errors="replace")
         except OSError:
             return 0, ""
+
+    def post(self, path: str) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=b"",
+                                         method="POST")
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as error:
+            return int(error.code), error.read().decode(errors="replace")
+
+    def state_of(self, task_id: str) -> str | None:
+        status, body = self.get(f"/api/task/info/{task_id}")
+        return json.loads(body).get("state") if status == 200 else None
 
     def get_json(self, path: str) -> Any:
         status, body = self.get(path)
@@ -162,12 +183,186 @@ def test_flower_shows_a_running_task_its_arguments_and_progress(
             assert task.wait_for_completion(10_000) is True
         assert task.result is VMTaskResult.Cancelled
 
-        # Flower sees the end too: the runtime raises TaskFailed with plain strings.
+        # Flower sees the end too: task.cancel() is a revocation, with no traceback.
         def finished() -> bool:
             seen.clear()
             seen.update(flower.get_json(f"/api/task/info/{task.id}"))
             return seen.get("state") in ("FAILURE", "REVOKED", "SUCCESS")
 
         wait_until(finished, 10, "Flower to see the task end", interval=0.2)
-        assert seen["state"] == "FAILURE", seen
-        assert "Cancelled" in (seen.get("exception") or ""), seen
+        assert seen["state"] == "REVOKED", seen
+        assert seen["traceback"] is None, seen
+
+
+# -- Celery, Flower and VMTask tell one truth --------------------------------------------
+
+
+def pids_of(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+@pytest.fixture
+def server(cluster: tuple[WorkerProcess, Flower]) -> Iterator[VirtualServer]:
+    worker, _ = cluster
+    with VirtualServer(worker.redis_url, host=HOST, poll_interval=0.5) as vs:
+        yield vs
+
+
+@pytest.fixture
+def busy(server: VirtualServer) -> Iterator[list[VMTask]]:
+    """Both of the worker's slots taken by long pings, so new tasks queue."""
+    long = [server.ping(duration_ms=120_000, steps=120) for _ in range(2)]
+    wait_until(lambda: all(t.snapshot().state == "STARTED" for t in long), 20, "busy slots")
+    yield long
+    for task in long:
+        if not task.is_complete:
+            task.cancel()
+    for task in long:
+        task.wait_for_completion(30_000)
+
+
+def test_flower_revoke_of_a_queued_task_cancels_it(
+        cluster: tuple[WorkerProcess, Flower], server: VirtualServer, busy: list[VMTask]) -> None:
+    _, flower = cluster
+    queued = server.ping(duration_ms=10)
+    assert queued.snapshot().state == "PENDING"
+    assert flower.post(f"/api/task/revoke/{queued.id}")[0] == 200
+    assert queued.wait_for_completion(20_000)
+    snap = queued.snapshot()
+    assert (snap.result, snap.error) == (VMTaskResult.Cancelled, hresults.E_ABORT)
+    wait_until(lambda: flower.state_of(queued.id) == "REVOKED", 20, "Flower to show REVOKED")
+    assert server.celery.AsyncResult(queued.id).state == "REVOKED"
+
+
+def test_flower_terminate_of_a_running_convert_is_a_clean_cancel(
+        cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
+    worker, flower = cluster
+    assert_succeeded(server.create_dynamic_virtual_hard_disk("t/src.qcow2", 64))
+    qemu_io(worker.storage_root / "t" / "src.qcow2", "qcow2", "write -P 0x11 0 32M")
+    task = server.get_hard_disk("t/src.qcow2").convert("t/out.vhd", VMHardDiskType.FixedSize)
+    qemu_pids = wait_until(lambda: pids_of(f"vmtask-{task.id}"), 30, "the convert's qemu-img")
+    for pid in qemu_pids:
+        os.kill(pid, signal.SIGSTOP)  # hold it mid-write: the terminate surely finds it running
+    try:
+        assert flower.post(f"/api/task/revoke/{task.id}?terminate=true")[0] == 200
+        assert task.wait_for_completion(30_000)
+    finally:
+        for pid in qemu_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert task.result is VMTaskResult.Cancelled
+    assert sorted(p.name for p in (worker.storage_root / "t").iterdir()) == ["src.qcow2"]
+    assert worker.proc is not None and worker.proc.poll() is None  # no pool child was killed
+    wait_until(lambda: flower.state_of(task.id) == "REVOKED", 20, "Flower to show REVOKED")
+
+
+def test_flower_terminate_of_a_running_merge_lets_it_finish(
+        cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
+    worker, flower = cluster
+    assert_succeeded(server.create_dynamic_virtual_hard_disk("m/base.qcow2", 64))
+    assert_succeeded(server.create_differencing_virtual_hard_disk("m/top.qcow2", "m/base.qcow2"))
+    qemu_io(worker.storage_root / "m" / "top.qcow2", "qcow2", "write -P 0x22 0 16M")
+    task = server.get_hard_disk("m/top.qcow2").merge()
+    qemu_pids = wait_until(lambda: pids_of("commit.*m/top.qcow2"), 30, "the merge's qemu-img")
+    for pid in qemu_pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert flower.post(f"/api/task/revoke/{task.id}?terminate=true")[0] == 200
+        wait_until(lambda: f"terminate of {task.id} is a cancel: NOT_CANCELABLE" in worker.log(),
+                   20, "the worker to refuse the terminate")
+    finally:
+        for pid in qemu_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert_succeeded(task)
+    qemu_io(worker.storage_root / "m" / "base.qcow2", "qcow2", "read -P 0x22 0 16M")
+    wait_until(lambda: flower.state_of(task.id) == "SUCCESS", 20, "Flower to show SUCCESS")
+
+
+def test_a_killed_worker_shows_failure_in_flower(
+        cluster: tuple[WorkerProcess, Flower], tmp_path: Path) -> None:
+    worker, flower = cluster
+    victim = WorkerProcess(worker.redis_url, "victim", tmp_path / "victim", tmp_path,
+                           concurrency=1, env={"VMTASK_LEASE_SECONDS": "2"}).start()
+    try:
+        with VirtualServer(worker.redis_url, host="victim", poll_interval=0.5) as victims:
+            task = victims.ping(duration_ms=60_000, steps=60)
+            wait_until(lambda: flower.state_of(task.id) == "PROGRESS", 20, "PROGRESS in Flower")
+            victim.kill()
+            # The surviving worker's reaper judges the crash and tells Flower.
+            wait_until(lambda: flower.state_of(task.id) == "FAILURE", 30, "FAILURE in Flower")
+            info = flower.get_json(f"/api/task/info/{task.id}")
+            assert "ThreadCrashError" in info["exception"] and "0x80010105" in info["exception"]
+            assert task.result is VMTaskResult.ThreadCrashError
+    finally:
+        victim.stop()
+
+
+def test_celery_result_api_reads_the_record(server: VirtualServer) -> None:
+    task = server.ping(duration_ms=3000, steps=30)
+    seen: list[int] = []
+
+    def progressing() -> bool:
+        result = server.celery.AsyncResult(task.id)
+        if result.state == "PROGRESS":
+            assert set(result.info) >= {"percent", "description"}
+            assert result.info["description"] == task.description
+            seen.append(int(result.info["percent"]))
+        return len(set(seen)) >= 3
+
+    wait_until(progressing, 20, "AsyncResult to report rising PROGRESS", interval=0.05)
+    assert seen == sorted(seen) and seen[0] < seen[-1]
+    assert task.wait_for_completion(30_000)
+    done = server.celery.AsyncResult(task.id)
+    assert (done.state, done.result) == ("SUCCESS", {"steps": 30})
+    assert done.get(timeout=5) == {"steps": 30}
+
+    assert_succeeded(server.create_dynamic_virtual_hard_disk("r/exists.qcow2", 1))
+    failed = server.create_dynamic_virtual_hard_disk("r/exists.qcow2", 1)
+    assert failed.wait_for_completion(30_000)
+    result = server.celery.AsyncResult(failed.id)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, errors.TaskFailedError)
+    assert result.result.args == ("DiskRelatedError", "0x80070050", failed.error_description)
+    assert result.result.hresult == failed.error == 0x80070050
+
+
+def test_celery_result_command_of_the_workers_app(
+        cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
+    worker, _ = cluster
+    task = server.ping(steps=1)
+    assert_succeeded(task)
+    shown = subprocess.run([str(CELERY), "-A", "workers", "result", task.id],
+                           env=worker.environment(), capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "'steps': 1" in shown.stdout
+
+
+def test_flower_lists_each_worker_under_a_name_that_carries_its_host(
+        cluster: tuple[WorkerProcess, Flower], tmp_path: Path) -> None:
+    worker, flower = cluster
+    # Started exactly as the README's recipe does: no -n.
+    plain = WorkerProcess(worker.redis_url, "named", tmp_path / "named", tmp_path,
+                          concurrency=1, node_name=None).start()
+    try:
+        expected = f"named@{socket.gethostname()}"
+        wait_until(lambda: expected in flower.get_json("/api/workers?refresh=1"), 20,
+                   "Flower to list the worker by its host")
+        workers = flower.get_json("/api/workers?refresh=1")
+        assert f"control-{expected}" in workers  # its control lane, named after it
+    finally:
+        plain.stop()
+
+
+def test_queued_tasks_show_in_flower_with_their_progress_fields(
+        cluster: tuple[WorkerProcess, Flower], server: VirtualServer, busy: list[VMTask]) -> None:
+    _, flower = cluster
+    queued = server.ping(duration_ms=10)
+    wait_until(lambda: flower.state_of(queued.id) == "PENDING", 20, "a queued task in Flower")
+    queued.cancel()
+    wait_until(lambda: flower.state_of(busy[0].id) == "PROGRESS", 20, "PROGRESS in Flower")
+    info = flower.get_json(f"/api/task/info/{busy[0].id}")
+    meta = json.loads(info["result"])
+    assert set(meta) == {"percent", "description"} and meta["description"] == busy[0].description

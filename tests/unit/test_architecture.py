@@ -8,6 +8,7 @@ import inspect
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ def module_name(path: Path) -> str:
 
 def project_imports(*, anywhere: bool) -> dict[str, set[str]]:
     """Module -> the project modules it imports: at import time, or also in functions."""
-    graph: dict[str, set[str]] = {}
+    graph: dict[str, set[Any]] = {}
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             name = module_name(path)
@@ -43,11 +44,20 @@ def project_imports(*, anywhere: bool) -> dict[str, set[str]]:
                     if isinstance(sub, ast.Import):
                         found.update(alias.name for alias in sub.names)
                     elif isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
-                        found.add(sub.module)
-                        found.update(f"{sub.module}.{alias.name}" for alias in sub.names)
-            graph[name] = {m for m in found if m.split(".")[0] in PACKAGES}
+                        # ``from pkg import mod`` depends on the submodule, not on the
+                        # package's own __init__ (which every submodule runs first anyway).
+                        found.update(("from", sub.module, alias.name) for alias in sub.names)
+            graph[name] = found
     modules = set(graph)
-    return {name: {m for m in deps if m in modules and m != name} for name, deps in graph.items()}
+
+    def resolve(entry: Any) -> set[str]:
+        if isinstance(entry, str):
+            return {entry}
+        _, module, alias = entry
+        return {f"{module}.{alias}"} if f"{module}.{alias}" in modules else {module}
+
+    return {name: {m for e in deps for m in resolve(e) if m in modules and m != name}
+            for name, deps in graph.items()}
 
 
 def test_no_import_circle() -> None:

@@ -112,13 +112,16 @@ class WorkerProcess:
 
     def __init__(self, redis_url: str, host: str, storage_root: Path, log_dir: Path, *,
                  concurrency: int = 2, env: Mapping[str, str] | None = None,
-                 include: tuple[str, ...] = (TEST_TASK_MODULE,)) -> None:
+                 include: tuple[str, ...] = (TEST_TASK_MODULE,),
+                 node_name: str | None = "") -> None:
         self.redis_url = redis_url
         self.host = host
         self.storage_root = storage_root
         self.concurrency = concurrency
         self.extra_env = dict(env or {})
         self.include = include
+        # "": a unique name carrying the host; None: no -n, Celery's default naming.
+        self.node_name = node_name
         self.log_path = log_dir / f"worker-{host}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -134,13 +137,18 @@ class WorkerProcess:
         env.update(self.extra_env)
         return env
 
+    def node_arguments(self) -> list[str]:
+        if self.node_name is None:
+            return []
+        return ["-n", self.node_name or f"{self.host}-{uuid.uuid4().hex[:6]}@%h"]
+
     def start(self, wait: bool = True) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", "worker",
              "--loglevel", "INFO", "--pool", "prefork", "-c", str(self.concurrency),
-             "-n", f"{self.host}-{uuid.uuid4().hex[:6]}@%h",
+             *self.node_arguments(),
              *(["--include", ",".join(self.include)] if self.include else []),
              "--without-gossip", "--without-mingle"],
             cwd=REPO_ROOT, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,

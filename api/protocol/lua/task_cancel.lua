@@ -1,17 +1,21 @@
--- KEYS: record, channel. ARGV: finished time, retention seconds, the Cancelled result, E_ABORT.
+-- KEYS: record, channel.
+-- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT,
+--       '1' to revoke a queued task even if its operation is not cancelable
+--       (Celery's revoke: a task that never started is safe to drop).
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'MISSING' end
 if state ~= 'PENDING' and state ~= 'STARTED' then return 'COMPLETE' end
-if redis.call('HGET', KEYS[1], 'cancelable') ~= '1' then return 'NOT_CANCELABLE' end
-redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-if state == 'PENDING' then
-  redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[3],
+local cancelable = redis.call('HGET', KEYS[1], 'cancelable') == '1'
+if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'state', 'REVOKED', 'result', ARGV[3],
              'error', ARGV[4], 'error_description', 'Cancelled before it started',
              'finished', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('PUBLISH', KEYS[2], 'done')
   return 'REVOKED'
 end
+if not cancelable then return 'NOT_CANCELABLE' end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 redis.call('PUBLISH', KEYS[2], 'cancel')
 return 'REQUESTED'
