@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,8 +239,8 @@ def test_flower_revoke_of_a_queued_task_cancels_it(
 def test_flower_terminate_of_a_running_convert_is_a_clean_cancel(
         cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
     worker, flower = cluster
-    assert_succeeded(server.create_dynamic_virtual_hard_disk("t/src.qcow2", 64))
-    qemu_io(worker.storage_root / "t" / "src.qcow2", "qcow2", "write -P 0x11 0 32M")
+    assert_succeeded(server.create_dynamic_virtual_hard_disk("t/src.qcow2", 512))
+    qemu_io(worker.storage_root / "t" / "src.qcow2", "qcow2", "write -P 0x11 0 384M")
     task = server.get_hard_disk("t/src.qcow2").convert("t/out.vhd", VMHardDiskType.FixedSize)
     qemu_pids = wait_until(lambda: pids_of(f"vmtask-{task.id}"), 30, "the convert's qemu-img")
     for pid in qemu_pids:
@@ -258,26 +259,41 @@ def test_flower_terminate_of_a_running_convert_is_a_clean_cancel(
 
 
 def test_flower_terminate_of_a_running_merge_lets_it_finish(
-        cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
+        cluster: tuple[WorkerProcess, Flower], tmp_path: Path) -> None:
     worker, flower = cluster
-    assert_succeeded(server.create_dynamic_virtual_hard_disk("m/base.qcow2", 64))
-    assert_succeeded(server.create_differencing_virtual_hard_disk("m/top.qcow2", "m/base.qcow2"))
-    qemu_io(worker.storage_root / "m" / "top.qcow2", "qcow2", "write -P 0x22 0 16M")
-    task = server.get_hard_disk("m/top.qcow2").merge()
-    qemu_pids = wait_until(lambda: pids_of("commit.*m/top.qcow2"), 30, "the merge's qemu-img")
-    for pid in qemu_pids:
-        os.kill(pid, signal.SIGSTOP)
+    # The real qemu-img, behind a gate that holds a commit until the test opens it:
+    # the terminate then surely meets the merge running.
+    gate = tmp_path / "open"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "qemu-img"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'if [ "$1" = commit ]; then\n'
+                       f'  while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+                       "fi\n"
+                       f'exec {shutil.which("qemu-img")} "$@"\n')
+    wrapper.chmod(0o755)
+    gated = WorkerProcess(worker.redis_url, "gated", tmp_path / "g", tmp_path, concurrency=1,
+                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}).start()
     try:
-        assert flower.post(f"/api/task/revoke/{task.id}?terminate=true")[0] == 200
-        wait_until(lambda: f"terminate of {task.id} is a cancel: NOT_CANCELABLE" in worker.log(),
-                   20, "the worker to refuse the terminate")
+        with VirtualServer(worker.redis_url, host="gated", poll_interval=0.5) as server:
+            assert_succeeded(server.create_dynamic_virtual_hard_disk("base.qcow2", 64))
+            assert_succeeded(server.create_differencing_virtual_hard_disk("top.qcow2",
+                                                                          "base.qcow2"))
+            qemu_io(tmp_path / "g" / "top.qcow2", "qcow2", "write -P 0x22 0 16M")
+            task = server.get_hard_disk("top.qcow2").merge()
+            wait_until(lambda: task.snapshot().state == "STARTED", 20, "the merge to start")
+            assert flower.post(f"/api/task/revoke/{task.id}?terminate=true")[0] == 200
+            wait_until(lambda: f"terminate of {task.id} is a cancel: NOT_CANCELABLE"
+                       in gated.log(), 20, "the worker to refuse the terminate")
+            assert not task.is_complete
+            gate.touch()
+            assert_succeeded(task)
+            qemu_io(tmp_path / "g" / "base.qcow2", "qcow2", "read -P 0x22 0 16M")
+            wait_until(lambda: flower.state_of(task.id) == "SUCCESS", 20, "SUCCESS in Flower")
     finally:
-        for pid in qemu_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-    assert_succeeded(task)
-    qemu_io(worker.storage_root / "m" / "base.qcow2", "qcow2", "read -P 0x22 0 16M")
-    wait_until(lambda: flower.state_of(task.id) == "SUCCESS", 20, "Flower to show SUCCESS")
+        gate.touch()
+        gated.stop()
 
 
 def test_a_killed_worker_shows_failure_in_flower(
