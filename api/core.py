@@ -79,6 +79,7 @@ class ServerCore:
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
         self._celery: Celery | None = None
+        self._only_host: str | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(self.url)} host={self.default_host}>"
@@ -173,16 +174,10 @@ class ServerCore:
             task_name = task
         if cancelable is None:
             raise TypeError(f"cancelable is required for the task {task_name!r}")
-        target = self.resolve_host(host)
         task_id = str(uuid.uuid4())
-        self.store.create(
-            task_id,
-            name=task_name,
-            description=description,
-            host=target,
-            cancelable=cancelable,
-            arguments={"args": list(args), **arguments},
-        )
+        target = self._submit_record(task_id, host, name=task_name, description=description,
+                                     cancelable=cancelable,
+                                     arguments={"args": list(args), **arguments})
         queue = keys.control_queue(target) if quick else keys.host_queue(target)
         try:
             self.celery.send_task(
@@ -196,7 +191,37 @@ class ServerCore:
         except OperationalError as exc:
             self.store.discard(task_id)
             raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
-        return VMTask(self.store, task_id, poll_interval=self.poll_interval)
+        return VMTask(self.store, task_id, poll_interval=self.poll_interval, host=target)
+
+    def _submit_record(self, task_id: str, host: str | None, **record: Any) -> str:
+        """Write the task's record on the host it goes to; that host's liveness is
+        checked by the same script, so a submit costs one round trip here.
+
+        Without an explicit or configured host, the only live host is looked up
+        once and remembered; when it stops being live, it is looked up again.
+        """
+        wanted = host or self.default_host
+        if wanted is not None:
+            validate_host_name(wanted)
+        target = wanted or self._only_host or self.resolve_host(None)
+        if self.store.create(task_id, host=target, **record):
+            self._only_host = None if wanted else target
+            return target
+        if wanted is not None:
+            self.resolve_host(wanted)  # raises HostUnavailableError, naming the live hosts
+        self._only_host = None
+        target = self.resolve_host(None)
+        if not self.store.create(task_id, host=target, **record):
+            raise HostUnavailableError(f"Host {target} stopped being live")
+        self._only_host = target
+        return target
+
+    def task_snapshots(self, ids: Sequence[str]) -> list[TaskSnapshot | None]:
+        """Every task's snapshot, in one pipelined round trip: the same order as
+        ``ids``, None for an unknown (or expired) id."""
+        if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
+            raise InvalidArgumentError("ids must be a sequence of task id strings")
+        return self.store.read_many(list(ids))
 
     def tasks(self, state: str | None = None, host: str | None = None,
               limit: int = 50) -> list[TaskSnapshot]:
@@ -217,6 +242,8 @@ class ServerCore:
                 break
             scanned += len(ids)
             for snap in self.store.read_many(ids):
+                if snap is None:
+                    continue  # expired since the index was read
                 if (state is None or snap.state == state) and (host is None or snap.host == host):
                     found.append(snap)
             if scanned >= MAX_SCAN:

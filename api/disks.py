@@ -152,12 +152,12 @@ class DiskOperations(ServerCore):
     def get_hard_disk(self, path: str, *, host: str | None = None) -> HardDisk:
         check_relative_path(path)
         format_for_name(path)
-        target = self.resolve_host(host)
         task = self.submit(tasks.DISK_INFO, description=f"Reading {path}",
-                           kwargs={"path": path}, host=target)
+                           kwargs={"path": path}, host=host)
         if not task.wait_for_completion(INFO_TIMEOUT_MS):
-            raise OperationFailedError(f"Host {target} did not answer about {path} in time")
+            raise OperationFailedError(f"Host {task.host} did not answer about {path} in time")
         snap = task.snapshot()
+        target = snap.host
         if snap.output is None:
             cls = NotFoundError if snap.error == FILE_NOT_FOUND else OperationFailedError
             raise cls(f"Cannot read {path} on {target}: {snap.error_description}", snap.error)

@@ -59,6 +59,8 @@ class TaskStore:
         self.retention_seconds = int(retention_seconds)
         self._finish = client.register_script(records.FINISH_SCRIPT)
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
+        self._submit = client.register_script(records.SUBMIT_SCRIPT)
+        self._read = client.register_script(records.READ_SCRIPT)
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
@@ -69,7 +71,7 @@ class TaskStore:
     def subscription(self) -> Any:
         pubsub = getattr(self._local, "pubsub", None)
         if pubsub is None:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub(ignore_subscribe_messages=False)
             self._local.pubsub = pubsub
         return pubsub
 
@@ -100,38 +102,38 @@ class TaskStore:
         host: str,
         cancelable: bool,
         arguments: Mapping[str, Any],
-    ) -> None:
+    ) -> bool:
+        """Write a PENDING record, in one round trip; False when ``host`` has no live
+        worker (then nothing is written)."""
         now = time.time()
+        fields = {
+            "name": name,
+            "description": description,
+            "host": host,
+            "cancelable": "1" if cancelable else "0",
+            "state": records.PENDING,
+            "percent": "0",
+            "created": repr(now),
+            "arguments": json.dumps(dict(arguments), sort_keys=True),
+        }
         with broker_errors(self.url):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(
-                keys.task_record(task_id),
-                mapping={
-                    "name": name,
-                    "description": description,
-                    "host": host,
-                    "cancelable": "1" if cancelable else "0",
-                    "state": records.PENDING,
-                    "percent": "0",
-                    "created": repr(now),
-                    "arguments": json.dumps(dict(arguments), sort_keys=True),
-                },
+            written = self._submit(
+                keys=[keys.host_heartbeat(host), keys.task_record(task_id), keys.RECENT_TASKS],
+                args=[repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
+                      *(item for pair in fields.items() for item in pair)],
             )
-            pipe.expire(keys.task_record(task_id), PENDING_RECORD_TTL_SECONDS)
-            pipe.zadd(keys.RECENT_TASKS, {task_id: now})
-            # The index of recent tasks is bounded by age and by count, like the records.
-            pipe.zremrangebyscore(keys.RECENT_TASKS, "-inf", now - self.retention_seconds)
-            pipe.zremrangebyrank(keys.RECENT_TASKS, 0, -MAX_RECENT_TASKS - 1)
-            pipe.execute()
+        return bool(written)
 
     def discard(self, task_id: str) -> None:
         """Forget a record whose message could not be sent."""
         with broker_errors(self.url):
-            self.client.delete(keys.task_record(task_id))
-            self.client.zrem(keys.RECENT_TASKS, task_id)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(keys.task_record(task_id))
+            pipe.zrem(keys.RECENT_TASKS, task_id)
+            pipe.execute()
 
     def read(self, task_id: str) -> TaskSnapshot:
-        """One pipelined round trip; judges a lease-less running task crashed."""
+        """One round trip; judges a lease-less running task crashed."""
         snapshot = self._read_once(task_id)
         if snapshot.is_crashed_candidate and self.judge_crashed(task_id):
             snapshot = self._read_once(task_id)
@@ -139,26 +141,27 @@ class TaskStore:
 
     def _read_once(self, task_id: str) -> TaskSnapshot:
         with broker_errors(self.url):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(keys.task_record(task_id))
-            pipe.exists(keys.task_lease(task_id))
-            fields, lease = pipe.execute()
-        if not fields:
+            reply = self._read(keys=[keys.task_record(task_id), keys.task_lease(task_id)])
+        snapshot = _snapshot_of(task_id, reply)
+        if snapshot is None:
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
-        return TaskSnapshot.from_record(task_id, fields, bool(lease))
+        return snapshot
 
-    def read_many(self, task_ids: Sequence[str]) -> list[TaskSnapshot]:
+    def read_many(self, task_ids: Sequence[str]) -> list[TaskSnapshot | None]:
+        """Every task's snapshot in one pipelined round trip, in order; None if unknown.
+
+        No crash judgment here: a lease-less STARTED task reads as it is recorded.
+        """
+        if not task_ids:
+            return []
         with broker_errors(self.url):
             pipe = self.client.pipeline(transaction=False)
             for task_id in task_ids:
-                pipe.hgetall(keys.task_record(task_id))
-                pipe.exists(keys.task_lease(task_id))
+                self._read(keys=[keys.task_record(task_id), keys.task_lease(task_id)],
+                           client=pipe)
             replies = pipe.execute()
-        return [
-            TaskSnapshot.from_record(task_id, fields, bool(lease))
-            for task_id, fields, lease in zip(task_ids, replies[::2], replies[1::2], strict=True)
-            if fields
-        ]
+        return [_snapshot_of(task_id, reply)
+                for task_id, reply in zip(task_ids, replies, strict=True)]
 
     def recent(self, limit: int) -> list[str]:
         """Ids of the newest tasks first."""
@@ -185,6 +188,25 @@ class TaskStore:
         if outcome == "COMPLETE":
             raise TaskNotCancelableError(f"Task {task_id} is already complete")
         return str(outcome)
+
+
+def _snapshot_of(task_id: str, reply: Sequence[str]) -> TaskSnapshot | None:
+    """A snapshot from `task_read.lua`'s reply: field/value pairs, then the lease flag."""
+    *pairs, lease = reply
+    if not pairs:
+        return None
+    fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    return TaskSnapshot.from_record(task_id, fields, lease == "1")
+
+
+def trim_recent(client: redis.Redis, retention_seconds: float) -> None:
+    """Bound the recent-task index by age and by count, like the records it names.
+
+    The workers' heartbeat does this now and then, so a submit never pays for it."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(keys.RECENT_TASKS, "-inf", time.time() - retention_seconds)
+    pipe.zremrangebyrank(keys.RECENT_TASKS, 0, -MAX_RECENT_TASKS - 1)
+    pipe.execute()
 
 
 def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, InvalidTimeoutError
@@ -36,10 +37,12 @@ def validate_timeout(timeout: int) -> int:
 
 class VMTask:
     def __init__(
-        self, store: TaskStore, task_id: str, *, poll_interval: float = 1.0
+        self, store: TaskStore, task_id: str, *, poll_interval: float = 1.0,
+        host: str | None = None,
     ) -> None:
         self._store = store
         self._id = task_id
+        self._host = host
         self._description: str | None = None
         # The safety net under pub/sub: how often a waiter re-reads the record anyway.
         self.poll_interval = poll_interval
@@ -57,11 +60,20 @@ class VMTask:
         """Every property at one instant, in one Redis round trip."""
         snapshot = self._store.read(self._id)
         self._description = snapshot.description
+        self._host = snapshot.host
         return snapshot
 
     @property
     def id(self) -> str:
         return self._id
+
+    @property
+    def host(self) -> str:
+        """The host that runs the task; fixed when it is enqueued."""
+        if self._host is None:
+            self.snapshot()
+        assert self._host is not None
+        return self._host
 
     @property
     def description(self) -> str:
@@ -111,11 +123,8 @@ class VMTask:
         anyway in case a message is lost, and rides out Redis restarts.
         """
         validate_timeout(timeout)
-        # Already complete: no subscription needed.  Otherwise the subscribe-then-read
-        # in _wait_subscribed closes the race with a completion landing in between.
-        complete = self.snapshot().is_complete
-        if complete or timeout == 0:
-            return complete
+        if timeout == 0:
+            return self.snapshot().is_complete
         deadline = None if timeout == WAIT_FOREVER else time.monotonic() + timeout / 1000
         backoff = 0.05
         while True:
@@ -133,25 +142,44 @@ class VMTask:
                 backoff = min(backoff * 2, 1.0)
 
     def _wait_subscribed(self, deadline: float | None) -> bool:
+        """Subscribe, and only once Redis confirms it read the record: a completion
+        that lands in between is then either in the record or on the channel."""
         channel = keys.task_channel(self._id)
         pubsub = self._store.subscription()
         pubsub.subscribe(channel)
         try:
+            if not self._until(pubsub, channel, "subscribe", deadline):
+                return self.snapshot().is_complete
             while True:
                 if self.snapshot().is_complete:
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
+                # The safety net: re-read every poll_interval in case a message is lost.
                 slice_end = time.monotonic() + (
                     self.poll_interval if remaining is None else min(self.poll_interval, remaining)
                 )
-                while (left := slice_end - time.monotonic()) > 0:
-                    message = pubsub.get_message(timeout=left)
-                    # 'done' is published by the script that completes the record, so
-                    # it needs no second read; 'progress' messages need none at all.
-                    if (message is not None and message.get("channel") == channel
-                            and message.get("data") == records.MSG_DONE):
-                        return True
+                # 'done' is published by the script that completes the record, so it
+                # needs no second read; 'progress' messages need none at all.
+                if self._until(pubsub, channel, records.MSG_DONE, slice_end):
+                    return True
         finally:
             self._store.release_subscription(channel)
+
+    @staticmethod
+    def _until(pubsub: Any, channel: str, wanted: str, deadline: float | None) -> bool:
+        """Read the subscription until ``wanted`` (a subscribe confirmation, or a
+        message's data) arrives on ``channel``; False at ``deadline``.  Replies left
+        over from earlier waits on this connection are skipped."""
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            message = pubsub.get_message(timeout=1.0 if left is None else left)
+            if message is None or message.get("channel") != channel:
+                continue
+            kind = message.get("type")
+            if (kind == "subscribe" and wanted == "subscribe") or (
+                    kind == "message" and message.get("data") == wanted):
+                return True

@@ -26,7 +26,7 @@ from celery.signals import worker_ready, worker_shutdown
 from api import events
 from api.protocol import keys, records, scripts
 from api.settings import Settings
-from api.store import judge_crashed
+from api.store import judge_crashed, trim_recent
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class HostBeacon:
             try:
                 self.beat()
                 self.reap()
+                trim_recent(self.client, self.settings.retention_seconds)
                 for hook in self.hooks.tick:
                     hook(self.client, self.settings)
             except redis.RedisError as exc:

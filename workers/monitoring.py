@@ -13,8 +13,8 @@
   unknown state such as PROGRESS above REVOKED, so a ``task-revoked`` after
   progress events would leave Flower showing PROGRESS for good.  Ranked after
   STARTED (a late task-started event cannot undo it) and before REVOKED and every
-  final state, each event lands where it belongs.  This runs wherever the app is built, Flower included
-  (``celery -A workers flower``).
+  final state, each event lands where it belongs.  This runs wherever the app is
+  built, Flower included (``celery -A workers flower``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def running_tasks_by_host(server: VirtualServer) -> dict[str, int]:
         running = sorted(server.redis.smembers(keys.RUNNING_TASKS))
     counts: dict[str, int] = {}
     for snap in server.store.read_many(running) if running else []:
-        if snap.state == STARTED:
+        if snap is not None and snap.state == STARTED:
             counts[snap.host] = counts.get(snap.host, 0) + 1
     return counts
 

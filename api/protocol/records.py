@@ -43,6 +43,8 @@ PROGRESS_SCRIPT = scripts.load("task_progress")
 FINISH_SCRIPT = scripts.load("task_finish")
 
 CANCEL_SCRIPT = scripts.load("task_cancel")
+SUBMIT_SCRIPT = scripts.load("task_submit")
+READ_SCRIPT = scripts.load("task_read")
 
 
 @dataclass(frozen=True)
