@@ -7,6 +7,7 @@ import time
 import click
 from rich.table import Column, Table
 
+from api.cli.exits import EXIT_NOT_FOUND
 from api.cli.follow import finish, follow
 from api.cli.output import (
     elapsed_of,
@@ -57,17 +58,35 @@ def print_task(snap: TaskSnapshot) -> None:
 
 
 @task.command("show")
-@click.argument("task_id")
+@click.argument("task_ids", nargs=-1, required=True)
 @json_option
 @click.pass_context
-def task_show(ctx: click.Context, task_id: str) -> None:
-    """Every IVMTask2 property of a task, read at one instant (exit 0 if it exists)."""
+def task_show(ctx: click.Context, task_ids: tuple[str, ...]) -> None:
+    """Every IVMTask2 property of tasks, read at one instant (exit 0 if all exist).
+
+    Several ids are read in one round trip; with --json they print as a list, with
+    null for an unknown id.
+    """
     state = state_of(ctx)
-    snap = state.server().get_task(task_id).snapshot()
+    if len(task_ids) == 1:
+        one = state.server().get_task(task_ids[0]).snapshot()
+        if state.json:
+            emit_json(snapshot_dict(one))
+        else:
+            print_task(one)
+        return
+    snaps = state.server().task_snapshots(task_ids)
     if state.json:
-        emit_json(snapshot_dict(snap))
+        emit_json([None if s is None else snapshot_dict(s) for s in snaps])
     else:
-        print_task(snap)
+        for task_id, snap in zip(task_ids, snaps, strict=True):
+            if snap is None:
+                stdout_console().print(f"{task_id}: no such task (unknown, or expired)")
+            else:
+                print_task(snap)
+    if any(snap is None for snap in snaps):
+        # Every id was answered above (unknown ones as null): no second document.
+        ctx.exit(EXIT_NOT_FOUND)
 
 
 def _wait(ctx: click.Context, task_id: str) -> None:

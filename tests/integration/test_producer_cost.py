@@ -1,0 +1,110 @@
+"""The producer's cost per task, counted on the wire: commands and blocking round
+trips, and the batch read of many tasks at once."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis.connection
+
+from api import VirtualServer, VMTaskResult, errors
+from tests.integration.test_cli import cli_env
+from workers.devtools.sandbox import RedisServer, WorkerProcess
+
+
+@contextmanager
+def wire_counter() -> Iterator[collections.Counter[str]]:
+    """Every command this process sends through redis-py (kombu's too), by name;
+    ``counter["<sends>"]`` counts the writes to a socket."""
+    counter: collections.Counter[str] = collections.Counter()
+    cls = redis.connection.AbstractConnection
+    send_command, pack_commands, send_packed = (cls.send_command, cls.pack_commands,
+                                                cls.send_packed_command)
+
+    def name(arg: Any) -> str:
+        return (arg.decode() if isinstance(arg, bytes) else str(arg)).upper()
+
+    def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter[name(args[0])] += 1
+        return send_command(self, *args, **kwargs)
+
+    def counted_pack(self: Any, commands: Any) -> Any:
+        for command in commands:
+            counter[name(command[0])] += 1
+        return pack_commands(self, commands)
+
+    def counted_packed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter["<sends>"] += 1
+        return send_packed(self, *args, **kwargs)
+
+    cls.send_command, cls.pack_commands = counted_send, counted_pack  # type: ignore[method-assign]
+    cls.send_packed_command = counted_packed  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        cls.send_command, cls.pack_commands = send_command, pack_commands  # type: ignore[method-assign]
+        cls.send_packed_command = send_packed  # type: ignore[method-assign]
+
+
+def test_submit_and_wait_costs_at_most_eight_commands(
+        server: VirtualServer, alpha: WorkerProcess) -> None:
+    for _ in range(3):  # warm: connections, scripts, the producer app
+        assert server.ping().wait_for_completion(20_000)
+    rounds = 20
+    with wire_counter() as counter:
+        for _ in range(rounds):
+            assert server.ping().wait_for_completion(20_000)
+    commands = sum(v for k, v in counter.items() if k != "<sends>") / rounds
+    assert commands <= 8, counter
+    # The record and its host's liveness in one script; no index trimming; one read.
+    assert counter["EVALSHA"] == 2 * rounds, counter
+    assert counter["ZREMRANGEBYSCORE"] == counter["SMEMBERS"] == 0, counter
+
+
+def test_task_snapshots_reads_many_in_one_round_trip_in_order(server: VirtualServer) -> None:
+    tasks = [server.ping(steps=1) for _ in range(5)]
+    for task in tasks:
+        assert task.wait_for_completion(20_000)
+    ids = [t.id for t in tasks]
+    asked = [ids[0], "no-such-task", *ids[1:], ids[0]]
+    with wire_counter() as counter:
+        snaps = server.task_snapshots(asked)
+    assert counter["<sends>"] == 1, counter
+    assert snaps[1] is None
+    assert [s.id if s else None for s in snaps] == [ids[0], None, *ids[1:], ids[0]]
+    assert all(s.result is VMTaskResult.Success and s.output == {"steps": 1}
+               for s in snaps if s)
+    assert server.task_snapshots([]) == []
+    server.redis.script_flush()  # as after a Redis restart without persistence
+    assert [s.id if s else None for s in server.task_snapshots(ids)] == ids
+    for bad in ("one-string", [1, 2], [None]):
+        with pytest.raises(errors.InvalidArgumentError):
+            server.task_snapshots(bad)  # type: ignore[arg-type]
+
+
+def test_the_cli_shows_many_tasks_at_once(server: VirtualServer, redis_server: RedisServer,
+                                          alpha: WorkerProcess) -> None:
+    tasks = [server.ping() for _ in range(3)]
+    for task in tasks:
+        assert task.wait_for_completion(20_000)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "api.cli", "--url", redis_server.url,
+                               "--host", "alpha", *args], env=cli_env(), capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    shown = cli("--json", "task", "show", *(t.id for t in tasks))
+    assert shown.returncode == 0, shown.stderr
+    documents = json.loads(shown.stdout)
+    assert [d["id"] for d in documents] == [t.id for t in tasks]
+    missing = cli("--json", "task", "show", tasks[0].id, "nope")
+    assert missing.returncode == 4
+    assert json.loads(missing.stdout)[1] is None
+
