@@ -29,9 +29,11 @@ from api.protocol import keys
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
 from api.settings import DEFAULT_REDIS_URL, Settings, redact_url, validate_host_name
-from api.store import TaskStore, broker_errors, connect
+from api.store import CONNECTION_ERRORS, TaskStore, broker_errors, connect
 from api.task import VMTask
 
+# kombu wraps connection failures; a batch's flush raises redis-py's own.
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (OperationalError, *CONNECTION_ERRORS)
 ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 MAX_SCAN = 20_000  # how far back tasks() looks when filters are selective
 
 
-def producer_app(url: str, timeout: float = 5.0) -> Celery:
+def producer_app(url: str, timeout: float = 5.0, sent_events: bool = True) -> Celery:
     """A Celery app that only sends: JSON only, no result backend reads."""
     app = Celery("vmtask-producer", broker=url, backend=celery_backend.BACKEND,
                   set_as_current=False)
@@ -49,8 +51,9 @@ def producer_app(url: str, timeout: float = 5.0) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # Flower shows a queued task from its task-sent event: one PUBLISH per enqueue.
-        task_send_sent_event=True,
+        # Flower shows a queued task from its task-sent event: one PUBLISH per enqueue,
+        # pipelined with the message itself (VMTASK_SENT_EVENTS=0 turns it off).
+        task_send_sent_event=sent_events,
         broker_connection_retry_on_startup=True,
         # Fail fast to the caller (BrokerUnavailableError) rather than retry for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
@@ -74,6 +77,7 @@ class ServerCore:
         self.default_host = validate_host_name(explicit_host) if explicit_host else None
         self.poll_interval = poll_interval
         self.timeout = env_settings.redis_timeout_seconds
+        self.sent_events = env_settings.sent_events
         self.redis = connect(self.url, self.timeout)
         self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds)
         self.store.on_revoked = self._announce_revoked
@@ -180,15 +184,19 @@ class ServerCore:
                                      arguments={"args": list(args), **arguments})
         queue = keys.control_queue(target) if quick else keys.host_queue(target)
         try:
-            self.celery.send_task(
-                task_name,
-                args=list(args),
-                kwargs=arguments,
-                task_id=task_id,
-                queue=queue,
-                routing_key=queue,
-            )
-        except OperationalError as exc:
+            # kombu's publish batch sends the message and its task-sent event (which
+            # Flower shows as a queued task) in one pipelined round trip.
+            with self.celery.producer_or_acquire() as producer, producer.batch():
+                self.celery.send_task(
+                    task_name,
+                    args=list(args),
+                    kwargs=arguments,
+                    task_id=task_id,
+                    queue=queue,
+                    routing_key=queue,
+                    producer=producer,
+                )
+        except PUBLISH_ERRORS as exc:
             self.store.discard(task_id)
             raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
         return VMTask(self.store, task_id, poll_interval=self.poll_interval, host=target)
@@ -264,5 +272,5 @@ class ServerCore:
         """The producer's Celery app: ``AsyncResult(id)`` reads the task record
         (`api.celery_backend`); ``control.revoke(id)`` cancels as `VMTask.cancel` does."""
         if self._celery is None:
-            self._celery = producer_app(self.url, self.timeout)
+            self._celery = producer_app(self.url, self.timeout, self.sent_events)
         return self._celery

@@ -49,6 +49,17 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgumentError(f"{name} must be 1 or 0, not {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
@@ -80,6 +91,8 @@ class Settings:
     visibility_timeout_seconds: float = 30.0
     # Every Redis call's deadline: a frozen Redis fails calls after this long.
     redis_timeout_seconds: float = 5.0
+    # Producers send a task-sent event per task, so Flower lists queued tasks.
+    sent_events: bool = True
     # "main" serves the host; "control" is the lane for quick operations that the
     # main worker starts by itself.
     role: str = "main"
@@ -121,4 +134,5 @@ class Settings:
             redis_timeout_seconds=_number(env, "VMTASK_REDIS_TIMEOUT_SECONDS",
                                           defaults.redis_timeout_seconds, 0.5),
             role=role,
+            sent_events=_flag(env, "VMTASK_SENT_EVENTS", defaults.sent_events),
         )
