@@ -13,7 +13,7 @@ from typing import Any
 
 from api.arguments import check_relative_path, disk_size_bytes, format_for_name
 from api.core import ServerCore
-from api.enums import VMHardDiskType
+from api.enums import VMHardDiskType, VMVMState
 from api.errors import (
     InvalidArgumentError,
     InvalidStateError,
@@ -122,15 +122,17 @@ class HardDisk:
                                   kwargs={"path": self.file}, host=self.host)
 
     def resize(self, size_mb: int) -> VMTask:
-        """Grow the disk to ``size_mb`` (qemu-img resize); shrinking is refused."""
+        """Grow the disk to ``size_mb`` (qemu-img resize); shrinking is refused, and so
+        is a disk of a VM that is not TurnedOff (running, or saved with it)."""
         size = disk_size_bytes(self.file, size_mb)
         if size <= self.size_in_guest:
             raise InvalidArgumentError(
                 f"{self.file} is {self.size_in_guest // MiB} MB: resize only grows a disk "
                 f"(shrinking would cut off the guest's data), not to {size_mb} MB")
-        users = self.server.vms_using(self.host, self.file)
+        users = self.server.vms_using(self.host, self.file, active_only=True)
         if users:
-            raise InvalidStateError(f"{self.file} is attached to VM {', '.join(users)}")
+            raise InvalidStateError(f"{self.file} is attached to VM {', '.join(users)}, "
+                                    "which is not turned off")
         return self.server.submit(tasks.DISK_RESIZE,
                                   description=f"Growing {self.file} to {size_mb} MB",
                                   kwargs={"path": self.file, "size_bytes": size}, host=self.host)
@@ -190,16 +192,18 @@ class DiskOperations(ServerCore):
                                 kwargs={}, host=target)
         return [HardDisk.from_info(self, target, info) for info in output["disks"]]
 
-    def vms_using(self, host: str, path: str) -> list[str]:
-        """The VMs of ``host`` that have ``path`` among their disks, in any state."""
+    def vms_using(self, host: str, path: str, *, active_only: bool = False) -> list[str]:
+        """The VMs of ``host`` that have ``path`` among their disks (with
+        ``active_only``: those not TurnedOff, whose QEMU or saved state needs it as is)."""
         with broker_errors(self.url):
             names = sorted(self.redis.smembers(keys.VM_NAMES))
             pipe = self.redis.pipeline(transaction=False)
             for name in names:
-                pipe.hmget(keys.vm_record(name), "host", "disks")
+                pipe.hmget(keys.vm_record(name), "host", "disks", "state")
             found = pipe.execute() if names else []
-        return [name for name, (vm_host, disks) in zip(names, found, strict=True)
-                if vm_host == host and disks and path in json.loads(disks)]
+        return [name for name, (vm_host, disks, state) in zip(names, found, strict=True)
+                if vm_host == host and disks and path in json.loads(disks)
+                and not (active_only and state == str(int(VMVMState.TurnedOff)))]
 
     def get_hard_disk(self, path: str, *, host: str | None = None) -> HardDisk:
         check_relative_path(path)

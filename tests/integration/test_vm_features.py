@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState, errors
+from api.protocol import tasks
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
 from tests.integration.test_vms import kill_leftover_qemu
@@ -213,10 +214,10 @@ def test_disk_inventory_delete_and_resize(server: VirtualServer, host: tuple[str
 
     with pytest.raises(errors.InvalidStateError, match="attached to VM invvm"):
         listed["inv/attached.img"].delete()
-    with pytest.raises(errors.InvalidStateError, match="parent of inv/child.qcow2"):
+    with pytest.raises(errors.InvalidStateError, match=r"parent of inv/child\.qcow2"):
         listed["inv/base.qcow2"].delete()
     # The worker's own check, for a producer that skipped the producer's: still refused.
-    task = server.submit(_delete_spec(), description="forced", kwargs={"path": "inv/base.qcow2"},
+    task = server.submit(tasks.DISK_DELETE, description="forced", kwargs={"path": "inv/base.qcow2"},
                          host="vfhost")
     assert task.wait_for_completion(60_000) and task.error == 0x8007139F
     assert (root / "inv" / "base.qcow2").exists()
@@ -244,8 +245,3 @@ def test_disk_inventory_delete_and_resize(server: VirtualServer, host: tuple[str
     task = server.get_hard_disk("inv/old.vhdx").resize(16)
     assert task.wait_for_completion(60_000)
     assert task.result is VMTaskResult.IllegalValueError and "convert" in task.error_description
-
-
-def _delete_spec():  # type: ignore[no-untyped-def]
-    from api.protocol import tasks
-    return tasks.DISK_DELETE

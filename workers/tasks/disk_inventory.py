@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from api.enums import VMVMState as S
 from api.protocol import hresults, keys, tasks
 from api.protocol.formats import FORMAT_BY_EXTENSION
 from workers.engines import qemu_img
@@ -65,13 +66,15 @@ def list_disks(run: TaskRun) -> dict[str, Any]:
     return {"disks": disks}
 
 
-def _vms_using(run: TaskRun, files: HostFiles, target: Path) -> list[str]:
+def _vms_using(run: TaskRun, files: HostFiles, target: Path, active_only: bool) -> list[str]:
     client = run.redis
     names = sorted(client.smembers(keys.VM_NAMES))
     users: list[str] = []
     for name in names:
-        host, disks = client.hmget(keys.vm_record(name), "host", "disks")
+        host, disks, state = client.hmget(keys.vm_record(name), "host", "disks", "state")
         if host != run.settings.host or not disks:
+            continue
+        if active_only and state == str(int(S.TurnedOff)):
             continue
         for disk in json.loads(disks):
             try:
@@ -96,11 +99,13 @@ def _children(files: HostFiles, target: Path) -> list[str]:
     return children
 
 
-def refuse_if_in_use(run: TaskRun, files: HostFiles, target: Path, *, parents: bool) -> None:
-    users = _vms_using(run, files, target)
+def refuse_if_in_use(run: TaskRun, files: HostFiles, target: Path, *, deleting: bool) -> None:
+    """A delete is refused while any VM has the disk or an image has it as parent; a
+    resize while a VM that is not TurnedOff has it (QEMU or a saved state needs it)."""
+    users = _vms_using(run, files, target, active_only=not deleting)
     if users:
         raise DiskInUse(f"{files.relative(target)} is attached to VM {', '.join(users)}")
-    if parents:
+    if deleting:
         children = _children(files, target)
         if children:
             raise DiskInUse(f"{files.relative(target)} is the parent of {', '.join(children)}")
@@ -112,7 +117,7 @@ def delete_disk(run: TaskRun, path: str) -> None:
     target = files.resolve(path, must_exist=True)
     qemu_img.format_for(target)  # only disk images: never a kernel or a VM's file
     with files.file_locks([], [target]):
-        refuse_if_in_use(run, files, target, parents=True)
+        refuse_if_in_use(run, files, target, deleting=True)
         target.unlink()
 
 
@@ -121,6 +126,6 @@ def resize_disk(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
     files = HostFiles.of(run.settings)
     target = files.resolve(path, must_exist=True)
     with files.file_locks([], [target]):
-        refuse_if_in_use(run, files, target, parents=False)
+        refuse_if_in_use(run, files, target, deleting=False)
         grown = qemu_img.grow(target, size_bytes, run)
     return files.describe(target, grown)
