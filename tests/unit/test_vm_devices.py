@@ -6,9 +6,18 @@ configured), so its argv is what is checked.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from workers.engines.qemu_vm import VMConfig, VMPaths, build_argv, config_fingerprint
+from workers.engines.qemu_vm import (
+    VMConfig,
+    VMPaths,
+    build_argv,
+    config_fingerprint,
+    read_console,
+    rotate_serial_log,
+)
 from workers.engines.qemu_vm.devices import network_argv
 from workers.failures import IllegalValue
 
@@ -33,7 +42,7 @@ def test_user_network_forwards_listen_on_the_configured_address() -> None:
     assert network_argv(config()) == []
 
 
-def test_full_argv_has_cpus_vga_and_a_password_protected_vnc(tmp_path: object) -> None:
+def test_full_argv_has_cpus_vga_and_a_password_protected_vnc() -> None:
     argv = build_argv(config(cpus=4, vga=True, vnc_listen="::1"), VMPaths.for_vm("/r", "vm1"),
                       "tcg")
     assert argv[argv.index("-smp") + 1] == "4"
@@ -69,3 +78,21 @@ def test_config_round_trips_through_json() -> None:
     original = config(cpus=2, network="user", port_forwards=[[8080, 80]], vga=True,
                       vnc_listen="127.0.0.1", mac="52:54:00:01:02:03")
     assert VMConfig.from_json(original.to_json()) == original
+
+
+def test_serial_log_rotation_keeps_one_generation_and_reads_across_it(tmp_path: Path) -> None:
+    paths = VMPaths(tmp_path / "vm")
+    paths.directory.mkdir()
+    assert not rotate_serial_log(paths, 100)  # no log yet
+    paths.serial_log.write_bytes(b"a" * 150)
+    assert rotate_serial_log(paths, 100)
+    assert paths.serial_log.stat().st_size == 0
+    assert paths.serial_log_rotated.read_bytes() == b"a" * 150
+    with open(paths.serial_log, "ab") as appender:  # as QEMU writes: O_APPEND
+        appender.write(b"b" * 20)
+    assert not rotate_serial_log(paths, 100)
+    assert read_console(paths, 30) == "a" * 10 + "b" * 20
+    assert read_console(paths, 5) == "b" * 5
+    paths.serial_log.write_bytes(b"c" * 200)
+    assert rotate_serial_log(paths, 100)
+    assert paths.serial_log_rotated.read_bytes() == b"c" * 200  # the older one is gone
