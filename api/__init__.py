@@ -12,12 +12,13 @@ This package never imports `workers`: a producer needs Redis, not QEMU.
 from api import errors
 from api.disks import HardDisk
 from api.enums import VMHardDiskType, VMTaskResult, VMVMState
+from api.guest import GuestOS
 from api.protocol.records import TaskSnapshot
 from api.protocol.vmstate import VMStateEvent
 from api.server import VirtualServer
 from api.settings import Settings
 from api.task import VMTask
-from api.vms import GuestOS, VirtualMachine
+from api.vms import VirtualMachine
 
 __all__ = [
     "GuestOS",

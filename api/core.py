@@ -20,12 +20,17 @@ from kombu.exceptions import OperationalError
 
 from api import celery_backend, events
 from api.arguments import check_int
+from api.enums import VMTaskResult
 from api.errors import (
     BrokerUnavailableError,
     HostUnavailableError,
     InvalidArgumentError,
+    InvalidStateError,
+    NotFoundError,
+    OperationFailedError,
+    VMTaskError,
 )
-from api.protocol import keys
+from api.protocol import hresults, keys
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
 from api.settings import DEFAULT_REDIS_URL, Settings, redact_url, validate_host_name
@@ -35,6 +40,13 @@ from api.task import VMTask
 # kombu wraps connection failures; a batch's flush raises redis-py's own.
 PUBLISH_ERRORS: tuple[type[BaseException], ...] = (OperationalError, *CONNECTION_ERRORS)
 ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
+QUICK_TIMEOUT_MS = 60_000
+# How a quick read's failure surfaces: as the exception its HRESULT names.
+_QUICK_ERRORS: dict[int, type[VMTaskError]] = {
+    hresults.INVALID_STATE: InvalidStateError,
+    hresults.FILE_NOT_FOUND: NotFoundError,
+    hresults.E_INVALIDARG: InvalidArgumentError,
+}
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +242,22 @@ class ServerCore:
         if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
             raise InvalidArgumentError("ids must be a sequence of task id strings")
         return self.store.read_many(list(ids))
+
+    def run_quick(self, spec: TaskSpec, *, description: str, kwargs: Mapping[str, Any],
+                  host: str, timeout_ms: int = QUICK_TIMEOUT_MS) -> Any:
+        """Run a quick read on its host and return its output, raising on failure.
+
+        For reads that only the host can answer (its files, its QEMU): they go
+        through the control lane like any quick operation and leave a task record.
+        """
+        task = self.submit(spec, description=description, kwargs=kwargs, host=host)
+        if not task.wait_for_completion(timeout_ms):
+            raise OperationFailedError(f"Host {host} did not answer in time: {description}")
+        snap = task.snapshot()
+        if snap.result is not VMTaskResult.Success:
+            cls = _QUICK_ERRORS.get(snap.error, OperationFailedError)
+            raise cls(f"{description}: {snap.error_description}", snap.error)
+        return snap.output
 
     def tasks(self, state: str | None = None, host: str | None = None,
               limit: int = 50) -> list[TaskSnapshot]:

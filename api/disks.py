@@ -6,17 +6,24 @@ A `HardDisk` is what the owning host's ``qemu-img info`` said when it was read;
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from api.arguments import check_relative_path, disk_size_bytes, format_for_name
 from api.core import ServerCore
-from api.enums import VMHardDiskType
-from api.errors import InvalidArgumentError, NotFoundError, OperationFailedError
-from api.protocol import tasks
+from api.enums import VMHardDiskType, VMVMState
+from api.errors import (
+    InvalidArgumentError,
+    InvalidStateError,
+    NotFoundError,
+    OperationFailedError,
+)
+from api.protocol import keys, tasks
 from api.protocol.hresults import FILE_NOT_FOUND
 from api.protocol.tasks import TaskSpec
+from api.store import broker_errors
 from api.task import VMTask
 
 MiB = 1 << 20
@@ -101,6 +108,35 @@ class HardDisk:
             kwargs={"path": self.file, "destination": destination, "disk_type": int(kind)},
             host=self.host)
 
+    def delete(self) -> VMTask:
+        """Delete the image; refused (InvalidStateError) while a VM uses it or another
+        disk has it as its parent.  The worker checks both again before deleting."""
+        users = self.server.vms_using(self.host, self.file)
+        if users:
+            raise InvalidStateError(f"{self.file} is attached to VM {', '.join(users)}")
+        children = [d.file for d in self.server.hard_disks(self.host)
+                    if d.parent is not None and d.parent.file == self.file]
+        if children:
+            raise InvalidStateError(f"{self.file} is the parent of {', '.join(children)}")
+        return self.server.submit(tasks.DISK_DELETE, description=f"Deleting {self.file}",
+                                  kwargs={"path": self.file}, host=self.host)
+
+    def resize(self, size_mb: int) -> VMTask:
+        """Grow the disk to ``size_mb`` (qemu-img resize); shrinking is refused, and so
+        is a disk of a VM that is not TurnedOff (running, or saved with it)."""
+        size = disk_size_bytes(self.file, size_mb)
+        if size <= self.size_in_guest:
+            raise InvalidArgumentError(
+                f"{self.file} is {self.size_in_guest // MiB} MB: resize only grows a disk "
+                f"(shrinking would cut off the guest's data), not to {size_mb} MB")
+        users = self.server.vms_using(self.host, self.file, active_only=True)
+        if users:
+            raise InvalidStateError(f"{self.file} is attached to VM {', '.join(users)}, "
+                                    "which is not turned off")
+        return self.server.submit(tasks.DISK_RESIZE,
+                                  description=f"Growing {self.file} to {size_mb} MB",
+                                  kwargs={"path": self.file, "size_bytes": size}, host=self.host)
+
 
 class DiskOperations(ServerCore):
     """The IVMVirtualServer disk methods; mixed into `VirtualServer`."""
@@ -148,6 +184,26 @@ class DiskOperations(ServerCore):
         return self._create(tasks.DISK_CREATE_HOST_DRIVE, f"host-drive disk for {host_drive}:",
                             path,
                             host, host_drive=host_drive, read_only=bool(read_only))
+
+    def hard_disks(self, host: str | None = None) -> list[HardDisk]:
+        """Every image in the host's storage root, VM internals (``vms/``) excluded."""
+        target = self.resolve_host(host)
+        output = self.run_quick(tasks.DISK_LIST, description=f"Listing the disks of {target}",
+                                kwargs={}, host=target)
+        return [HardDisk.from_info(self, target, info) for info in output["disks"]]
+
+    def vms_using(self, host: str, path: str, *, active_only: bool = False) -> list[str]:
+        """The VMs of ``host`` that have ``path`` among their disks (with
+        ``active_only``: those not TurnedOff, whose QEMU or saved state needs it as is)."""
+        with broker_errors(self.url):
+            names = sorted(self.redis.smembers(keys.VM_NAMES))
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(keys.vm_record(name), "host", "disks", "state")
+            found = pipe.execute() if names else []
+        return [name for name, (vm_host, disks, state) in zip(names, found, strict=True)
+                if vm_host == host and disks and path in json.loads(disks)
+                and not (active_only and state == str(int(VMVMState.TurnedOff)))]
 
     def get_hard_disk(self, path: str, *, host: str | None = None) -> HardDisk:
         check_relative_path(path)

@@ -60,6 +60,16 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise InvalidArgumentError(f"{name} must be 1 or 0, not {raw!r}")
 
 
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9.:-]{1,64}$")
+
+
+def _address(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name) or default
+    if not _ADDRESS_RE.match(raw):
+        raise InvalidArgumentError(f"{name} must be a host address, not {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
@@ -96,6 +106,12 @@ class Settings:
     # "main" serves the host; "control" is the lane for quick operations that the
     # main worker starts by itself.
     role: str = "main"
+    # The address VM consoles (VNC, a free port per VM) listen on.
+    vnc_listen: str = "127.0.0.1"
+    # The address a VM's port forwards (network="user") listen on.
+    forward_listen: str = "127.0.0.1"
+    # A VM's serial console log is rotated past this size (one old generation kept).
+    console_log_max_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -135,4 +151,8 @@ class Settings:
                                           defaults.redis_timeout_seconds, 0.5),
             role=role,
             sent_events=_flag(env, "VMTASK_SENT_EVENTS", defaults.sent_events),
+            vnc_listen=_address(env, "VMTASK_VNC_LISTEN", defaults.vnc_listen),
+            forward_listen=_address(env, "VMTASK_FORWARD_LISTEN", defaults.forward_listen),
+            console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
+                                              defaults.console_log_max_bytes, 4096)),
         )

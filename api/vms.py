@@ -1,4 +1,4 @@
-"""`VirtualMachine` (IVMVirtualMachine), `GuestOS` (IVMGuestOS) and the VM registry.
+"""`VirtualMachine` (IVMVirtualMachine) and the VM registry (`GuestOS`: `api.guest`).
 
 A VM's record lives in Redis (``vmtask:vm:<name>``): its configuration, its host
 and its authoritative `VMVMState`.  Operations check the state at once (raising
@@ -7,27 +7,44 @@ and its authoritative `VMVMState`.  Operations check the state at once (raising
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from api.arguments import check_relative_path, format_for_name
+from api.arguments import check_int, check_relative_path
 from api.core import ServerCore
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
+from api.guest import GuestOS
 from api.protocol import keys, scripts, tasks
-from api.protocol.vmstate import ALLOWED, VMStateEvent
+from api.protocol.vmstate import (
+    ALLOWED,
+    CONFIGURE_SCRIPT,
+    LIVE_STATES,
+    VMStateEvent,
+    allowed_csv,
+)
 from api.store import broker_errors
 from api.task import VMTask
+from api.vmargs import (
+    check_cpus,
+    check_disks,
+    check_memory,
+    check_network,
+    check_port_forwards,
+    config_fields,
+    forwards_of,
+    new_mac,
+    to_args,
+)
 
 VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-MAX_MEMORY_MB = 1024 * 1024
-DEFAULT_GUEST_TIMEOUT_S = 120
+MAX_CONSOLE_TAIL = 4 * 1024 * 1024
 
 CREATE_SCRIPT = scripts.load("vm_create")
-
 
 class VirtualMachine:
     """A handle on one VM; its configuration is read once, its state live."""
@@ -36,34 +53,46 @@ class VirtualMachine:
         self._server = server
         self.name: str = record["name"]
         self.host: str = record["host"]
-        self.memory_mb = int(record["memory_mb"])
-        self.disks: tuple[str, ...] = tuple(json.loads(record.get("disks", "[]")))
         self.undoable = record.get("undoable") == "1"
         self.guest_agent = record.get("guest_agent") == "1"
+        self._load(record)
         self.guest_os = GuestOS(self)
+
+    def _load(self, record: Mapping[str, str]) -> None:
+        self.memory_mb = int(record["memory_mb"])
+        self.cpus = int(record.get("cpus") or 1)
+        self.disks: tuple[str, ...] = tuple(json.loads(record.get("disks", "[]")))
+        self.network: str | None = record.get("network") or None
+        self.port_forwards: dict[int, int] = forwards_of(record)
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.name} on {self.host}>"
 
+    def _read(self) -> tuple[dict[str, str], VMVMState]:
+        with broker_errors(self._server.url):
+            pipe = self._server.redis.pipeline(transaction=False)
+            pipe.hgetall(keys.vm_record(self.name))
+            pipe.exists(keys.host_heartbeat(self.host))
+            record, host_alive = pipe.execute()
+        if not record:
+            raise NotFoundError(f"VM {self.name!r} no longer exists")
+        return record, VMVMState(int(record["state"])) if host_alive else VMVMState.Invalid
+
     @property
     def state(self) -> VMVMState:
         """Read live.  A VM whose host has no live worker is Invalid until it returns."""
-        with broker_errors(self._server.url):
-            pipe = self._server.redis.pipeline(transaction=False)
-            pipe.hget(keys.vm_record(self.name), "state")
-            pipe.exists(keys.host_heartbeat(self.host))
-            state, host_alive = pipe.execute()
-        if state is None:
-            raise NotFoundError(f"VM {self.name!r} no longer exists")
-        return VMVMState(int(state)) if host_alive else VMVMState.Invalid
+        return self._read()[1]
 
-    def _operate(self, operation: str, description: str, **kwargs: Any) -> VMTask:
-        state = self.state
+    def _check(self, operation: str, state: VMVMState | None = None) -> None:
+        state = self.state if state is None else state
         if state not in ALLOWED[operation]:
             allowed = ", ".join(s.name for s in sorted(ALLOWED[operation]))
             raise InvalidStateError(
                 f"Cannot {operation.replace('_', ' ')} VM {self.name!r} while it is "
                 f"{state.name} (allowed from: {allowed})")
+
+    def _operate(self, operation: str, description: str, **kwargs: Any) -> VMTask:
+        self._check(operation)
         return self._server.submit(
             tasks.VM_OPERATIONS[operation], description=f"{description} {self.name}",
             kwargs={"name": self.name, **kwargs}, host=self.host)
@@ -102,31 +131,82 @@ class VirtualMachine:
         if not self.undoable:
             raise InvalidArgumentError(f"VM {self.name!r} has no undo disks (not undoable)")
 
+    # -- configuration and what the VM shows ----------------------------------------
 
-class GuestOS:
-    """IVMGuestOS: requests to the guest, through its agent or the ACPI power button."""
+    def configure(self, memory_mb: int | None = None, cpus: int | None = None,
+                  disks: Sequence[str] | None = None, network: str | None = None,
+                  port_forwards: Mapping[int, int] | None = None) -> None:
+        """Change what the next boot gets; only while TurnedOff (else InvalidStateError).
 
-    def __init__(self, vm: VirtualMachine) -> None:
-        self._vm = vm
+        None leaves a setting as it is; ``network="none"`` removes the NIC and
+        ``port_forwards={}`` drops the forwards.  A Saved VM is refused: its state
+        is bound to the configuration (turn it off first, which discards the state).
+        """
+        record, state = self._read()
+        self._check("configure", state)
+        new_memory = int(record["memory_mb"]) if memory_mb is None else check_memory(memory_mb)
+        new_cpus = int(record.get("cpus") or 1) if cpus is None else check_cpus(cpus)
+        new_disks = json.loads(record["disks"]) if disks is None else check_disks(disks)
+        if disks is not None and self.undoable and new_disks != json.loads(record["disks"]):
+            raise InvalidArgumentError(
+                f"The disks of undoable VM {self.name!r} cannot change: its undo disks "
+                "are overlays of the current ones")
+        new_network = (record.get("network") or None) if network is None \
+            else check_network(network)
+        forwards = forwards_of(record) if port_forwards is None else port_forwards
+        new_forwards = check_port_forwards(forwards, new_network)
+        fields = config_fields(memory_mb=new_memory, cpus=new_cpus, disks=new_disks,
+                               network=new_network, forwards=new_forwards)
+        with broker_errors(self._server.url):
+            outcome, current = self._server.redis.eval(
+                CONFIGURE_SCRIPT, 1, keys.vm_record(self.name),
+                allowed_csv(ALLOWED["configure"]), *to_args(fields))
+        if outcome == "MISSING":
+            raise NotFoundError(f"VM {self.name!r} no longer exists")
+        if outcome == "REFUSED":
+            self._check("configure", VMVMState(int(current)))
+        self._load({**record, **fields})
 
-    def shutdown(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        """Ask the guest to power off; TimeOutError (VM still running) if it ignores us."""
-        return self._vm._operate("guest_shutdown", "Shutting down the guest of",
-                                 timeout_s=_timeout(timeout_s))
+    @property
+    def details(self) -> dict[str, Any]:
+        """The VM's configuration and, while it runs, its process: one Redis read."""
+        record, state = self._read()
+        self._load(record)
+        live = state in LIVE_STATES and bool(record.get("pid"))
+        started = float(record["started"]) if live and record.get("started") else None
+        return {
+            "name": self.name, "state": state, "host": self.host,
+            "pid": int(record["pid"]) if live else None,
+            "cpus": self.cpus, "memory_mb": self.memory_mb, "disks": list(self.disks),
+            "network": self.network, "port_forwards": dict(self.port_forwards),
+            "mac": record.get("mac") or None,
+            "uptime_s": round(time.time() - started, 1) if started is not None else None,
+            "vnc": (record.get("vnc") or None) if live else None,
+            "undoable": self.undoable, "guest_agent": self.guest_agent,
+        }
 
-    def restart(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        return self._vm._operate("guest_restart", "Restarting the guest of",
-                                 timeout_s=_timeout(timeout_s))
+    def console_access(self) -> dict[str, str] | None:
+        """The VNC address and this start's password, or None while it has no console."""
+        record, state = self._read()
+        if state not in LIVE_STATES or not record.get("vnc"):
+            return None
+        return {"address": record["vnc"], "password": record.get("vnc_password", "")}
 
-    def logoff(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        return self._vm._operate("guest_logoff", "Logging off the guest of",
-                                 timeout_s=_timeout(timeout_s))
+    def screenshot(self) -> bytes:
+        """A PNG of the VM's display right now (QMP screendump); Running or Paused."""
+        self._check("screenshot")
+        output = self._server.run_quick(
+            tasks.VM_SCREENSHOT, description=f"Taking a screenshot of {self.name}",
+            kwargs={"name": self.name}, host=self.host)
+        return base64.b64decode(output["png"])
 
-
-def _timeout(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
-        raise InvalidArgumentError(f"timeout_s must be an int in 1..3600, not {value!r}")
-    return value
+    def console_log(self, tail_bytes: int = 65536) -> str:
+        """The end of the VM's serial console output, read on its host."""
+        check_int("tail_bytes", tail_bytes, 1, MAX_CONSOLE_TAIL)
+        output = self._server.run_quick(
+            tasks.VM_CONSOLE_LOG, description=f"Reading the console log of {self.name}",
+            kwargs={"name": self.name, "tail_bytes": tail_bytes}, host=self.host)
+        return str(output["text"])
 
 
 class VMOperations(ServerCore):
@@ -144,22 +224,24 @@ class VMOperations(ServerCore):
         initrd: str | None = None,
         append: str | None = None,
         guest_agent: bool = False,
+        cpus: int = 1,
+        network: str | None = "user",
+        port_forwards: Mapping[int, int] | None = None,
     ) -> VirtualMachine:
-        """Register a VM (TurnedOff) on a host.  Paths are relative to its storage root."""
+        """Register a VM (TurnedOff) on a host.  Paths are relative to its storage root.
+
+        ``network``: None (no NIC), "user" (QEMU's user-mode NAT) or "bridge:NAME"
+        (a tap on an existing host bridge); ``port_forwards`` maps host TCP ports
+        to guest TCP ports, for "user".
+        """
         if not isinstance(name, str) or not VM_NAME_PATTERN.match(name):
             raise InvalidArgumentError(
                 f"Invalid VM name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
-        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) \
-                or not 1 <= memory_mb <= MAX_MEMORY_MB:
-            raise InvalidArgumentError(f"memory_mb must be an int in 1..{MAX_MEMORY_MB}, "
-                                       f"not {memory_mb!r}")
-        if isinstance(disks, str):
-            raise InvalidArgumentError("disks must be a sequence of paths, not one string")
-        disk_list = [check_relative_path(d, "disk") for d in disks]
-        for disk in disk_list:
-            format_for_name(disk)
-        if len(set(disk_list)) != len(disk_list):
-            raise InvalidArgumentError("A disk is attached twice")
+        check_memory(memory_mb)
+        check_cpus(cpus)
+        disk_list = check_disks(disks)
+        checked_network = check_network(network)
+        forwards = check_port_forwards(port_forwards, checked_network)
         for what, value in (("kernel", kernel), ("initrd", initrd)):
             if value is not None:
                 check_relative_path(value, what)
@@ -168,17 +250,16 @@ class VMOperations(ServerCore):
         target = self.resolve_host(host)
         fields = {
             "name": name, "host": target, "state": str(int(VMVMState.TurnedOff)),
-            "memory_mb": str(memory_mb), "disks": json.dumps(disk_list),
+            **config_fields(memory_mb=memory_mb, cpus=cpus, disks=disk_list,
+                            network=checked_network, forwards=forwards),
+            "mac": new_mac(),
             "undoable": "1" if undoable else "0", "guest_agent": "1" if guest_agent else "0",
             "kernel": kernel or "", "initrd": initrd or "", "append": append or "",
             "created": repr(time.time()),
         }
-        args = [name]
-        for key, value in fields.items():
-            args += [key, value]
         with broker_errors(self.url):
             created = self.redis.eval(CREATE_SCRIPT, 2, keys.vm_record(name), keys.VM_NAMES,
-                                      *args)
+                                      name, *to_args(fields))
         if not created:
             raise InvalidArgumentError(f"A VM named {name!r} already exists")
         return VirtualMachine(self, fields)

@@ -16,15 +16,16 @@ from api.protocol import keys
 from api.settings import Settings
 from workers import control as control_lane
 from workers import host, monitoring, transport
-from workers.tasks import diagnostics, disks, vms
+from workers.tasks import diagnostics, disk_inventory, disks, vm_console, vms
 
-OPERATION_MODULES = [diagnostics.__name__, disks.__name__, vms.__name__]
+OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
+                     vms.__name__, vm_console.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
     startup=(disks.remove_crashed_temporaries, vms.reconcile_vms),
-    tick=(vms.watch_vms,),
+    tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),
 )
 

@@ -183,3 +183,44 @@ def disk_merge_to(ctx: click.Context, path: str, destination: str, disk_type: st
     """Merge PATH and all its parents into a new DESTINATION disk."""
     run_on_disk(ctx, path, lambda source: source.merge_to(destination, TYPE_CHOICES[disk_type]))
 
+
+
+@disk.command("list")
+@json_option
+@click.pass_context
+def disk_list(ctx: click.Context) -> None:
+    """Every disk image in the host's storage root (VM internals excluded)."""
+    state = state_of(ctx)
+    disks = state.server().hard_disks(state.host)
+    if state.json:
+        emit_json([disk_dict(d) for d in disks])
+        return
+    table = new_table("file", "type", "format", "size in guest", "size on host", "parent")
+    for item in disks:
+        table.add_row(item.file, item.type.name, item.format, format_bytes(item.size_in_guest),
+                      format_bytes(item.size_on_host), item.parent.file if item.parent else "")
+    stdout_console().print(table if disks else "no disks")
+
+
+@disk.command("delete")
+@click.argument("path")
+@no_wait_option
+@json_option
+@click.pass_context
+def disk_delete(ctx: click.Context, path: str) -> None:
+    """Delete PATH (refused while a VM uses it or another disk is its child)."""
+    state = state_of(ctx)
+    task = state.server().get_hard_disk(path).delete()
+    run_task(state, task, lambda _snap: {"deleted": path},
+             lambda _snap: click.echo(f"Deleted {path}"))
+
+
+@disk.command("resize")
+@click.argument("path")
+@click.option("--size-mb", type=int, required=True, help="The new, larger size in MB.")
+@no_wait_option
+@json_option
+@click.pass_context
+def disk_resize(ctx: click.Context, path: str, size_mb: int) -> None:
+    """Grow PATH to --size-mb (qcow2 and raw images; never shrinks)."""
+    run_on_disk(ctx, path, lambda source: source.resize(size_mb))

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from api import errors
 from api.cli.follow import run_task
-from api.cli.output import emit_json, new_table, stdout_console
+from api.cli.output import emit_json, format_duration, new_table, stdout_console
 from api.cli.state import CliState, json_option, no_wait_option, state_of
 from api.protocol.records import TaskSnapshot
 from api.task import VMTask
@@ -21,17 +21,32 @@ from api.vms import VirtualMachine
 
 
 def vm_dict(vm: VirtualMachine) -> dict[str, Any]:
-    state = vm.state
+    details = vm.details
+    state = details["state"]
     return {
-        "name": vm.name,
-        "host": vm.host,
+        **details,
         "state": state.name,
         "state_code": int(state),
-        "memory_mb": vm.memory_mb,
-        "disks": list(vm.disks),
-        "undoable": vm.undoable,
-        "guest_agent": vm.guest_agent,
+        "port_forwards": {str(h): g for h, g in details["port_forwards"].items()},
     }
+
+
+def parse_forwards(values: tuple[str, ...]) -> dict[int, int] | None:
+    """``HOST:GUEST`` TCP port pairs; None when none were given."""
+    if not values:
+        return None
+    forwards: dict[int, int] = {}
+    for value in values:
+        host_port, sep, guest_port = value.partition(":")
+        if not sep or not host_port.isdigit() or not guest_port.isdigit():
+            raise click.BadParameter(f"{value!r} is not HOST:GUEST (two TCP ports)",
+                                     param_hint="--forward")
+        forwards[int(host_port)] = int(guest_port)
+    return forwards
+
+
+def network_value(value: str) -> str | None:
+    return None if value == "none" else value
 
 
 def find_vm(state: CliState, name: str) -> VirtualMachine:
@@ -46,15 +61,21 @@ def print_vm(info: dict[str, Any]) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     for label, key in (("name", "name"), ("host", "host"), ("state", "state"),
-                       ("memory", "memory_mb"), ("undoable", "undoable"),
+                       ("pid", "pid"), ("uptime", "uptime_s"), ("cpus", "cpus"),
+                       ("memory", "memory_mb"), ("network", "network"), ("mac", "mac"),
+                       ("console (VNC)", "vnc"), ("undoable", "undoable"),
                        ("guest agent", "guest_agent")):
         value = info[key]
         if key == "memory_mb":
             value = f"{value} MB"
+        elif key == "uptime_s" and value is not None:
+            value = format_duration(value)
         elif isinstance(value, bool):
             value = "yes" if value else "no"
-        grid.add_row(label, str(value))
+        grid.add_row(label, "-" if value is None else str(value))
     grid.add_row("disks", ", ".join(info["disks"]) or "-")
+    grid.add_row("port forwards", ", ".join(
+        f"{h} -> {g}" for h, g in info["port_forwards"].items()) or "-")
     stdout_console().print(grid)
 
 
@@ -73,16 +94,22 @@ def vm() -> None:
 @click.option("--initrd", help="With --kernel: this initrd.")
 @click.option("--append", help="With --kernel: the kernel command line.")
 @click.option("--guest-agent", is_flag=True, help="The guest runs the QEMU guest agent.")
+@click.option("--cpus", type=int, default=1, show_default=True, help="Virtual CPUs.")
+@click.option("--network", default="user", show_default=True, metavar="user|none|bridge:NAME",
+              help="user: QEMU's NAT; bridge:NAME: a tap on an existing host bridge.")
+@click.option("--forward", "forwards", multiple=True, metavar="HOST:GUEST",
+              help="Forward a host TCP port to a guest port (user network); repeatable.")
 @json_option
 @click.pass_context
 def vm_create(ctx: click.Context, name: str, memory_mb: int, disks: tuple[str, ...],
               undoable: bool, kernel: str | None, initrd: str | None, append: str | None,
-              guest_agent: bool) -> None:
+              guest_agent: bool, cpus: int, network: str, forwards: tuple[str, ...]) -> None:
     """Register a new VM, turned off, on the target host."""
     state = state_of(ctx)
     created = state.server().create_virtual_machine(
         name, memory_mb, disks, undoable, host=state.host, kernel=kernel, initrd=initrd,
-        append=append, guest_agent=guest_agent)
+        append=append, guest_agent=guest_agent, cpus=cpus, network=network_value(network),
+        port_forwards=parse_forwards(forwards))
     info = vm_dict(created)
     if state.json:
         emit_json(info)
@@ -101,9 +128,10 @@ def vm_list(ctx: click.Context) -> None:
     if state.json:
         emit_json(infos)
         return
-    table = new_table("name", "host", "state", "memory", "disks", "undoable")
+    table = new_table("name", "host", "state", "cpus", "memory", "network", "disks", "undoable")
     for info in infos:
-        table.add_row(info["name"], info["host"], info["state"], f"{info['memory_mb']} MB",
+        table.add_row(info["name"], info["host"], info["state"], str(info["cpus"]),
+                      f"{info['memory_mb']} MB", info["network"] or "-",
                       ", ".join(info["disks"]) or "-", "yes" if info["undoable"] else "no")
     stdout_console().print(table if infos else "no VMs")
 
@@ -113,7 +141,7 @@ def vm_list(ctx: click.Context) -> None:
 @json_option
 @click.pass_context
 def vm_show(ctx: click.Context, name: str) -> None:
-    """Configuration and live state of VM NAME."""
+    """Configuration and live state of VM NAME: process, uptime, console, network."""
     state = state_of(ctx)
     info = vm_dict(find_vm(state, name))
     if state.json:

@@ -54,6 +54,10 @@ DISK_CONVERT = TaskSpec("vmtask.disk.convert", ("path", "destination", "disk_typ
 DISK_MERGE_TO = TaskSpec("vmtask.disk.merge_to", ("path", "destination", "disk_type"),
                          cancelable=True)
 DISK_MERGE = TaskSpec("vmtask.disk.merge", ("path",), cancelable=False)
+DISK_LIST = TaskSpec("vmtask.disk.list", (), cancelable=False, quick=True)
+DISK_DELETE = TaskSpec("vmtask.disk.delete", ("path",), cancelable=False, quick=True)
+# In place, so not cancelable; long for a preallocated image.
+DISK_RESIZE = TaskSpec("vmtask.disk.resize", ("path", "size_bytes"), cancelable=False)
 
 VM_STARTUP = TaskSpec("vmtask.vm.startup", ("name",), cancelable=True)
 VM_SAVE = TaskSpec("vmtask.vm.save", ("name",), cancelable=True)
@@ -70,6 +74,10 @@ VM_GUEST_RESTART = TaskSpec("vmtask.vm.guest_restart", ("name", "timeout_s"), ca
                             optional=("timeout_s",))
 VM_GUEST_LOGOFF = TaskSpec("vmtask.vm.guest_logoff", ("name", "timeout_s"), cancelable=True,
                            optional=("timeout_s",))
+VM_SCREENSHOT = TaskSpec("vmtask.vm.screenshot", ("name",), cancelable=False, quick=True)
+VM_CONSOLE_LOG = TaskSpec("vmtask.vm.console_log", ("name", "tail_bytes"), cancelable=False,
+                          quick=True)
+VM_GUEST_INFO = TaskSpec("vmtask.vm.guest_info", ("name",), cancelable=False, quick=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

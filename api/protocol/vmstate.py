@@ -37,6 +37,11 @@ ALLOWED: dict[str, frozenset[S]] = {
     "merge_undo_disks": frozenset({S.TurnedOff}),
     "discard_undo_disks": frozenset({S.TurnedOff}),
     "delete": frozenset({S.TurnedOff, S.Saved, S.Invalid}),
+    # A saved state is bound to the configuration: changing it needs a turn_off first.
+    "configure": frozenset({S.TurnedOff}),
+    "screenshot": frozenset({S.Running, S.Paused}),
+    "console_log": frozenset(S),
+    "guest_info": frozenset({S.Running}),
 }
 
 EVENTS_MAXLEN = 10_000
@@ -44,6 +49,12 @@ EVENTS_MAXLEN = 10_000
 TRANSITION_SCRIPT = scripts.load("vm_transition")
 
 DELETE_SCRIPT = scripts.load("vm_delete")
+
+CONFIGURE_SCRIPT = scripts.load("vm_configure")
+
+# The fields a worker writes while the VM runs (cleared when it stops).
+RUNTIME_FIELDS = ("pid", "started", "vnc", "vnc_password")
+LIVE_STATES = frozenset({S.Running, S.Paused, S.Saving, S.TurningOff, S.Invalid})
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,11 @@ def test_vm_lifecycle_through_the_cli(cli: Cli, root: Path, vm_name: str) -> Non
 
     created = cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk, "--json")
     assert created.code == 0, created
-    assert created.json() | {"guest_agent": False} == {
+    expected = {
         "name": vm_name, "host": "alpha", "state": "TurnedOff", "state_code": 1,
-        "memory_mb": 64, "disks": [disk], "undoable": False, "guest_agent": False}
+        "memory_mb": 64, "disks": [disk], "undoable": False, "guest_agent": False,
+        "cpus": 1, "network": "user", "port_forwards": {}, "pid": None, "vnc": None}
+    assert {k: created.json()[k] for k in expected} == expected
     duplicate = cli("vm", "create", vm_name)
     assert duplicate.code == 2, duplicate
     assert_one_error_line(duplicate, "already exists", "0x80070057")
@@ -162,3 +164,48 @@ def test_guest_restart_and_shutdown_with_the_agent(
     assert vm_state(restarted) == "Running"
     assert vm_state(cli("vm", "shutdown", vm_name, "--timeout-s", "120", "--json")) == \
         "TurnedOff"
+
+
+def test_vm_edit_console_and_disk_inventory_verbs(cli: Cli, root: Path, tmp_path: Path,  # noqa: F811
+                                                  vm_name: str) -> None:
+    disk = f"{vm_name}/d.qcow2"
+    assert cli("disk", "create", disk, "--size-mb", "16").code == 0
+    created = cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk, "--cpus", "2",
+                  "--forward", "40123:80", "--json")
+    assert created.code == 0, created
+    assert (created.json()["cpus"], created.json()["port_forwards"]) == (2, {"40123": 80})
+    bad = cli("vm", "create", vm_name + "x", "--network", "wifi")
+    assert bad.code == 2, bad
+    configured = cli("vm", "configure", vm_name, "--cpus", "3", "--no-forwards", "--network",
+                     "none", "--json")
+    assert configured.code == 0, configured
+    assert {k: configured.json()[k] for k in ("cpus", "network", "port_forwards")} == {
+        "cpus": 3, "network": None, "port_forwards": {}}
+    assert "not running" in cli("vm", "console", vm_name).out
+
+    assert cli("vm", "start", vm_name).code == 0
+    refused = cli("vm", "configure", vm_name, "--cpus", "1")
+    assert refused.code == 2, refused
+    assert_one_error_line(refused, "Running", INVALID_STATE)
+    console = cli("vm", "console", vm_name, "--json")
+    assert console.code == 0 and len(console.json()["password"]) == 8, console
+    assert console.json()["address"].startswith("127.0.0.1:")
+    shown = cli("vm", "show", vm_name)
+    assert console.json()["address"] in shown.out and "3" in shown.out, shown
+    png = tmp_path / "screen.png"
+    shot = cli("vm", "screenshot", vm_name, str(png))
+    assert shot.code == 0 and png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), shot
+    assert cli("vm", "log", vm_name).code == 0
+    assert cli("vm", "off", vm_name).code == 0
+
+    listed = cli("disk", "list", "--json")
+    assert listed.code == 0 and disk in [d["file"] for d in listed.json()], listed
+    assert "vms/" not in listed.out
+    attached = cli("disk", "delete", disk)
+    assert attached.code == 2, attached
+    assert_one_error_line(attached, f"attached to VM {vm_name}", INVALID_STATE)
+    grown = cli("disk", "resize", disk, "--size-mb", "32", "--json")
+    assert grown.code == 0 and grown.json()["disk"]["size_in_guest"] == 32 << 20, grown
+    assert cli("vm", "delete", vm_name).code == 0
+    deleted = cli("disk", "delete", disk, "--json")
+    assert deleted.code == 0 and not (root / disk).exists(), deleted

@@ -9,14 +9,17 @@ recipe below, so it is rebuilt only when one of them changes.
 
 What the guest does (see `INIT_SCRIPT`):
 
-* loads the virtio-pci, virtio-console, ACPI button and evdev modules, which the
-  cloud kernel ships as modules;
+* loads the virtio-pci, virtio-console, virtio-net, ACPI button and evdev modules,
+  which the cloud kernel ships as modules, and prints its CPU count;
+* brings each NIC up and asks for an address by DHCP (busybox ``udhcpc``, in the
+  background), and serves a marker page on TCP port 80 (busybox ``httpd``);
 * arms a power-button watcher that runs ``poweroff -f``, and only then prints
   `READY_MARKER` on the serial console, so a ``system_powerdown`` sent after the
   marker is never lost;
 * serves a small subset of the QEMU guest agent protocol on the virtio-serial port
   named `AGENT_PORT_NAME`: ``guest-sync``, ``guest-sync-delimited``,
-  ``guest-ping``, ``guest-info`` and ``guest-shutdown``.  The agent is line based:
+  ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo`` and
+  ``guest-network-get-interfaces``.  The agent is line based:
   every command must end with a newline, which `workers.engines.guest_agent` always sends.
 """
 
@@ -47,7 +50,7 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # The roots of the module closure; their dependencies are added from the modules
 # themselves.
-GUEST_MODULES = ("virtio_pci", "virtio_console", "button", "evdev")
+GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_net", "button", "evdev")
 DEFAULT_APPEND = "console=ttyS0 quiet panic=-1"
 
 # Bump when the image layout changes in a way the init script's text does not show.
@@ -68,6 +71,8 @@ AGENT_COMMANDS = (
     "guest-ping",
     "guest-info",
     "guest-shutdown",
+    "guest-get-osinfo",
+    "guest-network-get-interfaces",
 )
 
 

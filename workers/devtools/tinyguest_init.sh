@@ -7,6 +7,40 @@ load_modules() {
     done
 }
 
+# udhcpc runs this script again as its event hook (`udhcpc -s /init`), with the
+# lease in its environment.
+dhcp_event() {
+    case $1 in
+        deconfig)
+            ip addr flush dev "$interface"
+            ip link set "$interface" up
+            ;;
+        bound|renew)
+            ip addr flush dev "$interface"
+            ip addr add "$ip/${mask:-24}" dev "$interface"
+            for gw in $router; do
+                ip route add default via "$gw" dev "$interface" && break
+            done
+            echo "vmtask-guest: $interface has $ip/${mask:-24}" > /dev/console
+            ;;
+    esac
+}
+
+start_network() {
+    ip link set lo up
+    for n in /sys/class/net/*; do
+        i=${n##*/}
+        [ "$i" = lo ] && continue
+        ip link set "$i" up
+        # In the background: boot (and the agent) never wait for a DHCP server.
+        udhcpc -i "$i" -s /init -t 30 -T 1 -A 1 -q -n >/dev/null 2>&1 &
+    done
+    # What a port-forward test reaches: a marker page on port 80.
+    mkdir -p /www
+    echo "vmtask-guest http" > /www/index.html
+    httpd -p 80 -h /www
+}
+
 arm_power_button() {
     armed=
     for d in /sys/class/input/event*; do
@@ -42,6 +76,24 @@ find_agent_port() {
         else
             sleep 1
         fi
+    done
+}
+
+# qemu-ga's interface list: name, MAC and IPv4 addresses with their prefixes.
+interfaces_json() {
+    sep=
+    for n in /sys/class/net/*; do
+        i=${n##*/}
+        IFS= read -r mac < "$n/address" || mac=
+        addresses=
+        asep=
+        for a in $(ip -o -4 addr show dev "$i" | awk '{print $4}'); do
+            addresses="$addresses$asep{\"ip-address-type\": \"ipv4\", \"ip-address\": \"${a%/*}\", \"prefix\": ${a#*/}}"
+            asep=", "
+        done
+        printf '%s{"name": "%s", "hardware-address": "%s", "ip-addresses": [%s]}' \
+            "$sep" "$i" "$mac" "$addresses"
+        sep=", "
     done
 }
 
@@ -109,6 +161,12 @@ handle_line() {
     guest-ping)
         reply '{"return": {}}'
         ;;
+    guest-get-osinfo)
+        reply "{\"return\": {\"id\": \"vmtask-tinyguest\", \"name\": \"vmtask tiny guest\", \"pretty-name\": \"vmtask tiny guest (busybox)\", \"kernel-release\": \"$(uname -r)\", \"machine\": \"$(uname -m)\"}}"
+        ;;
+    guest-network-get-interfaces)
+        reply "{\"return\": [$(interfaces_json)]}"
+        ;;
     guest-info)
         reply '{"return": {"version": "vmtask-tinyguest", "supported_commands": [@COMMANDS@]}}'
         ;;
@@ -153,6 +211,8 @@ main() {
     export PATH=/sbin:/bin:/usr/sbin:/usr/bin
     exec < /dev/console > /dev/console 2>&1
     load_modules
+    echo "vmtask-guest: cpus $(nproc)"
+    start_network
     arm_power_button
     echo "@MARKER@"
     # PID 1 must never exit (the kernel would panic), and a failed redirection
@@ -163,4 +223,8 @@ main() {
     done
 }
 
-[ "$$" = 1 ] && main
+if [ "$$" = 1 ]; then
+    main
+elif [ -n "${interface-}" ]; then
+    dhcp_event "${1-}"
+fi

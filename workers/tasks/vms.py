@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
     EVENTS_MAXLEN,
+    RUNTIME_FIELDS,
     TRANSITION_SCRIPT,
     allowed_csv,
 )
@@ -101,6 +103,10 @@ def config_of(settings: Settings, record: dict[str, str]) -> qemu_vm.VMConfig:
         name=name, memory_mb=int(record["memory_mb"]), disks=disks,
         kernel=in_root(record.get("kernel", "")), initrd=in_root(record.get("initrd", "")),
         append=record.get("append") or None, extra_args=extra, accel=settings.accel,
+        cpus=int(record.get("cpus") or 1), network=record.get("network") or None,
+        port_forwards=json.loads(record.get("port_forwards") or "[]"),
+        mac=record.get("mac") or None, forward_listen=settings.forward_listen,
+        vga=True, vnc_listen=settings.vnc_listen,
     )
 
 
@@ -123,6 +129,21 @@ def transition(client: redis.Redis, name: str, allowed: frozenset[S], new: S) ->
 def settle(client: redis.Redis, name: str, state: S) -> None:
     """Record where the VM really is after an operation, from whatever state it was in."""
     transition(client, name, frozenset(S), state)
+    if state in (S.TurnedOff, S.Saved):
+        client.hdel(keys.vm_record(name), *RUNTIME_FIELDS)
+
+
+def record_runtime(client: redis.Redis, name: str, paths: qemu_vm.VMPaths, pid: int) -> None:
+    """What `details` shows of a started VM: its process, uptime and console.
+
+    The VNC password is new at every start (VNC allows 8 characters); it lives in
+    the VM's record for `console_access`, never in a task record or a log.
+    """
+    password = secrets.token_urlsafe(6)[:8]
+    vnc = qemu_vm.setup_vnc(paths, password)
+    client.hset(keys.vm_record(name), mapping={
+        "pid": str(pid), "started": repr(time.time()), "vnc": vnc or "",
+        "vnc_password": password if vnc else ""})
 
 
 def try_lock(settings: Settings, name: str) -> int | None:
@@ -176,22 +197,27 @@ def startup(run: TaskRun, name: str) -> None:
         if current is S.Saved:
             transition(client, name, frozenset({S.Saved}), S.Restoring)
             try:
-                qemu_vm.start(config_of(run.settings, record), paths, run,
-                              incoming_state=paths.state_file)
+                pid = qemu_vm.start(config_of(run.settings, record), paths, run,
+                                    incoming_state=paths.state_file)
             except BaseException:
                 settle(client, name, S.Saved)
                 raise
         else:
             transition(client, name, frozenset({S.TurnedOff}), S.TurningOn)
             try:
+                # Read again: a configure that landed before the transition counts.
+                record = record_of(client, run.settings, name)
                 config = config_of(run.settings, record)
                 if record["undoable"] == "1":
                     prepare_undo_disks(run, record, paths)
-                qemu_vm.start(config, paths, run)
+                pid = qemu_vm.start(config, paths, run)
             except BaseException:
                 settle(client, name, S.TurnedOff)
                 raise
-        settle(client, name, qemu_vm.vm_state(paths))
+        try:
+            record_runtime(client, name, paths, pid)
+        finally:
+            settle(client, name, qemu_vm.vm_state(paths))
 
 
 def prepare_undo_disks(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
@@ -429,6 +455,8 @@ def watch_vms(client: redis.Redis, settings: Settings) -> None:
                 transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
             except InvalidVMState:
                 continue  # it changed since we read it
+            if state is S.TurnedOff:
+                client.hdel(keys.vm_record(record["name"]), *RUNTIME_FIELDS)
             log.warning("VM %s stopped by itself: now %s", record["name"], state.name)
         finally:
             os.close(fd)

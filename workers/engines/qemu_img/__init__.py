@@ -29,6 +29,7 @@ from workers.engines.qemu_img.create import (
 from workers.engines.qemu_img.errors import failure_from_stderr
 from workers.engines.qemu_img.info import DiskInfo, info
 from workers.engines.qemu_img.outputs import ALLOCATION_CHUNK
+from workers.engines.qemu_img.resize import RESIZABLE_FORMATS, grow
 from workers.engines.qemu_img.rewrite import compact, convert, merge, merge_to
 from workers.engines.qemu_img.runner import KILL_GRACE, POLL_INTERVAL, run_qemu_img
 from workers.engines.qemu_img.sizes import (
@@ -53,6 +54,7 @@ __all__ = [
     "KILL_GRACE",
     "MAX_SIZE_BYTES",
     "POLL_INTERVAL",
+    "RESIZABLE_FORMATS",
     "SECTOR",
     "DiskInfo",
     "GiB",
@@ -70,6 +72,7 @@ __all__ = [
     "create_host_drive",
     "failure_from_stderr",
     "format_for",
+    "grow",
     "info",
     "merge",
     "merge_to",

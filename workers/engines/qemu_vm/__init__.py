@@ -13,6 +13,8 @@ The modules, each importing only those above it:
 * `process`: finding, waiting for, killing and cleaning up after a VM's QEMU.
 * `statefile`: the saved state file and its fingerprint file.
 * `monitor`: the QMP connection and the simple commands (pause, turn_off, ...).
+* `devices`: the command-line pieces of CPUs, NIC, display and VNC.
+* `console`: screendump, the VNC password, the serial console log.
 * `lifecycle`: QEMU's command line, `start` (boot, or restore from a saved state).
 * `savestate`: `save`.
 
@@ -23,6 +25,12 @@ from __future__ import annotations
 
 from workers.engines.qemu_vm.accel import AccelProbe, choose_accel, probe_accel
 from workers.engines.qemu_vm.config import VMConfig, VMPaths, config_fingerprint, disk_format
+from workers.engines.qemu_vm.console import (
+    read_console,
+    rotate_serial_log,
+    screendump,
+    setup_vnc,
+)
 from workers.engines.qemu_vm.lifecycle import build_argv, start
 from workers.engines.qemu_vm.monitor import (
     Monitor,
@@ -61,10 +69,14 @@ __all__ = [
     "powerdown",
     "probe_accel",
     "query_status",
+    "read_console",
     "read_saved_state_info",
     "reset",
     "resume",
+    "rotate_serial_log",
     "save",
+    "screendump",
+    "setup_vnc",
     "start",
     "turn_off",
     "vm_state",

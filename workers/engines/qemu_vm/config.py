@@ -24,9 +24,54 @@ QEMU_SYSTEM = "qemu-system-x86_64"
 DISK_INTERFACES = ("virtio", "ide")
 MAX_IDE_DISKS = 4
 MAX_MEMORY_MB = 4 * 1024 * 1024  # 4 TiB: far beyond any host, catches unit mistakes
+MAX_CPUS = 255  # the i440fx machine's limit without an IOMMU
+# "user" (QEMU's user-mode NAT) or "bridge:NAME" (a tap on a host bridge); None: no NIC.
+NETWORK_USER = "user"
+BRIDGE_PREFIX = "bridge:"
+BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.()+-]{0,63}$")
 _MACHINE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or blanks.
+_BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
+_LISTEN_RE = re.compile(r"^[A-Za-z0-9.:-]{1,64}$")
+
+
+def bridge_name(network: str | None) -> str | None:
+    """The bridge of a ``bridge:NAME`` network, else None."""
+    if network is None or not network.startswith(BRIDGE_PREFIX):
+        return None
+    return network[len(BRIDGE_PREFIX):]
+
+
+def check_network(network: object) -> None:
+    if network is None or network == NETWORK_USER:
+        return
+    if isinstance(network, str):
+        bridge = bridge_name(network)
+        if bridge is not None and _BRIDGE_RE.match(bridge) and bridge not in (".", ".."):
+            return
+    raise IllegalValue(
+        f"Illegal network {network!r}: None, {NETWORK_USER!r} or 'bridge:NAME' "
+        "(a host bridge of at most 15 letters, digits, '_', '.' or '-')"
+    )
+
+
+def check_port_forwards(forwards: object, network: object) -> None:
+    if not isinstance(forwards, tuple):
+        raise IllegalValue("port_forwards must be pairs of (host port, guest port)")
+    if forwards and network != NETWORK_USER:
+        raise IllegalValue("Port forwards need network='user'")
+    hosts: set[int] = set()
+    for pair in forwards:
+        if (not isinstance(pair, tuple) or len(pair) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535
+                           for p in pair)):
+            raise IllegalValue(f"Illegal port forward {pair!r}: two TCP ports in 1..65535")
+        if pair[0] in hosts:
+            raise IllegalValue(f"Host port {pair[0]} is forwarded twice")
+        hosts.add(pair[0])
 
 
 def disk_format(path: str | os.PathLike[str]) -> str:
@@ -58,12 +103,30 @@ class VMConfig:
     accel: str = "auto"
     machine: str = "pc"
     disk_interface: str = "virtio"
+    cpus: int = 1
+    network: str | None = None
+    """None (no NIC), "user" or "bridge:NAME"."""
+    port_forwards: Sequence[Sequence[int]] = ()
+    """(host TCP port, guest TCP port) pairs, for the "user" network."""
+    mac: str | None = None
+    """The NIC's MAC address; QEMU picks one when None."""
+    forward_listen: str = "127.0.0.1"
+    """The host address port forwards listen on."""
+    vga: bool = False
+    """A standard VGA display device: what screendump and VNC show."""
+    vnc_listen: str | None = None
+    """The address a password-protected VNC server listens on (a free port); None: no VNC."""
 
     def __post_init__(self) -> None:
         if isinstance(self.disks, str) or isinstance(self.extra_args, str):
             raise IllegalValue("disks and extra_args must be sequences of strings, not a string")
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        if isinstance(self.port_forwards, str):
+            raise IllegalValue("port_forwards must be pairs of ports")
+        object.__setattr__(self, "port_forwards", tuple(
+            tuple(pair) if isinstance(pair, list | tuple) else pair
+            for pair in self.port_forwards))
         self._validate()
 
     def _validate(self) -> None:
@@ -106,6 +169,17 @@ class VMConfig:
             raise IllegalValue(f"Illegal accelerator {self.accel!r}: one of {ACCELERATORS}")
         if not isinstance(self.machine, str) or not _MACHINE_RE.match(self.machine):
             raise IllegalValue(f"Illegal machine type {self.machine!r}")
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) \
+                or not 1 <= self.cpus <= MAX_CPUS:
+            raise IllegalValue(f"Illegal CPU count {self.cpus!r} (1..{MAX_CPUS})")
+        check_network(self.network)
+        check_port_forwards(self.port_forwards, self.network)
+        if self.mac is not None and (not isinstance(self.mac, str) or not _MAC_RE.match(self.mac)):
+            raise IllegalValue(f"Illegal MAC address {self.mac!r} (52:54:00:xx:xx:xx)")
+        for what, address in (("forward", self.forward_listen), ("VNC", self.vnc_listen)):
+            if address is not None and (not isinstance(address, str)
+                                        or not _LISTEN_RE.match(address)):
+                raise IllegalValue(f"Illegal {what} listen address {address!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +193,13 @@ class VMConfig:
             "accel": self.accel,
             "machine": self.machine,
             "disk_interface": self.disk_interface,
+            "cpus": self.cpus,
+            "network": self.network,
+            "port_forwards": [list(pair) for pair in self.port_forwards],
+            "mac": self.mac,
+            "forward_listen": self.forward_listen,
+            "vga": self.vga,
+            "vnc_listen": self.vnc_listen,
         }
 
     @classmethod
@@ -134,7 +215,7 @@ class VMConfig:
         missing = {"name", "memory_mb"} - set(data)
         if missing:
             raise IllegalValue(f"VM configuration lacks {sorted(missing)}")
-        for key in ("disks", "extra_args"):
+        for key in ("disks", "extra_args", "port_forwards"):
             if key in data and not isinstance(data[key], list | tuple):
                 raise IllegalValue(f"{key} must be a list")
         return cls(**dict(data))
@@ -163,6 +244,13 @@ def fingerprint_fields(config: VMConfig) -> dict[str, Any]:
         "append": config.append,
         "extra_args": list(config.extra_args),
         "machine": config.machine,
+        "cpus": config.cpus,
+        # The NIC and its backend are in the migration stream (slirp saves its
+        # state); forwards are host-side, but kept in so a restore never differs.
+        "network": config.network,
+        "port_forwards": [list(pair) for pair in config.port_forwards],
+        "mac": config.mac,
+        "vga": config.vga,
     }
 
 
@@ -208,6 +296,15 @@ class VMPaths:
     def launch_log(self) -> Path:
         """The launcher's stdout/stderr: errors raised before QEMU daemonizes."""
         return self.directory / "launch.log"
+
+    @property
+    def serial_log_rotated(self) -> Path:
+        """The previous generation of the serial log, kept when it is rotated."""
+        return self.directory / "serial.log.1"
+
+    @property
+    def screendump_file(self) -> Path:
+        return self.directory / "screen.png"
 
     @property
     def state_file(self) -> Path:

@@ -32,6 +32,7 @@ from workers.engines.qemu_vm.config import (
     disk_format,
     fingerprint_path,
 )
+from workers.engines.qemu_vm.devices import cpu_argv, display_argv, network_argv, qemu_opt
 from workers.engines.qemu_vm.monitor import (
     UNIX_PATH_MAX,
     Monitor,
@@ -55,11 +56,6 @@ from workers.failures import (
 START_TIMEOUT = 60.0
 
 
-def _qemu_opt(value: str | os.PathLike[str]) -> str:
-    # QemuOpts splits on commas; a literal comma is written twice.
-    return os.fspath(value).replace(",", ",,")
-
-
 def build_argv(
     config: VMConfig,
     paths: VMPaths,
@@ -70,16 +66,17 @@ def build_argv(
 ) -> list[str]:
     argv = [
         QEMU_SYSTEM,
-        "-name", f"guest={_qemu_opt(config.name)}",
+        "-name", f"guest={qemu_opt(config.name)}",
         "-machine", machine or config.machine,
         "-accel", accel,
         "-m", f"{config.memory_mb}M",
+        *cpu_argv(config),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
-        "-chardev", f"socket,id=qmp,path={_qemu_opt(paths.qmp_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={qemu_opt(paths.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=serial0,path={_qemu_opt(paths.serial_log)},append=on",
+        "-chardev", f"file,id=serial0,path={qemu_opt(paths.serial_log)},append=on",
         "-serial", "chardev:serial0",
         "-pidfile", str(paths.pidfile),
         "-D", str(paths.qemu_log),
@@ -88,7 +85,7 @@ def build_argv(
     for index, disk in enumerate(config.disks):
         argv += [
             "-drive",
-            f"file={_qemu_opt(disk)},format={disk_format(disk)},if={config.disk_interface},id=disk{index}",
+            f"file={qemu_opt(disk)},format={disk_format(disk)},if={config.disk_interface},id=disk{index}",
         ]
     if config.kernel is not None:
         argv += ["-kernel", config.kernel]
@@ -96,6 +93,8 @@ def build_argv(
         argv += ["-initrd", config.initrd]
     if config.append is not None:
         argv += ["-append", config.append]
+    argv += network_argv(config)
+    argv += display_argv(config)
     argv += list(config.extra_args)
     if incoming:
         argv += ["-incoming", "defer"]
