@@ -61,7 +61,8 @@ def create_app(settings: Settings) -> WorkerApp:
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
     }
-    app = WorkerApp("vmtask", broker=settings.redis_url, backend=settings.redis_url)
+    endpoint = settings.endpoint
+    app = WorkerApp("vmtask", broker=endpoint.url, backend=endpoint.url)
     app.settings = settings
     app.conf.update(
         include=OPERATION_MODULES,
@@ -87,6 +88,10 @@ def create_app(settings: Settings) -> WorkerApp:
             **timeouts,
         },
         broker_connection_retry_on_startup=True,
+        # TLS from the one validated endpoint (api.connection): the URL carries no
+        # ssl_* parameters, so Celery, kombu and Flower all read these instead.
+        broker_use_ssl=endpoint.celery_ssl(),
+        redis_backend_use_ssl=endpoint.celery_ssl(),
         redis_socket_timeout=settings.redis_timeout_seconds,
         redis_socket_connect_timeout=settings.redis_timeout_seconds,
         # Our own record carries the state; Celery's "STARTED" write would be redundant.
