@@ -42,10 +42,12 @@ def progress_meta(percent: int, description: str) -> dict[str, Any]:
 class RecordBackend(BaseBackend):  # type: ignore[misc]
     def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app, url=url, **kwargs)
-        broker = url or app.conf.broker_url
+        # The app's validated endpoint carries its TLS options; a bare URL has none.
+        endpoint = app.conf.get("vmtask_endpoint") or url or app.conf.broker_url
         timeout = float(app.conf.get("vmtask_redis_timeout") or DEFAULT_TIMEOUT)
         retention = float(app.conf.get("vmtask_retention_seconds") or DEFAULT_RETENTION)
-        self._store = TaskStore(connect(broker, timeout), broker, retention)
+        broker = endpoint if isinstance(endpoint, str) else endpoint.url
+        self._store = TaskStore(connect(endpoint, timeout), broker, retention)
         self._cancel = self._store.client.register_script(records.CANCEL_SCRIPT)
         self._store.on_crash_judged = lambda task_id: events.send(
             app, "task-failed", task_id, **events.crash_fields())

@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 from celery import Celery
-from kombu.exceptions import OperationalError
 
 from api import celery_backend, events
 from api.arguments import check_int
+from api.connection import RedisEndpoint, parse_redis_url
 from api.enums import VMTaskResult
 from api.errors import (
     BrokerUnavailableError,
@@ -33,12 +33,10 @@ from api.errors import (
 from api.protocol import hresults, keys
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
-from api.settings import DEFAULT_REDIS_URL, Settings, redact_url, validate_host_name
-from api.store import CONNECTION_ERRORS, TaskStore, broker_errors, connect
+from api.settings import Settings, redact_url, validate_host_name
+from api.store import SEND_ERRORS, TaskStore, broker_errors, connect
 from api.task import VMTask
 
-# kombu wraps connection failures; a batch's flush raises redis-py's own.
-PUBLISH_ERRORS: tuple[type[BaseException], ...] = (OperationalError, *CONNECTION_ERRORS)
 ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
 QUICK_TIMEOUT_MS = 60_000
 # How a quick read's failure surfaces: as the exception its HRESULT names.
@@ -53,12 +51,17 @@ log = logging.getLogger(__name__)
 MAX_SCAN = 20_000  # how far back tasks() looks when filters are selective
 
 
-def producer_app(url: str, timeout: float = 5.0, sent_events: bool = True) -> Celery:
-    """A Celery app that only sends: JSON only, no result backend reads."""
-    app = Celery("vmtask-producer", broker=url, backend=celery_backend.BACKEND,
+def producer_app(endpoint: RedisEndpoint | str, timeout: float = 5.0,
+                 sent_events: bool = True) -> Celery:
+    """A Celery app that only sends, and reads results from the task record."""
+    if isinstance(endpoint, str):
+        endpoint = parse_redis_url(endpoint)
+    app = Celery("vmtask-producer", broker=endpoint.url, backend=celery_backend.BACKEND,
                   set_as_current=False)
     app.conf.update(
+        vmtask_endpoint=endpoint,
         vmtask_redis_timeout=timeout,
+        broker_use_ssl=endpoint.celery_ssl(),
         broker_transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout},
         task_serializer="json",
         accept_content=["json"],
@@ -83,14 +86,19 @@ class ServerCore:
     ) -> None:
         # The producer reads only the shared knobs; VMTASK_HOST is resolved below.
         env = {k: v for k, v in os.environ.items() if k != "VMTASK_HOST"}
+        if url is not None:
+            env["VMTASK_REDIS_URL"] = url
+        # The URL and TLS files are validated here: InvalidArgumentError, not a
+        # ValueError from redis-py at the first call.
         env_settings = Settings.from_env(env)
-        self.url = url or os.environ.get("VMTASK_REDIS_URL") or DEFAULT_REDIS_URL
+        self.endpoint = env_settings.endpoint
+        self.url = self.endpoint.url
         explicit_host = host or os.environ.get("VMTASK_HOST") or None
         self.default_host = validate_host_name(explicit_host) if explicit_host else None
         self.poll_interval = poll_interval
         self.timeout = env_settings.redis_timeout_seconds
         self.sent_events = env_settings.sent_events
-        self.redis = connect(self.url, self.timeout)
+        self.redis = connect(self.endpoint, self.timeout)
         self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds)
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
@@ -208,7 +216,7 @@ class ServerCore:
                     routing_key=queue,
                     producer=producer,
                 )
-        except PUBLISH_ERRORS as exc:
+        except SEND_ERRORS as exc:
             self.store.discard(task_id)
             raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
         return VMTask(self.store, task_id, poll_interval=self.poll_interval, host=target)
@@ -300,5 +308,5 @@ class ServerCore:
         """The producer's Celery app: ``AsyncResult(id)`` reads the task record
         (`api.celery_backend`); ``control.revoke(id)`` cancels as `VMTask.cancel` does."""
         if self._celery is None:
-            self._celery = producer_app(self.url, self.timeout, self.sent_events)
+            self._celery = producer_app(self.endpoint, self.timeout, self.sent_events)
         return self._celery

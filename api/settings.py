@@ -7,25 +7,18 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
+from api.connection import RedisEndpoint, parse_redis_url, read_secret_file, redact_url
 from api.errors import InvalidArgumentError
+
+__all__ = ["DEFAULT_REDIS_URL", "Settings", "redact_url", "validate_host_name"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 HOST_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ACCELERATORS = ("auto", "kvm", "tcg")
 WORKER_ROLES = ("main", "control")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def validate_host_name(host: str) -> str:
@@ -112,6 +105,25 @@ class Settings:
     forward_listen: str = "127.0.0.1"
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
+    # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
+    # and key when Redis asks for one), and a file holding the Redis password, so
+    # that it stays out of the environment that `docker inspect` and `ps e` show.
+    redis_ca: str | None = None
+    redis_cert: str | None = None
+    redis_key: str | None = None
+    redis_password_file: str | None = None
+
+    def endpoint_for(self, url: str | None = None) -> RedisEndpoint:
+        """``url`` (else ``VMTASK_REDIS_URL``) with these TLS files and password file."""
+        password = (read_secret_file("VMTASK_REDIS_PASSWORD_FILE", self.redis_password_file)
+                    if self.redis_password_file else None)
+        return parse_redis_url(self.redis_url if url is None else url, ca=self.redis_ca,
+                               cert=self.redis_cert, key=self.redis_key, password=password)
+
+    @cached_property
+    def endpoint(self) -> RedisEndpoint:
+        """The validated Redis URL and TLS options every client of this process uses."""
+        return self.endpoint_for()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -124,8 +136,11 @@ class Settings:
         role = env.get("VMTASK_WORKER_ROLE") or "main"
         if role not in WORKER_ROLES:
             raise InvalidArgumentError(f"VMTASK_WORKER_ROLE must be one of {WORKER_ROLES}")
+        def optional(name: str) -> str | None:
+            return env.get(name) or None
+
         allow = tuple(p for p in env.get("VMTASK_HOST_DRIVE_ALLOW", "").split(os.pathsep) if p)
-        return cls(
+        settings = cls(
             redis_url=env.get("VMTASK_REDIS_URL") or DEFAULT_REDIS_URL,
             host=validate_host_name(host),
             storage_root=Path(env.get("VMTASK_STORAGE_ROOT") or defaults.storage_root).absolute(),
@@ -155,4 +170,10 @@ class Settings:
             forward_listen=_address(env, "VMTASK_FORWARD_LISTEN", defaults.forward_listen),
             console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
                                               defaults.console_log_max_bytes, 4096)),
+            redis_ca=optional("VMTASK_REDIS_CA"),
+            redis_cert=optional("VMTASK_REDIS_CERT"),
+            redis_key=optional("VMTASK_REDIS_KEY"),
+            redis_password_file=optional("VMTASK_REDIS_PASSWORD_FILE"),
         )
+        settings.endpoint  # noqa: B018 - a bad URL or TLS file fails at start-up, not later
+        return settings

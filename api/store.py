@@ -15,27 +15,34 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 
+from api.connection import RedisEndpoint, parse_redis_url, redact_url
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
 from api.protocol import hresults, keys, records
 from api.protocol.records import TaskSnapshot
-from api.settings import redact_url
 
+# A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
+# login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+REFUSED_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS,
+                                               redis.exceptions.NoPermissionError)
+# What kombu's publish raises when Redis is away or refuses the producer.
+SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, *REFUSED_ERRORS)
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
 MAX_RECENT_TASKS = 100_000
 CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0) -> redis.Redis:
     """A client whose every call fails after ``timeout`` seconds rather than hang
     (a Redis stopped with SIGSTOP accepts connections and never answers)."""
-    return redis.Redis.from_url(
-        url,
+    if isinstance(endpoint, str):
+        endpoint = parse_redis_url(endpoint)
+    return endpoint.client(
+        timeout,
         decode_responses=True,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
         socket_keepalive=True,
         health_check_interval=30,
     )
@@ -46,6 +53,10 @@ def broker_errors(url: str) -> Iterator[None]:
     """Turn redis-py connection failures into `BrokerUnavailableError`."""
     try:
         yield
+    except redis.exceptions.NoPermissionError as exc:
+        raise BrokerUnavailableError(
+            f"Redis at {redact_url(url)} refused a command to this user (ACL): {exc}"
+        ) from None
     except CONNECTION_ERRORS as exc:
         raise BrokerUnavailableError(
             f"Redis at {redact_url(url)} cannot be reached: {exc}"

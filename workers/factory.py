@@ -64,10 +64,12 @@ def create_app(settings: Settings) -> WorkerApp:
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
     }
-    app = WorkerApp("vmtask", broker=settings.redis_url, backend=celery_backend.BACKEND)
+    endpoint = settings.endpoint
+    app = WorkerApp("vmtask", broker=endpoint.url, backend=celery_backend.BACKEND)
     app.settings = settings
     app.conf.update(
         include=OPERATION_MODULES,
+        vmtask_endpoint=endpoint,
         vmtask_redis_timeout=settings.redis_timeout_seconds,
         vmtask_retention_seconds=settings.retention_seconds,
         # JSON only, both ways: a pickled message is refused (ContentDisallowed) unread.
@@ -92,6 +94,10 @@ def create_app(settings: Settings) -> WorkerApp:
             **timeouts,
         },
         broker_connection_retry_on_startup=True,
+        # TLS from the one validated endpoint (api.connection): the URL carries no
+        # ssl_* parameters, so Celery, kombu and Flower all read these instead.
+        broker_use_ssl=endpoint.celery_ssl(),
+        redis_backend_use_ssl=endpoint.celery_ssl(),
         redis_socket_timeout=settings.redis_timeout_seconds,
         redis_socket_connect_timeout=settings.redis_timeout_seconds,
         # Our own record carries the state; Celery's "STARTED" write would be redundant.

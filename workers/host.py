@@ -51,11 +51,8 @@ class HostBeacon:
         self.settings = settings
         self.hooks = hooks
         self.on_crash_judged = on_crash_judged
-        self.client = redis.Redis.from_url(
-            self.settings.redis_url, decode_responses=True,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-            socket_timeout=settings.redis_timeout_seconds,
-        )
+        self.client = settings.endpoint.client(settings.redis_timeout_seconds,
+                                               decode_responses=True)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
         self.withdraw = self.client.register_script(scripts.load("host_withdraw"))
         self.identity = f"{settings.host}:{socket.gethostname()}:{os.getpid()}"

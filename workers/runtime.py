@@ -56,11 +56,9 @@ class WorkerRedis:
     """One client per process, with the scripts the worker runs, built lazily after fork."""
 
     def __init__(self, settings: Settings) -> None:
-        self.client = redis.Redis.from_url(
-            settings.redis_url,
+        self.client = settings.endpoint.client(
+            settings.redis_timeout_seconds,
             decode_responses=True,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-            socket_timeout=settings.redis_timeout_seconds,
             socket_keepalive=True,
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
@@ -30,11 +29,9 @@ from api.cli.task import task, wait
 from api.cli.vm import vm
 from api.cli.vm_console import vm_console as _vm_console  # noqa: F401  (registers its verbs)
 from api.cli.worker import demo, worker
+from api.connection import parse_redis_url
 from api.protocol import hresults
 from api.protocol.hresults import format_hresult
-from api.settings import redact_url
-
-REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def report_failure(state: CliState, kind: str, message: str, hresult: int, code: int) -> int:
@@ -105,10 +102,12 @@ class VMTaskCLI(click.Group):
 
 
 def _check_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    # redis-py would raise a bare ValueError deep inside; this is a usage error.
-    if value and urlsplit(value).scheme not in REDIS_SCHEMES:
-        raise click.BadParameter(
-            f"{redact_url(value)!r} is not a Redis URL ({', '.join(REDIS_SCHEMES)})")
+    # The library's own check (api.connection), reported as a usage error.
+    if value:
+        try:
+            parse_redis_url(value)
+        except errors.InvalidArgumentError as exc:
+            raise click.BadParameter(str(exc)) from None
     return value
 
 

@@ -15,12 +15,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from api.protocol import keys
+from api.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_TASK_MODULE = "tests.worker_tasks"
@@ -62,37 +64,119 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> No
     proc.wait()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
+
+    ca: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_env(self) -> dict[str, str]:
+        """What a producer or worker needs to reach a Redis that asks for client certs."""
+        return {"VMTASK_REDIS_CA": str(self.ca), "VMTASK_REDIS_CERT": str(self.client_cert),
+                "VMTASK_REDIS_KEY": str(self.client_key)}
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def _signed_cert(directory: Path, name: str, ca: Path, ca_key: Path, extensions: str) -> None:
+    key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+    ext_file = directory / f"{name}.ext"
+    ext_file.write_text(extensions)
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN=vmtask test {name}")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext_file)
+
+
+def make_tls_files(directory: Path, ca_name: str = "ca") -> TlsFiles:
+    """A CA and the certificates it signs, made with the ``openssl`` command."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / f"{ca_name}.crt", directory / f"{ca_name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+             "-subj", f"/CN=vmtask test {ca_name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    common = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+    _signed_cert(directory, f"{ca_name}-server", ca, ca_key,
+                 common + "extendedKeyUsage=serverAuth\n"
+                 "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _signed_cert(directory, f"{ca_name}-client", ca, ca_key,
+                 common + "extendedKeyUsage=clientAuth\n")
+    return TlsFiles(ca, ca_key, directory / f"{ca_name}-server.crt",
+                    directory / f"{ca_name}-server.key", directory / f"{ca_name}-client.crt",
+                    directory / f"{ca_name}-client.key")
+
+
 class RedisServer:
-    """A redis-server of our own on a free port; stop() and start() keep the port."""
+    """A redis-server of our own on a free port; stop() and start() keep the port.
+
+    With ``tls``, it listens only on a TLS port (``--port 0``) and asks clients for
+    a certificate signed by the CA.  With ``acl_file``, users come from that file,
+    and ``username`` / ``password`` are the ones `client` (the harness) uses.
+    """
 
     def __init__(self, directory: Path, *, appendonly: bool = False,
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls: TlsFiles | None = None,
+                 acl_file: Path | None = None, username: str | None = None) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.appendonly = appendonly
         self.password = password
+        self.tls = tls
+        self.acl_file = acl_file
+        self.username = username
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        auth = f"{self.username or ''}:{self.password}@" if self.password else ""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    def url_for(self, username: str, password: str) -> str:
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{username}:{password}@127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, decode_responses=True)
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.client_cert),
+                   "ssl_keyfile": str(self.tls.client_key)}
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5,
+                                    socket_connect_timeout=5, **tls)
 
     def start(self) -> RedisServer:
         args = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "redis-server", "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
         ]
-        if self.password:
+        if self.tls is not None:
+            args += ["--port", "0", "--tls-port", str(self.port),
+                     "--tls-cert-file", str(self.tls.server_cert),
+                     "--tls-key-file", str(self.tls.server_key),
+                     "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "yes"]
+        else:
+            args += ["--port", str(self.port)]
+        if self.acl_file is not None:
+            args += ["--aclfile", str(self.acl_file)]
+        elif self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, start_new_session=True)
 
         def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                log = (self.directory / "redis.log").read_text(errors="replace")
+                raise RuntimeError(f"redis-server exited early:\n{log}")
             try:
                 return bool(self.client().ping())
             except redis.ConnectionError:
@@ -160,8 +244,10 @@ class WorkerProcess:
         return self
 
     def heartbeat(self) -> dict[str, Any] | None:
+        # The worker's own settings: its TLS files and Redis user reach the heartbeat.
+        client = Settings.from_env(self.environment()).endpoint.client(5.0)
         try:
-            raw = redis.Redis.from_url(self.redis_url).get(keys.host_heartbeat(self.host))
+            raw = client.get(keys.host_heartbeat(self.host))
         except redis.ConnectionError:
             return None
         return json.loads(raw) if raw else None
