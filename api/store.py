@@ -115,7 +115,7 @@ class TaskStore:
         arguments: Mapping[str, Any],
     ) -> bool:
         """Write a PENDING record, in one round trip; False when ``host`` has no live
-        worker (then nothing is written)."""
+        worker (then the record is removed again: no message ever names it)."""
         now = time.time()
         fields = {
             "name": name,
@@ -127,13 +127,19 @@ class TaskStore:
             "created": repr(now),
             "arguments": json.dumps(dict(arguments), sort_keys=True),
         }
+        args = [repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
+                *(item for pair in fields.items() for item in pair)]
+
+        def build(pipe: Any) -> None:
+            pipe.exists(keys.host_heartbeat(host))
+            pipe.evalsha(self._submit.sha, 2, keys.task_record(task_id), keys.RECENT_TASKS,
+                         *args)
+
         with broker_errors(self.url):
-            written = self._submit(
-                keys=[keys.host_heartbeat(host), keys.task_record(task_id), keys.RECENT_TASKS],
-                args=[repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
-                      *(item for pair in fields.items() for item in pair)],
-            )
-        return bool(written)
+            live, _ = self._pipelined(build)
+        if not live:
+            self.discard(task_id)
+        return bool(live)
 
     def discard(self, task_id: str) -> None:
         """Forget a record whose message could not be sent."""
@@ -165,28 +171,32 @@ class TaskStore:
         """
         if not task_ids:
             return []
+
+        def build(pipe: Any) -> None:
+            for task_id in task_ids:
+                pipe.evalsha(self._read.sha, 2, keys.task_record(task_id),
+                             keys.task_lease(task_id))
+
         with broker_errors(self.url):
-            try:
-                replies = self._read_pipelined(task_ids)
-            except redis.exceptions.NoScriptError:
-                self._read.sha = self.client.script_load(records.READ_SCRIPT)
-                replies = self._read_pipelined(task_ids)
+            replies = self._pipelined(build)
         return [_snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
 
-    def _read_pipelined(self, task_ids: Sequence[str]) -> list[Any]:
-        # EVALSHA by hand: redis-py's pipelined scripts would first ask SCRIPT EXISTS,
-        # a second round trip on every batch.
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.evalsha(self._read_sha, 2, keys.task_record(task_id), keys.task_lease(task_id))
-        return list(pipe.execute())
-
-    @property
-    def _read_sha(self) -> str:
-        if not self._read.sha:
-            self._read.sha = self.client.script_load(records.READ_SCRIPT)
-        return str(self._read.sha)
+    def _pipelined(self, build: Callable[[Any], None]) -> list[Any]:
+        """One round trip of commands, our scripts called by EVALSHA by hand: redis-py's
+        pipelined scripts would first ask SCRIPT EXISTS, a second round trip each time.
+        After a Redis restart the scripts are loaded again and the batch re-sent."""
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in (self._submit, self._read):
+                    self.client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def recent(self, limit: int) -> list[str]:
         """Ids of the newest tasks first."""
