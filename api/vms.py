@@ -13,17 +13,20 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from api.arguments import check_relative_path, format_for_name
+import redis
+
+from api.arguments import check_relative_path, check_stream_id, check_text, format_for_name
 from api.core import ServerCore
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
 from api.protocol import keys, scripts, tasks
 from api.protocol.vmstate import ALLOWED, VMStateEvent
 from api.store import broker_errors
-from api.task import VMTask
+from api.task import VMTask, validate_timeout
 
 VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_MEMORY_MB = 1024 * 1024
+MAX_DISKS = 16
 DEFAULT_GUEST_TIMEOUT_S = 120
 
 CREATE_SCRIPT = scripts.load("vm_create")
@@ -123,6 +126,13 @@ class GuestOS:
                                  timeout_s=_timeout(timeout_s))
 
 
+def check_vm_name(name: object) -> str:
+    if not isinstance(name, str) or not VM_NAME_PATTERN.fullmatch(name):
+        raise InvalidArgumentError(
+            f"Invalid VM name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
+    return name
+
+
 def _timeout(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
         raise InvalidArgumentError(f"timeout_s must be an int in 1..3600, not {value!r}")
@@ -146,15 +156,16 @@ class VMOperations(ServerCore):
         guest_agent: bool = False,
     ) -> VirtualMachine:
         """Register a VM (TurnedOff) on a host.  Paths are relative to its storage root."""
-        if not isinstance(name, str) or not VM_NAME_PATTERN.match(name):
-            raise InvalidArgumentError(
-                f"Invalid VM name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
+        check_vm_name(name)
         if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) \
                 or not 1 <= memory_mb <= MAX_MEMORY_MB:
             raise InvalidArgumentError(f"memory_mb must be an int in 1..{MAX_MEMORY_MB}, "
                                        f"not {memory_mb!r}")
-        if isinstance(disks, str):
-            raise InvalidArgumentError("disks must be a sequence of paths, not one string")
+        if isinstance(disks, (str, bytes)) or not isinstance(disks, (list, tuple)):
+            raise InvalidArgumentError(
+                f"disks must be a list or tuple of paths, not {type(disks).__name__}")
+        if len(disks) > MAX_DISKS:
+            raise InvalidArgumentError(f"A VM takes at most {MAX_DISKS} disks")
         disk_list = [check_relative_path(d, "disk") for d in disks]
         for disk in disk_list:
             format_for_name(disk)
@@ -163,6 +174,8 @@ class VMOperations(ServerCore):
         for what, value in (("kernel", kernel), ("initrd", initrd)):
             if value is not None:
                 check_relative_path(value, what)
+        if append is not None:
+            check_text(append, "append", allow_empty=True)
         if kernel is None and (initrd is not None or append is not None):
             raise InvalidArgumentError("initrd and append need a kernel")
         target = self.resolve_host(host)
@@ -184,6 +197,7 @@ class VMOperations(ServerCore):
         return VirtualMachine(self, fields)
 
     def find_virtual_machine(self, name: str) -> VirtualMachine | None:
+        check_vm_name(name)
         with broker_errors(self.url):
             record = self.redis.hgetall(keys.vm_record(name))
         return VirtualMachine(self, record) if record else None
@@ -203,8 +217,18 @@ class VMOperations(ServerCore):
         """Every VM state change from ``since`` (a stream id; "$": from now, "0": all kept).
 
         Blocks for new events; with ``timeout_ms`` the iteration ends after that long
-        without one.  The analogue of IVMVirtualServerEvents::OnVMStateChange.
+        without one (0: only what is already there; -1 or None: forever).  The
+        analogue of IVMVirtualServerEvents::OnVMStateChange.  Bad arguments raise
+        at the call, before the first event.
         """
+        check_stream_id(since)
+        if timeout_ms is not None:
+            validate_timeout(timeout_ms)
+            if timeout_ms == -1:
+                timeout_ms = None
+        return self._vm_events(since, timeout_ms)
+
+    def _vm_events(self, since: str, timeout_ms: int | None) -> Iterator[VMStateEvent]:
         last = since
         if last == "$":
             with broker_errors(self.url):
@@ -220,7 +244,10 @@ class VMOperations(ServerCore):
                 left_ms = timeout_ms - int((time.monotonic() - idle_since) * 1000)
                 block = min(slice_ms, left_ms) if left_ms > 0 else None  # None: no wait
             with broker_errors(self.url):
-                reply = self.redis.xread({keys.VM_EVENTS: last}, block=block, count=100)
+                try:
+                    reply = self.redis.xread({keys.VM_EVENTS: last}, block=block, count=100)
+                except redis.ResponseError as exc:  # an id Redis refuses after all
+                    raise InvalidArgumentError(f"since={since!r}: {exc}") from None
             if reply:
                 for entry_id, fields in reply[0][1]:
                     last = entry_id
