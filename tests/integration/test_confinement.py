@@ -19,6 +19,7 @@ import pytest
 from api import HardDisk, VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
 from api.protocol import hresults
 from tests.helpers import qemu_io
+from workers.engines import beneath
 from workers.engines.beneath import open_beneath
 from workers.failures import DiskError
 
@@ -195,8 +196,20 @@ def test_name_escapes_are_access_denied_at_the_client_and_at_the_worker(
                          cancelable=True, kwargs={"path": path, "size_bytes": MiB}))
 
 
-def test_open_beneath_refuses_a_directory_swapped_for_a_symlink(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel", ["openat2", "walk"])
+def test_open_beneath_refuses_a_directory_swapped_for_a_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
     """The swap window: the path was checked, then a directory became a symlink."""
+    if kernel == "walk":  # as on a kernel before 5.6, or under a seccomp filter
+        monkeypatch.setattr(beneath, "_openat2_missing", True)
+    else:
+        root_fd = os.open(tmp_path, os.O_PATH)
+        (tmp_path / "probe").write_text("")
+        fd = beneath._openat2(root_fd, "probe", os.O_RDONLY)
+        os.close(root_fd)
+        assert fd is not None, "openat2 is missing on this kernel"
+        os.close(fd)
     root = tmp_path / "root"
     (root / "d").mkdir(parents=True)
     (root / "d" / "f").write_text("in")
