@@ -18,7 +18,7 @@ from typing import Any, Self
 from celery import Celery
 
 from api import celery_backend, events
-from api.arguments import check_int
+from api.arguments import check_int, check_task_id
 from api.connection import RedisEndpoint, parse_redis_url
 from api.enums import VMTaskResult
 from api.errors import (
@@ -165,8 +165,7 @@ class ServerCore:
 
     def get_task(self, task_id: str) -> VMTask:
         """Re-attach to a task from any process; `TaskNotFoundError` if unknown."""
-        if not isinstance(task_id, str) or not task_id:
-            raise InvalidArgumentError(f"task_id must be a non-empty string, not {task_id!r}")
+        check_task_id(task_id)
         task = VMTask(self.store, task_id, poll_interval=self.poll_interval)
         task.snapshot()
         return task
@@ -274,6 +273,8 @@ class ServerCore:
         ``state`` is a record state (PENDING, STARTED, SUCCESS, FAILURE, REVOKED).
         """
         check_int("limit", limit, 1, 10_000)
+        if host is not None:
+            validate_host_name(host)
         if state is not None and state not in ALL_STATES:
             raise InvalidArgumentError(f"state must be one of {sorted(ALL_STATES)}, not {state!r}")
         found: list[TaskSnapshot] = []

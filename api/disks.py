@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from api.arguments import check_relative_path, disk_size_bytes, format_for_name
+from api.arguments import check_relative_path, check_text, disk_size_bytes, format_for_name
 from api.core import ServerCore
 from api.enums import VMHardDiskType, VMVMState
 from api.errors import (
@@ -163,6 +163,7 @@ class DiskOperations(ServerCore):
 
     def create_differencing_virtual_hard_disk(self, path: str, parent_path: str, *,
                                               host: str | None = None) -> VMTask:
+        check_relative_path(path)
         check_relative_path(parent_path, "parent_path")
         if format_for_name(path) != "qcow2":
             raise InvalidArgumentError(
@@ -176,7 +177,9 @@ class DiskOperations(ServerCore):
     def create_host_drive_virtual_hard_disk(self, path: str, host_drive: str, *,
                                             read_only: bool = True,
                                             host: str | None = None) -> VMTask:
-        if not isinstance(host_drive, str) or not host_drive.startswith("/"):
+        check_relative_path(path)
+        check_text(host_drive, "host_drive", max_bytes=4096)
+        if not host_drive.startswith("/"):
             raise InvalidArgumentError(f"host_drive must be an absolute host path, "
                                        f"not {host_drive!r}")
         if format_for_name(path) != "qcow2":

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from api.arguments import check_relative_path, format_for_name
 from api.errors import InvalidArgumentError
 
+MAX_DISKS = 16
 MAX_MEMORY_MB = 1024 * 1024
 MAX_CPUS = 255
 NETWORK_USER = "user"
@@ -38,8 +39,11 @@ def check_cpus(cpus: object) -> int:
 
 
 def check_disks(disks: object) -> list[str]:
-    if isinstance(disks, str) or not isinstance(disks, Sequence):
-        raise InvalidArgumentError("disks must be a sequence of paths, not one string")
+    if isinstance(disks, str | bytes) or not isinstance(disks, list | tuple):
+        raise InvalidArgumentError(
+            f"disks must be a list or tuple of paths, not {type(disks).__name__}")
+    if len(disks) > MAX_DISKS:
+        raise InvalidArgumentError(f"A VM takes at most {MAX_DISKS} disks")
     disk_list = [check_relative_path(d, "disk") for d in disks]
     for disk in disk_list:
         format_for_name(disk)

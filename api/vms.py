@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from api.arguments import check_int, check_relative_path
+import redis
+
+from api.arguments import check_int, check_relative_path, check_stream_id, check_text
 from api.core import ServerCore
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
@@ -28,7 +30,7 @@ from api.protocol.vmstate import (
     allowed_csv,
 )
 from api.store import broker_errors
-from api.task import VMTask
+from api.task import VMTask, validate_timeout
 from api.vmargs import (
     check_cpus,
     check_disks,
@@ -208,6 +210,18 @@ class VirtualMachine:
             kwargs={"name": self.name, "tail_bytes": tail_bytes}, host=self.host)
         return str(output["text"])
 
+def check_vm_name(name: object) -> str:
+    if not isinstance(name, str) or not VM_NAME_PATTERN.fullmatch(name):
+        raise InvalidArgumentError(
+            f"Invalid VM name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
+    return name
+
+
+def _timeout(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
+        raise InvalidArgumentError(f"timeout_s must be an int in 1..3600, not {value!r}")
+    return value
+
 
 class VMOperations(ServerCore):
     """The IVMVirtualServer VM methods; mixed into `VirtualServer`."""
@@ -234,9 +248,7 @@ class VMOperations(ServerCore):
         (a tap on an existing host bridge); ``port_forwards`` maps host TCP ports
         to guest TCP ports, for "user".
         """
-        if not isinstance(name, str) or not VM_NAME_PATTERN.match(name):
-            raise InvalidArgumentError(
-                f"Invalid VM name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
+        check_vm_name(name)
         check_memory(memory_mb)
         check_cpus(cpus)
         disk_list = check_disks(disks)
@@ -245,6 +257,8 @@ class VMOperations(ServerCore):
         for what, value in (("kernel", kernel), ("initrd", initrd)):
             if value is not None:
                 check_relative_path(value, what)
+        if append is not None:
+            check_text(append, "append", allow_empty=True)
         if kernel is None and (initrd is not None or append is not None):
             raise InvalidArgumentError("initrd and append need a kernel")
         target = self.resolve_host(host)
@@ -265,6 +279,7 @@ class VMOperations(ServerCore):
         return VirtualMachine(self, fields)
 
     def find_virtual_machine(self, name: str) -> VirtualMachine | None:
+        check_vm_name(name)
         with broker_errors(self.url):
             record = self.redis.hgetall(keys.vm_record(name))
         return VirtualMachine(self, record) if record else None
@@ -284,8 +299,18 @@ class VMOperations(ServerCore):
         """Every VM state change from ``since`` (a stream id; "$": from now, "0": all kept).
 
         Blocks for new events; with ``timeout_ms`` the iteration ends after that long
-        without one.  The analogue of IVMVirtualServerEvents::OnVMStateChange.
+        without one (0: only what is already there; -1 or None: forever).  The
+        analogue of IVMVirtualServerEvents::OnVMStateChange.  Bad arguments raise
+        at the call, before the first event.
         """
+        check_stream_id(since)
+        if timeout_ms is not None:
+            validate_timeout(timeout_ms)
+            if timeout_ms == -1:
+                timeout_ms = None
+        return self._vm_events(since, timeout_ms)
+
+    def _vm_events(self, since: str, timeout_ms: int | None) -> Iterator[VMStateEvent]:
         last = since
         if last == "$":
             with broker_errors(self.url):
@@ -301,7 +326,10 @@ class VMOperations(ServerCore):
                 left_ms = timeout_ms - int((time.monotonic() - idle_since) * 1000)
                 block = min(slice_ms, left_ms) if left_ms > 0 else None  # None: no wait
             with broker_errors(self.url):
-                reply = self.redis.xread({keys.VM_EVENTS: last}, block=block, count=100)
+                try:
+                    reply = self.redis.xread({keys.VM_EVENTS: last}, block=block, count=100)
+                except redis.ResponseError as exc:  # an id Redis refuses after all
+                    raise InvalidArgumentError(f"since={since!r}: {exc}") from None
             if reply:
                 for entry_id, fields in reply[0][1]:
                     last = entry_id

@@ -295,11 +295,15 @@ def test_hosts_lists_alpha(cli: Cli, alpha: WorkerProcess) -> None:
 
 
 def test_bad_input_is_one_line_with_e_invalidarg_and_exit_2(cli: Cli) -> None:
-    run = cli("disk", "create", "../x.vhd", "--size-mb", "1")
+    run = cli("disk", "create", "x.vmdk", "--size-mb", "1")
     assert run.code == 2 and run.out == "", run
-    assert_one_error_line(run, E_INVALIDARG, "../x.vhd")
+    assert_one_error_line(run, E_INVALIDARG, "x.vmdk")
+    # Leaving the storage root is refused the same way, with ACCESS_DENIED.
+    escape = cli("disk", "create", "../x.vhd", "--size-mb", "1")
+    assert escape.code == 2 and escape.out == "", escape
+    assert_one_error_line(escape, "0x80070005", "../x.vhd")
 
-    as_json = cli("disk", "create", "../x.vhd", "--size-mb", "1", "--json")
+    as_json = cli("disk", "create", "x.vmdk", "--size-mb", "1", "--json")
     assert as_json.code == 2, as_json
     error = as_json.json()["error"]
     assert (error["type"], error["hresult_hex"], error["exit_code"]) == (

@@ -151,15 +151,21 @@ def test_compact_through_the_queue(server: VirtualServer, root: Path, unique: st
 
 
 def test_bad_arguments_are_refused_before_queueing(server: VirtualServer) -> None:
-    cases = [
+    escapes = [
         lambda: server.create_fixed_virtual_hard_disk("../escape.vhd", 1),
         lambda: server.create_fixed_virtual_hard_disk("/etc/evil.vhd", 1),
+        lambda: server.get_hard_disk("a/../../b.vhd"),
+    ]
+    for case in escapes:  # leaving the root is ACCESS_DENIED wherever it is caught
+        with pytest.raises(errors.InvalidArgumentError) as caught:
+            case()
+        assert caught.value.hresult == hresults.ACCESS_DENIED
+    cases = [
         lambda: server.create_fixed_virtual_hard_disk("x.vmdk", 1),
         lambda: server.create_fixed_virtual_hard_disk("x.vhd", 0),
         lambda: server.create_fixed_virtual_hard_disk("x.vhd", 2041 * 1024),  # > 2040 GiB
         lambda: server.create_dynamic_virtual_hard_disk("x.vhd", True),  # type: ignore[arg-type]
         lambda: server.create_differencing_virtual_hard_disk("child.vhd", "p.vhd"),
-        lambda: server.get_hard_disk("a/../../b.vhd"),
     ]
     for case in cases:
         with pytest.raises(errors.InvalidArgumentError) as caught:

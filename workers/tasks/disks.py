@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def create_differencing(run: TaskRun, path: str, parent_path: str) -> dict[str, 
     files = HostFiles.of(run.settings)
     target = files.resolve_output(path)
     parent = files.resolve(parent_path, must_exist=True)
+    # The parent's whole chain must be confined: the overlay would expose it.
     with files.file_locks(files.chain_of(parent), [target]):
         qemu_img.create_differencing(target, parent, run, run.task_id)
     return files.describe(target)
@@ -78,9 +80,10 @@ def create_host_drive(run: TaskRun, path: str, host_drive: str,
 def compact(run: TaskRun, path: str) -> dict[str, Any]:
     files = HostFiles.of(run.settings)
     source = files.resolve(path, must_exist=True)
-    chain = files.chain_of(source)
-    with files.file_locks(chain[1:], [source]):
-        qemu_img.compact(source, run, run.task_id)
+    with ExitStack() as stack:
+        chain = files.open_chain(source, stack)
+        with files.file_locks(chain.reals[1:], [source]):
+            qemu_img.compact(source, run, run.task_id, chain=chain.pinned())
     return files.describe(source)
 
 
@@ -90,8 +93,10 @@ def convert(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[s
     source = files.resolve(path, must_exist=True)
     target = files.resolve_output(destination)
     fixed = VMHardDiskType(disk_type) is VMHardDiskType.FixedSize
-    with files.file_locks(files.chain_of(source), [target]):
-        made = qemu_img.convert(source, target, fixed, run, run.task_id)
+    with ExitStack() as stack:
+        chain = files.open_chain(source, stack)
+        with files.file_locks(chain.reals, [target]):
+            made = qemu_img.convert(source, target, fixed, run, run.task_id, chain=chain.pinned())
     return files.describe(target, made)
 
 
@@ -101,8 +106,10 @@ def merge_to(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[
     source = files.resolve(path, must_exist=True)
     target = files.resolve_output(destination)
     fixed = VMHardDiskType(disk_type) is VMHardDiskType.FixedSize
-    with files.file_locks(files.chain_of(source), [target]):
-        made = qemu_img.merge_to(source, target, fixed, run, run.task_id)
+    with ExitStack() as stack:
+        chain = files.open_chain(source, stack)
+        with files.file_locks(chain.reals, [target]):
+            made = qemu_img.merge_to(source, target, fixed, run, run.task_id, chain=chain.pinned())
     return files.describe(target, made)
 
 
@@ -110,12 +117,15 @@ def merge_to(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[
 def merge(run: TaskRun, path: str) -> dict[str, Any]:
     files = HostFiles.of(run.settings)
     source = files.resolve(path, must_exist=True)
-    chain = files.chain_of(source)
-    if len(chain) < 2:
-        raise IllegalValue(f"{path} is not a differencing disk: it has no parent to merge into")
-    with files.file_locks(chain[2:], chain[:2]):
-        qemu_img.merge(source, run, run.task_id)
-    return files.describe(chain[1])
+    with ExitStack() as stack:
+        chain = files.open_chain(source, stack)
+        reals = chain.reals
+        if len(reals) < 2:
+            raise IllegalValue(
+                f"{path} is not a differencing disk: it has no parent to merge into")
+        with files.file_locks(reals[2:], reals[:2]):
+            qemu_img.merge(source, run, run.task_id, chain=chain.pinned())
+    return files.describe(reals[1])
 
 
 def process_exists(pid: int) -> bool:

@@ -16,13 +16,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from api.enums import VMHardDiskType
 from api.protocol import hresults
 from api.settings import Settings
 from workers.engines import qemu_img
+from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.qemu_img.info import has_protocol
+from workers.engines.qemu_img.pinned import PinnedChain, PinnedImage, device_spec
 from workers.engines.storage import free_space, resolve_in_root
 from workers.failures import DiskError, IllegalValue
 
 LOCK_DIRECTORY = ".vmtask-locks"
+MAX_CHAIN = 64
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    real: Path
+    """The image's real path inside the root."""
+    info: qemu_img.DiskInfo
+    fd: int
+    pinned: PinnedImage
+
+
+@dataclass(frozen=True)
+class Chain:
+    """An image and its parents, nearest first, each open by descriptor."""
+
+    links: tuple[ChainLink, ...]
+    tail: dict[str, Any] | None
+    """A read-only host drive's device under the last image."""
+
+    @property
+    def reals(self) -> list[Path]:
+        return [link.real for link in self.links]
+
+    def pinned(self) -> PinnedChain:
+        """What qemu gets: every image by descriptor, the chain's end explicit."""
+        return PinnedChain(tuple(link.pinned for link in self.links),
+                           tuple(link.fd for link in self.links), self.tail)
 
 
 @dataclass(frozen=True)
@@ -52,18 +84,77 @@ class HostFiles:
         real = Path(os.path.realpath(path))
         return str(real.relative_to(self.root)) if real.is_relative_to(self.root) else str(path)
 
+    def open_chain(self, path: Path, stack: ExitStack) -> Chain:
+        """Open the image at ``path`` and every parent, each confined to the root.
+
+        Each image is opened by descriptor beneath the root before ``qemu-img info``
+        reads it (through that descriptor), so what is checked is what qemu gets.
+        A backing or data file whose name (absolute, relative, through symlinks,
+        ``json:`` or another protocol) leads outside the root is `DiskError`
+        ACCESS_DENIED, unless it is an allow-listed host drive.  The descriptors
+        close with ``stack``.
+        """
+        links: list[ChainLink] = []
+        real = self.resolve(str(path))
+        while True:
+            if len(links) > MAX_CHAIN:
+                raise IllegalValue(f"The backing chain of {self.relative(path)} is too deep")
+            if real in (link.real for link in links):
+                raise DiskError(f"The backing chain of {self.relative(path)} loops",
+                                hresults.DISK_CORRUPT)
+            fd = open_beneath(self.root, real)
+            stack.callback(os.close, fd)
+            head = PinnedImage(qemu_img.format_for(real), proc_path(fd))
+            info = qemu_img.info(real, opened=PinnedChain((head,), (fd,)))
+            data_file, tail, parent = self._confine(real, info, stack)
+            links.append(ChainLink(real, info, fd, PinnedImage(head.format, head.filename,
+                                                               data_file)))
+            if parent is None:
+                return Chain(tuple(links), tail)
+            real = parent
+
+    def _confine(self, image: Path, info: qemu_img.DiskInfo, stack: ExitStack
+                 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Path | None]:
+        """Check where ``info`` points: (its data file spec, its host-drive backing spec,
+        its parent's real path inside the root)."""
+        name = self.relative(image)
+        if info.disk_type is VMHardDiskType.HostDrive and info.host_drive is not None:
+            device = self.host_drive_of(info.host_drive, stack)
+            spec = device_spec(device, read_only=info.read_only)
+            return (None, spec, None) if info.read_only else (spec, None, None)
+        backing = info.backing_name
+        if backing is None or info.parent is None:
+            return None, None, None
+        if has_protocol(backing):
+            raise DiskError(f"The backing file of {name} is not a file in the storage root "
+                            f"({backing[:200]!r})", hresults.ACCESS_DENIED)
+        try:
+            parent = self.resolve(info.parent)
+        except IllegalValue:
+            raise DiskError(f"The backing file of {name} is not an image in the storage root",
+                            hresults.ACCESS_DENIED) from None
+        return None, None, parent
+
+    def host_drive_of(self, device: str, stack: ExitStack) -> str:
+        """A host-drive image's device or data file: allow-listed, or a file in the root
+        (then named by a descriptor opened beneath the root)."""
+        try:
+            inside = self.resolve(device)
+        except (DiskError, IllegalValue):
+            return str(self.allowed_host_drive(device))
+        fd = open_beneath(self.root, inside)
+        stack.callback(os.close, fd)
+        return proc_path(fd)
+
     def chain_infos(self, path: Path) -> list[qemu_img.DiskInfo]:
         """``qemu-img info`` of the image and of each parent (backing file), nearest first."""
-        chain = [qemu_img.info(path)]
-        while (parent := chain[-1].parent) is not None:
-            if len(chain) > 64:
-                raise IllegalValue(f"The backing chain of {self.relative(path)} is too deep")
-            chain.append(qemu_img.info(Path(parent)))
-        return chain
+        with ExitStack() as stack:
+            return [link.info for link in self.open_chain(path, stack).links]
 
     def chain_of(self, path: Path) -> list[Path]:
-        """The image and its parents (backing files), nearest first."""
-        return [Path(info.file) for info in self.chain_infos(path)]
+        """The image and its parents (backing files), real paths inside the root."""
+        with ExitStack() as stack:
+            return [link.real for link in self.open_chain(path, stack).links]
 
     @contextmanager
     def file_locks(self, reads: Sequence[Path], writes: Sequence[Path]) -> Iterator[None]:

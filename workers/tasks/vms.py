@@ -21,7 +21,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,7 @@ def startup(run: TaskRun, name: str) -> None:
         if current is S.Saved:
             transition(client, name, frozenset({S.Saved}), S.Restoring)
             try:
+                confine_disks(run.settings, record, paths)
                 pid = qemu_vm.start(config_of(run.settings, record), paths, run,
                                     incoming_state=paths.state_file)
             except BaseException:
@@ -208,8 +209,10 @@ def startup(run: TaskRun, name: str) -> None:
                 # Read again: a configure that landed before the transition counts.
                 record = record_of(client, run.settings, name)
                 config = config_of(run.settings, record)
+                confine_disks(run.settings, record, paths)
                 if record["undoable"] == "1":
                     prepare_undo_disks(run, record, paths)
+                    confine_disks(run.settings, record, paths)
                 pid = qemu_vm.start(config, paths, run)
             except BaseException:
                 settle(client, name, S.TurnedOff)
@@ -218,6 +221,18 @@ def startup(run: TaskRun, name: str) -> None:
             record_runtime(client, name, paths, pid)
         finally:
             settle(client, name, qemu_vm.vm_state(paths))
+
+
+def confine_disks(settings: Settings, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
+    """Every disk's whole chain, and its undo overlay's, must stay in the root
+    (`HostFiles.open_chain`): QEMU opens the backing files an image names."""
+    files = HostFiles.of(settings)
+    for index, disk in enumerate(json.loads(record["disks"])):
+        base = files.resolve(disk, must_exist=True)
+        files.chain_of(base)
+        overlay = undo_overlay(paths, index, base)
+        if record["undoable"] == "1" and os.path.lexists(overlay):
+            files.chain_of(overlay)
 
 
 def prepare_undo_disks(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
@@ -305,9 +320,12 @@ def merge_undo_disks(run: TaskRun, name: str) -> None:
         try:
             overlays = [o for o in overlays_of(run.settings, record, paths_of(run.settings, name))
                         if o.exists()]
+            files = HostFiles.of(run.settings)
             for index, overlay in enumerate(overlays):
                 share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
-                qemu_img.merge(overlay, share, run.task_id)
+                with ExitStack() as stack:
+                    chain = files.open_chain(overlay, stack)
+                    qemu_img.merge(overlay, share, run.task_id, chain=chain.pinned())
                 overlay.unlink()
         finally:
             settle(client, name, S.TurnedOff)

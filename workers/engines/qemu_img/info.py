@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from api.enums import VMHardDiskType
 from api.protocol import hresults
 from workers.engines.context import NullContext
 from workers.engines.qemu_img.headers import vhd_disk_type, vhdx_file_flags
+from workers.engines.qemu_img.pinned import PinnedChain
 from workers.engines.qemu_img.runner import run_qemu_img
 from workers.engines.qemu_img.sizes import format_for
 from workers.failures import DiskError, OperationFailed
@@ -38,6 +40,9 @@ class DiskInfo:
     """The host block device or file a host-drive disk is bound to."""
     read_only: bool = False
     """True for a host-drive disk whose device must never be written."""
+    backing_name: str | None = None
+    """The backing file name exactly as the image stores it (absolute, relative,
+    ``json:`` or another protocol); a caller confines it before anything opens it."""
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -57,22 +62,41 @@ def _host_drive_from_backing(backing: str) -> str | None:
     return filename if isinstance(filename, str) else None
 
 
+def has_protocol(name: str) -> bool:
+    """Whether qemu reads ``name`` as ``protocol:...`` rather than a file name
+    (qemu's own rule: a ':' before any '/')."""
+    colon = name.find(":")
+    slash = name.find("/")
+    return colon >= 0 and (slash < 0 or colon < slash)
+
+
 def _absolute_beside(image: Path, name: str) -> str:
     """A backing or data file name as qemu resolves it: relative to the image's directory."""
     return os.path.normpath(os.path.join(image.parent, name))
 
 
-def query(path: Path, timeout: float | None) -> dict[str, Any]:
-    """The raw ``qemu-img info --output=json`` of one image (not its backing chain)."""
+def query(
+    path: Path,
+    timeout: float | None,
+    *,
+    opened: str | None = None,
+    pass_fds: Sequence[int] = (),
+) -> dict[str, Any]:
+    """The raw ``qemu-img info --output=json`` of one image (not its backing chain).
+
+    ``opened`` is what qemu-img opens instead of ``path`` (a `PinnedChain` header
+    spec over a descriptor in ``pass_fds``); ``path`` still gives the format.
+    """
     fmt = format_for(path)
-    if not os.path.lexists(path):
+    if opened is None and not os.path.lexists(path):
         raise DiskError(f"{path} does not exist", hresults.FILE_NOT_FOUND)
     # -U: reading the header of a disk that a running VM holds open is harmless, and
     # without it qemu-img refuses for the VM's write lock.
     output = run_qemu_img(
-        ["info", "--output=json", "-U", "-f", fmt, str(path)],
+        ["info", "--output=json", "-U", "-f", fmt, opened or str(path)],
         NullContext("internal"),
         timeout=timeout,
+        pass_fds=pass_fds,
     )
     try:
         data = json.loads(output)
@@ -86,15 +110,31 @@ def query(path: Path, timeout: float | None) -> dict[str, Any]:
     return data
 
 
-def info(path: Path, *, timeout: float | None = 60.0) -> DiskInfo:
-    """Describe the image at ``path`` (``qemu-img info --output=json -f <fmt>``)."""
+def info(
+    path: Path,
+    *,
+    timeout: float | None = 60.0,
+    opened: PinnedChain | None = None,
+) -> DiskInfo:
+    """Describe the image at ``path`` (``qemu-img info --output=json -f <fmt>``).
+
+    With ``opened`` (a chain whose first image is ``path``, opened by the caller)
+    qemu-img and the header parsers read that descriptor, never the name.
+    """
     path = Path(path)
-    return describe(path, query(path, timeout))
+    if opened is None:
+        return describe(path, query(path, timeout))
+    data = query(path, timeout, opened=opened.header_spec(), pass_fds=opened.fds)
+    return describe(path, data, header=Path(opened.images[0].filename))
 
 
-def describe(path: Path, data: dict[str, Any]) -> DiskInfo:
-    """The `DiskInfo` of the image at ``path`` whose ``qemu-img info`` output is ``data``."""
+def describe(path: Path, data: dict[str, Any], *, header: Path | None = None) -> DiskInfo:
+    """The `DiskInfo` of the image at ``path`` whose ``qemu-img info`` output is ``data``.
+
+    ``header`` is where to read the VHD/VHDX header, when not from ``path``.
+    """
     fmt = format_for(path)
+    header = header or path
     virtual_size = int(data["virtual-size"])
     actual_size = int(data.get("actual-size", 0))
     backing = data.get("backing-filename")
@@ -114,13 +154,13 @@ def describe(path: Path, data: dict[str, Any]) -> DiskInfo:
         disk_type = VMHardDiskType.Differencing
         parent = _absolute_beside(path, backing)
     elif fmt == "vpc":
-        found = vhd_disk_type(path)
+        found = vhd_disk_type(header)
         if found is None:
             # qemu only reports a block size for dynamic VHDs.
             found = VMHardDiskType.Dynamic if "cluster-size" in data else VMHardDiskType.FixedSize
         disk_type = found
     elif fmt == "vhdx":
-        flags = vhdx_file_flags(path)
+        flags = vhdx_file_flags(header)
         if flags is not None and flags & 2:
             disk_type = VMHardDiskType.Differencing
         elif flags is not None and flags & 1:
@@ -143,4 +183,5 @@ def describe(path: Path, data: dict[str, Any]) -> DiskInfo:
         parent=parent,
         host_drive=host_drive,
         read_only=read_only,
+        backing_name=backing if isinstance(backing, str) and backing else None,
     )

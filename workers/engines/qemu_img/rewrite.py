@@ -23,6 +23,7 @@ from workers.engines.qemu_img.outputs import (
     require_source,
     task_id_for,
 )
+from workers.engines.qemu_img.pinned import PinnedChain
 from workers.engines.qemu_img.runner import Deadline, run_qemu_img
 from workers.engines.qemu_img.sizes import check_maximum, format_for
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
@@ -36,13 +37,14 @@ def _convert_into(
     context: OperationContext,
     task_id: str | None,
     timeout: float | None,
+    chain: PinnedChain | None,
 ) -> DiskInfo:
-    source = require_source(source)
+    source = require_source(source) if chain is None else source
     source_fmt = format_for(source)
     destination_fmt = format_for(destination)
     target = require_new_target(destination)
     deadline = Deadline(timeout)
-    source_info = info(source, timeout=deadline.remaining())
+    source_info = info(source, timeout=deadline.remaining(), opened=chain)
     check_maximum(destination_fmt, source_info.virtual_size)
     copy_end = 90.0 if fixed else 99.0
     with new_output(target, task_id_for(context, task_id)) as temp:
@@ -55,12 +57,13 @@ def _convert_into(
                 "-O",
                 destination_fmt,
                 *create_options(destination_fmt, fixed),
-                str(source),
+                str(source) if chain is None else chain.spec(),
                 str(temp),
             ],
             context,
             progress_range=(0.0, copy_end),
             timeout=deadline.remaining(),
+            pass_fds=() if chain is None else chain.fds,
         )
         if fixed:
             allocate(temp, context, ProgressSpan(context, copy_end, 99.0), deadline)
@@ -76,11 +79,14 @@ def convert(
     task_id: str | None = None,
     *,
     timeout: float | None = None,
+    chain: PinnedChain | None = None,
 ) -> DiskInfo:
     """Copy ``source`` into a new fixed or dynamic disk, format by ``destination``'s
     extension.  The source is only read; an existing destination is FILE_EXISTS
-    before anything runs.  A differencing source is read through its whole chain."""
-    return _convert_into(source, destination, fixed, context, task_id, timeout)
+    before anything runs.  A differencing source is read through its whole chain:
+    ``chain`` when given (qemu then follows no name stored in the images), else the
+    backing names the images record."""
+    return _convert_into(source, destination, fixed, context, task_id, timeout, chain)
 
 
 def merge_to(
@@ -91,9 +97,10 @@ def merge_to(
     task_id: str | None = None,
     *,
     timeout: float | None = None,
+    chain: PinnedChain | None = None,
 ) -> DiskInfo:
     """Collapse the chain ending at ``source`` into a new standalone disk."""
-    return _convert_into(source, destination, fixed, context, task_id, timeout)
+    return _convert_into(source, destination, fixed, context, task_id, timeout, chain)
 
 
 def compact(
@@ -102,6 +109,7 @@ def compact(
     task_id: str | None = None,
     *,
     timeout: float | None = None,
+    chain: PinnedChain | None = None,
 ) -> DiskInfo:
     """Rewrite a dynamic or differencing disk without its unused and zeroed blocks.
 
@@ -112,8 +120,13 @@ def compact(
     path = require_source(path)
     fmt = format_for(path)
     deadline = Deadline(timeout)
-    data = query(path, deadline.remaining())
-    before = describe(path, data)
+    if chain is None:
+        data = query(path, deadline.remaining())
+        before = describe(path, data)
+    else:
+        data = query(path, deadline.remaining(), opened=chain.header_spec(),
+                     pass_fds=chain.fds)
+        before = describe(path, data, header=Path(chain.images[0].filename))
     if before.disk_type == VMHardDiskType.HostDrive:
         raise IllegalValue("A host-drive disk holds no data of its own to compact")
     if before.disk_type == VMHardDiskType.FixedSize:
@@ -140,12 +153,13 @@ def compact(
                 fmt,
                 *create_options(fmt, fixed=False),
                 *backing,
-                str(path),
+                str(path) if chain is None else chain.spec(),
                 str(temp),
             ],
             context,
             progress_range=(0.0, 98.0),
             timeout=deadline.remaining(),
+            pass_fds=() if chain is None else chain.fds,
         )
         raise_if_cancelled(context)
         if os.stat(temp).st_blocks * 512 < os.stat(path).st_blocks * 512:
@@ -165,6 +179,7 @@ def merge(
     task_id: str | None = None,
     *,
     timeout: float | None = None,
+    chain: PinnedChain | None = None,
 ) -> DiskInfo:
     """Commit the differencing disk ``path`` into its parent (``qemu-img commit -p``).
 
@@ -174,21 +189,28 @@ def merge(
     the merge again finishes the job.)  Afterwards ``path`` is an empty overlay, so
     its contents equal the parent's.  A parent shared by other differencing disks is
     changed under them too, as with any merge.  ``timeout`` still kills qemu-img.
-    Returns the parent's info.
+    With ``chain`` (``path`` and its checked parents) qemu writes into exactly that
+    parent, whatever the overlay names.  Returns the parent's info.
     """
     del task_id  # in place by definition: there is no temporary file
     path = require_source(path)
     fmt = format_for(path)
-    disk = info(path)
+    disk = info(path, opened=chain)
     if disk.disk_type != VMHardDiskType.Differencing or disk.parent is None:
         raise IllegalValue(f"{path} is not a differencing disk, so it has no parent to merge into")
+    if chain is not None and len(chain.images) < 2:
+        raise IllegalValue(f"{path}: the chain given to merge has no parent")
     context.report_progress(1.0)
     run_qemu_img(
-        ["commit", "-p", "-f", fmt, str(path)],
+        ["commit", "-p", "-f", fmt, str(path) if chain is None else chain.spec()],
         context,
         progress_range=(1.0, 99.0),
         timeout=timeout,
         cancelable=False,
+        pass_fds=() if chain is None else chain.fds,
     )
     context.report_progress(100.0)
-    return info(Path(disk.parent))
+    if chain is None:
+        return info(Path(disk.parent))
+    parent = PinnedChain(chain.images[1:], chain.fds, chain.tail)
+    return info(Path(disk.parent), opened=parent)

@@ -92,6 +92,7 @@ def run_qemu_img(
     progress_range: tuple[float, float] = (0.0, 100.0),
     timeout: float | None = None,
     cancelable: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> str:
     """Run ``qemu-img <args>`` and return its stdout.
 
@@ -114,6 +115,7 @@ def run_qemu_img(
             stderr=subprocess.PIPE,
             start_new_session=True,
             env=_child_environment(),
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as exc:
         raise OperationFailed("qemu-img is not installed on this worker host") from exc
