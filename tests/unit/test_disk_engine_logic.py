@@ -3,9 +3,7 @@ mapping, refusals before anything runs, path confinement, temporaries, publishin
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -41,35 +39,6 @@ GiB = 1 << 30
 
 def leftovers(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if ".vmtask-" in path.name]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class CancelOnProgress(NullContext):
-    """A NullContext whose cancel flag another thread sets once progress is above 0."""
-
-    def __init__(self) -> None:
-        super().__init__("cancel-test")
-        self.started = threading.Event()
-        self.flipped = threading.Event()
-        self._thread = threading.Thread(target=self._canceller, daemon=True)
-        self._thread.start()
-
-    def report_progress(self, percent: float) -> None:
-        super().report_progress(percent)
-        if percent > 0:
-            self.started.set()
-
-    def _canceller(self) -> None:
-        if self.started.wait(timeout=30):
-            self.cancelled = True
-            self.flipped.set()
-
-    def join(self) -> None:
-        self.started.set()
-        self._thread.join(timeout=5)
 
 
 # --- formats and sizes --------------------------------------------------------------

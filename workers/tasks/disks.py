@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,9 @@ def compact(run: TaskRun, path: str) -> dict[str, Any]:
     return files.describe(source)
 
 
-@operation(tasks.DISK_CONVERT)
-def convert(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[str, Any]:
+def _copy_to_new_disk(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], path: str,
+                      destination: str, disk_type: int) -> dict[str, Any]:
+    """convert and merge_to: read a whole chain, pinned, into a new disk."""
     files = HostFiles.of(run.settings)
     source = files.resolve(path, must_exist=True)
     target = files.resolve_output(destination)
@@ -96,21 +98,18 @@ def convert(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[s
     with ExitStack() as stack:
         chain = files.open_chain(source, stack)
         with files.file_locks(chain.reals, [target]):
-            made = qemu_img.convert(source, target, fixed, run, run.task_id, chain=chain.pinned())
+            made = engine(source, target, fixed, run, run.task_id, chain=chain.pinned())
     return files.describe(target, made)
+
+
+@operation(tasks.DISK_CONVERT)
+def convert(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[str, Any]:
+    return _copy_to_new_disk(run, qemu_img.convert, path, destination, disk_type)
 
 
 @operation(tasks.DISK_MERGE_TO)
 def merge_to(run: TaskRun, path: str, destination: str, disk_type: int) -> dict[str, Any]:
-    files = HostFiles.of(run.settings)
-    source = files.resolve(path, must_exist=True)
-    target = files.resolve_output(destination)
-    fixed = VMHardDiskType(disk_type) is VMHardDiskType.FixedSize
-    with ExitStack() as stack:
-        chain = files.open_chain(source, stack)
-        with files.file_locks(chain.reals, [target]):
-            made = qemu_img.merge_to(source, target, fixed, run, run.task_id, chain=chain.pinned())
-    return files.describe(target, made)
+    return _copy_to_new_disk(run, qemu_img.merge_to, path, destination, disk_type)
 
 
 @operation(tasks.DISK_MERGE)
