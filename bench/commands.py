@@ -1,10 +1,12 @@
 """Redis commands and blocking round trips the producer pays per task, exactly.
 
 vmtask: ``server.ping()`` + ``wait_for_completion(-1)``; bare Celery:
-``send_task("bare.noop")`` + ``.get()`` on its own worker.  Counted in this process
+``send_task("bare.noop")`` + ``.get()`` on its own worker; then the same with a task
+that takes 50 ms (``ping(50)``, ``bare.stamp(0.05)``), so that every wait finds it
+still running.  Counted in this process
 by patching redis-py (`bench.common.CommandCounter`), after a warm-up, over N tasks
-each; prints the per-command breakdown per task.  Target: <= 8 producer commands per
-submit-and-wait.
+each; prints the per-command breakdown per task.  Target: <= 8 producer commands for
+any submit-and-wait.
 
 ``--monitor`` also records the same run with ``redis-cli MONITOR`` and compares
 what Redis saw from this process's connections with what the counter counted.
@@ -28,15 +30,18 @@ N = int(os.environ.get("BENCH_COMMAND_TASKS", "50"))
 TARGET = 8
 
 
-def vmtask_one(s: Stack) -> Callable[[], None]:
+def vmtask_one(s: Stack, duration_ms: int) -> Callable[[], None]:
     def run() -> None:
-        assert s.server.ping().wait_for_completion(-1)
+        assert s.server.ping(duration_ms).wait_for_completion(-1)
     return run
 
 
-def bare_one(s: Stack) -> Callable[[], None]:
+def bare_one(s: Stack, duration_ms: int) -> Callable[[], None]:
     def run() -> None:
-        s.bare_client.send_task("bare.noop").get(timeout=30)
+        if duration_ms:
+            s.bare_client.send_task("bare.stamp", args=[duration_ms / 1000]).get(timeout=30)
+        else:
+            s.bare_client.send_task("bare.noop").get(timeout=30)
     return run
 
 
@@ -85,8 +90,11 @@ class Monitor:
         return seen
 
 
-def count(s: Stack, one: Callable[[], None], monitor: bool
-          ) -> tuple[Counter[str], int, int, Counter[int]]:
+# commands by name, round trips, sends, and how many tasks cost how many commands
+Counted = tuple[Counter[str], int, int, Counter[int]]
+
+
+def count(s: Stack, one: Callable[[], None], monitor: bool) -> Counted:
     for _ in range(10):
         one()  # warm-up: connections, scripts loaded, queues declared
     counter = install_counter()
@@ -125,24 +133,34 @@ def show(label: str, commands: Counter[str], round_trips: int, sends: int,
     return total / N
 
 
+# A no-op races the producer's first read, so its count varies with the machine's
+# load; a task that is still running when the wait starts takes the waiting path
+# every time.
+SCENARIOS = {"no-op": 0, "a 50 ms task (the wait finds it running)": 50}
+
+
 def main() -> None:
     monitor = "--monitor" in sys.argv[1:]
     install_counter()
+    counts: dict[str, tuple[Counted, Counted]] = {}
     with stack() as s:
-        print(f"Producer Redis traffic per no-op task, counted over {N} tasks after warm-up:")
-        ours = count(s, vmtask_one(s), monitor)
-        bare = count(s, bare_one(s), monitor)
-    per_task = show("vmtask", *ours)
-    bare_per_task = show("bare Celery", *bare)
-    met = per_task <= TARGET
-    print(f"vmtask {per_task:g} commands and {ours[1] / N:g} round trips per submit-and-wait; "
-          f"bare Celery {bare_per_task:g} and {bare[1] / N:g}; target <= {TARGET} commands: "
-          f"{verdict(met)}")
-    record_row("producer Redis commands per submit + wait", f"{per_task:g}",
-               f"{bare_per_task:g}", f"{per_task / bare_per_task:.2f}x", f"<= {TARGET}", met)
-    record_row("producer blocking round trips per submit + wait", f"{ours[1] / N:g}",
-               f"{bare[1] / N:g}", f"{ours[1] / bare[1]:.2f}x", "", None)
-
+        for label, duration_ms in SCENARIOS.items():
+            counts[label] = (count(s, vmtask_one(s, duration_ms), monitor),
+                             count(s, bare_one(s, duration_ms), monitor))
+    worst = 0
+    for label, (ours, bare) in counts.items():
+        print(f"Producer Redis traffic per submit + wait, {label}, over {N} tasks:")
+        per_task = show("vmtask", *ours)
+        bare_per_task = show("bare Celery", *bare)
+        worst = max(worst, *ours[3])
+        record_row(f"producer Redis commands per submit + wait, {label}", f"{per_task:g}",
+                   f"{bare_per_task:g}", f"{per_task / bare_per_task:.2f}x", f"<= {TARGET}",
+                   max(ours[3]) <= TARGET)
+        record_row(f"producer blocking round trips per submit + wait, {label}",
+                   f"{ours[1] / N:g}", f"{bare[1] / N:g}", f"{ours[1] / bare[1]:.2f}x", "",
+                   None)
+    print(f"most producer commands for one vmtask submit + wait: {worst}; target <= {TARGET}: "
+          f"{verdict(worst <= TARGET)}")
 
 if __name__ == "__main__":
     main()

@@ -29,8 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import redis
 import redis.connection
 from celery import Celery
+from redis import Redis
 
 from api import VirtualServer
 from bench import bare_app
@@ -117,7 +119,7 @@ class Stack:
             self._bare_client = bare_app.make_app(self.url)
         return self._bare_client
 
-    def client(self) -> redis.Redis:
+    def client(self) -> Redis:
         return self.redis.client()
 
 
@@ -363,7 +365,7 @@ def install_counter() -> CommandCounter:
             COUNTER.packed(args)
             return _original(self, *args)
 
-        cls.pack = pack  # type: ignore[method-assign]
+        cls.pack = pack
     original_send = redis.connection.AbstractConnection.send_packed_command
 
     def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
@@ -375,7 +377,7 @@ def install_counter() -> CommandCounter:
         COUNTER._pending.names = names
         COUNTER.sent(self)
 
-    redis.connection.AbstractConnection.send_packed_command = (  # type: ignore[method-assign]
+    redis.connection.AbstractConnection.send_packed_command = (
         send_packed_command)
     return COUNTER
 

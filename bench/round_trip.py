@@ -8,6 +8,7 @@ alternating which side goes first.  Target: median per-round ratio <= 1.1x.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def main() -> None:
         results = alternate(ROUNDS, {"vmtask": vmtask_side, "bare": bare_side})
     ours, base = results["vmtask"], results["bare"]
     r = ratio(ours, base, lambda c: c.per_task)
-    o_ms = sorted(c.per_task * 1000 for c in ours)[len(ours) // 2]
-    b_ms = sorted(c.per_task * 1000 for c in base)[len(base) // 2]
+    o_ms = statistics.median(c.per_task for c in ours) * 1000
+    b_ms = statistics.median(c.per_task for c in base) * 1000
     met = r.median <= TARGET
     print(f"No-op round trip, {N} sequential tasks x {ROUNDS} alternating rounds:")
     print(f"  vmtask ping(0)+wait        {o_ms:6.2f} ms/task  {cpu_line(ours)}")
