@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VMTASK_ACCEL", "tcg")
 
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult
+from bench.common import record_row
 from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 SAMPLES = int(os.environ.get("BENCH_SAMPLES", "20"))
@@ -97,6 +98,9 @@ def main() -> None:
         i99, b99 = percentile(idle, 0.99), percentile(busy, 0.99)
         ok_op = b99 <= 0.5 and b99 <= 3 * i99
         met &= ok_op
+        record_row(f"{op} p99 with the host busy", f"{b99 * 1000:.0f} ms",
+                   f"idle {i99 * 1000:.0f} ms", f"{b99 / i99:.2f}x",
+                   "<= 500 ms and <= 3x idle", ok_op)
         print(f"  {op:14} idle p50 {statistics.median(idle) * 1000:6.1f} ms p99 {i99 * 1000:6.1f}"
               f" ms | busy p50 {statistics.median(busy) * 1000:6.1f} ms p99 {b99 * 1000:6.1f} ms"
               f" | busy/idle p99 {b99 / i99:4.2f}x  (target p99 <= 500 ms and <= 3x: "

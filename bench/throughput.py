@@ -1,60 +1,67 @@
-"""No-op throughput through VirtualServer.ping against bare Celery, in one run.
+"""No-op throughput: BENCH_TP_TASKS (default 500) submitted, then all waited for.
 
-Both go through the same private Redis (broker and backend) and the same worker
-(prefork pool, same concurrency).  Each round enqueues N tasks, then waits for all.
-Rounds alternate so drift on a noisy machine hits both.  Target: >= 0.9x bare Celery.
+vmtask: ``ping()`` x N then ``wait_for_completion(-1)`` on each; bare Celery:
+``send_task("bare.noop")`` x N then ``.get()`` on each, on its own worker.
+BENCH_ROUNDS rounds (default 10), alternating which side goes first.
+Target: median per-round ratio of rates >= 0.95x.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from celery import Celery
+from bench.common import (
+    ROUNDS,
+    Cost,
+    alternate,
+    cpu_line,
+    meter_for,
+    ratio,
+    record_row,
+    stack,
+    verdict,
+)
 
-from api import VirtualServer
-from bench.common import redis_and_worker
-
-N = 300
-ROUNDS = 3
-
-
-def vmtask_round(server: VirtualServer) -> float:
-    started = time.perf_counter()
-    tasks = [server.ping() for _ in range(N)]
-    for task in tasks:
-        assert task.wait_for_completion(60_000)
-    return N / (time.perf_counter() - started)
-
-
-def celery_round(app: Celery, queue: str) -> float:
-    started = time.perf_counter()
-    results = [app.send_task("bench.noop", queue=queue) for _ in range(N)]
-    for result in results:
-        result.get(timeout=60)
-    return N / (time.perf_counter() - started)
+N = int(os.environ.get("BENCH_TP_TASKS", "500"))
+TARGET = 0.95
 
 
 def main() -> None:
-    with redis_and_worker() as (url, host):
-        server = VirtualServer(url, host=host)
-        app = Celery("bench", broker=url, backend=url, set_as_current=False)
-        app.conf.update(task_serializer="json", accept_content=["json"],
-                        result_serializer="json")
-        ours: list[float] = []
-        bare: list[float] = []
-        for _ in range(ROUNDS):
-            bare.append(celery_round(app, f"host.{host}"))
-            ours.append(vmtask_round(server))
-    o, b = statistics.median(ours), statistics.median(bare)
-    print(f"no-op throughput, {N} tasks x {ROUNDS} rounds (median):")
-    print(f"  bare Celery send_task + get      {b:8.1f} tasks/s")
-    print(f"  vmtask VirtualServer.ping + wait {o:8.1f} tasks/s")
-    print(f"ratio vmtask / bare Celery: {o / b:5.2f}x  (target >= 0.9)")
+    with stack() as s:
+        server, bare = s.server, s.bare_client
+        ours_meter, bare_meter = meter_for(s, "vmtask"), meter_for(s, "bare")
+
+        def vmtask_side() -> Cost:
+            def run() -> None:
+                tasks = [server.ping() for _ in range(N)]
+                for task in tasks:
+                    assert task.wait_for_completion(-1)
+            return ours_meter.run(N, run)
+
+        def bare_side() -> Cost:
+            def run() -> None:
+                results = [bare.send_task("bare.noop") for _ in range(N)]
+                for result in results:
+                    result.get(timeout=120)
+            return bare_meter.run(N, run)
+
+        alternate(1, {"vmtask": vmtask_side, "bare": bare_side})  # warm-up
+        results = alternate(ROUNDS, {"vmtask": vmtask_side, "bare": bare_side})
+    ours, base = results["vmtask"], results["bare"]
+    r = ratio(ours, base, lambda c: c.rate)
+    o, b = statistics.median(c.rate for c in ours), statistics.median(c.rate for c in base)
+    met = r.median >= TARGET
+    print(f"No-op throughput, {N} submitted then waited x {ROUNDS} alternating rounds:")
+    print(f"  vmtask ping()+wait         {o:7.1f} tasks/s  {cpu_line(ours)}")
+    print(f"  bare Celery send_task+get  {b:7.1f} tasks/s  {cpu_line(base)}")
+    print(f"ratio vmtask / bare: {r}  target >= {TARGET}x: {verdict(met)}")
+    record_row(f"throughput, {N} submitted then waited", f"{o:.0f} tasks/s",
+               f"{b:.0f} tasks/s", str(r), f">= {TARGET}x", met)
 
 
 if __name__ == "__main__":
