@@ -6,8 +6,6 @@ import errno
 import os
 import time
 
-from celery import shared_task
-
 from api.protocol.tasks import TaskSpec
 from workers.failures import IllegalValue, IncompatibleSavedState
 from workers.runtime import TaskRun, operation
@@ -51,21 +49,3 @@ def write_marker(run: TaskRun, path: str) -> None:
     """Appends one line per execution: proves how many times a task ran."""
     with open(path, "a") as marker:
         marker.write(f"{run.task_id}\n")
-
-
-@shared_task(name="bench.noop")
-def noop() -> None:
-    """Bare Celery baseline for the throughput benchmark."""
-
-
-@shared_task(name="bench.stamp")
-def stamp() -> float:
-    """Bare Celery baseline for completion latency: when the task body ended."""
-    return time.time()
-
-
-@shared_task(name="bench.stamp_after")
-def stamp_after(delay: float) -> float:
-    """Like bench.stamp, after a delay so the caller is already waiting."""
-    time.sleep(delay)
-    return time.time()
