@@ -8,6 +8,7 @@ and VM mixins (`api.disks`, `api.vms`) derive from it; `VirtualServer` joins the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -203,18 +204,16 @@ class ServerCore:
                                      arguments={"args": list(args), **arguments})
         queue = keys.control_queue(target) if quick else keys.host_queue(target)
         try:
-            # kombu's publish batch sends the message and its task-sent event (which
-            # Flower shows as a queued task) in one pipelined round trip.
-            with self.celery.producer_or_acquire() as producer, producer.batch():
-                self.celery.send_task(
-                    task_name,
-                    args=list(args),
-                    kwargs=arguments,
-                    task_id=task_id,
-                    queue=queue,
-                    routing_key=queue,
-                    producer=producer,
-                )
+            send = functools.partial(
+                self.celery.send_task, task_name, args=list(args), kwargs=arguments,
+                task_id=task_id, queue=queue, routing_key=queue)
+            if self.sent_events:
+                # kombu's publish batch sends the message and its task-sent event
+                # (Flower's queued task) in one pipelined round trip.
+                with self.celery.producer_or_acquire() as producer, producer.batch():
+                    send(producer=producer)
+            else:
+                send()
         except SEND_ERRORS as exc:
             self.store.discard(task_id)
             raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
