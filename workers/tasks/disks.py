@@ -98,7 +98,8 @@ def _copy_to_new_disk(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], pa
     with ExitStack() as stack:
         chain = files.open_chain(source, stack)
         with files.file_locks(chain.reals, [target]):
-            made = engine(source, target, fixed, run, run.task_id, chain=chain.pinned())
+            made = engine(source, target, fixed, run, run.task_id, chain=chain.pinned(),
+                          source_info=chain.links[0].info)
     return files.describe(target, made)
 
 

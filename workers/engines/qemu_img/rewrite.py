@@ -38,13 +38,15 @@ def _convert_into(
     task_id: str | None,
     timeout: float | None,
     chain: PinnedChain | None,
+    source_info: DiskInfo | None = None,
 ) -> DiskInfo:
     source = require_source(source) if chain is None else source
     source_fmt = format_for(source)
     destination_fmt = format_for(destination)
     target = require_new_target(destination)
     deadline = Deadline(timeout)
-    source_info = info(source, timeout=deadline.remaining(), opened=chain)
+    if source_info is None:  # a caller that opened the chain already knows it
+        source_info = info(source, timeout=deadline.remaining(), opened=chain)
     check_maximum(destination_fmt, source_info.virtual_size)
     copy_end = 90.0 if fixed else 99.0
     with new_output(target, task_id_for(context, task_id)) as temp:
@@ -80,13 +82,15 @@ def convert(
     *,
     timeout: float | None = None,
     chain: PinnedChain | None = None,
+    source_info: DiskInfo | None = None,
 ) -> DiskInfo:
     """Copy ``source`` into a new fixed or dynamic disk, format by ``destination``'s
     extension.  The source is only read; an existing destination is FILE_EXISTS
     before anything runs.  A differencing source is read through its whole chain:
     ``chain`` when given (qemu then follows no name stored in the images), else the
     backing names the images record."""
-    return _convert_into(source, destination, fixed, context, task_id, timeout, chain)
+    return _convert_into(source, destination, fixed, context, task_id, timeout, chain,
+                         source_info)
 
 
 def merge_to(
@@ -98,9 +102,11 @@ def merge_to(
     *,
     timeout: float | None = None,
     chain: PinnedChain | None = None,
+    source_info: DiskInfo | None = None,
 ) -> DiskInfo:
     """Collapse the chain ending at ``source`` into a new standalone disk."""
-    return _convert_into(source, destination, fixed, context, task_id, timeout, chain)
+    return _convert_into(source, destination, fixed, context, task_id, timeout, chain,
+                         source_info)
 
 
 def compact(
