@@ -36,22 +36,23 @@ def disk_info(run: TaskRun, path: str) -> dict[str, Any]:
     return files.describe(files.resolve(path, must_exist=True))
 
 
-@operation(tasks.DISK_CREATE_FIXED)
-def create_fixed(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
+def _create_new(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], path: str,
+                size_bytes: int) -> dict[str, Any]:
     files = HostFiles.of(run.settings)
     target = files.resolve_output(path)
     with files.file_locks([], [target]):
-        made = qemu_img.create_fixed(target, size_bytes, run, run.task_id)
+        made = engine(target, size_bytes, run, run.task_id)
     return files.describe(target, made)
+
+
+@operation(tasks.DISK_CREATE_FIXED)
+def create_fixed(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
+    return _create_new(run, qemu_img.create_fixed, path, size_bytes)
 
 
 @operation(tasks.DISK_CREATE_DYNAMIC)
 def create_dynamic(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
-    files = HostFiles.of(run.settings)
-    target = files.resolve_output(path)
-    with files.file_locks([], [target]):
-        made = qemu_img.create_dynamic(target, size_bytes, run, run.task_id)
-    return files.describe(target, made)
+    return _create_new(run, qemu_img.create_dynamic, path, size_bytes)
 
 
 @operation(tasks.DISK_CREATE_DIFFERENCING)
