@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -149,12 +150,22 @@ def test_a_guest_with_two_cpus_a_forward_a_console_and_an_agent(server: VirtualS
             vnc.sendall(b"RFB 003.008\n")
             count = vnc.recv(1)[0]
             assert list(vnc.recv(count)) == [2]  # VNC authentication only
+        # ... and this password logs in, another does not.
+        assert vnc_login(int(vnc_port), access["password"]) == 0
+        assert vnc_login(int(vnc_port), "wrong-pw") != 0
 
         # screenshots running and paused
         assert png_size(vm.screenshot()) == (720, 400)
         ok(vm.pause())
         assert png_size(vm.screenshot()) == (720, 400)
         ok(vm.resume())
+
+        # a Saved VM keeps its configuration: its saved state would not fit another
+        ok(vm.save())
+        with pytest.raises(errors.InvalidStateError):
+            vm.configure(cpus=1)
+        ok(vm.startup())  # restores with the configuration it was saved with
+        assert vm.details["cpus"] == 2
     finally:
         ok(vm.turn_off())
     details = vm.details
@@ -247,3 +258,24 @@ def test_disk_inventory_delete_and_resize(server: VirtualServer, host: tuple[str
     task = server.get_hard_disk("inv/old.vhdx").resize(16)
     assert task.wait_for_completion(60_000)
     assert task.result is VMTaskResult.IllegalValueError and "convert" in task.error_description
+
+
+def vnc_login(port: int, password: str) -> int:
+    """RFB 3.8 VNC authentication: the SecurityResult, 0 when the password is right.
+
+    The response is the challenge encrypted with DES, keyed by the password with
+    each byte's bits reversed (RFC 6143 7.2.2); openssl does the DES.
+    """
+    key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode()[:8].ljust(8, b"\0"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as vnc:
+        vnc.recv(12)
+        vnc.sendall(b"RFB 003.008\n")
+        vnc.recv(vnc.recv(1)[0])
+        vnc.sendall(bytes([2]))
+        challenge = vnc.recv(16)
+        response = subprocess.run(
+            ["openssl", "enc", "-des-ecb", "-nopad", "-K", key.hex(),
+             "-provider", "legacy", "-provider", "default"],
+            input=challenge, capture_output=True, check=True).stdout
+        vnc.sendall(response)
+        return int.from_bytes(vnc.recv(4), "big")
