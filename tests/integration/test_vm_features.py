@@ -7,6 +7,8 @@ One guest is booted and every assertion that needs a running guest is made on it
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -24,6 +26,7 @@ from tests.helpers import qemu_io
 from tests.integration.test_vms import kill_leftover_qemu
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
+from workers.engines.qemu_vm.devices import BRIDGE_HELPER
 
 S = VMVMState
 BOOT_S = 120.0
@@ -279,3 +282,50 @@ def vnc_login(port: int, password: str) -> int:
             input=challenge, capture_output=True, check=True).stdout
         vnc.sendall(response)
         return int.from_bytes(vnc.recv(4), "big")
+
+
+@pytest.fixture
+def host_bridge() -> Iterator[str]:
+    """A Linux bridge on this machine, allowed to qemu-bridge-helper; removed after."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or not Path(BRIDGE_HELPER).exists():
+        pytest.skip("needs root, iproute2 and qemu-bridge-helper")
+    name = f"vmtbr{os.getpid() % 10000}"
+    conf = Path("/etc/qemu/bridge.conf")
+    before = conf.read_text() if conf.exists() else None
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        conf.write_text((before or "") + f"allow {name}\n")
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+        if before is None:
+            conf.unlink(missing_ok=True)
+        else:
+            conf.write_text(before)
+
+
+@pytest.mark.slow
+def test_a_guest_on_a_host_bridge(server: VirtualServer, host_bridge: str) -> None:
+    vm = server.create_virtual_machine(
+        "brvm", memory_mb=128, kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+        append="console=ttyS0 panic=-1", guest_agent=True, network=f"bridge:{host_bridge}")
+    try:
+        ok(vm.startup())
+        mac = vm.details["mac"]
+        # The guest has its NIC, with the MAC vmtask gave it ...
+        wait_until(lambda: any(i["mac"] == mac for i in vm.guest_os.network_interfaces),
+                   BOOT_S, "the guest's NIC", interval=0.5)
+        # ... on a tap that the helper put on the host bridge, which the guest's
+        # frames (its DHCP requests) reach.
+        ports = subprocess.run(["ip", "-o", "link", "show", "master", host_bridge],
+                               capture_output=True, text=True, check=True).stdout
+        assert "tap" in ports, ports
+        received = Path(f"/sys/class/net/{host_bridge}/statistics/rx_packets")
+        wait_until(lambda: int(received.read_text()) > 0, 60, "the guest's frames on the bridge",
+                   interval=0.5)
+    finally:
+        if vm.state is not S.TurnedOff:
+            ok(vm.turn_off())
+        ok(vm.delete())
