@@ -15,6 +15,7 @@ from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
 from tests.helpers import qemu_io
+from tests.integration.test_cli import run_cli
 from tests.integration.test_disks import big_image
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
@@ -163,3 +164,16 @@ def test_cancel_mid_copy_leaves_nothing_on_the_destination(
     assert not listening(port)
     assert not both.redis.exists(offers[0])
     assert digest(root / unique / "big.img") == before
+
+
+def test_cli_disk_copy(both: VirtualServer, root: Path, beta: WorkerProcess,
+                       redis_server: RedisServer, unique: str) -> None:
+    done(both.create_dynamic_virtual_hard_disk(f"{unique}/a.qcow2", 8))
+    qemu_io(root / unique / "a.qcow2", "qcow2", "write -P 0x66 0 1M")
+    run = run_cli("--url", redis_server.url, "--host", "alpha", "disk", "copy",
+                  f"{unique}/a.qcow2", "beta", f"{unique}/b.vhd", "--json")
+    assert run.code == 0, run
+    doc = run.json()
+    assert (doc["result"], doc["percent_completed"], doc["disk"]["file"]) == (
+        "Success", 100, f"{unique}/b.vhd")
+    qemu_io(beta.storage_root / unique / "b.vhd", "vpc", "read -P 0x66 0 1M")
