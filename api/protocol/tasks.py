@@ -65,6 +65,14 @@ DISK_SERVE = TaskSpec("vmtask.disk.serve", ("path", "transfer_id", "client_task_
 DISK_COPY_IN = TaskSpec("vmtask.disk.copy_in",
                         ("source_host", "path", "destination", "transfer_id", "server_task_id"),
                         cancelable=True)
+# A cold move (TurnedOff or Saved VM) likewise: the source serves the VM's files,
+# the destination pulls them and takes the VM over; the producer holds the latter.
+VM_MIGRATE_OUT = TaskSpec("vmtask.migrate.out",
+                          ("name", "destination_host", "transfer_id", "client_task_id"),
+                          cancelable=True)
+VM_MIGRATE_IN = TaskSpec("vmtask.migrate.in",
+                         ("name", "source_host", "transfer_id", "server_task_id"),
+                         cancelable=True)
 
 VM_STARTUP = TaskSpec("vmtask.vm.startup", ("name",), cancelable=True)
 VM_SAVE = TaskSpec("vmtask.vm.save", ("name",), cancelable=True)

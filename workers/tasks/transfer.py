@@ -28,6 +28,7 @@ from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol import hresults, keys, records, tasks
 from workers.engines import nbd, qemu_img
 from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.context import OperationContext
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
@@ -174,20 +175,20 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
         run.sleep(WATCH_INTERVAL)
 
 
-def pull_from(run: TaskRun, offer: dict[str, str], target: Path, *, verbatim: bool,
-              source_host: str) -> qemu_img.DiskInfo:
-    """Read an announced export into ``target`` (all or nothing)."""
+def pull_from(context: OperationContext, here: str, offer: dict[str, str], target: Path, *,
+              verbatim: bool, source_host: str) -> qemu_img.DiskInfo:
+    """Read an announced export into ``target`` on host ``here`` (all or nothing)."""
     fixed = offer.get("fixed") == "1" and not verbatim
     needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])
     available = free_space(target.parent)
     if available < needed:
-        raise DiskError(f"Host {run.settings.host} has {available} bytes free; the copy "
+        raise DiskError(f"Host {here} has {available} bytes free; the copy "
                         f"needs {needed}", hresults.DISK_FULL)
     name = offer["export"]
     spec = nbd.client_spec(offer["address"], int(offer["port"]), name)
     started = time.monotonic()
     try:
-        return qemu_img.pull(spec, target, run, virtual_size=int(offer["virtual_size"]),
+        return qemu_img.pull(spec, target, context, virtual_size=int(offer["virtual_size"]),
                              fixed=fixed, verbatim=verbatim)
     except OperationFailed as exc:
         # The export name is the only key to the export: keep it out of the record.
@@ -211,5 +212,6 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
                         hresults.FILE_EXISTS)
     with files.file_locks([], [target]):
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
-        made = pull_from(run, offer, target, verbatim=False, source_host=source_host)
+        made = pull_from(run, run.settings.host, offer, target, verbatim=False,
+                         source_host=source_host)
     return files.describe(target, made)
