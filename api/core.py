@@ -180,6 +180,7 @@ class ServerCore:
         kwargs: Mapping[str, Any] | None = None,
         host: str | None = None,
         args: Sequence[Any] = (),
+        task_id: str | None = None,
     ) -> VMTask:
         """Record and enqueue one operation on its host's queue.
 
@@ -187,7 +188,8 @@ class ServerCore:
         kwargs against what the worker's task takes; extensions may pass their
         own task name instead, with ``cancelable``.  The record exists before the
         message, so the id is known to `get_task` at once and a worker never runs
-        a task without a record.
+        a task without a record.  ``task_id`` is for operations made of several
+        tasks that must know each other's ids before any is queued.
         """
         arguments = dict(kwargs or {})
         quick = False
@@ -198,7 +200,7 @@ class ServerCore:
             task_name = task
         if cancelable is None:
             raise TypeError(f"cancelable is required for the task {task_name!r}")
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         target = self._submit_record(task_id, host, name=task_name, description=description,
                                      cancelable=cancelable,
                                      arguments={"args": list(args), **arguments})

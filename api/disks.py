@@ -7,6 +7,7 @@ A `HardDisk` is what the owning host's ``qemu-img info`` said when it was read;
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,9 @@ from api.errors import (
     OperationFailedError,
 )
 from api.protocol import keys, tasks
-from api.protocol.hresults import FILE_NOT_FOUND
+from api.protocol.hresults import DISK_FULL, FILE_NOT_FOUND
 from api.protocol.tasks import TaskSpec
+from api.settings import validate_host_name
 from api.store import broker_errors
 from api.task import VMTask
 
@@ -108,6 +110,48 @@ class HardDisk:
             kwargs={"path": self.file, "destination": destination, "disk_type": int(kind)},
             host=self.host)
 
+    def copy_to(self, destination_host: str, destination_path: str) -> VMTask:
+        """Copy this disk to ``destination_path`` in ``destination_host``'s storage root.
+
+        The copy is a standalone disk in the format of ``destination_path``'s extension
+        (a differencing disk's whole chain collapses into it), fixed-size if this
+        disk is.  The bytes go host to host over NBD, never through Redis.  The
+        returned task runs on the destination host: its progress is the copy's, and
+        cancelling it leaves nothing there.  The source is only read.  A destination
+        host that is not live, or short of space, is refused before anything is
+        queued; an existing destination file ends the task FILE_EXISTS before
+        anything is copied.
+        """
+        validate_host_name(destination_host)
+        check_relative_path(destination_path, "destination_path")
+        format_for_name(destination_path)
+        target = self.server.resolve_host(destination_host)
+        fixed = self.type is VMHardDiskType.FixedSize
+        needed = self.size_in_guest if fixed else sum(
+            disk.size_on_host for disk in _chain_of(self))
+        free = self.server.host_status().get(target, {}).get("storage_free_bytes")
+        if isinstance(free, int) and free < needed:
+            raise InvalidArgumentError(
+                f"Host {target} has {free} bytes free; copying {self.file} needs {needed}",
+                DISK_FULL)
+        transfer_id, pull_id, serve_id = (str(uuid.uuid4()) for _ in range(3))
+        self.server.submit(
+            tasks.DISK_SERVE, description=f"Serving {self.file} to {target}",
+            kwargs={"path": self.file, "transfer_id": transfer_id, "client_task_id": pull_id,
+                    "mode": "image"},
+            host=self.host, task_id=serve_id)
+        try:
+            return self.server.submit(
+                tasks.DISK_COPY_IN,
+                description=f"Copying {self.host}:{self.file} to {target}:{destination_path}",
+                kwargs={"source_host": self.host, "path": self.file,
+                        "destination": destination_path, "transfer_id": transfer_id,
+                        "server_task_id": serve_id},
+                host=target, task_id=pull_id)
+        except Exception:
+            self.server.get_task(serve_id).cancel()
+            raise
+
     def delete(self) -> VMTask:
         """Delete the image; refused (InvalidStateError) while a VM uses it or another
         disk has it as its parent.  The worker checks both again before deleting."""
@@ -136,6 +180,15 @@ class HardDisk:
         return self.server.submit(tasks.DISK_RESIZE,
                                   description=f"Growing {self.file} to {size_mb} MB",
                                   kwargs={"path": self.file, "size_bytes": size}, host=self.host)
+
+
+def _chain_of(disk: HardDisk) -> list[HardDisk]:
+    chain: list[HardDisk] = []
+    link: HardDisk | None = disk
+    while link is not None:
+        chain.append(link)
+        link = link.parent
+    return chain
 
 
 class DiskOperations(ServerCore):

@@ -63,6 +63,18 @@ def _address(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _port_range(env: Mapping[str, str], name: str, default: tuple[int, int]) -> tuple[int, int]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    match = re.fullmatch(r"(\d{1,5})-(\d{1,5})", raw.strip())
+    low, high = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if not match or not 1024 <= low <= high <= 65535:
+        raise InvalidArgumentError(f"{name} must be a port range LOW-HIGH within "
+                                   f"1024-65535, not {raw!r}")
+    return low, high
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
@@ -103,6 +115,11 @@ class Settings:
     vnc_listen: str = "127.0.0.1"
     # The address a VM's port forwards (network="user") listen on.
     forward_listen: str = "127.0.0.1"
+    # The address other hosts reach this host's transfers on (NBD exports of disks
+    # being copied or migrated): servers bind to it, and the heartbeat advertises it.
+    advertise_address: str = "127.0.0.1"
+    # The TCP ports transfers listen on (one per transfer while it runs), inclusive.
+    transfer_ports: tuple[int, int] = (49152, 49407)
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
     # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
@@ -168,6 +185,9 @@ class Settings:
             sent_events=_flag(env, "VMTASK_SENT_EVENTS", defaults.sent_events),
             vnc_listen=_address(env, "VMTASK_VNC_LISTEN", defaults.vnc_listen),
             forward_listen=_address(env, "VMTASK_FORWARD_LISTEN", defaults.forward_listen),
+            advertise_address=_address(env, "VMTASK_ADVERTISE_ADDRESS",
+                                       defaults.advertise_address),
+            transfer_ports=_port_range(env, "VMTASK_TRANSFER_PORTS", defaults.transfer_ports),
             console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
                                               defaults.console_log_max_bytes, 4096)),
             redis_ca=optional("VMTASK_REDIS_CA"),

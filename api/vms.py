@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from api.protocol.vmstate import (
     VMStateEvent,
     allowed_csv,
 )
+from api.settings import validate_host_name
 from api.store import broker_errors
 from api.task import VMTask, validate_timeout
 from api.vmargs import (
@@ -78,6 +80,7 @@ class VirtualMachine:
             record, host_alive = pipe.execute()
         if not record:
             raise NotFoundError(f"VM {self.name!r} no longer exists")
+        self.host = record["host"]  # a moved VM's operations go to its new host
         return record, VMVMState(int(record["state"])) if host_alive else VMVMState.Invalid
 
     @property
@@ -128,6 +131,38 @@ class VirtualMachine:
 
     def delete(self) -> VMTask:
         return self._operate("delete", "Deleting")
+
+    def migrate(self, destination_host: str) -> VMTask:
+        """Move a TurnedOff or Saved VM to ``destination_host``: its disks (with their
+        parents), undo disks and saved state are copied host to host over NBD, the
+        record then names the new host (a fenced compare-and-set), and the source's
+        copies of the VM's own files are removed.  Cancelable until the switch;
+        cancel or failure leaves the VM on its host and nothing on the destination.
+        Live migration (Running, Paused) is not implemented yet: InvalidStateError.
+        """
+        validate_host_name(destination_host)
+        _record, state = self._read()
+        if destination_host == self.host:
+            raise InvalidArgumentError(f"VM {self.name!r} is already on {destination_host}")
+        self._check("migrate", state)
+        target = self._server.resolve_host(destination_host)
+        transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
+        source = self.host
+        self._server.submit(
+            tasks.VM_MIGRATE_OUT, description=f"Sending VM {self.name} to {target}",
+            kwargs={"name": self.name, "destination_host": target,
+                    "transfer_id": transfer_id, "client_task_id": in_id},
+            host=source, task_id=out_id)
+        try:
+            return self._server.submit(
+                tasks.VM_MIGRATE_IN, description=f"Moving VM {self.name} from {source} "
+                                                 f"to {target}",
+                kwargs={"name": self.name, "source_host": source,
+                        "transfer_id": transfer_id, "server_task_id": out_id},
+                host=target, task_id=in_id)
+        except Exception:
+            self._server.get_task(out_id).cancel()
+            raise
 
     def _require_undoable(self) -> None:
         if not self.undoable:

@@ -16,10 +16,19 @@ from api.protocol import keys
 from api.settings import Settings
 from workers import control as control_lane
 from workers import host, monitoring, transport
-from workers.tasks import diagnostics, disk_inventory, disks, vm_console, vms
+from workers.tasks import (
+    diagnostics,
+    disk_inventory,
+    disks,
+    migration,
+    transfer,
+    vm_console,
+    vms,
+)
 
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
-                     vms.__name__, vm_console.__name__]
+                     vms.__name__, vm_console.__name__, transfer.__name__,
+                     migration.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.

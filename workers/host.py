@@ -71,6 +71,9 @@ class HostBeacon:
             "heartbeat": time.time(),
             "storage_root": str(root),
             "storage_free_bytes": usage.free if usage else None,
+            # Where other hosts reach this host's transfers (disk copies, migrations).
+            "transfer_address": self.settings.advertise_address,
+            "transfer_ports": list(self.settings.transfer_ports),
         }
         # A running task's lease names the host holding it ("host:machine:pid").
         running = sorted(self.client.smembers(keys.RUNNING_TASKS))

@@ -152,6 +152,18 @@ def disk_convert(ctx: click.Context, path: str, destination: str, disk_type: str
     run_on_disk(ctx, path, lambda source: source.convert(destination, TYPE_CHOICES[disk_type]))
 
 
+@disk.command("copy")
+@click.argument("path")
+@click.argument("destination_host", metavar="HOST")
+@click.argument("destination", metavar="DEST")
+@no_wait_option
+@json_option
+@click.pass_context
+def disk_copy(ctx: click.Context, path: str, destination_host: str, destination: str) -> None:
+    """Copy PATH to DEST in HOST's storage root (host to host over NBD; PATH is untouched)."""
+    run_on_disk(ctx, path, lambda source: source.copy_to(destination_host, destination))
+
+
 @disk.command("compact")
 @click.argument("path")
 @no_wait_option

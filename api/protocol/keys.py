@@ -59,3 +59,9 @@ def vm_record(name: str) -> str:
 
 VM_NAMES = f"{PREFIX}vms"  # set of every VM name (names are unique across hosts)
 VM_EVENTS = f"{PREFIX}vm-events"  # stream: one entry per VMVMState change
+
+
+def transfer(transfer_id: str) -> str:
+    """Hash with a TTL: where the source host serves one transfer (address, port, a
+    one-time export name) once its export is listening."""
+    return f"{PREFIX}transfer:{transfer_id}"

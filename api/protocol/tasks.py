@@ -58,6 +58,21 @@ DISK_LIST = TaskSpec("vmtask.disk.list", (), cancelable=False, quick=True)
 DISK_DELETE = TaskSpec("vmtask.disk.delete", ("path",), cancelable=False, quick=True)
 # In place, so not cancelable; long for a preallocated image.
 DISK_RESIZE = TaskSpec("vmtask.disk.resize", ("path", "size_bytes"), cancelable=False)
+# A copy between hosts is two tasks: the source serves the image over NBD to the one
+# client task on the destination, which pulls it.  The producer holds the pull.
+DISK_SERVE = TaskSpec("vmtask.disk.serve", ("path", "transfer_id", "client_task_id", "mode"),
+                      cancelable=True)
+DISK_COPY_IN = TaskSpec("vmtask.disk.copy_in",
+                        ("source_host", "path", "destination", "transfer_id", "server_task_id"),
+                        cancelable=True)
+# A cold move (TurnedOff or Saved VM) likewise: the source serves the VM's files,
+# the destination pulls them and takes the VM over; the producer holds the latter.
+VM_MIGRATE_OUT = TaskSpec("vmtask.migrate.out",
+                          ("name", "destination_host", "transfer_id", "client_task_id"),
+                          cancelable=True)
+VM_MIGRATE_IN = TaskSpec("vmtask.migrate.in",
+                         ("name", "source_host", "transfer_id", "server_task_id"),
+                         cancelable=True)
 
 VM_STARTUP = TaskSpec("vmtask.vm.startup", ("name",), cancelable=True)
 VM_SAVE = TaskSpec("vmtask.vm.save", ("name",), cancelable=True)

@@ -375,7 +375,8 @@ def test_every_verb_takes_json_and_the_exit_codes_are_documented() -> None:
                 yield f"{prefix}{name}", command
 
     found = dict(verbs(main))
-    assert {"disk create", "disk info", "disk convert", "disk compact", "disk merge",
+    assert {"disk create", "disk info", "disk convert", "disk copy", "disk compact",
+            "disk merge",
             "disk merge-to", "vm create", "vm list", "vm show", "vm start", "vm save",
             "vm pause", "vm resume", "vm reset", "vm off", "vm shutdown", "vm restart",
             "vm logoff", "vm merge-undo", "vm discard-undo", "vm delete", "task show",

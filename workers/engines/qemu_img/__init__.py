@@ -12,6 +12,7 @@ This package re-exports the engine's public names; each concept lives in its mod
 `create`       `create_fixed`, `create_dynamic`, `create_differencing`,
                `create_host_drive`
 `rewrite`      `convert`, `merge_to`, `compact`, `merge`
+`transfer`     `pull`: a new image read from another host's NBD export
 ============== ====================================================================
 
 Formats are always passed to qemu-img explicitly, never probed (see `sizes`).
@@ -46,6 +47,7 @@ from workers.engines.qemu_img.sizes import (
     check_size,
     format_for,
 )
+from workers.engines.qemu_img.transfer import pull
 
 __all__ = [
     "ALLOCATION_CHUNK",
@@ -76,5 +78,6 @@ __all__ = [
     "info",
     "merge",
     "merge_to",
+    "pull",
     "run_qemu_img",
 ]

@@ -1,0 +1,18 @@
+-- KEYS: vm record, events stream.  ARGV: source host, destination host, allowed
+-- states (comma-separated ints), time, stream max length.
+-- The fenced ownership change of a moved VM: the record names the destination only
+-- if it still names the source and the VM is still in a state that moves.
+local host = redis.call('HGET', KEYS[1], 'host')
+if not host then return 'MISSING' end
+if host ~= ARGV[1] then return 'MOVED' end
+local state = redis.call('HGET', KEYS[1], 'state')
+local allowed = false
+for s in string.gmatch(ARGV[3], '[^,]+') do
+  if s == state then allowed = true end
+end
+if not allowed then return 'REFUSED' end
+redis.call('HSET', KEYS[1], 'host', ARGV[2], 'changed', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+           'name', redis.call('HGET', KEYS[1], 'name'), 'host', ARGV[2],
+           'old', state, 'new', state, 'time', ARGV[4])
+return 'OK'

@@ -1,0 +1,84 @@
+"""Cold move of a VM between hosts alpha and beta (separate storage roots)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from api import VirtualServer, VMTaskResult, VMVMState, errors
+from api.protocol import hresults, keys
+from tests.helpers import assert_succeeded as done
+from tests.helpers import qemu_io
+from tests.integration.test_transfer import both, serve_task_of  # noqa: F401 - fixture
+from workers.devtools.sandbox import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> str:
+    return "mv" + hashlib.sha1(request.node.name.encode()).hexdigest()[:8]
+
+
+def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,  # noqa: F811
+                                              beta: WorkerProcess, unique: str) -> None:
+    done(both.create_dynamic_virtual_hard_disk(f"{unique}/base.vhd", 16))
+    qemu_io(root / unique / "base.vhd", "vpc", "write -P 0x21 0 1M")
+    done(both.create_differencing_virtual_hard_disk(f"{unique}/d.qcow2", f"{unique}/base.vhd"))
+    qemu_io(root / unique / "d.qcow2", "qcow2", "write -P 0x42 1M 1M")
+    source_digests = {p.name: digest(p) for p in (root / unique).iterdir()}
+    vm = both.create_virtual_machine(unique, memory_mb=64, disks=[f"{unique}/d.qcow2"],
+                                     host="alpha", network=None)
+    task = vm.migrate("beta")
+    assert task.host == "beta" and task.is_cancelable
+    done(task)
+    assert vm.state is VMVMState.TurnedOff and vm.host == "beta"
+    assert both.redis.hget(keys.vm_record(unique), "host") == "beta"
+    assert {p.name: digest(p) for p in (beta.storage_root / unique).iterdir()} == source_digests
+    qemu_io(beta.storage_root / unique / "d.qcow2", "qcow2", "read -P 0x21 0 1M",
+            "read -P 0x42 1M 1M")
+    # The source task removes its copies once the record names beta.
+    out = both.get_task(serve_task_of(both, task.id))
+    assert out.wait_for_completion(10_000) and out.snapshot().output == {"moved": True}
+    assert not (root / unique / "d.qcow2").exists()  # the VM's own disk left the source
+    assert (root / unique / "base.vhd").exists()  # a parent may be shared: it stays
+    assert not (root / "vms" / unique).exists()
+    assert out.snapshot().host == "alpha"
+    done(vm.delete())  # operations now go to beta
+    assert not (beta.storage_root / "vms" / unique).exists()
+
+
+def test_a_clash_on_the_destination_leaves_the_vm_where_it_was(
+        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
+    done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))
+    before = digest(root / unique / "d.qcow2")
+    clash = beta.storage_root / unique / "d.qcow2"
+    clash.parent.mkdir(parents=True, exist_ok=True)
+    clash.write_bytes(b"mine")
+    vm = both.create_virtual_machine(unique, memory_mb=64, disks=[f"{unique}/d.qcow2"],
+                                     host="alpha", network=None)
+    task = vm.migrate("beta")
+    assert task.wait_for_completion(60_000)
+    assert (task.result, task.error) == (VMTaskResult.DiskRelatedError, hresults.FILE_EXISTS)
+    out = both.get_task(serve_task_of(both, task.id))
+    assert out.wait_for_completion(10_000) and out.snapshot().output == {"moved": False}
+    assert vm.host == "alpha" and vm.state is VMVMState.TurnedOff
+    assert digest(root / unique / "d.qcow2") == before and clash.read_bytes() == b"mine"
+    assert not (beta.storage_root / "vms" / unique).exists()
+    done(vm.delete())
+
+
+def test_a_bad_migrate_is_refused_before_anything_is_queued(
+        both: VirtualServer, unique: str) -> None:  # noqa: F811
+    vm = both.create_virtual_machine(unique, memory_mb=64, host="alpha", network=None)
+    with pytest.raises(errors.InvalidArgumentError):
+        vm.migrate("alpha")
+    with pytest.raises(errors.HostUnavailableError):
+        vm.migrate("gamma")
+    done(vm.delete())

@@ -1,0 +1,234 @@
+"""Cold move of a TurnedOff or Saved VM to another host: two tasks, as for a disk copy.
+
+The source task (`migrate_out`) holds the VM's lock for the whole move, so no
+other operation can touch the VM there, and serves each of its files in turn over
+NBD, byte for byte (`workers.tasks.transfer`): each disk with its parents, the undo
+overlays and the saved state.  The destination task (`migrate_in`, the one the
+producer follows) refuses a clash or too little space before anything moves,
+pulls every file to the same relative path in its root (each all or nothing; on
+failure or cancel it removes what it pulled), rewrites a saved state's fingerprint
+for the paths of its root, then switches the VM record's host with a
+compare-and-set (`vm_move.lua`): only if the record still names the source host
+and the VM is still TurnedOff or Saved.  The source removes its copies only once
+the record names the destination: the record decides who owns the VM, whatever
+either task's fate.  Parents of the VM's disks are copied but stay on the source
+(other disks may share them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from api.enums import VMTaskResult
+from api.enums import VMVMState as S
+from api.protocol import hresults, keys, records, scripts, tasks
+from api.protocol.vmstate import EVENTS_MAXLEN
+from workers.engines import nbd
+from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.qemu_vm.config import config_fingerprint
+from workers.engines.storage import free_space
+from workers.failures import Cancelled, DiskError, IllegalValue
+from workers.runtime import TaskRun, operation
+from workers.tasks.files import HostFiles
+from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, pull_from, read_peer
+from workers.tasks.vms import (
+    InvalidVMState,
+    config_of,
+    overlays_of,
+    paths_of,
+    record_of,
+    vm_lock,
+)
+
+MOVABLE = frozenset({S.TurnedOff, S.Saved})
+MOVE_SCRIPT = scripts.load("vm_move")
+WATCH = 0.1
+
+
+def offer_key(transfer_id: str, index: int) -> str:
+    return keys.transfer(f"{transfer_id}.{index}")
+
+
+def _files_of(files: HostFiles, record: dict[str, str], state: S) -> tuple[list[Path], list[Path]]:
+    """(every file to copy, the ones the VM owns and that leave the source)."""
+    paths = paths_of(files.settings, record["name"])
+    copy: list[Path] = []
+    owned: list[Path] = []
+    for disk in json.loads(record["disks"]):
+        chain = files.chain_of(files.resolve(disk, must_exist=True))
+        owned.append(chain[0])
+        copy.extend(p for p in reversed(chain) if p not in copy)  # parents first
+    if record.get("undoable") == "1":
+        for overlay in overlays_of(files.settings, record, paths):
+            if overlay.exists():
+                copy.append(overlay)
+                owned.append(overlay)
+    if state is S.Saved:
+        copy += [paths.state_file, paths.fingerprint_file]
+        owned += [paths.state_file, paths.fingerprint_file]
+    return copy, owned
+
+
+@operation(tasks.VM_MIGRATE_OUT)
+def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
+                client_task_id: str) -> dict[str, Any]:
+    files = HostFiles.of(run.settings)
+    client = run.redis
+    with vm_lock(run, name):
+        record = record_of(client, run.settings, name)
+        state = S(int(record["state"]))
+        if state not in MOVABLE:
+            raise InvalidVMState(f"VM {name!r} is {state.name}: only a TurnedOff or Saved VM "
+                                 "moves cold")
+        copy, owned = _files_of(files, record, state)
+        manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
+                     "allocated": os.stat(p).st_blocks * 512} for p in copy]
+        client.hset(keys.transfer(transfer_id), mapping={"manifest": json.dumps(manifest)})
+        client.expire(keys.transfer(transfer_id), OFFER_TTL_SECONDS)
+
+        def client_over() -> bool:
+            peer = read_peer(client, client_task_id)
+            return peer.final or peer.gone
+
+        try:
+            for index, path in enumerate(copy):
+                with ExitStack() as stack:
+                    fd = open_beneath(files.root, path)
+                    stack.callback(os.close, fd)
+                    export = stack.enter_context(nbd.serve(
+                        nbd.file_spec(proc_path(fd)), address=run.settings.advertise_address,
+                        ports=run.settings.transfer_ports, name=nbd.new_export_name(),
+                        pass_fds=(fd,)))
+                    key = offer_key(transfer_id, index)
+                    stack.callback(client.delete, key)
+                    client.hset(key, mapping={"address": export.address, "port": export.port,
+                                              "export": export.name,
+                                              "virtual_size": manifest[index]["size"],
+                                              "allocated": manifest[index]["allocated"],
+                                              "fixed": 0})
+                    client.expire(key, OFFER_TTL_SECONDS)
+                    while client.hget(keys.transfer(transfer_id), f"done.{index}") != "1":
+                        if client_over():
+                            break
+                        run.sleep(WATCH)
+            while not client_over():
+                run.sleep(WATCH)
+        finally:
+            client.delete(keys.transfer(transfer_id))
+        moved = client.hget(keys.vm_record(name), "host") == destination_host
+        if moved:
+            for path in owned:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(paths_of(run.settings, name).directory, ignore_errors=True)
+    return {"moved": moved}
+
+
+def _wait_manifest(run: TaskRun, transfer_id: str, server_task_id: str, source: str
+                   ) -> list[dict[str, Any]]:
+    while True:
+        raw = run.redis.hget(keys.transfer(transfer_id), "manifest")
+        if raw:
+            manifest: list[dict[str, Any]] = json.loads(raw)
+            return manifest
+        _check_server(run, server_task_id, source)
+        run.sleep(WATCH)
+
+
+def _check_server(run: TaskRun, server_task_id: str, source: str) -> None:
+    peer = read_peer(run.redis, server_task_id)
+    if peer.final:
+        if peer.result is VMTaskResult.Cancelled:
+            raise Cancelled(f"The source host {source} stopped the move")
+        raise PeerFailed(f"The source host {source} failed: {peer.description}",
+                         peer.result or VMTaskResult.UnexpectedError, peer.error)
+    if peer.gone or (peer.state == records.PENDING
+                     and not run.redis.exists(keys.host_heartbeat(source))):
+        raise PeerFailed(f"The worker of the source host {source} is gone",
+                         VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+
+
+def _refingerprint(run: TaskRun, record: dict[str, str]) -> None:
+    """A saved state is bound to its configuration, whose disk paths name this root now."""
+    paths = paths_of(run.settings, record["name"])
+    metadata = json.loads(paths.fingerprint_file.read_text())
+    config = config_of(run.settings, record)
+    metadata["fingerprint"] = config_fingerprint(config)
+    metadata["config"] = config.to_dict()
+    temp = paths.fingerprint_file.with_name(paths.fingerprint_file.name + ".tmp")
+    temp.write_text(json.dumps(metadata, indent=2))
+    os.replace(temp, paths.fingerprint_file)
+
+
+@operation(tasks.VM_MIGRATE_IN)
+def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
+               server_task_id: str) -> dict[str, Any]:
+    files = HostFiles.of(run.settings)
+    client = run.redis
+    record: dict[str, str] = client.hgetall(keys.vm_record(name))
+    if not record or record.get("host") != source_host:
+        raise IllegalValue(f"VM {name!r} is not on host {source_host}")
+    vm_dir = paths_of(run.settings, name).directory
+    if vm_dir.exists():
+        raise DiskError(f"{files.relative(vm_dir)} already exists on {run.settings.host}",
+                        hresults.FILE_EXISTS)
+    pulled: list[Path] = []
+    try:
+        with vm_lock(run, name):
+            manifest = _wait_manifest(run, transfer_id, server_task_id, source_host)
+            targets = [files.resolve_output(item["path"]) for item in manifest]
+            clash = [item["path"] for item, t in zip(manifest, targets, strict=True)
+                     if os.path.lexists(t)]
+            if clash:
+                raise DiskError(f"Already on {run.settings.host}: {', '.join(clash)}",
+                                hresults.FILE_EXISTS)
+            needed = sum(int(item["allocated"]) for item in manifest)
+            if free_space(files.root) < needed:
+                raise DiskError(f"Host {run.settings.host} has too little space for VM "
+                                f"{name!r} ({needed} bytes)", hresults.DISK_FULL)
+            total = max(1, sum(int(item["size"]) for item in manifest))
+            done = 0
+            for index, (item, target) in enumerate(zip(manifest, targets, strict=True)):
+                while not (offer := client.hgetall(offer_key(transfer_id, index))):
+                    _check_server(run, server_task_id, source_host)
+                    run.sleep(WATCH)
+                share = _Span(run, 100.0 * done / total,
+                              100.0 * (done + int(item["size"])) / total)
+                pull_from(share, run.settings.host, offer, target, verbatim=True,
+                          source_host=source_host)
+                pulled.append(target)
+                done += int(item["size"])
+                client.hset(keys.transfer(transfer_id), f"done.{index}", "1")
+            if S(int(record["state"])) is S.Saved:
+                _refingerprint(run, record)
+            outcome = client.eval(MOVE_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
+                                  source_host, run.settings.host,
+                                  ",".join(str(int(s)) for s in sorted(MOVABLE)),
+                                  repr(time.time()), EVENTS_MAXLEN)
+            if outcome != "OK":
+                raise InvalidVMState(f"VM {name!r} changed during the move ({outcome})")
+    except BaseException:
+        for path in pulled:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        raise
+    return {"host": run.settings.host, "files": len(pulled)}
+
+
+class _Span:
+    """A `TaskRun` whose progress is scaled into ``low..high``."""
+
+    def __init__(self, run: TaskRun, low: float, high: float) -> None:
+        self._run, self._low, self._high = run, low, high
+        self.task_id = run.task_id
+
+    def report_progress(self, percent: float) -> None:
+        self._run.report_progress(self._low + (self._high - self._low) * percent / 100)
+
+    def cancel_requested(self) -> bool:
+        return self._run.cancel_requested()

@@ -1,0 +1,217 @@
+"""Copying an image from one host to another: a serving task and a pulling task.
+
+The producer submits both at once, each knowing the other's id.  The pull runs on
+the destination host and is what the producer follows (progress, cancel, result).
+The serve runs on the source host: once the pull has started it exports the image
+read-only over NBD (`workers.engines.nbd`) with a one-time name, announces where in
+``keys.transfer``, and keeps the export up until the pull's record is final or its
+worker is gone.  The pull reads the export into a temporary beside its target and
+publishes it only on success; the source file is only ever read, under a shared
+lock, so it is untouched whatever happens.  Either side failing ends the other:
+the pull ends with the serve's result (or ThreadCrashError when the source's
+worker died), and the serve stops once the pull is final.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from api.enums import VMHardDiskType, VMTaskResult
+from api.protocol import hresults, keys, records, tasks
+from workers.engines import nbd, qemu_img
+from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.context import OperationContext
+from workers.engines.storage import free_space
+from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
+from workers.runtime import TaskRun, operation
+from workers.tasks.files import HostFiles
+
+# How often each side looks at the other's record.
+WATCH_INTERVAL = 0.1
+# How long an announced export may stay in Redis if its serve dies without cleaning up.
+OFFER_TTL_SECONDS = 24 * 3600
+MODES = ("image", "file")
+
+
+class PeerFailed(OperationFailed):
+    """The other side of the transfer ended without success; carries its outcome."""
+
+    def __init__(self, description: str, result: VMTaskResult, hresult: int) -> None:
+        super().__init__(description, hresult)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Peer:
+    state: str
+    lease_alive: bool
+    result: VMTaskResult | None
+    error: int
+    description: str
+
+    @property
+    def final(self) -> bool:
+        return self.state in records.COMPLETE_STATES
+
+    @property
+    def gone(self) -> bool:
+        """Started, but no live worker holds it: it crashed (the reaper will say so)."""
+        return self.state == records.STARTED and not self.lease_alive
+
+
+def read_peer(client: redis.Redis, task_id: str) -> Peer:
+    pipe = client.pipeline(transaction=False)
+    pipe.hmget(keys.task_record(task_id), "state", "result", "error", "error_description")
+    pipe.exists(keys.task_lease(task_id))
+    (state, result, error, text), leased = pipe.execute()
+    return Peer(state or records.PENDING, bool(leased),
+                VMTaskResult(int(result)) if state in records.COMPLETE_STATES and result else None,
+                int(error or 0), text or "")
+
+
+@dataclass(frozen=True)
+class Served:
+    spec: str
+    fds: tuple[int, ...]
+    virtual_size: int
+    allocated: int
+    fixed: bool
+
+
+def _open_served(files: HostFiles, source: Path, mode: str, stack: ExitStack) -> Served:
+    """What qemu-nbd exports, opened beneath the root and share-locked with ``stack``."""
+    if mode == "image":
+        chain = files.open_chain(source, stack)
+        stack.enter_context(files.file_locks(chain.reals, []))
+        pinned = chain.pinned()
+        head = chain.links[0].info
+        return Served(pinned.spec(), pinned.fds, head.virtual_size,
+                      sum(link.info.actual_size for link in chain.links),
+                      head.disk_type is VMHardDiskType.FixedSize)
+    fd = open_beneath(files.root, source)
+    stack.callback(os.close, fd)
+    stack.enter_context(files.file_locks([source], []))
+    size = os.fstat(fd)
+    return Served(nbd.file_spec(proc_path(fd)), (fd,), size.st_size, size.st_blocks * 512,
+                  False)
+
+
+def _wait(run: TaskRun, done: Callable[[], bool]) -> None:
+    while not done():
+        run.sleep(WATCH_INTERVAL)
+
+
+@operation(tasks.DISK_SERVE)
+def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
+          mode: str) -> dict[str, Any]:
+    if mode not in MODES:
+        raise IllegalValue(f"mode must be one of {MODES}, not {mode!r}")
+    files = HostFiles.of(run.settings)
+    source = files.resolve(path, must_exist=True)
+    offer_key = keys.transfer(transfer_id)
+    # Nothing is exported before the client runs: a pull queued behind other work
+    # costs the source no open port.
+    client = read_peer(run.redis, client_task_id)
+    while client.state == records.PENDING:
+        run.sleep(WATCH_INTERVAL)
+        client = read_peer(run.redis, client_task_id)
+    if client.final or client.gone:
+        return {"served": False}
+    with ExitStack() as stack:
+        served = _open_served(files, source, mode, stack)
+        export = stack.enter_context(nbd.serve(
+            served.spec, address=run.settings.advertise_address,
+            ports=run.settings.transfer_ports, name=nbd.new_export_name(),
+            pass_fds=served.fds))
+        stack.callback(run.redis.delete, offer_key)
+        pipe = run.redis.pipeline(transaction=True)
+        pipe.hset(offer_key, mapping={
+            "address": export.address, "port": export.port, "export": export.name,
+            "virtual_size": served.virtual_size, "allocated": served.allocated,
+            "fixed": int(served.fixed), "host": run.settings.host})
+        pipe.expire(offer_key, OFFER_TTL_SECONDS)
+        pipe.execute()
+
+        def client_done() -> bool:
+            if not export.alive():
+                raise OperationFailed("qemu-nbd stopped serving the image")
+            peer = read_peer(run.redis, client_task_id)
+            return peer.final or peer.gone
+
+        _wait(run, client_done)
+    return {"served": True}
+
+
+def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
+                    source_host: str) -> dict[str, str]:
+    """The export's address once the source serves it; the serve's failure otherwise."""
+    offer_key = keys.transfer(transfer_id)
+    while True:
+        offer: dict[str, str] = run.redis.hgetall(offer_key)
+        if offer:
+            return offer
+        peer = read_peer(run.redis, server_task_id)
+        if peer.final:
+            if peer.result is VMTaskResult.Cancelled:
+                raise Cancelled(f"The source host {source_host} cancelled serving the image")
+            raise PeerFailed(f"The source host {source_host} could not serve the image: "
+                             f"{peer.description}", peer.result or VMTaskResult.UnexpectedError,
+                             peer.error)
+        if peer.gone:
+            raise PeerFailed(f"The worker of the source host {source_host} died",
+                             VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+        if peer.state == records.PENDING and not run.redis.exists(
+                keys.host_heartbeat(source_host)):
+            raise PeerFailed(f"The source host {source_host} is not live",
+                             VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+        run.sleep(WATCH_INTERVAL)
+
+
+def pull_from(context: OperationContext, here: str, offer: dict[str, str], target: Path, *,
+              verbatim: bool, source_host: str) -> qemu_img.DiskInfo:
+    """Read an announced export into ``target`` on host ``here`` (all or nothing)."""
+    fixed = offer.get("fixed") == "1" and not verbatim
+    needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])
+    available = free_space(target.parent)
+    if available < needed:
+        raise DiskError(f"Host {here} has {available} bytes free; the copy "
+                        f"needs {needed}", hresults.DISK_FULL)
+    name = offer["export"]
+    spec = nbd.client_spec(offer["address"], int(offer["port"]), name)
+    started = time.monotonic()
+    try:
+        return qemu_img.pull(spec, target, context, virtual_size=int(offer["virtual_size"]),
+                             fixed=fixed, verbatim=verbatim)
+    except OperationFailed as exc:
+        # The export name is the only key to the export: keep it out of the record.
+        text = str(exc).replace(name, "***")
+        if isinstance(exc, Cancelled):
+            raise
+        failed = PeerFailed(f"Copying from {source_host} failed after "
+                            f"{time.monotonic() - started:.1f} s: {text}", exc.result,
+                            exc.hresult)
+        raise failed from None
+
+
+@operation(tasks.DISK_COPY_IN)
+def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfer_id: str,
+            server_task_id: str) -> dict[str, Any]:
+    del path  # for the record's description; the source host resolves it
+    files = HostFiles.of(run.settings)
+    target = files.resolve_output(destination)
+    if os.path.lexists(target):
+        raise DiskError(f"{destination} already exists on {run.settings.host}",
+                        hresults.FILE_EXISTS)
+    with files.file_locks([], [target]):
+        offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
+        made = pull_from(run, run.settings.host, offer, target, verbatim=False,
+                         source_host=source_host)
+    return files.describe(target, made)
