@@ -119,16 +119,17 @@ def test_flower_sees_the_worker_and_its_tasks_over_tls(
     redis_server, worker, port = cluster
     for name, value in tls.client_env().items():
         monkeypatch.setenv(name, value)
-    with VirtualServer(redis_server.url, host=HOST, poll_interval=0.5) as server:
-        task = server.ping(duration_ms=100)
-        assert task.wait_for_completion(30_000)
 
     def listed() -> bool:
         workers = flower_get(port, "/api/workers?refresh=1") or {}
         return any(name.startswith(f"{HOST}-") and info.get("active_queues")
                    for name, info in workers.items())
 
+    # Flower sees only the events sent while it listens: it must be up first.
     wait_until(listed, 30, "Flower to list the worker over TLS", interval=0.5)
+    with VirtualServer(redis_server.url, host=HOST, poll_interval=0.5) as server:
+        task = server.ping(duration_ms=100)
+        assert task.wait_for_completion(30_000)
     wait_until(lambda: task.id in (flower_get(port, "/api/tasks") or {}), 30,
                "Flower to show the task", interval=0.5)
     # The queue lengths come from Flower's own redis client (broker_use_ssl).
