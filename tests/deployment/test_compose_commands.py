@@ -162,6 +162,8 @@ def test_worker_command_runs_and_serves_its_host(
     service: str, host: str,
 ) -> None:
     """The compose command, verbatim, as Redis's worker user; a producer as producer."""
+    admin = compose_redis.admin()
+    admin.acl_log_reset()  # an earlier test's deliberate wrong password is logged there
     environment = container_env(compose, service, secrets_dir, compose_redis.port)
     environment.update(VMTASK_STORAGE_ROOT=str(tmp_path / "storage"),
                        HOSTNAME=socket.gethostname())  # Docker sets HOSTNAME; %h is it
@@ -173,8 +175,6 @@ def test_worker_command_runs_and_serves_its_host(
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        admin = compose_redis.admin()
-
         def serving() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"worker exited:\n{log_path.read_text(errors='replace')}")
