@@ -1,12 +1,16 @@
 # vmtask worker image: one vmtask host per container (see docker-compose.yml).
 #
 #   docker build -t vmtask .
-#   docker run -e VMTASK_REDIS_URL=redis://:PASSWORD@BROKER:6379/0 -e VMTASK_HOST=host-a vmtask
+#   docker run -e VMTASK_REDIS_URL=redis://worker@BROKER:6379/0 \
+#     -e VMTASK_REDIS_PASSWORD_FILE=/run/secrets/redis_worker_password \
+#     -v "$PWD/secrets/redis_worker_password:/run/secrets/redis_worker_password:ro" \
+#     -e VMTASK_HOST=host-a vmtask
 #
-# The same image runs Flower:  celery -A workers flower
+# The same image runs Flower:
+#   celery -A workers flower --conf=/etc/vmtask/flowerconfig.py
 #
-# No secret is baked in: the Redis URL (with its password) and Flower's
-# credentials come from the environment at run time, never from a build argument.
+# No secret is baked in: the Redis password and Flower's credentials are files
+# mounted at run time (compose secrets), never a build argument or a variable.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -40,6 +44,10 @@ COPY api/ api/
 COPY workers/ workers/
 RUN pip install ".[worker,flower]" \
     && rm -rf /opt/vmtask/src
+
+# Flower's configuration: basic auth from a secret file (see the file).  Outside
+# the working directory, which Celery puts on sys.path.
+COPY deploy/flower/flowerconfig.py /etc/vmtask/flowerconfig.py
 
 # The storage root: mount a volume here (docker-compose.yml uses a named volume
 # per host, which starts out owned by vmtask, as Docker copies the ownership of

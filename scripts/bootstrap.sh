@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything vmtask needs on a Debian machine, from nothing:
-# Debian's redis-server, qemu-utils and qemu-system-x86 when missing, then a
-# virtualenv (.venv) with the Python dependencies.  Safe to run again.
+# Debian's redis-server, qemu-utils, qemu-system-x86 and docker-compose when
+# missing, then a virtualenv (.venv) with the Python dependencies.  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+# Compose v1, only for `docker-compose config` in tests/deployment (no engine runs here).
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     sudo=""

@@ -1,37 +1,34 @@
-"""Hardening of the compose deployment: capabilities, privileges, memory, placeholders.
-
-Uses the fixtures of test_deployment (docker-compose.yml resolved with .env.example).
-"""
+"""Hardening of the compose deployment: capabilities, privileges, memory, placeholders."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from api.errors import InvalidArgumentError
 from api.settings import Settings
-from tests.deployment.test_deployment import (  # noqa: F401 - fixtures
-    ENV_EXAMPLE,
-    PLACEHOLDER,
-    WORKERS,
-    compose,
-    dotenv,
-    parse_env_file,
-    raw_compose,
-)
+from tests.deployment.compose_files import PLACEHOLDER, WORKERS, in_sandbox, service_env
 
 
-def test_the_placeholders_are_refused_at_start_up() -> None:
-    placeholder = parse_env_file(ENV_EXAMPLE)[0]["REDIS_PASSWORD"]
-    assert PLACEHOLDER in placeholder
+def test_the_placeholders_are_refused_at_start_up(
+    compose: dict[str, Any], tmp_path: Path,
+) -> None:
+    """A hand-made secret file still holding a placeholder stops the worker's settings."""
+    (tmp_path / "redis_worker_password").write_text(f"{PLACEHOLDER}-redis-password\n")
+    environment = {name: in_sandbox(value, tmp_path)
+                   for name, value in service_env(compose, "worker-a").items()}
     with pytest.raises(InvalidArgumentError, match="placeholder"):
-        Settings.from_env({"VMTASK_REDIS_URL": f"redis://:{placeholder}@redis:6379/0"})
+        Settings.from_env(environment)
+    # The same in a URL, for producers that still put the password there.
+    with pytest.raises(InvalidArgumentError, match="placeholder"):
+        Settings.from_env({"VMTASK_REDIS_URL": f"redis://:{PLACEHOLDER}-x@redis:6379/0"})
 
 
 def test_every_service_drops_capabilities_and_has_a_memory_limit(
-    compose: dict[str, Any],  # noqa: F811 - the fixture
+    compose: dict[str, Any],
 ) -> None:
     for name, service in compose["services"].items():
         assert service["cap_drop"] == ["ALL"], name
