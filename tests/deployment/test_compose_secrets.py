@@ -194,11 +194,6 @@ def test_made_secrets_let_a_real_worker_and_producer_in_and_nobody_else(
     assert denied == []
 
 
-@pytest.mark.xfail(strict=True, raises=errors.BrokerUnavailableError, reason=(
-    "users.acl.template gives the producer %R~vmtask:host:* (read only), but the submit "
-    "script gets vmtask:host:<host> as a KEY and EVALSHA needs read and write on its "
-    "keys (ACL DRYRUN producer EVAL ... 1 vmtask:host:x is refused); "
-    "tests/integration/test_redis_acl.py fails the same way"))
 def test_the_producer_user_submits_a_task(
     made_stack: ComposeRedis, secrets_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
