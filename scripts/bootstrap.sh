@@ -12,6 +12,10 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 # Compose v1, only for `docker-compose config` in tests/deployment (no engine runs here).
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# Tools the tests use: pgrep, openssl (test CAs, the VNC handshake), ip (a host bridge).
+command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     sudo=""
