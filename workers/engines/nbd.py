@@ -14,7 +14,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from workers.engines.qemu_img.runner import kill_group
 from workers.failures import OperationFailed
 
 READY_TIMEOUT = 10.0
@@ -85,23 +85,6 @@ def _port_free(address: str, port: int) -> bool:
     return True
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.returncode is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=2.0)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-
-
 def _start(spec: str, address: str, port: int, name: str, pass_fds: Sequence[int],
            stderr: Any) -> subprocess.Popen[bytes] | None:
     """qemu-nbd listening on ``port``, or None when the port was taken meanwhile."""
@@ -128,7 +111,7 @@ def _start(spec: str, address: str, port: int, name: str, pass_fds: Sequence[int
         if _listening(address, port):
             return process
         time.sleep(0.05)
-    _stop(process)
+    kill_group(process)
     raise OperationFailed(f"qemu-nbd did not listen on {address}:{port} in time")
 
 
@@ -152,7 +135,7 @@ def serve(spec: str, *, address: str, ports: tuple[int, int], name: str,
             try:
                 yield Export(address, port, name, process)
             finally:
-                _stop(process)
+                kill_group(process)
             return
     raise OperationFailed(f"No free transfer port in {low}-{high} on {address} "
                           "(VMTASK_TRANSFER_PORTS)")

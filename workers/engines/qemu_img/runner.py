@@ -62,7 +62,7 @@ def _child_environment() -> dict[str, str]:
     return {**os.environ, "LC_ALL": "C", "LANG": "C"}
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
+def kill_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, SIGKILL it after a grace period, and reap it.
 
     The group id equals the pid (start_new_session); it cannot be reused while the
@@ -135,10 +135,10 @@ def run_qemu_img(
         if cancelable and now >= next_poll:
             next_poll = now + POLL_INTERVAL
             if context.cancel_requested():
-                _kill_group(process)
+                kill_group(process)
                 raise Cancelled()
         if deadline is not None and now >= deadline:
-            _kill_group(process)
+            kill_group(process)
             raise OperationTimedOut(f"{action} did not finish within {timeout:g} s")
 
     try:
@@ -167,7 +167,7 @@ def run_qemu_img(
     finally:
         # Whatever escaped above (even a failing cancel_requested()), no qemu-img
         # may outlive this call.
-        _kill_group(process)
+        kill_group(process)
         process.stdout.close()
         process.stderr.close()
 
