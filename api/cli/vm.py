@@ -211,3 +211,25 @@ def _vm_action_command(verb: str, help_text: str,
 for _verb, (_help, _plain, _guest_call) in VM_ACTIONS.items():
     vm.add_command(_vm_action_command(_verb, _help, _plain, _guest_call))
 
+
+
+@vm.command("migrate")
+@click.argument("name")
+@click.argument("destination_host")
+@no_wait_option
+@json_option
+@click.pass_context
+def vm_migrate(ctx: click.Context, name: str, destination_host: str) -> None:
+    """Move the turned-off or saved VM NAME, with its disks, to DESTINATION_HOST."""
+    state = state_of(ctx)
+    task = find_vm(state, name).migrate(destination_host)
+
+    def extra(_snap: TaskSnapshot) -> dict[str, Any]:
+        after = state.server().find_virtual_machine(name)
+        return {"vm": vm_dict(after) if after is not None else None}
+
+    def show(_snap: TaskSnapshot) -> None:
+        after = state.server().find_virtual_machine(name)
+        click.echo(f"VM {name} is on {after.host if after is not None else 'no host'}")
+
+    run_task(state, task, extra, show)

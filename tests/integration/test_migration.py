@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from api import VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
 from tests.helpers import qemu_io
+from tests.integration.test_cli import cli_env
 from tests.integration.test_transfer import both, serve_task_of  # noqa: F401 - fixture
 from workers.devtools.sandbox import WorkerProcess
 
@@ -82,3 +86,20 @@ def test_a_bad_migrate_is_refused_before_anything_is_queued(
     with pytest.raises(errors.HostUnavailableError):
         vm.migrate("gamma")
     done(vm.delete())
+
+
+def test_the_cli_moves_a_vm(both: VirtualServer, beta: WorkerProcess,  # noqa: F811
+                            unique: str) -> None:
+    both.create_virtual_machine(unique, memory_mb=64, host="alpha", network=None)
+    moved = subprocess.run(
+        [sys.executable, "-m", "api.cli", "--url", both.url, "--json", "vm", "migrate",
+         unique, "beta"], env=cli_env(), capture_output=True, text=True, timeout=120,
+        check=False)
+    assert moved.returncode == 0, moved.stderr
+    document = json.loads(moved.stdout)
+    assert document["result"] == "Success" and document["vm"]["host"] == "beta"
+    refused = subprocess.run(
+        [sys.executable, "-m", "api.cli", "--url", both.url, "vm", "migrate", unique, "beta"],
+        env=cli_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2, refused.stderr  # already there: refused before queueing
+    done(both.find_virtual_machine(unique).delete())  # type: ignore[union-attr]
