@@ -4,6 +4,9 @@ real QEMU (TCG).  The VMs have no OS unless a test boots the tiny guest."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +14,8 @@ from typing import Any
 import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState
-from tests.integration.test_cli import Cli, Run, assert_one_error_line, cli  # noqa: F401 - fixtures
-from workers.devtools.sandbox import RedisServer, WorkerProcess
+from tests.integration.test_cli import Cli, Run, assert_one_error_line, cli, cli_env  # noqa: F401 - fixtures
+from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
 INVALID_STATE = "0x8007139F"
 
@@ -166,8 +169,30 @@ def test_guest_restart_and_shutdown_with_the_agent(
         "TurnedOff"
 
 
+def assert_log_follows(url: str, serial_log: Path, name: str) -> None:
+    """``vm log -f`` prints what the guest writes after it started following: the
+    second marker is written only once the first was printed, so only the follow
+    loop can print it."""
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "--url", url, "--host", "alpha", "vm", "log", name,
+         "-f"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(follower.stdout or []), daemon=True)
+    reader.start()
+    try:
+        for marker in ("vmtask-follow-1", "vmtask-follow-2"):
+            with serial_log.open("a") as log:
+                log.write(marker + "\n")
+            wait_until(lambda m=marker: any(m in line for line in seen), 30,
+                       f"the follower to print {marker}", interval=0.2)
+    finally:
+        follower.terminate()
+        follower.wait(timeout=30)
+
+
 def test_vm_edit_console_and_disk_inventory_verbs(cli: Cli, root: Path, tmp_path: Path,  # noqa: F811
-                                                  vm_name: str) -> None:
+                                                  vm_name: str,
+                                                  redis_server: RedisServer) -> None:
     disk = f"{vm_name}/d.qcow2"
     assert cli("disk", "create", disk, "--size-mb", "16").code == 0
     created = cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk, "--cpus", "2",
@@ -196,6 +221,7 @@ def test_vm_edit_console_and_disk_inventory_verbs(cli: Cli, root: Path, tmp_path
     shot = cli("vm", "screenshot", vm_name, str(png))
     assert shot.code == 0 and png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), shot
     assert cli("vm", "log", vm_name).code == 0
+    assert_log_follows(redis_server.url, root / "vms" / vm_name / "serial.log", vm_name)
     assert cli("vm", "off", vm_name).code == 0
 
     listed = cli("disk", "list", "--json")
