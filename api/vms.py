@@ -267,15 +267,15 @@ class VMOperations(ServerCore):
         memory_mb: int = 128,
         disks: Sequence[str] = (),
         undoable: bool = False,
+        guest_agent: bool = False,
+        cpus: int = 1,
+        network: str | None = "user",
+        port_forwards: Mapping[int, int] | None = None,
         *,
         host: str | None = None,
         kernel: str | None = None,
         initrd: str | None = None,
         append: str | None = None,
-        guest_agent: bool = False,
-        cpus: int = 1,
-        network: str | None = "user",
-        port_forwards: Mapping[int, int] | None = None,
     ) -> VirtualMachine:
         """Register a VM (TurnedOff) on a host.  Paths are relative to its storage root.
 

@@ -185,3 +185,10 @@ def test_a_producer_needs_neither_the_cli_nor_the_worker_dependencies() -> None:
     done = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_create_virtual_machine_takes_the_contract_order() -> None:
+    """DESIGN.md's signature, positionally: a caller may pass any of these by position."""
+    parameters = list(inspect.signature(api.VirtualServer.create_virtual_machine).parameters)
+    assert parameters[:9] == ["self", "name", "memory_mb", "disks", "undoable", "guest_agent",
+                              "cpus", "network", "port_forwards"]
