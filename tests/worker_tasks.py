@@ -69,3 +69,13 @@ def stamp_after(delay: float) -> float:
     """Like bench.stamp, after a delay so the caller is already waiting."""
     time.sleep(delay)
     return time.time()
+
+
+@operation(TaskSpec("tests.marked_echo", ("path", "value", "seconds"), cancelable=False))
+def marked_echo(run: TaskRun, path: str, value: int, seconds: float) -> dict[str, int]:
+    """Appends one line per execution, then returns its value: proves how many times a
+    task ran and that its result is its own."""
+    with open(path, "a") as marker:
+        marker.write(f"{run.task_id}\n")
+    time.sleep(seconds)
+    return {"value": value}
