@@ -39,19 +39,42 @@ def pipelined(client: redis.Redis, build: Callable[[Any], None],
     raise AssertionError("unreachable")
 
 
+class Acknowledgement:
+    """How many replicas must have a write before it counts, as one client sees it.
+
+    ``replicas`` is the wish (``VMTASK_REDIS_WAIT_REPLICAS``), bounded by the
+    replicas the primary had connected at the previous write (ROLE, read in the
+    same round trip): after a failover in a primary + one replica setup the new
+    primary has none until the old one rejoins, and waiting for a replica that
+    does not exist would refuse every submit for that long.  Then writes count at
+    once, with the durability of a single Redis, until a replica is back.
+    """
+
+    def __init__(self, replicas: int, wait_ms: int) -> None:
+        self.replicas = replicas
+        self.wait_ms = wait_ms
+        self.connected = replicas
+
+    def wanted(self) -> int:
+        return min(self.replicas, self.connected)
+
+
 def replicated(client: redis.Redis, build: Callable[[Any], None], scripts: Sequence[Script],
-               replicas: int, wait_ms: int) -> tuple[list[Any], bool]:
-    """Like `pipelined`, then WAIT for ``replicas`` replicas (at most ``wait_ms``).
+               ack: Acknowledgement) -> tuple[list[Any], bool]:
+    """Like `pipelined`, then WAIT for the replicas ``ack`` wants (at most its wait_ms).
 
     Returns the replies of ``build``'s commands and whether enough replicas
-    acknowledged them.  With ``replicas`` 0 there is no WAIT and the answer is True.
+    acknowledged them.  With no replicas wanted there is no WAIT and the answer is True.
     """
-    if replicas <= 0:
+    if ack.replicas <= 0:
         return pipelined(client, build, scripts), True
+    wanted = ack.wanted()
 
     def with_wait(pipe: Any) -> None:
         build(pipe)
-        pipe.execute_command("WAIT", replicas, wait_ms)
+        pipe.execute_command("ROLE")
+        pipe.execute_command("WAIT", wanted, ack.wait_ms)
 
-    *replies, acked = pipelined(client, with_wait, scripts)
-    return replies, int(acked) >= replicas
+    *replies, role, acked = pipelined(client, with_wait, scripts)
+    ack.connected = len(role[2]) if role and role[0] in ("master", b"master") else 0
+    return replies, int(acked) >= min(wanted, ack.connected)

@@ -15,22 +15,25 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from api.connection import RedisEndpoint, no_retry, parse_redis_url, redact_url
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
 from api.protocol import hresults, keys, records
 from api.protocol.records import TaskSnapshot
-from api.replication import pipelined, replicated
+from api.replication import Acknowledgement, pipelined, replicated
 
 # A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
 # login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 REFUSED_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS,
                                                redis.exceptions.NoPermissionError)
-# What kombu's publish raises when Redis is away or refuses the producer.
-SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, *REFUSED_ERRORS)
+# What kombu's publish raises when Redis is away or refuses the producer; a batch
+# cut by a failover is "delivery uncertain": the record is then removed, so a
+# message that did arrive meets no record at the start gate and never runs.
+SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, BatchPublishError,
+                                            *REFUSED_ERRORS)
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
 MAX_RECENT_TASKS = 100_000
 UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknowledged the "
@@ -76,10 +79,10 @@ class TaskStore:
         # Replica acknowledgement of a submit (`confirm`): on a client that never
         # retries, because a WAIT re-sent to a new primary would vouch for writes
         # that the dead one may have taken with it.
-        self.wait_replicas = endpoint.wait_replicas if endpoint is not None else 0
-        self.wait_ms = endpoint.wait_ms if endpoint is not None else 0
+        self.ack = Acknowledgement(endpoint.wait_replicas if endpoint is not None else 0,
+                                   endpoint.wait_ms if endpoint is not None else 0)
         self._ack_client = (connect(endpoint, timeout, retry=no_retry())
-                            if endpoint is not None and self.wait_replicas else None)
+                            if endpoint is not None and self.ack.replicas else None)
         self._withdraw = client.register_script(records.WITHDRAW_SCRIPT)
         self._finish = client.register_script(records.FINISH_SCRIPT)
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
@@ -156,7 +159,7 @@ class TaskStore:
 
     def confirm(self, task_id: str) -> bool:
         """After the message was pushed: True once the record and the message are on
-        ``wait_replicas`` replicas.  Otherwise the task is withdrawn if no worker took
+        the replicas `Acknowledgement` wants.  Otherwise the task is withdrawn if no worker took
         it yet (True if one did: it runs, and its record says so); False when it was
         withdrawn, or is gone, and will not run.
         """
@@ -169,8 +172,7 @@ class TaskStore:
             pipe.hset(record, "enqueued", repr(time.time()))
 
         try:
-            _, acked = replicated(self._ack_client, build, (), self.wait_replicas,
-                                  self.wait_ms)
+            _, acked = replicated(self._ack_client, build, (), self.ack)
         except CONNECTION_ERRORS:
             acked = False
         if acked:

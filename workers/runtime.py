@@ -34,7 +34,7 @@ from api import events
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records
 from api.protocol.tasks import TaskSpec
-from api.replication import replicated
+from api.replication import Acknowledgement, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, classify
@@ -70,8 +70,7 @@ class WorkerRedis:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **retry,
         )
-        self.wait_replicas = endpoint.wait_replicas
-        self.wait_ms = endpoint.wait_ms
+        self.ack = Acknowledgement(endpoint.wait_replicas, endpoint.wait_ms)
         self.start = self.client.register_script(records.START_SCRIPT)
         self.progress = self.client.register_script(records.PROGRESS_SCRIPT)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
@@ -139,12 +138,12 @@ class TaskRun:
             pipe.hget(self._record, "worker")
 
         (gate, holder), acked = replicated(self.redis, build, (self._conn.start,),
-                                           self._conn.wait_replicas, self._conn.wait_ms)
+                                           self._conn.ack)
         if gate == records.STARTED and holder == identity:
             gate = records.BEGUN  # our own start, re-sent after a lost reply
         if gate == records.BEGUN and not acked:
             log.warning("No Redis replica acknowledged the start of %s within %d ms",
-                        self.task_id, self._conn.wait_ms)
+                        self.task_id, self._conn.ack.wait_ms)
         return str(gate)
 
     def report_progress(self, percent: float) -> None:
@@ -216,14 +215,13 @@ class TaskRun:
         while True:
             try:
                 (outcome, (holder, at)), acked = replicated(
-                    self.redis, build, (self._conn.finish,), self._conn.wait_replicas,
-                    self._conn.wait_ms)
+                    self.redis, build, (self._conn.finish,), self._conn.ack)
                 if outcome == state and holder == worker_identity(self.settings) \
                         and at == finished:
                     outcome = "OK"  # our own finish, re-sent after a lost reply
                 if outcome == "OK" and not acked:
                     log.warning("No Redis replica acknowledged the result of %s within %d ms",
-                                self.task_id, self._conn.wait_ms)
+                                self.task_id, self._conn.ack.wait_ms)
                 return str(outcome)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:

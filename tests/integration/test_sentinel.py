@@ -53,6 +53,8 @@ def test_200_tasks_across_a_failover_each_end_once_with_its_result(
     workers = start_workers(cluster, tmp_path)
     marker = tmp_path / "runs.txt"
     server = VirtualServer(cluster.url, poll_interval=0.2)
+    killed = threading.Event()
+    submitter = threading.Thread(target=lambda: None)
     try:
         accepted: dict[str, tuple[VMTask, int]] = {}
         refused: list[int] = []
@@ -64,7 +66,6 @@ def test_200_tasks_across_a_failover_each_end_once_with_its_result(
         waiter = threading.Thread(target=lambda: long_done.append(
             long.wait_for_completion(60_000)))
         waiter.start()
-        killed = threading.Event()
 
         def submit_all() -> None:
             for i in range(200):
@@ -94,8 +95,16 @@ def test_200_tasks_across_a_failover_each_end_once_with_its_result(
             assert sorted(server.hosts) == sorted(HOSTS)
             time.sleep(0.5)
 
+        primary = cluster.primary().client()
+
+        def where(task_id: str) -> str:
+            unacked = primary.hgetall("unacked")
+            return (f"record {primary.hgetall(keys.task_record(task_id))}; queued "
+                    f"{[primary.llen(keys.host_queue(h)) for h in HOSTS]}; unacked "
+                    f"{[k for k, v in unacked.items() if task_id in v]} of {len(unacked)}")
+
         for task, value in accepted.values():
-            assert task.wait_for_completion(60_000), f"task {value} did not end"
+            assert task.wait_for_completion(60_000), f"task {value} did not end: {where(task.id)}"
             snap = task.snapshot()
             assert snap.result is VMTaskResult.Success, (value, snap)
             assert snap.output == {"value": value}
@@ -103,7 +112,6 @@ def test_200_tasks_across_a_failover_each_end_once_with_its_result(
         assert long_done == [True]
         assert long.snapshot().result is VMTaskResult.Success
 
-        primary = cluster.primary().client()
         runs = [primary.hget(keys.task_record(t), "runs") for t in [*accepted, long.id]]
         assert runs == ["1"] * len(runs)
         lines = marker.read_text().split()
@@ -124,6 +132,8 @@ def test_200_tasks_across_a_failover_each_end_once_with_its_result(
         for worker in workers:
             assert "Unrecoverable error" not in worker.log()
     finally:
+        killed.set()
+        submitter.join(120)
         server.close()
         for worker in workers:
             worker.stop()

@@ -315,11 +315,18 @@ class SentinelCluster:
         return redis.Redis(port=self.sentinel_ports[index], decode_responses=True,
                            socket_timeout=5, socket_connect_timeout=5)
 
+    def master_view(self, index: int) -> dict[str, str]:
+        """SENTINEL MASTER as a dict (redis-py 6.4's parser of it fails)."""
+        flat = self.sentinel(index).execute_command("SENTINEL", "MASTER", self.name)
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
     def primary_port(self) -> int | None:
         """The primary's port as the first sentinel that answers sees it."""
         for index in range(len(self.sentinel_ports)):
             try:
-                address = self.sentinel(index).sentinel_get_master_addr_by_name(self.name)
+                # Raw: redis-py 6.4's parser of this reply fails.
+                address = self.sentinel(index).execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
             except redis.RedisError:
                 continue
             if address:
@@ -335,6 +342,13 @@ class SentinelCluster:
         return self.node(port)
 
     def start(self) -> SentinelCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> SentinelCluster:
         primary, *replicas = self.nodes
         primary.start()
         for replica in replicas:
@@ -361,19 +375,16 @@ class SentinelCluster:
                 f"sentinel failover-timeout {self.name} 10000\n"
                 f"sentinel parallel-syncs {self.name} 1\n")
             self.sentinel_procs.append(subprocess.Popen(
-                ["redis-server", str(config), "--sentinel"], start_new_session=True))
+                ["redis-server", str(config), "--sentinel"], start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
         def sentinels_agree() -> bool:
             try:
-                return all(
-                    int(self.sentinel(i).sentinel_master(self.name).get("num-other-sentinels",
-                                                                        0))
-                    == len(self.sentinel_ports) - 1
-                    and int(self.sentinel(i).sentinel_master(self.name).get("num-slaves", 0))
-                    == len(replicas)
-                    for i in range(len(self.sentinel_ports)))
+                views = [self.master_view(i) for i in range(len(self.sentinel_ports))]
             except redis.RedisError:
                 return False
+            return all(int(v.get("num-other-sentinels", 0)) == len(self.sentinel_ports) - 1
+                       and int(v.get("num-slaves", 0)) == len(replicas) for v in views)
 
         wait_until(sentinels_agree, 30, "the sentinels to see each other and the replicas",
                    interval=0.1)
@@ -408,7 +419,7 @@ class SentinelCluster:
         node.extra_args = []
         node.start()
 
-        def demoted() -> bool:
+        def demoted() -> Any:
             try:
                 info = node.client().info("replication")
             except redis.RedisError:
