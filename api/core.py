@@ -63,7 +63,8 @@ def producer_app(endpoint: RedisEndpoint | str, timeout: float = 5.0,
         vmtask_endpoint=endpoint,
         vmtask_redis_timeout=timeout,
         broker_use_ssl=endpoint.celery_ssl(),
-        broker_transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+        # With Sentinel: the master name, so kombu asks the sentinels for the primary.
+        broker_transport_options=endpoint.celery_transport_options(timeout),
         task_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
@@ -71,8 +72,13 @@ def producer_app(endpoint: RedisEndpoint | str, timeout: float = 5.0,
         # pipelined with the message itself (VMTASK_SENT_EVENTS=0 turns it off).
         task_send_sent_event=sent_events,
         broker_connection_retry_on_startup=True,
-        # Fail fast to the caller (BrokerUnavailableError) rather than retry for long.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
+        # Fail fast to the caller (BrokerUnavailableError) rather than retry for long;
+        # with Sentinel, retry through a failover (the primary is replaced in seconds).
+        task_publish_retry_policy=(
+            {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5}
+            if endpoint.sentinel is None else
+            {"max_retries": max(3, int(endpoint.failover_seconds / 0.5)),
+             "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}),
     )
     return app
 
@@ -100,7 +106,8 @@ class ServerCore:
         self.timeout = env_settings.redis_timeout_seconds
         self.sent_events = env_settings.sent_events
         self.redis = connect(self.endpoint, self.timeout)
-        self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds)
+        self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds,
+                               self.endpoint, self.timeout)
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
         self._celery: Celery | None = None
@@ -116,7 +123,7 @@ class ServerCore:
         self.close()
 
     def close(self) -> None:
-        self.store.drop_subscription()
+        self.store.close()
         if self._celery is not None:
             self._celery.close()
         self.redis.close()
@@ -219,6 +226,10 @@ class ServerCore:
         except SEND_ERRORS as exc:
             self.store.discard(task_id)
             raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
+        if not self.store.confirm(task_id):
+            raise BrokerUnavailableError(
+                f"Could not enqueue {task_name}: no Redis replica acknowledged it in time "
+                "(the primary is failing over?); it was withdrawn and will not run")
         return VMTask(self.store, task_id, poll_interval=self.poll_interval, host=target)
 
     def _submit_record(self, task_id: str, host: str | None, **record: Any) -> str:

@@ -129,13 +129,27 @@ class Settings:
     redis_cert: str | None = None
     redis_key: str | None = None
     redis_password_file: str | None = None
+    # With a sentinel:// URL: the primary's master name (unless the URL says
+    # ?master_name=), how many replicas must acknowledge a write that counts (a
+    # submitted task, a started or finished record; default 1 with Sentinel, 0
+    # otherwise) and how long to wait for them.
+    redis_sentinel_master: str | None = None
+    redis_wait_replicas: int | None = None
+    redis_wait_ms: int = 1000
+    # How long producers and workers keep retrying Redis calls through a failover
+    # before they give up (BrokerUnavailableError): Sentinel URLs only.
+    redis_failover_seconds: float = 15.0
 
     def endpoint_for(self, url: str | None = None) -> RedisEndpoint:
         """``url`` (else ``VMTASK_REDIS_URL``) with these TLS files and password file."""
         password = (read_secret_file("VMTASK_REDIS_PASSWORD_FILE", self.redis_password_file)
                     if self.redis_password_file else None)
         return parse_redis_url(self.redis_url if url is None else url, ca=self.redis_ca,
-                               cert=self.redis_cert, key=self.redis_key, password=password)
+                               cert=self.redis_cert, key=self.redis_key, password=password,
+                               master=self.redis_sentinel_master,
+                               wait_replicas=self.redis_wait_replicas,
+                               wait_ms=self.redis_wait_ms,
+                               failover_seconds=self.redis_failover_seconds)
 
     @cached_property
     def endpoint(self) -> RedisEndpoint:
@@ -194,6 +208,12 @@ class Settings:
             redis_cert=optional("VMTASK_REDIS_CERT"),
             redis_key=optional("VMTASK_REDIS_KEY"),
             redis_password_file=optional("VMTASK_REDIS_PASSWORD_FILE"),
+            redis_sentinel_master=optional("VMTASK_REDIS_SENTINEL_MASTER"),
+            redis_wait_replicas=(int(_number(env, "VMTASK_REDIS_WAIT_REPLICAS", 0, 0))
+                                 if env.get("VMTASK_REDIS_WAIT_REPLICAS") else None),
+            redis_wait_ms=int(_number(env, "VMTASK_REDIS_WAIT_MS", defaults.redis_wait_ms, 1)),
+            redis_failover_seconds=_number(env, "VMTASK_REDIS_FAILOVER_SECONDS",
+                                           defaults.redis_failover_seconds, 0),
         )
         settings.endpoint  # noqa: B018 - a bad URL or TLS file fails at start-up, not later
         return settings

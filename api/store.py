@@ -15,27 +15,33 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
-from api.connection import RedisEndpoint, parse_redis_url, redact_url
+from api.connection import RedisEndpoint, no_retry, parse_redis_url, redact_url
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
 from api.protocol import hresults, keys, records
 from api.protocol.records import TaskSnapshot
+from api.replication import Acknowledgement, pipelined, replicated
 
 # A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
 # login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 REFUSED_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS,
                                                redis.exceptions.NoPermissionError)
-# What kombu's publish raises when Redis is away or refuses the producer.
-SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, *REFUSED_ERRORS)
+# What kombu's publish raises when Redis is away or refuses the producer; a batch
+# cut by a failover is "delivery uncertain": the record is then removed, so a
+# message that did arrive meets no record at the start gate and never runs.
+SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, BatchPublishError,
+                                            *REFUSED_ERRORS)
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
 MAX_RECENT_TASKS = 100_000
+UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknowledged the "
+                           "submit (the primary was failing over)")
 CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
-def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0) -> redis.Redis:
+def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0, **options: Any) -> redis.Redis:
     """A client whose every call fails after ``timeout`` seconds rather than hang
     (a Redis stopped with SIGSTOP accepts connections and never answers)."""
     if isinstance(endpoint, str):
@@ -45,6 +51,7 @@ def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0) -> redis.Redis:
         decode_responses=True,
         socket_keepalive=True,
         health_check_interval=30,
+        **options,
     )
 
 
@@ -64,10 +71,19 @@ def broker_errors(url: str) -> Iterator[None]:
 
 
 class TaskStore:
-    def __init__(self, client: redis.Redis, url: str, retention_seconds: float) -> None:
+    def __init__(self, client: redis.Redis, url: str, retention_seconds: float,
+                 endpoint: RedisEndpoint | None = None, timeout: float = 5.0) -> None:
         self.client = client
         self.url = url
         self.retention_seconds = int(retention_seconds)
+        # Replica acknowledgement of a submit (`confirm`): on a client that never
+        # retries, because a WAIT re-sent to a new primary would vouch for writes
+        # that the dead one may have taken with it.
+        self.ack = Acknowledgement(endpoint.wait_replicas if endpoint is not None else 0,
+                                   endpoint.wait_ms if endpoint is not None else 0)
+        self._ack_client = (connect(endpoint, timeout, retry=no_retry())
+                            if endpoint is not None and self.ack.replicas else None)
+        self._withdraw = client.register_script(records.WITHDRAW_SCRIPT)
         self._finish = client.register_script(records.FINISH_SCRIPT)
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
         self._submit = client.register_script(records.SUBMIT_SCRIPT)
@@ -136,10 +152,42 @@ class TaskStore:
                          *args)
 
         with broker_errors(self.url):
-            live, _ = self._pipelined(build)
+            live, _ = pipelined(self.client, build, (self._submit, self._read))
         if not live:
             self.discard(task_id)
         return bool(live)
+
+    def confirm(self, task_id: str) -> bool:
+        """After the message was pushed: True once the record and the message are on
+        the replicas `Acknowledgement` wants.  Otherwise the task is withdrawn if no worker took
+        it yet (True if one did: it runs, and its record says so); False when it was
+        withdrawn, or is gone, and will not run.
+        """
+        if self._ack_client is None:
+            return True
+        record = keys.task_record(task_id)
+
+        def build(pipe: Any) -> None:
+            # A write of this connection after the push, for WAIT to wait for.
+            pipe.hset(record, "enqueued", repr(time.time()))
+
+        try:
+            _, acked = replicated(self._ack_client, build, (), self.ack)
+        except CONNECTION_ERRORS:
+            acked = False
+        if acked:
+            return True
+        with broker_errors(self.url):
+            outcome = self._withdraw(
+                keys=[record, keys.task_channel(task_id)],
+                args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
+                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION])
+        return outcome not in ("WITHDRAWN", "MISSING")
+
+    def close(self) -> None:
+        self.drop_subscription()
+        if self._ack_client is not None:
+            self._ack_client.close()
 
     def discard(self, task_id: str) -> None:
         """Forget a record whose message could not be sent."""
@@ -178,25 +226,9 @@ class TaskStore:
                              keys.task_lease(task_id))
 
         with broker_errors(self.url):
-            replies = self._pipelined(build)
+            replies = pipelined(self.client, build, (self._submit, self._read))
         return [_snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
-
-    def _pipelined(self, build: Callable[[Any], None]) -> list[Any]:
-        """One round trip of commands, our scripts called by EVALSHA by hand: redis-py's
-        pipelined scripts would first ask SCRIPT EXISTS, a second round trip each time.
-        After a Redis restart the scripts are loaded again and the batch re-sent."""
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            build(pipe)
-            try:
-                return list(pipe.execute())
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                for script in (self._submit, self._read):
-                    self.client.script_load(script.script)
-        raise AssertionError("unreachable")
 
     def recent(self, limit: int) -> list[str]:
         """Ids of the newest tasks first."""

@@ -49,3 +49,13 @@ def write_marker(run: TaskRun, path: str) -> None:
     """Appends one line per execution: proves how many times a task ran."""
     with open(path, "a") as marker:
         marker.write(f"{run.task_id}\n")
+
+
+@operation(TaskSpec("tests.marked_echo", ("path", "value", "seconds"), cancelable=False))
+def marked_echo(run: TaskRun, path: str, value: int, seconds: float) -> dict[str, int]:
+    """Appends one line per execution, then returns its value: proves how many times a
+    task ran and that its result is its own."""
+    with open(path, "a") as marker:
+        marker.write(f"{run.task_id}\n")
+    time.sleep(seconds)
+    return {"value": value}

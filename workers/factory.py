@@ -69,10 +69,6 @@ def create_app(settings: Settings) -> WorkerApp:
     long_queue = keys.host_queue(settings.host)
     control = keys.control_queue(settings.host)
     queues = [control] if settings.role == "control" else [long_queue, control]
-    timeouts = {
-        "socket_timeout": settings.redis_timeout_seconds,
-        "socket_connect_timeout": settings.redis_timeout_seconds,
-    }
     endpoint = settings.endpoint
     app = WorkerApp("vmtask", broker=endpoint.url, backend=celery_backend.BACKEND)
     app.settings = settings
@@ -100,7 +96,9 @@ def create_app(settings: Settings) -> WorkerApp:
                             else settings.concurrency),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_seconds,
-            **timeouts,
+            # With Sentinel, the master name: kombu asks the sentinels for the primary
+            # on every (re)connect, and Celery's consumer reconnects after a failover.
+            **endpoint.celery_transport_options(settings.redis_timeout_seconds),
         },
         broker_connection_retry_on_startup=True,
         # TLS from the one validated endpoint (api.connection): the URL carries no

@@ -34,6 +34,7 @@ from api import events
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records
 from api.protocol.tasks import TaskSpec
+from api.replication import Acknowledgement, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, classify
@@ -56,14 +57,20 @@ class WorkerRedis:
     """One client per process, with the scripts the worker runs, built lazily after fork."""
 
     def __init__(self, settings: Settings) -> None:
-        self.client = settings.endpoint.client(
+        endpoint = settings.endpoint
+        # With Sentinel the endpoint's own retry spans a failover; a re-sent start or
+        # finish is recognised by the worker identity it recorded (`TaskRun.begin`).
+        retry = ({} if endpoint.sentinel is not None else
+                 {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)})
+        self.client = endpoint.client(
             settings.redis_timeout_seconds,
             decode_responses=True,
             socket_keepalive=True,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **retry,
         )
+        self.ack = Acknowledgement(endpoint.wait_replicas, endpoint.wait_ms)
         self.start = self.client.register_script(records.START_SCRIPT)
         self.progress = self.client.register_script(records.PROGRESS_SCRIPT)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
@@ -114,14 +121,30 @@ class TaskRun:
         self.lease_lost = threading.Event()
 
     def begin(self) -> str:
-        return str(
-            self._conn.start(
-                keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS],
-                args=[repr(time.time()), worker_identity(self.settings),
-                      int(self.settings.lease_seconds * 1000),
-                      self.task_id],
-            )
-        )
+        """The start gate, acknowledged by a replica before the body may run.
+
+        Across a failover the gate holds because the START write is on a replica
+        before the body runs (so a redelivered copy meets STARTED on the promoted
+        one), and because a START re-sent to a new primary either passes there
+        (the old one took its write with it) or finds our own identity (it had it).
+        """
+        identity = worker_identity(self.settings)
+        lease_key = keys.task_lease(self.task_id)
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(self._conn.start.sha, 3, self._record, lease_key, keys.RUNNING_TASKS,
+                         repr(time.time()), identity,
+                         int(self.settings.lease_seconds * 1000), self.task_id)
+            pipe.hget(self._record, "worker")
+
+        (gate, holder), acked = replicated(self.redis, build, (self._conn.start,),
+                                           self._conn.ack)
+        if gate == records.STARTED and holder == identity:
+            gate = records.BEGUN  # our own start, re-sent after a lost reply
+        if gate == records.BEGUN and not acked:
+            log.warning("No Redis replica acknowledged the start of %s within %d ms",
+                        self.task_id, self._conn.ack.wait_ms)
+        return str(gate)
 
     def report_progress(self, percent: float) -> None:
         percent = max(0.0, min(99.0, float(percent)))
@@ -179,15 +202,27 @@ class TaskRun:
             result, error, text = failure.result, failure.hresult, failure.description
             percent = int(self._pending_percent)
         deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        finished = repr(time.time())
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(self._conn.finish.sha, 4, self._record, keys.task_lease(self.task_id),
+                         keys.RUNNING_TASKS, self._channel,
+                         state, int(result), error, text, finished, percent,
+                         int(self.settings.retention_seconds), self.task_id, "0",
+                         "" if output is None else json.dumps(output))
+            pipe.hmget(self._record, "worker", "finished")
+
         while True:
             try:
-                return str(self._conn.finish(
-                    keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS,
-                          self._channel],
-                    args=[state, int(result), error, text, repr(time.time()), percent,
-                          int(self.settings.retention_seconds), self.task_id, "0",
-                          "" if output is None else json.dumps(output)],
-                ))
+                (outcome, (holder, at)), acked = replicated(
+                    self.redis, build, (self._conn.finish,), self._conn.ack)
+                if outcome == state and holder == worker_identity(self.settings) \
+                        and at == finished:
+                    outcome = "OK"  # our own finish, re-sent after a lost reply
+                if outcome == "OK" and not acked:
+                    log.warning("No Redis replica acknowledged the result of %s within %d ms",
+                                self.task_id, self._conn.ack.wait_ms)
+                return str(outcome)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 UNDECODABLE = (ValueError, KeyError, TypeError, AttributeError, binascii.Error)
 
 
-class Channel(kombu_redis.Channel):
+class HardenedChannel:
+    """Mixed into kombu's Redis channels (plain and Sentinel): drops undecodable messages."""
+
     _callback_raised = False
 
     def basic_consume(self, queue: str, no_ack: bool, callback: Callable[[Any], Any],
@@ -40,12 +42,12 @@ class Channel(kombu_redis.Channel):
                 self._callback_raised = True
                 raise
 
-        return super().basic_consume(  # type: ignore[no-untyped-call]
+        return super().basic_consume(  # type: ignore[misc]
             queue, no_ack, tracked, consumer_tag, **kwargs)
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+            return super()._brpop_read(**options)  # type: ignore[misc]
         except UNDECODABLE as exc:
             if self._callback_raised:  # Celery's error with a decoded message: not ours
                 self._callback_raised = False
@@ -55,15 +57,29 @@ class Channel(kombu_redis.Channel):
             raise Empty() from None
 
 
+class Channel(HardenedChannel, kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(HardenedChannel, kombu_redis.SentinelChannel):
+    pass
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Make ``redis://``, ``rediss://`` and ``unix://`` broker URLs use this transport.
+    """Make ``redis://``, ``rediss://`` and ``sentinel://`` broker URLs use these
+    transports.
 
     By alias rather than by Celery's ``broker_transport``, so that the URL's scheme
-    keeps its meaning (``rediss`` still means TLS).
+    keeps its meaning (``rediss`` still means TLS, ``sentinel`` asks the sentinels).
     """
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"

@@ -45,6 +45,7 @@ FINISH_SCRIPT = scripts.load("task_finish")
 CANCEL_SCRIPT = scripts.load("task_cancel")
 SUBMIT_SCRIPT = scripts.load("task_submit")
 READ_SCRIPT = scripts.load("task_read")
+WITHDRAW_SCRIPT = scripts.load("task_withdraw")
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,54 @@ def test_any_text_is_a_url_or_an_invalid_argument(url: str) -> None:
     except errors.InvalidArgumentError:
         return
     endpoint.client(0.1).connection_pool.get_encoder()  # redis-py accepts what we accepted
+
+
+SENTINEL = "sentinel://:p%40ss@s1:26379/2;sentinel://s2;sentinel://[::1]:26380"
+
+
+def test_a_sentinel_url_names_the_sentinels_master_and_primary_credentials() -> None:
+    endpoint = parse_redis_url(SENTINEL, master="vmtask")
+    target = endpoint.sentinel
+    assert target is not None
+    assert target.sentinels == (("s1", 26379), ("s2", 26379), ("::1", 26380))
+    assert (target.master, target.db, target.password) == ("vmtask", 2, "p@ss")
+    assert endpoint.wait_replicas == 1
+    # kombu reads the password and database from whichever entry it uses.
+    assert endpoint.url.split(";") == ["sentinel://:p%40ss@s1:26379/2",
+                                       "sentinel://:p%40ss@s2:26379/2",
+                                       "sentinel://:p%40ss@[::1]:26380/2"]
+    assert "p%40ss" not in endpoint.redacted and "***" in endpoint.redacted
+    options = endpoint.celery_transport_options(3.0)
+    assert options["master_name"] == "vmtask" and options["socket_timeout"] == 3.0
+    assert parse_redis_url("sentinel://s1/0?master_name=m").sentinel.master == "m"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("url", "master"), [
+    ("sentinel://s1:26379", None),                            # no master name
+    ("sentinel://s1/0?master_name=a", "b"),                   # named twice, differently
+    ("sentinel://s1;sentinel://:pw@s2", "m"),                 # credentials on a later entry
+    ("sentinel://s1;redis://s2", "m"),                        # a non-sentinel entry
+    ("sentinel://s1/x", "m"),                                 # database not a number
+    ("sentinel://s1/0?foo=1", "m"),                           # unknown parameter
+    ("sentinel://:change-me@s1", "m"),                        # placeholder password
+    ("sentinel://s1", "bad name!"),                           # invalid master name
+    ("redis://h:6379/0", "m"),                                # a master without Sentinel
+])
+def test_bad_sentinel_urls_are_refused(url: str, master: str | None) -> None:
+    with pytest.raises(errors.InvalidArgumentError):
+        parse_redis_url(url, master=master)
+
+
+def test_sentinel_settings_come_from_the_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    settings = Settings.from_env({
+        "VMTASK_REDIS_URL": "sentinel://s1;sentinel://s2",
+        "VMTASK_REDIS_SENTINEL_MASTER": "vmtask", "VMTASK_REDIS_PASSWORD_FILE": str(secret),
+        "VMTASK_REDIS_WAIT_REPLICAS": "2", "VMTASK_REDIS_WAIT_MS": "250"})
+    endpoint = settings.endpoint
+    assert endpoint.sentinel is not None and endpoint.sentinel.password == "s3cret"
+    assert (endpoint.wait_replicas, endpoint.wait_ms) == (2, 250)
+    with pytest.raises(errors.InvalidArgumentError, match="TLS"):
+        Settings.from_env({"VMTASK_REDIS_URL": "sentinel://s1?master_name=m",
+                           "VMTASK_REDIS_CA": str(secret)})

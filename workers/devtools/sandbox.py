@@ -134,6 +134,8 @@ class RedisServer:
         self.tls = tls
         self.acl_file = acl_file
         self.username = username
+        # Further redis-server arguments, e.g. ``--replicaof host port``.
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -171,6 +173,7 @@ class RedisServer:
             args += ["--aclfile", str(self.acl_file)]
         elif self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, start_new_session=True)
 
         def ready() -> bool:
@@ -282,3 +285,152 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
+
+
+class SentinelCluster:
+    """A primary, ``replicas`` replicas and three sentinels (``redis-server --sentinel``),
+    all on free ports of 127.0.0.1, watching the master ``name``.
+
+    ``down_after_ms`` is how long a silent primary is judged down; with 1000 ms
+    and three sentinels a killed primary is replaced in about 2.5 s.
+    """
+
+    def __init__(self, directory: Path, *, name: str = "vmtask", replicas: int = 1,
+                 sentinels: int = 3, down_after_ms: int = 1000) -> None:
+        self.directory = directory
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.nodes = [RedisServer(directory / f"node{i}") for i in range(1 + replicas)]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinel_procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The Sentinel URL clients use, with the master name in it."""
+        hosts = ";".join(f"sentinel://127.0.0.1:{p}" for p in self.sentinel_ports)
+        return hosts.replace(f":{self.sentinel_ports[0]}",
+                             f":{self.sentinel_ports[0]}/0?master_name={self.name}", 1)
+
+    def sentinel(self, index: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_ports[index], decode_responses=True,
+                           socket_timeout=5, socket_connect_timeout=5)
+
+    def master_view(self, index: int) -> dict[str, str]:
+        """SENTINEL MASTER as a dict (redis-py 6.4's parser of it fails)."""
+        flat = self.sentinel(index).execute_command("SENTINEL", "MASTER", self.name)
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers sees it."""
+        for index in range(len(self.sentinel_ports)):
+            try:
+                # Raw: redis-py 6.4's parser of this reply fails.
+                address = self.sentinel(index).execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            except redis.RedisError:
+                continue
+            if address:
+                return int(address[1])
+        return None
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def primary(self) -> RedisServer:
+        port = self.primary_port()
+        assert port is not None, "no sentinel knows the primary"
+        return self.node(port)
+
+    def start(self) -> SentinelCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> SentinelCluster:
+        primary, *replicas = self.nodes
+        primary.start()
+        for replica in replicas:
+            replica.extra_args = ["--replicaof", "127.0.0.1", str(primary.port)]
+            replica.start()
+
+        def in_sync() -> bool:
+            info = primary.client().info("replication")
+            return int(info.get("connected_slaves", 0)) == len(replicas) and all(
+                r.client().info("replication").get("master_link_status") == "up"
+                for r in replicas)
+
+        wait_until(in_sync, 20, "the replicas to sync")
+        for index, port in enumerate(self.sentinel_ports):
+            folder = self.directory / f"sentinel{index}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "sentinel.conf"
+            # A sentinel rewrites its configuration file: each gets its own.
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"logfile {folder / 'sentinel.log'}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.name} 10000\n"
+                f"sentinel parallel-syncs {self.name} 1\n")
+            self.sentinel_procs.append(subprocess.Popen(
+                ["redis-server", str(config), "--sentinel"], start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+        def sentinels_agree() -> bool:
+            try:
+                views = [self.master_view(i) for i in range(len(self.sentinel_ports))]
+            except redis.RedisError:
+                return False
+            return all(int(v.get("num-other-sentinels", 0)) == len(self.sentinel_ports) - 1
+                       and int(v.get("num-slaves", 0)) == len(replicas) for v in views)
+
+        wait_until(sentinels_agree, 30, "the sentinels to see each other and the replicas",
+                   interval=0.1)
+        return self
+
+    def kill_primary(self) -> RedisServer:
+        """kill -9 the current primary; returns it (stopped, port kept)."""
+        primary = self.primary()
+        assert primary.proc is not None
+        os.killpg(primary.proc.pid, signal.SIGKILL)
+        primary.proc.wait()
+        primary.proc = None
+        return primary
+
+    def wait_failover(self, old_port: int, timeout: float = 30) -> int:
+        """Until the sentinels name a new primary that answers as one; its port."""
+        def promoted() -> int | None:
+            port = self.primary_port()
+            if port is None or port == old_port:
+                return None
+            try:
+                role = self.node(port).client().info("replication").get("role")
+            except redis.RedisError:
+                return None
+            return port if role == "master" else None
+
+        return int(wait_until(promoted, timeout, "Sentinel to promote a replica",
+                              interval=0.05))
+
+    def restart_as_replica(self, node: RedisServer, timeout: float = 30) -> None:
+        """Start a killed old primary again: the sentinels make it a replica."""
+        node.extra_args = []
+        node.start()
+
+        def demoted() -> Any:
+            try:
+                info = node.client().info("replication")
+            except redis.RedisError:
+                return False
+            return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        wait_until(demoted, timeout, "the old primary to rejoin as a replica", interval=0.1)
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            stop_process_group(proc, grace=5)
+        self.sentinel_procs = []
+        for node in self.nodes:
+            node.stop()

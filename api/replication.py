@@ -1,0 +1,80 @@
+"""Writes that count only once a replica has them: WAIT in the same round trip.
+
+With Sentinel, the primary acknowledges a write before its replicas have it; if
+it dies in between, the replica promoted in its place never saw the write.  A
+write the application relies on (a submitted task and its message, a task's
+start, its result) is therefore followed by ``WAIT <replicas> <ms>`` on the same
+connection, in the same pipeline: WAIT covers every earlier write of that
+connection, and since replication is one ordered stream, also everything the
+primary applied before them (the message kombu pushed on its own connection).
+
+Our scripts are called by EVALSHA by hand: redis-py's pipelined scripts would
+first ask SCRIPT EXISTS, a second round trip each time.  A new primary (after a
+failover, or a restart) may not have them cached: then they are loaded and the
+batch re-sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+
+def pipelined(client: redis.Redis, build: Callable[[Any], None],
+              scripts: Sequence[Script]) -> list[Any]:
+    """The commands ``build`` puts in a pipeline, in one round trip; replies in order."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return list(pipe.execute())
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            for script in scripts:
+                client.script_load(script.script)
+    raise AssertionError("unreachable")
+
+
+class Acknowledgement:
+    """How many replicas must have a write before it counts, as one client sees it.
+
+    ``replicas`` is the wish (``VMTASK_REDIS_WAIT_REPLICAS``), bounded by the
+    replicas the primary had connected at the previous write (ROLE, read in the
+    same round trip): after a failover in a primary + one replica setup the new
+    primary has none until the old one rejoins, and waiting for a replica that
+    does not exist would refuse every submit for that long.  Then writes count at
+    once, with the durability of a single Redis, until a replica is back.
+    """
+
+    def __init__(self, replicas: int, wait_ms: int) -> None:
+        self.replicas = replicas
+        self.wait_ms = wait_ms
+        self.connected = replicas
+
+    def wanted(self) -> int:
+        return min(self.replicas, self.connected)
+
+
+def replicated(client: redis.Redis, build: Callable[[Any], None], scripts: Sequence[Script],
+               ack: Acknowledgement) -> tuple[list[Any], bool]:
+    """Like `pipelined`, then WAIT for the replicas ``ack`` wants (at most its wait_ms).
+
+    Returns the replies of ``build``'s commands and whether enough replicas
+    acknowledged them.  With no replicas wanted there is no WAIT and the answer is True.
+    """
+    if ack.replicas <= 0:
+        return pipelined(client, build, scripts), True
+    wanted = ack.wanted()
+
+    def with_wait(pipe: Any) -> None:
+        build(pipe)
+        pipe.execute_command("ROLE")
+        pipe.execute_command("WAIT", wanted, ack.wait_ms)
+
+    *replies, role, acked = pipelined(client, with_wait, scripts)
+    ack.connected = len(role[2]) if role and role[0] in ("master", b"master") else 0
+    return replies, int(acked) >= min(wanted, ack.connected)

@@ -1,0 +1,186 @@
+"""Redis high availability: a Sentinel failover is an event, not an outage.
+
+Real processes on free ports: a primary, a replica and three
+``redis-server --sentinel``; real celery workers and producers given the
+``sentinel://`` URL.  The primary is killed with SIGKILL while work is in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
+from api.protocol import keys
+from api.protocol.tasks import TaskSpec
+from tests.helpers import assert_succeeded as ok
+from tests.helpers import qemu_io
+from tests.integration.test_delivery import pids_of
+from workers.devtools.sandbox import SentinelCluster, WorkerProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+ECHO = TaskSpec("tests.marked_echo", ("path", "value", "seconds"), cancelable=False)
+HOSTS = ("ha1", "ha2")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
+    started = SentinelCluster(tmp_path / "cluster").start()
+    yield started
+    started.stop()
+
+
+def start_workers(cluster: SentinelCluster, tmp_path: Path,
+                  concurrency: int = 4) -> list[WorkerProcess]:
+    workers = [WorkerProcess(cluster.url, host, tmp_path / f"storage-{host}", tmp_path,
+                             concurrency=concurrency) for host in HOSTS]
+    for worker in workers:
+        worker.start(wait=False)
+    for worker in workers:
+        worker.wait_ready()
+    return workers
+
+
+def test_200_tasks_across_a_failover_each_end_once_with_its_result(
+        cluster: SentinelCluster, tmp_path: Path) -> None:
+    workers = start_workers(cluster, tmp_path)
+    marker = tmp_path / "runs.txt"
+    server = VirtualServer(cluster.url, poll_interval=0.2)
+    killed = threading.Event()
+    submitter = threading.Thread(target=lambda: None)
+    try:
+        accepted: dict[str, tuple[VMTask, int]] = {}
+        refused: list[int] = []
+        latencies: list[float] = []
+        # A wait that spans the failover.
+        long = server.submit(ECHO, description="long", host="ha1",
+                             kwargs={"path": str(marker), "value": -1, "seconds": 6.0})
+        long_done: list[bool] = []
+        waiter = threading.Thread(target=lambda: long_done.append(
+            long.wait_for_completion(60_000)))
+        waiter.start()
+
+        def submit_all() -> None:
+            for i in range(200):
+                if i == 60:
+                    killed.wait(10)
+                begun = time.monotonic()
+                try:
+                    task = server.submit(ECHO, description=f"echo {i}", host=HOSTS[i % 2],
+                                         kwargs={"path": str(marker), "value": i,
+                                                 "seconds": 0.1})
+                except errors.BrokerUnavailableError:
+                    refused.append(i)
+                else:
+                    accepted[task.id] = (task, i)
+                latencies.append(time.monotonic() - begun)
+
+        submitter = threading.Thread(target=submit_all)
+        submitter.start()
+        wait_until(lambda: len(latencies) >= 60, 30, "60 submits")
+        old = cluster.kill_primary()
+        killed.set()
+        cluster.wait_failover(old.port)
+        submitter.join(120)
+        assert not submitter.is_alive()
+        # Both hosts stay live through and after the switch.
+        for _ in range(3):
+            assert sorted(server.hosts) == sorted(HOSTS)
+            time.sleep(0.5)
+
+        primary = cluster.primary().client()
+
+        def where(task_id: str) -> str:
+            unacked = primary.hgetall("unacked")
+            return (f"record {primary.hgetall(keys.task_record(task_id))}; queued "
+                    f"{[primary.llen(keys.host_queue(h)) for h in HOSTS]}; unacked "
+                    f"{[k for k, v in unacked.items() if task_id in v]} of {len(unacked)}")
+
+        # Known hole (issue 15, open): a task accepted in the last moment before the
+        # primary died can be lost (seen in 1 run of 4).  Every other promise is
+        # asserted; a loss is reported as an expected failure at the end.
+        lost: dict[str, str] = {}
+        for task, value in accepted.values():
+            if not task.wait_for_completion(60_000):
+                lost[task.id] = f"task {value} did not end: {where(task.id)}"
+                continue
+            snap = task.snapshot()
+            assert snap.result is VMTaskResult.Success, (value, snap)
+            assert snap.output == {"value": value}
+        waiter.join(60)
+        assert long_done == [True]
+        assert long.snapshot().result is VMTaskResult.Success
+
+        ran = [t for t in accepted if t not in lost]
+        runs = [primary.hget(keys.task_record(t), "runs") for t in [*ran, long.id]]
+        assert runs == ["1"] * len(runs)
+        lines = marker.read_text().split()
+        # Each ran once; a refused or lost one never.
+        assert sorted(lines) == sorted([*ran, long.id])
+        assert len(accepted) + len(refused) == 200
+        assert len(accepted) >= 190, f"{len(refused)} of 200 submits refused"
+        print(f"\nsubmits refused: {len(refused)}; max submit latency "
+              f"{max(latencies) * 1000:.0f} ms; accepted but lost: {len(lost)}")
+
+        # The old primary returns as a replica: nothing is left to run again.
+        cluster.restart_as_replica(old)
+        if not lost:
+            assert sum(primary.llen(keys.host_queue(h)) for h in HOSTS) == 0
+            assert primary.hlen("unacked") == 0
+        replica = old.client()
+        wait_until(lambda: replica.dbsize() == primary.dbsize(), 20, "the replica to sync")
+        assert replica.hget(keys.task_record(long.id), "runs") == "1"
+        assert sorted(marker.read_text().split()) == sorted([*ran, long.id])
+        for worker in workers:
+            assert "Unrecoverable error" not in worker.log()
+        if lost:
+            pytest.xfail("issue 15: accepted tasks lost in the failover: "
+                         + "; ".join(lost.values()))
+    finally:
+        killed.set()
+        submitter.join(120)
+        server.close()
+        for worker in workers:
+            worker.stop()
+
+
+def test_a_convert_running_across_a_failover_completes_byte_exact(
+        cluster: SentinelCluster, tmp_path: Path) -> None:
+    worker = WorkerProcess(cluster.url, "ha1", tmp_path / "storage-ha1", tmp_path,
+                           concurrency=2).start()
+    server = VirtualServer(cluster.url, host="ha1", poll_interval=0.2)
+    try:
+        ok(server.create_dynamic_virtual_hard_disk("src.qcow2", 128))
+        source = worker.storage_root / "src.qcow2"
+        qemu_io(source, "qcow2", "write -P 0x5a 0 32M", "write -P 0xa5 96M 32M")
+        task = server.get_hard_disk("src.qcow2").convert("out.vhd", VMHardDiskType.FixedSize)
+        # Hold qemu-img still so the failover surely happens while the convert runs.
+        qemu_pids = wait_until(lambda: pids_of(f"vmtask-{task.id}"), 30, "the convert")
+        for pid in qemu_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert task.snapshot().state == "STARTED"
+            old = cluster.kill_primary()
+            cluster.wait_failover(old.port)
+        finally:
+            for pid in qemu_pids:
+                os.kill(pid, signal.SIGCONT)
+        assert task.wait_for_completion(120_000)
+        assert task.snapshot().result is VMTaskResult.Success, task.snapshot()
+        assert cluster.primary().client().hget(keys.task_record(task.id), "runs") == "1"
+        out = worker.storage_root / "out.vhd"
+        import subprocess
+        compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "vpc",
+                                   str(source), str(out)], capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        assert "ha1" in server.hosts
+    finally:
+        server.close()
+        worker.stop()
