@@ -35,10 +35,6 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETENTION = 86400.0
 
 
-def progress_meta(percent: int, description: str) -> dict[str, Any]:
-    return {"percent": percent, "description": description}
-
-
 class RecordBackend(BaseBackend):  # type: ignore[misc]
     def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app, url=url, **kwargs)
@@ -64,7 +60,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         result: Any = None
         if snap.state == records.STARTED:
             status = PROGRESS if snap.percent_completed > 0 else states.STARTED
-            result = progress_meta(snap.percent_completed, snap.description)
+            result = events.progress_meta(snap.percent_completed, snap.description)
         elif snap.state == records.SUCCESS:
             result = snap.output
         elif snap.is_complete and snap.result is not None:

@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 PROGRESS_EVENT = "task-progress"
 
 
+def progress_meta(percent: int, description: str) -> dict[str, Any]:
+    """The PROGRESS meta, as Celery's idiom has it: ``info`` for AsyncResult."""
+    return {"percent": percent, "description": description}
+
+
 def progress_fields(percent: int, description: str) -> dict[str, Any]:
     """Flower keeps ``result`` (the Celery idiom for PROGRESS meta) in its task API."""
-    meta = {"percent": percent, "description": description}
+    meta = progress_meta(percent, description)
     return {**meta, "result": json.dumps(meta)}
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from api.arguments import check_int
 from api.enums import VMVMState
-from api.errors import InvalidArgumentError
 from api.protocol import tasks
 from api.task import VMTask
 
@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 DEFAULT_GUEST_TIMEOUT_S = 120
 
 
+MAX_GUEST_TIMEOUT_S = 3600
+
+
 def _timeout(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
-        raise InvalidArgumentError(f"timeout_s must be an int in 1..3600, not {value!r}")
-    return value
+    return check_int("timeout_s", value, 1, MAX_GUEST_TIMEOUT_S)
 
 
 class GuestOS:

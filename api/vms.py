@@ -252,12 +252,6 @@ def check_vm_name(name: object) -> str:
     return name
 
 
-def _timeout(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
-        raise InvalidArgumentError(f"timeout_s must be an int in 1..3600, not {value!r}")
-    return value
-
-
 class VMOperations(ServerCore):
     """The IVMVirtualServer VM methods; mixed into `VirtualServer`."""
 

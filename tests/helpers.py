@@ -29,3 +29,9 @@ def assert_succeeded(task: VMTask, timeout: int = 120_000) -> None:
     snap = task.snapshot()
     assert snap.result is VMTaskResult.Success, (snap.description, hex(snap.error),
                                                  snap.error_description)
+
+
+def pids_of(pattern: str) -> list[int]:
+    """Pids of the processes whose command line matches ``pattern`` (pgrep -f)."""
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]

@@ -27,6 +27,7 @@ from api import events
 from api.protocol import keys, records, scripts
 from api.settings import Settings
 from api.store import judge_crashed, trim_recent
+from workers.runtime import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class HostBeacon:
                                                decode_responses=True)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
         self.withdraw = self.client.register_script(scripts.load("host_withdraw"))
-        self.identity = f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
+        self.identity = worker_identity(settings)
         self.started = time.time()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="vmtask-host", daemon=True)

@@ -23,7 +23,7 @@ import pytest
 from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, VMVMState, errors
 from api.protocol import keys, tasks
 from tests.helpers import assert_succeeded as ok
-from tests.helpers import qemu_io
+from tests.helpers import pids_of, qemu_io
 from workers.devtools.sandbox import REPO_ROOT, wait_until
 
 pytestmark = pytest.mark.slow
@@ -35,10 +35,6 @@ def send_copy(server: VirtualServer, task_id: str, spec: tasks.TaskSpec,
     server.celery.send_task(spec.name, kwargs=kwargs, task_id=task_id,
                             queue=keys.host_queue(host), routing_key=keys.host_queue(host))
 
-
-def pids_of(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return [int(p) for p in found.stdout.split()]
 
 
 def test_a_copy_delivered_while_a_convert_runs_never_runs(spawn: Callable[..., Any]) -> None:

@@ -26,7 +26,7 @@ import pytest
 
 from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
 from api.protocol import hresults
-from tests.helpers import assert_succeeded, qemu_io
+from tests.helpers import assert_succeeded, pids_of, qemu_io
 from workers.devtools.sandbox import (
     RedisServer,
     WorkerProcess,
@@ -197,10 +197,6 @@ def test_flower_shows_a_running_task_its_arguments_and_progress(
 
 # -- Celery, Flower and VMTask tell one truth --------------------------------------------
 
-
-def pids_of(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return [int(p) for p in found.stdout.split()]
 
 
 @pytest.fixture

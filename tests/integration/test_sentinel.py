@@ -20,8 +20,7 @@ from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
 from api.protocol import keys
 from api.protocol.tasks import TaskSpec
 from tests.helpers import assert_succeeded as ok
-from tests.helpers import qemu_io
-from tests.integration.test_delivery import pids_of
+from tests.helpers import pids_of, qemu_io
 from workers.devtools.sandbox import SentinelCluster, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.slow
