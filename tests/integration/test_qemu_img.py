@@ -24,6 +24,7 @@ from api.protocol import hresults
 from tests.helpers import qemu_io
 from workers.engines import qemu_img as q
 from workers.engines.context import NullContext
+from workers.engines.qemu_img.pinned import PinnedChain, PinnedImage
 from workers.failures import (
     Cancelled,
     CorruptImage,
@@ -228,6 +229,32 @@ def test_round_trips_between_all_formats_keep_bytes_and_exact_size(tmp_path: Pat
         previous = target
     assert q.info(first).disk_type == VMHardDiskType.FixedSize
     assert leftovers(tmp_path) == []
+
+
+@needs_qemu
+@pytest.mark.parametrize("size", [1000, ODD_SIZE])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_info_read_without_qemu_img_equals_what_qemu_img_reports(
+    tmp_path: Path, size: int, sparse: bool
+) -> None:
+    """The shortcuts that skip a qemu-img process (a raw file's stat, a just-written
+    output's sizes) must describe each image exactly as ``qemu-img info`` does."""
+    source = tmp_path / "s.img"
+    with source.open("wb") as handle:
+        if sparse:
+            handle.truncate(size)
+        else:
+            handle.write(os.urandom(size))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        pinned = PinnedChain((PinnedImage("raw", f"/proc/self/fd/{fd}"),), (fd,))
+        assert q.info(source, opened=pinned) == q.info(source)
+    finally:
+        os.close(fd)
+    for name, fixed in [("a.qcow2", False), ("b.qcow2", True), ("c.raw", False),
+                        ("d.img", True), ("e.vhd", False), ("f.vhdx", True)]:
+        made = q.convert(source, tmp_path / name, fixed, NullContext())
+        assert (name, made) == (name, q.info(tmp_path / name))
 
 
 @needs_qemu

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from api.enums import VMHardDiskType
 from workers.engines.context import OperationContext, ProgressSpan, raise_if_cancelled
-from workers.engines.qemu_img.info import DiskInfo, describe, info, query
+from workers.engines.qemu_img.info import DiskInfo, describe, info, query, written_info
 from workers.engines.qemu_img.outputs import (
     allocate,
     create_options,
@@ -70,7 +70,7 @@ def _convert_into(
         if fixed:
             allocate(temp, context, ProgressSpan(context, copy_end, 99.0), deadline)
     context.report_progress(100.0)
-    return info(target)
+    return written_info(target, source_info.virtual_size)
 
 
 def convert(
