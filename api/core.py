@@ -8,7 +8,6 @@ and VM mixins (`api.disks`, `api.vms`) derive from it; `VirtualServer` joins the
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from api.errors import (
 from api.protocol import hresults, keys
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
+from api.publish import message_commands
 from api.settings import Settings, redact_url, validate_host_name
 from api.store import SEND_ERRORS, TaskStore, broker_errors, connect
 from api.task import VMTask
@@ -193,10 +193,11 @@ class ServerCore:
 
         Every operation goes through here with its `TaskSpec`, which checks the
         kwargs against what the worker's task takes; extensions may pass their
-        own task name instead, with ``cancelable``.  The record exists before the
-        message, so the id is known to `get_task` at once and a worker never runs
-        a task without a record.  ``task_id`` is for operations made of several
-        tasks that must know each other's ids before any is queued.
+        own task name instead, with ``cancelable``.  The record and the message
+        appear together (one script), so the id is known to `get_task` at once and
+        a worker never meets a message without its record.  ``task_id`` is for
+        operations made of several tasks that must know each other's ids before any
+        is queued.
         """
         arguments = dict(kwargs or {})
         quick = False
@@ -208,52 +209,36 @@ class ServerCore:
         if cancelable is None:
             raise TypeError(f"cancelable is required for the task {task_name!r}")
         task_id = task_id or str(uuid.uuid4())
-        target = self._submit_record(task_id, host, name=task_name, description=description,
-                                     cancelable=cancelable,
-                                     arguments={"args": list(args), **arguments})
-        queue = keys.control_queue(target) if quick else keys.host_queue(target)
-        try:
-            send = functools.partial(
-                self.celery.send_task, task_name, args=list(args), kwargs=arguments,
-                task_id=task_id, queue=queue, routing_key=queue)
-            if self.sent_events:
-                # kombu's publish batch sends the message and its task-sent event
-                # (Flower's queued task) in one pipelined round trip.
-                with self.celery.producer_or_acquire() as producer, producer.batch():
-                    send(producer=producer)
-            else:
-                send()
-        except SEND_ERRORS as exc:
-            self.store.discard(task_id)
-            raise BrokerUnavailableError(f"Could not enqueue {task_name}: {exc}") from None
-        if not self.store.confirm(task_id):
-            raise BrokerUnavailableError(
-                f"Could not enqueue {task_name}: no Redis replica acknowledged it in time "
-                "(the primary is failing over?); it was withdrawn and will not run")
-        return VMTask(self.store, task_id, poll_interval=self.poll_interval, host=target)
-
-    def _submit_record(self, task_id: str, host: str | None, **record: Any) -> str:
-        """Write the task's record on the host it goes to; that host's liveness is
-        checked by the same script, so a submit costs one round trip here.
-
-        Without an explicit or configured host, the only live host is looked up
-        once and remembered; when it stops being live, it is looked up again.
-        """
+        record: dict[str, Any] = {
+            "name": task_name, "description": description, "cancelable": cancelable,
+            "arguments": {"args": list(args), **arguments}}
         wanted = host or self.default_host
         if wanted is not None:
             validate_host_name(wanted)
+        # Without an explicit or configured host, the only live host is looked up
+        # once and remembered; when it stops being live, it is looked up again.
         target = wanted or self._only_host or self.resolve_host(None)
-        if self.store.create(task_id, host=target, **record):
-            self._only_host = None if wanted else target
-            return target
-        if wanted is not None:
-            self.resolve_host(wanted)  # raises HostUnavailableError, naming the live hosts
-        self._only_host = None
-        target = self.resolve_host(None)
-        if not self.store.create(task_id, host=target, **record):
-            raise HostUnavailableError(f"Host {target} stopped being live")
-        self._only_host = target
-        return target
+        for attempt in (1, 2):
+            queue = keys.control_queue(target) if quick else keys.host_queue(target)
+            try:
+                message = message_commands(
+                    self.celery, task_name, args=list(args), kwargs=arguments,
+                    task_id=task_id, queue=queue, routing_key=queue)
+            except SEND_ERRORS as exc:
+                raise BrokerUnavailableError(
+                    f"Could not enqueue {task_name}: Redis at {redact_url(self.url)} "
+                    f"cannot be reached: {exc}") from None
+            # The host's liveness, the record and the message: one script, one round trip.
+            if self.store.create(task_id, host=target, message=message, **record):
+                self._only_host = None if wanted else target
+                return VMTask(self.store, task_id, poll_interval=self.poll_interval,
+                              host=target)
+            if wanted is not None:
+                self.resolve_host(wanted)  # raises HostUnavailableError, naming the live hosts
+            self._only_host = None
+            if attempt == 1:
+                target = self.resolve_host(None)
+        raise HostUnavailableError(f"Host {target} stopped being live")
 
     def task_snapshots(self, ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot, in one pipelined round trip: the same order as

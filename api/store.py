@@ -34,6 +34,9 @@ REFUSED_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS,
 # message that did arrive meets no record at the start gate and never runs.
 SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, BatchPublishError,
                                             *REFUSED_ERRORS)
+# What kombu's Redis transport sends for one message (`api.publish`).
+PublishCommand = tuple[str, str, Any]
+PUBLISH_COMMANDS = frozenset({"lpush", "pexpire", "publish"})
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
 MAX_RECENT_TASKS = 100_000
 UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknowledged the "
@@ -129,9 +132,16 @@ class TaskStore:
         host: str,
         cancelable: bool,
         arguments: Mapping[str, Any],
+        message: Sequence[PublishCommand] = (),
     ) -> bool:
-        """Write a PENDING record, in one round trip; False when ``host`` has no live
-        worker (then the record is removed again: no message ever names it)."""
+        """Write a PENDING record and push its ``message`` (the Redis commands kombu
+        would send for it) in one script, one round trip: both or neither.  False
+        when ``host`` has no live worker; then nothing was written.
+
+        With replica acknowledgement wanted, the same round trip WAITs for it.  A
+        submit no replica acknowledged, or whose reply was lost, is withdrawn
+        (`confirm_or_withdraw`) and raises `BrokerUnavailableError`.
+        """
         now = time.time()
         fields = {
             "name": name,
@@ -143,59 +153,49 @@ class TaskStore:
             "created": repr(now),
             "arguments": json.dumps(dict(arguments), sort_keys=True),
         }
-        args = [repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
-                *(item for pair in fields.items() for item in pair)]
+        items = [item for pair in fields.items() for item in pair]
+        args: list[Any] = [repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
+                           keys.host_heartbeat(host), len(items), *items]
+        for command, target, value in message:
+            if command not in PUBLISH_COMMANDS:
+                raise ValueError(f"not a publish command: {command!r}")
+            args += [command, target, value]
 
         def build(pipe: Any) -> None:
-            pipe.exists(keys.host_heartbeat(host))
             pipe.evalsha(self._submit.sha, 2, keys.task_record(task_id), keys.RECENT_TASKS,
                          *args)
 
-        with broker_errors(self.url):
-            live, _ = pipelined(self.client, build, (self._submit, self._read))
-        if not live:
-            self.discard(task_id)
+        if self._ack_client is None:
+            with broker_errors(self.url):
+                (live,) = pipelined(self.client, build, (self._submit, self._read))
+            return bool(live)
+        try:
+            (live,), acked = replicated(self._ack_client, build, (self._submit, self._read),
+                                        self.ack)
+        except CONNECTION_ERRORS:
+            live, acked = 1, False  # unknown: take it back, if it arrived at all
+        if live and not acked:
+            self.withdraw_unconfirmed(task_id, name)
         return bool(live)
 
-    def confirm(self, task_id: str) -> bool:
-        """After the message was pushed: True once the record and the message are on
-        the replicas `Acknowledgement` wants.  Otherwise the task is withdrawn if no worker took
-        it yet (True if one did: it runs, and its record says so); False when it was
-        withdrawn, or is gone, and will not run.
-        """
-        if self._ack_client is None:
-            return True
-        record = keys.task_record(task_id)
-
-        def build(pipe: Any) -> None:
-            # A write of this connection after the push, for WAIT to wait for.
-            pipe.hset(record, "enqueued", repr(time.time()))
-
-        try:
-            _, acked = replicated(self._ack_client, build, (), self.ack)
-        except CONNECTION_ERRORS:
-            acked = False
-        if acked:
-            return True
+    def withdraw_unconfirmed(self, task_id: str, name: str) -> None:
+        """A submit no replica acknowledged in time is taken back if no worker took it
+        yet, and raises `BrokerUnavailableError`; if a worker did take it, it runs and
+        its record says so, and the submit stands."""
         with broker_errors(self.url):
             outcome = self._withdraw(
-                keys=[record, keys.task_channel(task_id)],
+                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
                 args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
                       hresults.E_ABORT, UNCONFIRMED_DESCRIPTION])
-        return outcome not in ("WITHDRAWN", "MISSING")
+        if outcome in ("WITHDRAWN", "MISSING"):
+            raise BrokerUnavailableError(
+                f"Could not enqueue {name}: no Redis replica acknowledged it in time "
+                "(the primary is failing over?); it was withdrawn and will not run")
 
     def close(self) -> None:
         self.drop_subscription()
         if self._ack_client is not None:
             self._ack_client.close()
-
-    def discard(self, task_id: str) -> None:
-        """Forget a record whose message could not be sent."""
-        with broker_errors(self.url):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(keys.task_record(task_id))
-            pipe.zrem(keys.RECENT_TASKS, task_id)
-            pipe.execute()
 
     def read(self, task_id: str) -> TaskSnapshot:
         """One round trip; judges a lease-less running task crashed."""

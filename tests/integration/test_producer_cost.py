@@ -3,6 +3,7 @@ trips, and the batch read of many tasks at once."""
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 import redis.connection
 
 from api import VirtualServer, VMTaskResult, errors
+from api.protocol import keys
+from api.publish import message_commands
 from tests.integration.test_cli import cli_env
 from workers.devtools.sandbox import RedisServer, WorkerProcess
 
@@ -63,9 +66,53 @@ def test_submit_and_wait_costs_at_most_eight_commands(
             assert server.ping().wait_for_completion(20_000)
     commands = sum(v for k, v in counter.items() if k != "<sends>") / rounds
     assert commands <= 8, counter
-    # The record and its host's liveness in one script; no index trimming; one read.
+    # The host's liveness, the record and the message (with its task-sent event) in
+    # one script; no index trimming; one read.
     assert counter["EVALSHA"] == 2 * rounds, counter
+    assert counter["LPUSH"] == counter["PUBLISH"] == counter["EXISTS"] == 0, counter
     assert counter["ZREMRANGEBYSCORE"] == counter["SMEMBERS"] == 0, counter
+    # Submit: one round trip; wait: subscribe, then one read (and the unsubscribe).
+    assert counter["<sends>"] <= 4 * rounds, counter
+
+
+def test_a_submit_writes_its_record_and_message_together_and_once(
+        redis_server: RedisServer, alpha: WorkerProcess) -> None:
+    """A refused submit leaves nothing; an accepted one leaves the record, its index
+    entry, the message and its task-sent event; the same submit re-sent (redis-py
+    retries a call whose reply was lost) pushes no second message."""
+    client = redis_server.client()
+    with VirtualServer(redis_server.url, host="alpha") as server:
+        message = message_commands(server.celery, "vmtask.ping", kwargs={"delay_ms": 0},
+                                   task_id="t-refused", queue="host.gone",
+                                   routing_key="host.gone")
+        assert [c for c, _, _ in message] == ["lpush", "publish"]  # the task-sent event
+        assert not server.store.create("t-refused", name="vmtask.ping", description="x",
+                                       host="gone", cancelable=True, arguments={},
+                                       message=message)
+        assert client.exists(keys.task_record("t-refused"), "host.gone") == 0
+        assert client.zscore(keys.RECENT_TASKS, "t-refused") is None
+
+        events = client.pubsub()
+        events.psubscribe("/0.celeryev/task.*")
+        events.get_message(timeout=5)
+        queue = "host.nobody-consumes"
+        message = message_commands(server.celery, "vmtask.ping", kwargs={"delay_ms": 0},
+                                   task_id="t-once", queue=queue, routing_key=queue)
+        for _ in range(2):
+            assert server.store.create("t-once", name="vmtask.ping", description="x",
+                                       host="alpha", cancelable=True, arguments={},
+                                       message=message)
+        assert client.llen(queue) == 1
+        body = json.loads(client.lindex(queue, 0))
+        assert body["headers"]["id"] == "t-once" and body["content-type"] == "application/json"
+        assert client.hget(keys.task_record("t-once"), "state") == "PENDING"
+        assert client.zscore(keys.RECENT_TASKS, "t-once") is not None
+        sent = [m for m in iter(lambda: events.get_message(timeout=1), None)
+                if m["type"] == "pmessage"]
+        decoded = [json.loads(base64.b64decode(json.loads(m["data"])["body"])) for m in sent]
+        assert [(e["type"], e["uuid"]) for e in decoded] == [("task-sent", "t-once")]
+        events.close()
+        client.delete(queue)
 
 
 def test_task_snapshots_reads_many_in_one_round_trip_in_order(server: VirtualServer) -> None:
