@@ -49,7 +49,7 @@ _QUICK_ERRORS: dict[int, type[VMTaskError]] = {
 
 log = logging.getLogger(__name__)
 
-MAX_SCAN = 20_000  # how far back tasks() looks when filters are selective
+MAX_SCAN = 20_000  # how far back tasks() looks for a filter's matches
 
 
 def producer_app(endpoint: RedisEndpoint | str, timeout: float = 5.0,
@@ -268,29 +268,17 @@ class ServerCore:
         """Recent tasks, newest first: running and completed (kept for the retention).
 
         ``state`` is a record state (PENDING, STARTED, SUCCESS, FAILURE, REVOKED).
+        Redis applies the filters (one script, then one read of the matches), looking
+        back at most 20,000 tasks.
         """
         check_int("limit", limit, 1, 10_000)
         if host is not None:
             validate_host_name(host)
         if state is not None and state not in ALL_STATES:
             raise InvalidArgumentError(f"state must be one of {sorted(ALL_STATES)}, not {state!r}")
-        found: list[TaskSnapshot] = []
-        # Filters may drop most of a page; read further back in pages until satisfied.
-        scanned = 0
-        page = max(limit, 100)
-        while len(found) < limit:
-            ids = self.store.recent(scanned + page)[scanned:]
-            if not ids:
-                break
-            scanned += len(ids)
-            for snap in self.store.read_many(ids):
-                if snap is None:
-                    continue  # expired since the index was read
-                if (state is None or snap.state == state) and (host is None or snap.host == host):
-                    found.append(snap)
-            if scanned >= MAX_SCAN:
-                break
-        return found[:limit]
+        ids = self.store.matching(state, host, limit, MAX_SCAN)
+        # None: expired between the filter and the read.
+        return [snap for snap in self.store.read_many(ids) if snap is not None]
 
     def _announce_revoked(self, task_id: str) -> None:
         """A queued task was cancelled: Flower shows it REVOKED now, not when a worker

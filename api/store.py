@@ -91,6 +91,7 @@ class TaskStore:
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
         self._submit = client.register_script(records.SUBMIT_SCRIPT)
         self._read = client.register_script(records.READ_SCRIPT)
+        self._list = client.register_script(records.LIST_SCRIPT)
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
@@ -234,6 +235,16 @@ class TaskStore:
         """Ids of the newest tasks first."""
         with broker_errors(self.url):
             return list(self.client.zrevrange(keys.RECENT_TASKS, 0, limit - 1))
+
+    def matching(self, state: str | None, host: str | None, limit: int,
+                 horizon: int) -> list[str]:
+        """Ids of the newest tasks in ``state`` on ``host`` (None: any), newest first,
+        looking at most ``horizon`` tasks back: filtered by Redis, one round trip."""
+        with broker_errors(self.url):
+            found = self._list(keys=[keys.RECENT_TASKS],
+                               args=[keys.task_record(""), state or "", host or "", limit,
+                                     horizon])
+        return [str(task_id) for task_id in found]
 
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""

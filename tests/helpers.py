@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import redis.connection
 
 from api import VMTask, VMTaskResult
 
@@ -35,3 +41,37 @@ def pids_of(pattern: str) -> list[int]:
     """Pids of the processes whose command line matches ``pattern`` (pgrep -f)."""
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return [int(p) for p in found.stdout.split()]
+
+
+@contextmanager
+def wire_counter() -> Iterator[collections.Counter[str]]:
+    """Every command this process sends through redis-py (kombu's too), by name;
+    ``counter["<sends>"]`` counts the writes to a socket."""
+    counter: collections.Counter[str] = collections.Counter()
+    cls = redis.connection.AbstractConnection
+    send_command, pack_commands, send_packed = (cls.send_command, cls.pack_commands,
+                                                cls.send_packed_command)
+
+    def name(arg: Any) -> str:
+        return (arg.decode() if isinstance(arg, bytes) else str(arg)).upper()
+
+    def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter[name(args[0])] += 1
+        return send_command(self, *args, **kwargs)
+
+    def counted_pack(self: Any, commands: Any) -> Any:
+        for command in commands:
+            counter[name(command[0])] += 1
+        return pack_commands(self, commands)
+
+    def counted_packed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter["<sends>"] += 1
+        return send_packed(self, *args, **kwargs)
+
+    cls.send_command, cls.pack_commands = counted_send, counted_pack  # type: ignore[method-assign]
+    cls.send_packed_command = counted_packed  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        cls.send_command, cls.pack_commands = send_command, pack_commands  # type: ignore[method-assign]
+        cls.send_packed_command = send_packed  # type: ignore[method-assign]

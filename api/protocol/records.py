@@ -46,6 +46,7 @@ CANCEL_SCRIPT = scripts.load("task_cancel")
 SUBMIT_SCRIPT = scripts.load("task_submit")
 READ_SCRIPT = scripts.load("task_read")
 WITHDRAW_SCRIPT = scripts.load("task_withdraw")
+LIST_SCRIPT = scripts.load("task_list")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from celery import Celery
 from api import VirtualServer, VMHardDiskType, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
 from api.protocol.records import STARTED
+from tests.helpers import wire_counter
 from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess, wait_until
 
 
@@ -494,6 +495,34 @@ def test_tasks_lists_recent_tasks_with_filters(server: VirtualServer,
     assert 0 < ttl <= 86400
     with pytest.raises(errors.InvalidArgumentError):
         server.tasks(state="DONE")
+
+
+def test_a_filter_finds_old_matches_behind_many_others_in_two_round_trips(
+        server: VirtualServer, redis_server: RedisServer) -> None:
+    """Redis filters the history: one script pages through the index (past its
+    1,000-entry pages) and returns only the matches, which are then read at once."""
+    client = redis_server.client()
+    host, now = "listing-host", time.time()
+    ids = [f"listing-{i:05d}" for i in range(1_501)]
+    pipe = client.pipeline(transaction=False)
+    for age, task_id in enumerate(ids):  # ids[0] is the oldest, and the only failure
+        state = "FAILURE" if age == 0 else "SUCCESS"
+        pipe.hset(keys.task_record(task_id), mapping={
+            "name": "vmtask.ping", "description": "listed", "host": host, "state": state,
+            "cancelable": "0", "percent": "100", "created": repr(now - 10_000 + age)})
+        pipe.zadd(keys.RECENT_TASKS, {task_id: now - 10_000 + age})
+    pipe.execute()
+    try:
+        server.tasks(limit=1)  # warm: the connection and the script
+        with wire_counter() as counter:
+            failures = server.tasks(state="FAILURE", host=host, limit=10)
+        assert [t.id for t in failures] == [ids[0]]
+        assert counter["<sends>"] == 2, counter
+        newest = server.tasks(state="SUCCESS", host=host, limit=3)
+        assert [t.id for t in newest] == ids[:-4:-1]
+    finally:
+        client.delete(*(keys.task_record(i) for i in ids))
+        client.zrem(keys.RECENT_TASKS, *ids)
 
 
 def test_two_hosts_route_and_survive_each_others_loss(
