@@ -110,10 +110,14 @@ def test_a_planted_backing_file_is_refused_and_the_outside_is_untouched(
     denied(disk.merge_to(f"{here.name}/merged.qcow2", VMHardDiskType.FixedSize))
     denied(disk.merge())
     denied(disk.compact())
+    denied(disk.resize(2))
     denied(server.create_differencing_virtual_hard_disk(f"{here.name}/child.qcow2", path))
     assert sha256(outside) == before
     assert not (here / "copy.raw").exists() and not (here / "merged.qcow2").exists()
     assert not (here / "child.qcow2").exists()
+    assert json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", str(here / "planted.qcow2")],
+        check=True, capture_output=True, text=True).stdout)["virtual-size"] == MiB  # not grown
     # Not merged anywhere: the overlay still holds its data (read without its backing).
     spec = json.dumps({"driver": "qcow2", "backing": None,
                        "file": {"driver": "file", "filename": str(here / "planted.qcow2")}})
