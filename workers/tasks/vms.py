@@ -198,7 +198,7 @@ def startup(run: TaskRun, name: str) -> None:
             transition(client, name, frozenset({S.Saved}), S.Restoring)
             try:
                 config = config_of(run.settings, record)
-                opened = open_vm_files(run, record, paths, config, opened_files)
+                opened = open_vm_files(run, record, paths, opened_files)
                 pid = qemu_vm.start(config, paths, run, incoming_state=paths.state_file,
                                     opened=opened)
             except BaseException:
@@ -210,8 +210,7 @@ def startup(run: TaskRun, name: str) -> None:
                 # Read again: a configure that landed before the transition counts.
                 record = record_of(client, run.settings, name)
                 config = config_of(run.settings, record)
-                opened = open_vm_files(run, record, paths, config, opened_files,
-                                       make_undo=True)
+                opened = open_vm_files(run, record, paths, opened_files, make_undo=True)
                 pid = qemu_vm.start(config, paths, run, opened=opened)
             except BaseException:
                 settle(client, name, S.TurnedOff)
@@ -224,8 +223,7 @@ def startup(run: TaskRun, name: str) -> None:
 
 
 def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
-                  config: qemu_vm.VMConfig, stack: ExitStack, *, make_undo: bool = False
-                  ) -> qemu_vm.OpenedFiles:
+                  stack: ExitStack, *, make_undo: bool = False) -> qemu_vm.OpenedFiles:
     """Every disk's whole chain (its undo overlay's when undoable), the kernel and the
     initrd, checked and opened by descriptor beneath the root (`HostFiles.open_chain`):
     QEMU gets those descriptors, never a name it could follow elsewhere.  With
@@ -244,10 +242,9 @@ def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
             chain = files.open_chain(overlay, stack)
         drives.append(chain.pinned())
     kernel, initrd = record.get("kernel", ""), record.get("initrd", "")
-    return qemu_vm.OpenedFiles(
-        drives=drives,
-        kernel=files.open_file(kernel, stack) if config.kernel and kernel else None,
-        initrd=files.open_file(initrd, stack) if config.initrd and initrd else None)
+    return qemu_vm.OpenedFiles(drives=drives,
+                               kernel=files.open_file(kernel, stack) if kernel else None,
+                               initrd=files.open_file(initrd, stack) if initrd else None)
 
 
 @operation(tasks.VM_SAVE)
