@@ -4,6 +4,7 @@ mapping, refusals before anything runs, path confinement, temporaries, publishin
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,39 @@ def test_free_space(tmp_path: Path) -> None:
     stats = os.statvfs(tmp_path)
     assert abs(free_space(tmp_path) - stats.f_bavail * stats.f_frsize) < 64 * MiB
     assert free_space(tmp_path / "not" / "yet") > 0
+
+
+def _qcow2_header(version: int, incompatible: int, extensions: bytes) -> bytes:
+    """A qcow2 header as docs/interop/qcow2.txt lays it out (104 bytes for v3)."""
+    head = struct.pack(">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", version, 0, 0, 16, 1 << 20, 0,
+                       0, 0, 0, 0, 0, 0, incompatible, 0, 0, 4, 104)
+    return head + extensions + b"\0" * 8
+
+
+def _extension(kind: int, data: bytes) -> bytes:
+    return struct.pack(">II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
+
+
+@pytest.mark.parametrize(("version", "incompatible", "extensions", "expected"), [
+    (3, 4, _extension(0x6803F857, b"x" * 12) + _extension(0x44415441, b"../out/d.raw"),
+     "../out/d.raw"),
+    (3, 0, _extension(0x44415441, b"/dev/sda"), None),  # no feature bit: qemu ignores it
+    (3, 4, b"", None),  # bit without a name: qemu refuses the image itself
+    (2, 4, _extension(0x44415441, b"/dev/sda"), None),  # v2 has no incompatible features
+])
+def test_the_qcow2_data_file_name_is_read_from_the_header(
+    tmp_path: Path, version: int, incompatible: int, extensions: bytes, expected: str | None
+) -> None:
+    image = tmp_path / "i.qcow2"
+    image.write_bytes(_qcow2_header(version, incompatible, extensions))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert q.qcow2_data_file(fd) == expected
+    finally:
+        os.close(fd)
+    image.write_bytes(b"QFI\xfb\0\0")  # truncated: best effort gives None
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert q.qcow2_data_file(fd) is None
+    finally:
+        os.close(fd)

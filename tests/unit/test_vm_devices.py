@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from workers.engines.qemu_img.pinned import PinnedChain, PinnedImage
 from workers.engines.qemu_vm import (
+    OpenedFiles,
     VMConfig,
     VMPaths,
     build_argv,
@@ -48,6 +50,29 @@ def test_full_argv_has_cpus_vga_and_a_password_protected_vnc() -> None:
     assert argv[argv.index("-smp") + 1] == "4"
     assert argv[argv.index("-device") + 1] == "VGA"
     assert argv[argv.index("-vnc") + 1] == "[::1]:0,to=999,password=on"
+
+
+def test_opened_files_reach_qemu_by_descriptor_and_keep_the_drive_ids() -> None:
+    """Disks become pinned json: chains (commas doubled for QemuOpts) under the same
+    ``disk{index}`` ids; kernel and initrd become /proc/self/fd names."""
+    vm = config(disks=["/r/a.qcow2", "/r/b.raw"], kernel="/r/k", initrd="/r/i")
+    chains = [PinnedChain((PinnedImage("qcow2", "/proc/self/fd/7"),
+                           PinnedImage("raw", "/proc/self/fd/8")), (7, 8)),
+              PinnedChain((PinnedImage("raw", "/proc/self/fd/9"),), (9,))]
+    opened = OpenedFiles(drives=chains, kernel=10, initrd=11)
+    argv = build_argv(vm, VMPaths.for_vm("/r", "vm1"), "tcg", opened=opened)
+    drives = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-drive"]
+    assert drives == [
+        "file=json:" + chains[0].spec()[5:].replace(",", ",,") + ",if=virtio,id=disk0",
+        "file=json:" + chains[1].spec()[5:].replace(",", ",,") + ",if=virtio,id=disk1",
+    ]
+    assert '"backing":{"driver":"raw"' in chains[0].spec()
+    assert argv[argv.index("-kernel") + 1] == "/proc/self/fd/10"
+    assert argv[argv.index("-initrd") + 1] == "/proc/self/fd/11"
+    assert opened.fds == (7, 8, 9, 10, 11)
+    assert "/r/a.qcow2" not in " ".join(argv) and "/r/k" not in argv
+    with pytest.raises(IllegalValue):
+        build_argv(vm, VMPaths.for_vm("/r", "vm1"), "tcg", opened=OpenedFiles(chains[:1]))
 
 
 @pytest.mark.parametrize("bad", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,9 @@ def delete_disk(run: TaskRun, path: str) -> None:
 def resize_disk(run: TaskRun, path: str, size_bytes: int) -> dict[str, Any]:
     files = HostFiles.of(run.settings)
     target = files.resolve(path, must_exist=True)
-    with files.file_locks([], [target]):
-        refuse_if_in_use(run, files, target, deleting=False)
-        grown = qemu_img.grow(target, size_bytes, run)
+    with ExitStack() as stack:
+        chain = files.open_chain(target, stack)  # qemu-img opens the checked chain only
+        with files.file_locks(chain.reals[1:], [target]):
+            refuse_if_in_use(run, files, target, deleting=False)
+            grown = qemu_img.grow(target, size_bytes, run, chain=chain.pinned())
     return files.describe(target, grown)

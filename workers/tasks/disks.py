@@ -60,9 +60,13 @@ def create_differencing(run: TaskRun, path: str, parent_path: str) -> dict[str, 
     files = HostFiles.of(run.settings)
     target = files.resolve_output(path)
     parent = files.resolve(parent_path, must_exist=True)
-    # The parent's whole chain must be confined: the overlay would expose it.
-    with files.file_locks(files.chain_of(parent), [target]):
-        qemu_img.create_differencing(target, parent, run, run.task_id)
+    # The parent's whole chain must be confined: the overlay would expose it.  Its
+    # size comes from that check; qemu-img does not open it again by name.
+    with ExitStack() as stack:
+        chain = files.open_chain(parent, stack)
+        with files.file_locks(chain.reals, [target]):
+            qemu_img.create_differencing(target, parent, run, run.task_id,
+                                         parent_info=chain.links[0].info)
     return files.describe(target)
 
 

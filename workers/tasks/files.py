@@ -37,6 +37,8 @@ class ChainLink:
     info: qemu_img.DiskInfo
     fd: int
     pinned: PinnedImage
+    extra_fds: tuple[int, ...] = ()
+    """Descriptors of its data file or host-drive backing, when in the root."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ class Chain:
 
     def pinned(self) -> PinnedChain:
         """What qemu gets: every image by descriptor, the chain's end explicit."""
-        return PinnedChain(tuple(link.pinned for link in self.links),
-                           tuple(link.fd for link in self.links), self.tail)
+        fds = [fd for link in self.links for fd in (link.fd, *link.extra_fds)]
+        return PinnedChain(tuple(link.pinned for link in self.links), tuple(fds), self.tail)
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,23 @@ class HostFiles:
         real = Path(os.path.realpath(path))
         return str(real.relative_to(self.root)) if real.is_relative_to(self.root) else str(path)
 
+    def open_file(self, path: str, stack: ExitStack) -> int:
+        """A producer's plain file (a kernel, an initrd), open by descriptor beneath the
+        root; it closes with ``stack``."""
+        fd = open_beneath(self.root, self.resolve(path, must_exist=True))
+        stack.callback(os.close, fd)
+        return fd
+
     def open_chain(self, path: Path, stack: ExitStack) -> Chain:
         """Open the image at ``path`` and every parent, each confined to the root.
 
         Each image is opened by descriptor beneath the root before ``qemu-img info``
         reads it (through that descriptor), so what is checked is what qemu gets.
-        A backing or data file whose name (absolute, relative, through symlinks,
-        ``json:`` or another protocol) leads outside the root is `DiskError`
-        ACCESS_DENIED, unless it is an allow-listed host drive.  The descriptors
-        close with ``stack``.
+        A qcow2's external data file is read from its header and confined before
+        qemu-img runs at all.  A backing or data file whose name (absolute, relative,
+        through symlinks, ``json:`` or another protocol) leads outside the root is
+        `DiskError` ACCESS_DENIED, unless it is an allow-listed host drive.  The
+        descriptors close with ``stack``.
         """
         links: list[ChainLink] = []
         real = self.resolve(str(path))
@@ -104,27 +114,48 @@ class HostFiles:
                                 hresults.DISK_CORRUPT)
             fd = open_beneath(self.root, real)
             stack.callback(os.close, fd)
-            head = PinnedImage(qemu_img.format_for(real), proc_path(fd))
-            info = qemu_img.info(real, opened=PinnedChain((head,), (fd,)))
-            data_file, tail, parent = self._confine(real, info, stack)
-            links.append(ChainLink(real, info, fd, PinnedImage(head.format, head.filename,
-                                                               data_file)))
+            fmt = qemu_img.format_for(real)
+            data_file, data_fds = self._data_file(real, fmt, fd, stack)
+            head = PinnedImage(fmt, proc_path(fd), data_file)
+            info = qemu_img.info(real, opened=PinnedChain((head,), (fd, *data_fds)))
+            tail, tail_fds, parent = self._confine(real, info, data_file is not None, stack)
+            links.append(ChainLink(real, info, fd, head, (*data_fds, *tail_fds)))
             if parent is None:
                 return Chain(tuple(links), tail)
             real = parent
 
-    def _confine(self, image: Path, info: qemu_img.DiskInfo, stack: ExitStack
-                 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Path | None]:
-        """Check where ``info`` points: (its data file spec, its host-drive backing spec,
+    def _data_file(self, image: Path, fmt: str, fd: int, stack: ExitStack
+                   ) -> tuple[dict[str, Any] | None, tuple[int, ...]]:
+        """The blockdev spec of a qcow2's external data file, from its header: an
+        allow-listed host drive or a file in the root opened beneath it (its fd)."""
+        if fmt != "qcow2":
+            return None, ()
+        name = qemu_img.qcow2_data_file(fd)
+        if name is None:
+            return None, ()
+        if has_protocol(name):
+            raise DiskError(f"The data file of {self.relative(image)} is not a file in the "
+                            f"storage root ({name[:200]!r})", hresults.ACCESS_DENIED)
+        device, fds = self.host_drive_of(os.path.normpath(os.path.join(image.parent, name)),
+                                         stack)
+        return device_spec(device, read_only=False), fds
+
+    def _confine(self, image: Path, info: qemu_img.DiskInfo, pinned_data: bool,
+                 stack: ExitStack) -> tuple[dict[str, Any] | None, tuple[int, ...], Path | None]:
+        """Check where ``info`` points: (its host-drive backing spec and descriptors,
         its parent's real path inside the root)."""
         name = self.relative(image)
         if info.disk_type is VMHardDiskType.HostDrive and info.host_drive is not None:
-            device = self.host_drive_of(info.host_drive, stack)
-            spec = device_spec(device, read_only=info.read_only)
-            return (None, spec, None) if info.read_only else (spec, None, None)
+            if not info.read_only:
+                if not pinned_data:  # the header changed between two reads of one inode
+                    raise DiskError(f"The data file of {name} changed while it was checked",
+                                    hresults.ACCESS_DENIED)
+                return None, (), None
+            device, fds = self.host_drive_of(info.host_drive, stack)
+            return device_spec(device, read_only=True), fds, None
         backing = info.backing_name
         if backing is None or info.parent is None:
-            return None, None, None
+            return None, (), None
         if has_protocol(backing):
             raise DiskError(f"The backing file of {name} is not a file in the storage root "
                             f"({backing[:200]!r})", hresults.ACCESS_DENIED)
@@ -133,18 +164,18 @@ class HostFiles:
         except IllegalValue:
             raise DiskError(f"The backing file of {name} is not an image in the storage root",
                             hresults.ACCESS_DENIED) from None
-        return None, None, parent
+        return None, (), parent
 
-    def host_drive_of(self, device: str, stack: ExitStack) -> str:
+    def host_drive_of(self, device: str, stack: ExitStack) -> tuple[str, tuple[int, ...]]:
         """A host-drive image's device or data file: allow-listed, or a file in the root
-        (then named by a descriptor opened beneath the root)."""
+        (then named by a descriptor opened beneath the root, which the child needs)."""
         try:
             inside = self.resolve(device)
         except (DiskError, IllegalValue):
-            return str(self.allowed_host_drive(device))
+            return str(self.allowed_host_drive(device)), ()
         fd = open_beneath(self.root, inside)
         stack.callback(os.close, fd)
-        return proc_path(fd)
+        return proc_path(fd), (fd,)
 
     def chain_infos(self, path: Path) -> list[qemu_img.DiskInfo]:
         """``qemu-img info`` of the image and of each parent (backing file), nearest first."""

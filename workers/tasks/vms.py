@@ -191,15 +191,16 @@ def begin(run: TaskRun, operation_name: str, name: str, new: S | None
 
 @operation(tasks.VM_STARTUP)
 def startup(run: TaskRun, name: str) -> None:
-    with vm_lock(run, name):
+    with vm_lock(run, name), ExitStack() as opened_files:
         client, record, current = begin(run, "startup", name, None)
         paths = paths_of(run.settings, name)
         if current is S.Saved:
             transition(client, name, frozenset({S.Saved}), S.Restoring)
             try:
-                confine_disks(run.settings, record, paths)
-                pid = qemu_vm.start(config_of(run.settings, record), paths, run,
-                                    incoming_state=paths.state_file)
+                config = config_of(run.settings, record)
+                opened = open_vm_files(run, record, paths, opened_files)
+                pid = qemu_vm.start(config, paths, run, incoming_state=paths.state_file,
+                                    opened=opened)
             except BaseException:
                 settle(client, name, S.Saved)
                 raise
@@ -209,39 +210,41 @@ def startup(run: TaskRun, name: str) -> None:
                 # Read again: a configure that landed before the transition counts.
                 record = record_of(client, run.settings, name)
                 config = config_of(run.settings, record)
-                confine_disks(run.settings, record, paths)
-                if record["undoable"] == "1":
-                    prepare_undo_disks(run, record, paths)
-                    confine_disks(run.settings, record, paths)
-                pid = qemu_vm.start(config, paths, run)
+                opened = open_vm_files(run, record, paths, opened_files, make_undo=True)
+                pid = qemu_vm.start(config, paths, run, opened=opened)
             except BaseException:
                 settle(client, name, S.TurnedOff)
                 raise
+        opened_files.close()  # QEMU holds its own descriptors now
         try:
             record_runtime(client, name, paths, pid)
         finally:
             settle(client, name, qemu_vm.vm_state(paths))
 
 
-def confine_disks(settings: Settings, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
-    """Every disk's whole chain, and its undo overlay's, must stay in the root
-    (`HostFiles.open_chain`): QEMU opens the backing files an image names."""
-    files = HostFiles.of(settings)
+def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
+                  stack: ExitStack, *, make_undo: bool = False) -> qemu_vm.OpenedFiles:
+    """Every disk's whole chain (its undo overlay's when undoable), the kernel and the
+    initrd, checked and opened by descriptor beneath the root (`HostFiles.open_chain`):
+    QEMU gets those descriptors, never a name it could follow elsewhere.  With
+    ``make_undo`` a missing undo overlay is created over the checked base first."""
+    files = HostFiles.of(run.settings)
+    drives = []
     for index, disk in enumerate(json.loads(record["disks"])):
         base = files.resolve(disk, must_exist=True)
-        files.chain_of(base)
-        overlay = undo_overlay(paths, index, base)
-        if record["undoable"] == "1" and os.path.lexists(overlay):
-            files.chain_of(overlay)
-
-
-def prepare_undo_disks(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths) -> None:
-    for index, disk in enumerate(json.loads(record["disks"])):
-        base = resolve_in_root(root(run.settings), disk, must_exist=True)
-        overlay = undo_overlay(paths, index, base)
-        if not overlay.exists():
-            overlay.parent.mkdir(parents=True, exist_ok=True)
-            qemu_img.create_differencing(overlay, base, run, run.task_id)
+        chain = files.open_chain(base, stack)
+        if record["undoable"] == "1":
+            overlay = undo_overlay(paths, index, base)
+            if make_undo and not os.path.lexists(overlay):
+                overlay.parent.mkdir(parents=True, exist_ok=True)
+                qemu_img.create_differencing(overlay, base, run, run.task_id,
+                                             parent_info=chain.links[0].info)
+            chain = files.open_chain(overlay, stack)
+        drives.append(chain.pinned())
+    kernel, initrd = record.get("kernel", ""), record.get("initrd", "")
+    return qemu_vm.OpenedFiles(drives=drives,
+                               kernel=files.open_file(kernel, stack) if kernel else None,
+                               initrd=files.open_file(initrd, stack) if initrd else None)
 
 
 @operation(tasks.VM_SAVE)

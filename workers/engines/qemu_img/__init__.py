@@ -4,7 +4,8 @@ This package re-exports the engine's public names; each concept lives in its mod
 
 ============== ====================================================================
 `sizes`        formats by extension, size limits (`format_for`, `check_size`)
-`headers`      VHD/VHDX header parsing for the disk type qemu-img does not report
+`headers`      VHD/VHDX header parsing for the disk type qemu-img does not report,
+               and a qcow2's external data file name, read before any qemu opens it
 `info`         `DiskInfo` and `info`: what an image is
 `errors`       qemu-img stderr and OSErrors mapped onto vmtask failures
 `runner`       `run_qemu_img`: the child process, cancel, deadline, progress
@@ -28,6 +29,7 @@ from workers.engines.qemu_img.create import (
     create_host_drive,
 )
 from workers.engines.qemu_img.errors import failure_from_stderr
+from workers.engines.qemu_img.headers import qcow2_data_file
 from workers.engines.qemu_img.info import DiskInfo, info
 from workers.engines.qemu_img.outputs import ALLOCATION_CHUNK
 from workers.engines.qemu_img.resize import RESIZABLE_FORMATS, grow
@@ -79,5 +81,6 @@ __all__ = [
     "merge",
     "merge_to",
     "pull",
+    "qcow2_data_file",
     "run_qemu_img",
 ]

@@ -112,11 +112,16 @@ def create_differencing(
     task_id: str | None = None,
     *,
     timeout: float | None = None,
+    parent_info: DiskInfo | None = None,
 ) -> DiskInfo:
     """Create a qcow2 overlay at ``path`` whose backing file is ``parent`` (any format).
 
     The backing file is recorded relative to the overlay's directory, so a chain
-    keeps working when the whole storage root moves.
+    keeps working when the whole storage root moves.  qemu-img never opens the
+    parent (``-u``): a plain ``create -b`` would open it, and its whole backing
+    chain, by the names written in the images.  The overlay's size is the parent's
+    virtual size from ``parent_info``, which a caller that checked and opened the
+    parent's chain by descriptor passes; without it the parent's header is read.
     """
     if format_for(path) != "qcow2":
         raise IllegalValue(
@@ -128,11 +133,13 @@ def create_differencing(
     target = require_new_target(path)
     if os.path.realpath(parent) == os.path.realpath(target):
         raise IllegalValue("A differencing disk cannot be its own parent")
+    size = (parent_info or info(parent, timeout=timeout)).virtual_size
     backing = os.path.relpath(parent, target.parent)
     with new_output(target, task_id_for(context, task_id)) as temp:
         context.report_progress(10.0)
         run_qemu_img(
-            ["create", "-q", "-f", "qcow2", "-b", backing, "-F", parent_fmt, str(temp)],
+            ["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", parent_fmt, str(temp),
+             str(size)],
             context,
             timeout=timeout,
         )

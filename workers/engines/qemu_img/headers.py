@@ -1,7 +1,9 @@
-"""VHD and VHDX header parsing: the disk type that qemu-img info does not report.
+"""Image header parsing: what qemu-img info does not report, or must not find first.
 
-Both readers are best effort: a file that cannot be read or does not look like the
-format gives None, and the caller falls back to what qemu-img said.
+VHD and VHDX: the disk type.  qcow2: the external data file name, which must be
+confined before any qemu process opens the image (`qcow2_data_file`).  Every reader
+is best effort: a file that cannot be read or does not look like the format gives
+None, and the caller falls back to what qemu-img says.
 """
 
 from __future__ import annotations
@@ -100,3 +102,41 @@ def vhdx_file_flags(path: Path) -> int | None:
             return int(flags)
     except (OSError, struct.error):
         return None
+
+
+_QCOW2_MAGIC = b"QFI\xfb"
+_QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+_QCOW2_EXT_DATA_FILE = 0x44415441  # "DATA"
+_QCOW2_MAX_HEADER = 2 * 1024 * KiB  # extensions live in the first cluster (at most 2 MiB)
+
+
+def qcow2_data_file(fd: int) -> str | None:
+    """The external data file name that qemu would open for the qcow2 open as ``fd``.
+
+    qemu opens a data file only when the header's incompatible feature bit 2 is set,
+    by the name in the header extension 0x44415441 (docs/interop/qcow2.txt); read
+    here first, so the name is confined before any qemu process sees the image.
+    None: no data file (a set bit without a name makes qemu refuse the image).
+    """
+    try:
+        head = os.pread(fd, 104, 0)
+        if head[:4] != _QCOW2_MAGIC:
+            return None
+        version, cluster_bits = struct.unpack_from(">I12xI", head, 4)
+        if version < 3:  # version 2 has no incompatible features
+            return None
+        (incompatible,) = struct.unpack_from(">Q", head, 72)
+        if not incompatible & _QCOW2_INCOMPAT_DATA_FILE:
+            return None
+        (offset,) = struct.unpack_from(">I", head, 100)
+        cluster = os.pread(fd, min(1 << min(cluster_bits, 21), _QCOW2_MAX_HEADER), 0)
+        while offset + 8 <= len(cluster):
+            kind, length = struct.unpack_from(">II", cluster, offset)
+            if kind == 0:
+                return None
+            if kind == _QCOW2_EXT_DATA_FILE:
+                return os.fsdecode(cluster[offset + 8 : offset + 8 + length])
+            offset += 8 + (length + 7) // 8 * 8
+    except (OSError, struct.error):
+        return None
+    return None

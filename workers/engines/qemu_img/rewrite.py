@@ -138,14 +138,19 @@ def compact(
     if before.disk_type == VMHardDiskType.FixedSize:
         raise IllegalValue("Only dynamic and differencing disks can be compacted")
     backing: list[str] = []
+    rename_backing: list[str] = []
     if before.disk_type == VMHardDiskType.Differencing:
-        # The stored (relative) name, so the copy's chain resolves like the original's.
-        backing = [
-            "-B",
-            str(data["backing-filename"]),
-            "-F",
-            str(data.get("backing-filename-format") or format_for(before.parent or "")),
-        ]
+        # The copy must name the stored (relative) name, so its chain resolves like the
+        # original's.  qemu-img convert opens the backing it writes: given a checked
+        # chain, it gets the checked parent alone by descriptor, and the stored name
+        # is written afterwards without opening anything (rebase -u).
+        stored = str(data["backing-filename"])
+        parent_fmt = str(data.get("backing-filename-format") or format_for(before.parent or ""))
+        if chain is not None and len(chain.images) > 1:
+            backing = ["-B", PinnedChain(chain.images[1:2]).spec(), "-F", parent_fmt]
+            rename_backing = ["rebase", "-q", "-u", "-f", fmt, "-b", stored, "-F", parent_fmt]
+        else:
+            backing = ["-B", stored, "-F", parent_fmt]
     temp = temporary_path_for(path, task_id_for(context, task_id))
     remove_quietly(temp)
     try:
@@ -168,6 +173,8 @@ def compact(
             pass_fds=() if chain is None else chain.fds,
         )
         raise_if_cancelled(context)
+        if rename_backing:
+            run_qemu_img([*rename_backing, str(temp)], context, timeout=deadline.remaining())
         if os.stat(temp).st_blocks * 512 < os.stat(path).st_blocks * 512:
             shutil.copymode(path, temp)
             fsync_file(temp)

@@ -15,7 +15,8 @@ The modules, each importing only those above it:
 * `monitor`: the QMP connection and the simple commands (pause, turn_off, ...).
 * `devices`: the command-line pieces of CPUs, NIC, display and VNC.
 * `console`: screendump, the VNC password, the serial console log.
-* `lifecycle`: QEMU's command line, `start` (boot, or restore from a saved state).
+* `lifecycle`: QEMU's command line, `start` (boot, or restore from a saved state),
+  `OpenedFiles` (a VM's files handed to QEMU by descriptor).
 * `savestate`: `save`.
 
 This package re-exports what the task system and the tests use.
@@ -31,7 +32,7 @@ from workers.engines.qemu_vm.console import (
     screendump,
     setup_vnc,
 )
-from workers.engines.qemu_vm.lifecycle import build_argv, start
+from workers.engines.qemu_vm.lifecycle import OpenedFiles, build_argv, start
 from workers.engines.qemu_vm.monitor import (
     Monitor,
     QMPCommandFailed,
@@ -52,6 +53,7 @@ from workers.engines.qemu_vm.statefile import discard_saved_state, read_saved_st
 __all__ = [
     "AccelProbe",
     "Monitor",
+    "OpenedFiles",
     "QMPCommandFailed",
     "VMConfig",
     "VMNotRunning",

@@ -6,6 +6,14 @@ failures surface as its exit status; the daemon then belongs to init, in its own
 session, and outlives the worker that started it.  QEMU writes its pidfile and its
 stderr (``-D``) into the VM's runtime directory (`VMPaths`).
 
+A caller that checked the VM's files hands them over already open (`OpenedFiles`):
+each disk as a `PinnedChain` whose ``json:`` spec names every image of its chain by
+``/proc/self/fd/N`` (the drive is still ``disk{index}``), and the kernel and initrd
+by descriptor too.  The descriptors reach QEMU through ``pass_fds`` and survive its
+``-daemonize`` forks; QEMU reopens exactly the inodes that were checked, whatever
+the names in the storage root have become since.  They are close-on-exec in the
+worker, so no other child of the worker inherits them.
+
 A restore launches QEMU with ``-incoming defer`` and hands it the state file's
 descriptor over QMP (SCM_RIGHTS + ``getfd``) for ``migrate-incoming fd:``, after
 `check_saved_state` has accepted the fingerprint file.
@@ -17,13 +25,16 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from api.protocol import hresults
 from api.protocol.formats import MiB
+from workers.engines.beneath import proc_path
 from workers.engines.context import OperationContext, ProgressSpan
+from workers.engines.qemu_img.pinned import PinnedChain
 from workers.engines.qemu_vm.accel import choose_accel
 from workers.engines.qemu_vm.config import (
     QEMU_SYSTEM,
@@ -56,6 +67,30 @@ from workers.failures import (
 START_TIMEOUT = 60.0
 
 
+@dataclass(frozen=True)
+class OpenedFiles:
+    """A VM's files as the caller checked and opened them, for QEMU to reopen by fd."""
+
+    drives: Sequence[PinnedChain]
+    """One per disk of the config, in its order."""
+    kernel: int | None = None
+    initrd: int | None = None
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """Every descriptor QEMU must inherit."""
+        files = tuple(fd for fd in (self.kernel, self.initrd) if fd is not None)
+        return tuple(fd for chain in self.drives for fd in chain.fds) + files
+
+
+def _drive_file(config: VMConfig, index: int, opened: OpenedFiles | None) -> str:
+    disk = config.disks[index]
+    if opened is None:
+        return f"file={qemu_opt(disk)},format={disk_format(disk)}"
+    # The pinned spec carries every driver, so no format= (it would clash).
+    return f"file={qemu_opt(opened.drives[index].spec())}"
+
+
 def build_argv(
     config: VMConfig,
     paths: VMPaths,
@@ -63,7 +98,11 @@ def build_argv(
     *,
     machine: str | None = None,
     incoming: bool = False,
+    opened: OpenedFiles | None = None,
 ) -> list[str]:
+    """QEMU's command line; with ``opened``, every file is named by descriptor."""
+    if opened is not None and len(opened.drives) != len(config.disks):
+        raise IllegalValue(f"{len(opened.drives)} opened drives for {len(config.disks)} disks")
     argv = [
         QEMU_SYSTEM,
         "-name", f"guest={qemu_opt(config.name)}",
@@ -82,15 +121,17 @@ def build_argv(
         "-D", str(paths.qemu_log),
         "-daemonize",
     ]  # fmt: skip
-    for index, disk in enumerate(config.disks):
+    for index in range(len(config.disks)):
         argv += [
             "-drive",
-            f"file={qemu_opt(disk)},format={disk_format(disk)},if={config.disk_interface},id=disk{index}",
+            f"{_drive_file(config, index, opened)},if={config.disk_interface},id=disk{index}",
         ]
     if config.kernel is not None:
-        argv += ["-kernel", config.kernel]
+        kernel = opened.kernel if opened is not None else None
+        argv += ["-kernel", config.kernel if kernel is None else proc_path(kernel)]
     if config.initrd is not None:
-        argv += ["-initrd", config.initrd]
+        initrd = opened.initrd if opened is not None else None
+        argv += ["-initrd", config.initrd if initrd is None else proc_path(initrd)]
     if config.append is not None:
         argv += ["-append", config.append]
     argv += network_argv(config)
@@ -182,7 +223,8 @@ def _start_failure(text: str, *, restoring: bool) -> OperationFailed:
     return OperationFailed(message)
 
 
-def _launch(argv: list[str], paths: VMPaths, context: OperationContext, deadline: float) -> None:
+def _launch(argv: list[str], paths: VMPaths, context: OperationContext, deadline: float,
+            pass_fds: Sequence[int] = ()) -> None:
     """Run the daemonizing launcher and wait until QEMU is initialised or has failed."""
     for stale in (paths.qemu_log, paths.qmp_socket, paths.pidfile):
         stale.unlink(missing_ok=True)
@@ -195,6 +237,7 @@ def _launch(argv: list[str], paths: VMPaths, context: OperationContext, deadline
                 stderr=log,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
         except FileNotFoundError:
             raise OperationFailed(f"{QEMU_SYSTEM} is not installed") from None
@@ -230,8 +273,12 @@ def start(
     *,
     incoming_state: Path | None = None,
     timeout: float = START_TIMEOUT,
+    opened: OpenedFiles | None = None,
 ) -> int:
     """Boot the VM, or restore it from ``incoming_state``; return QEMU's pid.
+
+    ``opened``: the VM's files, checked and opened by the caller (see `OpenedFiles`);
+    without it QEMU opens them by name.
 
     A restore checks the fingerprint file first and consumes the state file on
     success (the guest's disks move on, so the old state could never be loaded
@@ -263,8 +310,9 @@ def start(
         accel,
         machine=metadata["machine"] if metadata else None,
         incoming=incoming_state is not None,
+        opened=opened,
     )
-    _launch(argv, paths, context, deadline)
+    _launch(argv, paths, context, deadline, () if opened is None else opened.fds)
     progress.step(40)
     try:
         pid = find_pid(paths)
