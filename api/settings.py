@@ -120,6 +120,9 @@ class Settings:
     advertise_address: str = "127.0.0.1"
     # The TCP ports transfers listen on (one per transfer while it runs), inclusive.
     transfer_ports: tuple[int, int] = (49152, 49407)
+    # A transfer that receives nothing for this long ends TimeOutError: a partition
+    # between hosts stalls a TCP stream for many minutes without failing it.
+    transfer_stall_seconds: float = 60.0
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
     # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
@@ -202,6 +205,8 @@ class Settings:
             advertise_address=_address(env, "VMTASK_ADVERTISE_ADDRESS",
                                        defaults.advertise_address),
             transfer_ports=_port_range(env, "VMTASK_TRANSFER_PORTS", defaults.transfer_ports),
+            transfer_stall_seconds=_number(env, "VMTASK_TRANSFER_STALL_SECONDS",
+                                           defaults.transfer_stall_seconds, 1.0),
             console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
                                               defaults.console_log_max_bytes, 4096)),
             redis_ca=optional("VMTASK_REDIS_CA"),

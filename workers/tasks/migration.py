@@ -35,6 +35,7 @@ from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
+from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, pull_from, read_peer
 from workers.tasks.vms import (
@@ -191,6 +192,9 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             if free_space(files.root) < needed:
                 raise DiskError(f"Host {run.settings.host} has too little space for VM "
                                 f"{name!r} ({needed} bytes)", hresults.DISK_FULL)
+            # A kill -9 from here on leaves whole files no temporary sweep removes.
+            journal = move_journal.write(run.settings, name, run.task_id,
+                                         [str(item["path"]) for item in manifest])
             total = max(1, sum(int(item["size"]) for item in manifest))
             done = 0
             for index, (item, target) in enumerate(zip(manifest, targets, strict=True)):
@@ -200,7 +204,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 share = _Span(run, 100.0 * done / total,
                               100.0 * (done + int(item["size"])) / total)
                 pull_from(share, run.settings.host, offer, target, verbatim=True,
-                          source_host=source_host)
+                          source_host=source_host,
+                          stall_seconds=run.settings.transfer_stall_seconds)
                 pulled.append(target)
                 done += int(item["size"])
                 client.hset(keys.transfer(transfer_id), f"done.{index}", "1")
@@ -212,6 +217,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                                   repr(time.time()), EVENTS_MAXLEN)
             if outcome != "OK":
                 raise InvalidVMState(f"VM {name!r} changed during the move ({outcome})")
+            journal.unlink()
     except BaseException:
         for path in pulled:
             path.unlink(missing_ok=True)

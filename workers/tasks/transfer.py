@@ -176,7 +176,8 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
 
 
 def pull_from(context: OperationContext, here: str, offer: dict[str, str], target: Path, *,
-              verbatim: bool, source_host: str) -> qemu_img.DiskInfo:
+              verbatim: bool, source_host: str,
+              stall_seconds: float | None = None) -> qemu_img.DiskInfo:
     """Read an announced export into ``target`` on host ``here`` (all or nothing)."""
     fixed = offer.get("fixed") == "1" and not verbatim
     needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])
@@ -189,7 +190,7 @@ def pull_from(context: OperationContext, here: str, offer: dict[str, str], targe
     started = time.monotonic()
     try:
         return qemu_img.pull(spec, target, context, virtual_size=int(offer["virtual_size"]),
-                             fixed=fixed, verbatim=verbatim)
+                             fixed=fixed, verbatim=verbatim, stall_seconds=stall_seconds)
     except OperationFailed as exc:
         # The export name is the only key to the export: keep it out of the record.
         text = str(exc).replace(name, "***")
@@ -213,5 +214,6 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
     with files.file_locks([], [target]):
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
         made = pull_from(run, run.settings.host, offer, target, verbatim=False,
-                         source_host=source_host)
+                         source_host=source_host,
+                         stall_seconds=run.settings.transfer_stall_seconds)
     return files.describe(target, made)

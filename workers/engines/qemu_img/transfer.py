@@ -18,7 +18,7 @@ from workers.engines.qemu_img.outputs import (
     require_new_target,
     task_id_for,
 )
-from workers.engines.qemu_img.runner import Deadline, run_qemu_img
+from workers.engines.qemu_img.runner import Deadline, Stall, run_qemu_img
 from workers.engines.qemu_img.sizes import check_maximum, format_for
 
 
@@ -32,6 +32,7 @@ def pull(
     verbatim: bool = False,
     task_id: str | None = None,
     timeout: float | None = None,
+    stall_seconds: float | None = None,
 ) -> DiskInfo:
     """Read ``source_spec`` (raw, e.g. `workers.engines.nbd.client_spec`) into the new
     image ``destination``.
@@ -39,6 +40,8 @@ def pull(
     Normally the destination's format comes from its extension, fixed or dynamic as
     asked.  With ``verbatim`` the source is a file's bytes and is written as they are
     (a qcow2 overlay stays the same overlay, naming the same parent); holes stay holes.
+    With ``stall_seconds``, a pull that receives nothing for that long (the network
+    between the hosts is broken) ends `OperationTimedOut` instead of waiting on TCP.
     """
     target = require_new_target(destination)
     deadline = Deadline(timeout)
@@ -53,6 +56,7 @@ def pull(
             context,
             progress_range=(0.0, copy_end),
             timeout=deadline.remaining(),
+            stall=None if stall_seconds is None else Stall(stall_seconds, temp),
         )
         if fixed and not verbatim:
             allocate(temp, context, ProgressSpan(context, copy_end, 99.0), deadline)
