@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -16,9 +19,11 @@ import pytest
 from api import VirtualServer, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
+from tests.helpers import qemu_io
 from tests.integration.test_disks import big_image
 from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
 from workers.devtools.sandbox import wait_until
+from workers.devtools.tinyguest import READY_MARKER, build_tiny_guest
 
 pytestmark = pytest.mark.slow
 S = VMVMState
@@ -141,3 +146,100 @@ def test_a_partition_mid_copy_ends_the_copy_and_leaves_nothing(
     net.heal("a", "b")
     done(server.get_hard_disk("d/big.img").copy_to("b", "d/again.img"))
     assert digest(root(net, "b") / "d" / "again.img") == before
+
+
+# -- a host cut from everything ----------------------------------------------------------
+
+
+def qemu_pid(net: Network, host: str, vm: str) -> int:
+    return int((root(net, host) / "vms" / vm / "qemu.pid").read_text().strip())
+
+
+def test_a_host_cut_from_redis_crashes_its_tasks_and_is_reconciled(
+        net: Network, server: VirtualServer) -> None:
+    keep, lost, off = (server.create_virtual_machine(n, memory_mb=64, host="a", network=None)
+                       for n in ("keep", "lost", "off"))
+    done(keep.startup())
+    done(lost.startup())
+    keep_pid = qemu_pid(net, "a", "keep")
+    task = server.ping(duration_ms=30_000, steps=300, host="a")
+    wait_until(lambda: task.percent_completed > 0, 30, "the task to run on a")
+    net.cut("a")
+    cut_at = time.monotonic()
+    # The producer judges the task by its lease, which a cut host cannot renew.
+    assert task.wait_for_completion(int((LEASE + 20) * 1000))
+    crashed_after = time.monotonic() - cut_at
+    assert (task.result, task.error) == (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+    assert crashed_after <= LEASE + 5, crashed_after
+    wait_until(lambda: all(vm.state is S.Invalid for vm in (keep, lost, off)), 30,
+               "the cut host's VMs to read Invalid")
+    invalid_after = time.monotonic() - cut_at
+    assert server.redis.hget(keys.vm_record("keep"), "host") == "a"
+    # While the host is cut off, one of its VMs really dies.
+    os.kill(qemu_pid(net, "a", "lost"), signal.SIGKILL)
+    net.mend("a")
+    mended_at = time.monotonic()
+    wait_live(net, "a")
+    wait_until(lambda: keep.state is S.Running and lost.state is S.Invalid
+               and off.state is S.TurnedOff, 60, "the host to reconcile its VMs")
+    # The record itself, not only the read, says the dead VM crashed.
+    assert server.redis.hget(keys.vm_record("lost"), "state") == str(int(S.Invalid))
+    print(f"cut: task crashed after {crashed_after:.1f} s, VMs Invalid after "
+          f"{invalid_after:.1f} s; reconciled {time.monotonic() - mended_at:.1f} s after mending")
+    assert qemu_pid(net, "a", "keep") == keep_pid  # the same QEMU, never restarted
+    # The task that ran on while the host was cut stays judged: it stopped, not finished.
+    worker = net.hosts["a"].worker
+    assert worker is not None
+    wait_until(lambda: "judged crashed; stopping it" in worker.log(), 30,
+               "the cut host's task to notice its lease was lost")
+    assert task.snapshot().result is VMTaskResult.ThreadCrashError
+    done(keep.turn_off())
+    done(lost.turn_off())
+    for vm in (keep, lost, off):
+        done(vm.delete())
+
+
+# -- moving a saved VM -----------------------------------------------------------------
+
+
+def install_guest(net: Network) -> None:
+    """The tiny guest's kernel and initrd in both roots (a VM names them by path)."""
+    guest = build_tiny_guest()
+    for host in ("a", "b"):
+        (root(net, host) / "guest").mkdir(parents=True, exist_ok=True)
+        shutil.copy(guest.kernel, root(net, host) / "guest" / "vmlinuz")
+        shutil.copy(guest.initrd, root(net, host) / "guest" / "initrd.gz")
+
+
+def test_a_saved_vm_moves_and_restores_on_the_destination(
+        net: Network, server: VirtualServer) -> None:
+    install_guest(net)
+    done(server.create_dynamic_virtual_hard_disk("d/g.qcow2", 16))
+    qemu_io(root(net, "a") / "d" / "g.qcow2", "qcow2", "write -P 0x5a 0 1M")
+    vm = server.create_virtual_machine(
+        "sv", memory_mb=128, disks=["d/g.qcow2"], kernel="guest/vmlinuz",
+        initrd="guest/initrd.gz", append="console=ttyS0 quiet panic=-1", guest_agent=True,
+        host="a", network=None)
+    done(vm.startup())
+    wait_until(lambda: vm.guest_os.is_heartbeating, 90, "the guest agent on a")
+    done(vm.save())
+    saved = root(net, "a") / "vms" / "sv"
+    moving = {"d/g.qcow2": digest(root(net, "a") / "d" / "g.qcow2"),
+              "vms/sv/saved.state": digest(saved / "saved.state")}
+    task = vm.migrate("b")
+    done(task)
+    assert vm.state is S.Saved and vm.host == "b"  # reading the state refreshes the host
+    on_b = root(net, "b")
+    assert {name: digest(on_b / name) for name in moving} == moving
+    assert (on_b / "vms" / "sv" / "saved.state.json").exists()
+    wait_until(lambda: not saved.exists(), 30, "the source to remove the moved VM")
+    assert files_under(root(net, "a")) == ["guest/initrd.gz", "guest/vmlinuz"]
+    done(vm.startup())  # a restore, on b
+    assert vm.state is S.Running
+    wait_until(lambda: vm.guest_os.is_heartbeating, 60, "the guest agent through b")
+    # Restored, not rebooted: the guest never printed its boot marker on b.
+    assert READY_MARKER not in (on_b / "vms" / "sv" / "serial.log").read_text(errors="replace")
+    assert not (on_b / "vms" / "sv" / "saved.state").exists()
+    done(vm.turn_off())
+    qemu_io(on_b / "d" / "g.qcow2", "qcow2", "read -P 0x5a 0 1M")
+    done(vm.delete())

@@ -177,7 +177,7 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
 
 def pull_from(context: OperationContext, here: str, offer: dict[str, str], target: Path, *,
               verbatim: bool, source_host: str,
-              stall_seconds: float | None = None) -> qemu_img.DiskInfo:
+              stall_seconds: float | None = None) -> qemu_img.DiskInfo | None:
     """Read an announced export into ``target`` on host ``here`` (all or nothing)."""
     fixed = offer.get("fixed") == "1" and not verbatim
     needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])

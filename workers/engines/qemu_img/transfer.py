@@ -7,6 +7,7 @@ temporary name and published only on success, like every other new image.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from workers.engines.context import OperationContext, ProgressSpan
@@ -33,13 +34,14 @@ def pull(
     task_id: str | None = None,
     timeout: float | None = None,
     stall_seconds: float | None = None,
-) -> DiskInfo:
+) -> DiskInfo | None:
     """Read ``source_spec`` (raw, e.g. `workers.engines.nbd.client_spec`) into the new
     image ``destination``.
 
     Normally the destination's format comes from its extension, fixed or dynamic as
     asked.  With ``verbatim`` the source is a file's bytes and is written as they are
-    (a qcow2 overlay stays the same overlay, naming the same parent); holes stay holes.
+    (a qcow2 overlay stays the same overlay, naming the same parent); holes stay holes,
+    and nothing is returned: the file need not be an image (a VM's saved state).
     With ``stall_seconds``, a pull that receives nothing for that long (the network
     between the hosts is broken) ends `OperationTimedOut` instead of waiting on TCP.
     """
@@ -58,7 +60,10 @@ def pull(
             timeout=deadline.remaining(),
             stall=None if stall_seconds is None else Stall(stall_seconds, temp),
         )
+        if verbatim and temp.stat().st_size > virtual_size:
+            # NBD serves whole 512-byte sectors: a file's tail comes padded with zeros.
+            os.truncate(temp, virtual_size)
         if fixed and not verbatim:
             allocate(temp, context, ProgressSpan(context, copy_end, 99.0), deadline)
     context.report_progress(100.0)
-    return info(target)
+    return None if verbatim else info(target)
