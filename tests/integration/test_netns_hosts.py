@@ -243,3 +243,68 @@ def test_a_saved_vm_moves_and_restores_on_the_destination(
     done(vm.turn_off())
     qemu_io(on_b / "d" / "g.qcow2", "qcow2", "read -P 0x5a 0 1M")
     done(vm.delete())
+
+
+# -- kill -9 of the destination's worker -------------------------------------------------
+
+
+def kill_destination(net: Network) -> float:
+    worker = net.hosts["b"].worker
+    assert worker is not None
+    worker.kill()
+    return time.monotonic()
+
+
+def test_kill_9_of_the_destination_mid_copy(net: Network, server: VirtualServer) -> None:
+    a = net.hosts["a"]
+    source = big_image(root(net, "a"), "d/big.img", 96)
+    before = digest(source)
+    net.throttle("a", 100)
+    task = server.get_hard_disk("d/big.img").copy_to("b", "d/copy.img")
+    port = int(offer_of(server)["port"])
+    wait_until(lambda: task.percent_completed >= 5, 60, "the copy to be under way")
+    killed_at = kill_destination(net)
+    assert task.wait_for_completion(int((LEASE + 20) * 1000))
+    assert (task.result, task.error) == (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+    print(f"kill -9 mid-copy: ThreadCrashError after {time.monotonic() - killed_at:.1f} s")
+    serve = server.get_task(serve_task_of(server, task.id))
+    assert serve.wait_for_completion(30_000)
+    assert not a.can_connect(a.address, port)  # the export closed with its client gone
+    assert digest(source) == before
+    left = files_under(root(net, "b"))
+    assert len(left) == 1 and left[0].startswith("d/"), left  # the dead pull's temporary
+    net.start_worker("b", env=FAST)
+    assert files_under(root(net, "b")) == []
+    done(server.get_hard_disk("d/big.img").copy_to("b", "d/copy.img"))
+    assert digest(root(net, "b") / "d" / "copy.img") == before
+
+
+def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer) -> None:
+    done(server.create_dynamic_virtual_hard_disk("d/small.qcow2", 8))
+    qemu_io(root(net, "a") / "d" / "small.qcow2", "qcow2", "write -P 0x71 0 1M")
+    big_image(root(net, "a"), "d/big.img", 96)
+    sources = {p: digest(root(net, "a") / p) for p in ("d/small.qcow2", "d/big.img")}
+    vm = server.create_virtual_machine("mv", memory_mb=64, host="a", network=None,
+                                       disks=["d/small.qcow2", "d/big.img"])
+    net.throttle("a", 100)
+    task = vm.migrate("b")
+    # The small disk is pulled whole (a published file, no temporary) before the big one.
+    wait_until(lambda: (root(net, "b") / "d" / "small.qcow2").exists()
+               and task.percent_completed >= 5, 60, "the move to be under way")
+    killed_at = kill_destination(net)
+    assert task.wait_for_completion(int((LEASE + 20) * 1000))
+    assert (task.result, task.error) == (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+    print(f"kill -9 mid-move: ThreadCrashError after {time.monotonic() - killed_at:.1f} s")
+    out = server.get_task(serve_task_of(server, task.id))
+    assert out.wait_for_completion(30_000) and out.snapshot().output == {"moved": False}
+    assert server.redis.hget(keys.vm_record("mv"), "host") == "a"
+    assert vm.state is S.TurnedOff and vm.host == "a"
+    assert {p: digest(root(net, "a") / p) for p in sources} == sources
+    left = files_under(root(net, "b"))
+    assert "d/small.qcow2" in left and "vms/mv/incoming.json" in left, left
+    net.start_worker("b", env=FAST)
+    assert files_under(root(net, "b")) == []
+    assert not (root(net, "b") / "vms" / "mv").exists()
+    done(vm.migrate("b"))  # nothing in the way of a new move
+    assert vm.state is S.TurnedOff and vm.host == "b"
+    assert {p: digest(root(net, "b") / p) for p in sources} == sources
