@@ -115,6 +115,23 @@ def make_tls_files(directory: Path, ca_name: str = "ca") -> TlsFiles:
                     directory / f"{ca_name}-client.key")
 
 
+def make_qemu_tls_dir(directory: Path, ca: TlsFiles, address: str) -> Path:
+    """A host's directory as QEMU's ``tls-creds-x509`` reads it: ``ca``'s CA, a server
+    certificate for ``address`` (the one it advertises) and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # QEMU itself checks the key usage: a TLS key needs encipherment as well.
+    common = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+    _signed_cert(directory, "server", ca.ca, ca.ca_key,
+                 common + f"extendedKeyUsage=serverAuth\nsubjectAltName=IP:{address}\n")
+    _signed_cert(directory, "client", ca.ca, ca.ca_key,
+                 common + "extendedKeyUsage=clientAuth\n")
+    for role in ("server", "client"):
+        (directory / f"{role}.crt").rename(directory / f"{role}-cert.pem")
+        (directory / f"{role}.key").rename(directory / f"{role}-key.pem")
+    (directory / "ca-cert.pem").write_bytes(ca.ca.read_bytes())
+    return directory
+
+
 class RedisServer:
     """A redis-server of our own on a free port; stop() and start() keep the port.
 

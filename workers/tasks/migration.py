@@ -37,7 +37,13 @@ from workers.failures import Cancelled, DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
-from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, pull_from, read_peer
+from workers.tasks.transfer import (
+    OFFER_TTL_SECONDS,
+    PeerFailed,
+    offer_fields,
+    pull_from,
+    read_peer,
+)
 from workers.tasks.vms import (
     InvalidVMState,
     config_of,
@@ -105,11 +111,10 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                     export = stack.enter_context(nbd.serve(
                         nbd.file_spec(proc_path(fd)), address=run.settings.advertise_address,
                         ports=run.settings.transfer_ports, name=nbd.new_export_name(),
-                        pass_fds=(fd,)))
+                        pass_fds=(fd,), tls_dir=run.settings.transfer_tls_dir))
                     key = offer_key(transfer_id, index)
                     stack.callback(client.delete, key)
-                    client.hset(key, mapping={"address": export.address, "port": export.port,
-                                              "export": export.name,
+                    client.hset(key, mapping={**offer_fields(export),
                                               "virtual_size": manifest[index]["size"],
                                               "allocated": manifest[index]["allocated"],
                                               "fixed": 0})
@@ -203,9 +208,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                     run.sleep(WATCH)
                 share = _Span(run, 100.0 * done / total,
                               100.0 * (done + int(item["size"])) / total)
-                pull_from(share, run.settings.host, offer, target, verbatim=True,
-                          source_host=source_host,
-                          stall_seconds=run.settings.transfer_stall_seconds)
+                pull_from(share, run.settings, offer, target, verbatim=True,
+                          source_host=source_host)
                 pulled.append(target)
                 done += int(item["size"])
                 client.hset(keys.transfer(transfer_id), f"done.{index}", "1")

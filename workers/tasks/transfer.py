@@ -26,6 +26,7 @@ import redis
 
 from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol import hresults, keys, records, tasks
+from api.settings import Settings
 from workers.engines import nbd, qemu_img
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.context import OperationContext
@@ -130,11 +131,11 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
         export = stack.enter_context(nbd.serve(
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
-            pass_fds=served.fds))
+            pass_fds=served.fds, tls_dir=run.settings.transfer_tls_dir))
         stack.callback(run.redis.delete, offer_key)
         pipe = run.redis.pipeline(transaction=True)
         pipe.hset(offer_key, mapping={
-            "address": export.address, "port": export.port, "export": export.name,
+            **offer_fields(export),
             "virtual_size": served.virtual_size, "allocated": served.allocated,
             "fixed": int(served.fixed), "host": run.settings.host})
         pipe.expire(offer_key, OFFER_TTL_SECONDS)
@@ -175,10 +176,34 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
         run.sleep(WATCH_INTERVAL)
 
 
-def pull_from(context: OperationContext, here: str, offer: dict[str, str], target: Path, *,
-              verbatim: bool, source_host: str,
-              stall_seconds: float | None = None) -> qemu_img.DiskInfo | None:
-    """Read an announced export into ``target`` on host ``here`` (all or nothing)."""
+def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) -> list[str]:
+    """The client's TLS credentials when the export is TLS; a mismatch is refused."""
+    tls, tls_dir = offer.get("tls") == "1", settings.transfer_tls_dir
+    if tls and tls_dir is None:
+        raise OperationFailed(f"Host {source_host} serves transfers over TLS and host "
+                              f"{settings.host} has no VMTASK_TRANSFER_TLS_DIR",
+                              hresults.ACCESS_DENIED)
+    if tls_dir is None:
+        return []
+    if not tls:
+        # The offer comes through Redis: never let it talk this host out of TLS.
+        raise OperationFailed(f"Host {source_host} offered an unencrypted transfer and "
+                              f"host {settings.host} requires TLS (VMTASK_TRANSFER_TLS_DIR)",
+                              hresults.ACCESS_DENIED)
+    return [nbd.tls_object(tls_dir, "client")]
+
+
+def offer_fields(export: nbd.Export) -> dict[str, str | int]:
+    """What a pull needs to know of an export, announced in Redis."""
+    return {"address": export.address, "port": export.port, "export": export.name,
+            "tls": int(export.tls)}
+
+
+def pull_from(context: OperationContext, settings: Settings, offer: dict[str, str],
+              target: Path, *, verbatim: bool, source_host: str) -> qemu_img.DiskInfo | None:
+    """Read an announced export into ``target`` on this host (all or nothing)."""
+    here = settings.host
+    objects = _tls_objects(settings, offer, source_host)
     fixed = offer.get("fixed") == "1" and not verbatim
     needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])
     available = free_space(target.parent)
@@ -186,11 +211,12 @@ def pull_from(context: OperationContext, here: str, offer: dict[str, str], targe
         raise DiskError(f"Host {here} has {available} bytes free; the copy "
                         f"needs {needed}", hresults.DISK_FULL)
     name = offer["export"]
-    spec = nbd.client_spec(offer["address"], int(offer["port"]), name)
+    spec = nbd.client_spec(offer["address"], int(offer["port"]), name, tls=bool(objects))
     started = time.monotonic()
     try:
         return qemu_img.pull(spec, target, context, virtual_size=int(offer["virtual_size"]),
-                             fixed=fixed, verbatim=verbatim, stall_seconds=stall_seconds)
+                             fixed=fixed, verbatim=verbatim,
+                             stall_seconds=settings.transfer_stall_seconds, objects=objects)
     except OperationFailed as exc:
         # The export name is the only key to the export: keep it out of the record.
         text = str(exc).replace(name, "***")
@@ -213,7 +239,6 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
                         hresults.FILE_EXISTS)
     with files.file_locks([], [target]):
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
-        made = pull_from(run, run.settings.host, offer, target, verbatim=False,
-                         source_host=source_host,
-                         stall_seconds=run.settings.transfer_stall_seconds)
+        made = pull_from(run, run.settings, offer, target, verbatim=False,
+                         source_host=source_host)
     return files.describe(target, made)

@@ -8,6 +8,7 @@ temporary name and published only on success, like every other new image.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from workers.engines.context import OperationContext, ProgressSpan
@@ -34,6 +35,7 @@ def pull(
     task_id: str | None = None,
     timeout: float | None = None,
     stall_seconds: float | None = None,
+    objects: Sequence[str] = (),
 ) -> DiskInfo | None:
     """Read ``source_spec`` (raw, e.g. `workers.engines.nbd.client_spec`) into the new
     image ``destination``.
@@ -44,6 +46,7 @@ def pull(
     and nothing is returned: the file need not be an image (a VM's saved state).
     With ``stall_seconds``, a pull that receives nothing for that long (the network
     between the hosts is broken) ends `OperationTimedOut` instead of waiting on TCP.
+    ``objects`` are ``--object`` definitions the source needs (its TLS credentials).
     """
     target = require_new_target(destination)
     deadline = Deadline(timeout)
@@ -54,7 +57,8 @@ def pull(
     options = [] if verbatim else create_options(fmt, fixed)
     with new_output(target, task_id_for(context, task_id)) as temp:
         run_qemu_img(
-            ["convert", "-p", "-f", "raw", "-O", fmt, *options, source_spec, str(temp)],
+            ["convert", *(arg for obj in objects for arg in ("--object", obj)), "-p",
+             "-f", "raw", "-O", fmt, *options, source_spec, str(temp)],
             context,
             progress_range=(0.0, copy_end),
             timeout=deadline.remaining(),
