@@ -280,16 +280,13 @@ def test_kill_9_of_the_destination_mid_copy(net: Network, server: VirtualServer)
 
 
 def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer) -> None:
-    done(server.create_dynamic_virtual_hard_disk("d/small.qcow2", 8))
-    qemu_io(root(net, "a") / "d" / "small.qcow2", "qcow2", "write -P 0x71 0 1M")
-    big_image(root(net, "a"), "d/big.img", 96)
-    sources = {p: digest(root(net, "a") / p) for p in ("d/small.qcow2", "d/big.img")}
-    vm = server.create_virtual_machine("mv", memory_mb=64, host="a", network=None,
-                                       disks=["d/small.qcow2", "d/big.img"])
+    sources = two_disk_vm(net, server, "mv")
+    vm = server.find_virtual_machine("mv")
+    assert vm is not None
     net.throttle("a", 100)
     task = vm.migrate("b")
     # The small disk is pulled whole (a published file, no temporary) before the big one.
-    wait_until(lambda: (root(net, "b") / "d" / "small.qcow2").exists()
+    wait_until(lambda: (root(net, "b") / "mv" / "small.qcow2").exists()
                and task.percent_completed >= 5, 60, "the move to be under way")
     killed_at = kill_destination(net)
     assert task.wait_for_completion(int((LEASE + 20) * 1000))
@@ -301,10 +298,52 @@ def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer)
     assert vm.state is S.TurnedOff and vm.host == "a"
     assert {p: digest(root(net, "a") / p) for p in sources} == sources
     left = files_under(root(net, "b"))
-    assert "d/small.qcow2" in left and "vms/mv/incoming.json" in left, left
+    assert "mv/small.qcow2" in left and "vms/mv/incoming.json" in left, left
     net.start_worker("b", env=FAST)
     assert files_under(root(net, "b")) == []
     assert not (root(net, "b") / "vms" / "mv").exists()
     done(vm.migrate("b"))  # nothing in the way of a new move
+    assert vm.state is S.TurnedOff and vm.host == "b"
+    assert {p: digest(root(net, "b") / p) for p in sources} == sources
+
+
+# -- a cold move interrupted: partition, cancel ------------------------------------------
+
+
+def two_disk_vm(net: Network, server: VirtualServer, name: str) -> dict[str, str]:
+    """A TurnedOff VM on a with a small disk (moved first) and a big one; their digests."""
+    done(server.create_dynamic_virtual_hard_disk(f"{name}/small.qcow2", 8))
+    qemu_io(root(net, "a") / name / "small.qcow2", "qcow2", "write -P 0x71 0 1M")
+    big_image(root(net, "a"), f"{name}/big.img", 96)
+    server.create_virtual_machine(name, memory_mb=64, host="a", network=None,
+                                  disks=[f"{name}/small.qcow2", f"{name}/big.img"])
+    return {p: digest(root(net, "a") / p) for p in (f"{name}/small.qcow2", f"{name}/big.img")}
+
+
+@pytest.mark.parametrize("fault", ["partition", "cancel"])
+def test_a_move_interrupted_mid_transfer_leaves_the_vm_on_its_host(
+        net: Network, server: VirtualServer, fault: str) -> None:
+    sources = two_disk_vm(net, server, "iv")
+    vm = server.find_virtual_machine("iv")
+    assert vm is not None
+    net.throttle("a", 100)
+    task = vm.migrate("b")
+    wait_until(lambda: (root(net, "b") / "iv" / "small.qcow2").exists()
+               and task.percent_completed >= 5, 60, "the move to be under way")
+    if fault == "partition":
+        net.partition("a", "b")
+    else:
+        task.cancel()
+    assert task.wait_for_completion(int((STALL + 30) * 1000))
+    expected = ((VMTaskResult.TimeOutError, hresults.TIMEOUT) if fault == "partition"
+                else (VMTaskResult.Cancelled, hresults.E_ABORT))
+    assert (task.result, task.error) == expected, task.error_description
+    out = server.get_task(serve_task_of(server, task.id))
+    assert out.wait_for_completion(30_000) and out.snapshot().output == {"moved": False}
+    assert vm.state is S.TurnedOff and vm.host == "a"
+    assert {p: digest(root(net, "a") / p) for p in sources} == sources
+    assert files_under(root(net, "b")) == []  # what was pulled went with the failure
+    net.heal("a", "b")
+    done(vm.migrate("b"))
     assert vm.state is S.TurnedOff and vm.host == "b"
     assert {p: digest(root(net, "b") / p) for p in sources} == sources
