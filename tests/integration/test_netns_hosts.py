@@ -279,6 +279,39 @@ def test_kill_9_of_the_destination_mid_copy(net: Network, server: VirtualServer)
     assert digest(root(net, "b") / "d" / "copy.img") == before
 
 
+@pytest.mark.parametrize("fault", ["kill", "cut"])
+def test_losing_the_source_mid_copy_is_a_crash(net: Network, server: VirtualServer,
+                                               fault: str) -> None:
+    """The source's worker killed, or its host cut off: the export vanishes with it,
+    and the pull ends ThreadCrashError (once the source's lease lapses), not an I/O
+    error."""
+    source = big_image(root(net, "a"), "d/big.img", 96)
+    before = digest(source)
+    net.throttle("a", 100)
+    task = server.get_hard_disk("d/big.img").copy_to("b", "d/copy.img")
+    wait_until(lambda: task.percent_completed >= 5, 60, "the copy to be under way")
+    worker = net.hosts["a"].worker
+    assert worker is not None
+    if fault == "kill":
+        worker.kill()
+    else:
+        net.cut("a")
+    lost_at = time.monotonic()
+    assert task.wait_for_completion(int((STALL + LEASE + 30) * 1000))
+    assert (task.result, task.error) == (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+    assert "source host a died" in task.error_description
+    print(f"source {fault} mid-copy: ThreadCrashError after {time.monotonic() - lost_at:.1f} s")
+    assert files_under(root(net, "b")) == []
+    if fault == "kill":
+        net.start_worker("a", env=FAST)
+    else:
+        net.mend("a")
+        wait_live(net, "a")
+    assert digest(source) == before
+    done(server.get_hard_disk("d/big.img").copy_to("b", "d/again.img"))
+    assert digest(root(net, "b") / "d" / "again.img") == before
+
+
 def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer) -> None:
     sources = two_disk_vm(net, server, "mv")
     vm = server.find_virtual_machine("mv")

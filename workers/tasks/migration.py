@@ -41,7 +41,7 @@ from workers.tasks.transfer import (
     OFFER_TTL_SECONDS,
     PeerFailed,
     offer_fields,
-    pull_from,
+    pull_and_judge,
     read_peer,
 )
 from workers.tasks.vms import (
@@ -208,8 +208,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                     run.sleep(WATCH)
                 share = _Span(run, 100.0 * done / total,
                               100.0 * (done + int(item["size"])) / total)
-                pull_from(share, run.settings, offer, target, verbatim=True,
-                          source_host=source_host)
+                pull_and_judge(run, share, offer, target, verbatim=True,
+                               source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
                 done += int(item["size"])
                 client.hset(keys.transfer(transfer_id), f"done.{index}", "1")

@@ -15,6 +15,7 @@ worker died), and the serve stops once the pull is final.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -228,6 +229,41 @@ def pull_from(context: OperationContext, settings: Settings, offer: dict[str, st
         raise failed from None
 
 
+def _export_answers(offer: dict[str, str]) -> bool:
+    try:
+        with socket.create_connection((offer["address"], int(offer["port"])), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
+def pull_and_judge(run: TaskRun, context: OperationContext, offer: dict[str, str],
+                   target: Path, *, verbatim: bool, source_host: str,
+                   server_task_id: str) -> qemu_img.DiskInfo | None:
+    """`pull_from` (progress reported to ``context``); when it fails and the export no
+    longer answers, the source's fate names the failure: a source worker that died
+    (killed, or its host lost) ends the pull ThreadCrashError, not an I/O error.
+    Its serve is judged gone once its lease lapses, so this waits up to one lease."""
+    try:
+        return pull_from(context, run.settings, offer, target, verbatim=verbatim,
+                         source_host=source_host)
+    except PeerFailed as failure:
+        if _export_answers(offer):
+            raise
+        deadline = time.monotonic() + run.settings.lease_seconds + 1.0
+        while time.monotonic() < deadline:
+            peer = read_peer(run.redis, server_task_id)
+            # Gone, or already judged so by a producer or a reaper.
+            if peer.gone or peer.result is VMTaskResult.ThreadCrashError:
+                raise PeerFailed(f"The worker of the source host {source_host} died "
+                                 f"mid-transfer ({failure})", VMTaskResult.ThreadCrashError,
+                                 hresults.SERVER_FAULT) from None
+            if peer.final:
+                break
+            run.sleep(WATCH_INTERVAL)
+        raise
+
+
 @operation(tasks.DISK_COPY_IN)
 def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfer_id: str,
             server_task_id: str) -> dict[str, Any]:
@@ -239,6 +275,6 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
                         hresults.FILE_EXISTS)
     with files.file_locks([], [target]):
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
-        made = pull_from(run, run.settings, offer, target, verbatim=False,
-                         source_host=source_host)
+        made = pull_and_judge(run, run, offer, target, verbatim=False,
+                              source_host=source_host, server_task_id=server_task_id)
     return files.describe(target, made)
