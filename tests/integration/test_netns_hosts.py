@@ -340,6 +340,31 @@ def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer)
     assert {p: digest(root(net, "b") / p) for p in sources} == sources
 
 
+def test_kill_9_of_the_source_mid_move(net: Network, server: VirtualServer) -> None:
+    sources = two_disk_vm(net, server, "ks")
+    vm = server.find_virtual_machine("ks")
+    assert vm is not None
+    net.throttle("a", 100)
+    task = vm.migrate("b")
+    wait_until(lambda: (root(net, "b") / "ks" / "small.qcow2").exists()
+               and task.percent_completed >= 5, 60, "the move to be under way")
+    worker = net.hosts["a"].worker
+    assert worker is not None
+    worker.kill()
+    killed_at = time.monotonic()
+    assert task.wait_for_completion(int((STALL + LEASE + 30) * 1000))
+    assert (task.result, task.error) == (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+    print(f"source kill mid-move: ThreadCrashError after {time.monotonic() - killed_at:.1f} s")
+    assert server.redis.hget(keys.vm_record("ks"), "host") == "a"
+    assert files_under(root(net, "b")) == []  # the live destination removed what it pulled
+    assert {p: digest(root(net, "a") / p) for p in sources} == sources
+    net.start_worker("a", env=FAST)
+    assert vm.state is S.TurnedOff and vm.host == "a"
+    done(vm.migrate("b"))  # the killed task's VM lock died with it
+    assert vm.state is S.TurnedOff and vm.host == "b"
+    assert {p: digest(root(net, "b") / p) for p in sources} == sources
+
+
 # -- a cold move interrupted: partition, cancel ------------------------------------------
 
 
