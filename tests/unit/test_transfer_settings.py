@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from api.errors import InvalidArgumentError
 from api.settings import Settings
 from workers.engines import nbd
+from workers.engines.qemu_img.runner import Stall
 from workers.failures import OperationFailed
 
 
@@ -54,3 +58,16 @@ def test_tls_specs_name_the_credentials_object() -> None:
         f"tls-creds-x509,id={nbd.TLS_OBJECT_ID},dir=/etc/tls,endpoint=client")
     with pytest.raises(OperationFailed, match="comma"):
         nbd.tls_object("/etc/a,b", "server")  # would smuggle options into --object
+
+
+def test_a_stall_is_neither_progress_nor_output_growth(tmp_path: Path) -> None:
+    output = tmp_path / "copy.tmp"
+    start = time.monotonic()
+    stall = Stall(5, output)
+    assert not stall.stuck(start + 4, start)
+    assert stall.stuck(start + 6, start)  # no output yet, no progress
+    output.write_bytes(b"x")
+    assert not stall.stuck(start + 7, start)  # the output grew: the clock restarts
+    assert not stall.stuck(start + 11, start)
+    assert stall.stuck(start + 13, start)
+    assert not stall.stuck(start + 13, start + 12)  # a progress record restarts it too
