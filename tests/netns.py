@@ -25,6 +25,7 @@ test run (named after its pid) are removed by the next one.
 from __future__ import annotations
 
 import fcntl
+import functools
 import ipaddress
 import os
 import random
@@ -54,10 +55,24 @@ def skip_reason() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "needs iproute2's ip"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"ip netns does not work here: {probe.stderr.strip()}"
-    return None
+    return _probe()
+
+
+@functools.cache
+def _probe() -> str | None:
+    """Make and remove a namespace with a bridge and a veth: what the harness needs
+    (a container without CAP_NET_ADMIN / CAP_SYS_ADMIN cannot)."""
+    name = f"{_PREFIX}{os.getpid()}-probe"
+    steps = [["netns", "add", name], ["-n", name, "link", "add", "br0", "type", "bridge"],
+             ["-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]]
+    try:
+        for step in steps:
+            done = ip(*step, check=False)
+            if done.returncode != 0:
+                return f"ip {' '.join(step)} fails here: {done.stderr.strip()}"
+        return None
+    finally:
+        ip("netns", "delete", name, check=False)
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
