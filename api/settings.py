@@ -120,6 +120,13 @@ class Settings:
     advertise_address: str = "127.0.0.1"
     # The TCP ports transfers listen on (one per transfer while it runs), inclusive.
     transfer_ports: tuple[int, int] = (49152, 49407)
+    # A transfer that receives nothing for this long ends TimeOutError: a partition
+    # between hosts stalls a TCP stream for many minutes without failing it.
+    transfer_stall_seconds: float = 60.0
+    # A directory of certificates as QEMU's tls-creds-x509 reads it (ca-cert.pem,
+    # server-cert.pem, server-key.pem, client-cert.pem, client-key.pem): transfers
+    # are then TLS with both ends verified, and an unencrypted one is refused.
+    transfer_tls_dir: str | None = None
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
     # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
@@ -202,6 +209,9 @@ class Settings:
             advertise_address=_address(env, "VMTASK_ADVERTISE_ADDRESS",
                                        defaults.advertise_address),
             transfer_ports=_port_range(env, "VMTASK_TRANSFER_PORTS", defaults.transfer_ports),
+            transfer_stall_seconds=_number(env, "VMTASK_TRANSFER_STALL_SECONDS",
+                                           defaults.transfer_stall_seconds, 1.0),
+            transfer_tls_dir=optional("VMTASK_TRANSFER_TLS_DIR"),
             console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
                                               defaults.console_log_max_bytes, 4096)),
             redis_ca=optional("VMTASK_REDIS_CA"),

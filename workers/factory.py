@@ -21,6 +21,7 @@ from workers.tasks import (
     disk_inventory,
     disks,
     migration,
+    move_journal,
     transfer,
     vm_console,
     vms,
@@ -33,7 +34,8 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
-    startup=(disks.remove_crashed_temporaries, vms.reconcile_vms),
+    startup=(disks.remove_crashed_temporaries, move_journal.remove_unfinished_moves,
+             vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),
 )

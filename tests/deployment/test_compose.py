@@ -123,10 +123,12 @@ def test_worker_environment_is_what_settings_reads(
     settings = Settings.from_env(recording)
     vmtask_vars = {name for name in environment if name.startswith("VMTASK_")}
     assert vmtask_vars == {"VMTASK_REDIS_URL", "VMTASK_REDIS_PASSWORD_FILE", "VMTASK_HOST",
-                           "VMTASK_STORAGE_ROOT", "VMTASK_ACCEL"}
+                           "VMTASK_STORAGE_ROOT", "VMTASK_ACCEL", "VMTASK_ADVERTISE_ADDRESS"}
     assert vmtask_vars <= recording.read, (
         f"set in compose but never read by Settings.from_env: {vmtask_vars - recording.read}")
     assert settings.host == host
+    # Other hosts reach its transfers by its service name on the compose network.
+    assert settings.advertise_address == service
     assert settings.storage_root == Path(STORAGE_ROOT)
     assert settings.accel == "auto" and settings.accel in ACCELERATORS
     # The URL in compose has a user and no password; the one in memory has both.

@@ -1,12 +1,17 @@
-"""The transfer settings: the advertised address and the port range."""
+"""The transfer settings: the advertised address, the port range, the stall bound, TLS."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import pytest
 
 from api.errors import InvalidArgumentError
 from api.settings import Settings
 from workers.engines import nbd
+from workers.engines.qemu_img.runner import Stall
+from workers.failures import OperationFailed
 
 
 def test_defaults_and_values() -> None:
@@ -33,3 +38,36 @@ def test_export_names_are_one_time_and_specs_are_json() -> None:
     assert len(nbd.new_export_name()) >= 32
     spec = nbd.client_spec("::1", 50000, "x")
     assert spec.startswith("json:") and '"host":"::1"' in spec and '"port":"50000"' in spec
+
+
+def test_stall_bound_and_tls_dir() -> None:
+    settings = Settings.from_env({})
+    assert (settings.transfer_stall_seconds, settings.transfer_tls_dir) == (60.0, None)
+    settings = Settings.from_env({"VMTASK_TRANSFER_STALL_SECONDS": "5",
+                                  "VMTASK_TRANSFER_TLS_DIR": "/etc/vmtask/tls"})
+    assert (settings.transfer_stall_seconds, settings.transfer_tls_dir) == (5.0, "/etc/vmtask/tls")
+    with pytest.raises(InvalidArgumentError, match="VMTASK_TRANSFER_STALL_SECONDS"):
+        Settings.from_env({"VMTASK_TRANSFER_STALL_SECONDS": "0"})
+
+
+def test_tls_specs_name_the_credentials_object() -> None:
+    spec = nbd.client_spec("10.0.0.2", 50000, "x", tls=True)
+    assert f'"tls-creds":"{nbd.TLS_OBJECT_ID}"' in spec
+    assert "tls-creds" not in nbd.client_spec("10.0.0.2", 50000, "x")
+    assert nbd.tls_object("/etc/tls", "client") == (
+        f"tls-creds-x509,id={nbd.TLS_OBJECT_ID},dir=/etc/tls,endpoint=client")
+    with pytest.raises(OperationFailed, match="comma"):
+        nbd.tls_object("/etc/a,b", "server")  # would smuggle options into --object
+
+
+def test_a_stall_is_neither_progress_nor_output_growth(tmp_path: Path) -> None:
+    output = tmp_path / "copy.tmp"
+    start = time.monotonic()
+    stall = Stall(5, output)
+    assert not stall.stuck(start + 4, start)
+    assert stall.stuck(start + 6, start)  # no output yet, no progress
+    output.write_bytes(b"x")
+    assert not stall.stuck(start + 7, start)  # the output grew: the clock restarts
+    assert not stall.stuck(start + 11, start)
+    assert stall.stuck(start + 13, start)
+    assert not stall.stuck(start + 13, start + 12)  # a progress record restarts it too

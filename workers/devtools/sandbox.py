@@ -115,6 +115,23 @@ def make_tls_files(directory: Path, ca_name: str = "ca") -> TlsFiles:
                     directory / f"{ca_name}-client.key")
 
 
+def make_qemu_tls_dir(directory: Path, ca: TlsFiles, address: str) -> Path:
+    """A host's directory as QEMU's ``tls-creds-x509`` reads it: ``ca``'s CA, a server
+    certificate for ``address`` (the one it advertises) and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # QEMU itself checks the key usage: a TLS key needs encipherment as well.
+    common = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+    _signed_cert(directory, "server", ca.ca, ca.ca_key,
+                 common + f"extendedKeyUsage=serverAuth\nsubjectAltName=IP:{address}\n")
+    _signed_cert(directory, "client", ca.ca, ca.ca_key,
+                 common + "extendedKeyUsage=clientAuth\n")
+    for role in ("server", "client"):
+        (directory / f"{role}.crt").rename(directory / f"{role}-cert.pem")
+        (directory / f"{role}.key").rename(directory / f"{role}-key.pem")
+    (directory / "ca-cert.pem").write_bytes(ca.ca.read_bytes())
+    return directory
+
+
 class RedisServer:
     """A redis-server of our own on a free port; stop() and start() keep the port.
 
@@ -125,7 +142,8 @@ class RedisServer:
 
     def __init__(self, directory: Path, *, appendonly: bool = False,
                  password: str | None = None, tls: TlsFiles | None = None,
-                 acl_file: Path | None = None, username: str | None = None) -> None:
+                 acl_file: Path | None = None, username: str | None = None,
+                 bind: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -134,6 +152,9 @@ class RedisServer:
         self.tls = tls
         self.acl_file = acl_file
         self.username = username
+        # The harness's own client uses the first address; others serve e.g. a
+        # network namespace's bridge.
+        self.bind = bind
         # Further redis-server arguments, e.g. ``--replicaof host port``.
         self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -142,7 +163,13 @@ class RedisServer:
     def url(self) -> str:
         auth = f"{self.username or ''}:{self.password}@" if self.password else ""
         scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+        return f"{scheme}://{auth}{self.bind[0]}:{self.port}/0"
+
+    def url_at(self, address: str) -> str:
+        """The URL through another of the addresses it binds (``bind``)."""
+        assert address in self.bind, f"redis-server does not bind {address}"
+        return self.url.replace(f"@{self.bind[0]}:", f"@{address}:").replace(
+            f"//{self.bind[0]}:", f"//{address}:")
 
     def url_for(self, username: str, password: str) -> str:
         scheme = "rediss" if self.tls else "redis"
@@ -158,7 +185,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         args = [
-            "redis-server", "--bind", "127.0.0.1",
+            "redis-server", "--bind", *self.bind,
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
         ]
@@ -200,7 +227,7 @@ class WorkerProcess:
     def __init__(self, redis_url: str, host: str, storage_root: Path, log_dir: Path, *,
                  concurrency: int = 2, env: Mapping[str, str] | None = None,
                  include: tuple[str, ...] = (TEST_TASK_MODULE,),
-                 node_name: str | None = "") -> None:
+                 node_name: str | None = "", prefix: tuple[str, ...] = ()) -> None:
         self.redis_url = redis_url
         self.host = host
         self.storage_root = storage_root
@@ -209,6 +236,8 @@ class WorkerProcess:
         self.include = include
         # "": a unique name carrying the host; None: no -n, Celery's default naming.
         self.node_name = node_name
+        # Runs the worker through a command that execs it, e.g. ``ip netns exec NS``.
+        self.prefix = prefix
         self.log_path = log_dir / f"worker-{host}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -233,7 +262,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker",
+            [*self.prefix, sys.executable, "-m", "celery", "-A", "workers", "worker",
              "--loglevel", "INFO", "--pool", "prefork", "-c", str(self.concurrency),
              *self.node_arguments(),
              *(["--include", ",".join(self.include)] if self.include else []),

@@ -5,6 +5,11 @@ export is read-only, bound to the host's advertised address, on a port of the
 configured range, and named by a one-time random token: a client that does not
 know the name is refused by qemu-nbd itself.  ``qemu-nbd`` dies with the process
 that started it (parent-death signal), so a killed worker leaves no export behind.
+
+With a TLS directory (QEMU's ``tls-creds-x509`` layout: ``ca-cert.pem``,
+``server-cert.pem``, ``server-key.pem``, ``client-cert.pem``, ``client-key.pem``) the
+export speaks only TLS and asks the client for a certificate signed by the same CA,
+and the client checks the server's certificate against the address it dials.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ _DIE_WITH_PARENT: list[str] = (
 )
 
 
+TLS_OBJECT_ID = "vmtasktls"
+
+
 @dataclass(frozen=True)
 class Export:
     address: str
     port: int
     name: str
     process: subprocess.Popen[bytes]
+    tls: bool = False
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -55,15 +64,23 @@ def file_spec(filename: str) -> str:
                                 separators=(",", ":"))
 
 
-def client_spec(address: str, port: int, name: str) -> str:
-    """What ``qemu-img`` opens to read an export: the raw guest view it serves."""
-    options: dict[str, Any] = {
-        "driver": "raw",
-        "file": {"driver": "nbd", "server": {"type": "inet", "host": address,
-                                             "port": str(port)},
-                 "export": name},
-    }
-    return "json:" + json.dumps(options, separators=(",", ":"))
+def tls_object(tls_dir: str, endpoint: str) -> str:
+    """The ``--object`` that gives qemu-nbd (``server``) or qemu-img (``client``) its
+    certificates."""
+    if "," in tls_dir:
+        raise OperationFailed(f"The transfer TLS directory {tls_dir!r} contains a comma")
+    return f"tls-creds-x509,id={TLS_OBJECT_ID},dir={tls_dir},endpoint={endpoint}"
+
+
+def client_spec(address: str, port: int, name: str, *, tls: bool = False) -> str:
+    """What ``qemu-img`` opens to read an export: the raw guest view it serves.  With
+    ``tls``, qemu-img must also get `tls_object` (``client``)."""
+    nbd: dict[str, Any] = {"driver": "nbd", "server": {"type": "inet", "host": address,
+                                                         "port": str(port)},
+                           "export": name}
+    if tls:
+        nbd["tls-creds"] = TLS_OBJECT_ID
+    return "json:" + json.dumps({"driver": "raw", "file": nbd}, separators=(",", ":"))
 
 
 def _listening(address: str, port: int) -> bool:
@@ -86,13 +103,16 @@ def _port_free(address: str, port: int) -> bool:
 
 
 def _start(spec: str, address: str, port: int, name: str, pass_fds: Sequence[int],
-           stderr: Any) -> subprocess.Popen[bytes] | None:
+           stderr: Any, tls_dir: str | None) -> subprocess.Popen[bytes] | None:
     """qemu-nbd listening on ``port``, or None when the port was taken meanwhile."""
     binary = shutil.which("qemu-nbd") or "qemu-nbd"
     # --persistent: the readiness probe's connection must not end the server; the
     # export lives until `serve` stops it.  --shared=2: the probe and the one client.
     args = [*_DIE_WITH_PARENT, binary, "--read-only", "--persistent", "--shared=2",
-            "--bind", address, "--port", str(port), "--export-name", name, spec]
+            "--bind", address, "--port", str(port), "--export-name", name]
+    if tls_dir is not None:
+        args += ["--object", tls_object(tls_dir, "server"), "--tls-creds", TLS_OBJECT_ID]
+    args.append(spec)
     try:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=stderr, start_new_session=True,
@@ -117,9 +137,10 @@ def _start(spec: str, address: str, port: int, name: str, pass_fds: Sequence[int
 
 @contextmanager
 def serve(spec: str, *, address: str, ports: tuple[int, int], name: str,
-          pass_fds: Sequence[int] = ()) -> Iterator[Export]:
+          pass_fds: Sequence[int] = (), tls_dir: str | None = None) -> Iterator[Export]:
     """Export ``spec`` (a qemu filename, e.g. a pinned chain's ``json:``) read-only
-    until the block ends, on a free port of ``ports`` at ``address``."""
+    until the block ends, on a free port of ``ports`` at ``address``; TLS only, with
+    the certificates of ``tls_dir``, when it is given."""
     low, high = ports
     candidates = list(range(low, high + 1))
     random.shuffle(candidates)  # concurrent transfers rarely race for the same port
@@ -127,13 +148,13 @@ def serve(spec: str, *, address: str, ports: tuple[int, int], name: str,
         for port in candidates:
             if not _port_free(address, port):
                 continue
-            process = _start(spec, address, port, name, pass_fds, stderr)
+            process = _start(spec, address, port, name, pass_fds, stderr, tls_dir)
             if process is None:
                 stderr.seek(0)
                 stderr.truncate()
                 continue
             try:
-                yield Export(address, port, name, process)
+                yield Export(address, port, name, process, tls_dir is not None)
             finally:
                 kill_group(process)
             return

@@ -35,8 +35,15 @@ from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
+from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
-from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, pull_from, read_peer
+from workers.tasks.transfer import (
+    OFFER_TTL_SECONDS,
+    PeerFailed,
+    offer_fields,
+    pull_and_judge,
+    read_peer,
+)
 from workers.tasks.vms import (
     InvalidVMState,
     config_of,
@@ -104,11 +111,10 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                     export = stack.enter_context(nbd.serve(
                         nbd.file_spec(proc_path(fd)), address=run.settings.advertise_address,
                         ports=run.settings.transfer_ports, name=nbd.new_export_name(),
-                        pass_fds=(fd,)))
+                        pass_fds=(fd,), tls_dir=run.settings.transfer_tls_dir))
                     key = offer_key(transfer_id, index)
                     stack.callback(client.delete, key)
-                    client.hset(key, mapping={"address": export.address, "port": export.port,
-                                              "export": export.name,
+                    client.hset(key, mapping={**offer_fields(export),
                                               "virtual_size": manifest[index]["size"],
                                               "allocated": manifest[index]["allocated"],
                                               "fixed": 0})
@@ -191,6 +197,9 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             if free_space(files.root) < needed:
                 raise DiskError(f"Host {run.settings.host} has too little space for VM "
                                 f"{name!r} ({needed} bytes)", hresults.DISK_FULL)
+            # A kill -9 from here on leaves whole files no temporary sweep removes.
+            journal = move_journal.write(run.settings, name, run.task_id,
+                                         [str(item["path"]) for item in manifest])
             total = max(1, sum(int(item["size"]) for item in manifest))
             done = 0
             for index, (item, target) in enumerate(zip(manifest, targets, strict=True)):
@@ -199,8 +208,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                     run.sleep(WATCH)
                 share = _Span(run, 100.0 * done / total,
                               100.0 * (done + int(item["size"])) / total)
-                pull_from(share, run.settings.host, offer, target, verbatim=True,
-                          source_host=source_host)
+                pull_and_judge(run, share, offer, target, verbatim=True,
+                               source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
                 done += int(item["size"])
                 client.hset(keys.transfer(transfer_id), f"done.{index}", "1")
@@ -212,6 +221,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                                   repr(time.time()), EVENTS_MAXLEN)
             if outcome != "OK":
                 raise InvalidVMState(f"VM {name!r} changed during the move ({outcome})")
+            journal.unlink()
     except BaseException:
         for path in pulled:
             path.unlink(missing_ok=True)

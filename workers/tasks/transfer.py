@@ -15,6 +15,7 @@ worker died), and the serve stops once the pull is final.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -26,6 +27,7 @@ import redis
 
 from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol import hresults, keys, records, tasks
+from api.settings import Settings
 from workers.engines import nbd, qemu_img
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.context import OperationContext
@@ -130,11 +132,11 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
         export = stack.enter_context(nbd.serve(
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
-            pass_fds=served.fds))
+            pass_fds=served.fds, tls_dir=run.settings.transfer_tls_dir))
         stack.callback(run.redis.delete, offer_key)
         pipe = run.redis.pipeline(transaction=True)
         pipe.hset(offer_key, mapping={
-            "address": export.address, "port": export.port, "export": export.name,
+            **offer_fields(export),
             "virtual_size": served.virtual_size, "allocated": served.allocated,
             "fixed": int(served.fixed), "host": run.settings.host})
         pipe.expire(offer_key, OFFER_TTL_SECONDS)
@@ -175,9 +177,34 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
         run.sleep(WATCH_INTERVAL)
 
 
-def pull_from(context: OperationContext, here: str, offer: dict[str, str], target: Path, *,
-              verbatim: bool, source_host: str) -> qemu_img.DiskInfo:
-    """Read an announced export into ``target`` on host ``here`` (all or nothing)."""
+def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) -> list[str]:
+    """The client's TLS credentials when the export is TLS; a mismatch is refused."""
+    tls, tls_dir = offer.get("tls") == "1", settings.transfer_tls_dir
+    if tls and tls_dir is None:
+        raise OperationFailed(f"Host {source_host} serves transfers over TLS and host "
+                              f"{settings.host} has no VMTASK_TRANSFER_TLS_DIR",
+                              hresults.ACCESS_DENIED)
+    if tls_dir is None:
+        return []
+    if not tls:
+        # The offer comes through Redis: never let it talk this host out of TLS.
+        raise OperationFailed(f"Host {source_host} offered an unencrypted transfer and "
+                              f"host {settings.host} requires TLS (VMTASK_TRANSFER_TLS_DIR)",
+                              hresults.ACCESS_DENIED)
+    return [nbd.tls_object(tls_dir, "client")]
+
+
+def offer_fields(export: nbd.Export) -> dict[str, str | int]:
+    """What a pull needs to know of an export, announced in Redis."""
+    return {"address": export.address, "port": export.port, "export": export.name,
+            "tls": int(export.tls)}
+
+
+def pull_from(context: OperationContext, settings: Settings, offer: dict[str, str],
+              target: Path, *, verbatim: bool, source_host: str) -> qemu_img.DiskInfo | None:
+    """Read an announced export into ``target`` on this host (all or nothing)."""
+    here = settings.host
+    objects = _tls_objects(settings, offer, source_host)
     fixed = offer.get("fixed") == "1" and not verbatim
     needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])
     available = free_space(target.parent)
@@ -185,11 +212,12 @@ def pull_from(context: OperationContext, here: str, offer: dict[str, str], targe
         raise DiskError(f"Host {here} has {available} bytes free; the copy "
                         f"needs {needed}", hresults.DISK_FULL)
     name = offer["export"]
-    spec = nbd.client_spec(offer["address"], int(offer["port"]), name)
+    spec = nbd.client_spec(offer["address"], int(offer["port"]), name, tls=bool(objects))
     started = time.monotonic()
     try:
         return qemu_img.pull(spec, target, context, virtual_size=int(offer["virtual_size"]),
-                             fixed=fixed, verbatim=verbatim)
+                             fixed=fixed, verbatim=verbatim,
+                             stall_seconds=settings.transfer_stall_seconds, objects=objects)
     except OperationFailed as exc:
         # The export name is the only key to the export: keep it out of the record.
         text = str(exc).replace(name, "***")
@@ -199,6 +227,41 @@ def pull_from(context: OperationContext, here: str, offer: dict[str, str], targe
                             f"{time.monotonic() - started:.1f} s: {text}", exc.result,
                             exc.hresult)
         raise failed from None
+
+
+def _export_answers(offer: dict[str, str]) -> bool:
+    try:
+        with socket.create_connection((offer["address"], int(offer["port"])), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
+def pull_and_judge(run: TaskRun, context: OperationContext, offer: dict[str, str],
+                   target: Path, *, verbatim: bool, source_host: str,
+                   server_task_id: str) -> qemu_img.DiskInfo | None:
+    """`pull_from` (progress reported to ``context``); when it fails and the export no
+    longer answers, the source's fate names the failure: a source worker that died
+    (killed, or its host lost) ends the pull ThreadCrashError, not an I/O error.
+    Its serve is judged gone once its lease lapses, so this waits up to one lease."""
+    try:
+        return pull_from(context, run.settings, offer, target, verbatim=verbatim,
+                         source_host=source_host)
+    except PeerFailed as failure:
+        if _export_answers(offer):
+            raise
+        deadline = time.monotonic() + run.settings.lease_seconds + 1.0
+        while time.monotonic() < deadline:
+            peer = read_peer(run.redis, server_task_id)
+            # Gone, or already judged so by a producer or a reaper.
+            if peer.gone or peer.result is VMTaskResult.ThreadCrashError:
+                raise PeerFailed(f"The worker of the source host {source_host} died "
+                                 f"mid-transfer ({failure})", VMTaskResult.ThreadCrashError,
+                                 hresults.SERVER_FAULT) from None
+            if peer.final:
+                break
+            run.sleep(WATCH_INTERVAL)
+        raise
 
 
 @operation(tasks.DISK_COPY_IN)
@@ -212,6 +275,6 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
                         hresults.FILE_EXISTS)
     with files.file_locks([], [target]):
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
-        made = pull_from(run, run.settings.host, offer, target, verbatim=False,
-                         source_host=source_host)
+        made = pull_and_judge(run, run, offer, target, verbatim=False,
+                              source_host=source_host, server_task_id=server_task_id)
     return files.describe(target, made)

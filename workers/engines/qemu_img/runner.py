@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from workers.engines.context import OperationContext, ProgressSpan
 from workers.engines.qemu_img.errors import clean_stderr, failure_from_stderr
@@ -34,12 +35,17 @@ class _ProgressParser:
     def __init__(self, progress: ProgressSpan) -> None:
         self._progress = progress
         self._pending = b""
+        self.last = -1.0
+        self.advanced_at = time.monotonic()
 
     def feed(self, chunk: bytes) -> None:
         data = self._pending + chunk
         end = 0
         for match in _PROGRESS.finditer(data):
-            self._progress.step(float(match.group(1)))
+            value = float(match.group(1))
+            self._progress.step(value)
+            if value > self.last:
+                self.last, self.advanced_at = value, time.monotonic()
             end = match.end()
         # Only a partial record can span chunks, and records are short.
         self._pending = data[end:][-64:]
@@ -93,6 +99,7 @@ def run_qemu_img(
     timeout: float | None = None,
     cancelable: bool = True,
     pass_fds: Sequence[int] = (),
+    stall: Stall | None = None,
 ) -> str:
     """Run ``qemu-img <args>`` and return its stdout.
 
@@ -101,7 +108,8 @@ def run_qemu_img(
     monotonically.  ``cancel_requested()`` is polled about every `POLL_INTERVAL`
     seconds unless ``cancelable`` is false (for steps that modify an image in place,
     where stopping halfway is worse than finishing).  Failures are mapped from stderr
-    by `failure_from_stderr`.
+    by `failure_from_stderr`.  With ``stall``, a run whose progress and output both
+    stand still for ``stall.seconds`` is killed and ends `OperationTimedOut`.
     """
     if cancelable and context.cancel_requested():
         raise Cancelled()
@@ -140,6 +148,9 @@ def run_qemu_img(
         if deadline is not None and now >= deadline:
             kill_group(process)
             raise OperationTimedOut(f"{action} did not finish within {timeout:g} s")
+        if stall is not None and stall.stuck(now, parser.advanced_at):
+            kill_group(process)
+            raise OperationTimedOut(f"{action} received nothing for {stall.seconds:g} s")
 
     try:
         with selectors.DefaultSelector() as selector:
@@ -175,6 +186,28 @@ def run_qemu_img(
         paths = [arg for arg in args if os.sep in arg]
         raise failure_from_stderr(clean_stderr(stderr), action, paths)
     return stdout.decode(errors="replace")
+
+
+class Stall:
+    """Watches a transfer for standing still: neither its ``-p`` progress nor the size
+    of its ``output`` changed for ``seconds``.  (The output grows between progress
+    records, which are 1% apart: long on a big disk over a slow link.)"""
+
+    def __init__(self, seconds: float, output: Path) -> None:
+        self.seconds = seconds
+        self.output = output
+        self._size: tuple[int, int] | None = None
+        self._changed_at = time.monotonic()
+
+    def stuck(self, now: float, progressed_at: float) -> bool:
+        try:
+            status = os.stat(self.output)
+            size: tuple[int, int] | None = (status.st_size, status.st_blocks)
+        except FileNotFoundError:
+            size = None
+        if size != self._size:
+            self._size, self._changed_at = size, now
+        return now - max(self._changed_at, progressed_at) > self.seconds
 
 
 class Deadline:

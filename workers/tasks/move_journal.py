@@ -1,0 +1,77 @@
+"""What an incoming move has written on the destination, for a worker killed mid-move.
+
+A cold move pulls each file whole (`workers.tasks.migration.migrate_in`); a file
+published before the worker died is no temporary, so the start-up sweep of crashed
+temporaries would keep it.  Before anything is pulled, the destination writes the
+list of every file it will create to ``vms/<name>/incoming.json`` (the VM's folder
+is new: a move into an existing one is refused).  The journal goes once the VM's
+record names this host.  A worker starting up finds the journals of moves that died:
+where the record still names another host, the move never happened, so what it
+pulled goes; where it names this host, the move did happen, so only the journal goes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import redis
+
+from api.protocol import keys
+from api.settings import Settings
+from workers.failures import OperationFailed
+from workers.tasks.disks import process_exists
+from workers.tasks.files import HostFiles
+from workers.tasks.vms import paths_of
+
+log = logging.getLogger(__name__)
+JOURNAL = "incoming.json"
+
+
+def write(settings: Settings, name: str, task_id: str, files: list[str]) -> Path:
+    """Create the VM's folder on this host with the journal of the files to come."""
+    directory = paths_of(settings, name).directory
+    directory.mkdir(parents=True, exist_ok=True)  # a move into an existing one is refused
+    journal = directory / JOURNAL
+    temp = journal.with_name(JOURNAL + ".tmp")
+    temp.write_text(json.dumps({"task_id": task_id, "files": files}))
+    with temp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temp, journal)
+    return journal
+
+
+def _lease_live(client: redis.Redis, task_id: str) -> bool:
+    holder = client.get(keys.task_lease(task_id))
+    if holder is None:
+        return False
+    _host, machine, pid = str(holder).rsplit(":", 2)
+    return machine != socket.gethostname() or process_exists(int(pid))
+
+
+def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:
+    """Start-up hook: undo the moves into this host whose worker died before the switch."""
+    files = HostFiles.of(settings)
+    for journal in sorted((files.root / "vms").glob(f"*/{JOURNAL}")):
+        name = journal.parent.name
+        try:
+            entry = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            log.warning("Unreadable move journal %s: left alone", journal)
+            continue
+        if _lease_live(client, str(entry.get("task_id"))):
+            continue
+        if client.hget(keys.vm_record(name), "host") == settings.host:
+            journal.unlink(missing_ok=True)  # the move happened: the files are the VM's
+            continue
+        for relative in entry.get("files", []):
+            try:
+                files.resolve(str(relative)).unlink(missing_ok=True)
+            except (OSError, OperationFailed) as exc:
+                log.warning("Could not remove %s of an unfinished move: %s", relative, exc)
+        shutil.rmtree(journal.parent, ignore_errors=True)
+        log.warning("Removed what an unfinished move of VM %s left on this host", name)
