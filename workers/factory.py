@@ -20,6 +20,7 @@ from workers.tasks import (
     diagnostics,
     disk_inventory,
     disks,
+    live_migration,
     migration,
     transfer,
     vm_console,
@@ -28,12 +29,13 @@ from workers.tasks import (
 
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
                      vms.__name__, vm_console.__name__, transfer.__name__,
-                     migration.__name__]
+                     migration.__name__, live_migration.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
-    startup=(disks.remove_crashed_temporaries, vms.reconcile_vms),
+    startup=(disks.remove_crashed_temporaries, live_migration.remove_incoming_leftovers,
+             vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),
 )

@@ -18,8 +18,9 @@ What the guest does (see `INIT_SCRIPT`):
   marker is never lost;
 * serves a small subset of the QEMU guest agent protocol on the virtio-serial port
   named `AGENT_PORT_NAME`: ``guest-sync``, ``guest-sync-delimited``,
-  ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo`` and
-  ``guest-network-get-interfaces``.  The agent is line based:
+  ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo``,
+  ``guest-network-get-interfaces``, and ``guest-file-open``/``-read``/``-close`` for
+  reading a whole file (read-only; e.g. the kernel's boot id).  The agent is line based:
   every command must end with a newline, which `workers.engines.guest_agent` always sends.
 """
 
@@ -73,6 +74,9 @@ AGENT_COMMANDS = (
     "guest-shutdown",
     "guest-get-osinfo",
     "guest-network-get-interfaces",
+    "guest-file-open",
+    "guest-file-read",
+    "guest-file-close",
 )
 
 

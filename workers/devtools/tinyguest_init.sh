@@ -170,6 +170,33 @@ handle_line() {
     guest-info)
         reply '{"return": {"version": "vmtask-tinyguest", "supported_commands": [@COMMANDS@]}}'
         ;;
+    guest-file-open)
+        # Read-only, whole files: enough to read /proc (the boot id) from the host.
+        str_arg path
+        if [ -n "$val" ] && [ -r "$val" ]; then
+            handle=$((${handle:-0} + 1))
+            eval "file_$handle=\$val"
+            reply "{\"return\": $handle}"
+        else
+            error_reply GenericError "Cannot open the file for reading"
+        fi
+        ;;
+    guest-file-read)
+        int_arg handle
+        case $val in ''|*[!0-9]*) val=0 ;; esac
+        eval "f=\${file_$val-}"
+        if [ -z "$f" ]; then
+            error_reply GenericError "Invalid file handle"
+        else
+            reply "{\"return\": {\"count\": $(wc -c < "$f"), \"buf-b64\": \"$(base64 -w 0 < "$f")\", \"eof\": true}}"
+        fi
+        ;;
+    guest-file-close)
+        int_arg handle
+        case $val in ''|*[!0-9]*) val=0 ;; esac
+        eval "unset file_$val"
+        reply '{"return": {}}'
+        ;;
     guest-shutdown)
         str_arg mode
         # Like qemu-ga, success has no reply: the guest is gone before it could matter.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ from workers.failures import Cancelled, OperationFailed, OperationTimedOut
 DOWNTIME_LIMIT_MS = 300
 MIRRORABLE_FORMATS = frozenset({"qcow2", "raw"})
 STOP_TIMEOUT = 30.0
+
+
+def new_export_name() -> str:
+    """A one-time export name; QEMU also uses it as the export's id, which must start
+    with a letter."""
+    return "x" + secrets.token_urlsafe(24)
 
 
 def device_of(index: int) -> str:
@@ -134,14 +141,19 @@ def incoming_status(paths: VMPaths) -> str:
         return str(monitor.execute("query-migrate").get("status", "none"))
 
 
-def commit_incoming(paths: VMPaths, *, run: bool) -> None:
-    """The source has let go: close the NBD server and run the guest here."""
+def stop_serving(paths: VMPaths) -> None:
+    """The source has let go: check the migration arrived whole and close the NBD server."""
     with connect(paths) as monitor:
         status = monitor.execute("query-migrate").get("status")
         if status != "completed":
             raise OperationFailed(f"The incoming migration is {status}, not completed")
         monitor.execute("nbd-server-stop")
-        if run:
+
+
+def run_guest(paths: VMPaths, *, run: bool) -> None:
+    """Run the guest here (``cont``), or leave it paused as it was on the source."""
+    if run:
+        with connect(paths) as monitor:
             monitor.execute("cont")
 
 
