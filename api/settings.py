@@ -94,6 +94,9 @@ class Settings:
     host_drive_allow: tuple[str, ...] = ()
     # Bytes per second a VM save may write (0: unlimited), to spare a busy disk.
     save_max_bandwidth: int = 0
+    # Bytes per second a live migration may send, for each disk's mirror and for RAM
+    # (0: unlimited), to spare a shared link.
+    migrate_max_bandwidth: int = 0
     # Long operations (copies, VM starts, saves) a host runs at once.  They wait on
     # subprocesses and QMP, not on the CPU, so this is not tied to the CPU count.
     concurrency: int = 4
@@ -188,6 +191,7 @@ class Settings:
             ),
             host_drive_allow=allow,
             save_max_bandwidth=int(_number(env, "VMTASK_SAVE_MAX_BANDWIDTH", 0, 0)),
+            migrate_max_bandwidth=int(_number(env, "VMTASK_MIGRATE_MAX_BANDWIDTH", 0, 0)),
             concurrency=int(_number(env, "VMTASK_CONCURRENCY", defaults.concurrency, 1)),
             control_concurrency=int(_number(env, "VMTASK_CONTROL_CONCURRENCY",
                                             defaults.control_concurrency, 1)),

@@ -21,8 +21,9 @@ What the guest does (see `INIT_SCRIPT`):
   ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo``,
   ``guest-network-get-interfaces``, and ``guest-file-open``/``-read``/``-write``/
   ``-close`` on whole files: a read returns all of it (the kernel's boot id), a
-  write replaces the first bytes in place and syncs (a pattern on a virtio disk).  The agent is line based:
-  every command must end with a newline, which `workers.engines.guest_agent` always sends.
+  write replaces the first bytes in place and syncs (a pattern on a virtio disk).
+  The agent is line based: every command must end with a newline, which
+  `workers.engines.guest_agent` always sends.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from api.settings import Settings
 from workers.engines import qemu_vm
 from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.process import force_stop, wait_pid
-from workers.engines.storage import free_space, publish_atomically, temporary_path_for
+from workers.engines.storage import free_space, publish_atomically
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
@@ -130,10 +130,14 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
             raise IllegalValue(f"VM {name!r} has undo disks: it moves only cold")
         config = config_of(run.settings, record)
         paths = paths_of(run.settings, name)
+        _check_formats([{"path": files.relative(files.resolve(relative)),
+                         "format": qemu_vm.disk_format(path)}
+                        for relative, path in zip(json.loads(record["disks"]), config.disks,
+                                                  strict=True)])
         with qemu_vm.connect(paths) as monitor:
-            outgoing = livemigrate.Outgoing.begin(monitor, config, run)
+            outgoing = livemigrate.Outgoing.begin(
+                monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth)
             disks = _manifest(monitor, files, record, config)
-            _check_formats(disks)
             client.hset(key, mapping={"manifest": json.dumps(disks)})
             client.expire(key, OFFER_TTL_SECONDS)
             try:
@@ -248,7 +252,9 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     targets = [files.resolve_output(d["path"]) for d in disks]
     _refuse_incompatible(run, files, disks, targets)
     config = config_of(run.settings, record)  # a missing kernel or initrd: refused here
-    temps = [temporary_path_for(t, run.task_id) for t in targets]
+    # Staged inside the VM's directory under names QEMU still knows the format of;
+    # a leftover goes with the directory (`remove_incoming_leftovers`).
+    temps = [paths.directory / "incoming" / f"disk{i}{t.suffix}" for i, t in enumerate(targets)]
     made: list[Path] = []
     committed = False
     try:
@@ -268,6 +274,8 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             for temp, target in zip(temps, targets, strict=True):
                 publish_atomically(temp, target)
                 made.append(target)
+            with contextlib.suppress(OSError):
+                (paths.directory / "incoming").rmdir()
             outcome = client.eval(MOVE_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
                                   source_host, run.settings.host,
                                   ",".join(str(int(s)) for s in sorted(LIVE)),

@@ -35,7 +35,7 @@ from workers.engines.qemu_vm.lifecycle import _check_host_memory, _launch, build
 from workers.engines.qemu_vm.monitor import Monitor, QMPCommandFailed, connect
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop
 from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, _cancel_migration
-from workers.failures import Cancelled, OperationFailed, OperationTimedOut
+from workers.failures import Cancelled, IllegalValue, OperationFailed, OperationTimedOut
 
 # QEMU's default: the guest's pause at switch-over is planned to stay under this.
 DOWNTIME_LIMIT_MS = 300
@@ -170,19 +170,23 @@ class Outgoing:
     migrating: bool = False
     completed: bool = False
     was_running: bool = True
+    max_bandwidth: int = 0
+    """Bytes per second for each mirror and for RAM; 0: unlimited."""
     disk_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def begin(cls, monitor: Monitor, config: VMConfig, context: OperationContext) -> Outgoing:
+    def begin(cls, monitor: Monitor, config: VMConfig, context: OperationContext, *,
+              max_bandwidth: int = 0) -> Outgoing:
         status = monitor.execute("query-status")["status"]
         if status not in ("running", "paused"):
             raise OperationFailed(f"VM {config.name} cannot migrate in the run state {status!r}")
         blockers = monitor.execute("query-migrate").get("blocked-reasons") or []
         if blockers:
-            raise OperationFailed(f"VM {config.name} cannot migrate: {'; '.join(blockers)}")
+            raise IllegalValue(f"VM {config.name} cannot migrate: {'; '.join(blockers)}")
         outgoing = cls(monitor, len(config.disks), config.memory_mb * MiB,
                        ProgressSpan(context, min_step=0.5))
         outgoing.was_running = status == "running"
+        outgoing.max_bandwidth = max_bandwidth
         return outgoing
 
     def mirror(self, incoming: Incoming) -> None:
@@ -197,7 +201,7 @@ class Outgoing:
             job = f"migrate-mirror{index}"
             self.monitor.execute("blockdev-mirror", {
                 "job-id": job, "device": device_of(index), "target": node, "sync": "full",
-                "auto-dismiss": False})
+                "auto-dismiss": False, "speed": self.max_bandwidth})
             self.jobs.append(job)
 
     def _job_table(self) -> dict[str, dict[str, Any]]:
@@ -253,7 +257,8 @@ class Outgoing:
         rollback: the destination has not run the guest yet.
         """
         self.monitor.execute("migrate-set-parameters", {
-            "max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS})
+            "max-bandwidth": self.max_bandwidth or UNLIMITED_BANDWIDTH,
+            "downtime-limit": DOWNTIME_LIMIT_MS})
         self.monitor.execute("migrate", {"uri": _uri(incoming.address, incoming.migrate_port)})
         self.migrating = True
         while True:

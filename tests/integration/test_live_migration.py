@@ -1,0 +1,309 @@
+"""Live migration of the tiny guest (TCG) from host alpha to host beta: two real
+workers with separate storage roots, QEMU's NBD and migration channels between them."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
+from api.protocol import hresults, keys
+from tests.helpers import assert_succeeded as done
+from tests.helpers import pids_of, qemu_io
+from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
+from workers.devtools.tinyguest import build_tiny_guest
+from workers.engines.guest_agent import GuestAgentClient
+from workers.failures import OperationFailed
+
+pytestmark = pytest.mark.slow
+S = VMVMState
+BLOCK = 4096
+FAST = {"VMTASK_HEARTBEAT_SECONDS": "1"}
+# A source that mirrors and migrates at 8 MiB/s: slow enough to act mid-transfer.
+SLOW = {**FAST, "VMTASK_MIGRATE_MAX_BANDWIDTH": str(8 << 20)}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Short paths: QEMU's unix sockets live under the storage roots (108-byte limit).
+    return Path(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="module")
+def redis_url(base: Path) -> Iterator[str]:
+    redis = RedisServer(base / "redis").start()
+    yield redis.url
+    redis.stop()
+
+
+def add_guest(root: Path) -> None:
+    guest = build_tiny_guest()
+    (root / "guest").mkdir(parents=True, exist_ok=True)
+    shutil.copy(guest.kernel, root / "guest" / "vmlinuz")
+    shutil.copy(guest.initrd, root / "guest" / "initrd.gz")
+
+
+def stop_all(*workers: WorkerProcess) -> None:
+    for worker in workers:
+        worker.stop()
+        for pid in pids_of(f"{worker.storage_root}/vms"):
+            os.kill(pid, 9)
+
+
+@pytest.fixture(scope="module")
+def hosts(redis_url: str, base: Path) -> Iterator[dict[str, WorkerProcess]]:
+    started = {name: WorkerProcess(redis_url, name, base / name[0], base, concurrency=2,
+                                   env=SLOW if name == "slow" else FAST).start()
+               for name in ("alpha", "beta", "slow")}
+    for worker in started.values():
+        add_guest(worker.storage_root)
+    yield started
+    stop_all(*started.values())
+
+
+@pytest.fixture
+def server(redis_url: str, hosts: dict[str, WorkerProcess]) -> Iterator[VirtualServer]:
+    with VirtualServer(redis_url, host="alpha", poll_interval=0.2) as vs:
+        yield vs
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    return "lm" + str(abs(hash(request.node.name)) % 10**6)
+
+
+def agent(root: Path, vm: str) -> GuestAgentClient:
+    return GuestAgentClient(root / "vms" / vm / "qga.sock")
+
+
+def wait_for_agent(root: Path, vm: str) -> None:
+    def answers() -> bool:
+        with agent(root, vm) as client:
+            try:
+                return client.ping(timeout=2)
+            except OperationFailed:
+                return False
+    wait_until(answers, 90, f"the guest agent of {vm}", interval=0.5)
+
+
+def boot_id(root: Path, vm: str) -> str:
+    with agent(root, vm) as client:
+        handle = client.execute("guest-file-open", {"path": "/proc/sys/kernel/random/boot_id"})
+        read = client.execute("guest-file-read", {"handle": handle})
+        client.execute("guest-file-close", {"handle": handle})
+    return base64.b64decode(read["buf-b64"]).decode().strip()
+
+
+def guest_write(client: GuestAgentClient, value: int) -> None:
+    """The guest writes ``value`` over the first block of its disk, synced."""
+    handle = client.execute("guest-file-open", {"path": "/dev/vda", "mode": "r+"})
+    client.execute("guest-file-write", {"handle": handle,
+                                        "buf-b64": base64.b64encode(bytes([value]) * BLOCK)
+                                        .decode()}, timeout=10)
+    client.execute("guest-file-close", {"handle": handle})
+
+
+def running_guest(server: VirtualServer, hosts: dict[str, WorkerProcess], name: str,
+                  host: str, *, disk_mb: int = 64, data_mb: int = 8) -> VirtualMachine:
+    root = hosts[host].storage_root
+    done(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", disk_mb, host=host))
+    qemu_io(root / name / "d.qcow2", "qcow2", f"write -P 0x5a 1M {data_mb}M")
+    vm = server.create_virtual_machine(
+        name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
+        host=host, kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+        append="console=ttyS0 quiet panic=-1")
+    done(vm.startup())
+    wait_for_agent(root, name)
+    return vm
+
+
+def where(vm: VirtualMachine) -> tuple[str, S]:
+    state = vm.state  # reads the record, and with it the VM's host
+    return vm.host, state
+
+
+def nothing_of(worker: WorkerProcess, name: str) -> list[str]:
+    """Whatever of VM ``name`` is on the host: files, temporaries, QEMU processes."""
+    root = worker.storage_root
+    left = [str(p.relative_to(root)) for p in (root / name).glob("*")] if (
+        root / name).exists() else []
+    left += [str(p.relative_to(root)) for p in root.rglob("*.vmtask-*.tmp")]
+    if (root / "vms" / name).exists():
+        left.append(f"vms/{name}")
+    left += [f"pid {p}" for p in pids_of(f"{root}/vms/{name}/")]
+    return left
+
+
+def follow(task: Any, vm: VirtualMachine, until: Callable[[float], bool] | None = None
+           ) -> tuple[list[float], set[S]]:
+    """Sample the task's progress and the VM's state until the task ends (or ``until``)."""
+    percents: list[float] = []
+    states: set[S] = set()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        snap = task.snapshot()
+        percents.append(snap.percent_completed)
+        states.add(vm.state)
+        if snap.is_complete or (until is not None and until(snap.percent_completed)):
+            return percents, states
+        time.sleep(0.02)
+    raise AssertionError("the migration did not end in time")
+
+
+def test_a_running_guest_moves_live(server: VirtualServer, hosts: dict[str, WorkerProcess],
+                                    name: str, tmp_path: Path) -> None:
+    alpha, beta = hosts["alpha"], hosts["beta"]
+    vm = running_guest(server, hosts, name, "alpha")
+    before = boot_id(alpha.storage_root, name)
+    pristine = tmp_path / "pristine.qcow2"
+    shutil.copy(alpha.storage_root / name / "d.qcow2", pristine)  # the guest has not written
+
+    # The guest keeps writing its disk through the whole migration.
+    acked: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        value = 1
+        with agent(alpha.storage_root, name) as client:
+            while not stop.is_set() and value < 250:
+                try:
+                    guest_write(client, value)
+                except OperationFailed:
+                    return  # the source QEMU is gone: the guest lives on beta now
+                acked.append((value, time.monotonic()))
+                value += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    wait_until(lambda: len(acked) >= 2, 30, "the guest's first writes")
+    submitted = time.monotonic()
+    task = vm.migrate("beta")
+    assert task.host == "alpha" and task.is_cancelable
+    percents, states = follow(task, vm)
+    finished = time.monotonic()
+    stop.set()
+    thread.join(30)
+    done(task)
+    output = task.snapshot().output
+    print(f"\nlive migration: downtime {output['downtime_ms']} ms, "
+          f"QEMU total {output['total_time_ms']} ms, task {finished - submitted:.2f} s")
+
+    assert states == {S.Running}  # read Running throughout
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert where(vm) == ("beta", S.Running)
+    assert server.redis.hget(keys.vm_record(name), "host") == "beta"
+    assert any(submitted < at < finished for _, at in acked), "no write during the migration"
+    # The same boot, answering through beta.
+    assert boot_id(beta.storage_root, name) == before
+    assert nothing_of(alpha, name) == []
+    assert not server.redis.keys(keys.transfer("*"))
+    assert vm.details["pid"] and int(vm.details["pid"]) in pids_of(f"{beta.storage_root}/vms/")
+
+    done(vm.turn_off())  # on beta
+    last = acked[-1][0]
+    disk = beta.storage_root / name / "d.qcow2"
+    first = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -v 0 1", str(disk)],
+                           capture_output=True, text=True, check=True).stdout
+    value = int(first.split(":")[1].split()[0], 16)
+    # The last acknowledged write, or the one in flight at the switch-over.
+    assert value in (last, last + 1), (value, last)
+    qemu_io(pristine, "qcow2", f"write -P {value} 0 {BLOCK}")
+    compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
+                               str(pristine), str(disk)], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    done(vm.delete())
+
+
+def test_a_paused_guest_moves_and_stays_paused(server: VirtualServer,
+                                               hosts: dict[str, WorkerProcess],
+                                               name: str) -> None:
+    vm = running_guest(server, hosts, name, "alpha", disk_mb=16, data_mb=1)
+    before = boot_id(hosts["alpha"].storage_root, name)
+    done(vm.pause())
+    done(vm.migrate("beta"))
+    assert where(vm) == ("beta", S.Paused)
+    done(vm.resume())
+    assert boot_id(hosts["beta"].storage_root, name) == before
+    assert nothing_of(hosts["alpha"], name) == []
+    done(vm.turn_off())
+    done(vm.delete())
+
+
+def test_cancel_mid_transfer_leaves_it_running_on_the_source(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
+    slow, beta = hosts["slow"], hosts["beta"]
+    vm = running_guest(server, hosts, name, "slow", disk_mb=256, data_mb=96)
+    before = boot_id(slow.storage_root, name)
+    task = vm.migrate("beta")
+    percents, states = follow(task, vm, until=lambda percent: percent >= 10)
+    assert not task.is_complete and 10 <= percents[-1] < 90  # the disk is on its way
+    task.cancel()
+    assert task.wait_for_completion(60_000)
+    assert task.result is VMTaskResult.Cancelled
+    assert states == {S.Running}
+    assert where(vm) == ("slow", S.Running)
+    assert boot_id(slow.storage_root, name) == before  # unharmed, never restarted
+    wait_until(lambda: nothing_of(beta, name) == [], 30, "beta to drop the migration")
+    done(vm.turn_off())
+    qemu_io(slow.storage_root / name / "d.qcow2", "qcow2", "read -P 0x5a 1M 96M")
+    done(vm.delete())
+
+
+def test_an_incompatible_destination_is_refused_before_anything_moves(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
+    alpha, beta = hosts["alpha"], hosts["beta"]
+    vm = running_guest(server, hosts, name, "alpha", disk_mb=16, data_mb=1)
+    before = boot_id(alpha.storage_root, name)
+    clash = beta.storage_root / name / "d.qcow2"
+    clash.parent.mkdir(parents=True, exist_ok=True)
+    clash.write_bytes(b"mine")
+    task = vm.migrate("beta")
+    assert task.wait_for_completion(60_000)
+    assert (task.result, task.error) == (VMTaskResult.DiskRelatedError, hresults.FILE_EXISTS)
+    assert clash.read_bytes() == b"mine"
+    clash.unlink()
+    assert nothing_of(beta, name) == []  # no QEMU was started there
+    assert where(vm) == ("alpha", S.Running)
+    assert boot_id(alpha.storage_root, name) == before
+
+    # A kernel the destination lacks: refused, the guest runs on.
+    (beta.storage_root / "guest" / "initrd.gz").rename(beta.storage_root / "guest" / "x")
+    try:
+        task = vm.migrate("beta")
+        assert task.wait_for_completion(60_000)
+        assert (task.result, task.error) == (VMTaskResult.DiskRelatedError,
+                                             hresults.FILE_NOT_FOUND)
+    finally:
+        (beta.storage_root / "guest" / "x").rename(beta.storage_root / "guest" / "initrd.gz")
+    assert nothing_of(beta, name) == []
+    assert where(vm) == ("alpha", S.Running)
+    with pytest.raises(errors.InvalidArgumentError):
+        vm.migrate("alpha")
+    done(vm.turn_off())
+    done(vm.delete())
+
+
+def test_a_vhd_disk_is_refused_for_live_migration(server: VirtualServer,
+                                                  hosts: dict[str, WorkerProcess],
+                                                  name: str) -> None:
+    done(server.create_dynamic_virtual_hard_disk(f"{name}/d.vhd", 16))
+    vm = server.create_virtual_machine(
+        name, memory_mb=64, disks=[f"{name}/d.vhd"], network=None, host="alpha",
+        kernel="guest/vmlinuz", initrd="guest/initrd.gz", append="console=ttyS0 quiet")
+    done(vm.startup())
+    task = vm.migrate("beta")
+    assert task.wait_for_completion(60_000)
+    assert task.result is VMTaskResult.IllegalValueError, task.error_description
+    assert where(vm) == ("alpha", S.Running)
+    assert nothing_of(hosts["beta"], name) == []
+    done(vm.turn_off())
+    done(vm.delete())
