@@ -307,3 +307,31 @@ def test_a_vhd_disk_is_refused_for_live_migration(server: VirtualServer,
     assert nothing_of(hosts["beta"], name) == []
     done(vm.turn_off())
     done(vm.delete())
+
+
+def test_kill_9_of_the_destination_worker_leaves_the_guest_on_the_source(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], redis_url: str, base: Path,
+        name: str) -> None:
+    slow = hosts["slow"]
+    delta = WorkerProcess(redis_url, "delta", base / "d", base, concurrency=2, env=FAST).start()
+    try:
+        add_guest(delta.storage_root)
+        vm = running_guest(server, hosts, name, "slow", disk_mb=128, data_mb=64)
+        before = boot_id(slow.storage_root, name)
+        task = vm.migrate("delta")
+        follow(task, vm, until=lambda percent: percent >= 10)
+        assert not task.is_complete
+        assert pids_of(f"{delta.storage_root}/vms/{name}/")  # its QEMU is receiving
+        delta.kill()  # the worker and its pool; the daemonized QEMU survives
+        assert task.wait_for_completion(90_000)
+        assert task.result is VMTaskResult.ThreadCrashError, task.error_description
+        assert where(vm) == ("slow", S.Running)
+        assert boot_id(slow.storage_root, name) == before
+        # The restarted worker removes the half-received VM: QEMU, disks, directory.
+        delta = WorkerProcess(redis_url, "delta", base / "d", base, concurrency=2,
+                              env=FAST).start()
+        assert nothing_of(delta, name) == []
+        done(vm.turn_off())
+        done(vm.delete())
+    finally:
+        stop_all(delta)
