@@ -223,9 +223,9 @@ def test_a_running_guest_moves_live(server: VirtualServer, hosts: dict[str, Work
     done(vm.delete())
 
 
-def test_a_paused_guest_moves_and_stays_paused(server: VirtualServer,
-                                               hosts: dict[str, WorkerProcess],
-                                               name: str) -> None:
+def test_a_paused_guest_moves_paused_and_comes_back(server: VirtualServer,
+                                                    hosts: dict[str, WorkerProcess],
+                                                    name: str) -> None:
     vm = running_guest(server, hosts, name, "alpha", disk_mb=16, data_mb=1)
     before = boot_id(hosts["alpha"].storage_root, name)
     done(vm.pause())
@@ -234,7 +234,14 @@ def test_a_paused_guest_moves_and_stays_paused(server: VirtualServer,
     done(vm.resume())
     assert boot_id(hosts["beta"].storage_root, name) == before
     assert nothing_of(hosts["alpha"], name) == []
+    # Back again: the QEMU that received the guest can send it on (it reopens its
+    # images by name at the switch-over, so they must keep the names it opened).
+    done(vm.migrate("alpha"))
+    assert where(vm) == ("alpha", S.Running)
+    assert boot_id(hosts["alpha"].storage_root, name) == before
+    assert nothing_of(hosts["beta"], name) == []
     done(vm.turn_off())
+    qemu_io(hosts["alpha"].storage_root / name / "d.qcow2", "qcow2", "read -P 0x5a 1M 1M")
     done(vm.delete())
 
 

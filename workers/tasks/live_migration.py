@@ -47,8 +47,9 @@ from api.protocol.vmstate import EVENTS_MAXLEN
 from api.settings import Settings
 from workers.engines import qemu_vm
 from workers.engines.qemu_vm import livemigrate
+from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
-from workers.engines.storage import free_space, publish_atomically
+from workers.engines.storage import free_space, resolve_in_root
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
@@ -60,6 +61,7 @@ from workers.tasks.vms import (
     paths_of,
     record_of,
     record_runtime,
+    root,
     vm_lock,
 )
 
@@ -68,6 +70,8 @@ log = logging.getLogger(__name__)
 LIVE = frozenset({S.Running, S.Paused})
 WATCH = 0.05
 MIGRATION_TIMEOUT = 3600.0
+# In a destination's VM directory until the switch-over: the disks it is receiving.
+INCOMING_LIST = "incoming.json"
 
 
 def _peer_check(run: TaskRun, peer_task_id: str, peer_host: str, what: str) -> None:
@@ -210,9 +214,16 @@ def _refuse_incompatible(run: TaskRun, files: HostFiles, disks: list[dict[str, A
                         "bytes)", hresults.DISK_FULL)
 
 
-def _create_disk(item: dict[str, Any], temp: Path) -> None:
-    temp.parent.mkdir(parents=True, exist_ok=True)
-    made = subprocess.run(["qemu-img", "create", "-q", "-f", item["format"], str(temp),
+def _reserve(item: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise DiskError(f"{item['path']} appeared meanwhile", hresults.FILE_EXISTS) from None
+
+
+def _create_disk(item: dict[str, Any], target: Path) -> None:
+    made = subprocess.run(["qemu-img", "create", "-q", "-f", item["format"], str(target),
                            str(int(item["virtual_size"]))], capture_output=True, text=True,
                           check=False)
     if made.returncode != 0:
@@ -252,30 +263,29 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     targets = [files.resolve_output(d["path"]) for d in disks]
     _refuse_incompatible(run, files, disks, targets)
     config = config_of(run.settings, record)  # a missing kernel or initrd: refused here
-    # Staged inside the VM's directory under names QEMU still knows the format of;
-    # a leftover goes with the directory (`remove_incoming_leftovers`).
-    temps = [paths.directory / "incoming" / f"disk{i}{t.suffix}" for i, t in enumerate(targets)]
+    # The disks get their final names at once: QEMU reopens an image by its name (at
+    # the next migration's switch-over, for one), so a rename under it would break
+    # it.  Until the switch they are listed in the VM's directory, for
+    # `remove_incoming_leftovers` should this worker die meanwhile.
+    listing = paths.directory / INCOMING_LIST
     made: list[Path] = []
     committed = False
     try:
         with vm_lock(run, name):
-            for item, temp in zip(disks, temps, strict=True):
-                made.append(temp)
-                _create_disk(item, temp)
+            listing.write_text(json.dumps([d["path"] for d in disks]))
+            for item, target in zip(disks, targets, strict=True):
+                _reserve(item, target)
+                made.append(target)
+                _create_disk(item, target)
             exports = tuple(livemigrate.new_export_name() for _ in disks)
             incoming = livemigrate.start_incoming(
-                dataclasses.replace(config, disks=tuple(str(t) for t in temps)), paths, run,
+                dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths, run,
                 address=run.settings.advertise_address, ports=run.settings.transfer_ports,
                 exports=exports)
             client.hset(key, "incoming", json.dumps(incoming.to_dict()))
             run.report_progress(10)
             _wait_switch(run, key, paths, peer_task_id, source_host)
             livemigrate.stop_serving(paths)
-            for temp, target in zip(temps, targets, strict=True):
-                publish_atomically(temp, target)
-                made.append(target)
-            with contextlib.suppress(OSError):
-                (paths.directory / "incoming").rmdir()
             outcome = client.eval(MOVE_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
                                   source_host, run.settings.host,
                                   ",".join(str(int(s)) for s in sorted(LIVE)),
@@ -283,6 +293,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             if outcome != "OK":
                 raise InvalidVMState(f"VM {name!r} changed during the migration ({outcome})")
             committed = True
+            listing.unlink()
             livemigrate.run_guest(paths, run=S(int(record["state"])) is S.Running)
             pid = qemu_vm.find_pid(paths)
             started = record.get("started", repr(time.time()))
@@ -292,6 +303,8 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             client.hset(key, "committed", "1")
     except BaseException:
         if not committed:
+            log.warning("Migration of %s into this host failed; its QEMU said: %s", name,
+                        read_logs(paths) or "nothing")
             force_stop(paths)
             qemu_vm.cleanup(paths)
             for path in made:
@@ -303,7 +316,8 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
 
 def remove_incoming_leftovers(client: redis.Redis, settings: Settings) -> None:
     """On start-up: a destination QEMU whose worker died mid-migration never got the VM
-    (or the record would name this host): kill it and remove its directory."""
+    (or the record would name this host): kill it, remove the disks it was receiving
+    and its directory."""
     vms = paths_of(settings, "x").directory.parent
     if not vms.is_dir():
         return
@@ -316,6 +330,9 @@ def remove_incoming_leftovers(client: redis.Redis, settings: Settings) -> None:
         if owner is None and not _incoming_qemu(paths):
             continue  # not a migration's: leave it to an operator
         force_stop(paths)
+        with contextlib.suppress(OSError, ValueError):
+            for relative in json.loads((directory / INCOMING_LIST).read_text()):
+                resolve_in_root(root(settings), relative).unlink(missing_ok=True)
         shutil.rmtree(directory, ignore_errors=True)
         log.warning("Removed %s, left by a migration that did not finish", directory)
 
