@@ -34,7 +34,7 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
-    startup=(disks.remove_crashed_temporaries, live_migration.remove_incoming_leftovers,
+    startup=(disks.remove_crashed_temporaries, live_migration.recover_migrations,
              vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),

@@ -21,7 +21,9 @@ from tests.helpers import assert_succeeded as done
 from tests.helpers import pids_of, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
+from workers.engines import qemu_vm
 from workers.engines.guest_agent import GuestAgentClient
+from workers.engines.qemu_vm import Monitor
 from workers.failures import OperationFailed
 
 pytestmark = pytest.mark.slow
@@ -342,3 +344,41 @@ def test_kill_9_of_the_destination_worker_leaves_the_guest_on_the_source(
         done(vm.delete())
     finally:
         stop_all(delta)
+
+
+def test_kill_9_of_the_source_worker_leaves_the_guest_on_the_source(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], redis_url: str, base: Path,
+        name: str) -> None:
+    beta = hosts["beta"]
+    sigma = WorkerProcess(redis_url, "sigma", base / "s", base, concurrency=2, env=SLOW).start()
+    try:
+        add_guest(sigma.storage_root)
+        vm = running_guest(server, {"sigma": sigma}, name, "sigma", disk_mb=128, data_mb=64)
+        before = boot_id(sigma.storage_root, name)
+        task = vm.migrate("beta")
+        follow(task, vm, until=lambda percent: percent >= 10)
+        assert not task.is_complete
+        sigma.kill()  # mid-mirror; the guest's daemonized QEMU survives
+        assert task.wait_for_completion(60_000)
+        assert task.result is VMTaskResult.ThreadCrashError, task.error_description
+        # beta's task notices the source is gone and drops what it received.
+        wait_until(lambda: nothing_of(beta, name) == [], 60, "beta to drop the migration")
+        assert boot_id(sigma.storage_root, name) == before  # the guest ran on throughout
+        sigma = WorkerProcess(redis_url, "sigma", base / "s", base, concurrency=2,
+                              env=FAST).start()
+        assert where(vm) == ("sigma", S.Running)
+        # The restarted worker took the guest back from the mirror QEMU still held.
+        monitor = Monitor(qemu_vm.VMPaths(sigma.storage_root / "vms" / name))
+        with monitor:
+            assert monitor.execute("query-jobs") == []
+            assert not [n for n in monitor.execute("query-named-block-nodes")
+                        if n["node-name"].startswith("migrate-target")]
+            assert monitor.execute("query-status")["status"] == "running"
+        assert boot_id(sigma.storage_root, name) == before
+        done(vm.migrate("beta"))  # and it can go now
+        assert where(vm) == ("beta", S.Running)
+        assert boot_id(beta.storage_root, name) == before
+        done(vm.turn_off())
+        done(vm.delete())
+    finally:
+        stop_all(sigma)

@@ -256,7 +256,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     if not record or record.get("host") != source_host:
         raise IllegalValue(f"VM {name!r} is not on host {source_host}")
     paths = paths_of(run.settings, name)
-    if paths.directory.exists():
+    if paths.directory.exists() and any(p.name != ".lock" for p in paths.directory.iterdir()):
         raise DiskError(f"{files.relative(paths.directory)} already exists on "
                         f"{run.settings.host}", hresults.FILE_EXISTS)
     disks = _wait_manifest(run, key, peer_task_id, source_host)
@@ -266,7 +266,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     # The disks get their final names at once: QEMU reopens an image by its name (at
     # the next migration's switch-over, for one), so a rename under it would break
     # it.  Until the switch they are listed in the VM's directory, for
-    # `remove_incoming_leftovers` should this worker die meanwhile.
+    # `recover_migrations` should this worker die meanwhile.
     listing = paths.directory / INCOMING_LIST
     made: list[Path] = []
     committed = False
@@ -314,19 +314,32 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     return {"host": run.settings.host, "disks": len(disks)}
 
 
-def remove_incoming_leftovers(client: redis.Redis, settings: Settings) -> None:
-    """On start-up: a destination QEMU whose worker died mid-migration never got the VM
-    (or the record would name this host): kill it, remove the disks it was receiving
-    and its directory."""
+def recover_migrations(client: redis.Redis, settings: Settings) -> None:
+    """On start-up, after a crash of this host's worker mid-migration.
+
+    A VM the record places here takes its guest back from whatever QEMU still runs or
+    finished of an outgoing migration (`livemigrate.abandon_outgoing`): the
+    destination never ran it, since nobody told it to switch.  A destination QEMU
+    whose VM the record does not place here never got the VM: it is killed, and the
+    disks it was receiving and its directory removed.
+    """
     vms = paths_of(settings, "x").directory.parent
     if not vms.is_dir():
         return
     for directory in vms.iterdir():
+        if not directory.is_dir():
+            continue
         record = client.hgetall(keys.vm_record(directory.name))
         owner = record.get("host") if record else None
-        if owner == settings.host or not directory.is_dir():
-            continue
         paths = qemu_vm.VMPaths(directory)
+        if owner == settings.host:
+            if S(int(record["state"])) in LIVE and qemu_vm.is_alive(paths):
+                with contextlib.suppress(OperationFailed):
+                    if livemigrate.abandon_outgoing(
+                            paths, running=S(int(record["state"])) is S.Running):
+                        log.warning("VM %s: took the guest back from a migration whose "
+                                    "worker died", directory.name)
+            continue
         if owner is None and not _incoming_qemu(paths):
             continue  # not a migration's: leave it to an operator
         force_stop(paths)

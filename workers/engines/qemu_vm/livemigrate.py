@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.protocol.formats import MiB
-from workers.engines.context import OperationContext, ProgressSpan
+from workers.engines.context import NullContext, OperationContext, ProgressSpan
 from workers.engines.nbd import port_free
 from workers.engines.qemu_vm.accel import choose_accel
 from workers.engines.qemu_vm.config import VMConfig, VMPaths
@@ -41,6 +41,9 @@ from workers.failures import Cancelled, IllegalValue, OperationFailed, Operation
 DOWNTIME_LIMIT_MS = 300
 MIRRORABLE_FORMATS = frozenset({"qcow2", "raw"})
 STOP_TIMEOUT = 30.0
+# query-migrate's statuses of a migration still under way.
+ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug",
+                    "postcopy-active", "cancelling"})
 
 
 def new_export_name() -> str:
@@ -327,3 +330,26 @@ class Outgoing:
             if not self.was_running:
                 self.monitor.execute("stop")
         self.migrating = False
+
+
+def abandon_outgoing(paths: VMPaths, *, running: bool) -> bool:
+    """Take the guest back from a migration whose driving worker died; True if there
+    was one.  Whatever QEMU still runs or finished of it (mirror jobs, NBD client
+    nodes, the migration) is stopped; a guest stopped by a completed migration runs
+    again (``running``) or stays paused.  Only for a VM the registry still places
+    here: the destination never runs a guest the record does not name it for.
+    """
+    with connect(paths) as monitor:
+        status = monitor.execute("query-migrate").get("status", "none")
+        jobs = [str(j["id"]) for j in monitor.execute("query-jobs")
+                if str(j.get("id", "")).startswith("migrate-mirror")]
+        nodes = sorted({str(n["node-name"]) for n in monitor.execute("query-named-block-nodes")
+                        if str(n.get("node-name", "")).startswith("migrate-target")})
+        run_state = monitor.execute("query-status")["status"]
+        if not jobs and not nodes and run_state != "postmigrate" and status not in ACTIVE:
+            return False
+        outgoing = Outgoing(monitor, 0, 0, ProgressSpan(NullContext()), jobs=jobs, nodes=nodes,
+                            migrating=status in ACTIVE, completed=run_state == "postmigrate",
+                            was_running=running)
+        outgoing.rollback()
+    return True
