@@ -3,23 +3,27 @@
 The producer submits both at once, each knowing the other's id, and follows the
 source task (`live_out`), which drives; the destination task (`live_in`)
 prepares, then waits to be told to take over or to give up.  They talk through
-one hash, ``keys.transfer(transfer_id)``:
+one hash, ``keys.transfer(transfer_id)``, and each wakes the other at once with a
+push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
 
 1. ``manifest`` (source): each disk's path, format and sizes.  The destination
    refuses a name clash, a format QEMU cannot migrate, a missing kernel or too
    little space before anything moves (its task fails; the source sees it).
-2. ``incoming`` (destination): fresh disks under temporary names, a QEMU started
+2. ``incoming`` (destination): fresh disks (listed in the VM's directory until the
+   switch-over, for a crashed worker's successor to remove), a QEMU started
    ``-incoming defer -S`` and an NBD server with a one-time export per disk
    (`workers.engines.qemu_vm.livemigrate`).
 3. The source mirrors the disks, migrates, cancels its ready mirrors, then sets
    ``switch``.  Until then any cancel or failure rolls back: the guest runs on at
    the source and the destination kills its QEMU and removes its files.
-4. The destination publishes its disks, moves the record's host with the fenced
-   compare-and-set of ``vm_move.lua`` (only if it still names the source) and only
-   then runs the guest (``cont``): the guest never runs where the record does not
-   point.  It sets ``committed``; the source then quits its QEMU and removes the
-   VM's files.  Should the destination fail before the compare-and-set, the
-   record still names the source and the source takes the guest back.
+4. The destination moves the record's host with the fenced compare-and-set of
+   ``vm_move.lua`` (only if it still names the source and ``abort`` is not set)
+   and only then runs the guest (``cont``): the guest never runs where the record
+   does not point.  It sets ``committed``; the source then quits its QEMU and
+   removes the VM's files.  A source that gives up (cancel, the destination's
+   failure or death) sets ``abort`` with ``vm_move_abort.lua``, only while the
+   record still names it: one of the two scripts wins, never both, so the guest
+   resumes on exactly one host.
 
 The VM's recorded state stays Running (or Paused) throughout; both tasks hold
 the VM's lock on their host, so no other operation interleaves.
@@ -42,10 +46,11 @@ import redis
 
 from api.enums import VMTaskResult
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys, records, tasks
+from api.protocol import hresults, keys, records, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from api.settings import Settings
 from workers.engines import qemu_vm
+from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
@@ -72,6 +77,27 @@ WATCH = 0.05
 MIGRATION_TIMEOUT = 3600.0
 # In a destination's VM directory until the switch-over: the disks it is receiving.
 INCOMING_LIST = "incoming.json"
+ABORT_SCRIPT = scripts.load("vm_move_abort")
+SOURCE, DESTINATION = "source", "destination"
+
+
+def _wake_key(key: str, side: str) -> str:
+    return f"{key}:wake:{side}"
+
+
+def _signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) -> None:
+    """Set ``fields`` in the transfer hash and wake ``side`` to read them."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(key, mapping=fields)
+    pipe.expire(key, OFFER_TTL_SECONDS)
+    pipe.rpush(_wake_key(key, side), "1")
+    pipe.expire(_wake_key(key, side), OFFER_TTL_SECONDS)
+    pipe.execute()
+
+
+def _nap(run: TaskRun, key: str, side: str) -> None:
+    """Wait for the other side's next signal, at most `WATCH` seconds."""
+    run.redis.blpop([_wake_key(key, side)], timeout=WATCH)
 
 
 def _peer_check(run: TaskRun, peer_task_id: str, peer_host: str, what: str) -> None:
@@ -142,37 +168,30 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
             outgoing = livemigrate.Outgoing.begin(
                 monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth)
             disks = _manifest(monitor, files, record, config)
-            client.hset(key, mapping={"manifest": json.dumps(disks)})
-            client.expire(key, OFFER_TTL_SECONDS)
+            _signal(client, key, DESTINATION, {"manifest": json.dumps(disks)})
             try:
                 while not (raw := client.hget(key, "incoming")):
                     destination_check()
-                    if run.cancel_requested():
-                        raise Cancelled()
-                    run.sleep(WATCH)
+                    raise_if_cancelled(run)
+                    _nap(run, key, SOURCE)
                 incoming = livemigrate.Incoming.from_dict(json.loads(raw))
                 outgoing.mirror(incoming)
                 outgoing.wait_ready(run, destination_check, deadline)
                 final = outgoing.migrate(incoming, run, destination_check, deadline)
                 outgoing.finish_mirrors(deadline)
-                if run.cancel_requested():
-                    raise Cancelled()  # the last moment a cancel is honoured
-                client.hset(key, "switch", "1")
-            except BaseException:
-                client.hset(key, "abort", "1")
-                outgoing.rollback()
-                raise
-            try:
+                _signal(client, key, DESTINATION, {"switch": "1"})
                 while client.hget(key, "committed") != "1":
                     destination_check()
-                    run.sleep(WATCH)
+                    raise_if_cancelled(run)  # honoured until the destination takes over
+                    _nap(run, key, SOURCE)
             except BaseException:
-                if client.hget(keys.vm_record(name), "host") == run.settings.host:
-                    # The destination never took the VM: the guest runs on here.
-                    client.hset(key, "abort", "1")
+                outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
+                                      _wake_key(key, DESTINATION), run.settings.host)
+                if outcome == "ABORTED":
+                    # The destination can no longer take the VM: the guest runs on here.
                     outgoing.rollback()
                     raise
-                # The record names the destination: the guest is its to run.
+                # The destination took the VM over: the guest is its to run.
             run.report_progress(98)
             with contextlib.suppress(OperationFailed):
                 monitor.execute("quit")
@@ -182,7 +201,7 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
         for relative in json.loads(record["disks"]):
             files.resolve(relative).unlink(missing_ok=True)
         shutil.rmtree(paths.directory, ignore_errors=True)
-    client.delete(key)
+    client.delete(key, _wake_key(key, SOURCE), _wake_key(key, DESTINATION))
     return {"host": destination_host, "downtime_ms": final.get("downtime"),
             "total_time_ms": final.get("total-time")}
 
@@ -194,9 +213,8 @@ def _wait_manifest(run: TaskRun, key: str, peer_task_id: str, source: str
                    ) -> list[dict[str, Any]]:
     while not (raw := run.redis.hget(key, "manifest")):
         _peer_check(run, peer_task_id, source, "source")
-        if run.cancel_requested():
-            raise Cancelled()
-        run.sleep(WATCH)
+        raise_if_cancelled(run)
+        _nap(run, key, DESTINATION)
     disks: list[dict[str, Any]] = json.loads(raw)
     return disks
 
@@ -241,9 +259,8 @@ def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, peer_task_id: s
         _peer_check(run, peer_task_id, source, "source")
         if not qemu_vm.is_alive(paths):
             raise OperationFailed("The destination QEMU stopped during the migration")
-        if run.cancel_requested():
-            raise Cancelled()
-        run.sleep(WATCH)
+        raise_if_cancelled(run)
+        _nap(run, key, DESTINATION)
 
 
 @operation(tasks.VM_LIVE_IN)
@@ -282,25 +299,27 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths, run,
                 address=run.settings.advertise_address, ports=run.settings.transfer_ports,
                 exports=exports)
-            client.hset(key, "incoming", json.dumps(incoming.to_dict()))
+            _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
             run.report_progress(10)
             _wait_switch(run, key, paths, peer_task_id, source_host)
             livemigrate.stop_serving(paths)
-            outcome = client.eval(MOVE_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
+            outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS, key,
                                   source_host, run.settings.host,
                                   ",".join(str(int(s)) for s in sorted(LIVE)),
                                   repr(time.time()), EVENTS_MAXLEN)
+            if outcome == "ABORTED":
+                raise Cancelled(f"The source host {source_host} took the guest back")
             if outcome != "OK":
                 raise InvalidVMState(f"VM {name!r} changed during the migration ({outcome})")
             committed = True
             listing.unlink()
             livemigrate.run_guest(paths, run=S(int(record["state"])) is S.Running)
+            _signal(client, key, SOURCE, {"committed": "1"})
             pid = qemu_vm.find_pid(paths)
             started = record.get("started", repr(time.time()))
             if pid is not None:
                 record_runtime(client, name, paths, pid)
                 client.hset(keys.vm_record(name), "started", started)  # the guest's uptime
-            client.hset(key, "committed", "1")
     except BaseException:
         if not committed:
             log.warning("Migration of %s into this host failed; its QEMU said: %s", name,
