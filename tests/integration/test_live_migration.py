@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
@@ -22,9 +23,12 @@ from tests.helpers import pids_of, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 from workers.engines import qemu_vm
-from workers.engines.guest_agent import GuestAgentClient
-from workers.engines.qemu_vm import Monitor
+from workers.engines.context import NullContext
+from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
+from workers.engines.qemu_vm import Monitor, livemigrate
 from workers.failures import OperationFailed
+from workers.tasks.live_migration import ABORT_SCRIPT
+from workers.tasks.migration import MOVE_SCRIPT
 
 pytestmark = pytest.mark.slow
 S = VMVMState
@@ -382,3 +386,69 @@ def test_kill_9_of_the_source_worker_leaves_the_guest_on_the_source(
         done(vm.delete())
     finally:
         stop_all(sigma)
+
+
+def test_taking_back_and_taking_over_fence_each_other(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def abort(record: str, transfer: str) -> str:
+        return str(client.eval(ABORT_SCRIPT, 3, record, transfer, transfer + ":w", "a"))
+
+    def move(record: str, transfer: str) -> str:
+        return str(client.eval(MOVE_SCRIPT, 3, record, keys.VM_EVENTS, transfer, "a", "b",
+                               f"{int(S.Running)},{int(S.Paused)}", "0", 100))
+
+    for first in ("abort", "move"):
+        record, transfer = keys.vm_record(f"fence-{first}"), keys.transfer(f"fence-{first}")
+        client.hset(record, mapping={"name": f"fence-{first}", "host": "a",
+                                     "state": str(int(S.Running))})
+        if first == "abort":
+            assert (abort(record, transfer), move(record, transfer)) == ("ABORTED", "ABORTED")
+            assert client.hget(record, "host") == "a"
+        else:
+            assert (move(record, transfer), abort(record, transfer)) == ("OK", "MOVED")
+            assert client.hget(record, "host") == "b"
+        client.delete(record, transfer, transfer + ":w")
+
+
+def test_taking_the_guest_back_after_a_completed_migration(tmp_path: Path) -> None:
+    """The engine alone: once QEMU's migration has completed (the source guest is
+    stopped, its disks let go) but before the switch-over, the source resumes it."""
+    guest = build_tiny_guest()
+    context = NullContext()
+
+    def config(side: str) -> qemu_vm.VMConfig:
+        disk = tmp_path / side / "d.qcow2"
+        if not disk.exists():
+            disk.parent.mkdir()
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
+                           check=True)
+        return qemu_vm.VMConfig(
+            name="back", memory_mb=128, accel="tcg", disks=[str(disk)],
+            kernel=str(guest.kernel), initrd=str(guest.initrd), append=guest.append,
+            extra_args=qemu_guest_agent_args(tmp_path / side / "vms" / "back" / "qga.sock"))
+
+    source, target = (qemu_vm.VMPaths(tmp_path / side / "vms" / "back") for side in "ab")
+    qemu_vm.start(config("a"), source, context)
+    try:
+        wait_for_agent(tmp_path / "a", "back")
+        before = boot_id(tmp_path / "a", "back")
+        incoming = livemigrate.start_incoming(
+            config("b"), target, context, address="127.0.0.1", ports=(49152, 49407),
+            exports=(livemigrate.new_export_name(),))
+        with qemu_vm.connect(source) as monitor:
+            outgoing = livemigrate.Outgoing.begin(monitor, config("a"), context)
+            outgoing.mirror(incoming)
+            outgoing.wait_ready(context, lambda: None, time.monotonic() + 60)
+            outgoing.migrate(incoming, context, lambda: None, time.monotonic() + 60)
+            assert monitor.execute("query-status")["status"] == "postmigrate"
+            outgoing.rollback()
+            assert monitor.execute("query-status")["status"] == "running"
+            assert monitor.execute("query-jobs") == []
+        assert boot_id(tmp_path / "a", "back") == before
+        with agent(tmp_path / "a", "back") as client:
+            guest_write(client, 9)  # its disk is writable again
+    finally:
+        qemu_vm.turn_off(target)
+        qemu_vm.turn_off(source)
+    qemu_io(tmp_path / "a" / "d.qcow2", "qcow2", f"read -P 9 0 {BLOCK}")
