@@ -20,6 +20,7 @@ from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
 from tests.helpers import pids_of, qemu_io
+from tests.integration.test_cli import run_cli
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 from workers.engines import qemu_vm
@@ -242,7 +243,10 @@ def test_a_paused_guest_moves_paused_and_comes_back(server: VirtualServer,
     assert nothing_of(hosts["alpha"], name) == []
     # Back again: the QEMU that received the guest can send it on (it reopens its
     # images by name at the switch-over, so they must keep the names it opened).
-    done(vm.migrate("alpha"))
+    # (through the CLI, which picks live for a running VM just as the library does)
+    moved = run_cli("--url", server.url, "--json", "vm", "migrate", name, "alpha")
+    assert moved.code == 0, moved.err
+    assert moved.json()["result"] == "Success"
     assert where(vm) == ("alpha", S.Running)
     assert boot_id(hosts["alpha"].storage_root, name) == before
     assert nothing_of(hosts["beta"], name) == []
