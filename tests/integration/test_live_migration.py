@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -456,3 +457,26 @@ def test_taking_the_guest_back_after_a_completed_migration(tmp_path: Path) -> No
         qemu_vm.turn_off(target)
         qemu_vm.turn_off(source)
     qemu_io(tmp_path / "a" / "d.qcow2", "qcow2", f"read -P 9 0 {BLOCK}")
+
+
+def test_kill_9_of_the_destination_qemu_leaves_the_guest_on_the_source(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
+    slow, beta = hosts["slow"], hosts["beta"]
+    vm = running_guest(server, hosts, name, "slow", disk_mb=128, data_mb=64)
+    before = boot_id(slow.storage_root, name)
+    task = vm.migrate("beta")
+    follow(task, vm, until=lambda percent: percent >= 10)
+    receiving = pids_of(f"{beta.storage_root}/vms/{name}/")
+    assert len(receiving) == 1 and not task.is_complete
+    os.kill(receiving[0], signal.SIGKILL)
+    assert task.wait_for_completion(60_000)
+    assert task.result not in (VMTaskResult.Success, VMTaskResult.Cancelled)
+    assert "destination" in task.error_description.lower() or \
+        "mirror" in task.error_description.lower(), task.error_description
+    assert where(vm) == ("slow", S.Running)
+    assert boot_id(slow.storage_root, name) == before
+    wait_until(lambda: nothing_of(beta, name) == [], 30, "beta to drop the migration")
+    done(vm.migrate("beta"))  # nothing of the failed attempt is in the way
+    assert where(vm) == ("beta", S.Running) and boot_id(beta.storage_root, name) == before
+    done(vm.turn_off())
+    done(vm.delete())
