@@ -202,7 +202,8 @@ def test_a_running_guest_moves_live(server: VirtualServer, hosts: dict[str, Work
     thread.join(30)
     done(task)
     output = task.snapshot().output
-    print(f"\nlive migration: downtime {output['downtime_ms']} ms, "
+    print(f"\nlive migration: downtime {output['downtime_ms']} ms, guest paused "
+          f"{output['paused_ms']} ms, "
           f"QEMU total {output['total_time_ms']} ms, task {finished - submitted:.2f} s")
 
     assert states == {S.Running}  # read Running throughout

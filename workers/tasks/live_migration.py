@@ -178,12 +178,14 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                 outgoing.mirror(incoming)
                 outgoing.wait_ready(run, destination_check, deadline)
                 final = outgoing.migrate(incoming, run, destination_check, deadline)
+                stopped = time.monotonic()  # the guest stays stopped until the cont there
                 outgoing.finish_mirrors(deadline)
                 _signal(client, key, DESTINATION, {"switch": "1"})
                 while client.hget(key, "committed") != "1":
                     destination_check()
                     raise_if_cancelled(run)  # honoured until the destination takes over
                     _nap(run, key, SOURCE)
+                handoff = time.monotonic() - stopped
             except BaseException:
                 outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
                                       _wake_key(key, DESTINATION), run.settings.host)
@@ -192,6 +194,7 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                     outgoing.rollback()
                     raise
                 # The destination took the VM over: the guest is its to run.
+                handoff = time.monotonic() - stopped
             run.report_progress(98)
             with contextlib.suppress(OperationFailed):
                 monitor.execute("quit")
@@ -202,7 +205,11 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
             files.resolve(relative).unlink(missing_ok=True)
         shutil.rmtree(paths.directory, ignore_errors=True)
     client.delete(key, _wake_key(key, SOURCE), _wake_key(key, DESTINATION))
-    return {"host": destination_host, "downtime_ms": final.get("downtime"),
+    # downtime_ms is QEMU's (the guest stopped until the migration completed); the
+    # guest stays stopped through the switch-over too, so paused_ms bounds its pause.
+    downtime = int(final.get("downtime", 0))
+    return {"host": destination_host, "downtime_ms": downtime,
+            "paused_ms": downtime + round(handoff * 1000),
             "total_time_ms": final.get("total-time")}
 
 
@@ -301,19 +308,22 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 exports=exports)
             _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
             run.report_progress(10)
-            _wait_switch(run, key, paths, peer_task_id, source_host)
-            livemigrate.stop_serving(paths)
-            outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS, key,
-                                  source_host, run.settings.host,
-                                  ",".join(str(int(s)) for s in sorted(LIVE)),
-                                  repr(time.time()), EVENTS_MAXLEN)
-            if outcome == "ABORTED":
-                raise Cancelled(f"The source host {source_host} took the guest back")
-            if outcome != "OK":
-                raise InvalidVMState(f"VM {name!r} changed during the migration ({outcome})")
-            committed = True
+            # Connected before the switch-over: the guest is stopped throughout it.
+            with qemu_vm.connect(paths) as monitor:
+                _wait_switch(run, key, paths, peer_task_id, source_host)
+                livemigrate.stop_serving(monitor)
+                outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS,
+                                      key, source_host, run.settings.host,
+                                      ",".join(str(int(s)) for s in sorted(LIVE)),
+                                      repr(time.time()), EVENTS_MAXLEN)
+                if outcome == "ABORTED":
+                    raise Cancelled(f"The source host {source_host} took the guest back")
+                if outcome != "OK":
+                    raise InvalidVMState(f"VM {name!r} changed during the migration "
+                                         f"({outcome})")
+                committed = True
+                livemigrate.run_guest(monitor, run=S(int(record["state"])) is S.Running)
             listing.unlink()
-            livemigrate.run_guest(paths, run=S(int(record["state"])) is S.Running)
             _signal(client, key, SOURCE, {"committed": "1"})
             pid = qemu_vm.find_pid(paths)
             started = record.get("started", repr(time.time()))

@@ -144,20 +144,19 @@ def incoming_status(paths: VMPaths) -> str:
         return str(monitor.execute("query-migrate").get("status", "none"))
 
 
-def stop_serving(paths: VMPaths) -> None:
-    """The source has let go: check the migration arrived whole and close the NBD server."""
-    with connect(paths) as monitor:
-        status = monitor.execute("query-migrate").get("status")
-        if status != "completed":
-            raise OperationFailed(f"The incoming migration is {status}, not completed")
-        monitor.execute("nbd-server-stop")
+def stop_serving(monitor: Monitor) -> None:
+    """The source has let go: check the migration arrived whole and close the NBD server
+    (``monitor``: the destination's QMP connection)."""
+    status = monitor.execute("query-migrate").get("status")
+    if status != "completed":
+        raise OperationFailed(f"The incoming migration is {status}, not completed")
+    monitor.execute("nbd-server-stop")
 
 
-def run_guest(paths: VMPaths, *, run: bool) -> None:
+def run_guest(monitor: Monitor, *, run: bool) -> None:
     """Run the guest here (``cont``), or leave it paused as it was on the source."""
     if run:
-        with connect(paths) as monitor:
-            monitor.execute("cont")
+        monitor.execute("cont")
 
 
 @dataclass
