@@ -147,7 +147,8 @@ class VirtualMachine:
         reads Running (or Paused) throughout.  Qcow2 and raw disks only, no undo
         disks; a differencing disk arrives flattened.  Cancel or failure before the
         switch-over leaves the guest running on the source, unharmed, and nothing on
-        the destination.  The task's output gives the switch-over's ``downtime_ms``.
+        the destination.  The task's output gives QEMU's ``downtime_ms`` and the
+        guest's whole pause, ``paused_ms`` (downtime plus the switch-over).
         """
         validate_host_name(destination_host)
         _record, state = self._read()
