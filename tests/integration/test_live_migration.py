@@ -481,3 +481,31 @@ def test_kill_9_of_the_destination_qemu_leaves_the_guest_on_the_source(
     assert where(vm) == ("beta", S.Running) and boot_id(beta.storage_root, name) == before
     done(vm.turn_off())
     done(vm.delete())
+
+
+def test_a_destination_without_room_is_refused_before_anything_moves(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], redis_url: str, base: Path,
+        name: str) -> None:
+    small = base / "t"
+    small.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    tiny = WorkerProcess(redis_url, "tiny", small, base, concurrency=2, env=FAST)
+    try:
+        tiny.start()
+        add_guest(small)  # about 15 MB of the 40: 25 MB left, the disk holds 32 MB
+        vm = running_guest(server, hosts, name, "alpha", disk_mb=64, data_mb=32)
+        before = boot_id(hosts["alpha"].storage_root, name)
+        task = vm.migrate("tiny")
+        assert task.wait_for_completion(60_000)
+        assert (task.result, task.error) == (VMTaskResult.DiskRelatedError, hresults.DISK_FULL)
+        assert nothing_of(tiny, name) == []
+        assert where(vm) == ("alpha", S.Running)
+        assert boot_id(hosts["alpha"].storage_root, name) == before
+        done(vm.turn_off())
+        done(vm.delete())
+    finally:
+        stop_all(tiny)
+        subprocess.run(["umount", str(small)], check=False)
