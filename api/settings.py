@@ -123,6 +123,10 @@ class Settings:
     advertise_address: str = "127.0.0.1"
     # The TCP ports transfers listen on (one per transfer while it runs), inclusive.
     transfer_ports: tuple[int, int] = (49152, 49407)
+    # A directory holding QEMU's ``keys.psk`` (lines ``qemu:<hex key>``), the same on
+    # every host: live migrations then run their NBD and migration channels over
+    # TLS with that pre-shared key.  None: plain TCP.
+    transfer_psk_dir: str | None = None
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
     # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
@@ -206,6 +210,7 @@ class Settings:
             advertise_address=_address(env, "VMTASK_ADVERTISE_ADDRESS",
                                        defaults.advertise_address),
             transfer_ports=_port_range(env, "VMTASK_TRANSFER_PORTS", defaults.transfer_ports),
+            transfer_psk_dir=optional("VMTASK_TRANSFER_PSK_DIR"),
             console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
                                               defaults.console_log_max_bytes, 4096)),
             redis_ca=optional("VMTASK_REDIS_CA"),

@@ -4,6 +4,7 @@ workers with separate storage roots, QEMU's NBD and migration channels between t
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -509,3 +510,41 @@ def test_a_destination_without_room_is_refused_before_anything_moves(
     finally:
         stop_all(tiny)
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_with_a_pre_shared_key_the_channels_refuse_plain_clients(
+        server: VirtualServer, redis_url: str, base: Path, name: str) -> None:
+    psk = base / "psk"
+    psk.mkdir(exist_ok=True)
+    (psk / "keys.psk").write_text(f"qemu:{os.urandom(32).hex()}\n")
+    tls = {"VMTASK_TRANSFER_PSK_DIR": str(psk)}
+    ta = WorkerProcess(redis_url, "ta", base / "ta", base, concurrency=2, env={**SLOW, **tls})
+    tb = WorkerProcess(redis_url, "tb", base / "tb", base, concurrency=2, env={**FAST, **tls})
+    try:
+        for worker in (ta, tb):
+            worker.start()
+            add_guest(worker.storage_root)
+        vm = running_guest(server, {"ta": ta}, name, "ta", disk_mb=64, data_mb=32)
+        before = boot_id(ta.storage_root, name)
+        task = vm.migrate("tb")
+
+        def incoming() -> dict[str, Any] | None:
+            for key in server.redis.scan_iter(keys.transfer("*")):
+                raw = server.redis.hget(key, "incoming")
+                if raw:
+                    return dict(json.loads(raw))
+            return None
+
+        offer = wait_until(incoming, 60, "the destination's exports")
+        plain = subprocess.run(
+            ["qemu-img", "info", f"nbd://{offer['address']}:{offer['nbd_port']}/"
+                                 f"{offer['exports'][0]}"], capture_output=True, text=True)
+        assert not task.is_complete  # the client came while the disk was on its way
+        assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
+        done(task)
+        assert where(vm) == ("tb", S.Running)
+        assert boot_id(tb.storage_root, name) == before
+        done(vm.turn_off())
+        done(vm.delete())
+    finally:
+        stop_all(ta, tb)

@@ -166,7 +166,8 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                                                   strict=True)])
         with qemu_vm.connect(paths) as monitor:
             outgoing = livemigrate.Outgoing.begin(
-                monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth)
+                monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth,
+                psk_dir=run.settings.transfer_psk_dir)
             disks = _manifest(monitor, files, record, config)
             _signal(client, key, DESTINATION, {"manifest": json.dumps(disks)})
             try:
@@ -305,7 +306,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             incoming = livemigrate.start_incoming(
                 dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths, run,
                 address=run.settings.advertise_address, ports=run.settings.transfer_ports,
-                exports=exports)
+                exports=exports, psk_dir=run.settings.transfer_psk_dir)
             _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.

@@ -41,6 +41,7 @@ from workers.failures import Cancelled, IllegalValue, OperationFailed, Operation
 DOWNTIME_LIMIT_MS = 300
 MIRRORABLE_FORMATS = frozenset({"qcow2", "raw"})
 STOP_TIMEOUT = 30.0
+TLS_ID = "vmtask-migration-tls"
 # query-migrate's statuses of a migration still under way.
 ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug",
                     "postcopy-active", "cancelling"})
@@ -92,13 +93,30 @@ def _uri(address: str, port: int) -> str:
     return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
 
 
+def _add_psk(monitor: Monitor, psk_dir: str | None, endpoint: str) -> dict[str, str]:
+    """TLS credentials from ``psk_dir``/keys.psk in QEMU; the arguments that use them."""
+    if psk_dir is None:
+        return {}
+    monitor.execute("object-add", {"qom-type": "tls-creds-psk", "id": TLS_ID, "dir": psk_dir,
+                                   "endpoint": endpoint})
+    return {"tls-creds": TLS_ID}
+
+
+def _drop_psk(monitor: Monitor) -> None:
+    """Forget the TLS credentials: this QEMU's next migration adds its own afresh."""
+    monitor.execute("migrate-set-parameters", {"tls-creds": ""})
+    with contextlib.suppress(QMPCommandFailed):
+        monitor.execute("object-del", {"id": TLS_ID})
+
+
 def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, *,
                    address: str, ports: tuple[int, int], exports: tuple[str, ...],
-                   timeout: float = 60.0) -> Incoming:
+                   psk_dir: str | None = None, timeout: float = 60.0) -> Incoming:
     """Start the destination QEMU paused, waiting for the migration and the disks.
 
-    ``config.disks`` are the (empty) destination images.  On any failure no QEMU is
-    left running; the caller removes the images.
+    ``config.disks`` are the (empty) destination images.  With ``psk_dir`` the NBD
+    server and the migration accept only TLS clients holding its pre-shared key.
+    On any failure no QEMU is left running; the caller removes the images.
     """
     deadline = time.monotonic() + timeout
     if find_pid(paths) is not None:
@@ -110,8 +128,11 @@ def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, 
     _launch(argv, paths, context, deadline)
     try:
         with connect(paths, timeout=max(1.0, deadline - time.monotonic())) as monitor:
+            tls = _add_psk(monitor, psk_dir, "server")
+            if tls:
+                monitor.execute("migrate-set-parameters", tls)
             nbd_port = _listen(address, ports, lambda port: monitor.execute(
-                "nbd-server-start", {"addr": _inet(address, port)}))
+                "nbd-server-start", {"addr": _inet(address, port), **tls}))
             for index, name in enumerate(exports):
                 monitor.execute("nbd-server-add", {"device": device_of(index), "name": name,
                                                    "writable": True})
@@ -151,6 +172,7 @@ def stop_serving(monitor: Monitor) -> None:
     if status != "completed":
         raise OperationFailed(f"The incoming migration is {status}, not completed")
     monitor.execute("nbd-server-stop")
+    _drop_psk(monitor)
 
 
 def run_guest(monitor: Monitor, *, run: bool) -> None:
@@ -174,11 +196,12 @@ class Outgoing:
     was_running: bool = True
     max_bandwidth: int = 0
     """Bytes per second for each mirror and for RAM; 0: unlimited."""
+    tls: dict[str, str] = dataclasses.field(default_factory=dict)
     disk_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def begin(cls, monitor: Monitor, config: VMConfig, context: OperationContext, *,
-              max_bandwidth: int = 0) -> Outgoing:
+              max_bandwidth: int = 0, psk_dir: str | None = None) -> Outgoing:
         status = monitor.execute("query-status")["status"]
         if status not in ("running", "paused"):
             raise OperationFailed(f"VM {config.name} cannot migrate in the run state {status!r}")
@@ -189,6 +212,7 @@ class Outgoing:
                        ProgressSpan(context, min_step=0.5))
         outgoing.was_running = status == "running"
         outgoing.max_bandwidth = max_bandwidth
+        outgoing.tls = _add_psk(monitor, psk_dir, "client")
         return outgoing
 
     def mirror(self, incoming: Incoming) -> None:
@@ -198,7 +222,7 @@ class Outgoing:
             self.monitor.execute("blockdev-add", {
                 "driver": "nbd", "node-name": node, "export": export,
                 "server": {"type": "inet", "host": incoming.address,
-                           "port": str(incoming.nbd_port)}})
+                           "port": str(incoming.nbd_port)}, **self.tls})
             self.nodes.append(node)
             job = f"migrate-mirror{index}"
             self.monitor.execute("blockdev-mirror", {
@@ -260,7 +284,7 @@ class Outgoing:
         """
         self.monitor.execute("migrate-set-parameters", {
             "max-bandwidth": self.max_bandwidth or UNLIMITED_BANDWIDTH,
-            "downtime-limit": DOWNTIME_LIMIT_MS})
+            "downtime-limit": DOWNTIME_LIMIT_MS, **self.tls})
         self.monitor.execute("migrate", {"uri": _uri(incoming.address, incoming.migrate_port)})
         self.migrating = True
         while True:
@@ -322,6 +346,7 @@ class Outgoing:
             with contextlib.suppress(QMPCommandFailed):
                 self.monitor.execute("blockdev-del", {"node-name": node})
         self.nodes.clear()
+        _drop_psk(self.monitor)
         if self.completed:
             # A completed migration stopped the guest and let go of its disks;
             # `cont` takes them back.  A paused guest runs for this instant only.
