@@ -528,12 +528,12 @@ def test_with_a_pre_shared_key_the_channels_refuse_plain_clients(
         before = boot_id(ta.storage_root, name)
         task = vm.migrate("tb")
 
+        arguments = json.loads(server.redis.hget(keys.task_record(task.id), "arguments"))
+        transfer = keys.transfer(arguments["transfer_id"])
+
         def incoming() -> dict[str, Any] | None:
-            for key in server.redis.scan_iter(keys.transfer("*")):
-                raw = server.redis.hget(key, "incoming")
-                if raw:
-                    return dict(json.loads(raw))
-            return None
+            raw = server.redis.hget(transfer, "incoming")
+            return dict(json.loads(raw)) if raw else None
 
         offer = wait_until(incoming, 60, "the destination's exports")
         plain = subprocess.run(
