@@ -473,8 +473,9 @@ def test_kill_9_of_the_destination_qemu_leaves_the_guest_on_the_source(
     os.kill(receiving[0], signal.SIGKILL)
     assert task.wait_for_completion(60_000)
     assert task.result not in (VMTaskResult.Success, VMTaskResult.Cancelled)
-    assert "destination" in task.error_description.lower() or \
-        "mirror" in task.error_description.lower(), task.error_description
+    # The mirror or the migration broke, or the destination task failed first.
+    assert any(word in task.error_description.lower()
+               for word in ("destination", "mirror", "migration")), task.error_description
     assert where(vm) == ("slow", S.Running)
     assert boot_id(slow.storage_root, name) == before
     wait_until(lambda: nothing_of(beta, name) == [], 30, "beta to drop the migration")
