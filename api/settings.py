@@ -94,6 +94,9 @@ class Settings:
     host_drive_allow: tuple[str, ...] = ()
     # Bytes per second a VM save may write (0: unlimited), to spare a busy disk.
     save_max_bandwidth: int = 0
+    # Bytes per second a live migration may send, for each disk's mirror and for RAM
+    # (0: unlimited), to spare a shared link.
+    migrate_max_bandwidth: int = 0
     # Long operations (copies, VM starts, saves) a host runs at once.  They wait on
     # subprocesses and QMP, not on the CPU, so this is not tied to the CPU count.
     concurrency: int = 4
@@ -127,6 +130,10 @@ class Settings:
     # server-cert.pem, server-key.pem, client-cert.pem, client-key.pem): transfers
     # are then TLS with both ends verified, and an unencrypted one is refused.
     transfer_tls_dir: str | None = None
+    # A directory holding QEMU's ``keys.psk`` (lines ``qemu:<hex key>``), the same on
+    # every host: live migrations then run their NBD and migration channels over
+    # TLS with that pre-shared key.  None: plain TCP.
+    transfer_psk_dir: str | None = None
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
     # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
@@ -195,6 +202,7 @@ class Settings:
             ),
             host_drive_allow=allow,
             save_max_bandwidth=int(_number(env, "VMTASK_SAVE_MAX_BANDWIDTH", 0, 0)),
+            migrate_max_bandwidth=int(_number(env, "VMTASK_MIGRATE_MAX_BANDWIDTH", 0, 0)),
             concurrency=int(_number(env, "VMTASK_CONCURRENCY", defaults.concurrency, 1)),
             control_concurrency=int(_number(env, "VMTASK_CONTROL_CONCURRENCY",
                                             defaults.control_concurrency, 1)),
@@ -212,6 +220,7 @@ class Settings:
             transfer_stall_seconds=_number(env, "VMTASK_TRANSFER_STALL_SECONDS",
                                            defaults.transfer_stall_seconds, 1.0),
             transfer_tls_dir=optional("VMTASK_TRANSFER_TLS_DIR"),
+            transfer_psk_dir=optional("VMTASK_TRANSFER_PSK_DIR"),
             console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
                                               defaults.console_log_max_bytes, 4096)),
             redis_ca=optional("VMTASK_REDIS_CA"),

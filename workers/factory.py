@@ -20,6 +20,7 @@ from workers.tasks import (
     diagnostics,
     disk_inventory,
     disks,
+    live_migration,
     migration,
     move_journal,
     transfer,
@@ -29,12 +30,15 @@ from workers.tasks import (
 
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
                      vms.__name__, vm_console.__name__, transfer.__name__,
-                     migration.__name__]
+                     migration.__name__, live_migration.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
-    startup=(disks.remove_crashed_temporaries, move_journal.remove_unfinished_moves,
+    # A live migration's half-received VM may have a QEMU running: it goes before
+    # the moves' journals are swept.
+    startup=(disks.remove_crashed_temporaries, live_migration.recover_migrations,
+             move_journal.remove_unfinished_moves,
              vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),

@@ -220,7 +220,8 @@ for _verb, (_help, _plain, _guest_call) in VM_ACTIONS.items():
 @json_option
 @click.pass_context
 def vm_migrate(ctx: click.Context, name: str, destination_host: str) -> None:
-    """Move the turned-off or saved VM NAME, with its disks, to DESTINATION_HOST."""
+    """Move VM NAME, with its disks, to DESTINATION_HOST: cold when it is turned off or
+    saved, live (it keeps running) when it runs or is paused."""
     state = state_of(ctx)
     task = find_vm(state, name).migrate(destination_host)
 

@@ -73,6 +73,14 @@ VM_MIGRATE_OUT = TaskSpec("vmtask.migrate.out",
 VM_MIGRATE_IN = TaskSpec("vmtask.migrate.in",
                          ("name", "source_host", "transfer_id", "server_task_id"),
                          cancelable=True)
+# A live migration (Running or Paused VM): the source drives and the producer holds
+# it; the destination prepares a paused QEMU and NBD exports, then takes over or
+# gives up when the source says so.
+VM_LIVE_OUT = TaskSpec("vmtask.migrate.live_out",
+                       ("name", "destination_host", "transfer_id", "peer_task_id"),
+                       cancelable=True)
+VM_LIVE_IN = TaskSpec("vmtask.migrate.live_in",
+                      ("name", "source_host", "transfer_id", "peer_task_id"), cancelable=True)
 
 VM_STARTUP = TaskSpec("vmtask.vm.startup", ("name",), cancelable=True)
 VM_SAVE = TaskSpec("vmtask.vm.save", ("name",), cancelable=True)

@@ -39,8 +39,8 @@ ALLOWED: dict[str, frozenset[S]] = {
     "delete": frozenset({S.TurnedOff, S.Saved, S.Invalid}),
     # A saved state is bound to the configuration: changing it needs a turn_off first.
     "configure": frozenset({S.TurnedOff}),
-    # Cold only for now: a Running or Paused VM must be saved or turned off first.
-    "migrate": frozenset({S.TurnedOff, S.Saved}),
+    # Cold for TurnedOff and Saved, live for Running and Paused.
+    "migrate": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "screenshot": frozenset({S.Running, S.Paused}),
     "console_log": frozenset(S),
     "guest_info": frozenset({S.Running}),

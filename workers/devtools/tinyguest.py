@@ -9,8 +9,8 @@ recipe below, so it is rebuilt only when one of them changes.
 
 What the guest does (see `INIT_SCRIPT`):
 
-* loads the virtio-pci, virtio-console, virtio-net, ACPI button and evdev modules,
-  which the cloud kernel ships as modules, and prints its CPU count;
+* loads the virtio-pci, virtio-console, virtio-net, virtio-blk, ACPI button and evdev
+  modules, which the cloud kernel ships as modules, and prints its CPU count;
 * brings each NIC up and asks for an address by DHCP (busybox ``udhcpc``, in the
   background), and serves a marker page on TCP port 80 (busybox ``httpd``);
 * arms a power-button watcher that runs ``poweroff -f``, and only then prints
@@ -18,9 +18,12 @@ What the guest does (see `INIT_SCRIPT`):
   marker is never lost;
 * serves a small subset of the QEMU guest agent protocol on the virtio-serial port
   named `AGENT_PORT_NAME`: ``guest-sync``, ``guest-sync-delimited``,
-  ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo`` and
-  ``guest-network-get-interfaces``.  The agent is line based:
-  every command must end with a newline, which `workers.engines.guest_agent` always sends.
+  ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo``,
+  ``guest-network-get-interfaces``, and ``guest-file-open``/``-read``/``-write``/
+  ``-close`` on whole files: a read returns all of it (the kernel's boot id), a
+  write replaces the first bytes in place and syncs (a pattern on a virtio disk).
+  The agent is line based: every command must end with a newline, which
+  `workers.engines.guest_agent` always sends.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # The roots of the module closure; their dependencies are added from the modules
 # themselves.
-GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_net", "button", "evdev")
+GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_net", "virtio_blk", "button",
+                 "evdev")
 DEFAULT_APPEND = "console=ttyS0 quiet panic=-1"
 
 # Bump when the image layout changes in a way the init script's text does not show.
@@ -73,6 +77,10 @@ AGENT_COMMANDS = (
     "guest-shutdown",
     "guest-get-osinfo",
     "guest-network-get-interfaces",
+    "guest-file-open",
+    "guest-file-read",
+    "guest-file-write",
+    "guest-file-close",
 )
 
 

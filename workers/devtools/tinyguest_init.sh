@@ -170,6 +170,55 @@ handle_line() {
     guest-info)
         reply '{"return": {"version": "vmtask-tinyguest", "supported_commands": [@COMMANDS@]}}'
         ;;
+    guest-file-open)
+        # Whole files: "r" reads one (the boot id); "r+" lets each write replace the
+        # file's first bytes in place, synced (a pattern on the guest's disk).
+        str_arg path
+        file=$val
+        str_arg mode
+        case ${val:-r} in
+            r) ok=$([ -r "$file" ] && echo 1) ;;
+            r+) ok=$([ -r "$file" ] && [ -w "$file" ] && echo 1) ;;
+            *) ok= ;;
+        esac
+        if [ -n "$file" ] && [ -n "$ok" ]; then
+            handle=$((${handle:-0} + 1))
+            eval "file_$handle=\$file"
+            reply "{\"return\": $handle}"
+        else
+            error_reply GenericError "Cannot open the file"
+        fi
+        ;;
+    guest-file-write)
+        int_arg handle
+        case $val in ''|*[!0-9]*) val=0 ;; esac
+        eval "f=\${file_$val-}"
+        str_arg buf-b64
+        if [ -z "$f" ]; then
+            error_reply GenericError "Invalid file handle"
+        elif printf '%s' "$val" | base64 -d > /tmp/agent-write &&
+                dd if=/tmp/agent-write of="$f" conv=notrunc,fsync 2>/dev/null; then
+            reply "{\"return\": {\"count\": $(wc -c < /tmp/agent-write), \"eof\": false}}"
+        else
+            error_reply GenericError "The write failed"
+        fi
+        ;;
+    guest-file-read)
+        int_arg handle
+        case $val in ''|*[!0-9]*) val=0 ;; esac
+        eval "f=\${file_$val-}"
+        if [ -z "$f" ]; then
+            error_reply GenericError "Invalid file handle"
+        else
+            reply "{\"return\": {\"count\": $(wc -c < "$f"), \"buf-b64\": \"$(base64 -w 0 < "$f")\", \"eof\": true}}"
+        fi
+        ;;
+    guest-file-close)
+        int_arg handle
+        case $val in ''|*[!0-9]*) val=0 ;; esac
+        eval "unset file_$val"
+        reply '{"return": {}}'
+        ;;
     guest-shutdown)
         str_arg mode
         # Like qemu-ga, success has no reply: the guest is gone before it could matter.

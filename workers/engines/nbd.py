@@ -91,7 +91,7 @@ def _listening(address: str, port: int) -> bool:
         return False
 
 
-def _port_free(address: str, port: int) -> bool:
+def port_free(address: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -146,7 +146,7 @@ def serve(spec: str, *, address: str, ports: tuple[int, int], name: str,
     random.shuffle(candidates)  # concurrent transfers rarely race for the same port
     with tempfile.TemporaryFile() as stderr:
         for port in candidates:
-            if not _port_free(address, port):
+            if not port_free(address, port):
                 continue
             process = _start(spec, address, port, name, pass_fds, stderr, tls_dir)
             if process is None:

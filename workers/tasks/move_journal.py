@@ -61,6 +61,8 @@ def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:
         try:
             entry = json.loads(journal.read_text())
         except (OSError, ValueError):
+            entry = None
+        if not isinstance(entry, dict):
             log.warning("Unreadable move journal %s: left alone", journal)
             continue
         if _lease_live(client, str(entry.get("task_id"))):

@@ -1,7 +1,10 @@
--- KEYS: vm record, events stream.  ARGV: source host, destination host, allowed
--- states (comma-separated ints), time, stream max length.
+-- KEYS: vm record, events stream[, a live migration's transfer hash].  ARGV: source
+-- host, destination host, allowed states (comma-separated ints), time, stream max
+-- length.
 -- The fenced ownership change of a moved VM: the record names the destination only
--- if it still names the source and the VM is still in a state that moves.
+-- if it still names the source, the VM is still in a state that moves and, live,
+-- the source has not taken the guest back (vm_move_abort.lua).
+if KEYS[3] and redis.call('HGET', KEYS[3], 'abort') == '1' then return 'ABORTED' end
 local host = redis.call('HGET', KEYS[1], 'host')
 if not host then return 'MISSING' end
 if host ~= ARGV[1] then return 'MOVED' end

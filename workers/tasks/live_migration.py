@@ -1,0 +1,390 @@
+"""Live migration of a Running or Paused VM: two tasks, one per host.
+
+The producer submits both at once, each knowing the other's id, and follows the
+source task (`live_out`), which drives; the destination task (`live_in`)
+prepares, then waits to be told to take over or to give up.  They talk through
+one hash, ``keys.transfer(transfer_id)``, and each wakes the other at once with a
+push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
+
+1. ``manifest`` (source): each disk's path, format and sizes.  The destination
+   refuses a name clash, a format QEMU cannot migrate, a missing kernel or too
+   little space before anything moves (its task fails; the source sees it).
+2. ``incoming`` (destination): fresh disks (listed in the VM's directory until the
+   switch-over, for a crashed worker's successor to remove), a QEMU started
+   ``-incoming defer -S`` and an NBD server with a one-time export per disk
+   (`workers.engines.qemu_vm.livemigrate`).
+3. The source mirrors the disks, migrates, cancels its ready mirrors, then sets
+   ``switch``.  Until then any cancel or failure rolls back: the guest runs on at
+   the source and the destination kills its QEMU and removes its files.
+4. The destination moves the record's host with the fenced compare-and-set of
+   ``vm_move.lua`` (only if it still names the source and ``abort`` is not set)
+   and only then runs the guest (``cont``): the guest never runs where the record
+   does not point.  It sets ``committed``; the source then quits its QEMU and
+   removes the VM's files.  A source that gives up (cancel, the destination's
+   failure or death) sets ``abort`` with ``vm_move_abort.lua``, only while the
+   record still names it: one of the two scripts wins, never both, so the guest
+   resumes on exactly one host.
+
+The VM's recorded state stays Running (or Paused) throughout; both tasks hold
+the VM's lock on their host, so no other operation interleaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from api.enums import VMTaskResult
+from api.enums import VMVMState as S
+from api.protocol import hresults, keys, records, scripts, tasks
+from api.protocol.vmstate import EVENTS_MAXLEN
+from api.settings import Settings
+from workers.engines import qemu_vm
+from workers.engines.context import raise_if_cancelled
+from workers.engines.qemu_vm import livemigrate
+from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
+from workers.engines.qemu_vm.process import force_stop, wait_pid
+from workers.engines.storage import free_space, resolve_in_root
+from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
+from workers.runtime import TaskRun, operation
+from workers.tasks import move_journal
+from workers.tasks.files import HostFiles
+from workers.tasks.migration import MOVE_SCRIPT
+from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, read_peer
+from workers.tasks.vms import (
+    InvalidVMState,
+    config_of,
+    paths_of,
+    record_of,
+    record_runtime,
+    root,
+    vm_lock,
+)
+
+log = logging.getLogger(__name__)
+
+LIVE = frozenset({S.Running, S.Paused})
+WATCH = 0.05
+MIGRATION_TIMEOUT = 3600.0
+# In a destination's VM directory until the switch-over: the disks it is receiving.
+ABORT_SCRIPT = scripts.load("vm_move_abort")
+SOURCE, DESTINATION = "source", "destination"
+
+
+def _wake_key(key: str, side: str) -> str:
+    return f"{key}:wake:{side}"
+
+
+def _signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) -> None:
+    """Set ``fields`` in the transfer hash and wake ``side`` to read them."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(key, mapping=fields)
+    pipe.expire(key, OFFER_TTL_SECONDS)
+    pipe.rpush(_wake_key(key, side), "1")
+    pipe.expire(_wake_key(key, side), OFFER_TTL_SECONDS)
+    pipe.execute()
+
+
+def _nap(run: TaskRun, key: str, side: str) -> None:
+    """Wait for the other side's next signal, at most `WATCH` seconds."""
+    run.redis.blpop([_wake_key(key, side)], timeout=WATCH)
+
+
+def _peer_check(run: TaskRun, peer_task_id: str, peer_host: str, what: str) -> None:
+    """Raise the other side's outcome once it ended or its worker is gone."""
+    peer = read_peer(run.redis, peer_task_id)
+    if peer.final:
+        if peer.result is VMTaskResult.Cancelled:
+            raise Cancelled(f"The {what} host {peer_host} gave up the migration")
+        raise PeerFailed(f"The {what} host {peer_host} failed: {peer.description}",
+                         peer.result or VMTaskResult.UnexpectedError, peer.error)
+    if peer.gone or (peer.state == records.PENDING
+                     and not run.redis.exists(keys.host_heartbeat(peer_host))):
+        raise PeerFailed(f"The worker of the {what} host {peer_host} is gone",
+                         VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+
+
+def _check_formats(disks: list[dict[str, Any]]) -> None:
+    blocked = [d["path"] for d in disks if d["format"] not in livemigrate.MIRRORABLE_FORMATS]
+    if blocked:
+        raise IllegalValue("QEMU migrates only qcow2 and raw disks live; move these cold "
+                           f"(turn the VM off first): {', '.join(blocked)}")
+
+
+# -- the source -----------------------------------------------------------------------
+
+
+def _manifest(monitor: qemu_vm.Monitor, files: HostFiles, record: dict[str, str],
+              config: qemu_vm.VMConfig) -> list[dict[str, Any]]:
+    """Each disk as QEMU has it open: sizes from query-block (its write lock bars qemu-img)."""
+    images = {str(b.get("device")): b.get("inserted", {}).get("image", {})
+              for b in monitor.execute("query-block")}
+    disks = []
+    for index, (relative, path) in enumerate(zip(json.loads(record["disks"]), config.disks,
+                                                 strict=True)):
+        image = images.get(livemigrate.device_of(index), {})
+        disks.append({"path": files.relative(files.resolve(relative)),
+                      "format": qemu_vm.disk_format(path),
+                      "virtual_size": int(image.get("virtual-size", 0)),
+                      "allocated": int(image.get("actual-size", 0))})
+    return disks
+
+
+@operation(tasks.VM_LIVE_OUT)
+def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
+             peer_task_id: str) -> dict[str, Any]:
+    files = HostFiles.of(run.settings)
+    client = run.redis
+    key = keys.transfer(transfer_id)
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+
+    def destination_check() -> None:
+        _peer_check(run, peer_task_id, destination_host, "destination")
+
+    with vm_lock(run, name):
+        record = record_of(client, run.settings, name)
+        if S(int(record["state"])) not in LIVE:
+            raise InvalidVMState(f"VM {name!r} is {S(int(record['state'])).name}: only a "
+                                 "Running or Paused VM migrates live")
+        if record.get("undoable") == "1":
+            raise IllegalValue(f"VM {name!r} has undo disks: it moves only cold")
+        config = config_of(run.settings, record)
+        paths = paths_of(run.settings, name)
+        _check_formats([{"path": files.relative(files.resolve(relative)),
+                         "format": qemu_vm.disk_format(path)}
+                        for relative, path in zip(json.loads(record["disks"]), config.disks,
+                                                  strict=True)])
+        with qemu_vm.connect(paths) as monitor:
+            outgoing = livemigrate.Outgoing.begin(
+                monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth,
+                psk_dir=run.settings.transfer_psk_dir)
+            disks = _manifest(monitor, files, record, config)
+            _signal(client, key, DESTINATION, {"manifest": json.dumps(disks)})
+            try:
+                while not (raw := client.hget(key, "incoming")):
+                    destination_check()
+                    raise_if_cancelled(run)
+                    _nap(run, key, SOURCE)
+                incoming = livemigrate.Incoming.from_dict(json.loads(raw))
+                outgoing.mirror(incoming)
+                outgoing.wait_ready(run, destination_check, deadline)
+                final = outgoing.migrate(incoming, run, destination_check, deadline)
+                stopped = time.monotonic()  # the guest stays stopped until the cont there
+                outgoing.finish_mirrors(deadline)
+                _signal(client, key, DESTINATION, {"switch": "1"})
+                while client.hget(key, "committed") != "1":
+                    destination_check()
+                    raise_if_cancelled(run)  # honoured until the destination takes over
+                    _nap(run, key, SOURCE)
+                handoff = time.monotonic() - stopped
+            except BaseException:
+                outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
+                                      _wake_key(key, DESTINATION), run.settings.host)
+                if outcome == "ABORTED":
+                    # The destination can no longer take the VM: the guest runs on here.
+                    outgoing.rollback()
+                    raise
+                # The destination took the VM over: the guest is its to run.
+                handoff = time.monotonic() - stopped
+            run.report_progress(98)
+            with contextlib.suppress(OperationFailed):
+                monitor.execute("quit")
+        pid = qemu_vm.find_pid(paths)
+        if pid is not None and not wait_pid(pid, paths, 10.0):
+            force_stop(paths)
+        for relative in json.loads(record["disks"]):
+            files.resolve(relative).unlink(missing_ok=True)
+        shutil.rmtree(paths.directory, ignore_errors=True)
+    client.delete(key, _wake_key(key, SOURCE), _wake_key(key, DESTINATION))
+    # downtime_ms is QEMU's (the guest stopped until the migration completed); the
+    # guest stays stopped through the switch-over too, so paused_ms bounds its pause.
+    downtime = int(final.get("downtime", 0))
+    return {"host": destination_host, "downtime_ms": downtime,
+            "paused_ms": downtime + round(handoff * 1000),
+            "total_time_ms": final.get("total-time")}
+
+
+# -- the destination ------------------------------------------------------------------
+
+
+def _wait_manifest(run: TaskRun, key: str, peer_task_id: str, source: str
+                   ) -> list[dict[str, Any]]:
+    while not (raw := run.redis.hget(key, "manifest")):
+        _peer_check(run, peer_task_id, source, "source")
+        raise_if_cancelled(run)
+        _nap(run, key, DESTINATION)
+    disks: list[dict[str, Any]] = json.loads(raw)
+    return disks
+
+
+def _refuse_incompatible(run: TaskRun, files: HostFiles, disks: list[dict[str, Any]],
+                         targets: list[Path]) -> None:
+    here = run.settings.host
+    _check_formats(disks)
+    clash = [d["path"] for d, t in zip(disks, targets, strict=True) if os.path.lexists(t)]
+    if clash:
+        raise DiskError(f"Already on {here}: {', '.join(clash)}", hresults.FILE_EXISTS)
+    needed = sum(int(d["allocated"]) for d in disks)
+    if free_space(files.root) < needed:
+        raise DiskError(f"Host {here} has too little space for the VM's disks ({needed} "
+                        "bytes)", hresults.DISK_FULL)
+
+
+def _reserve(item: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise DiskError(f"{item['path']} appeared meanwhile", hresults.FILE_EXISTS) from None
+
+
+def _create_disk(item: dict[str, Any], target: Path) -> None:
+    made = subprocess.run(["qemu-img", "create", "-q", "-f", item["format"], str(target),
+                           str(int(item["virtual_size"]))], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        raise DiskError(f"Could not create {item['path']}: {made.stderr.strip()}")
+
+
+def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, peer_task_id: str,
+                 source: str) -> None:
+    while True:
+        switch, abort = run.redis.hmget(key, "switch", "abort")
+        if abort == "1":
+            raise Cancelled(f"The source host {source} gave up the migration")
+        if switch == "1":
+            return
+        _peer_check(run, peer_task_id, source, "source")
+        if not qemu_vm.is_alive(paths):
+            raise OperationFailed("The destination QEMU stopped during the migration")
+        raise_if_cancelled(run)
+        _nap(run, key, DESTINATION)
+
+
+@operation(tasks.VM_LIVE_IN)
+def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
+            peer_task_id: str) -> dict[str, Any]:
+    files = HostFiles.of(run.settings)
+    client = run.redis
+    key = keys.transfer(transfer_id)
+    record: dict[str, str] = client.hgetall(keys.vm_record(name))
+    if not record or record.get("host") != source_host:
+        raise IllegalValue(f"VM {name!r} is not on host {source_host}")
+    paths = paths_of(run.settings, name)
+    if paths.directory.exists() and any(p.name != ".lock" for p in paths.directory.iterdir()):
+        raise DiskError(f"{files.relative(paths.directory)} already exists on "
+                        f"{run.settings.host}", hresults.FILE_EXISTS)
+    disks = _wait_manifest(run, key, peer_task_id, source_host)
+    targets = [files.resolve_output(d["path"]) for d in disks]
+    _refuse_incompatible(run, files, disks, targets)
+    config = config_of(run.settings, record)  # a missing kernel or initrd: refused here
+    # The disks get their final names at once: QEMU reopens an image by its name (at
+    # the next migration's switch-over, for one), so a rename under it would break
+    # it.  Until the switch they are listed in the VM's directory, for
+    # `recover_migrations` should this worker die meanwhile.
+    listing = paths.directory / move_journal.JOURNAL
+    made: list[Path] = []
+    committed = False
+    try:
+        with vm_lock(run, name):
+            move_journal.write(run.settings, name, run.task_id, [d["path"] for d in disks])
+            for item, target in zip(disks, targets, strict=True):
+                _reserve(item, target)
+                made.append(target)
+                _create_disk(item, target)
+            exports = tuple(livemigrate.new_export_name() for _ in disks)
+            incoming = livemigrate.start_incoming(
+                dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths, run,
+                address=run.settings.advertise_address, ports=run.settings.transfer_ports,
+                exports=exports, psk_dir=run.settings.transfer_psk_dir)
+            _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
+            run.report_progress(10)
+            # Connected before the switch-over: the guest is stopped throughout it.
+            with qemu_vm.connect(paths) as monitor:
+                _wait_switch(run, key, paths, peer_task_id, source_host)
+                livemigrate.stop_serving(monitor)
+                outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS,
+                                      key, source_host, run.settings.host,
+                                      ",".join(str(int(s)) for s in sorted(LIVE)),
+                                      repr(time.time()), EVENTS_MAXLEN)
+                if outcome == "ABORTED":
+                    raise Cancelled(f"The source host {source_host} took the guest back")
+                if outcome != "OK":
+                    raise InvalidVMState(f"VM {name!r} changed during the migration "
+                                         f"({outcome})")
+                committed = True
+                livemigrate.run_guest(monitor, run=S(int(record["state"])) is S.Running)
+            listing.unlink()
+            _signal(client, key, SOURCE, {"committed": "1"})
+            pid = qemu_vm.find_pid(paths)
+            started = record.get("started", repr(time.time()))
+            if pid is not None:
+                record_runtime(client, name, paths, pid)
+                client.hset(keys.vm_record(name), "started", started)  # the guest's uptime
+    except BaseException:
+        if not committed:
+            log.warning("Migration of %s into this host failed; its QEMU said: %s", name,
+                        read_logs(paths) or "nothing")
+            force_stop(paths)
+            qemu_vm.cleanup(paths)
+            for path in made:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(paths.directory, ignore_errors=True)
+        raise
+    return {"host": run.settings.host, "disks": len(disks)}
+
+
+def recover_migrations(client: redis.Redis, settings: Settings) -> None:
+    """On start-up, after a crash of this host's worker mid-migration.
+
+    A VM the record places here takes its guest back from whatever QEMU still runs or
+    finished of an outgoing migration (`livemigrate.abandon_outgoing`): the
+    destination never ran it, since nobody told it to switch.  A destination QEMU
+    whose VM the record does not place here never got the VM: it is killed, and the
+    disks it was receiving and its directory removed.
+    """
+    vms = paths_of(settings, "x").directory.parent
+    if not vms.is_dir():
+        return
+    for directory in vms.iterdir():
+        if not directory.is_dir():
+            continue
+        record = client.hgetall(keys.vm_record(directory.name))
+        owner = record.get("host") if record else None
+        paths = qemu_vm.VMPaths(directory)
+        if owner == settings.host:
+            if S(int(record["state"])) in LIVE and qemu_vm.is_alive(paths):
+                with contextlib.suppress(OperationFailed):
+                    if livemigrate.abandon_outgoing(
+                            paths, running=S(int(record["state"])) is S.Running):
+                        log.warning("VM %s: took the guest back from a migration whose "
+                                    "worker died", directory.name)
+            continue
+        if owner is None and not _incoming_qemu(paths):
+            continue  # not a migration's: leave it to an operator
+        force_stop(paths)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            journal = json.loads((directory / move_journal.JOURNAL).read_text())
+            for relative in journal["files"]:
+                resolve_in_root(root(settings), relative).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        log.warning("Removed %s, left by a migration that did not finish", directory)
+
+
+def _incoming_qemu(paths: qemu_vm.VMPaths) -> bool:
+    pid = qemu_vm.find_pid(paths)
+    if pid is None:
+        return False
+    with contextlib.suppress(OSError):
+        return b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return False
