@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,10 +73,12 @@ def broker_errors(url: str) -> Iterator[None]:
 
 class TaskStore:
     def __init__(self, client: redis.Redis, url: str, retention_seconds: float,
-                 endpoint: RedisEndpoint | None = None, timeout: float = 5.0) -> None:
+                 endpoint: RedisEndpoint | None = None, timeout: float = 5.0,
+                 lease_seconds: float = 15.0) -> None:
         self.client = client
         self.url = url
         self.retention_seconds = int(retention_seconds)
+        self.lease_seconds = lease_seconds
         # Replica acknowledgement of a submit (`confirm`): on a client that never
         # retries, because a WAIT re-sent to a new primary would vouch for writes
         # that the dead one may have taken with it.
@@ -84,6 +87,7 @@ class TaskStore:
         self._ack_client = (connect(endpoint, timeout, retry=no_retry())
                             if endpoint is not None and self.ack.replicas else None)
         self._withdraw = client.register_script(records.WITHDRAW_SCRIPT)
+        self._confirm = client.register_script(records.CONFIRM_SCRIPT)
         self._finish = client.register_script(records.FINISH_SCRIPT)
         self._cancel = client.register_script(records.CANCEL_SCRIPT)
         self._submit = client.register_script(records.SUBMIT_SCRIPT)
@@ -169,12 +173,14 @@ class TaskStore:
 
         def build(pipe: Any) -> None:
             # A write of this connection after the push, for WAIT to wait for.
-            pipe.hset(record, "enqueued", repr(time.time()))
+            pipe.evalsha(self._confirm.sha, 1, record, repr(time.time()))
 
         try:
-            _, acked = replicated(self._ack_client, build, (), self.ack)
+            (state,), acked = replicated(self._ack_client, build, (self._confirm,), self.ack)
         except CONNECTION_ERRORS:
-            acked = False
+            state, acked = "", False
+        if state == "MISSING":
+            return False  # this primary never had the record: the message cannot run
         if acked:
             return True
         with broker_errors(self.url):
@@ -238,7 +244,8 @@ class TaskStore:
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""
         with broker_errors(self.url):
-            judged = judge_crashed(self.client, self._finish, task_id, self.retention_seconds)
+            judged = judge_crashed(self.client, self._finish, task_id, self.retention_seconds,
+                                   self.lease_seconds)
         if judged and self.on_crash_judged is not None:
             self.on_crash_judged(task_id)
         return judged
@@ -291,15 +298,21 @@ def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
 
 
 def judge_crashed(
-    client: redis.Redis, finish_script: Any, task_id: str, retention_seconds: int
+    client: redis.Redis, finish_script: Any, task_id: str, retention_seconds: int,
+    grace_seconds: float,
 ) -> bool:
-    """Shared by producers and workers' reapers: the script re-checks the lease atomically."""
+    """Shared by producers and workers' reapers: the script re-checks the lease atomically.
+
+    ``grace_seconds`` (the lease) is how long after a new Redis primary appears no task
+    is judged: leases could not be renewed while the primary was switching.
+    """
     outcome = finish_script(
         keys=[
             keys.task_record(task_id),
             keys.task_lease(task_id),
             keys.RUNNING_TASKS,
             keys.task_channel(task_id),
+            keys.REDIS_PRIMARY,
         ],
         args=[
             records.FAILURE,
@@ -312,6 +325,7 @@ def judge_crashed(
             task_id,
             "1",
             "",
+            max(1, math.ceil(grace_seconds)),
         ],
     )
     return bool(outcome == "OK")

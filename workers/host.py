@@ -109,7 +109,8 @@ class HostBeacon:
             pipe.exists(keys.task_lease(task_id))
         for task_id, leased in zip(running, pipe.execute(), strict=True):
             if not leased and judge_crashed(self.client, self.finish, task_id,
-                                            int(self.settings.retention_seconds)):
+                                            int(self.settings.retention_seconds),
+                                            self.settings.lease_seconds):
                 log.error("Task %s lost its worker: ended ThreadCrashError", task_id)
                 if self.on_crash_judged is not None:
                     self.on_crash_judged(task_id)

@@ -20,8 +20,11 @@ from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
+import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
+
+from api.connection import PrimaryFollowingConnection
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,17 @@ class HardenedChannel:
         return super().basic_consume(  # type: ignore[misc]
             queue, no_ack, tracked, consumer_tag, **kwargs)
 
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        # Closing a channel after its connection was released (a broker lost in a
+        # failover) requeues its unacked messages through a new pool, whose
+        # parameters come from the released connection: kombu then fails with an
+        # AttributeError that Celery treats as fatal ("Unrecoverable error") and
+        # the worker exits.  A connection error instead is ignored by Celery; the
+        # messages stay in the unacked hash for the visibility restore.
+        if self.connection.client is None:  # type: ignore[attr-defined]
+            raise redis.ConnectionError("The broker connection was already closed")
+        return super()._connparams(asynchronous)  # type: ignore[misc]
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
@@ -62,7 +76,9 @@ class Channel(HardenedChannel, kombu_redis.Channel):
 
 
 class SentinelChannel(HardenedChannel, kombu_redis.SentinelChannel):
-    pass
+    # Every reconnect asks the sentinels (redis-py's own class keeps retrying the
+    # address of a primary that died: see `PrimaryFollowingConnection`).
+    connection_class = PrimaryFollowingConnection
 
 
 class Transport(kombu_redis.Transport):

@@ -39,6 +39,7 @@ MSG_DONE = "done"
 START_SCRIPT = scripts.load("task_start")
 
 PROGRESS_SCRIPT = scripts.load("task_progress")
+RENEW_SCRIPT = scripts.load("task_renew")
 
 FINISH_SCRIPT = scripts.load("task_finish")
 
@@ -46,6 +47,7 @@ CANCEL_SCRIPT = scripts.load("task_cancel")
 SUBMIT_SCRIPT = scripts.load("task_submit")
 READ_SCRIPT = scripts.load("task_read")
 WITHDRAW_SCRIPT = scripts.load("task_withdraw")
+CONFIRM_SCRIPT = scripts.load("task_confirm")
 
 
 @dataclass(frozen=True)
