@@ -56,6 +56,7 @@ class HostBeacon:
                                                decode_responses=True)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
         self.withdraw = self.client.register_script(scripts.load("host_withdraw"))
+        self.primary_seen = self.client.register_script(scripts.load("redis_primary"))
         self.identity = worker_identity(settings)
         self.started = time.time()
         self.stopping = threading.Event()
@@ -99,6 +100,8 @@ class HostBeacon:
         pipe.expire(keys.host_workers(self.settings.host), int(ttl) + 1)
         pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
         pipe.execute()
+        # Which Redis primary this is: a new one (a failover) restarts the crash bound.
+        self.primary_seen(keys=[keys.REDIS_PRIMARY])
 
     def reap(self) -> None:
         running = sorted(self.client.smembers(keys.RUNNING_TASKS))

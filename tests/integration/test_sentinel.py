@@ -194,3 +194,69 @@ def test_a_convert_running_across_a_failover_completes_byte_exact(
     finally:
         server.close()
         worker.stop()
+
+
+def test_a_failover_longer_than_the_lease_judges_no_running_task_crashed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash bound counts from the end of the failover.
+
+    The lease is 2 s and the sentinels take about 4.5 s to replace the primary
+    (down-after 3 s), so every running task's lease has lapsed on the new primary
+    before any worker can reach it.  A producer reading the task all along (each
+    read judges a started task without a lease) and the other host's reaper must
+    not end it ThreadCrashError: it finishes with its result, once.
+    """
+    short = {"VMTASK_LEASE_SECONDS": "2", "VMTASK_HEARTBEAT_SECONDS": "3"}
+    for name, value in short.items():
+        monkeypatch.setenv(name, value)
+    cluster = SentinelCluster(tmp_path / "cluster", down_after_ms=3000).start()
+    workers = [WorkerProcess(cluster.url, host, tmp_path / f"storage-{host}", tmp_path,
+                             concurrency=2, env=short) for host in HOSTS]
+    server = VirtualServer(cluster.url, poll_interval=0.2)
+    marker = tmp_path / "runs.txt"
+    try:
+        for worker in workers:
+            worker.start()
+        task = server.submit(ECHO, description="spans the failover", host="ha1",
+                             kwargs={"path": str(marker), "value": 7, "seconds": 12.0})
+        wait_until(lambda: task.snapshot().state == "STARTED", 30, "the task to start")
+        leaseless: list[float] = []
+        reading = threading.Event()
+
+        def read_all_along() -> None:
+            while not reading.is_set():
+                try:
+                    snap = task.snapshot()  # judges a started task whose lease lapsed
+                except errors.BrokerUnavailableError:
+                    continue
+                if snap.state == "STARTED" and not snap.lease_alive:
+                    leaseless.append(time.monotonic())
+                time.sleep(0.1)
+
+        reader = threading.Thread(target=read_all_along)
+        reader.start()
+        try:
+            old = cluster.kill_primary()
+            killed = time.monotonic()
+            cluster.wait_failover(old.port)
+            took = time.monotonic() - killed
+            assert took > 2 * 2, f"the failover ({took:.1f} s) must outlast the lease"
+            assert task.wait_for_completion(60_000)
+        finally:
+            reading.set()
+            reader.join(30)
+        snap = task.snapshot()
+        assert snap.result is VMTaskResult.Success, snap
+        assert snap.output == {"value": 7}
+        assert marker.read_text().split() == [task.id]
+        assert cluster.primary().client().hget(keys.task_record(task.id), "runs") == "1"
+        # The lease really lapsed: the judges were asked, and declined.
+        assert leaseless, "the lease never lapsed on the new primary: nothing was tested"
+        for worker in workers:
+            assert "ThreadCrashError" not in worker.log()
+        wait_until(lambda: sorted(server.hosts) == sorted(HOSTS), 10, "both hosts live")
+    finally:
+        server.close()
+        for worker in workers:
+            worker.stop()
+        cluster.stop()
