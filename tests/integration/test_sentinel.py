@@ -99,9 +99,12 @@ def test_200_tasks_across_a_failover_each_end_once_with_its_result(
 
         def where(task_id: str) -> str:
             unacked = primary.hgetall("unacked")
+            logged = [line for worker in workers for line in worker.log().splitlines()
+                      if task_id in line]
             return (f"record {primary.hgetall(keys.task_record(task_id))}; queued "
                     f"{[primary.llen(keys.host_queue(h)) for h in HOSTS]}; unacked "
-                    f"{[k for k, v in unacked.items() if task_id in v]} of {len(unacked)}")
+                    f"{[k for k, v in unacked.items() if task_id in v]} of {len(unacked)}; "
+                    f"worker log: {logged}")
 
         # Every task submit returned for ends with its own result, exactly once.
         unfinished: dict[str, str] = {}
