@@ -108,7 +108,9 @@ def main() -> None:
                   f"{(worst[0] - killed_at) * 1000:+.0f} ms from the kill); "
                   f"{len(accepted)} accepted, {refused} refused")
             client = cluster.primary().client()
-            deadline = time.monotonic() + 30
+            # A message taken but not started when the primary died comes back after
+            # the visibility timeout (30 s) plus up to 10 s.
+            deadline = time.monotonic() + 60
             ended, runs, stuck = 0, [], []
             for task in accepted:
                 left = max(0.0, deadline - time.monotonic())
