@@ -18,7 +18,10 @@ if ARGV[9] == '1' then
   local now = tonumber(redis.call('TIME')[1])
   local seen = redis.call('HMGET', KEYS[5], 'replid', 'since')
   if seen[1] ~= replid then
-    redis.call('HSET', KEYS[5], 'replid', replid, 'since', now)
+    -- A change of primary starts the grace; the first sighting ever is no change.
+    local since = now
+    if not seen[1] then since = 0 end
+    redis.call('HSET', KEYS[5], 'replid', replid, 'since', since)
     if seen[1] then return 'LEASED' end
   elseif now - tonumber(seen[2]) < tonumber(ARGV[11]) then
     return 'LEASED'
