@@ -194,13 +194,14 @@ def test_a_failover_longer_than_the_lease_judges_no_running_task_crashed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The crash bound counts from the end of the failover.
 
-    The lease is 2 s and the sentinels take about 4.5 s to replace the primary
-    (down-after 3 s), so every running task's lease has lapsed on the new primary
-    before any worker can reach it.  A producer reading the task all along (each
-    read judges a started task without a lease) and the other host's reaper must
-    not end it ThreadCrashError: it finishes with its result, once.
+    The lease is 3 s and the sentinels take about 4.5 s to replace the primary
+    (down-after 3 s), so the running task's lease has lapsed on the new primary
+    before its worker can reach it.  The worker is held (SIGSTOP) until a producer
+    has read the task there, started and lease-less (a read judges such a task),
+    so the judgment is surely asked for: it must decline, and the worker, let go,
+    takes its lease back and the task ends with its result, once.
     """
-    short = {"VMTASK_LEASE_SECONDS": "2", "VMTASK_HEARTBEAT_SECONDS": "3"}
+    short = {"VMTASK_LEASE_SECONDS": "3", "VMTASK_HEARTBEAT_SECONDS": "3"}
     for name, value in short.items():
         monkeypatch.setenv(name, value)
     cluster = SentinelCluster(tmp_path / "cluster", down_after_ms=3000).start()
@@ -214,38 +215,27 @@ def test_a_failover_longer_than_the_lease_judges_no_running_task_crashed(
         task = server.submit(ECHO, description="spans the failover", host="ha1",
                              kwargs={"path": str(marker), "value": 7, "seconds": 12.0})
         wait_until(lambda: task.snapshot().state == "STARTED", 30, "the task to start")
-        leaseless: list[float] = []
-        reading = threading.Event()
-
-        def read_all_along() -> None:
-            while not reading.is_set():
-                try:
-                    snap = task.snapshot()  # judges a started task whose lease lapsed
-                except errors.BrokerUnavailableError:
-                    continue
-                if snap.state == "STARTED" and not snap.lease_alive:
-                    leaseless.append(time.monotonic())
-                time.sleep(0.1)
-
-        reader = threading.Thread(target=read_all_along)
-        reader.start()
+        held = workers[0].proc
+        assert held is not None
+        old = cluster.kill_primary()
+        killed = time.monotonic()
+        os.killpg(held.pid, signal.SIGSTOP)
         try:
-            old = cluster.kill_primary()
-            killed = time.monotonic()
             cluster.wait_failover(old.port)
             took = time.monotonic() - killed
-            assert took > 2 * 2, f"the failover ({took:.1f} s) must outlast the lease"
-            assert task.wait_for_completion(60_000)
+            assert took > 3, f"the failover ({took:.1f} s) must outlast the lease"
+            primary = cluster.primary().client()
+            assert not primary.exists(keys.task_lease(task.id)), "the lease did not lapse"
+            snap = task.snapshot()  # judges a started task whose lease lapsed: declines
+            assert (snap.state, snap.lease_alive) == ("STARTED", False), snap
         finally:
-            reading.set()
-            reader.join(30)
+            os.killpg(held.pid, signal.SIGCONT)
+        assert task.wait_for_completion(60_000)
         snap = task.snapshot()
         assert snap.result is VMTaskResult.Success, snap
         assert snap.output == {"value": 7}
         assert marker.read_text().split() == [task.id]
         assert cluster.primary().client().hget(keys.task_record(task.id), "runs") == "1"
-        # The lease really lapsed: the judges were asked, and declined.
-        assert leaseless, "the lease never lapsed on the new primary: nothing was tested"
         for worker in workers:
             assert "ThreadCrashError" not in worker.log()
         wait_until(lambda: sorted(server.hosts) == sorted(HOSTS), 10, "both hosts live")
