@@ -36,7 +36,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from api.errors import InvalidArgumentError
 
@@ -102,6 +102,26 @@ def _readable_file(what: str, path: str) -> str:
     return path
 
 
+class PrimaryFollowingConnection(SentinelManagedConnection):  # type: ignore[misc]
+    """A Sentinel-managed connection that asks the sentinels on *every* reconnect.
+
+    redis-py 6.4 reconnects a dropped connection from ``send_packed_command``
+    through ``connect_check_health``, which skips `SentinelManagedConnection.connect`
+    (the one place that asks the sentinels) and keeps retrying the address of the
+    primary that just died: a client in mid-command when the primary was killed
+    then fails after its whole retry budget (about 15 s) even though a new primary
+    was elected in 2.  Here every reconnect goes through the sentinels.
+    """
+
+    def connect_check_health(self, check_health: bool = True,
+                             retry_socket_connect: bool = True) -> None:
+        if retry_socket_connect:  # the generic path: find the primary first
+            self.connect()
+            return
+        super().connect_check_health(check_health=check_health,
+                                     retry_socket_connect=retry_socket_connect)
+
+
 @dataclass(frozen=True)
 class SentinelTarget:
     """The sentinels to ask and the primary (by master name) they elect."""
@@ -153,7 +173,8 @@ class RedisEndpoint:
                 socket_connect_timeout=timeout,
             )
             return manager.master_for(target.master, db=target.db, username=target.username,
-                                      password=target.password, **options)
+                                      password=target.password,
+                                      connection_class=PrimaryFollowingConnection, **options)
         return redis.Redis.from_url(
             self.url,
             socket_connect_timeout=timeout,

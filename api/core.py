@@ -107,7 +107,7 @@ class ServerCore:
         self.sent_events = env_settings.sent_events
         self.redis = connect(self.endpoint, self.timeout)
         self.store = TaskStore(self.redis, self.url, env_settings.retention_seconds,
-                               self.endpoint, self.timeout)
+                               self.endpoint, self.timeout, env_settings.lease_seconds)
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
         self._celery: Celery | None = None

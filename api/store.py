@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -75,11 +76,13 @@ def broker_errors(url: str) -> Iterator[None]:
 
 class TaskStore:
     def __init__(self, client: redis.Redis, url: str, retention_seconds: float,
-                 endpoint: RedisEndpoint | None = None, timeout: float = 5.0) -> None:
+                 endpoint: RedisEndpoint | None = None, timeout: float = 5.0,
+                 lease_seconds: float = 15.0) -> None:
         self.client = client
         self.url = url
         self.retention_seconds = int(retention_seconds)
-        # Replica acknowledgement of a submit (`confirm`): on a client that never
+        self.lease_seconds = lease_seconds
+        # Replica acknowledgement of a submit (`create`): on a client that never
         # retries, because a WAIT re-sent to a new primary would vouch for writes
         # that the dead one may have taken with it.
         self.ack = Acknowledgement(endpoint.wait_replicas if endpoint is not None else 0,
@@ -141,7 +144,7 @@ class TaskStore:
 
         With replica acknowledgement wanted, the same round trip WAITs for it.  A
         submit no replica acknowledged, or whose reply was lost, is withdrawn
-        (`confirm_or_withdraw`) and raises `BrokerUnavailableError`.
+        (`withdraw_unconfirmed`) and raises `BrokerUnavailableError`.
         """
         now = time.time()
         fields = {
@@ -249,7 +252,8 @@ class TaskStore:
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""
         with broker_errors(self.url):
-            judged = judge_crashed(self.client, self._finish, task_id, self.retention_seconds)
+            judged = judge_crashed(self.client, self._finish, task_id, self.retention_seconds,
+                                   self.lease_seconds)
         if judged and self.on_crash_judged is not None:
             self.on_crash_judged(task_id)
         return judged
@@ -302,15 +306,21 @@ def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
 
 
 def judge_crashed(
-    client: redis.Redis, finish_script: Any, task_id: str, retention_seconds: int
+    client: redis.Redis, finish_script: Any, task_id: str, retention_seconds: int,
+    grace_seconds: float,
 ) -> bool:
-    """Shared by producers and workers' reapers: the script re-checks the lease atomically."""
+    """Shared by producers and workers' reapers: the script re-checks the lease atomically.
+
+    ``grace_seconds`` (the lease) is how long after a new Redis primary appears no task
+    is judged: leases could not be renewed while the primary was switching.
+    """
     outcome = finish_script(
         keys=[
             keys.task_record(task_id),
             keys.task_lease(task_id),
             keys.RUNNING_TASKS,
             keys.task_channel(task_id),
+            keys.REDIS_PRIMARY,
         ],
         args=[
             records.FAILURE,
@@ -323,6 +333,7 @@ def judge_crashed(
             task_id,
             "1",
             "",
+            max(1, math.ceil(grace_seconds)),
         ],
     )
     return bool(outcome == "OK")

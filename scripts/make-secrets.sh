@@ -7,6 +7,11 @@
 #   flower_basic_auth        Flower's basic-auth credentials, "admin:<password>"
 #   redis_users_acl          deploy/redis/users.acl.template with the SHA-256 of
 #                            each password: Redis keeps hashes, never passwords
+#   redis_replicator_password, redis_sentinel_password
+#                            the HA profile's replica and Sentinel users; no
+#                            service mounts them, only the two files below
+#   redis_ha_conf            deploy/redis/ha.conf.template (masteruser/masterauth)
+#   sentinel_conf            deploy/redis/sentinel.conf.template (auth-user/-pass)
 #
 # Usage: scripts/make-secrets.sh [--no-chown] [DIRECTORY]   (default: ./secrets)
 #
@@ -32,12 +37,14 @@ PLACEHOLDER=change-me
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 template="$here/deploy/redis/users.acl.template"
+ha_template="$here/deploy/redis/ha.conf.template"
+sentinel_template="$here/deploy/redis/sentinel.conf.template"
 chown_files=1
 directory=""
 for argument in "$@"; do
     case "$argument" in
         --no-chown) chown_files=0 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "make-secrets: unknown option $argument" >&2; exit 2 ;;
         *) [ -z "$directory" ] || { echo "make-secrets: one directory only" >&2; exit 2; }
            directory=$argument ;;
@@ -89,7 +96,7 @@ write_secret() {
     mv -f "$temporary" "$1"
 }
 
-for user in producer worker admin; do
+for user in producer worker admin replicator sentinel; do
     file="$directory/redis_${user}_password"
     if [ -e "$file" ]; then
         first_line "$file" >/dev/null
@@ -115,9 +122,12 @@ fi
 producer=$(first_line "$directory/redis_producer_password" | sha256)
 worker=$(first_line "$directory/redis_worker_password" | sha256)
 admin=$(first_line "$directory/redis_admin_password" | sha256)
+replicator=$(first_line "$directory/redis_replicator_password" | sha256)
+sentinel=$(first_line "$directory/redis_sentinel_password" | sha256)
 grep -v -e '^#' -e '^[[:space:]]*$' "$template" \
     | sed -e "s/@PRODUCER_SHA256@/$producer/" -e "s/@WORKER_SHA256@/$worker/" \
-          -e "s/@ADMIN_SHA256@/$admin/" \
+          -e "s/@ADMIN_SHA256@/$admin/" -e "s/@REPLICATOR_SHA256@/$replicator/" \
+          -e "s/@SENTINEL_SHA256@/$sentinel/" \
     | write_secret "$directory/redis_users_acl"
 if grep -q '@[A-Z_]*_SHA256@' "$directory/redis_users_acl"; then
     echo "make-secrets: $template has a user this script makes no password for" >&2
@@ -126,11 +136,29 @@ if grep -q '@[A-Z_]*_SHA256@' "$directory/redis_users_acl"; then
 fi
 echo "make-secrets: rendered $directory/redis_users_acl"
 
+# The HA profile's configuration files carry two passwords in clear (Redis and
+# Sentinel must send them).  sed reads its script from a here-document, never
+# from its argv; the passwords are hex digits, safe in a sed replacement.
+render_with_password() {  # template, marker, password file, output
+    password=$(first_line "$3")
+    grep -v -e '^#' -e '^[[:space:]]*$' "$1" | sed -f /dev/stdin /dev/fd/3 3<&0 <<SCRIPT \
+        | write_secret "$4"
+s/$2/$password/
+SCRIPT
+    echo "make-secrets: rendered $4"
+}
+render_with_password "$ha_template" @REPLICATOR_PASSWORD@ \
+    "$directory/redis_replicator_password" "$directory/redis_ha_conf"
+render_with_password "$sentinel_template" @SENTINEL_PASSWORD@ \
+    "$directory/redis_sentinel_password" "$directory/sentinel_conf"
+
 if [ "$chown_files" = 1 ]; then
     operator=${SUDO_UID:-0}
-    chown "$REDIS_UID:$REDIS_UID" "$directory/redis_users_acl"
+    chown "$REDIS_UID:$REDIS_UID" "$directory/redis_users_acl" \
+        "$directory/redis_ha_conf" "$directory/sentinel_conf"
     chown "$VMTASK_UID:$VMTASK_UID" "$directory/redis_worker_password" \
         "$directory/flower_basic_auth"
     chown 0:0 "$directory/redis_admin_password"
-    chown "$operator" "$directory" "$directory/redis_producer_password"
+    chown "$operator" "$directory" "$directory/redis_producer_password" \
+        "$directory/redis_replicator_password" "$directory/redis_sentinel_password"
 fi

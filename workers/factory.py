@@ -102,6 +102,12 @@ def create_app(settings: Settings) -> WorkerApp:
                             else settings.concurrency),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_seconds,
+            # kombu 5.7 scans for such messages only every 10th restore tick (100 s);
+            # every tick (10 s) makes "within the visibility timeout plus 10 s" true.
+            # Its lock on the scan expires after 5 min by default: a scanner that lost
+            # its Redis mid-scan (a failover) would stall every restore that long.
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": 60,
             # With Sentinel, the master name: kombu asks the sentinels for the primary
             # on every (re)connect, and Celery's consumer reconnects after a failover.
             **endpoint.celery_transport_options(settings.redis_timeout_seconds),

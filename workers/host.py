@@ -56,6 +56,7 @@ class HostBeacon:
                                                decode_responses=True)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
         self.withdraw = self.client.register_script(scripts.load("host_withdraw"))
+        self.primary_seen = self.client.register_script(scripts.load("redis_primary"))
         self.identity = worker_identity(settings)
         self.started = time.time()
         self.stopping = threading.Event()
@@ -99,6 +100,8 @@ class HostBeacon:
         pipe.expire(keys.host_workers(self.settings.host), int(ttl) + 1)
         pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
         pipe.execute()
+        # Which Redis primary this is: a new one (a failover) restarts the crash bound.
+        self.primary_seen(keys=[keys.REDIS_PRIMARY])
 
     def reap(self) -> None:
         running = sorted(self.client.smembers(keys.RUNNING_TASKS))
@@ -109,7 +112,8 @@ class HostBeacon:
             pipe.exists(keys.task_lease(task_id))
         for task_id, leased in zip(running, pipe.execute(), strict=True):
             if not leased and judge_crashed(self.client, self.finish, task_id,
-                                            int(self.settings.retention_seconds)):
+                                            int(self.settings.retention_seconds),
+                                            self.settings.lease_seconds):
                 log.error("Task %s lost its worker: ended ThreadCrashError", task_id)
                 if self.on_crash_judged is not None:
                     self.on_crash_judged(task_id)

@@ -73,6 +73,7 @@ class WorkerRedis:
         self.ack = Acknowledgement(endpoint.wait_replicas, endpoint.wait_ms)
         self.start = self.client.register_script(records.START_SCRIPT)
         self.progress = self.client.register_script(records.PROGRESS_SCRIPT)
+        self.renew = self.client.register_script(records.RENEW_SCRIPT)
         self.finish = self.client.register_script(records.FINISH_SCRIPT)
 
 
@@ -127,6 +128,9 @@ class TaskRun:
         before the body runs (so a redelivered copy meets STARTED on the promoted
         one), and because a START re-sent to a new primary either passes there
         (the old one took its write with it) or finds our own identity (it had it).
+        An unacknowledged start is therefore sent again until a replica has it: the
+        primary that took it may be dying, and the body must not run on a start the
+        next primary never saw (its record would say PENDING, and the result be lost).
         """
         identity = worker_identity(self.settings)
         lease_key = keys.task_lease(self.task_id)
@@ -137,14 +141,31 @@ class TaskRun:
                          int(self.settings.lease_seconds * 1000), self.task_id)
             pipe.hget(self._record, "worker")
 
-        (gate, holder), acked = replicated(self.redis, build, (self._conn.start,),
-                                           self._conn.ack)
-        if gate == records.STARTED and holder == identity:
-            gate = records.BEGUN  # our own start, re-sent after a lost reply
-        if gate == records.BEGUN and not acked:
-            log.warning("No Redis replica acknowledged the start of %s within %d ms",
-                        self.task_id, self._conn.ack.wait_ms)
-        return str(gate)
+        def attempt() -> tuple[str, bool]:
+            (gate, holder), acked = replicated(self.redis, build, (self._conn.start,),
+                                               self._conn.ack)
+            if gate == records.STARTED and holder == identity:
+                gate = records.BEGUN  # our own start, re-sent after a lost reply
+            return str(gate), acked
+
+        return self._until_acknowledged("start", attempt, lambda gate: gate == records.BEGUN)
+
+    def _until_acknowledged(self, what: str, attempt: Callable[[], tuple[str, bool]],
+                            counts: Callable[[str], bool]) -> str:
+        """``attempt()`` (an idempotent write of ours, and WAIT) until a replica
+        acknowledged it, or for the failover time; the outcome of the last try."""
+        deadline = time.monotonic() + self.settings.endpoint.failover_seconds
+        while True:
+            outcome, acked = attempt()
+            if acked or not counts(outcome):
+                return outcome
+            if time.monotonic() > deadline:
+                log.warning("No Redis replica acknowledged the %s of %s; going on without",
+                            what, self.task_id)
+                return outcome
+            log.warning("No Redis replica acknowledged the %s of %s within %d ms; "
+                        "sending it again", what, self.task_id, self._conn.ack.wait_ms)
+            time.sleep(0.2)
 
     def report_progress(self, percent: float) -> None:
         percent = max(0.0, min(99.0, float(percent)))
@@ -212,23 +233,25 @@ class TaskRun:
                          "" if output is None else json.dumps(output))
             pipe.hmget(self._record, "worker", "finished")
 
+        identity = worker_identity(self.settings)
+
+        def attempt() -> tuple[str, bool]:
+            (outcome, (holder, at)), acked = replicated(
+                self.redis, build, (self._conn.finish,), self._conn.ack)
+            if outcome == state and holder == identity and at == finished:
+                outcome = "OK"  # our own finish, re-sent after a lost reply
+            return str(outcome), acked
+
         while True:
             try:
-                (outcome, (holder, at)), acked = replicated(
-                    self.redis, build, (self._conn.finish,), self._conn.ack)
-                if outcome == state and holder == worker_identity(self.settings) \
-                        and at == finished:
-                    outcome = "OK"  # our own finish, re-sent after a lost reply
-                if outcome == "OK" and not acked:
-                    log.warning("No Redis replica acknowledged the result of %s within %d ms",
-                                self.task_id, self._conn.ack.wait_ms)
-                return str(outcome)
+                # Sent again until a replica has it: a result only the dying primary
+                # took would leave the task STARTED on the next one, to be judged crashed.
+                return self._until_acknowledged("result", attempt, lambda o: o == "OK")
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("Redis unavailable while finishing %s; retrying: %s", self.task_id, exc)
                 time.sleep(0.5)
-
 
     def announce(self, failure: Failure, trace: str | None = None) -> None:
         """Tell Celery's monitors (Flower) how the task ended, as the record says.
@@ -283,10 +306,10 @@ class LeaseKeeper:
                 runs = list(self._runs.values())
             for run in runs:
                 try:
-                    renewed = run.redis.set(
-                        keys.task_lease(run.task_id), worker_identity(settings), xx=True,
-                        px=lease_ms
-                    )
+                    # Also takes back a lease that lapsed while the primary was switching.
+                    renewed = run._conn.renew(
+                        keys=[keys.task_record(run.task_id), keys.task_lease(run.task_id)],
+                        args=[worker_identity(settings), lease_ms])
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
                     continue

@@ -27,6 +27,9 @@ def task_channel(task_id: str) -> str:
 
 RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
 RECENT_TASKS = f"{PREFIX}recent"  # sorted set: task id by enqueue time
+# Hash: the replication id of the primary crash judges last saw, and since when
+# (Redis TIME): a new primary restarts the crash bound (`lua/task_finish.lua`).
+REDIS_PRIMARY = f"{PREFIX}redis-primary"
 
 
 def host_heartbeat(host: str) -> str:

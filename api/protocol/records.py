@@ -39,6 +39,7 @@ MSG_DONE = "done"
 START_SCRIPT = scripts.load("task_start")
 
 PROGRESS_SCRIPT = scripts.load("task_progress")
+RENEW_SCRIPT = scripts.load("task_renew")
 
 FINISH_SCRIPT = scripts.load("task_finish")
 

@@ -262,10 +262,14 @@ def make_secrets(directory: Path, *extra: str) -> subprocess.CompletedProcess[st
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+# Files make-secrets.sh renders from templates, not passwords of their own.
+RENDERED = {"redis_users_acl", "redis_ha_conf", "sentinel_conf"}
+
+
 def read_secrets(directory: Path) -> dict[str, str]:
-    """Every secret file's first line, by file name (the ACL file excepted)."""
+    """Every secret file's first line, by file name (the rendered files excepted)."""
     return {path.name: path.read_text().splitlines()[0] for path in directory.iterdir()
-            if path.name != "redis_users_acl"}
+            if path.name not in RENDERED}
 
 
 def image_source(image_path: str) -> Path:

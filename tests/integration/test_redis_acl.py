@@ -22,7 +22,8 @@ from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess
 
 HOST = "aclhost"
 TEMPLATE = REPO_ROOT / "deploy" / "redis" / "users.acl.template"
-PASSWORDS = {user: secrets.token_hex(16) for user in ("producer", "worker", "admin")}
+PASSWORDS = {user: secrets.token_hex(16)
+             for user in ("producer", "worker", "admin", "replicator", "sentinel")}
 
 
 def write_acl_file(path: Path) -> Path:
@@ -106,6 +107,22 @@ def test_the_producer_user_gets_only_what_it_needs(
     for refused in (worker.flushall, lambda: worker.keys("*"), lambda: worker.config_get("*")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             refused()
+
+
+def test_the_producer_user_judges_a_crashed_task(acl_redis: RedisServer) -> None:
+    """A read of a started task with no lease ends it ThreadCrashError; the judgment
+    also notes which primary judged (INFO, vmtask:redis-primary): allowed."""
+    producer_url = acl_redis.url_for("producer", PASSWORDS["producer"])
+    orphan = "0f0f0f0f-0000-4000-8000-00000000acl1"
+    writer = redis.Redis.from_url(producer_url, socket_timeout=5)
+    writer.hset(f"vmtask:task:{orphan}", mapping={
+        "name": "vmtask.ping", "description": "orphan", "host": HOST, "cancelable": "0",
+        "state": "STARTED", "percent": "0", "created": "1", "started": "1"})
+    writer.sadd("vmtask:running", orphan)
+    with VirtualServer(producer_url, host=HOST) as producer:
+        snap = producer.get_task(orphan).snapshot()
+    assert snap.result is VMTaskResult.ThreadCrashError
+    assert writer.hget(f"vmtask:task:{orphan}", "state") == b"FAILURE"
 
 
 def test_the_default_user_is_disabled(acl_redis: RedisServer) -> None:
