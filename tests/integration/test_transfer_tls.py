@@ -178,6 +178,14 @@ def test_a_live_migration_over_x509(tls: tuple[Network, dict[str, Path]],
         host="a", network=None)
     done(vm.startup())
     wait_until(lambda: vm.guest_os.is_heartbeating, 90, "the guest agent on a")
+    start(net, "b", None)  # no certificates on b: refused, the guest runs on at a
+    task = vm.migrate("b")
+    assert task.wait_for_completion(60_000)
+    assert (task.result, task.error) == (VMTaskResult.UnexpectedError, hresults.ACCESS_DENIED)
+    assert "VMTASK_TRANSFER_TLS_DIR" in task.error_description
+    assert vm.state is VMVMState.Running and vm.host == "a"
+    assert files_under(root(net, "b")) == ["guest/initrd.gz", "guest/vmlinuz"]
+    start(net, "b", dirs["b"])
     task = vm.migrate("b")
     arguments = json.loads(server.redis.hget(keys.task_record(task.id), "arguments"))
     transfer = keys.transfer(arguments["transfer_id"])
