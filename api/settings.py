@@ -127,12 +127,13 @@ class Settings:
     # between hosts stalls a TCP stream for many minutes without failing it.
     transfer_stall_seconds: float = 60.0
     # A directory of certificates as QEMU's tls-creds-x509 reads it (ca-cert.pem,
-    # server-cert.pem, server-key.pem, client-cert.pem, client-key.pem): transfers
-    # are then TLS with both ends verified, and an unencrypted one is refused.
+    # server-cert.pem, server-key.pem, client-cert.pem, client-key.pem): every
+    # transfer (copies, cold and live moves) is then TLS with both ends verified,
+    # and one with a host of other credentials, or none, is refused.
     transfer_tls_dir: str | None = None
-    # A directory holding QEMU's ``keys.psk`` (lines ``qemu:<hex key>``), the same on
-    # every host: live migrations then run their NBD and migration channels over
-    # TLS with that pre-shared key.  None: plain TCP.
+    # Or a directory holding QEMU's ``keys.psk`` (lines ``qemu:<hex key>``), the same
+    # on every host: every transfer is then TLS with that pre-shared key.  At most
+    # one of the two; neither: plain TCP.
     transfer_psk_dir: str | None = None
     # A VM's serial console log is rotated past this size (one old generation kept).
     console_log_max_bytes: int = 1024 * 1024
@@ -234,5 +235,9 @@ class Settings:
             redis_failover_seconds=_number(env, "VMTASK_REDIS_FAILOVER_SECONDS",
                                            defaults.redis_failover_seconds, 0),
         )
+        if settings.transfer_tls_dir and settings.transfer_psk_dir:
+            raise InvalidArgumentError(
+                "Set VMTASK_TRANSFER_TLS_DIR (x509 certificates) or VMTASK_TRANSFER_PSK_DIR "
+                "(a pre-shared key) for transfer TLS, not both")
         settings.endpoint  # noqa: B018 - a bad URL or TLS file fails at start-up, not later
         return settings

@@ -6,10 +6,9 @@ configured range, and named by a one-time random token: a client that does not
 know the name is refused by qemu-nbd itself.  ``qemu-nbd`` dies with the process
 that started it (parent-death signal), so a killed worker leaves no export behind.
 
-With a TLS directory (QEMU's ``tls-creds-x509`` layout: ``ca-cert.pem``,
-``server-cert.pem``, ``server-key.pem``, ``client-cert.pem``, ``client-key.pem``) the
-export speaks only TLS and asks the client for a certificate signed by the same CA,
-and the client checks the server's certificate against the address it dials.
+With the host's transfer credentials (`workers.engines.transfer_tls`: x509
+certificates or a pre-shared key) the export speaks only TLS, and the client must
+hold matching credentials.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.engines.qemu_img.runner import kill_group
+from workers.engines.transfer_tls import TransferCreds
 from workers.failures import OperationFailed
 
 READY_TIMEOUT = 10.0
@@ -46,7 +46,7 @@ class Export:
     port: int
     name: str
     process: subprocess.Popen[bytes]
-    tls: bool = False
+    creds: TransferCreds | None = None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -64,12 +64,10 @@ def file_spec(filename: str) -> str:
                                 separators=(",", ":"))
 
 
-def tls_object(tls_dir: str, endpoint: str) -> str:
+def tls_object(creds: TransferCreds, endpoint: str) -> str:
     """The ``--object`` that gives qemu-nbd (``server``) or qemu-img (``client``) its
-    certificates."""
-    if "," in tls_dir:
-        raise OperationFailed(f"The transfer TLS directory {tls_dir!r} contains a comma")
-    return f"tls-creds-x509,id={TLS_OBJECT_ID},dir={tls_dir},endpoint={endpoint}"
+    credentials."""
+    return creds.object_arg(TLS_OBJECT_ID, endpoint)
 
 
 def client_spec(address: str, port: int, name: str, *, tls: bool = False) -> str:
@@ -103,15 +101,15 @@ def port_free(address: str, port: int) -> bool:
 
 
 def _start(spec: str, address: str, port: int, name: str, pass_fds: Sequence[int],
-           stderr: Any, tls_dir: str | None) -> subprocess.Popen[bytes] | None:
+           stderr: Any, creds: TransferCreds | None) -> subprocess.Popen[bytes] | None:
     """qemu-nbd listening on ``port``, or None when the port was taken meanwhile."""
     binary = shutil.which("qemu-nbd") or "qemu-nbd"
     # --persistent: the readiness probe's connection must not end the server; the
     # export lives until `serve` stops it.  --shared=2: the probe and the one client.
     args = [*_DIE_WITH_PARENT, binary, "--read-only", "--persistent", "--shared=2",
             "--bind", address, "--port", str(port), "--export-name", name]
-    if tls_dir is not None:
-        args += ["--object", tls_object(tls_dir, "server"), "--tls-creds", TLS_OBJECT_ID]
+    if creds is not None:
+        args += ["--object", tls_object(creds, "server"), "--tls-creds", TLS_OBJECT_ID]
     args.append(spec)
     try:
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -137,10 +135,11 @@ def _start(spec: str, address: str, port: int, name: str, pass_fds: Sequence[int
 
 @contextmanager
 def serve(spec: str, *, address: str, ports: tuple[int, int], name: str,
-          pass_fds: Sequence[int] = (), tls_dir: str | None = None) -> Iterator[Export]:
+          pass_fds: Sequence[int] = (), creds: TransferCreds | None = None
+          ) -> Iterator[Export]:
     """Export ``spec`` (a qemu filename, e.g. a pinned chain's ``json:``) read-only
     until the block ends, on a free port of ``ports`` at ``address``; TLS only, with
-    the certificates of ``tls_dir``, when it is given."""
+    ``creds``, when they are given."""
     low, high = ports
     candidates = list(range(low, high + 1))
     random.shuffle(candidates)  # concurrent transfers rarely race for the same port
@@ -148,13 +147,13 @@ def serve(spec: str, *, address: str, ports: tuple[int, int], name: str,
         for port in candidates:
             if not port_free(address, port):
                 continue
-            process = _start(spec, address, port, name, pass_fds, stderr, tls_dir)
+            process = _start(spec, address, port, name, pass_fds, stderr, creds)
             if process is None:
                 stderr.seek(0)
                 stderr.truncate()
                 continue
             try:
-                yield Export(address, port, name, process, tls_dir is not None)
+                yield Export(address, port, name, process, creds)
             finally:
                 kill_group(process)
             return

@@ -6,9 +6,11 @@ prepares, then waits to be told to take over or to give up.  They talk through
 one hash, ``keys.transfer(transfer_id)``, and each wakes the other at once with a
 push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
 
-1. ``manifest`` (source): each disk's path, format and sizes.  The destination
-   refuses a name clash, a format QEMU cannot migrate, a missing kernel or too
-   little space before anything moves (its task fails; the source sees it).
+1. ``manifest`` (source): each disk's path, format and sizes, and ``creds``, the
+   kind of the source's transfer TLS.  The destination refuses a name clash, a
+   format QEMU cannot migrate, a missing kernel, too little space or other TLS
+   credentials than its own before anything moves (its task fails; the source
+   sees it).
 2. ``incoming`` (destination): fresh disks (listed in the VM's directory until the
    switch-over, for a crashed worker's successor to remove), a QEMU started
    ``-incoming defer -S`` and an NBD server with a one-time export per disk
@@ -49,7 +51,7 @@ from api.enums import VMVMState as S
 from api.protocol import hresults, keys, records, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from api.settings import Settings
-from workers.engines import qemu_vm
+from workers.engines import qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
@@ -164,12 +166,14 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                          "format": qemu_vm.disk_format(path)}
                         for relative, path in zip(json.loads(record["disks"]), config.disks,
                                                   strict=True)])
+        creds = transfer_tls.creds_of(run.settings)
         with qemu_vm.connect(paths) as monitor:
             outgoing = livemigrate.Outgoing.begin(
                 monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth,
-                psk_dir=run.settings.transfer_psk_dir)
+                creds=creds)
             disks = _manifest(monitor, files, record, config)
-            _signal(client, key, DESTINATION, {"manifest": json.dumps(disks)})
+            _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
+                                               "creds": transfer_tls.kind_of(creds)})
             try:
                 while not (raw := client.hget(key, "incoming")):
                     destination_check()
@@ -286,6 +290,9 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                         f"{run.settings.host}", hresults.FILE_EXISTS)
     disks = _wait_manifest(run, key, peer_task_id, source_host)
     targets = [files.resolve_output(d["path"]) for d in disks]
+    creds = transfer_tls.creds_of(run.settings)
+    transfer_tls.check_peer(creds, client.hget(key, "creds") or "", here=run.settings.host,
+                            peer=source_host)
     _refuse_incompatible(run, files, disks, targets)
     config = config_of(run.settings, record)  # a missing kernel or initrd: refused here
     # The disks get their final names at once: QEMU reopens an image by its name (at
@@ -306,7 +313,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             incoming = livemigrate.start_incoming(
                 dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths, run,
                 address=run.settings.advertise_address, ports=run.settings.transfer_ports,
-                exports=exports, psk_dir=run.settings.transfer_psk_dir)
+                exports=exports, creds=creds)
             _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.

@@ -29,7 +29,7 @@ from api.enums import VMTaskResult
 from api.enums import VMVMState as S
 from api.protocol import hresults, keys, records, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
-from workers.engines import nbd
+from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
@@ -111,7 +111,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                     export = stack.enter_context(nbd.serve(
                         nbd.file_spec(proc_path(fd)), address=run.settings.advertise_address,
                         ports=run.settings.transfer_ports, name=nbd.new_export_name(),
-                        pass_fds=(fd,), tls_dir=run.settings.transfer_tls_dir))
+                        pass_fds=(fd,), creds=transfer_tls.creds_of(run.settings)))
                     key = offer_key(transfer_id, index)
                     stack.callback(client.delete, key)
                     client.hset(key, mapping={**offer_fields(export),

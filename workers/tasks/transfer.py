@@ -28,7 +28,7 @@ import redis
 from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol import hresults, keys, records, tasks
 from api.settings import Settings
-from workers.engines import nbd, qemu_img
+from workers.engines import nbd, qemu_img, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.context import OperationContext
 from workers.engines.storage import free_space
@@ -132,7 +132,7 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
         export = stack.enter_context(nbd.serve(
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
-            pass_fds=served.fds, tls_dir=run.settings.transfer_tls_dir))
+            pass_fds=served.fds, creds=transfer_tls.creds_of(run.settings)))
         stack.callback(run.redis.delete, offer_key)
         pipe = run.redis.pipeline(transaction=True)
         pipe.hset(offer_key, mapping={
@@ -179,25 +179,16 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
 
 def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) -> list[str]:
     """The client's TLS credentials when the export is TLS; a mismatch is refused."""
-    tls, tls_dir = offer.get("tls") == "1", settings.transfer_tls_dir
-    if tls and tls_dir is None:
-        raise OperationFailed(f"Host {source_host} serves transfers over TLS and host "
-                              f"{settings.host} has no VMTASK_TRANSFER_TLS_DIR",
-                              hresults.ACCESS_DENIED)
-    if tls_dir is None:
-        return []
-    if not tls:
-        # The offer comes through Redis: never let it talk this host out of TLS.
-        raise OperationFailed(f"Host {source_host} offered an unencrypted transfer and "
-                              f"host {settings.host} requires TLS (VMTASK_TRANSFER_TLS_DIR)",
-                              hresults.ACCESS_DENIED)
-    return [nbd.tls_object(tls_dir, "client")]
+    creds = transfer_tls.creds_of(settings)
+    transfer_tls.check_peer(creds, offer.get("creds", ""), here=settings.host, peer=source_host)
+    return [] if creds is None else [nbd.tls_object(creds, "client")]
 
 
 def offer_fields(export: nbd.Export) -> dict[str, str | int]:
     """What a pull needs to know of an export, announced in Redis."""
     return {"address": export.address, "port": export.port, "export": export.name,
-            "tls": int(export.tls)}
+            "tls": int(export.creds is not None),
+            "creds": transfer_tls.kind_of(export.creds)}
 
 
 def pull_from(context: OperationContext, settings: Settings, offer: dict[str, str],

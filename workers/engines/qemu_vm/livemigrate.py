@@ -12,6 +12,9 @@ completed: a ready mirror cancelled after the guest stopped leaves the target a
 consistent copy.  Until the destination's ``cont`` the source can always take
 the guest back (`Outgoing.rollback`): the destination never ran it.
 
+With the host's transfer credentials (`workers.engines.transfer_tls`: x509 or a
+pre-shared key) both channels, NBD and migration, are TLS on both QEMUs.
+
 Nothing here talks to Redis: the task layer says when to switch over or give up.
 """
 
@@ -35,6 +38,7 @@ from workers.engines.qemu_vm.lifecycle import _check_host_memory, _launch, build
 from workers.engines.qemu_vm.monitor import Monitor, QMPCommandFailed, connect
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop
 from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, _cancel_migration
+from workers.engines.transfer_tls import TransferCreds
 from workers.failures import Cancelled, IllegalValue, OperationFailed, OperationTimedOut
 
 # QEMU's default: the guest's pause at switch-over is planned to stay under this.
@@ -93,16 +97,16 @@ def _uri(address: str, port: int) -> str:
     return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
 
 
-def _add_psk(monitor: Monitor, psk_dir: str | None, endpoint: str) -> dict[str, str]:
-    """TLS credentials from ``psk_dir``/keys.psk in QEMU; the arguments that use them."""
-    if psk_dir is None:
+def _add_creds(monitor: Monitor, creds: TransferCreds | None, endpoint: str
+               ) -> dict[str, str]:
+    """The host's transfer credentials in QEMU; the arguments that use them."""
+    if creds is None:
         return {}
-    monitor.execute("object-add", {"qom-type": "tls-creds-psk", "id": TLS_ID, "dir": psk_dir,
-                                   "endpoint": endpoint})
+    monitor.execute("object-add", creds.qmp_object(TLS_ID, endpoint))
     return {"tls-creds": TLS_ID}
 
 
-def _drop_psk(monitor: Monitor) -> None:
+def _drop_creds(monitor: Monitor) -> None:
     """Forget the TLS credentials: this QEMU's next migration adds its own afresh."""
     monitor.execute("migrate-set-parameters", {"tls-creds": ""})
     with contextlib.suppress(QMPCommandFailed):
@@ -111,11 +115,11 @@ def _drop_psk(monitor: Monitor) -> None:
 
 def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, *,
                    address: str, ports: tuple[int, int], exports: tuple[str, ...],
-                   psk_dir: str | None = None, timeout: float = 60.0) -> Incoming:
+                   creds: TransferCreds | None = None, timeout: float = 60.0) -> Incoming:
     """Start the destination QEMU paused, waiting for the migration and the disks.
 
-    ``config.disks`` are the (empty) destination images.  With ``psk_dir`` the NBD
-    server and the migration accept only TLS clients holding its pre-shared key.
+    ``config.disks`` are the (empty) destination images.  With ``creds`` the NBD
+    server and the migration accept only TLS clients holding matching credentials.
     On any failure no QEMU is left running; the caller removes the images.
     """
     deadline = time.monotonic() + timeout
@@ -128,7 +132,7 @@ def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, 
     _launch(argv, paths, context, deadline)
     try:
         with connect(paths, timeout=max(1.0, deadline - time.monotonic())) as monitor:
-            tls = _add_psk(monitor, psk_dir, "server")
+            tls = _add_creds(monitor, creds, "server")
             if tls:
                 monitor.execute("migrate-set-parameters", tls)
             nbd_port = _listen(address, ports, lambda port: monitor.execute(
@@ -172,7 +176,7 @@ def stop_serving(monitor: Monitor) -> None:
     if status != "completed":
         raise OperationFailed(f"The incoming migration is {status}, not completed")
     monitor.execute("nbd-server-stop")
-    _drop_psk(monitor)
+    _drop_creds(monitor)
 
 
 def run_guest(monitor: Monitor, *, run: bool) -> None:
@@ -201,7 +205,7 @@ class Outgoing:
 
     @classmethod
     def begin(cls, monitor: Monitor, config: VMConfig, context: OperationContext, *,
-              max_bandwidth: int = 0, psk_dir: str | None = None) -> Outgoing:
+              max_bandwidth: int = 0, creds: TransferCreds | None = None) -> Outgoing:
         status = monitor.execute("query-status")["status"]
         if status not in ("running", "paused"):
             raise OperationFailed(f"VM {config.name} cannot migrate in the run state {status!r}")
@@ -212,7 +216,7 @@ class Outgoing:
                        ProgressSpan(context, min_step=0.5))
         outgoing.was_running = status == "running"
         outgoing.max_bandwidth = max_bandwidth
-        outgoing.tls = _add_psk(monitor, psk_dir, "client")
+        outgoing.tls = _add_creds(monitor, creds, "client")
         return outgoing
 
     def mirror(self, incoming: Incoming) -> None:
@@ -346,7 +350,7 @@ class Outgoing:
             with contextlib.suppress(QMPCommandFailed):
                 self.monitor.execute("blockdev-del", {"node-name": node})
         self.nodes.clear()
-        _drop_psk(self.monitor)
+        _drop_creds(self.monitor)
         if self.completed:
             # A completed migration stopped the guest and let go of its disks;
             # `cont` takes them back.  A paused guest runs for this instant only.
