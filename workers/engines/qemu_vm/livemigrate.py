@@ -102,6 +102,10 @@ def _add_creds(monitor: Monitor, creds: TransferCreds | None, endpoint: str
     """The host's transfer credentials in QEMU; the arguments that use them."""
     if creds is None:
         return {}
+    # A migration undone before its own cleanup ran (its worker killed early) may
+    # have left its object behind: a second object-add of the id would fail.
+    with contextlib.suppress(QMPCommandFailed):
+        monitor.execute("object-del", {"id": TLS_ID})
     monitor.execute("object-add", creds.qmp_object(TLS_ID, endpoint))
     return {"tls-creds": TLS_ID}
 
