@@ -74,7 +74,9 @@ def test_a_message_popped_as_redis_fails_goes_back_onto_its_queue(
         # the message (off the queue, not in the unacked hash, not delivered).
         assert where_after_failure == [(0, 0)]
         assert received == []
-        assert len(transport.taken_unrecorded) == 1
+        # The process holds it, or (when kombu retried its BRPOP on the restarted
+        # Redis before drain_events gave up) has already pushed it back.
+        assert len(transport.taken_unrecorded) + inspect.llen(QUEUE) == 1
     # The worker reconnects (Celery does this after a connection error).
     with Connection(own_redis.url, transport_options=options) as conn:
         with conn.Consumer(queue, callbacks=[lambda body, msg: (received.append(body),
