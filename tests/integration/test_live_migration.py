@@ -461,6 +461,59 @@ def test_taking_the_guest_back_after_a_completed_migration(tmp_path: Path) -> No
     qemu_io(tmp_path / "a" / "d.qcow2", "qcow2", f"read -P 9 0 {BLOCK}")
 
 
+def test_the_destination_waits_for_its_own_side_of_the_migration(tmp_path: Path) -> None:
+    """The engine alone: the destination asked to switch over while its incoming
+    migration is still under way (as when the source has read "completed" first and
+    the destination host is busy) waits for it to complete, then runs the guest."""
+    guest = build_tiny_guest()
+    context = NullContext()
+
+    def config(side: str) -> qemu_vm.VMConfig:
+        disk = tmp_path / side / "d.qcow2"
+        if not disk.exists():
+            disk.parent.mkdir()
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
+                           check=True)
+        return qemu_vm.VMConfig(
+            name="wait", memory_mb=128, accel="tcg", disks=[str(disk)],
+            kernel=str(guest.kernel), initrd=str(guest.initrd), append=guest.append,
+            extra_args=qemu_guest_agent_args(tmp_path / side / "vms" / "wait" / "qga.sock"))
+
+    source, target = (qemu_vm.VMPaths(tmp_path / side / "vms" / "wait") for side in "ab")
+    qemu_vm.start(config("a"), source, context)
+    try:
+        wait_for_agent(tmp_path / "a", "wait")
+        before = boot_id(tmp_path / "a", "wait")
+        incoming = livemigrate.start_incoming(
+            config("b"), target, context, address="127.0.0.1", ports=(49152, 49407),
+            exports=(livemigrate.new_export_name(),))
+        with qemu_vm.connect(source) as out, qemu_vm.connect(target) as into:
+            # 8 MiB/s: the RAM takes a while, so the destination is surely mid-way.
+            outgoing = livemigrate.Outgoing.begin(out, config("a"), context,
+                                                  max_bandwidth=8 << 20)
+            outgoing.mirror(incoming)
+            outgoing.wait_ready(context, lambda: None, time.monotonic() + 60)
+            final: list[dict[str, Any]] = []
+            migrating = threading.Thread(target=lambda: final.append(outgoing.migrate(
+                incoming, context, lambda: None, time.monotonic() + 120)))
+            migrating.start()
+            try:
+                wait_until(lambda: into.execute("query-migrate").get("status") == "active",
+                           30, "the destination to receive")
+                livemigrate.wait_incoming(into)
+                assert into.execute("query-migrate")["status"] == "completed"
+            finally:
+                migrating.join(120)
+            assert final and final[0]["status"] == "completed"
+            outgoing.finish_mirrors(time.monotonic() + 30)
+            livemigrate.stop_serving(into)
+            livemigrate.run_guest(into, run=True)
+        assert boot_id(tmp_path / "b", "wait") == before
+    finally:
+        qemu_vm.turn_off(target)
+        qemu_vm.turn_off(source)
+
+
 def test_kill_9_of_the_destination_qemu_leaves_the_guest_on_the_source(
         server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
     slow, beta = hosts["slow"], hosts["beta"]

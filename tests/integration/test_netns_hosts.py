@@ -148,6 +148,34 @@ def test_a_partition_mid_copy_ends_the_copy_and_leaves_nothing(
     assert digest(root(net, "b") / "d" / "again.img") == before
 
 
+def test_a_partition_is_a_timeout_even_when_the_source_lease_lapses_meanwhile(
+        net: Network, server: VirtualServer) -> None:
+    """The source's serve loses its lease during the partition (as when a loaded host
+    renews it too late and a reaper gets there first): its host stays live in Redis,
+    so the stalled copy still met a partition, not a lost source."""
+    source = big_image(root(net, "a"), "d/big.img", 96)
+    net.throttle("a", 100)
+    task = server.get_hard_disk("d/big.img").copy_to("b", "d/copy.img")
+    wait_until(lambda: task.percent_completed >= 5, 60, "the copy to be under way")
+    net.partition("a", "b")
+    serve = serve_task_of(server, task.id)
+
+    def judged_crashed() -> bool:
+        server.redis.delete(keys.task_lease(serve))  # every renewal comes too late
+        return server.redis.hget(keys.task_record(serve), "result") == str(
+            int(VMTaskResult.ThreadCrashError))
+    wait_until(judged_crashed, LEASE, "a reaper to judge the serve crashed", interval=0.2)
+    assert not task.is_complete  # before the copy's own stall bound
+    assert server.redis.exists(keys.host_heartbeat("a"))
+    assert task.wait_for_completion(int((STALL + 30) * 1000)), "the copy hangs"
+    snap = task.snapshot()
+    assert (snap.result, snap.error) == (VMTaskResult.TimeOutError, hresults.TIMEOUT), \
+        snap.error_description
+    assert "received nothing" in snap.error_description
+    assert files_under(root(net, "b")) == []
+    assert files_under(root(net, "a")) == ["d/big.img"] and source.exists()
+
+
 # -- a host cut from everything ----------------------------------------------------------
 
 

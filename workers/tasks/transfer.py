@@ -70,7 +70,8 @@ class Peer:
 
 
 def read_peer(client: redis.Redis, task_id: str) -> Peer:
-    pipe = client.pipeline(transaction=False)
+    # One instant: a peer finishing between the two reads would look gone.
+    pipe = client.pipeline(transaction=True)
     pipe.hmget(keys.task_record(task_id), "state", "result", "error", "error_description")
     pipe.exists(keys.task_lease(task_id))
     (state, result, error, text), leased = pipe.execute()
@@ -234,25 +235,36 @@ def pull_and_judge(run: TaskRun, context: OperationContext, offer: dict[str, str
     """`pull_from` (progress reported to ``context``); when it fails and the export no
     longer answers, the source's fate names the failure: a source worker that died
     (killed, or its host lost) ends the pull ThreadCrashError, not an I/O error.
-    Its serve is judged gone once its lease lapses, so this waits up to one lease."""
+    Its serve is judged gone once its lease lapses, so this waits up to one lease.
+
+    A pull that stalled (received nothing) while the source host stays live in Redis
+    met a partition between the two hosts: TimeOutError, whatever the serve's lease
+    did meanwhile.  A lapse of that one lease (a late renewal on a busy host, which
+    the renewer takes back, or a reaper's judgment of it) says nothing of the link."""
     try:
         return pull_from(context, run.settings, offer, target, verbatim=verbatim,
                          source_host=source_host)
     except PeerFailed as failure:
         if _export_answers(offer):
             raise
+        stalled = failure.result is VMTaskResult.TimeOutError
         deadline = time.monotonic() + run.settings.lease_seconds + 1.0
         while time.monotonic() < deadline:
             peer = read_peer(run.redis, server_task_id)
             # Gone, or already judged so by a producer or a reaper.
-            if peer.gone or peer.result is VMTaskResult.ThreadCrashError:
+            if ((peer.gone or peer.result is VMTaskResult.ThreadCrashError)
+                    and not (stalled and _host_live(run, source_host))):
                 raise PeerFailed(f"The worker of the source host {source_host} died "
                                  f"mid-transfer ({failure})", VMTaskResult.ThreadCrashError,
                                  hresults.SERVER_FAULT) from None
-            if peer.final:
+            if peer.final and peer.result is not VMTaskResult.ThreadCrashError:
                 break
             run.sleep(WATCH_INTERVAL)
         raise
+
+
+def _host_live(run: TaskRun, host: str) -> bool:
+    return bool(run.redis.exists(keys.host_heartbeat(host)))
 
 
 @operation(tasks.DISK_COPY_IN)

@@ -173,12 +173,30 @@ def incoming_status(paths: VMPaths) -> str:
         return str(monitor.execute("query-migrate").get("status", "none"))
 
 
-def stop_serving(monitor: Monitor) -> None:
-    """The source has let go: check the migration arrived whole and close the NBD server
-    (``monitor``: the destination's QMP connection)."""
-    status = monitor.execute("query-migrate").get("status")
+def wait_incoming(monitor: Monitor, *, timeout: float = STOP_TIMEOUT) -> None:
+    """Until the destination (``monitor``) has received and loaded the whole migration.
+
+    The source reads "completed" once it has sent the last byte; this side is still
+    "active" until it has read and loaded that byte, and for longer on a busy host.
+    The wait is for local work only (the stream is already sent, at worst still in this
+    host's socket buffers), hence one fixed bound.
+    """
+    deadline = time.monotonic() + timeout
+    # No status yet: this QEMU has not yet taken the connection the kernel accepted.
+    while (status := monitor.execute("query-migrate").get("status", "none")) in (
+            ACTIVE | {"none"}):
+        if time.monotonic() > deadline:
+            raise OperationTimedOut(f"The incoming migration was still {status} {timeout:g} s "
+                                    "after the source had sent all of it")
+        time.sleep(POLL_INTERVAL / 5)
     if status != "completed":
         raise OperationFailed(f"The incoming migration is {status}, not completed")
+
+
+def stop_serving(monitor: Monitor) -> None:
+    """The source has let go: wait for the migration to arrive whole, then close the NBD
+    server (``monitor``: the destination's QMP connection)."""
+    wait_incoming(monitor)
     monitor.execute("nbd-server-stop")
     _drop_creds(monitor)
 
