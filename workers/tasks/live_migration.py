@@ -170,7 +170,7 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
         with qemu_vm.connect(paths) as monitor:
             outgoing = livemigrate.Outgoing.begin(
                 monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth,
-                creds=creds)
+                creds=creds, stall_seconds=run.settings.transfer_stall_seconds)
             disks = _manifest(monitor, files, record, config)
             _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
                                                "creds": transfer_tls.kind_of(creds)})
