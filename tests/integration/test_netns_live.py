@@ -172,3 +172,51 @@ def test_a_partition_of_a_from_b_mid_transfer_leaves_the_guest_on_a(slow: Networ
         done(vm.turn_off())
         qemu_io(root(net, "b") / "ns2" / "d.qcow2", "qcow2", "read -P 0x5a 1M 48M")
         done(vm.delete())
+
+
+def test_a_cut_from_redis_mid_transfer_leaves_the_guest_on_a(slow: Network) -> None:
+    """The rule: the guest runs where the record names, and only the destination moves
+    the record (fenced by ``vm_move.lua``), once the source has told it to switch over
+    through Redis.  A source cut from everything mid-transfer cannot, so the guest
+    stays on a and the record keeps naming a: the producer judges the task
+    ThreadCrashError once a's lease lapses, a's VMs read Invalid meanwhile, b drops
+    what it received once a's heartbeat is gone, and a, back on the network, takes
+    its guest back from the broken migration (the VM reads Running on a again)."""
+    net = slow
+    with connect(net) as server:
+        vm = running_guest(server, net, "ns3", data_mb=24)
+        before = boot_id(root(net, "a"), "ns3")
+        task = vm.migrate("b")
+        under_way(task)
+        net.cut("a")
+        cut_at = time.monotonic()
+        assert task.wait_for_completion(int((LEASE + 30) * 1000)), "the migration hangs"
+        crashed_after = time.monotonic() - cut_at
+        assert (task.result, task.error) == (VMTaskResult.ThreadCrashError,
+                                             hresults.SERVER_FAULT), task.error_description
+        wait_until(lambda: vm.state is S.Invalid, 30, "a's VM to read Invalid")
+        assert server.redis.hget(keys.vm_record("ns3"), "host") == "a"
+        wait_until(lambda: nothing_of(net, "b", "ns3") == [], 30, "b to drop the migration")
+        # a gives up on its own, cut off as it is (its log says so: Redis cannot).
+        source = net.hosts["a"].worker
+        assert source is not None
+        wait_until(lambda: f"live_out {task.id} ended" in source.log()
+                   or f"live_out {task.id} failed" in source.log(), 60,
+                   "a's task to give up")
+        gave_up = source.log().split(f"live_out {task.id} ")[1].splitlines()[0]
+        print(f"\na's task, cut off: {gave_up}")
+        assert boot_id(root(net, "a"), "ns3") == before  # the guest ran on at a throughout
+        net.mend("a")
+        mended_at = time.monotonic()
+        wait_live(net, "a")
+        wait_until(lambda: where(vm) == ("a", S.Running), 60, "a to reconcile its VM")
+        print(f"\ncut mid-migration: ThreadCrashError after {crashed_after:.1f} s; "
+              f"reconciled {time.monotonic() - mended_at:.1f} s after mending")
+        assert boot_id(root(net, "a"), "ns3") == before
+        assert nothing_of(net, "b", "ns3") == []
+        done(vm.migrate("b"))  # nothing of the broken migration is in the way
+        assert where(vm) == ("b", S.Running)
+        assert boot_id(root(net, "b"), "ns3") == before
+        assert nothing_of(net, "a", "ns3") == []
+        done(vm.turn_off())
+        done(vm.delete())
