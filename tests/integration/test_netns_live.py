@@ -151,8 +151,8 @@ def test_a_partition_of_a_from_b_mid_transfer_leaves_the_guest_on_a(net: Network
         assert task.wait_for_completion(int((STALL + 40) * 1000)), "the migration hangs"
         took = time.monotonic() - cut_at
         snap = task.snapshot()
-        print(f"\npartition mid-migration: {snap.result} after {took:.1f} s: "
-              f"{snap.error_description}")
+        ended = snap.result.name if snap.result is not None else None
+        print(f"\npartition mid-migration: {ended} after {took:.1f} s: {snap.error_description}")
         assert (snap.result, snap.error) == (VMTaskResult.TimeOutError, hresults.TIMEOUT)
         assert "stalled" in snap.error_description
         assert snap.percent_completed < 100
