@@ -193,6 +193,7 @@ def test_a_cut_from_redis_mid_transfer_leaves_the_guest_on_a(net: Network) -> No
         crashed_after = time.monotonic() - cut_at
         assert (task.result, task.error) == (VMTaskResult.ThreadCrashError,
                                              hresults.SERVER_FAULT), task.error_description
+        assert crashed_after <= LEASE + 5, crashed_after  # the crash bound: a's lease
         wait_until(lambda: vm.state is S.Invalid, 30, "a's VM to read Invalid")
         assert server.redis.hget(keys.vm_record("ns3"), "host") == "a"
         wait_until(lambda: nothing_of(net, "b", "ns3") == [], 30, "b to drop the migration")
