@@ -170,10 +170,11 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
         with qemu_vm.connect(paths) as monitor:
             outgoing = livemigrate.Outgoing.begin(
                 monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth,
-                creds=creds)
+                creds=creds, stall_seconds=run.settings.transfer_stall_seconds)
             disks = _manifest(monitor, files, record, config)
             _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
                                                "creds": transfer_tls.kind_of(creds)})
+            switched = False
             try:
                 while not (raw := client.hget(key, "incoming")):
                     destination_check()
@@ -185,6 +186,7 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                 final = outgoing.migrate(incoming, run, destination_check, deadline)
                 stopped = time.monotonic()  # the guest stays stopped until the cont there
                 outgoing.finish_mirrors(deadline)
+                switched = True  # from here the destination may take over (the fence decides)
                 _signal(client, key, DESTINATION, {"switch": "1"})
                 while client.hget(key, "committed") != "1":
                     destination_check()
@@ -192,6 +194,16 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                     _nap(run, key, SOURCE)
                 handoff = time.monotonic() - stopped
             except BaseException:
+                if not switched:
+                    # Never told to switch, the destination cannot take the guest: it
+                    # is ours to take back even with Redis out of reach (a host cut off).
+                    try:
+                        outgoing.rollback()
+                    finally:
+                        with contextlib.suppress(redis.RedisError):
+                            client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
+                                        _wake_key(key, DESTINATION), run.settings.host)
+                    raise
                 outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
                                       _wake_key(key, DESTINATION), run.settings.host)
                 if outcome == "ABORTED":

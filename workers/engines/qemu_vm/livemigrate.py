@@ -224,10 +224,15 @@ class Outgoing:
     """Bytes per second for each mirror and for RAM; 0: unlimited."""
     tls: dict[str, str] = dataclasses.field(default_factory=dict)
     disk_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    stall_seconds: float = 0.0
+    """Give up once no byte moved for this long (a partition stalls TCP for many
+    minutes without failing it); 0: no bound."""
+    _moved: tuple[int, float] = (-1, 0.0)
 
     @classmethod
     def begin(cls, monitor: Monitor, config: VMConfig, context: OperationContext, *,
-              max_bandwidth: int = 0, creds: TransferCreds | None = None) -> Outgoing:
+              max_bandwidth: int = 0, creds: TransferCreds | None = None,
+              stall_seconds: float = 0.0) -> Outgoing:
         status = monitor.execute("query-status")["status"]
         if status not in ("running", "paused"):
             raise OperationFailed(f"VM {config.name} cannot migrate in the run state {status!r}")
@@ -238,6 +243,7 @@ class Outgoing:
                        ProgressSpan(context, min_step=0.5))
         outgoing.was_running = status == "running"
         outgoing.max_bandwidth = max_bandwidth
+        outgoing.stall_seconds = stall_seconds
         outgoing.tls = _add_creds(monitor, creds, "client")
         return outgoing
 
@@ -275,6 +281,15 @@ class Outgoing:
         total = max(1, disk_total + ram_total)
         self.progress.span(2, 97, (disk_done + ram_done) / total)
 
+    def _check_stall(self, moved: int) -> None:
+        """Raise once ``moved`` (bytes sent so far) stayed the same `stall_seconds`."""
+        now = time.monotonic()
+        if moved != self._moved[0]:
+            self._moved = (moved, now)
+        elif self.stall_seconds and now - self._moved[1] > self.stall_seconds:
+            raise OperationTimedOut(f"The transfer to the destination stalled: nothing "
+                                    f"moved for {self.stall_seconds:g} s")
+
     def wait_ready(self, context: OperationContext, should_stop: Callable[[], None],
                    deadline: float) -> None:
         """Until every mirror has caught up (BLOCK_JOB_READY)."""
@@ -288,6 +303,7 @@ class Outgoing:
                                           f"{self._job_error(job)}")
             if all(jobs[j].get("ready") for j in self.jobs):
                 return
+            self._check_stall(sum(int(jobs[j].get("offset", 0)) for j in self.jobs))
             if context.cancel_requested():
                 raise Cancelled()
             should_stop()
@@ -323,6 +339,8 @@ class Outgoing:
             if state in ("failed", "cancelled"):
                 raise OperationFailed(f"The migration failed: {info.get('error-desc', state)}")
             self._report(self._job_table(), info.get("ram"))
+            if state != "setup":
+                self._check_stall(int((info.get("ram") or {}).get("transferred", 0)))
             if context.cancel_requested():
                 raise Cancelled()
             should_stop()
@@ -364,6 +382,12 @@ class Outgoing:
             with contextlib.suppress(OperationFailed):
                 if _cancel_migration(self.monitor, deadline) == "completed":
                     self.completed = True
+        for node in self.nodes:
+            # Fail the NBD client's requests at once: across a partition they would
+            # hold the cancelled mirror until TCP gives up, many minutes later.
+            with contextlib.suppress(QMPCommandFailed):
+                self.monitor.execute("yank", {"instances": [{"type": "block-node",
+                                                             "node-name": node}]})
         for job in self.jobs:
             with contextlib.suppress(QMPCommandFailed):
                 self.monitor.execute("block-job-cancel", {"device": job, "force": True})

@@ -1,0 +1,228 @@
+"""Live migration between hosts as separate machines (`tests.netns`): each worker in
+its own network namespace, so the mirror's NBD connection and QEMU's migration stream
+go only through the advertised addresses, and faults are made in the network."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
+from api.protocol import hresults, keys
+from tests.helpers import assert_succeeded as done
+from tests.helpers import pids_of, qemu_io
+from tests.integration.test_live_migration import BLOCK, agent, boot_id, guest_write
+from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
+from workers.devtools.sandbox import wait_until
+from workers.devtools.tinyguest import build_tiny_guest
+from workers.engines import qemu_vm
+from workers.engines.qemu_vm import Monitor
+from workers.failures import OperationFailed
+
+pytestmark = pytest.mark.slow
+S = VMVMState
+LEASE = 6.0
+STALL = 5.0
+FAST = {"VMTASK_HEARTBEAT_SECONDS": "2", "VMTASK_LEASE_SECONDS": str(int(LEASE)),
+        "VMTASK_TRANSFER_STALL_SECONDS": str(int(STALL))}
+# What a's link sends, in Mbit/s, while a fault is made mid-transfer.
+SLOW_LINK = 32
+
+
+@pytest.fixture
+def net(network: Network) -> Iterator[Network]:  # noqa: F811
+    guest = build_tiny_guest()
+    for name in ("a", "b"):
+        network.add_host(name)
+    for name in ("a", "b"):
+        worker = network.start_worker(name, env=FAST)
+        (worker.storage_root / "guest").mkdir(parents=True, exist_ok=True)
+        shutil.copy(guest.kernel, worker.storage_root / "guest" / "vmlinuz")
+        shutil.copy(guest.initrd, worker.storage_root / "guest" / "initrd.gz")
+    yield network
+
+
+def unthrottle(net: Network, name: str) -> None:
+    subprocess.run(["tc", "-n", net.hosts[name].namespace, "qdisc", "del", "dev", "eth0",
+                    "root"], check=True, capture_output=True, timeout=30)
+
+
+def root(net: Network, name: str) -> Path:
+    worker = net.hosts[name].worker
+    assert worker is not None
+    return worker.storage_root
+
+
+def connect(net: Network) -> VirtualServer:
+    assert net.redis is not None
+    return VirtualServer(net.redis.url, host="a", poll_interval=0.2)
+
+
+def wait_for_agent(root: Path, vm: str, timeout: float = 90) -> None:
+    def answers() -> bool:
+        with agent(root, vm) as client:
+            try:
+                return client.ping(timeout=2)
+            except OperationFailed:
+                return False
+    wait_until(answers, timeout, f"the guest agent of {vm}", interval=0.5)
+
+
+def running_guest(server: VirtualServer, net: Network, name: str, *, data_mb: int
+                  ) -> VirtualMachine:
+    done(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 64, host="a"))
+    qemu_io(root(net, "a") / name / "d.qcow2", "qcow2", f"write -P 0x5a 1M {data_mb}M")
+    vm = server.create_virtual_machine(
+        name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
+        host="a", kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+        append="console=ttyS0 quiet panic=-1")
+    done(vm.startup())
+    wait_for_agent(root(net, "a"), name)
+    return vm
+
+
+def where(vm: VirtualMachine) -> tuple[str, S]:
+    state = vm.state  # reads the record, and with it the VM's host
+    return vm.host, state
+
+
+def nothing_of(net: Network, host: str, name: str) -> list[str]:
+    """Whatever of VM ``name`` is on the host: files, temporaries, QEMU processes."""
+    here = root(net, host)
+    left = [str(p.relative_to(here)) for p in here.rglob("*")
+            if not p.is_dir() and ".vmtask-locks" not in p.parts
+            and p.parts[len(here.parts)] != "guest"]
+    left += [f"pid {p}" for p in pids_of(f"{here}/vms/{name}/")]
+    return left
+
+
+def under_way(task: VMTask, percent: float = 10, timeout: float = 60) -> None:
+    wait_until(lambda: task.percent_completed >= percent, timeout,
+               "the migration to be under way", interval=0.1)
+    assert not task.is_complete
+
+
+def test_a_running_guest_moves_live_between_namespaces(net: Network, tmp_path: Path) -> None:
+    with connect(net) as server:
+        vm = running_guest(server, net, "ns1", data_mb=8)
+        disk = root(net, "a") / "ns1" / "d.qcow2"
+        pristine = tmp_path / "pristine.qcow2"
+        shutil.copy(disk, pristine)
+        before = boot_id(root(net, "a"), "ns1")
+        with agent(root(net, "a"), "ns1") as client:
+            guest_write(client, 0x3c)  # through the guest's page cache, synced
+        started = time.monotonic()
+        done(vm.migrate("b"))
+        took = time.monotonic() - started
+        print(f"\nlive migration across namespaces: {took:.2f} s")
+        assert where(vm) == ("b", S.Running)
+        assert server.redis.hget(keys.vm_record("ns1"), "host") == "b"
+        # The same boot, answering through b's QEMU.
+        assert boot_id(root(net, "b"), "ns1") == before
+        assert nothing_of(net, "a", "ns1") == []
+        assert not server.redis.keys(keys.transfer("*"))
+        done(vm.turn_off())  # on b
+        moved = root(net, "b") / "ns1" / "d.qcow2"
+        qemu_io(moved, "qcow2", f"read -P 0x3c 0 {BLOCK}", "read -P 0x5a 1M 8M")
+        qemu_io(pristine, "qcow2", f"write -P 0x3c 0 {BLOCK}")
+        compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
+                                   str(pristine), str(moved)], capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        done(vm.delete())
+
+
+def test_a_partition_of_a_from_b_mid_transfer_leaves_the_guest_on_a(net: Network) -> None:
+    """Both hosts still reach Redis, so neither task sees its peer die: the source's
+    stall bound (``VMTASK_TRANSFER_STALL_SECONDS``) ends the migration TimeOutError,
+    the guest runs on at a, and b drops what it received when a gives up."""
+    with connect(net) as server:
+        vm = running_guest(server, net, "ns2", data_mb=48)
+        before = boot_id(root(net, "a"), "ns2")
+        net.throttle("a", SLOW_LINK)
+        task = vm.migrate("b")
+        under_way(task)
+        net.partition("a", "b")
+        cut_at = time.monotonic()
+        assert task.wait_for_completion(int((STALL + 40) * 1000)), "the migration hangs"
+        took = time.monotonic() - cut_at
+        snap = task.snapshot()
+        ended = snap.result.name if snap.result is not None else None
+        print(f"\npartition mid-migration: {ended} after {took:.1f} s: {snap.error_description}")
+        assert (snap.result, snap.error) == (VMTaskResult.TimeOutError, hresults.TIMEOUT)
+        assert "stalled" in snap.error_description
+        assert snap.percent_completed < 100
+        assert where(vm) == ("a", S.Running)
+        assert server.redis.hget(keys.vm_record("ns2"), "host") == "a"
+        assert boot_id(root(net, "a"), "ns2") == before  # never restarted
+        wait_until(lambda: nothing_of(net, "b", "ns2") == [], 30, "b to drop the migration")
+        net.heal("a", "b")
+        unthrottle(net, "a")
+        done(vm.migrate("b"))
+        assert where(vm) == ("b", S.Running)
+        assert boot_id(root(net, "b"), "ns2") == before
+        assert nothing_of(net, "a", "ns2") == []
+        done(vm.turn_off())
+        qemu_io(root(net, "b") / "ns2" / "d.qcow2", "qcow2", "read -P 0x5a 1M 48M")
+        done(vm.delete())
+
+
+def test_a_cut_from_redis_mid_transfer_leaves_the_guest_on_a(net: Network) -> None:
+    """The rule: the guest runs where the record names, and only the destination moves
+    the record (fenced by ``vm_move.lua``), once the source has told it to switch over
+    through Redis.  A source cut from everything mid-transfer cannot, so the guest
+    stays on a and the record keeps naming a: the producer judges the task
+    ThreadCrashError once a's lease lapses, and a's VM reads Invalid meanwhile; b
+    drops what it received once a's heartbeat is gone; a's task, unable to reach
+    Redis, takes the guest back from the broken migration on its own (never having
+    signalled the switch-over, it needs no fence for that); back on the network, a
+    reconciles and the VM reads Running on a."""
+    with connect(net) as server:
+        vm = running_guest(server, net, "ns3", data_mb=24)
+        before = boot_id(root(net, "a"), "ns3")
+        net.throttle("a", SLOW_LINK)
+        task = vm.migrate("b")
+        under_way(task)
+        net.cut("a")
+        cut_at = time.monotonic()
+        assert task.wait_for_completion(int((LEASE + 30) * 1000)), "the migration hangs"
+        crashed_after = time.monotonic() - cut_at
+        assert (task.result, task.error) == (VMTaskResult.ThreadCrashError,
+                                             hresults.SERVER_FAULT), task.error_description
+        assert crashed_after <= LEASE + 5, crashed_after  # the crash bound: a's lease
+        wait_until(lambda: vm.state is S.Invalid, 30, "a's VM to read Invalid")
+        assert server.redis.hget(keys.vm_record("ns3"), "host") == "a"
+        wait_until(lambda: nothing_of(net, "b", "ns3") == [], 30, "b to drop the migration")
+        # a gives up on its own, cut off as it is (its log says so: Redis cannot).
+        source = net.hosts["a"].worker
+        assert source is not None
+        wait_until(lambda: f"live_out {task.id} ended" in source.log()
+                   or f"live_out {task.id} failed" in source.log(), 60,
+                   "a's task to give up")
+        gave_up = source.log().split(f"live_out {task.id} ")[1].splitlines()[0]
+        print(f"\na's task, cut off: {gave_up}")
+        with Monitor(qemu_vm.VMPaths(root(net, "a") / "vms" / "ns3")) as monitor:
+            assert monitor.execute("query-jobs") == []  # no mirror left
+            assert not [n for n in monitor.execute("query-named-block-nodes")
+                        if n["node-name"].startswith("migrate-target")]
+            assert monitor.execute("query-status")["status"] == "running"
+        assert boot_id(root(net, "a"), "ns3") == before  # the guest ran on at a throughout
+        net.mend("a")
+        mended_at = time.monotonic()
+        wait_live(net, "a")
+        wait_until(lambda: where(vm) == ("a", S.Running), 60, "a to reconcile its VM")
+        print(f"\ncut mid-migration: ThreadCrashError after {crashed_after:.1f} s; "
+              f"reconciled {time.monotonic() - mended_at:.1f} s after mending")
+        assert boot_id(root(net, "a"), "ns3") == before
+        assert nothing_of(net, "b", "ns3") == []
+        unthrottle(net, "a")
+        done(vm.migrate("b"))  # nothing of the broken migration is in the way
+        assert where(vm) == ("b", S.Running)
+        assert boot_id(root(net, "b"), "ns3") == before
+        assert nothing_of(net, "a", "ns3") == []
+        done(vm.turn_off())
+        done(vm.delete())
