@@ -27,6 +27,7 @@ from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
+import kombu.transport as kombu_transport
 import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
@@ -147,3 +148,8 @@ def install() -> None:
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
     TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+    # kombu resolves an alias once per process and caches the class: a connection
+    # made before this call (a producer in the same process) must not pin the
+    # stock transport for every later one.
+    for scheme in ("redis", "rediss", "sentinel"):
+        kombu_transport._transport_cache.pop(scheme, None)
