@@ -68,3 +68,9 @@ def transfer(transfer_id: str) -> str:
     """Hash with a TTL: where the source host serves one transfer (address, port, a
     one-time export name) once its export is listening."""
     return f"{PREFIX}transfer:{transfer_id}"
+
+
+def transfer_accepted(transfer_id: str) -> str:
+    """String with a TTL: the destination of one copy has checked it can take it (no
+    clash, its lock held); only then does the source export anything."""
+    return f"{PREFIX}transfer-accepted:{transfer_id}"

@@ -120,10 +120,12 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
     files = HostFiles.of(run.settings)
     source = files.resolve(path, must_exist=True)
     offer_key = keys.transfer(transfer_id)
-    # Nothing is exported before the client runs: a pull queued behind other work
-    # costs the source no open port.
+    # Nothing is exported before the client has accepted the copy: a pull queued
+    # behind other work, or one its host refuses (a clash), costs the source no
+    # open port.
+    accepted = keys.transfer_accepted(transfer_id)
     client = read_peer(run.redis, client_task_id)
-    while client.state == records.PENDING:
+    while not (client.final or client.gone) and not run.redis.exists(accepted):
         run.sleep(WATCH_INTERVAL)
         client = read_peer(run.redis, client_task_id)
     if client.final or client.gone:
@@ -134,7 +136,7 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
             pass_fds=served.fds, creds=transfer_tls.creds_of(run.settings)))
-        stack.callback(run.redis.delete, offer_key)
+        stack.callback(run.redis.delete, offer_key, accepted)
         pipe = run.redis.pipeline(transaction=True)
         pipe.hset(offer_key, mapping={
             **offer_fields(export),
@@ -277,6 +279,7 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
         raise DiskError(f"{destination} already exists on {run.settings.host}",
                         hresults.FILE_EXISTS)
     with files.file_locks([], [target]):
+        run.redis.set(keys.transfer_accepted(transfer_id), "1", ex=OFFER_TTL_SECONDS)
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
         made = pull_and_judge(run, run, offer, target, verbatim=False,
                               source_host=source_host, server_task_id=server_task_id)
