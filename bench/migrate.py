@@ -34,6 +34,7 @@ from workers.devtools.tinyguest import build_tiny_guest
 from workers.engines import qemu_vm
 from workers.engines.context import NullContext
 from workers.engines.qemu_vm import livemigrate
+from workers.engines.qemu_vm.process import force_stop
 
 MEMORY_MB = int(os.environ.get("BENCH_MIGRATE_MB", "256"))
 DISK_MB = int(os.environ.get("BENCH_MIGRATE_DISK_MB", "1024"))
@@ -175,6 +176,8 @@ def main() -> None:
                 direct.stop()
             for worker in workers:
                 worker.stop()
+                # QEMU outlives its worker: a round that failed leaves the queued guest.
+                force_stop(qemu_vm.VMPaths.for_vm(worker.storage_root, "queued"))
             redis.stop()
     ratios = [q / d for q, d in zip(times["vmtask"], times["direct"], strict=True)]
     r = statistics.median(ratios)
