@@ -183,7 +183,9 @@ def assert_log_follows(url: str, serial_log: Path, name: str) -> None:
         for marker in ("vmtask-follow-1", "vmtask-follow-2"):
             with serial_log.open("a") as log:
                 log.write(marker + "\n")
-            wait_until(lambda m=marker: any(m in line for line in seen), 30,
+            # Each read is a quick task on the host's control lane: on a loaded
+            # machine (CI running QEMU under TCG beside it) one read took over 30 s.
+            wait_until(lambda m=marker: any(m in line for line in seen), 90,
                        f"the follower to print {marker}", interval=0.2)
     finally:
         follower.terminate()
