@@ -234,11 +234,6 @@ class TaskStore:
         return [_snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
 
-    def recent(self, limit: int) -> list[str]:
-        """Ids of the newest tasks first."""
-        with broker_errors(self.url):
-            return list(self.client.zrevrange(keys.RECENT_TASKS, 0, limit - 1))
-
     def matching(self, state: str | None, host: str | None, limit: int,
                  horizon: int) -> list[str]:
         """Ids of the newest tasks in ``state`` on ``host`` (None: any), newest first,
