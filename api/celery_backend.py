@@ -27,6 +27,7 @@ from celery.backends.base import BaseBackend
 from api import events
 from api.errors import TaskFailedError, TaskNotFoundError
 from api.protocol import records
+from api.replication import register_script
 from api.store import TaskStore, cancel_record, connect
 
 BACKEND = f"{__name__}:RecordBackend"
@@ -44,7 +45,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         retention = float(app.conf.get("vmtask_retention_seconds") or DEFAULT_RETENTION)
         broker = endpoint if isinstance(endpoint, str) else endpoint.url
         self._store = TaskStore(connect(endpoint, timeout), broker, retention)
-        self._cancel = self._store.client.register_script(records.CANCEL_SCRIPT)
+        self._cancel = register_script(self._store.client, records.CANCEL_SCRIPT)
         self._store.on_crash_judged = lambda task_id: events.send(
             app, "task-failed", task_id, **events.crash_fields())
 

@@ -23,7 +23,7 @@ from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
 from api.protocol import hresults, keys, records
 from api.protocol.records import TaskSnapshot
-from api.replication import Acknowledgement, pipelined, replicated
+from api.replication import Acknowledgement, pipelined, register_script, replicated
 
 # A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
 # login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
@@ -89,12 +89,12 @@ class TaskStore:
                                    endpoint.wait_ms if endpoint is not None else 0)
         self._ack_client = (connect(endpoint, timeout, retry=no_retry())
                             if endpoint is not None and self.ack.replicas else None)
-        self._withdraw = client.register_script(records.WITHDRAW_SCRIPT)
-        self._finish = client.register_script(records.FINISH_SCRIPT)
-        self._cancel = client.register_script(records.CANCEL_SCRIPT)
-        self._submit = client.register_script(records.SUBMIT_SCRIPT)
-        self._read = client.register_script(records.READ_SCRIPT)
-        self._list = client.register_script(records.LIST_SCRIPT)
+        self._withdraw = register_script(client, records.WITHDRAW_SCRIPT)
+        self._finish = register_script(client, records.FINISH_SCRIPT)
+        self._cancel = register_script(client, records.CANCEL_SCRIPT)
+        self._submit = register_script(client, records.SUBMIT_SCRIPT)
+        self._read = register_script(client, records.READ_SCRIPT)
+        self._list = register_script(client, records.LIST_SCRIPT)
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None

@@ -25,6 +25,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from api import events
 from api.protocol import keys, records, scripts
+from api.replication import register_script
 from api.settings import Settings
 from api.store import judge_crashed, trim_recent
 from workers.runtime import worker_identity
@@ -54,9 +55,9 @@ class HostBeacon:
         self.on_crash_judged = on_crash_judged
         self.client = settings.endpoint.client(settings.redis_timeout_seconds,
                                                decode_responses=True)
-        self.finish = self.client.register_script(records.FINISH_SCRIPT)
-        self.withdraw = self.client.register_script(scripts.load("host_withdraw"))
-        self.primary_seen = self.client.register_script(scripts.load("redis_primary"))
+        self.finish = register_script(self.client, records.FINISH_SCRIPT)
+        self.withdraw = register_script(self.client, scripts.load("host_withdraw"))
+        self.primary_seen = register_script(self.client, scripts.load("redis_primary"))
         self.identity = worker_identity(settings)
         self.started = time.time()
         self.stopping = threading.Event()

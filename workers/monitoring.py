@@ -31,6 +31,7 @@ from celery.worker import control
 from kombu.utils.functional import maybe_list
 
 from api.protocol import records
+from api.replication import register_script
 from api.settings import Settings
 from api.store import cancel_record
 from workers.runtime import worker_redis
@@ -55,7 +56,7 @@ def install(app: Celery, settings: Settings) -> None:
     def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
                **kwargs: Any) -> Any:
         if terminate:
-            script = worker_redis(settings).client.register_script(records.CANCEL_SCRIPT)
+            script = register_script(worker_redis(settings).client, records.CANCEL_SCRIPT)
             for one in maybe_list(task_id) or []:  # type: ignore[no-untyped-call]
                 outcome = cancel_record(script, one, int(settings.retention_seconds),
                                         revoke_queued=True)

@@ -34,7 +34,7 @@ from api import events
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records
 from api.protocol.tasks import TaskSpec
-from api.replication import Acknowledgement, replicated
+from api.replication import Acknowledgement, register_script, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, classify
@@ -71,10 +71,10 @@ class WorkerRedis:
             **retry,
         )
         self.ack = Acknowledgement(endpoint.wait_replicas, endpoint.wait_ms)
-        self.start = self.client.register_script(records.START_SCRIPT)
-        self.progress = self.client.register_script(records.PROGRESS_SCRIPT)
-        self.renew = self.client.register_script(records.RENEW_SCRIPT)
-        self.finish = self.client.register_script(records.FINISH_SCRIPT)
+        self.start = register_script(self.client, records.START_SCRIPT)
+        self.progress = register_script(self.client, records.PROGRESS_SCRIPT)
+        self.renew = register_script(self.client, records.RENEW_SCRIPT)
+        self.finish = register_script(self.client, records.FINISH_SCRIPT)
 
 
 _process_redis: tuple[int, WorkerRedis] | None = None

@@ -72,7 +72,8 @@ def test_a_submit_writes_its_record_and_message_together_and_once(
         sent = [m for m in iter(lambda: events.get_message(timeout=1), None)
                 if m["type"] == "pmessage"]
         decoded = [json.loads(base64.b64decode(json.loads(m["data"])["body"])) for m in sent]
-        assert [(e["type"], e["uuid"]) for e in decoded] == [("task-sent", "t-once")]
+        # Only t-once's events: the worker may still announce an earlier test's tasks.
+        assert [e["type"] for e in decoded if e.get("uuid") == "t-once"] == ["task-sent"]
         events.close()
         client.delete(queue)
 
