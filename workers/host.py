@@ -28,6 +28,7 @@ from api.protocol import keys, records, scripts
 from api.replication import register_script
 from api.settings import Settings
 from api.store import judge_crashed, trim_recent
+from workers.resend import LostMessageCheck
 from workers.runtime import worker_identity
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ class HostHooks:
 
 class HostBeacon:
     def __init__(self, settings: Settings, hooks: HostHooks,
-                 on_crash_judged: Callable[[str], None] | None = None) -> None:
+                 on_crash_judged: Callable[[str], None] | None = None,
+                 on_takeover: Callable[[redis.Redis, str, float], None] | None = None) -> None:
         self.settings = settings
         self.hooks = hooks
         self.on_crash_judged = on_crash_judged
+        self.on_takeover = on_takeover
         self.client = settings.endpoint.client(settings.redis_timeout_seconds,
                                                decode_responses=True)
         self.finish = register_script(self.client, records.FINISH_SCRIPT)
@@ -101,8 +104,15 @@ class HostBeacon:
         pipe.expire(keys.host_workers(self.settings.host), int(ttl) + 1)
         pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
         pipe.execute()
-        # Which Redis primary this is: a new one (a failover) restarts the crash bound.
-        self.primary_seen(keys=[keys.REDIS_PRIMARY])
+        # Which Redis primary this is: a new one (a failover) restarts the crash bound,
+        # and may have lost a message in the switch (`workers.resend`).
+        age, since, replid = self.primary_seen(keys=[keys.REDIS_PRIMARY])
+        if int(since) and self.on_takeover is not None:
+            try:
+                self.on_takeover(self.client, f"{replid}:{since}", float(age))
+            except Exception:
+                log.exception("Checking for messages lost in the switch of Redis primary "
+                              "failed; the next beat tries again")
 
     def reap(self) -> None:
         running = sorted(self.client.smembers(keys.RUNNING_TASKS))
@@ -159,7 +169,7 @@ def install(app: Celery, settings: Settings, hooks: HostHooks) -> None:
         def announce_crash(task_id: str) -> None:
             events.send(app, "task-failed", task_id, hostname=node, **events.crash_fields())
 
-        beacon = HostBeacon(settings, hooks, announce_crash)
+        beacon = HostBeacon(settings, hooks, announce_crash, LostMessageCheck(app, settings))
         for hook in hooks.startup:
             try:
                 hook(beacon.client, settings)

@@ -45,6 +45,12 @@ def host_queue(host: str) -> str:
     return f"host.{host}"
 
 
+def resend_claim(host: str, takeover: str) -> str:
+    """Held by the one worker of ``host`` that checks for lost messages after a
+    change of Redis primary (`workers.resend`)."""
+    return f"{PREFIX}resend:{host}:{takeover}"
+
+
 def control_queue(host: str) -> str:
     """The Celery queue of a host's quick operations: its own lane, never behind a copy."""
     return f"host.{host}.control"

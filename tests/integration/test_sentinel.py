@@ -244,3 +244,42 @@ def test_a_failover_longer_than_the_lease_judges_no_running_task_crashed(
         for worker in workers:
             worker.stop()
         cluster.stop()
+
+
+def test_a_message_lost_in_the_switch_is_sent_again_and_runs_once(
+        cluster: SentinelCluster, tmp_path: Path) -> None:
+    """The window kombu's BRPOP leaves open: the dying primary's pop reached the
+    replica, its reply never reached the worker.  The message is then on no queue,
+    in no unacked hash and in no worker's hands; its record says PENDING.  After the
+    switch a worker of the host finds that record and sends the message again."""
+    worker = WorkerProcess(cluster.url, "ha1", tmp_path / "storage-ha1", tmp_path,
+                           concurrency=1)
+    server = VirtualServer(cluster.url, poll_interval=0.2)
+    marker = tmp_path / "runs.txt"
+    try:
+        worker.start()
+        busy = server.submit(ECHO, description="holds the only slot", host="ha1",
+                             kwargs={"path": str(marker), "value": 1, "seconds": 8.0})
+        wait_until(lambda: busy.snapshot().state == "STARTED", 30, "the busy task to start")
+        lost = server.submit(ECHO, description="its message is lost", host="ha1",
+                             kwargs={"path": str(marker), "value": 2, "seconds": 0.1})
+        primary = cluster.primary().client()
+        # The dying primary's last pop, made by hand: the message leaves the queue,
+        # the replica has that, and no worker ever receives it.
+        popped = primary.rpop(keys.host_queue("ha1"))
+        assert popped is not None and lost.id in popped
+        assert primary.execute_command("WAIT", 1, 5000) == 1
+        old = cluster.kill_primary()
+        cluster.wait_failover(old.port)
+        assert lost.wait_for_completion(90_000), lost.snapshot()
+        assert busy.wait_for_completion(30_000)
+        for task, value in ((busy, 1), (lost, 2)):
+            snap = task.snapshot()
+            assert snap.result is VMTaskResult.Success, snap
+            assert snap.output == {"value": value}
+        assert sorted(marker.read_text().split()) == sorted([busy.id, lost.id])
+        assert cluster.primary().client().hget(keys.task_record(lost.id), "runs") == "1"
+        assert f"{lost.id} was PENDING with its message nowhere" in worker.log()
+    finally:
+        server.close()
+        worker.stop()
