@@ -28,7 +28,11 @@ push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
    resumes on exactly one host.
 
 The VM's recorded state stays Running (or Paused) throughout; both tasks hold
-the VM's lock on their host, so no other operation interleaves.
+the VM's lock on their host, so no other operation interleaves.  Both also
+journal in the VM's folder for a successor should their worker die
+(`workers.tasks.live_recovery`): the source lists its disks and the transfer in
+``outgoing.json`` before anything moves, the destination the disks it receives,
+and whether the guest ran, in ``incoming.json`` until its guest runs.
 """
 
 from __future__ import annotations
