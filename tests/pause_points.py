@@ -7,9 +7,10 @@ step of a protocol starts that worker with
 - ``VMTASK_TEST_PAUSE_MARKER``: a file path,
 
 and includes this module (`PAUSING`).  The worker's first call of that command
-writes the marker (the pool process's pid) and then never returns, so the test
-waits for the marker and kill -9s the worker there, no race involved.  Only
-tests set these variables; a worker started without this module ignores them.
+writes the marker (the pool process's pid) and waits for as long as the marker
+exists, so the test waits for the marker and kill -9s the worker there, or lets
+it go on by removing the marker, with no race either way.  Only tests set these
+variables; a worker started without this module ignores them.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ def pause_env(command: str, marker: Path) -> dict[str, str]:
 
 def _install(command: str, marker: Path) -> None:
     original = monitor.Monitor.execute
+    paused: list[int] = []
 
     def execute(self: monitor.Monitor, name: str,
                 arguments: Mapping[str, object] | None = None, *,
                 timeout: float = monitor.QMP_TIMEOUT) -> Any:
-        if name == command:
+        if name == command and not paused:
+            paused.append(os.getpid())
             marker.write_text(str(os.getpid()))
-            while True:  # until the test kills this worker
-                time.sleep(3600)
+            while marker.exists():  # until the test kills this worker or lets it go
+                time.sleep(0.05)
         return original(self, name, arguments, timeout=timeout)
 
     monitor.Monitor.execute = execute  # type: ignore[method-assign]

@@ -7,6 +7,7 @@ they never send), so each kill -9 lands where the test means it to."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -159,6 +160,46 @@ def test_kill_9_of_the_destination_worker_between_the_switch_over_and_cont(
             done(vm.turn_off())
             qemu_io(target.storage_root / name / "d.qcow2", "qcow2",
                     f"read -P 0x66 0 {BLOCK}", "read -P 0x5a 1M 4M")
+            done(vm.delete())
+    finally:
+        stop_all(source, target)
+
+
+@pytest.mark.slow
+def test_a_source_killed_after_signalling_the_switch_over_fences_the_destination_out(
+        redis_url: str, base: Path, name: str) -> None:
+    """The source dies once it has told the destination to take over, and restarts
+    before the destination's compare-and-set: its successor takes the guest back
+    only by winning the fence, so the destination, going on, refuses to run it."""
+    marker = base / f"{name}.paused"
+    source = worker(redis_url, base, "ls4").start()
+    target = worker(redis_url, base, "ld4", pause="nbd-server-stop", marker=marker).start()
+    try:
+        for host in (source, target):
+            add_guest(host.storage_root)
+        with VirtualServer(redis_url, host="ls4", poll_interval=0.2) as server:
+            vm = running_guest(server, {"ls4": source}, name, "ls4", disk_mb=32, data_mb=4)
+            before = boot_id(source.storage_root, name)
+            task = vm.migrate("ld4")
+            arguments = json.loads(server.redis.hget(keys.task_record(task.id), "arguments"))
+            wait_until(marker.exists, 120, "the destination to reach its switch-over")
+            assert server.redis.hget(keys.transfer(arguments["transfer_id"]), "switch") == "1"
+            source.kill()  # waiting for the destination to commit
+            source = worker(redis_url, base, "ls4").start()
+            paths = qemu_vm.VMPaths(source.storage_root / "vms" / name)
+            with qemu_vm.connect(paths) as monitor:
+                assert monitor.execute("query-status")["status"] == "running"
+            marker.unlink()  # the destination goes on to its compare-and-set
+            into = server.get_task(arguments["peer_task_id"])
+            assert into.wait_for_completion(60_000)
+            assert into.result is VMTaskResult.Cancelled, into.error_description
+            wait_until(lambda: nothing_of(target, name) == [], 30, "ld4 to drop the VM")
+            assert where(vm) == ("ls4", S.Running)
+            assert boot_id(source.storage_root, name) == before
+            assert not (paths.directory / "outgoing.json").exists()
+            assert task.wait_for_completion(90_000)
+            assert task.result is VMTaskResult.ThreadCrashError, task.error_description
+            done(vm.turn_off())
             done(vm.delete())
     finally:
         stop_all(source, target)
