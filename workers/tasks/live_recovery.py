@@ -50,8 +50,14 @@ def recover_migrations(client: redis.Redis, settings: Settings) -> None:
     if not vms.is_dir():
         return
     for directory in sorted(vms.iterdir()):
-        if directory.is_dir():
+        if not directory.is_dir():
+            continue
+        try:
             _recover(client, settings, directory)
+        except redis.RedisError:
+            raise  # every other VM would fail the same way: the hook's caller logs it
+        except Exception:
+            log.exception("Could not settle %s after a migration; left as it is", directory)
 
 
 def _recover(client: redis.Redis, settings: Settings, directory: Path) -> None:
