@@ -21,6 +21,7 @@ from workers.tasks import (
     disk_inventory,
     disks,
     live_migration,
+    live_recovery,
     migration,
     move_journal,
     transfer,
@@ -37,7 +38,7 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
 HOST_HOOKS = host.HostHooks(
     # A live migration's half-received VM may have a QEMU running: it goes before
     # the moves' journals are swept.
-    startup=(disks.remove_crashed_temporaries, live_migration.recover_migrations,
+    startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
              vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),

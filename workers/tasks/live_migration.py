@@ -28,7 +28,11 @@ push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
    resumes on exactly one host.
 
 The VM's recorded state stays Running (or Paused) throughout; both tasks hold
-the VM's lock on their host, so no other operation interleaves.
+the VM's lock on their host, so no other operation interleaves.  Both also
+journal in the VM's folder for a successor should their worker die
+(`workers.tasks.live_recovery`): the source lists its disks and the transfer in
+``outgoing.json`` before anything moves, the destination the disks it receives,
+and whether the guest ran, in ``incoming.json`` until its guest runs.
 """
 
 from __future__ import annotations
@@ -46,30 +50,27 @@ from typing import Any
 
 import redis
 
-from api.enums import VMTaskResult
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys, records, scripts, tasks
+from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
-from api.settings import Settings
 from workers.engines import qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
-from workers.engines.storage import free_space, resolve_in_root
+from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.migration import MOVE_SCRIPT
-from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, read_peer
+from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, PeerWatch
 from workers.tasks.vms import (
     InvalidVMState,
     config_of,
     paths_of,
     record_of,
     record_runtime,
-    root,
     vm_lock,
 )
 
@@ -81,9 +82,10 @@ MIGRATION_TIMEOUT = 3600.0
 # In a destination's VM directory until the switch-over: the disks it is receiving.
 ABORT_SCRIPT = scripts.load("vm_move_abort")
 SOURCE, DESTINATION = "source", "destination"
+GAVE_UP = "gave up the migration"
 
 
-def _wake_key(key: str, side: str) -> str:
+def wake_key(key: str, side: str) -> str:
     return f"{key}:wake:{side}"
 
 
@@ -92,28 +94,14 @@ def _signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) ->
     pipe = client.pipeline(transaction=True)
     pipe.hset(key, mapping=fields)
     pipe.expire(key, OFFER_TTL_SECONDS)
-    pipe.rpush(_wake_key(key, side), "1")
-    pipe.expire(_wake_key(key, side), OFFER_TTL_SECONDS)
+    pipe.rpush(wake_key(key, side), "1")
+    pipe.expire(wake_key(key, side), OFFER_TTL_SECONDS)
     pipe.execute()
 
 
 def _nap(run: TaskRun, key: str, side: str) -> None:
     """Wait for the other side's next signal, at most `WATCH` seconds."""
-    run.redis.blpop([_wake_key(key, side)], timeout=WATCH)
-
-
-def _peer_check(run: TaskRun, peer_task_id: str, peer_host: str, what: str) -> None:
-    """Raise the other side's outcome once it ended or its worker is gone."""
-    peer = read_peer(run.redis, peer_task_id)
-    if peer.final:
-        if peer.result is VMTaskResult.Cancelled:
-            raise Cancelled(f"The {what} host {peer_host} gave up the migration")
-        raise PeerFailed(f"The {what} host {peer_host} failed: {peer.description}",
-                         peer.result or VMTaskResult.UnexpectedError, peer.error)
-    if peer.gone or (peer.state == records.PENDING
-                     and not run.redis.exists(keys.host_heartbeat(peer_host))):
-        raise PeerFailed(f"The worker of the {what} host {peer_host} is gone",
-                         VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+    run.redis.blpop([wake_key(key, side)], timeout=WATCH)
 
 
 def _check_formats(disks: list[dict[str, Any]]) -> None:
@@ -148,11 +136,6 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
     files = HostFiles.of(run.settings)
     client = run.redis
     key = keys.transfer(transfer_id)
-    deadline = time.monotonic() + MIGRATION_TIMEOUT
-
-    def destination_check() -> None:
-        _peer_check(run, peer_task_id, destination_host, "destination")
-
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
         if S(int(record["state"])) not in LIVE:
@@ -166,62 +149,36 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
                          "format": qemu_vm.disk_format(path)}
                         for relative, path in zip(json.loads(record["disks"]), config.disks,
                                                   strict=True)])
-        creds = transfer_tls.creds_of(run.settings)
-        with qemu_vm.connect(paths) as monitor:
-            outgoing = livemigrate.Outgoing.begin(
-                monitor, config, run, max_bandwidth=run.settings.migrate_max_bandwidth,
-                creds=creds, stall_seconds=run.settings.transfer_stall_seconds)
-            disks = _manifest(monitor, files, record, config)
-            _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
-                                               "creds": transfer_tls.kind_of(creds)})
-            switched = False
-            try:
-                while not (raw := client.hget(key, "incoming")):
-                    destination_check()
-                    raise_if_cancelled(run)
-                    _nap(run, key, SOURCE)
-                incoming = livemigrate.Incoming.from_dict(json.loads(raw))
-                outgoing.mirror(incoming)
-                outgoing.wait_ready(run, destination_check, deadline)
-                final = outgoing.migrate(incoming, run, destination_check, deadline)
-                stopped = time.monotonic()  # the guest stays stopped until the cont there
-                outgoing.finish_mirrors(deadline)
-                switched = True  # from here the destination may take over (the fence decides)
-                _signal(client, key, DESTINATION, {"switch": "1"})
-                while client.hget(key, "committed") != "1":
-                    destination_check()
-                    raise_if_cancelled(run)  # honoured until the destination takes over
-                    _nap(run, key, SOURCE)
-                handoff = time.monotonic() - stopped
-            except BaseException:
-                if not switched:
-                    # Never told to switch, the destination cannot take the guest: it
-                    # is ours to take back even with Redis out of reach (a host cut off).
-                    try:
-                        outgoing.rollback()
-                    finally:
-                        with contextlib.suppress(redis.RedisError):
-                            client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
-                                        _wake_key(key, DESTINATION), run.settings.host)
-                    raise
-                outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
-                                      _wake_key(key, DESTINATION), run.settings.host)
-                if outcome == "ABORTED":
-                    # The destination can no longer take the VM: the guest runs on here.
-                    outgoing.rollback()
-                    raise
-                # The destination took the VM over: the guest is its to run.
-                handoff = time.monotonic() - stopped
-            run.report_progress(98)
-            with contextlib.suppress(OperationFailed):
-                monitor.execute("quit")
+        # Before anything moves: the disks to remove here should this worker die
+        # once the destination has the VM, and the transfer, for its successor to
+        # fence the destination out before it takes the guest back (`live_recovery`).
+        journal = move_journal.write(run.settings, name, run.task_id,
+                                     json.loads(record["disks"]),
+                                     journal=move_journal.OUTGOING, transfer_id=transfer_id)
+        sent = _Send(run, files, record, config, key,
+                     PeerWatch.of(run, peer_task_id, destination_host))
+        try:
+            with qemu_vm.connect(paths) as monitor:
+                final, handoff = sent.send(monitor)
+                run.report_progress(98)
+                with contextlib.suppress(OperationFailed):
+                    monitor.execute("quit")
+        except BaseException:
+            if sent.stays:
+                journal.unlink(missing_ok=True)  # the guest runs on here, on these disks
+            raise
         pid = qemu_vm.find_pid(paths)
         if pid is not None and not wait_pid(pid, paths, 10.0):
             force_stop(paths)
         for relative in json.loads(record["disks"]):
             files.resolve(relative).unlink(missing_ok=True)
-        shutil.rmtree(paths.directory, ignore_errors=True)
-    client.delete(key, _wake_key(key, SOURCE), _wake_key(key, DESTINATION))
+        shutil.rmtree(paths.directory, ignore_errors=True)  # the journal last
+    client.delete(key, wake_key(key, SOURCE), wake_key(key, DESTINATION))
+    if sent.late is not None:
+        # The VM is the destination's, but its task did not see it through (its
+        # worker died before `cont`: its restart runs the guest).
+        raise PeerFailed(f"{sent.late}, after the VM had moved to it", sent.late.result,
+                         sent.late.hresult)
     # downtime_ms is QEMU's (the guest stopped until the migration completed); the
     # guest stays stopped through the switch-over too, so paused_ms bounds its pause.
     downtime = int(final.get("downtime", 0))
@@ -230,13 +187,87 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
             "total_time_ms": final.get("total-time")}
 
 
+@dataclasses.dataclass
+class _Send:
+    """The source's side of the handshake, on the VM's QMP connection."""
+
+    run: TaskRun
+    files: HostFiles
+    record: dict[str, str]
+    config: qemu_vm.VMConfig
+    key: str
+    destination: PeerWatch
+    stays: bool = True
+    """Whether the guest surely stays here: true until the switch-over is signalled,
+    and again once taking it back has won the fence."""
+    late: PeerFailed | None = None
+    """The destination's failure once it had taken the VM over."""
+
+    def check(self) -> None:
+        self.destination.check("destination", gave_up=GAVE_UP)
+
+    def send(self, monitor: qemu_vm.Monitor) -> tuple[dict[str, Any], float]:
+        """Migrate until the destination has taken over: QEMU's final query-migrate and
+        how long the guest stood still after it completed."""
+        run, client, key, settings = self.run, self.run.redis, self.key, self.run.settings
+        name = self.record["name"]
+        deadline = time.monotonic() + MIGRATION_TIMEOUT
+        creds = transfer_tls.creds_of(settings)
+        outgoing = livemigrate.Outgoing.begin(
+            monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
+            creds=creds, stall_seconds=settings.transfer_stall_seconds)
+        disks = _manifest(monitor, self.files, self.record, self.config)
+        _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
+                                           "creds": transfer_tls.kind_of(creds)})
+        try:
+            while not (raw := client.hget(key, "incoming")):
+                self.check()
+                raise_if_cancelled(run)
+                _nap(run, key, SOURCE)
+            incoming = livemigrate.Incoming.from_dict(json.loads(raw))
+            outgoing.mirror(incoming)
+            outgoing.wait_ready(run, self.check, deadline)
+            final = outgoing.migrate(incoming, run, self.check, deadline)
+            stopped = time.monotonic()  # the guest stays stopped until the cont there
+            outgoing.finish_mirrors(deadline)
+            self.stays = False  # from here the destination may take over (the fence decides)
+            _signal(client, key, DESTINATION, {"switch": "1"})
+            while client.hget(key, "committed") != "1":
+                self.check()
+                raise_if_cancelled(run)  # honoured until the destination takes over
+                _nap(run, key, SOURCE)
+            return final, time.monotonic() - stopped
+        except BaseException as exc:
+            if self.stays:
+                # Never told to switch, the destination cannot take the guest: it
+                # is ours to take back even with Redis out of reach (a host cut off).
+                try:
+                    outgoing.rollback()
+                finally:
+                    with contextlib.suppress(redis.RedisError):
+                        client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
+                                    wake_key(key, DESTINATION), settings.host)
+                raise
+            outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
+                                  wake_key(key, DESTINATION), settings.host)
+            if outcome == "ABORTED":
+                # The destination can no longer take the VM: the guest runs on here.
+                self.stays = True
+                outgoing.rollback()
+                raise
+            # The destination took the VM over: the guest is its to run.  A cancel
+            # came too late; its failure or death is the task's once this side is clean.
+            if isinstance(exc, PeerFailed):
+                self.late = exc
+            return final, time.monotonic() - stopped
+
+
 # -- the destination ------------------------------------------------------------------
 
 
-def _wait_manifest(run: TaskRun, key: str, peer_task_id: str, source: str
-                   ) -> list[dict[str, Any]]:
+def _wait_manifest(run: TaskRun, key: str, source: PeerWatch) -> list[dict[str, Any]]:
     while not (raw := run.redis.hget(key, "manifest")):
-        _peer_check(run, peer_task_id, source, "source")
+        source.check("source", gave_up=GAVE_UP)
         raise_if_cancelled(run)
         _nap(run, key, DESTINATION)
     disks: list[dict[str, Any]] = json.loads(raw)
@@ -272,15 +303,14 @@ def _create_disk(item: dict[str, Any], target: Path) -> None:
         raise DiskError(f"Could not create {item['path']}: {made.stderr.strip()}")
 
 
-def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, peer_task_id: str,
-                 source: str) -> None:
+def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, source: PeerWatch) -> None:
     while True:
         switch, abort = run.redis.hmget(key, "switch", "abort")
         if abort == "1":
-            raise Cancelled(f"The source host {source} gave up the migration")
+            raise Cancelled(f"The source host {source.host} {GAVE_UP}")
         if switch == "1":
             return
-        _peer_check(run, peer_task_id, source, "source")
+        source.check("source", gave_up=GAVE_UP)
         if not qemu_vm.is_alive(paths):
             raise OperationFailed("The destination QEMU stopped during the migration")
         raise_if_cancelled(run)
@@ -300,7 +330,8 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     if paths.directory.exists() and any(p.name != ".lock" for p in paths.directory.iterdir()):
         raise DiskError(f"{files.relative(paths.directory)} already exists on "
                         f"{run.settings.host}", hresults.FILE_EXISTS)
-    disks = _wait_manifest(run, key, peer_task_id, source_host)
+    source = PeerWatch.of(run, peer_task_id, source_host)
+    disks = _wait_manifest(run, key, source)
     targets = [files.resolve_output(d["path"]) for d in disks]
     creds = transfer_tls.creds_of(run.settings)
     transfer_tls.check_peer(creds, client.hget(key, "creds") or "", here=run.settings.host,
@@ -310,13 +341,16 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     # The disks get their final names at once: QEMU reopens an image by its name (at
     # the next migration's switch-over, for one), so a rename under it would break
     # it.  Until the switch they are listed in the VM's directory, for
-    # `recover_migrations` should this worker die meanwhile.
+    # `live_recovery` should this worker die meanwhile.
     listing = paths.directory / move_journal.JOURNAL
     made: list[Path] = []
     committed = False
     try:
         with vm_lock(run, name):
-            move_journal.write(run.settings, name, run.task_id, [d["path"] for d in disks])
+            # ``running``: what a successor does should this worker die between the
+            # switch-over and the guest's `cont` (`live_recovery`).
+            move_journal.write(run.settings, name, run.task_id, [d["path"] for d in disks],
+                               running=S(int(record["state"])) is S.Running)
             for item, target in zip(disks, targets, strict=True):
                 _reserve(item, target)
                 made.append(target)
@@ -330,7 +364,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.
             with qemu_vm.connect(paths) as monitor:
-                _wait_switch(run, key, paths, peer_task_id, source_host)
+                _wait_switch(run, key, paths, source)
                 livemigrate.stop_serving(monitor)
                 outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS,
                                       key, source_host, run.settings.host,
@@ -361,49 +395,3 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             shutil.rmtree(paths.directory, ignore_errors=True)
         raise
     return {"host": run.settings.host, "disks": len(disks)}
-
-
-def recover_migrations(client: redis.Redis, settings: Settings) -> None:
-    """On start-up, after a crash of this host's worker mid-migration.
-
-    A VM the record places here takes its guest back from whatever QEMU still runs or
-    finished of an outgoing migration (`livemigrate.abandon_outgoing`): the
-    destination never ran it, since nobody told it to switch.  A destination QEMU
-    whose VM the record does not place here never got the VM: it is killed, and the
-    disks it was receiving and its directory removed.
-    """
-    vms = paths_of(settings, "x").directory.parent
-    if not vms.is_dir():
-        return
-    for directory in vms.iterdir():
-        if not directory.is_dir():
-            continue
-        record = client.hgetall(keys.vm_record(directory.name))
-        owner = record.get("host") if record else None
-        paths = qemu_vm.VMPaths(directory)
-        if owner == settings.host:
-            if S(int(record["state"])) in LIVE and qemu_vm.is_alive(paths):
-                with contextlib.suppress(OperationFailed):
-                    if livemigrate.abandon_outgoing(
-                            paths, running=S(int(record["state"])) is S.Running):
-                        log.warning("VM %s: took the guest back from a migration whose "
-                                    "worker died", directory.name)
-            continue
-        if owner is None and not _incoming_qemu(paths):
-            continue  # not a migration's: leave it to an operator
-        force_stop(paths)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            journal = json.loads((directory / move_journal.JOURNAL).read_text())
-            for relative in journal["files"]:
-                resolve_in_root(root(settings), relative).unlink(missing_ok=True)
-        shutil.rmtree(directory, ignore_errors=True)
-        log.warning("Removed %s, left by a migration that did not finish", directory)
-
-
-def _incoming_qemu(paths: qemu_vm.VMPaths) -> bool:
-    pid = qemu_vm.find_pid(paths)
-    if pid is None:
-        return False
-    with contextlib.suppress(OSError):
-        return b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return False

@@ -25,24 +25,22 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from api.enums import VMTaskResult
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys, records, scripts, tasks
+from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
-from workers.failures import Cancelled, DiskError, IllegalValue
+from workers.failures import DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.transfer import (
     OFFER_TTL_SECONDS,
-    PeerFailed,
+    PeerWatch,
     offer_fields,
     pull_and_judge,
-    read_peer,
 )
 from workers.tasks.vms import (
     InvalidVMState,
@@ -99,9 +97,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         client.hset(keys.transfer(transfer_id), mapping={"manifest": json.dumps(manifest)})
         client.expire(keys.transfer(transfer_id), OFFER_TTL_SECONDS)
 
-        def client_over() -> bool:
-            peer = read_peer(client, client_task_id)
-            return peer.final or peer.gone
+        client_over = PeerWatch.of(run, client_task_id, destination_host).over
 
         try:
             for index, path in enumerate(copy):
@@ -135,28 +131,15 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
     return {"moved": moved}
 
 
-def _wait_manifest(run: TaskRun, transfer_id: str, server_task_id: str, source: str
+def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
                    ) -> list[dict[str, Any]]:
     while True:
         raw = run.redis.hget(keys.transfer(transfer_id), "manifest")
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
             return manifest
-        _check_server(run, server_task_id, source)
+        server.check("source", gave_up="stopped the move")
         run.sleep(WATCH)
-
-
-def _check_server(run: TaskRun, server_task_id: str, source: str) -> None:
-    peer = read_peer(run.redis, server_task_id)
-    if peer.final:
-        if peer.result is VMTaskResult.Cancelled:
-            raise Cancelled(f"The source host {source} stopped the move")
-        raise PeerFailed(f"The source host {source} failed: {peer.description}",
-                         peer.result or VMTaskResult.UnexpectedError, peer.error)
-    if peer.gone or (peer.state == records.PENDING
-                     and not run.redis.exists(keys.host_heartbeat(source))):
-        raise PeerFailed(f"The worker of the source host {source} is gone",
-                         VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
 
 
 def _refingerprint(run: TaskRun, record: dict[str, str]) -> None:
@@ -184,9 +167,10 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
         raise DiskError(f"{files.relative(vm_dir)} already exists on {run.settings.host}",
                         hresults.FILE_EXISTS)
     pulled: list[Path] = []
+    server = PeerWatch.of(run, server_task_id, source_host)
     try:
         with vm_lock(run, name):
-            manifest = _wait_manifest(run, transfer_id, server_task_id, source_host)
+            manifest = _wait_manifest(run, transfer_id, server)
             targets = [files.resolve_output(item["path"]) for item in manifest]
             clash = [item["path"] for item, t in zip(manifest, targets, strict=True)
                      if os.path.lexists(t)]
@@ -204,7 +188,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             done = 0
             for index, (item, target) in enumerate(zip(manifest, targets, strict=True)):
                 while not (offer := client.hgetall(offer_key(transfer_id, index))):
-                    _check_server(run, server_task_id, source_host)
+                    server.check("source", gave_up="stopped the move")
                     run.sleep(WATCH)
                 share = _Span(run, 100.0 * done / total,
                               100.0 * (done + int(item["size"])) / total)

@@ -8,6 +8,11 @@ is new: a move into an existing one is refused).  The journal goes once the VM's
 record names this host.  A worker starting up finds the journals of moves that died:
 where the record still names another host, the move never happened, so what it
 pulled goes; where it names this host, the move did happen, so only the journal goes.
+
+A live migration's source keeps the other half: ``vms/<name>/outgoing.json`` lists
+the VM's disks on this host before anything moves, and goes with the VM's folder
+once those copies are removed, or once the guest is known to stay here.  What a
+restarted source does with it is `workers.tasks.live_recovery`'s.
 """
 
 from __future__ import annotations
@@ -30,22 +35,36 @@ from workers.tasks.vms import paths_of
 
 log = logging.getLogger(__name__)
 JOURNAL = "incoming.json"
+OUTGOING = "outgoing.json"
 
 
-def write(settings: Settings, name: str, task_id: str, files: list[str]) -> Path:
-    """Create the VM's folder on this host with the journal of the files to come."""
+def write(settings: Settings, name: str, task_id: str, files: list[str], *,
+          journal: str = JOURNAL, **extra: str | bool) -> Path:
+    """Create the VM's folder on this host (if new) with the journal of ``files``:
+    the files to come (`JOURNAL`) or, on a live migration's source, the ones to go
+    once the VM is elsewhere (`OUTGOING`).  ``extra``: what the journal's reader
+    needs besides."""
     directory = paths_of(settings, name).directory
     directory.mkdir(parents=True, exist_ok=True)  # a move into an existing one is refused
-    journal = directory / JOURNAL
-    temp = journal.with_name(JOURNAL + ".tmp")
-    temp.write_text(json.dumps({"task_id": task_id, "files": files}))
+    path = directory / journal
+    temp = path.with_name(journal + ".tmp")
+    temp.write_text(json.dumps({**extra, "task_id": task_id, "files": files}))
     with temp.open("rb") as f:
         os.fsync(f.fileno())
-    os.replace(temp, journal)
-    return journal
+    os.replace(temp, path)
+    return path
 
 
-def _lease_live(client: redis.Redis, task_id: str) -> bool:
+def read(directory: Path, journal: str) -> dict[str, object] | None:
+    """The journal ``journal`` in a VM's folder; None if there is none (or it is torn)."""
+    try:
+        entry = json.loads((directory / journal).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def lease_live(client: redis.Redis, task_id: str) -> bool:
     holder = client.get(keys.task_lease(task_id))
     if holder is None:
         return False
@@ -65,7 +84,7 @@ def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:
         if not isinstance(entry, dict):
             log.warning("Unreadable move journal %s: left alone", journal)
             continue
-        if _lease_live(client, str(entry.get("task_id"))):
+        if lease_live(client, str(entry.get("task_id"))):
             continue
         if client.hget(keys.vm_record(name), "host") == settings.host:
             journal.unlink(missing_ok=True)  # the move happened: the files are the VM's

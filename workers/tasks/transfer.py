@@ -40,6 +40,9 @@ from workers.tasks.files import HostFiles
 WATCH_INTERVAL = 0.1
 # How long an announced export may stay in Redis if its serve dies without cleaning up.
 OFFER_TTL_SECONDS = 24 * 3600
+# Beyond a renewal period, how long a peer must stay without lease or heartbeat
+# before it is judged dead (`PeerWatch`): the renewal's own Redis round trips.
+CONFIRM_MARGIN = 1.0
 MODES = ("image", "file")
 
 
@@ -78,6 +81,63 @@ def read_peer(client: redis.Redis, task_id: str) -> Peer:
     return Peer(state or records.PENDING, bool(leased),
                 VMTaskResult(int(result)) if state in records.COMPLETE_STATES and result else None,
                 int(error or 0), text or "")
+
+
+class PeerWatch:
+    """The other side of a transfer, judged from what persists in Redis.
+
+    Final, its record says how it ended.  Dead is a verdict that needs two readings:
+    the peer must look dead (started with no lease, or still queued on a host with
+    no heartbeat) on every reading for `confirm_seconds`.  A live worker takes back
+    a lapsed lease, and beats again, within a third of its lease and heartbeat (a
+    Redis failover's new primary may briefly lack either key), so a miss that
+    lasts longer than that is no transient one.
+    """
+
+    def __init__(self, client: redis.Redis, task_id: str, host: str | None, *,
+                 confirm_seconds: float) -> None:
+        self.client, self.task_id, self.host = client, task_id, host
+        self.confirm_seconds = confirm_seconds
+        self._missing_since: float | None = None
+
+    @classmethod
+    def of(cls, run: TaskRun, task_id: str, host: str | None = None) -> PeerWatch:
+        """``host``: the peer's, if known; a peer still queued there is dead once the
+        host's heartbeat is (without it, only a started peer can be judged dead)."""
+        settings = run.settings
+        return cls(run.redis, task_id, host, confirm_seconds=max(
+            settings.lease_seconds, settings.heartbeat_seconds) / 3 + CONFIRM_MARGIN)
+
+    def read(self) -> tuple[Peer, bool]:
+        """The peer now, and whether it is dead (looked so for `confirm_seconds`)."""
+        peer = read_peer(self.client, self.task_id)
+        looks_dead = peer.gone or (peer.state == records.PENDING and self.host is not None
+                                   and not self.client.exists(keys.host_heartbeat(self.host)))
+        now = time.monotonic()
+        if not looks_dead or peer.final:
+            self._missing_since = None
+            return peer, False
+        if self._missing_since is None:
+            self._missing_since = now
+        return peer, now - self._missing_since >= self.confirm_seconds
+
+    def over(self) -> bool:
+        """It ended, or its worker is dead: nobody is left on the other side."""
+        peer, dead = self.read()
+        return peer.final or dead
+
+    def check(self, what: str, *, gave_up: str = "gave up the transfer") -> None:
+        """Raise the peer's outcome once it ended, ThreadCrashError once it is dead.
+        ``what``: the peer's role ("source", "destination"), for the descriptions."""
+        peer, dead = self.read()
+        if peer.final:
+            if peer.result is VMTaskResult.Cancelled:
+                raise Cancelled(f"The {what} host {self.host} {gave_up}")
+            raise PeerFailed(f"The {what} host {self.host} failed: {peer.description}",
+                             peer.result or VMTaskResult.UnexpectedError, peer.error)
+        if dead:
+            raise PeerFailed(f"The worker of the {what} host {self.host} is gone",
+                             VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
 
 
 @dataclass(frozen=True)
@@ -124,11 +184,10 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
     # behind other work, or one its host refuses (a clash), costs the source no
     # open port.
     accepted = keys.transfer_accepted(transfer_id)
-    client = read_peer(run.redis, client_task_id)
-    while not (client.final or client.gone) and not run.redis.exists(accepted):
+    client = PeerWatch.of(run, client_task_id)
+    while not (over := client.over()) and not run.redis.exists(accepted):
         run.sleep(WATCH_INTERVAL)
-        client = read_peer(run.redis, client_task_id)
-    if client.final or client.gone:
+    if over:
         return {"served": False}
     with ExitStack() as stack:
         served = _open_served(files, source, mode, stack)
@@ -148,8 +207,7 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
         def client_done() -> bool:
             if not export.alive():
                 raise OperationFailed("qemu-nbd stopped serving the image")
-            peer = read_peer(run.redis, client_task_id)
-            return peer.final or peer.gone
+            return client.over()
 
         _wait(run, client_done)
     return {"served": True}
@@ -159,24 +217,12 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
                     source_host: str) -> dict[str, str]:
     """The export's address once the source serves it; the serve's failure otherwise."""
     offer_key = keys.transfer(transfer_id)
+    source = PeerWatch.of(run, server_task_id, source_host)
     while True:
         offer: dict[str, str] = run.redis.hgetall(offer_key)
         if offer:
             return offer
-        peer = read_peer(run.redis, server_task_id)
-        if peer.final:
-            if peer.result is VMTaskResult.Cancelled:
-                raise Cancelled(f"The source host {source_host} cancelled serving the image")
-            raise PeerFailed(f"The source host {source_host} could not serve the image: "
-                             f"{peer.description}", peer.result or VMTaskResult.UnexpectedError,
-                             peer.error)
-        if peer.gone:
-            raise PeerFailed(f"The worker of the source host {source_host} died",
-                             VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
-        if peer.state == records.PENDING and not run.redis.exists(
-                keys.host_heartbeat(source_host)):
-            raise PeerFailed(f"The source host {source_host} is not live",
-                             VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
+        source.check("source", gave_up="cancelled serving the image")
         run.sleep(WATCH_INTERVAL)
 
 

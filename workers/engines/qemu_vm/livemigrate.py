@@ -427,3 +427,20 @@ def abandon_outgoing(paths: VMPaths, *, running: bool) -> bool:
                             was_running=running)
         outgoing.rollback()
     return True
+
+
+def finish_incoming(paths: VMPaths, *, running: bool) -> bool:
+    """Run the guest of a migration received here whose worker died between the
+    switch-over and its ``cont``; True if there was one.  The guest is left as it
+    was on the source: running (``running``) or paused.  Only for a VM the registry
+    places here: the switch-over is what let this host's QEMU have it.
+    """
+    with connect(paths) as monitor:
+        if monitor.execute("query-status")["status"] != "paused":
+            return False  # never received (inmigrate), or already run
+        wait_incoming(monitor, timeout=5.0)  # the switch-over waited for it: at once
+        with contextlib.suppress(QMPCommandFailed):
+            monitor.execute("nbd-server-stop")  # already stopped, unless it died before
+        _drop_creds(monitor)
+        run_guest(monitor, run=running)
+    return True
