@@ -102,9 +102,39 @@ def nothing_of(net: Network, host: str, name: str) -> list[str]:
 
 
 def under_way(task: VMTask, percent: float = 10, timeout: float = 60) -> None:
+    """Until the task's progress reaches ``percent``, still short of done: the disks are
+    on their way (the first percents are the destination's preparation)."""
     wait_until(lambda: task.percent_completed >= percent, timeout,
                "the migration to be under way", interval=0.1)
-    assert not task.is_complete
+    assert not task.is_complete and task.percent_completed < 100
+
+
+def slow_migration(server: VirtualServer, net: Network, name: str, *, data_mb: int
+                   ) -> tuple[VirtualMachine, str, VMTask]:
+    """A running guest on a migrating to b over a slow link, caught mid-transfer:
+    (the VM, its boot id, the task)."""
+    vm = running_guest(server, net, name, data_mb=data_mb)
+    before = boot_id(root(net, "a"), name)
+    net.throttle("a", SLOW_LINK)
+    task = vm.migrate("b")
+    under_way(task)
+    return vm, before, task
+
+
+def still_on_a(server: VirtualServer, net: Network, vm: VirtualMachine, before: str) -> None:
+    """The guest runs on at a, the same boot, and the record says so."""
+    assert where(vm) == ("a", S.Running)
+    assert server.redis.hget(keys.vm_record(vm.name), "host") == "a"
+    assert boot_id(root(net, "a"), vm.name) == before
+
+
+def moves_to_b_after_all(net: Network, vm: VirtualMachine, before: str) -> None:
+    """Nothing of an interrupted migration is in the way of the next one."""
+    unthrottle(net, "a")
+    done(vm.migrate("b"))
+    assert where(vm) == ("b", S.Running)
+    assert boot_id(root(net, "b"), vm.name) == before
+    assert nothing_of(net, "a", vm.name) == []
 
 
 def test_a_running_guest_moves_live_between_namespaces(net: Network, tmp_path: Path) -> None:
@@ -141,11 +171,7 @@ def test_a_partition_of_a_from_b_mid_transfer_leaves_the_guest_on_a(net: Network
     stall bound (``VMTASK_TRANSFER_STALL_SECONDS``) ends the migration TimeOutError,
     the guest runs on at a, and b drops what it received when a gives up."""
     with connect(net) as server:
-        vm = running_guest(server, net, "ns2", data_mb=48)
-        before = boot_id(root(net, "a"), "ns2")
-        net.throttle("a", SLOW_LINK)
-        task = vm.migrate("b")
-        under_way(task)
+        vm, before, task = slow_migration(server, net, "ns2", data_mb=48)
         net.partition("a", "b")
         cut_at = time.monotonic()
         assert task.wait_for_completion(int((STALL + 40) * 1000)), "the migration hangs"
@@ -156,16 +182,10 @@ def test_a_partition_of_a_from_b_mid_transfer_leaves_the_guest_on_a(net: Network
         assert (snap.result, snap.error) == (VMTaskResult.TimeOutError, hresults.TIMEOUT)
         assert "stalled" in snap.error_description
         assert snap.percent_completed < 100
-        assert where(vm) == ("a", S.Running)
-        assert server.redis.hget(keys.vm_record("ns2"), "host") == "a"
-        assert boot_id(root(net, "a"), "ns2") == before  # never restarted
+        still_on_a(server, net, vm, before)  # never restarted
         wait_until(lambda: nothing_of(net, "b", "ns2") == [], 30, "b to drop the migration")
         net.heal("a", "b")
-        unthrottle(net, "a")
-        done(vm.migrate("b"))
-        assert where(vm) == ("b", S.Running)
-        assert boot_id(root(net, "b"), "ns2") == before
-        assert nothing_of(net, "a", "ns2") == []
+        moves_to_b_after_all(net, vm, before)
         done(vm.turn_off())
         qemu_io(root(net, "b") / "ns2" / "d.qcow2", "qcow2", "read -P 0x5a 1M 48M")
         done(vm.delete())
@@ -182,11 +202,7 @@ def test_a_cut_from_redis_mid_transfer_leaves_the_guest_on_a(net: Network) -> No
     signalled the switch-over, it needs no fence for that); back on the network, a
     reconciles and the VM reads Running on a."""
     with connect(net) as server:
-        vm = running_guest(server, net, "ns3", data_mb=24)
-        before = boot_id(root(net, "a"), "ns3")
-        net.throttle("a", SLOW_LINK)
-        task = vm.migrate("b")
-        under_way(task)
+        vm, before, task = slow_migration(server, net, "ns3", data_mb=24)
         net.cut("a")
         cut_at = time.monotonic()
         assert task.wait_for_completion(int((LEASE + 30) * 1000)), "the migration hangs"
@@ -219,10 +235,57 @@ def test_a_cut_from_redis_mid_transfer_leaves_the_guest_on_a(net: Network) -> No
               f"reconciled {time.monotonic() - mended_at:.1f} s after mending")
         assert boot_id(root(net, "a"), "ns3") == before
         assert nothing_of(net, "b", "ns3") == []
-        unthrottle(net, "a")
-        done(vm.migrate("b"))  # nothing of the broken migration is in the way
-        assert where(vm) == ("b", S.Running)
-        assert boot_id(root(net, "b"), "ns3") == before
-        assert nothing_of(net, "a", "ns3") == []
+        moves_to_b_after_all(net, vm, before)
+        done(vm.turn_off())
+        done(vm.delete())
+
+
+def test_cancel_mid_transfer_leaves_the_guest_on_a(net: Network) -> None:
+    """Cancelled while the disk is on its way over the slow link: the guest runs on at
+    a, same boot, the record names a, and b drops its QEMU and what it received."""
+    with connect(net) as server:
+        vm, before, task = slow_migration(server, net, "ns4", data_mb=48)
+        assert pids_of(f"{root(net, 'b')}/vms/ns4/")  # b's QEMU is receiving
+        task.cancel()
+        assert task.wait_for_completion(60_000), "the cancel was not honoured"
+        assert (task.result, task.error) == (VMTaskResult.Cancelled, hresults.E_ABORT), \
+            task.error_description
+        assert task.percent_completed < 100
+        still_on_a(server, net, vm, before)
+        wait_until(lambda: nothing_of(net, "b", "ns4") == [], 30, "b to drop the migration")
+        moves_to_b_after_all(net, vm, before)
+        done(vm.turn_off())
+        qemu_io(root(net, "b") / "ns4" / "d.qcow2", "qcow2", "read -P 0x5a 1M 48M")
+        done(vm.delete())
+
+
+def test_kill_9_of_the_destination_worker_mid_transfer_leaves_the_guest_on_a(
+        net: Network) -> None:
+    """b's worker killed mid-transfer: its QEMU survives (daemonized, paused, never
+    run), a notices the lapsed lease, takes the guest back and ends ThreadCrashError;
+    the guest runs on a alone; b's restarted worker removes the QEMU and the disks."""
+    with connect(net) as server:
+        vm, before, task = slow_migration(server, net, "ns5", data_mb=48)
+        receiving = pids_of(f"{root(net, 'b')}/vms/ns5/")
+        assert len(receiving) == 1
+        destination = net.hosts["b"].worker
+        assert destination is not None
+        destination.kill()
+        killed_at = time.monotonic()
+        assert task.wait_for_completion(int((LEASE + 30) * 1000)), "the migration hangs"
+        took = time.monotonic() - killed_at
+        print(f"\nkill -9 of the destination mid-migration: {task.result!r} after {took:.1f} s")
+        assert (task.result, task.error) == (VMTaskResult.ThreadCrashError,
+                                             hresults.SERVER_FAULT), task.error_description
+        still_on_a(server, net, vm, before)
+        # Exactly one guest: b's QEMU never ran it, and is still there (nobody to stop it).
+        assert pids_of(f"{root(net, 'b')}/vms/ns5/") == receiving
+        with Monitor(qemu_vm.VMPaths(root(net, "b") / "vms" / "ns5")) as monitor:
+            assert monitor.execute("query-status")["status"] != "running"
+        net.start_worker("b", env=FAST)  # its start-up removes the leftovers
+        wait_until(lambda: nothing_of(net, "b", "ns5") == [], 30,
+                   "the restarted b to clean up")
+        still_on_a(server, net, vm, before)
+        moves_to_b_after_all(net, vm, before)
         done(vm.turn_off())
         done(vm.delete())
