@@ -144,8 +144,10 @@ class VirtualMachine:
         Running or Paused: a live migration.  Each disk is mirrored into an NBD
         export of a paused QEMU on the destination, then RAM and device state follow
         (QEMU ``migrate``); the guest pauses only at the switch-over and the state
-        reads Running (or Paused) throughout.  Qcow2 and raw disks only, no undo
-        disks; a differencing disk arrives flattened.  Cancel or failure before the
+        reads Running (or Paused) throughout.  Qcow2 and raw disks only.  A disk
+        that is a chain (an undo disk over its base, a differencing disk over its
+        parents) arrives as the same chain: the images below the top are copied byte
+        for byte first, then only the top is mirrored.  Cancel or failure before the
         switch-over leaves the guest running on the source, unharmed, and nothing on
         the destination.  The task's output gives QEMU's ``downtime_ms`` and the
         guest's whole pause, ``paused_ms`` (downtime plus the switch-over).

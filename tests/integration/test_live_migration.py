@@ -4,6 +4,7 @@ workers with separate storage roots, QEMU's NBD and migration channels between t
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -258,6 +259,88 @@ def test_a_paused_guest_moves_paused_and_comes_back(server: VirtualServer,
     done(vm.delete())
 
 
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def backing_chain(top: Path) -> list[tuple[str, str | None]]:
+    """(file name, backing file name as written in it) of each image, top first."""
+    info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                           str(top)], capture_output=True, text=True, check=True).stdout
+    return [(Path(i["filename"]).name, i.get("backing-filename")) for i in json.loads(info)]
+
+
+def data_in_top(top: Path) -> int:
+    """Bytes of guest data the image itself holds (not its backing files)."""
+    mapped = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
+                             str(top)], capture_output=True, text=True, check=True).stdout
+    return sum(e["length"] for e in json.loads(mapped) if e["depth"] == 0 and e["data"])
+
+
+def test_an_undoable_guest_on_a_differencing_disk_moves_live_as_its_chain(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], name: str,
+        tmp_path: Path) -> None:
+    """Undo overlay over a differencing disk over its parent: the destination gets the
+    parent and the child byte for byte and an overlay holding only the top's data, the
+    same chain with the same (relative) backing names; the undo disks then merge and
+    discard on the destination."""
+    a, b = hosts["alpha"].storage_root, hosts["beta"].storage_root
+    parent, child = f"{name}/p.qcow2", f"{name}/c.qcow2"
+    overlay = f"vms/{name}/undo/0-c.qcow2"
+    done(server.create_dynamic_virtual_hard_disk(parent, 64, host="alpha"))
+    qemu_io(a / parent, "qcow2", "write -P 0x5a 1M 8M")
+    done(server.create_differencing_virtual_hard_disk(child, parent, host="alpha"))
+    qemu_io(a / child, "qcow2", "write -P 0x6b 2M 1M")
+    vm = server.create_virtual_machine(
+        name, memory_mb=128, disks=[child], undoable=True, guest_agent=True, network=None,
+        host="alpha", kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+        append="console=ttyS0 quiet panic=-1")
+    done(vm.startup())
+    wait_for_agent(a, name)
+    before = boot_id(a, name)
+    with agent(a, name) as client:
+        guest_write(client, 0x3c)  # into the undo overlay, synced
+    below = {path: digest(a / path) for path in (parent, child)}
+    chain = backing_chain(a / overlay)
+    assert [n for n, _ in chain] == ["0-c.qcow2", "c.qcow2", "p.qcow2"], chain
+    view = tmp_path / "view.raw"  # the guest's disk as the source sees it
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(a / overlay), str(view)],
+                   check=True)
+
+    task = vm.migrate("beta")
+    percents, states = follow(task, vm)
+    done(task)
+    assert states == {S.Running} and percents == sorted(percents) and percents[-1] == 100
+    assert where(vm) == ("beta", S.Running)
+    assert boot_id(b, name) == before
+    # The parent stays on alpha (other disks may share it), as in a cold move.
+    assert nothing_of(hosts["alpha"], name) == [parent]
+    assert not (a / "vms" / name).exists()
+    done(vm.turn_off())  # on beta
+
+    assert backing_chain(b / overlay) == chain  # the same chain, relative names included
+    assert {path: digest(b / path) for path in below} == below  # byte for byte
+    assert data_in_top(b / overlay) < 1 << 20  # only the top was mirrored, not flattened
+    qemu_io(b / overlay, "qcow2", f"read -P 0x3c 0 {BLOCK}", "read -P 0x6b 2M 1M",
+            "read -P 0x5a 3M 6M")
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(view),
+                               str(b / overlay)], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+    done(vm.discard_undo_disks())  # on beta: the migrated overlay goes, the child stays
+    assert not (b / overlay).exists() and digest(b / child) == below[child]
+    done(vm.startup())  # a fresh overlay over the child
+    wait_for_agent(b, name)
+    with agent(b, name) as client:
+        guest_write(client, 0x4d)
+    done(vm.turn_off())
+    done(vm.merge_undo_disks())  # into the child, on beta
+    assert not (b / overlay).exists()
+    qemu_io(b / child, "qcow2", f"read -P 0x4d 0 {BLOCK}", "read -P 0x6b 2M 1M")
+    assert digest(b / parent) == below[parent]
+    done(vm.delete())
+
+
 def test_cancel_mid_transfer_leaves_it_running_on_the_source(
         server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
     slow, beta = hosts["slow"], hosts["beta"]
@@ -418,11 +501,12 @@ def test_taking_back_and_taking_over_fence_each_other(redis_url: str) -> None:
         client.delete(record, transfer, transfer + ":w")
 
 
-def test_taking_the_guest_back_after_a_completed_migration(tmp_path: Path) -> None:
-    """The engine alone: once QEMU's migration has completed (the source guest is
-    stopped, its disks let go) but before the switch-over, the source resumes it."""
+def engine_pair(tmp_path: Path, vm: str) -> tuple[Callable[[str], qemu_vm.VMConfig],
+                                                  qemu_vm.VMPaths, qemu_vm.VMPaths]:
+    """The engine alone, no workers: (the tiny guest's configuration on side "a" or
+    "b" of ``tmp_path``, each with a fresh 16 MB disk, the source's paths, the
+    destination's)."""
     guest = build_tiny_guest()
-    context = NullContext()
 
     def config(side: str) -> qemu_vm.VMConfig:
         disk = tmp_path / side / "d.qcow2"
@@ -431,11 +515,19 @@ def test_taking_the_guest_back_after_a_completed_migration(tmp_path: Path) -> No
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
                            check=True)
         return qemu_vm.VMConfig(
-            name="back", memory_mb=128, accel="tcg", disks=[str(disk)],
+            name=vm, memory_mb=128, accel="tcg", disks=[str(disk)],
             kernel=str(guest.kernel), initrd=str(guest.initrd), append=guest.append,
-            extra_args=qemu_guest_agent_args(tmp_path / side / "vms" / "back" / "qga.sock"))
+            extra_args=qemu_guest_agent_args(tmp_path / side / "vms" / vm / "qga.sock"))
 
-    source, target = (qemu_vm.VMPaths(tmp_path / side / "vms" / "back") for side in "ab")
+    source, target = (qemu_vm.VMPaths(tmp_path / side / "vms" / vm) for side in "ab")
+    return config, source, target
+
+
+def test_taking_the_guest_back_after_a_completed_migration(tmp_path: Path) -> None:
+    """The engine alone: once QEMU's migration has completed (the source guest is
+    stopped, its disks let go) but before the switch-over, the source resumes it."""
+    context = NullContext()
+    config, source, target = engine_pair(tmp_path, "back")
     qemu_vm.start(config("a"), source, context)
     try:
         wait_for_agent(tmp_path / "a", "back")
@@ -465,21 +557,8 @@ def test_the_destination_waits_for_its_own_side_of_the_migration(tmp_path: Path)
     """The engine alone: the destination asked to switch over while its incoming
     migration is still under way (as when the source has read "completed" first and
     the destination host is busy) waits for it to complete, then runs the guest."""
-    guest = build_tiny_guest()
     context = NullContext()
-
-    def config(side: str) -> qemu_vm.VMConfig:
-        disk = tmp_path / side / "d.qcow2"
-        if not disk.exists():
-            disk.parent.mkdir()
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
-                           check=True)
-        return qemu_vm.VMConfig(
-            name="wait", memory_mb=128, accel="tcg", disks=[str(disk)],
-            kernel=str(guest.kernel), initrd=str(guest.initrd), append=guest.append,
-            extra_args=qemu_guest_agent_args(tmp_path / side / "vms" / "wait" / "qga.sock"))
-
-    source, target = (qemu_vm.VMPaths(tmp_path / side / "vms" / "wait") for side in "ab")
+    config, source, target = engine_pair(tmp_path, "wait")
     qemu_vm.start(config("a"), source, context)
     try:
         wait_for_agent(tmp_path / "a", "wait")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from api import VirtualServer, VMTaskResult, VMVMState
+from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
 from tests.helpers import qemu_io
@@ -341,14 +341,7 @@ def test_losing_the_source_mid_copy_is_a_crash(net: Network, server: VirtualServ
 
 
 def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer) -> None:
-    sources = two_disk_vm(net, server, "mv")
-    vm = server.find_virtual_machine("mv")
-    assert vm is not None
-    net.throttle("a", 100)
-    task = vm.migrate("b")
-    # The small disk is pulled whole (a published file, no temporary) before the big one.
-    wait_until(lambda: (root(net, "b") / "mv" / "small.qcow2").exists()
-               and task.percent_completed >= 5, 60, "the move to be under way")
+    sources, vm, task = moving(net, server, "mv")
     killed_at = kill_destination(net)
     assert task.wait_for_completion(int((LEASE + 20) * 1000))
     assert (task.result, task.error) == (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT)
@@ -369,13 +362,7 @@ def test_kill_9_of_the_destination_mid_move(net: Network, server: VirtualServer)
 
 
 def test_kill_9_of_the_source_mid_move(net: Network, server: VirtualServer) -> None:
-    sources = two_disk_vm(net, server, "ks")
-    vm = server.find_virtual_machine("ks")
-    assert vm is not None
-    net.throttle("a", 100)
-    task = vm.migrate("b")
-    wait_until(lambda: (root(net, "b") / "ks" / "small.qcow2").exists()
-               and task.percent_completed >= 5, 60, "the move to be under way")
+    sources, vm, task = moving(net, server, "ks")
     worker = net.hosts["a"].worker
     assert worker is not None
     worker.kill()
@@ -406,16 +393,25 @@ def two_disk_vm(net: Network, server: VirtualServer, name: str) -> dict[str, str
     return {p: digest(root(net, "a") / p) for p in (f"{name}/small.qcow2", f"{name}/big.img")}
 
 
-@pytest.mark.parametrize("fault", ["partition", "cancel"])
-def test_a_move_interrupted_mid_transfer_leaves_the_vm_on_its_host(
-        net: Network, server: VirtualServer, fault: str) -> None:
-    sources = two_disk_vm(net, server, "iv")
-    vm = server.find_virtual_machine("iv")
+def moving(net: Network, server: VirtualServer, name: str
+           ) -> tuple[dict[str, str], VirtualMachine, VMTask]:
+    """`two_disk_vm` moving to b over a slow link, caught mid-move: the small disk is
+    pulled whole (a published file, no temporary) before the big one.  (The digests,
+    the VM, the task.)"""
+    sources = two_disk_vm(net, server, name)
+    vm = server.find_virtual_machine(name)
     assert vm is not None
     net.throttle("a", 100)
     task = vm.migrate("b")
-    wait_until(lambda: (root(net, "b") / "iv" / "small.qcow2").exists()
+    wait_until(lambda: (root(net, "b") / name / "small.qcow2").exists()
                and task.percent_completed >= 5, 60, "the move to be under way")
+    return sources, vm, task
+
+
+@pytest.mark.parametrize("fault", ["partition", "cancel"])
+def test_a_move_interrupted_mid_transfer_leaves_the_vm_on_its_host(
+        net: Network, server: VirtualServer, fault: str) -> None:
+    sources, vm, task = moving(net, server, "iv")
     if fault == "partition":
         net.partition("a", "b")
     else:

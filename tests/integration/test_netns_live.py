@@ -16,7 +16,14 @@ from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
 from tests.helpers import pids_of, qemu_io
-from tests.integration.test_live_migration import BLOCK, agent, boot_id, guest_write
+from tests.integration.test_live_migration import (
+    BLOCK,
+    agent,
+    backing_chain,
+    boot_id,
+    digest,
+    guest_write,
+)
 from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
 from workers.devtools.sandbox import wait_until
 from workers.devtools.tinyguest import build_tiny_guest
@@ -73,13 +80,13 @@ def wait_for_agent(root: Path, vm: str, timeout: float = 90) -> None:
     wait_until(answers, timeout, f"the guest agent of {vm}", interval=0.5)
 
 
-def running_guest(server: VirtualServer, net: Network, name: str, *, data_mb: int
-                  ) -> VirtualMachine:
+def running_guest(server: VirtualServer, net: Network, name: str, *, data_mb: int,
+                  undoable: bool = False) -> VirtualMachine:
     done(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 64, host="a"))
     qemu_io(root(net, "a") / name / "d.qcow2", "qcow2", f"write -P 0x5a 1M {data_mb}M")
     vm = server.create_virtual_machine(
         name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
-        host="a", kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+        undoable=undoable, host="a", kernel="guest/vmlinuz", initrd="guest/initrd.gz",
         append="console=ttyS0 quiet panic=-1")
     done(vm.startup())
     wait_for_agent(root(net, "a"), name)
@@ -288,4 +295,41 @@ def test_kill_9_of_the_destination_worker_mid_transfer_leaves_the_guest_on_a(
         still_on_a(server, net, vm, before)
         moves_to_b_after_all(net, vm, before)
         done(vm.turn_off())
+        done(vm.delete())
+
+
+def test_an_undoable_guest_moves_live_as_its_chain_and_a_cancel_mid_copy_leaves_it(
+        net: Network) -> None:
+    """An undoable VM: its base disk is copied byte for byte first, then only the undo
+    overlay is mirrored.  Cancelled while the base is on its way (b holds its
+    temporary), the guest runs on at a and b keeps nothing; then it moves, and b has
+    the same base and an overlay over it that merges."""
+    with connect(net) as server:
+        vm = running_guest(server, net, "ns6", data_mb=48, undoable=True)
+        base, overlay = "ns6/d.qcow2", "vms/ns6/undo/0-d.qcow2"
+        before = boot_id(root(net, "a"), "ns6")
+        with agent(root(net, "a"), "ns6") as client:
+            guest_write(client, 0x3c)  # into the overlay
+        pristine = digest(root(net, "a") / base)
+        net.throttle("a", SLOW_LINK)
+        task = vm.migrate("b")
+        wait_until(lambda: list((root(net, "b") / "ns6").glob("*.tmp"))
+                   and 2 < task.percent_completed < 100, 60, "the base to be on its way")
+        assert not pids_of(f"{root(net, 'b')}/vms/ns6/")  # no QEMU before the base is there
+        task.cancel()
+        assert task.wait_for_completion(60_000), "the cancel was not honoured"
+        assert (task.result, task.error) == (VMTaskResult.Cancelled, hresults.E_ABORT), \
+            task.error_description
+        still_on_a(server, net, vm, before)
+        wait_until(lambda: nothing_of(net, "b", "ns6") == [], 30, "b to drop the migration")
+        chain = backing_chain(root(net, "a") / overlay)
+        moves_to_b_after_all(net, vm, before)
+        done(vm.turn_off())  # on b
+        assert backing_chain(root(net, "b") / overlay) == chain
+        assert digest(root(net, "b") / base) == pristine
+        qemu_io(root(net, "b") / overlay, "qcow2", f"read -P 0x3c 0 {BLOCK}",
+                "read -P 0x5a 1M 48M")
+        done(vm.merge_undo_disks())
+        assert not (root(net, "b") / overlay).exists()
+        qemu_io(root(net, "b") / base, "qcow2", f"read -P 0x3c 0 {BLOCK}")
         done(vm.delete())

@@ -61,13 +61,14 @@ from workers.engines.qemu_vm.process import force_stop, wait_pid
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
-from workers.tasks import move_journal
+from workers.tasks import live_chain, move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.migration import MOVE_SCRIPT
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, PeerWatch
 from workers.tasks.vms import (
     InvalidVMState,
     config_of,
+    open_vm_files,
     paths_of,
     record_of,
     record_runtime,
@@ -114,22 +115,6 @@ def _check_formats(disks: list[dict[str, Any]]) -> None:
 # -- the source -----------------------------------------------------------------------
 
 
-def _manifest(monitor: qemu_vm.Monitor, files: HostFiles, record: dict[str, str],
-              config: qemu_vm.VMConfig) -> list[dict[str, Any]]:
-    """Each disk as QEMU has it open: sizes from query-block (its write lock bars qemu-img)."""
-    images = {str(b.get("device")): b.get("inserted", {}).get("image", {})
-              for b in monitor.execute("query-block")}
-    disks = []
-    for index, (relative, path) in enumerate(zip(json.loads(record["disks"]), config.disks,
-                                                 strict=True)):
-        image = images.get(livemigrate.device_of(index), {})
-        disks.append({"path": files.relative(files.resolve(relative)),
-                      "format": qemu_vm.disk_format(path),
-                      "virtual_size": int(image.get("virtual-size", 0)),
-                      "allocated": int(image.get("actual-size", 0))})
-    return disks
-
-
 @operation(tasks.VM_LIVE_OUT)
 def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
              peer_task_id: str) -> dict[str, Any]:
@@ -141,8 +126,6 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
         if S(int(record["state"])) not in LIVE:
             raise InvalidVMState(f"VM {name!r} is {S(int(record['state'])).name}: only a "
                                  "Running or Paused VM migrates live")
-        if record.get("undoable") == "1":
-            raise IllegalValue(f"VM {name!r} has undo disks: it moves only cold")
         config = config_of(run.settings, record)
         paths = paths_of(run.settings, name)
         _check_formats([{"path": files.relative(files.resolve(relative)),
@@ -213,19 +196,25 @@ class _Send:
         name = self.record["name"]
         deadline = time.monotonic() + MIGRATION_TIMEOUT
         creds = transfer_tls.creds_of(settings)
+        disks, below = live_chain.manifest(monitor, self.files, self.config)
         outgoing = livemigrate.Outgoing.begin(
             monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
             creds=creds, stall_seconds=settings.transfer_stall_seconds)
-        disks = _manifest(monitor, self.files, self.record, self.config)
         _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
+                                           "chain": json.dumps(below),
                                            "creds": transfer_tls.kind_of(creds)})
         try:
-            while not (raw := client.hget(key, "incoming")):
+
+            def between() -> None:
                 self.check()
                 raise_if_cancelled(run)
                 _nap(run, key, SOURCE)
+
+            raw = live_chain.await_incoming(
+                run, self.files, key, below, outgoing,
+                lambda fields: _signal(client, key, DESTINATION, fields), between)
             incoming = livemigrate.Incoming.from_dict(json.loads(raw))
-            outgoing.mirror(incoming)
+            outgoing.mirror(incoming, live_chain.syncs(disks))
             outgoing.wait_ready(run, self.check, deadline)
             final = outgoing.migrate(incoming, run, self.check, deadline)
             stopped = time.monotonic()  # the guest stays stopped until the cont there
@@ -295,9 +284,8 @@ def _reserve(item: dict[str, Any], target: Path) -> None:
         raise DiskError(f"{item['path']} appeared meanwhile", hresults.FILE_EXISTS) from None
 
 
-def _create_disk(item: dict[str, Any], target: Path) -> None:
-    made = subprocess.run(["qemu-img", "create", "-q", "-f", item["format"], str(target),
-                           str(int(item["virtual_size"]))], capture_output=True, text=True,
+def _create_disk(item: dict[str, Any], args: list[str]) -> None:
+    made = subprocess.run(["qemu-img", "create", "-q", *args], capture_output=True, text=True,
                           check=False)
     if made.returncode != 0:
         raise DiskError(f"Could not create {item['path']}: {made.stderr.strip()}")
@@ -332,11 +320,13 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                         f"{run.settings.host}", hresults.FILE_EXISTS)
     source = PeerWatch.of(run, peer_task_id, source_host)
     disks = _wait_manifest(run, key, source)
+    below: list[dict[str, Any]] = json.loads(client.hget(key, "chain") or "[]")
     targets = [files.resolve_output(d["path"]) for d in disks]
     creds = transfer_tls.creds_of(run.settings)
     transfer_tls.check_peer(creds, client.hget(key, "creds") or "", here=run.settings.host,
                             peer=source_host)
-    _refuse_incompatible(run, files, disks, targets)
+    _refuse_incompatible(run, files, [*below, *disks],
+                         [*(files.resolve_output(b["path"]) for b in below), *targets])
     config = config_of(run.settings, record)  # a missing kernel or initrd: refused here
     # The disks get their final names at once: QEMU reopens an image by its name (at
     # the next migration's switch-over, for one), so a rename under it would break
@@ -349,17 +339,30 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
         with vm_lock(run, name):
             # ``running``: what a successor does should this worker die between the
             # switch-over and the guest's `cont` (`live_recovery`).
-            move_journal.write(run.settings, name, run.task_id, [d["path"] for d in disks],
+            move_journal.write(run.settings, name, run.task_id,
+                               [d["path"] for d in [*below, *disks]],
                                running=S(int(record["state"])) is S.Running)
+
+            def between() -> None:
+                source.check("source", gave_up=GAVE_UP)
+                raise_if_cancelled(run)
+                _nap(run, key, DESTINATION)
+
+            live_chain.pull_below(run, files, key, below, source_host, peer_task_id,
+                                  lambda fields: _signal(client, key, SOURCE, fields),
+                                  between, made)
             for item, target in zip(disks, targets, strict=True):
                 _reserve(item, target)
                 made.append(target)
-                _create_disk(item, target)
+                _create_disk(item, live_chain.create_top(files, item, target, below))
             exports = tuple(livemigrate.new_export_name() for _ in disks)
-            incoming = livemigrate.start_incoming(
-                dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths, run,
-                address=run.settings.advertise_address, ports=run.settings.transfer_ports,
-                exports=exports, creds=creds)
+            with contextlib.ExitStack() as opened_files:
+                # Each chain checked and handed over by descriptor, as at a start.
+                incoming = livemigrate.start_incoming(
+                    dataclasses.replace(config, disks=tuple(str(t) for t in targets)), paths,
+                    run, address=run.settings.advertise_address,
+                    ports=run.settings.transfer_ports, exports=exports, creds=creds,
+                    opened=open_vm_files(run, record, paths, opened_files))
             _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.

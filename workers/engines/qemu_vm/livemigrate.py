@@ -5,12 +5,15 @@ started with ``-incoming defer`` and ``-S`` (it never runs the guest before it i
 told to), an NBD server on the advertised address exporting each disk writable
 under a one-time name, and ``migrate-incoming`` on a TCP port of the same range.
 
-Source (`Outgoing`): an NBD client node per export, ``blockdev-mirror`` (sync
-full) of each disk ``disk{index}`` into it, ``migrate`` once every mirror is
-ready, then ``block-job-cancel`` of the ready mirrors once the migration has
-completed: a ready mirror cancelled after the guest stopped leaves the target a
-consistent copy.  Until the destination's ``cont`` the source can always take
-the guest back (`Outgoing.rollback`): the destination never ran it.
+Source (`Outgoing`): an NBD client node per export, ``blockdev-mirror`` of each
+disk ``disk{index}`` into it (sync full; sync top for a disk whose backing images
+the destination already holds, copied beforehand: the running guest never writes
+them, so only the top image is mirrored and the chain arrives as it is),
+``migrate`` once every mirror is ready, then ``block-job-cancel`` of the ready
+mirrors once the migration has completed: a ready mirror cancelled after the guest
+stopped leaves the target a consistent copy.  Until the destination's ``cont`` the
+source can always take the guest back (`Outgoing.rollback`): the destination never
+ran it.
 
 With the host's transfer credentials (`workers.engines.transfer_tls`: x509 or a
 pre-shared key) both channels, NBD and migration, are TLS on both QEMUs.
@@ -34,7 +37,12 @@ from workers.engines.context import NullContext, OperationContext, ProgressSpan
 from workers.engines.nbd import port_free
 from workers.engines.qemu_vm.accel import choose_accel
 from workers.engines.qemu_vm.config import VMConfig, VMPaths
-from workers.engines.qemu_vm.lifecycle import _check_host_memory, _launch, build_argv
+from workers.engines.qemu_vm.lifecycle import (
+    OpenedFiles,
+    _check_host_memory,
+    _launch,
+    build_argv,
+)
 from workers.engines.qemu_vm.monitor import Monitor, QMPCommandFailed, connect
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop
 from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, _cancel_migration
@@ -119,11 +127,14 @@ def _drop_creds(monitor: Monitor) -> None:
 
 def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, *,
                    address: str, ports: tuple[int, int], exports: tuple[str, ...],
-                   creds: TransferCreds | None = None, timeout: float = 60.0) -> Incoming:
+                   creds: TransferCreds | None = None, timeout: float = 60.0,
+                   opened: OpenedFiles | None = None) -> Incoming:
     """Start the destination QEMU paused, waiting for the migration and the disks.
 
-    ``config.disks`` are the (empty) destination images.  With ``creds`` the NBD
-    server and the migration accept only TLS clients holding matching credentials.
+    ``config.disks`` are the (empty) destination images, each over its backing chain
+    when it has one; ``opened`` hands them to QEMU by descriptor (`OpenedFiles`).
+    With ``creds`` the NBD server and the migration accept only TLS clients holding
+    matching credentials.
     On any failure no QEMU is left running; the caller removes the images.
     """
     deadline = time.monotonic() + timeout
@@ -132,8 +143,8 @@ def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, 
     _check_host_memory(config)
     paused = dataclasses.replace(config, extra_args=(*config.extra_args, "-S"))
     paths.directory.mkdir(parents=True, exist_ok=True)
-    argv = build_argv(paused, paths, choose_accel(config.accel), incoming=True)
-    _launch(argv, paths, context, deadline)
+    argv = build_argv(paused, paths, choose_accel(config.accel), incoming=True, opened=opened)
+    _launch(argv, paths, context, deadline, pass_fds=opened.fds if opened else ())
     try:
         with connect(paths, timeout=max(1.0, deadline - time.monotonic())) as monitor:
             tls = _add_creds(monitor, creds, "server")
@@ -227,6 +238,10 @@ class Outgoing:
     stall_seconds: float = 0.0
     """Give up once no byte moved for this long (a partition stalls TCP for many
     minutes without failing it); 0: no bound."""
+    below_bytes: int = 0
+    """Bytes of the backing images copied to the destination before the mirrors."""
+    below_done: float = 0.0
+    """Their share copied so far, 0..1."""
     _moved: tuple[int, float] = (-1, 0.0)
 
     @classmethod
@@ -247,8 +262,15 @@ class Outgoing:
         outgoing.tls = _add_creds(monitor, creds, "client")
         return outgoing
 
-    def mirror(self, incoming: Incoming) -> None:
-        """Start mirroring every disk into the destination's exports."""
+    def copied_below(self, fraction: float) -> None:
+        """Progress of the backing images' copy (``fraction`` of `below_bytes`)."""
+        self.below_done = max(self.below_done, min(1.0, fraction))
+        self._report({}, None)
+
+    def mirror(self, incoming: Incoming, syncs: tuple[str, ...] = ()) -> None:
+        """Start mirroring every disk into the destination's exports: sync ``syncs[i]``
+        ("full" or "top"), full by default."""
+        self.below_done = 1.0
         for index, export in enumerate(incoming.exports):
             node = f"migrate-target{index}"
             self.monitor.execute("blockdev-add", {
@@ -258,7 +280,8 @@ class Outgoing:
             self.nodes.append(node)
             job = f"migrate-mirror{index}"
             self.monitor.execute("blockdev-mirror", {
-                "job-id": job, "device": device_of(index), "target": node, "sync": "full",
+                "job-id": job, "device": device_of(index), "target": node,
+                "sync": syncs[index] if syncs else "full",
                 "auto-dismiss": False, "speed": self.max_bandwidth})
             self.jobs.append(job)
 
@@ -278,8 +301,9 @@ class Outgoing:
             ram_done = ram_total - int(ram.get("remaining", ram_total))
         if self.completed:
             ram_done = ram_total
-        total = max(1, disk_total + ram_total)
-        self.progress.span(2, 97, (disk_done + ram_done) / total)
+        below = self.below_bytes * self.below_done
+        total = max(1, self.below_bytes + disk_total + ram_total)
+        self.progress.span(2, 97, (below + disk_done + ram_done) / total)
 
     def _check_stall(self, moved: int) -> None:
         """Raise once ``moved`` (bytes sent so far) stayed the same `stall_seconds`."""
