@@ -341,6 +341,42 @@ def test_an_undoable_guest_on_a_differencing_disk_moves_live_as_its_chain(
     done(vm.delete())
 
 
+def test_a_differencing_disk_moves_live_over_a_copy_of_its_parent(
+        server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
+    """Not flattened: the parent arrives byte for byte and the child over it holds only
+    the child's data.  The parent stays on the source (other disks may share it), so
+    the VM cannot come back live while it is there: a clash, refused before anything
+    moves."""
+    a, b = hosts["alpha"].storage_root, hosts["beta"].storage_root
+    parent, child = f"{name}/p.qcow2", f"{name}/c.qcow2"
+    done(server.create_dynamic_virtual_hard_disk(parent, 64, host="alpha"))
+    qemu_io(a / parent, "qcow2", "write -P 0x5a 1M 8M")
+    done(server.create_differencing_virtual_hard_disk(child, parent, host="alpha"))
+    vm = server.create_virtual_machine(
+        name, memory_mb=128, disks=[child], guest_agent=True, network=None, host="alpha",
+        kernel="guest/vmlinuz", initrd="guest/initrd.gz", append="console=ttyS0 quiet panic=-1")
+    done(vm.startup())
+    wait_for_agent(a, name)
+    before = boot_id(a, name)
+    with agent(a, name) as client:
+        guest_write(client, 0x3c)  # into the child
+    pristine = digest(a / parent)
+    chain = backing_chain(a / child)
+    done(vm.migrate("beta"))
+    assert where(vm) == ("beta", S.Running) and boot_id(b, name) == before
+    assert nothing_of(hosts["alpha"], name) == [parent]
+    task = vm.migrate("alpha")
+    assert task.wait_for_completion(60_000)
+    assert (task.result, task.error) == (VMTaskResult.DiskRelatedError, hresults.FILE_EXISTS)
+    assert where(vm) == ("beta", S.Running) and boot_id(b, name) == before
+    done(vm.turn_off())
+    assert backing_chain(b / child) == chain
+    assert digest(b / parent) == pristine
+    assert data_in_top(b / child) < 1 << 20
+    qemu_io(b / child, "qcow2", f"read -P 0x3c 0 {BLOCK}", "read -P 0x5a 1M 8M")
+    done(vm.delete())
+
+
 def test_cancel_mid_transfer_leaves_it_running_on_the_source(
         server: VirtualServer, hosts: dict[str, WorkerProcess], name: str) -> None:
     slow, beta = hosts["slow"], hosts["beta"]

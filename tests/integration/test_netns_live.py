@@ -298,12 +298,14 @@ def test_kill_9_of_the_destination_worker_mid_transfer_leaves_the_guest_on_a(
         done(vm.delete())
 
 
-def test_an_undoable_guest_moves_live_as_its_chain_and_a_cancel_mid_copy_leaves_it(
-        net: Network) -> None:
+@pytest.mark.parametrize("fault", ["cancel", "kill"])
+def test_an_undoable_guest_moves_live_as_its_chain_after_a_fault_mid_copy(
+        net: Network, fault: str) -> None:
     """An undoable VM: its base disk is copied byte for byte first, then only the undo
-    overlay is mirrored.  Cancelled while the base is on its way (b holds its
-    temporary), the guest runs on at a and b keeps nothing; then it moves, and b has
-    the same base and an overlay over it that merges."""
+    overlay is mirrored.  Cancelled, or b's worker killed, while the base is on its
+    way (b holds its temporary): the guest runs on at a and b keeps nothing (after a
+    kill, once its worker is back); then it moves, and b has the same base and an
+    overlay over it that merges."""
     with connect(net) as server:
         vm = running_guest(server, net, "ns6", data_mb=48, undoable=True)
         base, overlay = "ns6/d.qcow2", "vms/ns6/undo/0-d.qcow2"
@@ -316,11 +318,20 @@ def test_an_undoable_guest_moves_live_as_its_chain_and_a_cancel_mid_copy_leaves_
         wait_until(lambda: list((root(net, "b") / "ns6").glob("*.tmp"))
                    and 2 < task.percent_completed < 100, 60, "the base to be on its way")
         assert not pids_of(f"{root(net, 'b')}/vms/ns6/")  # no QEMU before the base is there
-        task.cancel()
-        assert task.wait_for_completion(60_000), "the cancel was not honoured"
-        assert (task.result, task.error) == (VMTaskResult.Cancelled, hresults.E_ABORT), \
-            task.error_description
+        destination = net.hosts["b"].worker
+        assert destination is not None
+        if fault == "cancel":
+            task.cancel()
+        else:
+            destination.kill()
+        assert task.wait_for_completion(int((LEASE + 30) * 1000)), "the migration hangs"
+        expected = ((VMTaskResult.Cancelled, hresults.E_ABORT) if fault == "cancel"
+                    else (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT))
+        assert (task.result, task.error) == expected, task.error_description
         still_on_a(server, net, vm, before)
+        if fault == "kill":
+            assert nothing_of(net, "b", "ns6") != []  # nobody there to clean up yet
+            net.start_worker("b", env=FAST)
         wait_until(lambda: nothing_of(net, "b", "ns6") == [], 30, "b to drop the migration")
         chain = backing_chain(root(net, "a") / overlay)
         moves_to_b_after_all(net, vm, before)
