@@ -298,14 +298,19 @@ def test_kill_9_of_the_destination_worker_mid_transfer_leaves_the_guest_on_a(
         done(vm.delete())
 
 
-@pytest.mark.parametrize("fault", ["cancel", "kill"])
+COPY_FAULTS = {"cancel": (VMTaskResult.Cancelled, hresults.E_ABORT),
+               "kill": (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT),
+               "partition": (VMTaskResult.TimeOutError, hresults.TIMEOUT)}
+
+
+@pytest.mark.parametrize("fault", sorted(COPY_FAULTS))
 def test_an_undoable_guest_moves_live_as_its_chain_after_a_fault_mid_copy(
         net: Network, fault: str) -> None:
     """An undoable VM: its base disk is copied byte for byte first, then only the undo
-    overlay is mirrored.  Cancelled, or b's worker killed, while the base is on its
-    way (b holds its temporary): the guest runs on at a and b keeps nothing (after a
-    kill, once its worker is back); then it moves, and b has the same base and an
-    overlay over it that merges."""
+    overlay is mirrored.  Cancelled, b's worker killed, or a partitioned from b (b's
+    pull stalls) while the base is on its way (b holds its temporary): the guest runs
+    on at a and b keeps nothing (after a kill, once its worker is back); then it
+    moves, and b has the same base and an overlay over it that merges."""
     with connect(net) as server:
         vm = running_guest(server, net, "ns6", data_mb=48, undoable=True)
         base, overlay = "ns6/d.qcow2", "vms/ns6/undo/0-d.qcow2"
@@ -322,13 +327,15 @@ def test_an_undoable_guest_moves_live_as_its_chain_after_a_fault_mid_copy(
         assert destination is not None
         if fault == "cancel":
             task.cancel()
-        else:
+        elif fault == "kill":
             destination.kill()
-        assert task.wait_for_completion(int((LEASE + 30) * 1000)), "the migration hangs"
-        expected = ((VMTaskResult.Cancelled, hresults.E_ABORT) if fault == "cancel"
-                    else (VMTaskResult.ThreadCrashError, hresults.SERVER_FAULT))
-        assert (task.result, task.error) == expected, task.error_description
+        else:
+            net.partition("a", "b")
+        assert task.wait_for_completion(int((LEASE + STALL + 30) * 1000)), "it hangs"
+        print(f"\n{fault} mid-copy of the base: {task.result!r}: {task.error_description}")
+        assert (task.result, task.error) == COPY_FAULTS[fault], task.error_description
         still_on_a(server, net, vm, before)
+        net.heal("a", "b")
         if fault == "kill":
             assert nothing_of(net, "b", "ns6") != []  # nobody there to clean up yet
             net.start_worker("b", env=FAST)
