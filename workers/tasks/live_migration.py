@@ -6,7 +6,9 @@ prepares, then waits to be told to take over or to give up.  They talk through
 one hash, ``keys.transfer(transfer_id)``, and each wakes the other at once with a
 push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
 
-1. ``manifest`` (source): each disk's path, format and sizes, and ``creds``, the
+1. ``manifest`` (source): each disk's path, format and sizes, ``chain``: the
+   images below a disk's top (an undo disk's base, a differencing disk's parents:
+   `workers.tasks.live_chain` copies them first), and ``creds``, the
    kind of the source's transfer TLS.  The destination refuses a name clash, a
    format QEMU cannot migrate, a missing kernel, too little space or other TLS
    credentials than its own before anything moves (its task fails; the source
