@@ -1,8 +1,11 @@
-"""Checks the test modules share: image bytes through qemu-io, and task success."""
+"""Checks the test modules share: image bytes through qemu-io, digests and backing
+chains, and task success."""
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +31,24 @@ def qemu_io(path: Path, fmt: str, *commands: str) -> str:
     lowered = result.stdout.lower()
     assert "fail" not in lowered and "error" not in lowered, result.stdout
     return result.stdout
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def backing_chain(top: Path) -> list[tuple[str, str | None]]:
+    """(file name, backing file name as written in it) of each image, top first."""
+    info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                           str(top)], capture_output=True, text=True, check=True).stdout
+    return [(Path(i["filename"]).name, i.get("backing-filename")) for i in json.loads(info)]
+
+
+def data_in_top(top: Path) -> int:
+    """Bytes of guest data a qcow2 image itself holds (not its backing files)."""
+    mapped = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
+                             str(top)], capture_output=True, text=True, check=True).stdout
+    return sum(e["length"] for e in json.loads(mapped) if e["depth"] == 0 and e["data"])
 
 
 def assert_succeeded(task: VMTask, timeout: int = 120_000) -> None:

@@ -4,7 +4,6 @@ workers with separate storage roots, QEMU's NBD and migration channels between t
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import redis
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import pids_of, qemu_io
+from tests.helpers import backing_chain, data_in_top, digest, pids_of, qemu_io
 from tests.integration.test_cli import run_cli
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
@@ -257,24 +256,6 @@ def test_a_paused_guest_moves_paused_and_comes_back(server: VirtualServer,
     done(vm.turn_off())
     qemu_io(hosts["alpha"].storage_root / name / "d.qcow2", "qcow2", "read -P 0x5a 1M 1M")
     done(vm.delete())
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def backing_chain(top: Path) -> list[tuple[str, str | None]]:
-    """(file name, backing file name as written in it) of each image, top first."""
-    info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
-                           str(top)], capture_output=True, text=True, check=True).stdout
-    return [(Path(i["filename"]).name, i.get("backing-filename")) for i in json.loads(info)]
-
-
-def data_in_top(top: Path) -> int:
-    """Bytes of guest data the image itself holds (not its backing files)."""
-    mapped = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
-                             str(top)], capture_output=True, text=True, check=True).stdout
-    return sum(e["length"] for e in json.loads(mapped) if e["depth"] == 0 and e["data"])
 
 
 def test_an_undoable_guest_on_a_differencing_disk_moves_live_as_its_chain(

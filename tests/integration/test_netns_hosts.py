@@ -4,7 +4,6 @@ in the network: a partition of two hosts, a host's cable pulled, kill -9 of a wo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import pytest
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import qemu_io
+from tests.helpers import digest, qemu_io
 from tests.integration.test_disks import big_image
 from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
 from workers.devtools.sandbox import wait_until
@@ -55,10 +54,6 @@ def root(net: Network, name: str) -> Path:
     assert worker is not None
     worker.storage_root.mkdir(parents=True, exist_ok=True)
     return worker.storage_root
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def files_under(path: Path) -> list[str]:
