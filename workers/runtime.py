@@ -283,21 +283,25 @@ class LeaseKeeper:
     def hold(self, run: TaskRun) -> None:
         with self._lock:
             self._runs[run.task_id] = run
-            if self._thread is None or self._pid != os.getpid():
+            # A new thread after a fork, and after a thread that died: every lease of
+            # this process would otherwise lapse, and its tasks be judged crashed.
+            if (self._thread is None or self._pid != os.getpid()
+                    or not self._thread.is_alive()):
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
-                    target=self._renew_forever, name="vmtask-lease", daemon=True
-                )
+                    target=self._renew_forever, args=(run.settings,), name="vmtask-lease",
+                    daemon=True)
                 self._thread.start()
 
     def release(self, run: TaskRun) -> None:
         with self._lock:
             self._runs.pop(run.task_id, None)
 
-    def _renew_forever(self) -> None:
-        # Every run in a process shares the app's settings.
-        with self._lock:
-            settings = next(iter(self._runs.values())).settings
+    def _renew_forever(self, settings: Settings) -> None:
+        # Every run in a process shares the app's settings: those of the first are
+        # passed, since by the time this thread runs that task may have ended (a
+        # thread that looked for them in `_runs` died there, and no lease of its
+        # process was renewed again).
         interval = settings.lease_seconds / 3
         lease_ms = int(settings.lease_seconds * 1000)
         while True:
@@ -312,6 +316,9 @@ class LeaseKeeper:
                         args=[worker_identity(settings), lease_ms])
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
+                    continue
+                except Exception:  # this thread must outlive any one renewal
+                    log.exception("Could not renew lease of %s", run.task_id)
                     continue
                 if not renewed:
                     log.error("Lease of %s expired: it was judged crashed; stopping it",
