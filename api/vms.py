@@ -78,9 +78,13 @@ class VirtualMachine:
             pipe.hgetall(keys.vm_record(self.name))
             pipe.exists(keys.host_heartbeat(self.host))
             record, host_alive = pipe.execute()
-        if not record:
-            raise NotFoundError(f"VM {self.name!r} no longer exists")
-        self.host = record["host"]  # a moved VM's operations go to its new host
+            if not record:
+                raise NotFoundError(f"VM {self.name!r} no longer exists")
+            if record["host"] != self.host:
+                # Moved: its operations go to its new host, and its state is that
+                # host's to vouch for, not the old one's (which may be gone).
+                self.host = record["host"]
+                host_alive = self._server.redis.exists(keys.host_heartbeat(self.host))
         return record, VMVMState(int(record["state"])) if host_alive else VMVMState.Invalid
 
     @property

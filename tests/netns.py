@@ -204,7 +204,11 @@ class Network:
         return self.redis.start()
 
     def start_worker(self, name: str, *, concurrency: int = 2,
-                     env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+                     env: dict[str, str] | None = None, wait: bool = True,
+                     include: tuple[str, ...] | None = None) -> WorkerProcess:
+        """The host's worker, started; ``env`` and ``include`` (the modules it loads,
+        e.g. `tests.pause_points.PAUSING`) count at its first start only: a restart
+        is the same worker."""
         host = self.hosts[name]
         assert self.redis is not None
         if host.worker is None:
@@ -212,7 +216,8 @@ class Network:
                 self.redis.url_at(self.redis_address), name, self.directory / name,
                 self.directory, concurrency=concurrency,
                 env={"VMTASK_ADVERTISE_ADDRESS": host.address, **(env or {})},
-                prefix=("ip", "netns", "exec", host.namespace))
+                prefix=("ip", "netns", "exec", host.namespace),
+                **({"include": include} if include is not None else {}))
         host.worker.start(wait=wait)
         return host.worker
 

@@ -191,6 +191,27 @@ class _Send:
     def check(self) -> None:
         self.destination.check("destination", gave_up=GAVE_UP)
 
+    def fence(self, deadline: float) -> str:
+        """``vm_move_abort.lua``'s outcome once the switch-over was signalled, sent
+        again while Redis is out of reach (this host cut off) until the deadline.
+
+        The guest is stopped here and may be running on the destination: only the
+        fence tells whether to take it back or remove this copy, so a host whose link
+        returns settles it at once rather than at its worker's next start.  The
+        script is idempotent: a reply lost with the link changes nothing.
+        """
+        name, client = self.record["name"], self.run.redis
+        while True:
+            try:
+                return str(client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), self.key,
+                                       wake_key(self.key, DESTINATION), self.run.settings.host))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Cannot reach Redis to settle the migration of %s (the guest "
+                            "stays stopped here until it can): %s", name, exc)
+                time.sleep(1.0)
+
     def send(self, monitor: qemu_vm.Monitor) -> tuple[dict[str, Any], float]:
         """Migrate until the destination has taken over: QEMU's final query-migrate and
         how long the guest stood still after it completed."""
@@ -239,8 +260,7 @@ class _Send:
                         client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
                                     wake_key(key, DESTINATION), settings.host)
                 raise
-            outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
-                                  wake_key(key, DESTINATION), settings.host)
+            outcome = self.fence(deadline)
             if outcome == "ABORTED":
                 # The destination can no longer take the VM: the guest runs on here.
                 self.stays = True
@@ -305,6 +325,37 @@ def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, source: PeerWat
             raise OperationFailed("The destination QEMU stopped during the migration")
         raise_if_cancelled(run)
         _nap(run, key, DESTINATION)
+
+
+def _record_taken_over(run: TaskRun, key: str, name: str, paths: qemu_vm.VMPaths,
+                       record: dict[str, str]) -> None:
+    """Tell the source, and record the QEMU that now runs the guest (`details`).
+
+    The guest runs here already: with Redis out of reach (this host cut off) the
+    writes are sent again until it answers, rather than leaving the record with the
+    source's QEMU until this worker's next start.  The source, meanwhile, judges
+    this task dead by its lease, finds the VM moved and removes its copies; the
+    transfer hash it then deletes is not made again.
+    """
+    client = run.redis
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    while True:
+        try:
+            if client.exists(key):
+                _signal(client, key, SOURCE, {"committed": "1"})
+            pid = qemu_vm.find_pid(paths)
+            if pid is not None:
+                record_runtime(client, name, paths, pid)
+                # The guest's uptime runs on from its start on the source.
+                client.hset(keys.vm_record(name), "started",
+                            record.get("started", repr(time.time())))
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Cannot reach Redis to record the migration of %s (the guest "
+                        "runs here): %s", name, exc)
+            time.sleep(1.0)
 
 
 @operation(tasks.VM_LIVE_IN)
@@ -383,12 +434,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 committed = True
                 livemigrate.run_guest(monitor, run=S(int(record["state"])) is S.Running)
             listing.unlink()
-            _signal(client, key, SOURCE, {"committed": "1"})
-            pid = qemu_vm.find_pid(paths)
-            started = record.get("started", repr(time.time()))
-            if pid is not None:
-                record_runtime(client, name, paths, pid)
-                client.hset(keys.vm_record(name), "started", started)  # the guest's uptime
+            _record_taken_over(run, key, name, paths, record)
     except BaseException:
         if not committed:
             log.warning("Migration of %s into this host failed; its QEMU said: %s", name,
