@@ -185,11 +185,22 @@ def assert_log_follows(url: str, serial_log: Path, name: str) -> None:
                 log.write(marker + "\n")
             # Each read is a quick task on the host's control lane: on a loaded
             # machine (CI running QEMU under TCG beside it) one read took over 30 s.
-            wait_until(lambda m=marker: any(m in line for line in seen), 90,
-                       f"the follower to print {marker}", interval=0.2)
+            try:
+                wait_until(lambda m=marker: any(m in line for line in seen), 90,
+                           f"the follower to print {marker}", interval=0.2)
+            except TimeoutError as exc:
+                # Once seen failing under load, cause unknown: say whether the
+                # follower had died, and what it said.
+                exited = follower.poll()
+                follower.terminate()
+                follower.wait(timeout=30)
+                stderr = follower.stderr.read() if follower.stderr else ""
+                raise AssertionError(f"{exc}; follower had exited: {exited}, printed "
+                                     f"{seen[-5:]}, stderr {stderr[-2000:]!r}") from exc
     finally:
-        follower.terminate()
-        follower.wait(timeout=30)
+        if follower.poll() is None:
+            follower.terminate()
+            follower.wait(timeout=30)
 
 
 def test_vm_edit_console_and_disk_inventory_verbs(cli: Cli, root: Path, tmp_path: Path,  # noqa: F811
