@@ -2,6 +2,8 @@
 
 Each script is one transition, run with EVALSHA (redis-py's `register_script`),
 so every change of a record costs one round trip and is never seen half-done.
+Lua has no includes: a script whose first lines say ``-- uses: <name>`` gets
+``lua/<name>.lua`` (a ``local function``) put in front of it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,12 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
+USES = "-- uses: "
+
 
 @cache
 def load(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    used = [line.removeprefix(USES).strip() for line in text.splitlines()
+            if line.startswith(USES)]
+    return "".join(load(library) + "\n" for library in used) + text

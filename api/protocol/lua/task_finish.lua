@@ -1,3 +1,4 @@
+-- uses: primary_takeover
 -- KEYS: record, lease, running set, channel; and for a crash judgment, the primary key.
 -- ARGV: state, result, error, error description, finished time, percent,
 --       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON,
@@ -14,18 +15,8 @@ if ARGV[9] == '1' then
   -- switching no worker could renew its lease, so a lease that lapsed meanwhile is
   -- no crash until the workers have had a whole grace period on this primary.  A
   -- new primary has a new replication id; the first judge to see it starts the clock.
-  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-  local now = tonumber(redis.call('TIME')[1])
-  local seen = redis.call('HMGET', KEYS[5], 'replid', 'since')
-  if seen[1] ~= replid then
-    -- A change of primary starts the grace; the first sighting ever is no change.
-    local since = now
-    if not seen[1] then since = 0 end
-    redis.call('HSET', KEYS[5], 'replid', replid, 'since', since)
-    if seen[1] then return 'LEASED' end
-  elseif now - tonumber(seen[2]) < tonumber(ARGV[11]) then
-    return 'LEASED'
-  end
+  local age, _, _, switched = primary_takeover(KEYS[5])
+  if switched or age < tonumber(ARGV[11]) then return 'LEASED' end
 end
 local percent = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
 if tonumber(ARGV[6]) > percent then percent = tonumber(ARGV[6]) end
