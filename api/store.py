@@ -239,10 +239,7 @@ class TaskStore:
         """Ids of the newest tasks in ``state`` on ``host`` (None: any), newest first,
         looking at most ``horizon`` tasks back: filtered by Redis, one round trip."""
         with broker_errors(self.url):
-            found = self._list(keys=[keys.RECENT_TASKS],
-                               args=[keys.task_record(""), state or "", host or "", limit,
-                                     horizon])
-        return [str(task_id) for task_id in found]
+            return matching_tasks(self._list, state, host, limit, horizon)
 
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""
@@ -274,6 +271,14 @@ def _snapshot_of(task_id: str, reply: Sequence[str]) -> TaskSnapshot | None:
         return None
     fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
     return TaskSnapshot.from_record(task_id, fields, lease == "1")
+
+
+def matching_tasks(list_script: Any, state: str | None, host: str | None, limit: int,
+                   horizon: int) -> list[str]:
+    """`TaskStore.matching` with the list script of any client (a worker's too)."""
+    found = list_script(keys=[keys.RECENT_TASKS],
+                        args=[keys.task_record(""), state or "", host or "", limit, horizon])
+    return [str(task_id) for task_id in found]
 
 
 def trim_recent(client: redis.Redis, retention_seconds: float) -> None:

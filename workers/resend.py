@@ -31,6 +31,7 @@ from api.protocol import keys, records
 from api.protocol.tasks import BY_NAME
 from api.replication import register_script
 from api.settings import Settings
+from api.store import matching_tasks
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,8 @@ def resend_lost(client: redis.Redis, app: Celery, host: str) -> list[str]:
 
     Returns the ids sent again.
     """
-    list_script = register_script(client, records.LIST_SCRIPT)
-    pending = [str(t) for t in list_script(
-        keys=[keys.RECENT_TASKS],
-        args=[keys.task_record(""), records.PENDING, host, HORIZON, HORIZON])]
+    pending = matching_tasks(register_script(client, records.LIST_SCRIPT), records.PENDING,
+                             host, HORIZON, HORIZON)
     if not pending:
         return []
     present = queued_task_ids(client, (keys.host_queue(host), keys.control_queue(host)))
