@@ -134,11 +134,12 @@ class TaskRun:
         """
         identity = worker_identity(self.settings)
         lease_key = keys.task_lease(self.task_id)
+        node = str(getattr(self._task.request, "hostname", None) or "") if self._task else ""
 
         def build(pipe: Any) -> None:
             pipe.evalsha(self._conn.start.sha, 3, self._record, lease_key, keys.RUNNING_TASKS,
                          repr(time.time()), identity,
-                         int(self.settings.lease_seconds * 1000), self.task_id)
+                         int(self.settings.lease_seconds * 1000), self.task_id, node)
             pipe.hget(self._record, "worker")
 
         def attempt() -> tuple[str, bool]:
