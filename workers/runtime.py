@@ -286,12 +286,18 @@ class TaskRun:
         if self._task is None:
             return
         try:
+            # Flower's Description column (workers.flower_ext) for a task that ended
+            # before any progress event carried it.
+            if self._description is None:
+                self._description = str(self.redis.hget(self._record, "description") or "")
             if failure.result == VMTaskResult.Cancelled:
                 self._task.send_event("task-revoked", terminated=False, signum=None,
-                                      expired=False)
+                                      expired=False, description=self._description)
             else:
-                self._task.send_event("task-failed", **events.failure_fields(
-                    failure.result.name, failure.hresult, failure.description, trace))
+                self._task.send_event("task-failed", description=self._description,
+                                      **events.failure_fields(failure.result.name,
+                                                              failure.hresult,
+                                                              failure.description, trace))
         except Exception as exc:  # noqa: BLE001 - monitoring must never fail a task
             log.debug("Could not announce the end of %s: %s", self.task_id, exc)
 

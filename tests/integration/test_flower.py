@@ -436,8 +436,11 @@ def _progressing(flower: Flower, task: VMTask) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     def shown() -> bool:
+        status, body = flower.get(f"/api/task/info/{task.id}")
+        if status != 200:  # 404 until Flower has the task's first event
+            return False
         seen.clear()
-        seen.update(flower.get_json(f"/api/task/info/{task.id}"))
+        seen.update(json.loads(body))
         return isinstance(seen.get("percent"), int) and seen["percent"] > 0
 
     try:
@@ -483,6 +486,12 @@ def test_flower_shows_percent_and_description_in_its_api_and_tasks_page(
     wait_until(lambda: flower.state_of(done.id) == "SUCCESS", 20, "SUCCESS in Flower")
     info = flower.get_json(f"/api/task/info/{done.id}")
     assert (info["percent"], info["description"]) == (100, done.description), info
+    # A task that fails before any progress event still shows its description.
+    assert_succeeded(server.create_dynamic_virtual_hard_disk("fl/exists.qcow2", 1))
+    failed = server.create_dynamic_virtual_hard_disk("fl/exists.qcow2", 1)
+    assert failed.wait_for_completion(30_000) and failed.result is not VMTaskResult.Success
+    wait_until(lambda: flower.state_of(failed.id) == "FAILURE", 20, "FAILURE in Flower")
+    assert flower.get_json(f"/api/task/info/{failed.id}")["description"] == failed.description
 
 
 def _tasks_page(flower: Flower) -> str | None:
