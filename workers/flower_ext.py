@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_FIELDS = ("percent", "description")
 COLUMN_LABELS = {"percent": "Progress", "description": "Description"}
-# Flower's default columns (name,uuid,state,received,runtime,worker), with ours after state.
-TASKS_COLUMNS = "name,uuid,state,percent,description,received,runtime,worker"
-FLOWER_DEFAULT_COLUMNS = "name,uuid,state,received,runtime,worker"
 
 
 def _percent(task: Any) -> Any:
@@ -67,10 +64,19 @@ def add_task_columns() -> bool:
         return False
     for name, label in COLUMN_LABELS.items():
         flower_tasks.TASK_COLUMNS.setdefault(name, label)
-    # Only Flower's own default is replaced: a value set before us is someone's choice.
-    if options.tasks_columns == FLOWER_DEFAULT_COLUMNS:
-        options.tasks_columns = TASKS_COLUMNS
+    options.tasks_columns = with_progress_columns(options.tasks_columns)
     return True
+
+
+def with_progress_columns(columns: str) -> str:
+    """Flower's default columns with ours after ``state`` (at the end without one).
+
+    This runs before Flower applies FLOWER_*, --conf and the command line, so the
+    value it changes is Flower's default, whatever a release makes it."""
+    names = [name.strip() for name in columns.split(",") if name.strip()]
+    missing = [name for name in PROGRESS_FIELDS if name not in names]
+    at = names.index("state") + 1 if "state" in names else len(names)
+    return ",".join(names[:at] + missing + names[at:])
 
 
 def install() -> None:
