@@ -46,8 +46,8 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         broker = endpoint if isinstance(endpoint, str) else endpoint.url
         self._store = TaskStore(connect(endpoint, timeout), broker, retention)
         self._cancel = register_script(self._store.client, records.CANCEL_SCRIPT)
-        self._store.on_crash_judged = lambda task_id: events.send(
-            app, "task-failed", task_id, **events.crash_fields())
+        self._store.on_crash_judged = lambda task_id: events.announce_crash(
+            app, self._store.client, task_id)
 
     def as_uri(self, include_password: bool = False) -> str:
         return "vmtask-record://"

@@ -287,7 +287,7 @@ class ServerCore:
                     expired=False)
 
     def _announce_crash(self, task_id: str) -> None:
-        events.send(self.celery, "task-failed", task_id, **events.crash_fields())
+        events.announce_crash(self.celery, self.store.client, task_id)
 
     @property
     def celery(self) -> Celery:

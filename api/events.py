@@ -20,7 +20,7 @@ from celery import Celery
 
 from api.enums import VMTaskResult
 from api.errors import TaskFailedError
-from api.protocol import hresults
+from api.protocol import hresults, keys
 from api.store import CRASH_DESCRIPTION
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,24 @@ def failure_fields(result: str, hresult: int, description: str,
 def crash_fields() -> dict[str, Any]:
     return failure_fields(VMTaskResult.ThreadCrashError.name, hresults.SERVER_FAULT,
                           CRASH_DESCRIPTION)
+
+
+def announce_crash(app: Celery, client: Any, task_id: str, judge: str | None = None) -> None:
+    """Tell Flower a task was judged crashed, as an event of the worker that ran it.
+
+    Flower attributes a task event to the node named in it; the judge (a producer,
+    another worker's reaper) is not where the task ran.  The start gate recorded
+    that worker's Celery node name; a record without one (started by an older
+    worker) is announced by ``judge``, as before.
+    """
+    node: str | None = None
+    description: str | None = None
+    try:
+        node, description = client.hmget(keys.task_record(task_id), "node", "description")
+    except Exception as exc:  # noqa: BLE001 - monitoring must never fail an operation
+        log.warning("Could not read which worker ran %s: %s", task_id, exc)
+    extra = {"description": description} if description else {}
+    send(app, "task-failed", task_id, hostname=node or judge, **crash_fields(), **extra)
 
 
 def send(app: Celery, event_type: str, task_id: str, hostname: str | None = None,

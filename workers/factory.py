@@ -15,7 +15,7 @@ from api import celery_backend
 from api.protocol import keys
 from api.settings import Settings
 from workers import control as control_lane
-from workers import host, monitoring, transport
+from workers import flower_ext, host, monitoring, transport
 from workers.tasks import (
     diagnostics,
     disk_inventory,
@@ -73,6 +73,9 @@ def create_app(settings: Settings) -> WorkerApp:
     """
     transport.install()
     monitoring.rank_progress_as_started()
+    # Flower runs this app too (celery -A workers flower): its API and tasks page
+    # then show percent and description.
+    flower_ext.install()
     long_queue = keys.host_queue(settings.host)
     control = keys.control_queue(settings.host)
     queues = [control] if settings.role == "control" else [long_queue, control]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from api.enums import VMTaskResult
@@ -87,10 +88,38 @@ ERRNO_TO_HRESULT: dict[int, int] = {
 }
 
 
+# Redis's refusals of a command by the user's ACL: a NOPERM reply (redis-py's
+# NoPermissionError), or, inside a script, Redis 7.0's generic script error.
+_ACL_REFUSALS = ("NOPERM", "no permissions to run", "can't run this command")
+
+
+def is_redis_refusal(exc: BaseException) -> bool:
+    """Redis refused a command to this user (its ACL lacks it): not a crash, not
+    transient, and no retry helps."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and any(
+        text in str(exc) for text in _ACL_REFUSALS)
+
+
+def redis_refusal(exc: BaseException, what: str) -> Failure:
+    """Access denied, with Redis's own text (it names the command it refused, except
+    inside a script, where Redis 7.0 names only the script).
+
+    UnexpectedError, not ThreadCrashError: the worker did not stop, and the
+    deployment's ACL is no expected outcome of an operation; its HRESULT,
+    ERROR_ACCESS_DENIED, says what happened."""
+    return Failure(VMTaskResult.UnexpectedError, hresults.ACCESS_DENIED,
+                   f"{what}: Redis refused a command to the worker's user (its ACL lacks "
+                   f"it; see deploy/redis/users.acl.template): {exc}")
+
+
 def classify(exc: BaseException) -> Failure:
     """Map any exception raised by a task body to its stored failure."""
     if isinstance(exc, OperationFailed):
         return Failure(exc.result, exc.hresult, str(exc))
+    if is_redis_refusal(exc):
+        return redis_refusal(exc, "The operation stopped")
     if isinstance(exc, MemoryError):
         return Failure(VMTaskResult.OutOfMemoryError, hresults.E_OUTOFMEMORY, "Out of memory")
     if isinstance(exc, SoftTimeLimitExceeded | TimeoutError):

@@ -166,10 +166,12 @@ def install(app: Celery, settings: Settings, hooks: HostHooks) -> None:
         settings.storage_root.mkdir(parents=True, exist_ok=True)
         node = str(getattr(sender, "hostname", "") or settings.host)
 
-        def announce_crash(task_id: str) -> None:
-            events.send(app, "task-failed", task_id, hostname=node, **events.crash_fields())
+        beacon = HostBeacon(settings, hooks, None, LostMessageCheck(app, settings))
 
-        beacon = HostBeacon(settings, hooks, announce_crash, LostMessageCheck(app, settings))
+        def announce_crash(task_id: str) -> None:
+            events.announce_crash(app, beacon.client, task_id, judge=node)
+
+        beacon.on_crash_judged = announce_crash
         for hook in hooks.startup:
             try:
                 hook(beacon.client, settings)

@@ -37,7 +37,7 @@ from api.protocol.tasks import TaskSpec
 from api.replication import Acknowledgement, register_script, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
-from workers.failures import Failure, classify
+from workers.failures import Failure, classify, is_redis_refusal, redis_refusal
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,12 @@ class TaskRun:
         """
         identity = worker_identity(self.settings)
         lease_key = keys.task_lease(self.task_id)
+        node = str(getattr(self._task.request, "hostname", None) or "") if self._task else ""
 
         def build(pipe: Any) -> None:
             pipe.evalsha(self._conn.start.sha, 3, self._record, lease_key, keys.RUNNING_TASKS,
                          repr(time.time()), identity,
-                         int(self.settings.lease_seconds * 1000), self.task_id)
+                         int(self.settings.lease_seconds * 1000), self.task_id, node)
             pipe.hget(self._record, "worker")
 
         def attempt() -> tuple[str, bool]:
@@ -149,6 +150,30 @@ class TaskRun:
             return str(gate), acked
 
         return self._until_acknowledged("start", attempt, lambda gate: gate == records.BEGUN)
+
+    def refuse(self, failure: Failure) -> bool:
+        """End the task with ``failure`` after its start gate failed half-way: the
+        record is STARTED by this worker, but the body never ran.  Sent plainly,
+        without ROLE and WAIT (what Redis refused may be ROLE).  False, and the
+        record left as it is, when it is not ours (PENDING, or another delivery's)
+        or Redis refuses this too; a lease the gate took then lapses into
+        ThreadCrashError, the only outcome anyone else can judge."""
+        try:
+            state, holder = self.redis.hmget(self._record, "state", "worker")
+            if state != records.STARTED or holder != worker_identity(self.settings):
+                log.error("Task %s could not be recorded as refused: its record is %s",
+                          self.task_id, state or "MISSING")
+                return False
+            outcome = self._conn.finish(
+                keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS,
+                      self._channel],
+                args=[records.FAILURE, int(failure.result), failure.hresult,
+                      failure.description, repr(time.time()), 0,
+                      int(self.settings.retention_seconds), self.task_id, "0", ""])
+        except redis.RedisError as exc:
+            log.error("Task %s could not be recorded as refused: %s", self.task_id, exc)
+            return False
+        return bool(outcome == "OK")
 
     def _until_acknowledged(self, what: str, attempt: Callable[[], tuple[str, bool]],
                             counts: Callable[[str], bool]) -> str:
@@ -261,12 +286,18 @@ class TaskRun:
         if self._task is None:
             return
         try:
+            # Flower's Description column (workers.flower_ext) for a task that ended
+            # before any progress event carried it.
+            if self._description is None:
+                self._description = str(self.redis.hget(self._record, "description") or "")
             if failure.result == VMTaskResult.Cancelled:
                 self._task.send_event("task-revoked", terminated=False, signum=None,
-                                      expired=False)
+                                      expired=False, description=self._description)
             else:
-                self._task.send_event("task-failed", **events.failure_fields(
-                    failure.result.name, failure.hresult, failure.description, trace))
+                self._task.send_event("task-failed", description=self._description,
+                                      **events.failure_fields(failure.result.name,
+                                                              failure.hresult,
+                                                              failure.description, trace))
         except Exception as exc:  # noqa: BLE001 - monitoring must never fail a task
             log.debug("Could not announce the end of %s: %s", self.task_id, exc)
 
@@ -335,7 +366,18 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
     task_id = task.request.id
     settings = settings_of(task)
     run = TaskRun(task_id, settings, worker_redis(settings), task)
-    gate = run.begin()
+    try:
+        gate = run.begin()
+    except redis.ResponseError as exc:
+        if not is_redis_refusal(exc):
+            raise
+        # Not a crash: record what happened, at once, rather than let the lease the
+        # gate may already have taken lapse into ThreadCrashError "worker stopped".
+        refusal = redis_refusal(exc, "The task never ran")
+        log.error("Task %s %s: %s", task.name, task_id, refusal.description)
+        if run.refuse(refusal):
+            run.announce(refusal)
+        raise Ignore() from None
     if gate != records.BEGUN:
         # Running or run elsewhere (a duplicate delivery), cancelled while queued, or
         # no record (forged): never run it, and touch neither record nor lease.

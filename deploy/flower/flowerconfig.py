@@ -11,6 +11,11 @@ The file (``FLOWER_BASIC_AUTH_FILE``, by default the compose secret) holds one
 ``user:password`` per line, as scripts/make-secrets.sh writes it.  A missing,
 empty or placeholder file stops Flower with a message that says so: Flower
 without credentials would serve the dashboard, and revoke buttons, to anyone.
+
+Percent and description need nothing here: the workers' app, which Flower loads
+with ``-A workers``, extends Flower's task API and tasks page with both
+(`workers.flower_ext`), with or without this file.  A ``tasks_columns`` set here
+would choose the columns instead (it would also override FLOWER_TASKS_COLUMNS).
 """
 
 import os as _os

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
 from api.protocol import hresults
 from tests.helpers import assert_succeeded, pids_of, qemu_io
 from workers.devtools.sandbox import (
+    REPO_ROOT,
     RedisServer,
     WorkerProcess,
     free_port,
@@ -301,12 +304,44 @@ def test_a_killed_worker_shows_failure_in_flower(
         with VirtualServer(worker.redis_url, host="victim", poll_interval=0.5) as victims:
             task = victims.ping(duration_ms=60_000, steps=60)
             wait_until(lambda: flower.state_of(task.id) == "PROGRESS", 20, "PROGRESS in Flower")
+            ran_on = flower.get_json(f"/api/task/info/{task.id}")["worker"]
+            assert ran_on.startswith("victim-"), ran_on
             victim.kill()
             # The surviving worker's reaper judges the crash and tells Flower.
             wait_until(lambda: flower.state_of(task.id) == "FAILURE", 30, "FAILURE in Flower")
             info = flower.get_json(f"/api/task/info/{task.id}")
             assert "ThreadCrashError" in info["exception"] and "0x80010105" in info["exception"]
+            # Attributed to the worker that ran the task, not to the reaper that judged.
+            assert info["worker"] == ran_on, info
             assert task.result is VMTaskResult.ThreadCrashError
+    finally:
+        victim.stop()
+
+
+def test_a_crash_judged_by_a_producer_is_attributed_to_the_worker_that_ran_it(
+        cluster: tuple[WorkerProcess, Flower], tmp_path: Path) -> None:
+    worker, flower = cluster
+    victim = WorkerProcess(worker.redis_url, "victim2", tmp_path / "victim", tmp_path,
+                           concurrency=1, env={"VMTASK_LEASE_SECONDS": "2"}).start()
+    assert worker.proc is not None
+    try:
+        with VirtualServer(worker.redis_url, host="victim2", poll_interval=0.5) as victims:
+            task = victims.ping(duration_ms=60_000, steps=60)
+            wait_until(lambda: flower.state_of(task.id) == "PROGRESS", 20, "PROGRESS in Flower")
+            ran_on = flower.get_json(f"/api/task/info/{task.id}")["worker"]
+            # Only the producer can judge: the module's worker (whose reaper would)
+            # is held still until the producer has.
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+            try:
+                victim.kill()
+                wait_until(lambda: task.is_complete, 30, "the producer to judge the crash",
+                           interval=0.1)
+            finally:
+                os.kill(worker.proc.pid, signal.SIGCONT)
+            assert task.result is VMTaskResult.ThreadCrashError
+            wait_until(lambda: flower.state_of(task.id) == "FAILURE", 30, "FAILURE in Flower")
+            info = flower.get_json(f"/api/task/info/{task.id}")
+            assert info["worker"] == ran_on, info
     finally:
         victim.stop()
 
@@ -378,3 +413,120 @@ def test_queued_tasks_show_in_flower_with_their_progress_fields(
     info = flower.get_json(f"/api/task/info/{busy[0].id}")
     meta = json.loads(info["result"])
     assert set(meta) == {"percent", "description"} and meta["description"] == busy[0].description
+
+
+# -- Percent and description as Flower fields and columns (workers.flower_ext) ----------
+
+PROGRESS_COLUMNS = ("percent", "description")
+
+
+def test_the_private_flower_and_celery_names_vmtask_extends_still_exist() -> None:
+    """workers.flower_ext patches two private names; an upgrade that renames them
+    fails here first, with this message, rather than silently hiding progress."""
+    from celery.events.state import Task
+    from flower.views import tasks as flower_tasks
+
+    assert isinstance(Task._fields, tuple) and "result" in Task._fields, (
+        "celery.events.state.Task._fields changed: Flower's task API lists it")
+    assert isinstance(flower_tasks.TASK_COLUMNS, dict) and "state" in flower_tasks.TASK_COLUMNS, (
+        "flower.views.tasks.TASK_COLUMNS changed: the tasks page's columns come from it")
+
+
+def _progressing(flower: Flower, task: VMTask) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def shown() -> bool:
+        status, body = flower.get(f"/api/task/info/{task.id}")
+        if status != 200:  # 404 until Flower has the task's first event
+            return False
+        seen.clear()
+        seen.update(json.loads(body))
+        return isinstance(seen.get("percent"), int) and seen["percent"] > 0
+
+    try:
+        wait_until(shown, 20, "Flower's task API to show a percent", interval=0.2)
+    except TimeoutError:
+        pytest.fail(f"Flower's /api/task/info never showed a percent: {json.dumps(seen)}")
+    return seen
+
+
+def _tasks_page_rows(flower: Flower) -> dict[str, dict[str, Any]]:
+    """The rows the tasks page's table asks for (its datatable endpoint), by uuid."""
+    query = ("draw=1&start=0&length=100&search%5Bvalue%5D=&order%5B0%5D%5Bcolumn%5D=0"
+             "&order%5B0%5D%5Bdir%5D=desc&columns%5B0%5D%5Bdata%5D=received")
+    rows = flower.get_json(f"/tasks/datatable?{query}")["data"]
+    return {row["uuid"]: row for row in rows}
+
+
+def test_flower_shows_percent_and_description_in_its_api_and_tasks_page(
+        cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
+    """Started as the README's first recipe (no --conf): the app extends Flower."""
+    _, flower = cluster
+    task = server.ping(duration_ms=8000, steps=80)
+    try:
+        info = _progressing(flower, task)
+        assert info["description"] == task.description
+        assert 0 < info["percent"] <= task.percent_completed < 100
+        listed = flower.get_json("/api/tasks")[task.id]
+        assert listed["description"] == task.description and listed["percent"] > 0
+        status, page = flower.get("/tasks")
+        assert status == 200
+        headers = re.findall(r'<th data-column="([a-z_]+)">([^<]*)</th>', page)
+        assert [name for name, _ in headers][:5] == [
+            "name", "uuid", "state", "percent", "description"], headers
+        row = _tasks_page_rows(flower)[task.id]
+        assert row["description"] == task.description and row["percent"] > 0
+    finally:
+        with contextlib.suppress(errors.TaskNotCancelableError):
+            task.cancel()
+        task.wait_for_completion(10_000)
+    # Celery's task-succeeded carries no percent; Flower shows the record's 100.
+    done = server.ping(duration_ms=1500, steps=3)
+    assert_succeeded(done)
+    wait_until(lambda: flower.state_of(done.id) == "SUCCESS", 20, "SUCCESS in Flower")
+    info = flower.get_json(f"/api/task/info/{done.id}")
+    assert (info["percent"], info["description"]) == (100, done.description), info
+    # A task that fails before any progress event still shows its description.
+    assert_succeeded(server.create_dynamic_virtual_hard_disk("fl/exists.qcow2", 1))
+    failed = server.create_dynamic_virtual_hard_disk("fl/exists.qcow2", 1)
+    assert failed.wait_for_completion(30_000) and failed.result is not VMTaskResult.Success
+    wait_until(lambda: flower.state_of(failed.id) == "FAILURE", 20, "FAILURE in Flower")
+    assert flower.get_json(f"/api/task/info/{failed.id}")["description"] == failed.description
+
+
+def _tasks_page(flower: Flower) -> str | None:
+    if flower.proc.poll() is not None:
+        raise RuntimeError(f"flower exited early:\n{flower.log()}")
+    status, body = flower.get("/tasks")
+    return body if status == 200 else None
+
+
+def test_flower_with_the_compose_config_shows_the_progress_columns(
+        cluster: tuple[WorkerProcess, Flower], tmp_path: Path) -> None:
+    """Started as compose starts it: --conf=deploy/flower/flowerconfig.py, the
+    credentials in a file; FLOWER_TASKS_COLUMNS still chooses other columns."""
+    worker, _ = cluster
+    secret = tmp_path / "flower_basic_auth"
+    secret.write_text(f"{USER}:{PASSWORD}\n")
+    conf = REPO_ROOT / "deploy" / "flower" / "flowerconfig.py"
+    env = {k: v for k, v in worker.environment().items() if not k.startswith("FLOWER_")}
+    env["FLOWER_BASIC_AUTH_FILE"] = str(secret)
+    for columns, expected in ((None, ["name", "uuid", "state", "percent", "description"]),
+                              ("name,percent", ["name", "percent"])):
+        if columns is not None:
+            env["FLOWER_TASKS_COLUMNS"] = columns
+        port = free_port()
+        log_path = tmp_path / f"flower-{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [str(CELERY), "-A", "workers", "flower", f"--conf={conf}", f"--port={port}",
+                 "--address=127.0.0.1"],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        try:
+            body = wait_until(partial(_tasks_page, Flower(port, proc, log_path)), 30,
+                              f"flower --conf on port {port}", interval=0.1)
+            shown = re.findall(r'<th data-column="([a-z_]+)">', body)
+            assert shown[:len(expected)] == expected, shown
+        finally:
+            stop_process_group(proc)
