@@ -26,10 +26,10 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -40,6 +40,7 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from api.errors import InvalidArgumentError
 
+T = TypeVar("T")
 SCHEMES = ("redis", "rediss", "unix", "sentinel")
 SENTINEL_PORT = 26379
 MASTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -198,12 +199,41 @@ class RedisEndpoint:
         return options
 
 
+class TransientRetry(Retry):  # type: ignore[misc]
+    """redis-py's `Retry`, except for a refused login: redis-py makes a wrong password
+    or a disabled user a ConnectionError, but waiting will not fix it."""
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[[Exception], Any]) -> T:
+        def once() -> T:
+            try:
+                return do()
+            except (redis.exceptions.AuthenticationError,
+                    redis.exceptions.AuthorizationError) as exc:
+                raise _Refused(exc) from exc
+
+        try:
+            result: T = super().call_with_retry(once, fail)
+        except _Refused as refused:
+            fail(refused.refusal)
+            raise refused.refusal from None
+        return result
+
+
+class _Refused(Exception):
+    """Carries a refused login through `Retry.call_with_retry`, which catches ConnectionError."""
+
+    def __init__(self, refusal: Exception) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
 def failover_retry(seconds: float) -> Retry:
     """Retries spread over ``seconds`` (short pauses, at most 0.5 s): a Sentinel
-    failover takes a few seconds, during which connections are refused."""
+    failover takes a few seconds, during which connections are refused.  A refused
+    login is not retried."""
     retries = 4 + math.ceil(max(0.0, seconds - 0.75) / 0.5)
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), retries,
-                 supported_errors=(redis.ConnectionError, redis.TimeoutError))
+    return TransientRetry(ExponentialBackoff(cap=0.5, base=0.05), retries,
+                          supported_errors=(redis.ConnectionError, redis.TimeoutError))
 
 
 def no_retry() -> Retry:
