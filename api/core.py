@@ -92,10 +92,10 @@ def _give_up_when_refused(exc: BaseException, _interval: float) -> None:
 
 def _connect_retry(endpoint: RedisEndpoint) -> dict[str, Any]:
     """How kombu retries the producer's connection (its default: for 4 s at 2 s steps,
-    about 6 s in all), as every other entry point does (README, Configuration):
-    one Redis, no retry; Sentinel, through a failover for ``failover_seconds``.  A
+    about 6 s in all), as every other entry point does (README, Configuration): for
+    ``failover_seconds`` (by default 15 s with Sentinel, none with one Redis).  A
     refused login or command is never retried."""
-    if endpoint.sentinel is None:
+    if endpoint.failover_seconds <= 0:
         return {"max_retries": 0, "errback": _give_up_when_refused}
     return {"connect_retries_timeout": endpoint.failover_seconds, "interval_start": 0.1,
             "interval_step": 0.2, "interval_max": 0.5, "errback": _give_up_when_refused}
