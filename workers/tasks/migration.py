@@ -13,8 +13,9 @@ and the VM is still TurnedOff or Saved.  The source removes its copies only once
 the record names the destination: the record decides who owns the VM, whatever
 either task's fate.  The destination's task ends only after the source's task has
 (a move is complete when the source let go): a file the source could not remove
-is named in its output, and the move still ends Success, since it happened.  Parents of the VM's disks are copied but stay on the source
-(other disks may share them).
+is named in its output, and the move still ends Success, since it happened.
+Parents of the VM's disks are copied but stay on the source (other disks may share
+them).
 """
 
 from __future__ import annotations
