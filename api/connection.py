@@ -26,10 +26,10 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -40,8 +40,11 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from api.errors import InvalidArgumentError
 
+T = TypeVar("T")
 SCHEMES = ("redis", "rediss", "unix", "sentinel")
 SENTINEL_PORT = 26379
+# A Sentinel failover (a few seconds) is ridden out for this long by default.
+SENTINEL_FAILOVER_SECONDS = 15.0
 MASTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TLS_FILE_PARAMETERS = {"ssl_ca_certs": "CA", "ssl_certfile": "client certificate",
                        "ssl_keyfile": "client key"}
@@ -148,8 +151,9 @@ class RedisEndpoint:
     # how long to wait for them: 1 with Sentinel, none with a single Redis.
     wait_replicas: int = 0
     wait_ms: int = 1000
-    # How long a Sentinel client keeps retrying a call while the primary changes.
-    failover_seconds: float = 15.0
+    # How long a client keeps retrying a call whose connection Redis refused or cut
+    # (a failover, a restart): every entry point alike; 0 fails at once.
+    failover_seconds: float = 0.0
 
     @property
     def redacted(self) -> str:
@@ -175,6 +179,12 @@ class RedisEndpoint:
             return manager.master_for(target.master, db=target.db, username=target.username,
                                       password=target.password,
                                       connection_class=PrimaryFollowingConnection, **options)
+        if self.failover_seconds > 0:
+            # Refused or cut connections only: a frozen Redis already costs a
+            # whole timeout per try.
+            # (redis-py retries a connect on the socket's own errors.)
+            options.setdefault("retry", failover_retry(self.failover_seconds, (
+                redis.ConnectionError, ConnectionRefusedError, ConnectionResetError)))
         return redis.Redis.from_url(
             self.url,
             socket_connect_timeout=timeout,
@@ -198,12 +208,42 @@ class RedisEndpoint:
         return options
 
 
-def failover_retry(seconds: float) -> Retry:
+class TransientRetry(Retry):  # type: ignore[misc]
+    """redis-py's `Retry`, except for a refused login: redis-py makes a wrong password
+    or a disabled user a ConnectionError, but waiting will not fix it."""
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[[Exception], Any]) -> T:
+        def once() -> T:
+            try:
+                return do()
+            except (redis.exceptions.AuthenticationError,
+                    redis.exceptions.AuthorizationError) as exc:
+                raise _Refused(exc) from exc
+
+        try:
+            result: T = super().call_with_retry(once, fail)
+        except _Refused as refused:
+            fail(refused.refusal)
+            raise refused.refusal from None
+        return result
+
+
+class _Refused(Exception):
+    """Carries a refused login through `Retry.call_with_retry`, which catches ConnectionError."""
+
+    def __init__(self, refusal: Exception) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+def failover_retry(seconds: float, errors: tuple[type[Exception], ...] = (
+        redis.ConnectionError, redis.TimeoutError)) -> Retry:
     """Retries spread over ``seconds`` (short pauses, at most 0.5 s): a Sentinel
-    failover takes a few seconds, during which connections are refused."""
+    failover or a Redis restart takes a few seconds, during which connections are
+    refused.  A refused login is not retried."""
     retries = 4 + math.ceil(max(0.0, seconds - 0.75) / 0.5)
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), retries,
-                 supported_errors=(redis.ConnectionError, redis.TimeoutError))
+    return TransientRetry(ExponentialBackoff(cap=0.5, base=0.05), retries,
+                          supported_errors=errors)
 
 
 def no_retry() -> Retry:
@@ -221,7 +261,7 @@ def parse_redis_url(
     master: str | None = None,
     wait_replicas: int | None = None,
     wait_ms: int = 1000,
-    failover_seconds: float = 15.0,
+    failover_seconds: float | None = None,
 ) -> RedisEndpoint:
     """Validate ``url`` and combine it with TLS files and a password kept elsewhere.
 
@@ -231,6 +271,8 @@ def parse_redis_url(
     ``master`` (``VMTASK_REDIS_SENTINEL_MASTER``) names the primary of a Sentinel
     URL, unless the URL says ``?master_name=``.  ``wait_replicas`` (default: 1 with
     Sentinel, else 0) replicas must acknowledge writes that count, within ``wait_ms``.
+    ``failover_seconds`` (``VMTASK_REDIS_FAILOVER_SECONDS``): how long a refused or
+    cut connection is retried; default 15 s with Sentinel, 0 (fail at once) else.
     """
     if not isinstance(url, str) or not url:
         raise InvalidArgumentError(f"The Redis URL must be a non-empty string, not {url!r}")
@@ -244,7 +286,10 @@ def parse_redis_url(
     if url.lower().startswith("sentinel://"):
         return _parse_sentinel_url(url, ca=ca, cert=cert, key=key, password=password,
                                    master=master, wait_replicas=wait_replicas, wait_ms=wait_ms,
-                                   failover_seconds=failover_seconds)
+                                   failover_seconds=(SENTINEL_FAILOVER_SECONDS
+                                                      if failover_seconds is None
+                                                      else failover_seconds))
+    failover_seconds = 0.0 if failover_seconds is None else failover_seconds
     if master is not None:
         raise InvalidArgumentError("A Sentinel master name (VMTASK_REDIS_SENTINEL_MASTER) "
                                    "needs a sentinel:// URL")
@@ -294,7 +339,8 @@ def parse_redis_url(
             raise InvalidArgumentError(
                 f"TLS options ({', '.join(sorted({*tls_given, *given}))}) need a rediss:// "
                 f"URL, not {parts.scheme}://")
-        return RedisEndpoint(clean, wait_replicas=wait_replicas or 0, wait_ms=wait_ms)
+        return RedisEndpoint(clean, wait_replicas=wait_replicas or 0, wait_ms=wait_ms,
+                             failover_seconds=failover_seconds)
     if given.get("ssl_keyfile") and not given.get("ssl_certfile"):
         raise InvalidArgumentError("A Redis TLS client key needs its certificate "
                                    "(VMTASK_REDIS_CERT or ssl_certfile)")
@@ -302,7 +348,8 @@ def parse_redis_url(
         k: _readable_file(TLS_FILE_PARAMETERS[k], v) for k, v in given.items()}
     # Verify the server unless told otherwise: against the given CA, else the system's.
     tls["ssl_cert_reqs"] = cert_reqs(tls_given.get("ssl_cert_reqs", "required"))
-    return RedisEndpoint(clean, tls, wait_replicas=wait_replicas or 0, wait_ms=wait_ms)
+    return RedisEndpoint(clean, tls, wait_replicas=wait_replicas or 0, wait_ms=wait_ms,
+                         failover_seconds=failover_seconds)
 
 
 def _parse_sentinel_url(url: str, *, ca: str | None, cert: str | None, key: str | None,

@@ -12,6 +12,8 @@
     ├── TaskFailedError               how Celery's result API and Flower show a task that
     │                                 ended without success (never raised by VMTask)
     └── BrokerUnavailableError        Redis cannot be reached
+        └── BrokerAccessDeniedError   Redis refused our login or a command (password,
+                                      ACL): E_ACCESSDENIED, raised at once, never retried
 
 A task that *runs* and fails does not raise: it completes with a `VMTaskResult`
 and an HRESULT, read from the `VMTask` handle.
@@ -93,7 +95,16 @@ class BrokerUnavailableError(VMTaskError):
     default_hresult = hresults.SERVER_FAULT
 
 
+class BrokerAccessDeniedError(BrokerUnavailableError):
+    """Redis answered, and refused: a wrong or missing password, a disabled or
+    unknown user, or an ACL that lacks a command.  Not transient, so no entry point
+    retries it: it is raised at once with E_ACCESSDENIED (0x80070005)."""
+
+    default_hresult = hresults.ACCESS_DENIED
+
+
 __all__ = [
+    "BrokerAccessDeniedError",
     "BrokerUnavailableError",
     "HostUnavailableError",
     "InvalidArgumentError",

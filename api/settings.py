@@ -151,9 +151,11 @@ class Settings:
     redis_sentinel_master: str | None = None
     redis_wait_replicas: int | None = None
     redis_wait_ms: int = 1000
-    # How long producers and workers keep retrying Redis calls through a failover
-    # before they give up (BrokerUnavailableError): Sentinel URLs only.
-    redis_failover_seconds: float = 15.0
+    # How long producers, the CLI and workers keep retrying a Redis call whose
+    # connection was refused or cut (a failover, a restart) before they give up
+    # (BrokerUnavailableError).  None: 15 s with a Sentinel URL, 0 (fail at once)
+    # with one Redis.
+    redis_failover_seconds: float | None = None
 
     def endpoint_for(self, url: str | None = None) -> RedisEndpoint:
         """``url`` (else ``VMTASK_REDIS_URL``) with these TLS files and password file."""
@@ -232,8 +234,8 @@ class Settings:
             redis_wait_replicas=(int(_number(env, "VMTASK_REDIS_WAIT_REPLICAS", 0, 0))
                                  if env.get("VMTASK_REDIS_WAIT_REPLICAS") else None),
             redis_wait_ms=int(_number(env, "VMTASK_REDIS_WAIT_MS", defaults.redis_wait_ms, 1)),
-            redis_failover_seconds=_number(env, "VMTASK_REDIS_FAILOVER_SECONDS",
-                                           defaults.redis_failover_seconds, 0),
+            redis_failover_seconds=(_number(env, "VMTASK_REDIS_FAILOVER_SECONDS", 0, 0)
+                                    if env.get("VMTASK_REDIS_FAILOVER_SECONDS") else None),
         )
         if settings.transfer_tls_dir and settings.transfer_psk_dir:
             raise InvalidArgumentError(

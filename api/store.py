@@ -20,7 +20,12 @@ from kombu.exceptions import BatchPublishError, OperationalError
 
 from api.connection import RedisEndpoint, no_retry, parse_redis_url, redact_url
 from api.enums import VMTaskResult
-from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
+from api.errors import (
+    BrokerAccessDeniedError,
+    BrokerUnavailableError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+)
 from api.protocol import hresults, keys, records
 from api.protocol.records import TaskSnapshot
 from api.replication import Acknowledgement, pipelined, register_script, replicated
@@ -30,6 +35,12 @@ from api.replication import Acknowledgement, pipelined, register_script, replica
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 REFUSED_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS,
                                                redis.exceptions.NoPermissionError)
+# Redis answered and said no: a login refused (wrong or missing password, unknown or
+# disabled user) or an ACL without the command.  redis-py makes the first two
+# ConnectionErrors, so every retry loop that catches those must ask `refusal_of`.
+ACCESS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.AuthenticationError,
+                                              redis.exceptions.AuthorizationError,
+                                              redis.exceptions.NoPermissionError)
 # What kombu's publish raises when Redis is away or refuses the producer; a batch
 # cut by a failover is "delivery uncertain": the record is then removed, so a
 # message that did arrive meets no record at the start gate and never runs.
@@ -59,15 +70,32 @@ def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0, **options: Any)
     )
 
 
+def refusal_of(exc: BaseException | None) -> BaseException | None:
+    """The login or ACL refusal behind ``exc`` (kombu wraps redis-py's), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ACCESS_ERRORS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def access_denied(url: str, refusal: BaseException, doing: str = "") -> BrokerAccessDeniedError:
+    what = ("refused a command to this user (ACL)"
+            if isinstance(refusal, redis.exceptions.NoPermissionError)
+            else "refused the login (password or user)")
+    return BrokerAccessDeniedError(f"{doing}Redis at {redact_url(url)} {what}: {refusal}")
+
+
 @contextmanager
 def broker_errors(url: str) -> Iterator[None]:
-    """Turn redis-py connection failures into `BrokerUnavailableError`."""
+    """Turn redis-py connection failures into `BrokerUnavailableError`, and a refused
+    login or command into `BrokerAccessDeniedError`."""
     try:
         yield
-    except redis.exceptions.NoPermissionError as exc:
-        raise BrokerUnavailableError(
-            f"Redis at {redact_url(url)} refused a command to this user (ACL): {exc}"
-        ) from None
+    except ACCESS_ERRORS as exc:
+        raise access_denied(url, exc) from None
     except CONNECTION_ERRORS as exc:
         raise BrokerUnavailableError(
             f"Redis at {redact_url(url)} cannot be reached: {exc}"

@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from api.enums import VMTaskResult
-from api.errors import BrokerUnavailableError, InvalidTimeoutError
+from api.errors import BrokerAccessDeniedError, BrokerUnavailableError, InvalidTimeoutError
 from api.protocol import keys, records
 from api.protocol.records import TaskSnapshot
-from api.store import CONNECTION_ERRORS, TaskStore
+from api.store import CONNECTION_ERRORS, TaskStore, access_denied, refusal_of
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,16 @@ class VMTask:
         while True:
             try:
                 return self._wait_subscribed(deadline)
+            except BrokerAccessDeniedError:
+                self._store.drop_subscription()
+                raise
             except RETRYABLE_WAIT_ERRORS as exc:
                 self._store.drop_subscription()
+                # A lost connection is ridden out; a refused login (the password or
+                # ACL changed) will not heal by waiting.
+                refusal = refusal_of(exc)
+                if refusal is not None:
+                    raise access_denied(self._store.url, refusal) from None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise BrokerUnavailableError(

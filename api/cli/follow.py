@@ -99,6 +99,8 @@ def follow(task: VMTask, *, quiet: bool = False) -> TaskSnapshot:
                 progress.update(bar, completed=snap.percent_completed)
                 if done:
                     return snap
+            except errors.BrokerAccessDeniedError:
+                raise  # a refused login does not heal by waiting
             except errors.BrokerUnavailableError:
                 # The task runs on regardless; a Redis restart should not end the wait.
                 now = time.monotonic()

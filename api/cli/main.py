@@ -7,6 +7,7 @@ their own modules and are added to the group here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,9 +30,9 @@ from api.cli.task import task, wait
 from api.cli.vm import vm
 from api.cli.vm_console import vm_console as _vm_console  # noqa: F401  (registers its verbs)
 from api.cli.worker import demo, worker
-from api.connection import parse_redis_url
 from api.protocol import hresults
 from api.protocol.hresults import format_hresult
+from api.settings import Settings
 
 
 def report_failure(state: CliState, kind: str, message: str, hresult: int, code: int) -> int:
@@ -102,12 +103,15 @@ class VMTaskCLI(click.Group):
 
 
 def _check_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    # The library's own check (api.connection), reported as a usage error.
+    # The library's own check, with what goes with the URL (the Sentinel master
+    # name, TLS files, a password file) read from VMTASK_* as VirtualServer reads
+    # them; reported as a usage error, whose line adds the HRESULT once.
     if value:
         try:
-            parse_redis_url(value)
+            env = {k: v for k, v in os.environ.items() if k != "VMTASK_HOST"}
+            Settings.from_env({**env, "VMTASK_REDIS_URL": value})
         except errors.InvalidArgumentError as exc:
-            raise click.BadParameter(str(exc)) from None
+            raise click.BadParameter(exc.args[0]) from None
     return value
 
 

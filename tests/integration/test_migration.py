@@ -58,6 +58,55 @@ def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,  
     assert not (beta.storage_root / "vms" / unique).exists()
 
 
+def test_the_move_completes_only_once_the_source_has_let_go(
+        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
+    """Issue 21, point 4: at the instant wait_for_completion returns Success, the
+    source holds nothing of the VM (no disk, no VM folder) and its task has ended."""
+    done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))
+    vm = both.create_virtual_machine(unique, memory_mb=64, disks=[f"{unique}/d.qcow2"],
+                                     host="alpha", network=None)
+    task = vm.migrate("beta")
+    assert task.wait_for_completion(-1)
+    left = [str(p) for p in (root / unique / "d.qcow2", root / "vms" / unique) if p.exists()]
+    source = both.get_task(serve_task_of(both, task.id)).snapshot()
+    assert task.result is VMTaskResult.Success, task.error_description
+    assert left == []
+    assert source.is_complete and source.output == {"moved": True}
+    assert task.snapshot().output == {"host": "beta", "files": 1}
+    assert (beta.storage_root / unique / "d.qcow2").exists()
+    done(vm.delete())
+
+
+def test_a_file_the_source_cannot_remove_is_named_in_the_result(
+        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
+    """The move happened (the record names beta, the files are there): Success, with
+    a warning and the leftover named in the output, in the source task's too."""
+    done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))
+    stuck = root / unique / "d.qcow2"
+    # An immutable file: even root cannot unlink it (EPERM).
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported on the storage root's file system")
+    try:
+        vm = both.create_virtual_machine(unique, memory_mb=64, disks=[f"{unique}/d.qcow2"],
+                                         host="alpha", network=None)
+        task = vm.migrate("beta")
+        assert task.wait_for_completion(-1)
+        snap = task.snapshot()
+        assert snap.result is VMTaskResult.Success, snap.error_description
+        assert snap.output["left_on_source"] == [f"{unique}/d.qcow2: Operation not permitted"]
+        assert "alpha could not remove" in snap.output["warning"]
+        assert f"{unique}/d.qcow2" in snap.output["warning"]
+        source = both.get_task(serve_task_of(both, task.id)).snapshot()
+        assert source.output == {"moved": True, "left_on_source": snap.output["left_on_source"]}
+        assert both.redis.hget(keys.vm_record(unique), "host") == "beta"
+        assert (beta.storage_root / unique / "d.qcow2").exists()
+        assert stuck.exists() and not (root / "vms" / unique).exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=False)
+    done(vm.delete())
+
+
 def test_a_clash_on_the_destination_leaves_the_vm_where_it_was(
         both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
     done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))

@@ -102,3 +102,35 @@ def test_flower_lists_the_worker_through_sentinel(
         assert info["stats"]["broker"]["transport"] == "sentinel"
     finally:
         stop_process_group(proc)
+
+
+def run_cli(url: str | None, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), **env_extra}
+    if url is not None:
+        env["VMTASK_REDIS_URL"] = url
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=REPO_ROOT,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+def test_the_cli_takes_the_master_name_from_the_environment_as_compose_sets_it(
+        served: tuple[SentinelCluster, WorkerProcess]) -> None:
+    """docker-compose.yml's HA producers: a sentinel:// URL without ?master_name=,
+    and VMTASK_REDIS_SENTINEL_MASTER (issue 20, item 6)."""
+    cluster, _worker = served
+    bare = ";".join(f"sentinel://127.0.0.1:{port}" for port in cluster.sentinel_ports)
+    done = run_cli(bare, "hosts", "--json", VMTASK_REDIS_SENTINEL_MASTER=cluster.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [row["host"] for row in json.loads(done.stdout)] == [HOST]
+    # The same through --url, and a ping that runs on the worker.
+    done = run_cli(None, "--url", bare, "--host", HOST, "ping",
+                   VMTASK_REDIS_SENTINEL_MASTER=cluster.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_refused_url_prints_its_hresult_once() -> None:
+    bare = "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2"
+    for done in (run_cli(bare, "hosts"), run_cli(None, "--url", bare, "hosts")):
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "master name" in done.stderr
+        assert done.stderr.count("0x80070057") == 1, done.stderr

@@ -11,8 +11,11 @@ for the paths of its root, then switches the VM record's host with a
 compare-and-set (`vm_move.lua`): only if the record still names the source host
 and the VM is still TurnedOff or Saved.  The source removes its copies only once
 the record names the destination: the record decides who owns the VM, whatever
-either task's fate.  Parents of the VM's disks are copied but stay on the source
-(other disks may share them).
+either task's fate.  The destination's task ends only after the source's task has
+(a move is complete when the source let go): a file the source could not remove
+is named in its output, and the move still ends Success, since it happened.
+Parents of the VM's disks are copied but stay on the source (other disks may share
+them).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from api.enums import VMTaskResult
 from api.enums import VMVMState as S
 from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
@@ -119,16 +125,43 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                         if client_over():
                             break
                         run.sleep(WATCH)
-            while not client_over():
+            # The destination's task waits for this one once the record names it
+            # (a move is complete only when the source has let go), so this one
+            # must not wait for it to end.
+            while not client_over() and not _names(client, name, destination_host):
                 run.sleep(WATCH)
         finally:
             client.delete(keys.transfer(transfer_id))
-        moved = client.hget(keys.vm_record(name), "host") == destination_host
-        if moved:
-            for path in owned:
-                path.unlink(missing_ok=True)
-            shutil.rmtree(paths_of(run.settings, name).directory, ignore_errors=True)
-    return {"moved": moved}
+        moved = _names(client, name, destination_host)
+        left = (_remove_owned(files, owned, paths_of(run.settings, name).directory)
+                if moved else [])
+    # ``left_on_source``: what could not be removed; the destination's task says so.
+    return {"moved": moved, "left_on_source": left} if left else {"moved": moved}
+
+
+def _names(client: Any, name: str, host: str) -> bool:
+    """The VM's record names ``host``: the record decides who owns the VM."""
+    return bool(client.hget(keys.vm_record(name), "host") == host)
+
+
+def _remove_owned(files: HostFiles, owned: list[Path], directory: Path) -> list[str]:
+    """Remove the VM's own files and folder from this host; what could not be removed
+    (relative paths, with the reason)."""
+    left: list[str] = []
+
+    def failed(_function: Any, path: str, exc_info: Any) -> None:
+        exc = exc_info[1]
+        if not isinstance(exc, FileNotFoundError):
+            left.append(f"{files.relative(Path(path))}: {exc.strerror or exc}")
+
+    for path in owned:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            left.append(f"{files.relative(path)}: {exc.strerror or exc}")
+    if directory.exists():
+        shutil.rmtree(directory, onerror=failed)
+    return left
 
 
 def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
@@ -211,7 +244,51 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             path.unlink(missing_ok=True)
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
-    return {"host": run.settings.host, "files": len(pulled)}
+    # The VM is here now, whatever follows: nothing below may undo or fail the move.
+    return {"host": run.settings.host, "files": len(pulled),
+            **_source_let_go(run, server, server_task_id, source_host)}
+
+
+def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
+                   source_host: str) -> dict[str, Any]:
+    """Wait until the source task has removed the VM's files (it does so once the
+    record names this host, then ends), as a live migration's task ends only once
+    its source let go.  Returns nothing when it did; else a ``warning`` (and
+    ``left_on_source``, what it could not remove) for the task's output: the move
+    happened, so the result stays Success (README, cold move).  Not cancelable:
+    the move is done."""
+    unreadable_since: float | None = None
+    while True:
+        try:
+            peer, dead = server.read()
+            output = (run.redis.hget(keys.task_record(server_task_id), "output")
+                      if peer.final else None)
+            unreadable_since = None
+        except (redis.ConnectionError, redis.TimeoutError):
+            # A missing reading, not an answer; a Redis that stays away ends the wait.
+            now = time.monotonic()
+            unreadable_since = unreadable_since or now
+            if now - unreadable_since > run.settings.transfer_stall_seconds:
+                return {"warning": f"Could not learn whether the source host {source_host} "
+                                   "removed the VM's files (Redis unreachable)"}
+            time.sleep(WATCH)
+            continue
+        if peer.final:
+            done = json.loads(output) if output else {}
+            if peer.result is VMTaskResult.Success and done.get("moved"):
+                left = [str(p) for p in done.get("left_on_source", [])]
+                if not left:
+                    return {}
+                return {"left_on_source": left,
+                        "warning": f"The source host {source_host} could not remove "
+                                   f"{len(left)} of the VM's files: {'; '.join(left)}"}
+            return {"warning": f"The source task on {source_host} ended "
+                               f"{peer.result.name if peer.result else peer.state} without "
+                               f"removing the VM's files: {peer.description}"}
+        if dead:
+            return {"warning": f"The worker of the source host {source_host} stopped before "
+                               "removing the VM's files; they may be left there"}
+        time.sleep(WATCH)
 
 
 class _Span:
