@@ -11,13 +11,13 @@ from functools import cached_property
 from pathlib import Path
 
 from api.connection import RedisEndpoint, parse_redis_url, read_secret_file, redact_url
+from api.enums import ACCELERATORS
 from api.errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_REDIS_URL", "Settings", "redact_url", "validate_host_name"]
+__all__ = ["ACCELERATORS", "DEFAULT_REDIS_URL", "Settings", "redact_url", "validate_host_name"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 HOST_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-ACCELERATORS = ("auto", "kvm", "tcg")
 WORKER_ROLES = ("main", "control")
 
 
