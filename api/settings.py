@@ -274,8 +274,6 @@ class Settings:
     console_log_max_bytes: int = setting(
         1024 * 1024, env="VMTASK_CONSOLE_LOG_MAX_BYTES", read=_integer(4096),
         doc="a VM's serial log is rotated past this size (one old generation kept)")
-    # The password is kept in a file so that it stays out of the environment that
-    # `docker inspect` and `ps e` show.
     redis_ca: str | None = setting(
         None, env="VMTASK_REDIS_CA", read=_text,
         doc="CA file that signs the Redis server's certificate (`rediss://` only)",
@@ -286,15 +284,17 @@ class Settings:
     redis_key: str | None = setting(
         None, env="VMTASK_REDIS_KEY", read=_text,
         doc="the client certificate's key (`rediss://` only)")
+    # The password is kept in a file so that it stays out of the environment that
+    # `docker inspect` and `ps e` show.
     redis_password_file: str | None = setting(
         None, env="VMTASK_REDIS_PASSWORD_FILE", read=_text,
         doc="file whose first line is the Redis password (a compose secret); the URL "
             "then carries none")
-    # A write that counts: a submitted task, a started or finished record.
     redis_sentinel_master: str | None = setting(
         None, env="VMTASK_REDIS_SENTINEL_MASTER", read=_text,
         doc="the primary's master name, with a `sentinel://` URL (or `?master_name=` in "
             "the URL)")
+    # A write that counts: a submitted task, a started or finished record.
     redis_wait_replicas: int | None = setting(
         None, env="VMTASK_REDIS_WAIT_REPLICAS", read=_integer(0),
         doc="replicas that must acknowledge a submit, a task's start and its result "
@@ -303,7 +303,7 @@ class Settings:
     redis_wait_ms: int = setting(
         1000, env="VMTASK_REDIS_WAIT_MS", read=_integer(1),
         doc="how long a write waits for those replicas")
-    # Then BrokerUnavailableError.
+    # Then BrokerUnavailableError.  Sentinel URLs only.
     redis_failover_seconds: float = setting(
         15.0, env="VMTASK_REDIS_FAILOVER_SECONDS", read=_number(0),
         doc="how long Sentinel clients retry a call while the primary changes, and a "
