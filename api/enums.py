@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+# The values of VMTASK_ACCEL: which accelerator QEMU uses (auto: KVM where it works).
+ACCELERATORS = ("auto", "kvm", "tcg")
+
 
 class VMTaskResult(IntEnum):
     Success = 0

@@ -1,23 +1,36 @@
-"""The one settings object, read from ``VMTASK_*`` variables by producers and workers."""
+"""The one settings object, read from ``VMTASK_*`` variables by producers and workers.
+
+Each variable is written once, as a `Settings` field made by `setting`: its
+metadata holds the variable's name, how its text is read and its doc (vdsm's
+table of config parameters is the model).  From that one table, `Settings.from_env`
+reads the environment, `configuration_page` renders docs/configuration.md (a unit
+test fails when the committed page is stale), `effective` is what ``vmtask config``
+prints with secrets redacted, and `unknown_variables` is what a worker warns about
+at start.  A new setting is one field here; then regenerate the page (`REGENERATE`).
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from api.connection import RedisEndpoint, parse_redis_url, read_secret_file, redact_url
+from api.enums import ACCELERATORS
 from api.errors import InvalidArgumentError
 
-__all__ = ["DEFAULT_REDIS_URL", "Settings", "redact_url", "validate_host_name"]
+__all__ = ["ACCELERATORS", "DEFAULT_REDIS_URL", "Settings", "configuration_page", "effective",
+           "redact_url", "unknown_variables", "validate_host_name"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 HOST_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-ACCELERATORS = ("auto", "kvm", "tcg")
 WORKER_ROLES = ("main", "control")
 
 
@@ -29,10 +42,64 @@ def validate_host_name(host: str) -> str:
     return host
 
 
-def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+Reader = Callable[[Mapping[str, str], str, Any], Any]
+
+
+def setting(default: Any = MISSING, *, env: str, read: Reader, doc: str,
+            shown: str | None = None, factory: Callable[[], Any] | None = None,
+            redact: Callable[[str], str] | None = None) -> Any:
+    """A `Settings` field with what is said about it once: its variable, how its
+    text is read (``read(env, name, default)``), its documentation, where the
+    default is no plain value how the configuration page shows it, and how to hide
+    the secrets its value may hold (``vmtask config``)."""
+    metadata = {"env": env, "read": read, "doc": doc, "shown": shown, "redact": redact}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def redact_secrets(url: str) -> str:
+    """`redact_url`, and a password given in the query (redis-py reads ``?password=``)."""
+    parts = []
+    for part in redact_url(url).split(";"):
+        query = parse_qsl(urlsplit(part).query, keep_blank_values=True)
+        if any("password" in key.lower() for key, _ in query):
+            hidden = [(key, "***" if "password" in key.lower() else value)
+                      for key, value in query]
+            part = urlunsplit(urlsplit(part)._replace(query=urlencode(hidden, safe="*")))
+        parts.append(part)
+    return ";".join(parts)
+
+
+def _text(env: Mapping[str, str], name: str, default: Any) -> Any:
+    return env.get(name) or default
+
+
+def _host_name(env: Mapping[str, str], name: str, default: str) -> str:
+    return validate_host_name(env.get(name) or default)
+
+
+def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
+    return Path(env.get(name) or default).absolute()
+
+
+def _paths(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for p in (env.get(name) or "").split(os.pathsep) if p) or default
+
+
+def _choice(choices: tuple[str, ...]) -> Reader:
+    def read(env: Mapping[str, str], name: str, default: str) -> str:
+        value = env.get(name) or default
+        if value not in choices:
+            raise InvalidArgumentError(f"{name} must be one of {choices}, not {value!r}")
+        return value
+    return read
+
+
+def _parse_number(env: Mapping[str, str], name: str, minimum: float) -> float | None:
     raw = env.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
         value = float(raw)
     except ValueError:
@@ -40,6 +107,20 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
     if value < minimum:
         raise InvalidArgumentError(f"{name} must be at least {minimum}, not {raw!r}")
     return value
+
+
+def _number(minimum: float) -> Reader:
+    def read(env: Mapping[str, str], name: str, default: float) -> float:
+        value = _parse_number(env, name, minimum)
+        return default if value is None else value
+    return read
+
+
+def _integer(minimum: float) -> Reader:
+    def read(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+        value = _parse_number(env, name, minimum)
+        return default if value is None else int(value)
+    return read
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -77,85 +158,161 @@ def _port_range(env: Mapping[str, str], name: str, default: tuple[int, int]) -> 
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = DEFAULT_REDIS_URL
-    host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
-    storage_root: Path = Path("./var/storage")
-    accel: str = "auto"
+    """Every ``VMTASK_*`` setting: one field each, with its variable and its doc.
+
+    `from_env` reads the variables through the fields' metadata, and
+    ``vmtask config --markdown`` renders docs/configuration.md from it.
+    """
+
+    redis_url: str = setting(
+        DEFAULT_REDIS_URL, env="VMTASK_REDIS_URL", read=_text, redact=redact_secrets,
+        doc="broker and result store (`redis://`, `rediss://`, `sentinel://`; "
+            "password allowed)")
+    host: str = setting(
+        env="VMTASK_HOST", read=_host_name,
+        factory=lambda: socket.gethostname().split(".")[0],
+        doc="host this worker serves / producer's default target",
+        shown="short hostname (worker); the only live host (producer)")
+    storage_root: Path = setting(  # noqa: RUF009 - a Path is immutable
+        Path("./var/storage"), env="VMTASK_STORAGE_ROOT", read=_directory,
+        doc="root of this host's disks, VM state and sockets", shown="`./var/storage`")
+    accel: str = setting(
+        "auto", env="VMTASK_ACCEL", read=_choice(ACCELERATORS),
+        doc="QEMU accelerator: `auto`, `kvm`, `tcg`")
     # A running task's lease: a worker killed with -9 stops renewing it, and the task
     # is judged crashed once it expires. Renewed every third of its length.
-    lease_seconds: float = 15.0
+    lease_seconds: float = setting(
+        15.0, env="VMTASK_LEASE_SECONDS", read=_number(1.0),
+        doc="running-task lease; a dead worker's task ends ThreadCrash after it")
     # A host is live while its heartbeat key exists; it is refreshed every third.
-    heartbeat_seconds: float = 10.0
-    # How long a completed task's record is kept before Redis expires it.
-    retention_seconds: float = 86400.0
-    # Soft time limit of an operation that does not set its own.
-    time_limit_seconds: float = 6 * 3600.0
-    # Block devices or files a host-drive disk may refer to (exact paths or prefixes ending in /).
-    host_drive_allow: tuple[str, ...] = ()
-    # Bytes per second a VM save may write (0: unlimited), to spare a busy disk.
-    save_max_bandwidth: int = 0
-    # Bytes per second a live migration may send, for each disk's mirror and for RAM
-    # (0: unlimited), to spare a shared link.
-    migrate_max_bandwidth: int = 0
-    # Long operations (copies, VM starts, saves) a host runs at once.  They wait on
-    # subprocesses and QMP, not on the CPU, so this is not tied to the CPU count.
-    concurrency: int = 4
-    # Quick control operations (pause, turn off, disk info...) a host runs at once,
-    # in their own lane that never waits behind long work.
-    control_concurrency: int = 4
-    # A message a worker took but never started (it died, or Redis restarted) goes
-    # back to its queue after this long.  Safe to keep short: a copy of a task that
-    # did start is dropped by the record's start gate.
-    visibility_timeout_seconds: float = 30.0
-    # Every Redis call's deadline: a frozen Redis fails calls after this long.
-    redis_timeout_seconds: float = 5.0
-    # Producers send a task-sent event per task, so Flower lists queued tasks.
-    sent_events: bool = True
-    # "main" serves the host; "control" is the lane for quick operations that the
-    # main worker starts by itself.
-    role: str = "main"
-    # The address VM consoles (VNC, a free port per VM) listen on.
-    vnc_listen: str = "127.0.0.1"
-    # The address a VM's port forwards (network="user") listen on.
-    forward_listen: str = "127.0.0.1"
-    # The address other hosts reach this host's transfers on (NBD exports of disks
-    # being copied or migrated): servers bind to it, and the heartbeat advertises it.
-    advertise_address: str = "127.0.0.1"
-    # The TCP ports transfers listen on (one per transfer while it runs), inclusive.
-    transfer_ports: tuple[int, int] = (49152, 49407)
-    # A transfer that receives nothing for this long ends TimeOutError: a partition
-    # between hosts stalls a TCP stream for many minutes without failing it.
-    transfer_stall_seconds: float = 60.0
-    # A directory of certificates as QEMU's tls-creds-x509 reads it (ca-cert.pem,
-    # server-cert.pem, server-key.pem, client-cert.pem, client-key.pem): every
-    # transfer (copies, cold and live moves) is then TLS with both ends verified,
-    # and one with a host of other credentials, or none, is refused.
-    transfer_tls_dir: str | None = None
-    # Or a directory holding QEMU's ``keys.psk`` (lines ``qemu:<hex key>``), the same
-    # on every host: every transfer is then TLS with that pre-shared key.  At most
-    # one of the two; neither: plain TCP.
-    transfer_psk_dir: str | None = None
-    # A VM's serial console log is rotated past this size (one old generation kept).
-    console_log_max_bytes: int = 1024 * 1024
-    # TLS files for a rediss:// URL (a CA to verify the server; a client certificate
-    # and key when Redis asks for one), and a file holding the Redis password, so
-    # that it stays out of the environment that `docker inspect` and `ps e` show.
-    redis_ca: str | None = None
-    redis_cert: str | None = None
-    redis_key: str | None = None
-    redis_password_file: str | None = None
-    # With a sentinel:// URL: the primary's master name (unless the URL says
-    # ?master_name=), how many replicas must acknowledge a write that counts (a
-    # submitted task, a started or finished record; default 1 with Sentinel, 0
-    # otherwise) and how long to wait for them.
-    redis_sentinel_master: str | None = None
-    redis_wait_replicas: int | None = None
-    redis_wait_ms: int = 1000
-    # How long producers, the CLI and workers keep retrying a Redis call whose
-    # connection was refused or cut (a failover, a restart) before they give up
-    # (BrokerUnavailableError).  None: 15 s with a Sentinel URL, 0 (fail at once)
-    # with one Redis.
-    redis_failover_seconds: float | None = None
+    heartbeat_seconds: float = setting(
+        10.0, env="VMTASK_HEARTBEAT_SECONDS", read=_number(1.0),
+        doc="host heartbeat lifetime (refreshed every third)")
+    retention_seconds: float = setting(
+        86400.0, env="VMTASK_RETENTION_SECONDS", read=_number(1.0),
+        doc="how long completed task records are kept")
+    time_limit_seconds: float = setting(
+        6 * 3600.0, env="VMTASK_TIME_LIMIT_SECONDS", read=_number(1.0),
+        doc="default soft time limit of an operation (TimeOutError)")
+    host_drive_allow: tuple[str, ...] = setting(
+        (), env="VMTASK_HOST_DRIVE_ALLOW", read=_paths,
+        doc="host devices/files a host-drive disk may use (`:`-separated; a prefix "
+            "ends in `/`)")
+    # To spare a busy disk.
+    save_max_bandwidth: int = setting(
+        0, env="VMTASK_SAVE_MAX_BANDWIDTH", read=_integer(0),
+        doc="bytes/s a VM save may write; 0 is unlimited")
+    # To spare a shared link.
+    migrate_max_bandwidth: int = setting(
+        0, env="VMTASK_MIGRATE_MAX_BANDWIDTH", read=_integer(0),
+        doc="bytes/s a live migration may send, per disk mirror and for RAM; 0 is "
+            "unlimited")
+    # They wait on subprocesses and QMP, not on the CPU, so this is not tied to the
+    # CPU count.
+    concurrency: int = setting(
+        4, env="VMTASK_CONCURRENCY", read=_integer(1),
+        doc="long operations (copies, VM starts, saves) a worker runs at once "
+            "(`-c` overrides)")
+    # In their own lane, which never waits behind long work.
+    control_concurrency: int = setting(
+        4, env="VMTASK_CONTROL_CONCURRENCY", read=_integer(1),
+        doc="quick operations (pause, turn off, disk info...) the host's control lane "
+            "runs at once")
+    # A message a worker took but never started (it died, or Redis restarted).  Safe
+    # to keep short: a copy of a task that did start is dropped by the start gate.
+    visibility_timeout_seconds: float = setting(
+        30.0, env="VMTASK_VISIBILITY_TIMEOUT_SECONDS", read=_number(5.0),
+        doc="a message taken but never started returns to its queue after this")
+    redis_timeout_seconds: float = setting(
+        5.0, env="VMTASK_REDIS_TIMEOUT_SECONDS", read=_number(0.5),
+        doc="deadline of every Redis call (producer, CLI, worker): a frozen Redis fails "
+            "calls after this long")
+    sent_events: bool = setting(
+        True, env="VMTASK_SENT_EVENTS", read=_flag,
+        doc="producers send a `task-sent` event per task, so Flower lists queued tasks "
+            "(`0` turns it off and enqueues about 1.2x faster)")
+    # The control lane is started by the main worker itself, with "control".
+    role: str = setting(
+        "main", env="VMTASK_WORKER_ROLE", read=_choice(WORKER_ROLES),
+        doc="`main` serves the host; `control` is the lane for quick operations that "
+            "the main worker starts by itself (never set it by hand)")
+    vnc_listen: str = setting(
+        "127.0.0.1", env="VMTASK_VNC_LISTEN", read=_address,
+        doc="the address VM consoles (VNC, a free port per VM from 5900) listen on")
+    forward_listen: str = setting(
+        "127.0.0.1", env="VMTASK_FORWARD_LISTEN", read=_address,
+        doc="the address a VM's port forwards (`network=\"user\"`) listen on")
+    advertise_address: str = setting(
+        "127.0.0.1", env="VMTASK_ADVERTISE_ADDRESS", read=_address,
+        doc="the address other hosts reach this host's transfers on (NBD exports for "
+            "`copy_to` and moves); exports bind to it and the heartbeat advertises it")
+    transfer_ports: tuple[int, int] = setting(
+        (49152, 49407), env="VMTASK_TRANSFER_PORTS", read=_port_range,
+        doc="TCP port range (`LOW-HIGH`, inclusive) transfers listen on, one port per "
+            "running transfer")
+    # A partition between hosts stalls a TCP stream for many minutes without failing it.
+    transfer_stall_seconds: float = setting(
+        60.0, env="VMTASK_TRANSFER_STALL_SECONDS", read=_number(1.0),
+        doc="a transfer (disk copy, cold move, live migration) that moves nothing for "
+            "this long ends TimeOutError")
+    # At most one of the two transfer TLS settings; neither: plain TCP.
+    transfer_tls_dir: str | None = setting(
+        None, env="VMTASK_TRANSFER_TLS_DIR", read=_text,
+        doc="certificates in QEMU's `tls-creds-x509` layout (`ca-cert.pem`, "
+            "`server-cert.pem`, `server-key.pem`, `client-cert.pem`, `client-key.pem`): "
+            "every transfer (copies, cold moves, live migration's NBD and migration "
+            "channels) is TLS with both ends verified; not together with "
+            "`VMTASK_TRANSFER_PSK_DIR`; set on every host or none",
+        shown="none (plain TCP)")
+    transfer_psk_dir: str | None = setting(
+        None, env="VMTASK_TRANSFER_PSK_DIR", read=_text,
+        doc="a directory with QEMU's `keys.psk` (`qemu:<hex key>`), the same on every "
+            "host: every transfer (copies, cold moves, live migration's NBD and "
+            "migration channels) is TLS with that pre-shared key; not together with "
+            "`VMTASK_TRANSFER_TLS_DIR`; set on every host or none",
+        shown="none (plain TCP)")
+    console_log_max_bytes: int = setting(
+        1024 * 1024, env="VMTASK_CONSOLE_LOG_MAX_BYTES", read=_integer(4096),
+        doc="a VM's serial log is rotated past this size (one old generation kept)")
+    redis_ca: str | None = setting(
+        None, env="VMTASK_REDIS_CA", read=_text,
+        doc="CA file that signs the Redis server's certificate (`rediss://` only)",
+        shown="the system CAs")
+    redis_cert: str | None = setting(
+        None, env="VMTASK_REDIS_CERT", read=_text,
+        doc="client certificate, when Redis asks for one (`rediss://` only)")
+    redis_key: str | None = setting(
+        None, env="VMTASK_REDIS_KEY", read=_text,
+        doc="the client certificate's key (`rediss://` only)")
+    # The password is kept in a file so that it stays out of the environment that
+    # `docker inspect` and `ps e` show.
+    redis_password_file: str | None = setting(
+        None, env="VMTASK_REDIS_PASSWORD_FILE", read=_text,
+        doc="file whose first line is the Redis password (a compose secret); the URL "
+            "then carries none")
+    redis_sentinel_master: str | None = setting(
+        None, env="VMTASK_REDIS_SENTINEL_MASTER", read=_text,
+        doc="the primary's master name, with a `sentinel://` URL (or `?master_name=` in "
+            "the URL)")
+    # A write that counts: a submitted task, a started or finished record.
+    redis_wait_replicas: int | None = setting(
+        None, env="VMTASK_REDIS_WAIT_REPLICAS", read=_integer(0),
+        doc="replicas that must acknowledge a submit, a task's start and its result "
+            "(`WAIT`) before they count",
+        shown="1 with Sentinel, else 0")
+    redis_wait_ms: int = setting(
+        1000, env="VMTASK_REDIS_WAIT_MS", read=_integer(1),
+        doc="how long a write waits for those replicas")
+    # Then BrokerUnavailableError.  Sentinel URLs only.
+    # None: 15 s with a Sentinel URL (failover tests count on submits riding one out),
+    # 0 with one Redis, whose outage has no known end.
+    redis_failover_seconds: float | None = setting(
+        None, env="VMTASK_REDIS_FAILOVER_SECONDS", read=_number(0),
+        doc="how long every entry point (library, CLI, worker) retries a Redis call whose "
+            "connection was refused or cut (a failover, a restart) before "
+            "`BrokerUnavailableError`, and a worker re-sends a start or result no replica "
+            "acknowledged; a refused login is never retried",
+        shown="15 with Sentinel, else 0 (fail at once)")
 
     def endpoint_for(self, url: str | None = None) -> RedisEndpoint:
         """``url`` (else ``VMTASK_REDIS_URL``) with these TLS files and password file."""
@@ -176,70 +333,94 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        accel = env.get("VMTASK_ACCEL", "auto") or "auto"
-        if accel not in ACCELERATORS:
-            raise InvalidArgumentError(f"VMTASK_ACCEL must be one of {ACCELERATORS}, not {accel!r}")
-        defaults = cls()
-        host = env.get("VMTASK_HOST") or defaults.host
-        role = env.get("VMTASK_WORKER_ROLE") or "main"
-        if role not in WORKER_ROLES:
-            raise InvalidArgumentError(f"VMTASK_WORKER_ROLE must be one of {WORKER_ROLES}")
-        def optional(name: str) -> str | None:
-            return env.get(name) or None
-
-        allow = tuple(p for p in env.get("VMTASK_HOST_DRIVE_ALLOW", "").split(os.pathsep) if p)
-        settings = cls(
-            redis_url=env.get("VMTASK_REDIS_URL") or DEFAULT_REDIS_URL,
-            host=validate_host_name(host),
-            storage_root=Path(env.get("VMTASK_STORAGE_ROOT") or defaults.storage_root).absolute(),
-            accel=accel,
-            lease_seconds=_number(env, "VMTASK_LEASE_SECONDS", defaults.lease_seconds, 1.0),
-            heartbeat_seconds=_number(
-                env, "VMTASK_HEARTBEAT_SECONDS", defaults.heartbeat_seconds, 1.0
-            ),
-            retention_seconds=_number(
-                env, "VMTASK_RETENTION_SECONDS", defaults.retention_seconds, 1.0
-            ),
-            time_limit_seconds=_number(
-                env, "VMTASK_TIME_LIMIT_SECONDS", defaults.time_limit_seconds, 1.0
-            ),
-            host_drive_allow=allow,
-            save_max_bandwidth=int(_number(env, "VMTASK_SAVE_MAX_BANDWIDTH", 0, 0)),
-            migrate_max_bandwidth=int(_number(env, "VMTASK_MIGRATE_MAX_BANDWIDTH", 0, 0)),
-            concurrency=int(_number(env, "VMTASK_CONCURRENCY", defaults.concurrency, 1)),
-            control_concurrency=int(_number(env, "VMTASK_CONTROL_CONCURRENCY",
-                                            defaults.control_concurrency, 1)),
-            visibility_timeout_seconds=_number(env, "VMTASK_VISIBILITY_TIMEOUT_SECONDS",
-                                               defaults.visibility_timeout_seconds, 5.0),
-            redis_timeout_seconds=_number(env, "VMTASK_REDIS_TIMEOUT_SECONDS",
-                                          defaults.redis_timeout_seconds, 0.5),
-            role=role,
-            sent_events=_flag(env, "VMTASK_SENT_EVENTS", defaults.sent_events),
-            vnc_listen=_address(env, "VMTASK_VNC_LISTEN", defaults.vnc_listen),
-            forward_listen=_address(env, "VMTASK_FORWARD_LISTEN", defaults.forward_listen),
-            advertise_address=_address(env, "VMTASK_ADVERTISE_ADDRESS",
-                                       defaults.advertise_address),
-            transfer_ports=_port_range(env, "VMTASK_TRANSFER_PORTS", defaults.transfer_ports),
-            transfer_stall_seconds=_number(env, "VMTASK_TRANSFER_STALL_SECONDS",
-                                           defaults.transfer_stall_seconds, 1.0),
-            transfer_tls_dir=optional("VMTASK_TRANSFER_TLS_DIR"),
-            transfer_psk_dir=optional("VMTASK_TRANSFER_PSK_DIR"),
-            console_log_max_bytes=int(_number(env, "VMTASK_CONSOLE_LOG_MAX_BYTES",
-                                              defaults.console_log_max_bytes, 4096)),
-            redis_ca=optional("VMTASK_REDIS_CA"),
-            redis_cert=optional("VMTASK_REDIS_CERT"),
-            redis_key=optional("VMTASK_REDIS_KEY"),
-            redis_password_file=optional("VMTASK_REDIS_PASSWORD_FILE"),
-            redis_sentinel_master=optional("VMTASK_REDIS_SENTINEL_MASTER"),
-            redis_wait_replicas=(int(_number(env, "VMTASK_REDIS_WAIT_REPLICAS", 0, 0))
-                                 if env.get("VMTASK_REDIS_WAIT_REPLICAS") else None),
-            redis_wait_ms=int(_number(env, "VMTASK_REDIS_WAIT_MS", defaults.redis_wait_ms, 1)),
-            redis_failover_seconds=(_number(env, "VMTASK_REDIS_FAILOVER_SECONDS", 0, 0)
-                                    if env.get("VMTASK_REDIS_FAILOVER_SECONDS") else None),
-        )
+        values = {}
+        for spec in fields(cls):
+            factory = spec.default_factory
+            default = factory() if callable(factory) else spec.default
+            values[spec.name] = spec.metadata["read"](env, spec.metadata["env"], default)
+        settings = cls(**values)
         if settings.transfer_tls_dir and settings.transfer_psk_dir:
             raise InvalidArgumentError(
                 "Set VMTASK_TRANSFER_TLS_DIR (x509 certificates) or VMTASK_TRANSFER_PSK_DIR "
                 "(a pre-shared key) for transfer TLS, not both")
         settings.endpoint  # noqa: B018 - a bad URL or TLS file fails at start-up, not later
         return settings
+
+
+# VMTASK_* variables that are no settings, read elsewhere: the tiny test guest's
+# build cache (workers.devtools.tinyguest) and the tests' QMP pause points.
+OTHER_VARIABLES = ("VMTASK_CACHE_DIR", "VMTASK_TEST_PAUSE_BEFORE", "VMTASK_TEST_PAUSE_MARKER")
+PREFIX = "VMTASK_"
+REGENERATE = "vmtask config --markdown > docs/configuration.md"
+
+
+def variables() -> dict[str, Field[Any]]:
+    """Each setting's variable, with its field."""
+    return {spec.metadata["env"]: spec for spec in fields(Settings)}
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The ``VMTASK_*`` names in ``env`` that nothing reads (likely misspelt), each
+    with the closest known name, if one is close."""
+    known = [*variables(), *OTHER_VARIABLES]
+    # Compared without the prefix every name shares, which would make all look close.
+    stems = {name.removeprefix(PREFIX): name for name in known}
+
+    def closest(name: str) -> str | None:
+        match = difflib.get_close_matches(name.removeprefix(PREFIX), stems, n=1)
+        return stems[match[0]] if match else None
+
+    return [(name, closest(name))
+            for name in sorted(env) if name.startswith(PREFIX) and name not in known]
+
+
+def as_text(value: Any) -> str:
+    """A value as its variable would spell it ("" for unset)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        if len(value) == 2 and all(isinstance(item, int) for item in value):
+            return f"{value[0]}-{value[1]}"
+        return os.pathsep.join(str(item) for item in value)
+    return str(value)
+
+
+def effective(settings: Settings) -> dict[str, str]:
+    """Each variable with the value ``settings`` holds, secrets redacted.  A password
+    file is shown by its path: its contents never reach the result."""
+    shown = {}
+    for name, spec in variables().items():
+        text = as_text(getattr(settings, spec.name))
+        redact = spec.metadata["redact"]
+        shown[name] = redact(text) if redact and text else text
+    return shown
+
+
+def configuration_page() -> str:
+    """docs/configuration.md: every variable, its meaning and default, from `Settings`."""
+    rows = []
+    for name, spec in variables().items():
+        default = spec.metadata["shown"]
+        if default is None:
+            text = as_text(spec.default)
+            default = f"`{text}`" if isinstance(spec.default, str | Path | tuple) and text \
+                else text or "none"
+        rows.append(f"| `{name}` | {spec.metadata['doc']} | {default} |")
+    return "\n".join([
+        "# Configuration",
+        "",
+        f"<!-- Generated from api/settings.py; do not edit. Regenerate: {REGENERATE} -->",
+        "",
+        "Producers, the CLI and workers read these variables (`api.settings.Settings`).",
+        "`vmtask config` prints the values in effect, with secrets redacted; a worker",
+        "warns at start about a `VMTASK_*` variable it does not know.",
+        "",
+        "| variable | meaning | default |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+    ])

@@ -7,6 +7,8 @@ it is asked for: importing an engine or a task module builds nothing.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,8 +26,24 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(f"module 'workers' has no attribute {name!r}")
     if _app is None:
+        from celery.signals import celeryd_after_setup
+
         from api.settings import Settings
         from workers.factory import create_app
 
-        _app = create_app(Settings.from_env())
+        settings = Settings.from_env()
+        _app = create_app(settings)
+        if settings.role == "main":  # the control lane has the same environment
+            celeryd_after_setup.connect(_warn_about_unknown_variables, weak=False)
     return _app
+
+
+def _warn_about_unknown_variables(**_: object) -> None:
+    """At worker start (once its logging is set up): a misspelt ``VMTASK_*`` variable
+    would otherwise be ignored in silence.  Names only: a value may be a secret."""
+    from api.settings import unknown_variables  # not at import: it loads redis-py
+
+    for name, closest in unknown_variables(os.environ):
+        hint = f"; did you mean {closest}?" if closest else ""
+        logging.getLogger(__name__).warning(
+            "%s is not a vmtask setting and is ignored%s", name, hint)

@@ -1,9 +1,30 @@
-"""How a task's failure becomes plain data: a `VMTaskResult`, an HRESULT and a text.
+"""Every error a worker raises, and how a failure becomes plain data.
 
-Engines raise `OperationFailed` subclasses when they know what went wrong, or let
-ordinary exceptions (``OSError`` with an errno, ``MemoryError``, Celery's soft time
-limit) escape; `classify` maps both.  Nothing here is ever pickled: the worker stores
-the three fields of `Failure` as strings in the task record.
+Engines and tasks raise these when they know what went wrong, or let ordinary
+exceptions (``OSError`` with an errno, ``MemoryError``, ``TimeoutError``) escape;
+`classify` maps both to a `Failure`: a `VMTaskResult`, an HRESULT and a text.
+Nothing here is ever pickled: the worker stores the three fields of `Failure` as
+strings in the task record.  Celery and Redis are not imported here, so that an
+engine loads neither: what only the runtime meets (Celery's soft time limit,
+Redis's ACL refusals) is classified by `workers.runtime.failure_of`.
+
+    OperationFailed              UnexpectedError, E_UNEXPECTED unless the raiser says
+    ├── Cancelled                Cancelled, E_ABORT
+    ├── DiskError                DiskRelatedError; the precise HRESULT, else WRITE_FAULT
+    │   └── CorruptImage         DISK_CORRUPT
+    ├── DiskInUse                INVALID_STATE: attached to a VM, or another's parent
+    ├── OutOfMemory              OutOfMemoryError, E_OUTOFMEMORY
+    ├── IncompatibleSavedState   IncompatibleSavedStateError
+    ├── OperationTimedOut        TimeOutError, TIMEOUT
+    ├── IllegalValue             IllegalValueError, E_INVALIDARG
+    ├── PeerFailed               the other side of a transfer's own result and HRESULT
+    ├── VMNotRunning             no live QEMU process, or its QMP socket is gone
+    ├── QMPCommandFailed         QEMU answered a QMP command with an error
+    └── GuestAgentError          the guest agent answered with an error, or went away
+
+    api.errors.InvalidStateError  the producer's own class, raised by a worker that
+                                  finds the VM's state forbids the operation:
+                                  UnexpectedError, INVALID_STATE
 """
 
 from __future__ import annotations
@@ -11,10 +32,8 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-import redis
-from celery.exceptions import SoftTimeLimitExceeded
-
 from api.enums import VMTaskResult
+from api.errors import InvalidStateError
 from api.protocol import hresults
 
 
@@ -76,6 +95,42 @@ class IllegalValue(OperationFailed):
     hresult = hresults.E_INVALIDARG
 
 
+class DiskInUse(OperationFailed):
+    """The image is attached to a VM or is another image's parent."""
+
+    hresult = hresults.INVALID_STATE
+
+
+class PeerFailed(OperationFailed):
+    """The other side of the transfer ended without success; carries its outcome."""
+
+    def __init__(self, description: str, result: VMTaskResult, hresult: int) -> None:
+        super().__init__(description, hresult)
+        self.result = result
+
+
+class VMNotRunning(OperationFailed):
+    """The VM has no live QEMU process, or its QMP socket is gone."""
+
+
+class QMPCommandFailed(OperationFailed):
+    """QEMU answered a QMP command with an error."""
+
+    def __init__(self, command: str, error_class: str, description: str) -> None:
+        super().__init__(f"QMP {command} failed: {description}")
+        self.command = command
+        self.error_class = error_class
+        self.qemu_description = description
+
+
+class GuestAgentError(OperationFailed):
+    """The agent answered with an error, or the connection broke."""
+
+    def __init__(self, description: str, error_class: str = "") -> None:
+        super().__init__(description)
+        self.error_class = error_class
+
+
 ERRNO_TO_HRESULT: dict[int, int] = {
     errno.ENOSPC: hresults.DISK_FULL,
     errno.EDQUOT: hresults.DISK_FULL,
@@ -88,41 +143,15 @@ ERRNO_TO_HRESULT: dict[int, int] = {
 }
 
 
-# Redis's refusals of a command by the user's ACL: a NOPERM reply (redis-py's
-# NoPermissionError), or, inside a script, Redis 7.0's generic script error.
-_ACL_REFUSALS = ("NOPERM", "no permissions to run", "can't run this command")
-
-
-def is_redis_refusal(exc: BaseException) -> bool:
-    """Redis refused a command to this user (its ACL lacks it): not a crash, not
-    transient, and no retry helps."""
-    if isinstance(exc, redis.exceptions.NoPermissionError):
-        return True
-    return isinstance(exc, redis.exceptions.ResponseError) and any(
-        text in str(exc) for text in _ACL_REFUSALS)
-
-
-def redis_refusal(exc: BaseException, what: str) -> Failure:
-    """Access denied, with Redis's own text (it names the command it refused, except
-    inside a script, where Redis 7.0 names only the script).
-
-    UnexpectedError, not ThreadCrashError: the worker did not stop, and the
-    deployment's ACL is no expected outcome of an operation; its HRESULT,
-    ERROR_ACCESS_DENIED, says what happened."""
-    return Failure(VMTaskResult.UnexpectedError, hresults.ACCESS_DENIED,
-                   f"{what}: Redis refused a command to the worker's user (its ACL lacks "
-                   f"it; see deploy/redis/users.acl.template): {exc}")
-
-
 def classify(exc: BaseException) -> Failure:
     """Map any exception raised by a task body to its stored failure."""
     if isinstance(exc, OperationFailed):
         return Failure(exc.result, exc.hresult, str(exc))
-    if is_redis_refusal(exc):
-        return redis_refusal(exc, "The operation stopped")
+    if isinstance(exc, InvalidStateError):
+        return Failure(VMTaskResult.UnexpectedError, exc.hresult, str(exc.args[0]))
     if isinstance(exc, MemoryError):
         return Failure(VMTaskResult.OutOfMemoryError, hresults.E_OUTOFMEMORY, "Out of memory")
-    if isinstance(exc, SoftTimeLimitExceeded | TimeoutError):
+    if isinstance(exc, TimeoutError):
         return Failure(
             VMTaskResult.TimeOutError, hresults.TIMEOUT, "The operation's time limit expired"
         )

@@ -7,7 +7,7 @@ body the runtime:
 1. passes the record's start gate (PENDING -> STARTED, lease taken) or drops the
    message unread;
 2. keeps the lease alive from a per-process thread while the body runs;
-3. records success, or the failure `classify` maps the exception to, as plain
+3. records success, or the failure `failure_of` maps the exception to, as plain
    strings in the record, and publishes ``done``.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec
 
 import redis
 from celery import Task, shared_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -37,7 +37,7 @@ from api.protocol.tasks import TaskSpec
 from api.replication import Acknowledgement, register_script, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
-from workers.failures import Failure, classify, is_redis_refusal, redis_refusal
+from workers.failures import Failure, classify
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,42 @@ EVENT_MIN_INTERVAL = 1.0
 CANCEL_CHECK_INTERVAL = 0.1
 # How long a finishing task keeps retrying its final write while Redis is away.
 FINISH_RETRY_SECONDS = 120.0
+
+
+# Redis's refusals of a command by the user's ACL: a NOPERM reply (redis-py's
+# NoPermissionError), or, inside a script, Redis 7.0's generic script error.
+_ACL_REFUSALS = ("NOPERM", "no permissions to run", "can't run this command")
+
+
+def is_redis_refusal(exc: BaseException) -> bool:
+    """Redis refused a command to this user (its ACL lacks it): not a crash, not
+    transient, and no retry helps."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and any(
+        text in str(exc) for text in _ACL_REFUSALS)
+
+
+def redis_refusal(exc: BaseException, what: str) -> Failure:
+    """Access denied, with Redis's own text (it names the command it refused, except
+    inside a script, where Redis 7.0 names only the script).
+
+    UnexpectedError, not ThreadCrashError: the worker did not stop, and the
+    deployment's ACL is no expected outcome of an operation; its HRESULT,
+    ERROR_ACCESS_DENIED, says what happened."""
+    return Failure(VMTaskResult.UnexpectedError, hresults.ACCESS_DENIED,
+                   f"{what}: Redis refused a command to the worker's user (its ACL lacks "
+                   f"it; see deploy/redis/users.acl.template): {exc}")
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """`classify`, and what only the runtime meets: Celery's soft time limit and
+    Redis's ACL refusals (kept here so that no engine loads Celery or redis-py)."""
+    if is_redis_refusal(exc):
+        return redis_refusal(exc, "The operation stopped")
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return classify(TimeoutError())
+    return classify(exc)
 
 
 class WorkerRedis:
@@ -392,7 +428,7 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
     try:
         value = body(run, **kwargs)
     except Exception as exc:
-        failure = classify(exc)
+        failure = failure_of(exc)
         if failure.result == VMTaskResult.UnexpectedError:
             trace = traceback.format_exc()
             log.exception("Task %s %s failed unexpectedly", task.name, task_id)

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from api import errors
+from api.cli.config import config
 from api.cli.disk import disk
 from api.cli.exits import (
     EXIT_CODES,
@@ -132,5 +133,5 @@ def main(ctx: click.Context, url: str | None, host: str | None) -> None:
     state.url, state.host = url, host
 
 
-for _command in (disk, vm, task, wait, hosts, ping, worker, demo):
+for _command in (disk, vm, task, wait, hosts, ping, worker, demo, config):
     main.add_command(_command)

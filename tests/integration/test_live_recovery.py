@@ -39,8 +39,9 @@ from tests.integration.test_live_migration import (
 from tests.pause_points import PAUSING, pause_env
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.engines import qemu_vm
+from workers.failures import PeerFailed
 from workers.tasks import transfer
-from workers.tasks.transfer import PeerFailed, PeerWatch
+from workers.tasks.transfer import PeerWatch
 
 S = VMVMState
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
+from api.protocol import tasks
 from api.protocol.vmstate import VMStateEvent
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
@@ -131,6 +132,20 @@ def test_illegal_transitions_raise_at_once(server: VirtualServer, name: str) -> 
     with pytest.raises(errors.InvalidStateError):
         vm.resume()
     ok(vm.turn_off())
+    ok(vm.delete())
+
+
+def test_the_worker_refuses_a_transition_a_producer_did_not_check(
+        server: VirtualServer, name: str) -> None:
+    """The worker's own state check (api.errors.InvalidStateError raised in the worker),
+    for a producer that skipped the producer's: a result, never a crash."""
+    vm = server.create_virtual_machine(name, memory_mb=64)
+    task = server.submit(tasks.VM_PAUSE, description="forced pause", kwargs={"name": name},
+                         host="vmhost")
+    assert task.wait_for_completion(60_000)
+    assert (task.result, task.error) == (VMTaskResult.UnexpectedError, 0x8007139F)
+    assert task.error_description == f"Cannot pause VM {name!r} while TurnedOff"
+    assert vm.state is S.TurnedOff
     ok(vm.delete())
 
 

@@ -109,6 +109,36 @@ def test_engines_import_neither_celery_nor_redis() -> None:
                 assert name.split(".")[0] not in ("celery", "kombu", "redis"), (path, name)
 
 
+def engine_modules() -> list[str]:
+    """Every module of the engines, and the error tree they raise from."""
+    paths = sorted((REPO / "workers" / "engines").rglob("*.py"))
+    return ["workers.failures", *(module_name(path) for path in paths)]
+
+
+def test_engines_load_neither_celery_nor_redis_even_indirectly() -> None:
+    """An engine that reaches Celery, kombu or redis-py through any chain of imports
+    (a helper module, a package's ``__init__``) fails to import here."""
+    blocker = (
+        "import importlib, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('celery', 'kombu', 'redis'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "for module in sys.argv[1:]:\n"
+        "    try:\n"
+        "        importlib.import_module(module)\n"
+        "    except ImportError as exc:\n"
+        "        print(module, exc)\n"
+    )
+    modules = engine_modules()
+    assert "workers.engines.qemu_vm.lifecycle" in modules
+    done = subprocess.run([sys.executable, "-c", blocker, *modules], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"engines that load a blocked package:\n{done.stdout}"
+
+
 def test_no_module_is_over_600_lines() -> None:
     for package in PACKAGES:
         for path in (REPO / package).rglob("*.py"):

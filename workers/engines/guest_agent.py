@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from workers.failures import IllegalValue, OperationFailed, OperationTimedOut
+from workers.failures import GuestAgentError, IllegalValue, OperationTimedOut
 
 ShutdownMode = Literal["powerdown", "reboot", "halt"]
 _T = TypeVar("_T")
@@ -36,14 +36,6 @@ _CHARDEV_ID = "vmtask-qga0"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _RETRYABLE_CONNECT = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
-
-
-class GuestAgentError(OperationFailed):
-    """The agent answered with an error, or the connection broke."""
-
-    def __init__(self, description: str, error_class: str = "") -> None:
-        super().__init__(description)
-        self.error_class = error_class
 
 
 def qemu_guest_agent_args(socket_path: Path) -> list[str]:

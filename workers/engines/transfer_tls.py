@@ -19,10 +19,13 @@ a transfer between hosts of different kinds is refused before any byte moves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from api.protocol import hresults
-from api.settings import Settings
 from workers.failures import OperationFailed
+
+if TYPE_CHECKING:
+    from api.settings import Settings
 
 X509 = "x509"
 PSK = "psk"

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys, tasks
+from api.protocol import keys, tasks
 from api.protocol.formats import FORMAT_BY_EXTENSION
 from workers.engines import qemu_img
 from workers.engines.storage import resolve_in_root, task_id_of_temporary
-from workers.failures import OperationFailed
+from workers.failures import DiskInUse, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import LOCK_DIRECTORY, HostFiles
 
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 
 VM_DIRECTORY = "vms"
 MAX_LISTED = 10_000
-
-
-class DiskInUse(OperationFailed):
-    """The image is attached to a VM or is another image's parent."""
-
-    hresult = hresults.INVALID_STATE
 
 
 def _images(root: Path, *, internals: bool) -> list[Path]:

@@ -53,6 +53,7 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
+from api.errors import InvalidStateError
 from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from workers.engines import qemu_vm, transfer_tls
@@ -61,14 +62,13 @@ from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
 from workers.engines.storage import free_space
-from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
+from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks import live_chain, move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.migration import MOVE_SCRIPT
-from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerFailed, PeerWatch
+from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerWatch
 from workers.tasks.vms import (
-    InvalidVMState,
     config_of,
     open_vm_files,
     paths_of,
@@ -126,8 +126,8 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
         if S(int(record["state"])) not in LIVE:
-            raise InvalidVMState(f"VM {name!r} is {S(int(record['state'])).name}: only a "
-                                 "Running or Paused VM migrates live")
+            raise InvalidStateError(f"VM {name!r} is {S(int(record['state'])).name}: only a "
+                                    "Running or Paused VM migrates live")
         config = config_of(run.settings, record)
         paths = paths_of(run.settings, name)
         _check_formats([{"path": files.relative(files.resolve(relative)),
@@ -429,8 +429,8 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 if outcome == "ABORTED":
                     raise Cancelled(f"The source host {source_host} took the guest back")
                 if outcome != "OK":
-                    raise InvalidVMState(f"VM {name!r} changed during the migration "
-                                         f"({outcome})")
+                    raise InvalidStateError(f"VM {name!r} changed during the migration "
+                                            f"({outcome})")
                 committed = True
                 livemigrate.run_guest(monitor, run=S(int(record["state"])) is S.Running)
             listing.unlink()

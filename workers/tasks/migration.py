@@ -32,6 +32,7 @@ import redis
 
 from api.enums import VMTaskResult
 from api.enums import VMVMState as S
+from api.errors import InvalidStateError
 from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from workers.engines import nbd, transfer_tls
@@ -49,7 +50,6 @@ from workers.tasks.transfer import (
     pull_and_judge,
 )
 from workers.tasks.vms import (
-    InvalidVMState,
     config_of,
     overlays_of,
     paths_of,
@@ -95,8 +95,8 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         record = record_of(client, run.settings, name)
         state = S(int(record["state"]))
         if state not in MOVABLE:
-            raise InvalidVMState(f"VM {name!r} is {state.name}: only a TurnedOff or Saved VM "
-                                 "moves cold")
+            raise InvalidStateError(f"VM {name!r} is {state.name}: only a TurnedOff or Saved VM "
+                                    "moves cold")
         copy, owned = _files_of(files, record, state)
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
@@ -237,7 +237,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                                   ",".join(str(int(s)) for s in sorted(MOVABLE)),
                                   repr(time.time()), EVENTS_MAXLEN)
             if outcome != "OK":
-                raise InvalidVMState(f"VM {name!r} changed during the move ({outcome})")
+                raise InvalidStateError(f"VM {name!r} changed during the move ({outcome})")
             journal.unlink()
     except BaseException:
         for path in pulled:

@@ -32,7 +32,7 @@ from workers.engines import nbd, qemu_img, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.context import OperationContext
 from workers.engines.storage import free_space
-from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
+from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
 
@@ -44,14 +44,6 @@ OFFER_TTL_SECONDS = 24 * 3600
 # before it is judged dead (`PeerWatch`): the renewal's own Redis round trips.
 CONFIRM_MARGIN = 1.0
 MODES = ("image", "file")
-
-
-class PeerFailed(OperationFailed):
-    """The other side of the transfer ended without success; carries its outcome."""
-
-    def __init__(self, description: str, result: VMTaskResult, hresult: int) -> None:
-        super().__init__(description, hresult)
-        self.result = result
 
 
 @dataclass(frozen=True)

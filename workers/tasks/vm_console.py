@@ -12,14 +12,15 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
+from api.errors import InvalidStateError
 from api.protocol import tasks
 from api.protocol.vmstate import ALLOWED
 from api.settings import Settings
 from workers.engines import qemu_vm
-from workers.engines.guest_agent import GuestAgentClient, GuestAgentError
-from workers.failures import IllegalValue, OperationFailed, OperationTimedOut
+from workers.engines.guest_agent import GuestAgentClient
+from workers.failures import GuestAgentError, IllegalValue, OperationFailed, OperationTimedOut
 from workers.runtime import TaskRun, operation
-from workers.tasks.vms import InvalidVMState, agent_socket, host_vms, paths_of, record_of
+from workers.tasks.vms import agent_socket, host_vms, paths_of, record_of
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ def _require(run: TaskRun, operation_name: str, name: str) -> dict[str, str]:
     record = record_of(run.redis, run.settings, name)
     state = S(int(record["state"]))
     if state not in ALLOWED[operation_name]:
-        raise InvalidVMState(f"Cannot take the {operation_name.replace('_', ' ')} of VM "
-                             f"{name!r} while it is {state.name}")
+        raise InvalidStateError(f"Cannot take the {operation_name.replace('_', ' ')} of VM "
+                                f"{name!r} while it is {state.name}")
     return record
 
 

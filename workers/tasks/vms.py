@@ -28,7 +28,8 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys, tasks
+from api.errors import InvalidStateError
+from api.protocol import keys, tasks
 from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
@@ -44,8 +45,8 @@ from workers.engines.storage import resolve_in_root
 from workers.failures import (
     Cancelled,
     IllegalValue,
-    OperationFailed,
     OperationTimedOut,
+    VMNotRunning,
 )
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
@@ -54,12 +55,6 @@ log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT = 30.0
 ACPI_PRESS_INTERVAL = 1.0
-
-
-class InvalidVMState(OperationFailed):
-    """The VM was not in a state that allows the operation when the worker checked."""
-
-    hresult = hresults.INVALID_STATE
 
 
 def root(settings: Settings) -> Path:
@@ -115,14 +110,14 @@ def agent_socket(paths: qemu_vm.VMPaths) -> Path:
 
 
 def transition(client: redis.Redis, name: str, allowed: frozenset[S], new: S) -> S:
-    """Compare-and-set the recorded state; `InvalidVMState` if it is not in ``allowed``."""
+    """Compare-and-set the recorded state; `InvalidStateError` if it is not in ``allowed``."""
     outcome, old = client.eval(
         TRANSITION_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
         allowed_csv(allowed), int(new), repr(time.time()), EVENTS_MAXLEN)
     if outcome == "MISSING":
         raise IllegalValue(f"No VM named {name!r}")
     if outcome == "REFUSED":
-        raise InvalidVMState(f"VM {name!r} is {S(int(old)).name}: cannot go to {new.name}")
+        raise InvalidStateError(f"VM {name!r} is {S(int(old)).name}: cannot go to {new.name}")
     return S(int(old))
 
 
@@ -181,7 +176,7 @@ def begin(run: TaskRun, operation_name: str, name: str, new: S | None
     if new is None:
         current = S(int(record["state"]))
         if current not in allowed:
-            raise InvalidVMState(f"Cannot {operation_name} VM {name!r} while {current.name}")
+            raise InvalidStateError(f"Cannot {operation_name} VM {name!r} while {current.name}")
         return client, record, current
     return client, record, transition(client, name, allowed, new)
 
@@ -268,7 +263,7 @@ def simple_command(run: TaskRun, operation_name: str, name: str, after: S,
         paths = paths_of(run.settings, name)
         try:
             command(paths)
-        except qemu_vm.VMNotRunning:
+        except VMNotRunning:
             settle(client, name, qemu_vm.vm_state(paths))
             raise
         transition(client, name, ALLOWED[operation_name], after)
@@ -474,7 +469,7 @@ def watch_vms(client: redis.Redis, settings: Settings) -> None:
             qemu_vm.cleanup(paths)  # before the new state shows: no stale socket then
             try:
                 transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
-            except InvalidVMState:
+            except InvalidStateError:
                 continue  # it changed since we read it
             if state is S.TurnedOff:
                 client.hdel(keys.vm_record(record["name"]), *RUNTIME_FIELDS)

@@ -35,8 +35,6 @@ from workers.engines.qemu_vm.console import (
 from workers.engines.qemu_vm.lifecycle import OpenedFiles, build_argv, start
 from workers.engines.qemu_vm.monitor import (
     Monitor,
-    QMPCommandFailed,
-    VMNotRunning,
     connect,
     pause,
     powerdown,
@@ -54,9 +52,7 @@ __all__ = [
     "AccelProbe",
     "Monitor",
     "OpenedFiles",
-    "QMPCommandFailed",
     "VMConfig",
-    "VMNotRunning",
     "VMPaths",
     "build_argv",
     "choose_accel",

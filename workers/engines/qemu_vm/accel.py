@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.settings import ACCELERATORS
+from api.enums import ACCELERATORS
 from workers.engines.qemu_vm.config import QEMU_SYSTEM
 from workers.failures import IllegalValue
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.settings import ACCELERATORS
+from api.enums import ACCELERATORS
 from workers.engines.qemu_img import format_for
 from workers.failures import IllegalValue
 

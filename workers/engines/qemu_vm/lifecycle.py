@@ -47,8 +47,6 @@ from workers.engines.qemu_vm.devices import cpu_argv, display_argv, network_argv
 from workers.engines.qemu_vm.monitor import (
     UNIX_PATH_MAX,
     Monitor,
-    QMPCommandFailed,
-    VMNotRunning,
     connect,
 )
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop
@@ -62,6 +60,8 @@ from workers.failures import (
     OperationFailed,
     OperationTimedOut,
     OutOfMemory,
+    QMPCommandFailed,
+    VMNotRunning,
 )
 
 START_TIMEOUT = 60.0

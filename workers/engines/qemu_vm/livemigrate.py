@@ -43,11 +43,17 @@ from workers.engines.qemu_vm.lifecycle import (
     _launch,
     build_argv,
 )
-from workers.engines.qemu_vm.monitor import Monitor, QMPCommandFailed, connect
+from workers.engines.qemu_vm.monitor import Monitor, connect
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop
 from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, _cancel_migration
 from workers.engines.transfer_tls import TransferCreds
-from workers.failures import Cancelled, IllegalValue, OperationFailed, OperationTimedOut
+from workers.failures import (
+    Cancelled,
+    IllegalValue,
+    OperationFailed,
+    OperationTimedOut,
+    QMPCommandFailed,
+)
 
 # QEMU's default: the guest's pause at switch-over is planned to stay under this.
 DOWNTIME_LIMIT_MS = 300

@@ -20,27 +20,19 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from api.enums import VMVMState
 from workers.engines.qemu_vm.config import VMPaths
 from workers.engines.qemu_vm.process import cleanup, find_pid, force_stop, is_alive, wait_pid
-from workers.failures import IllegalValue, OperationFailed, OperationTimedOut
+from workers.failures import (
+    IllegalValue,
+    OperationFailed,
+    OperationTimedOut,
+    QMPCommandFailed,
+    VMNotRunning,
+)
 
 QMP_TIMEOUT = 15.0
 TURN_OFF_GRACE = 10.0
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 T = TypeVar("T")
-
-
-class VMNotRunning(OperationFailed):
-    """The VM has no live QEMU process, or its QMP socket is gone."""
-
-
-class QMPCommandFailed(OperationFailed):
-    """QEMU answered a QMP command with an error."""
-
-    def __init__(self, command: str, error_class: str, description: str) -> None:
-        super().__init__(f"QMP {command} failed: {description}")
-        self.command = command
-        self.error_class = error_class
-        self.qemu_description = description
 
 
 class Monitor:

@@ -15,7 +15,7 @@ import time
 from api.protocol import hresults
 from workers.engines.context import OperationContext, ProgressSpan
 from workers.engines.qemu_vm.config import VMConfig, VMPaths, disk_format
-from workers.engines.qemu_vm.monitor import TURN_OFF_GRACE, Monitor, VMNotRunning, connect
+from workers.engines.qemu_vm.monitor import TURN_OFF_GRACE, Monitor, connect
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop, wait_pid
 from workers.engines.qemu_vm.statefile import (
     STATE_FD_NAME,
@@ -28,6 +28,7 @@ from workers.failures import (
     IllegalValue,
     OperationFailed,
     OperationTimedOut,
+    VMNotRunning,
 )
 
 SAVE_TIMEOUT = 1800.0
