@@ -55,7 +55,8 @@ PLACEHOLDER_MARK = "change-me"
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
+    """The URL with any password replaced, for logs and error messages: the one in
+    its user part and one given in its query (redis-py reads ``?password=``)."""
     if ";" in url:  # a Sentinel URL: one URL per sentinel
         return ";".join(redact_url(part) for part in url.split(";"))
     try:
@@ -63,11 +64,14 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:
         return "<unparsable URL>"
-    if password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any("password" in key.lower() for key, _ in query):
+        hidden = [(key, "***" if "password" in key.lower() else value) for key, value in query]
+        parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return urlunsplit(parts)
 
 
 def cert_reqs(value: str) -> ssl.VerifyMode:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api import VirtualServer, errors
-from api.connection import parse_redis_url
+from api.connection import parse_redis_url, redact_url
 from api.settings import Settings
 
 BAD_URLS = [
@@ -148,3 +148,15 @@ def test_sentinel_settings_come_from_the_environment(tmp_path: Path) -> None:
     with pytest.raises(errors.InvalidArgumentError, match="TLS"):
         Settings.from_env({"VMTASK_REDIS_URL": "sentinel://s1?master_name=m",
                            "VMTASK_REDIS_CA": str(secret)})
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0?password=pw-Query1",
+    "redis://worker:pw-Query1@127.0.0.1:6379/0?password=pw-Query1&db=0",
+    "sentinel://s1:26379?password=pw-Query1;sentinel://s2:26379",
+])
+def test_redact_url_hides_a_password_given_in_the_query(url: str) -> None:
+    # redis-py logs in with ?password=, so every log and error message must hide it too.
+    shown = redact_url(url)
+    assert "pw-Query1" not in shown
+    assert "password=***" in shown
