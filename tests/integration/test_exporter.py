@@ -32,8 +32,13 @@ from api.protocol.records import TaskSnapshot
 from api.replication import register_script
 from api.store import connect
 from tests.helpers import wire_counter
-from workers.devtools.sandbox import REPO_ROOT, RedisServer, free_port, stop_process_group, \
-    wait_until
+from workers.devtools.sandbox import (
+    REPO_ROOT,
+    RedisServer,
+    free_port,
+    stop_process_group,
+    wait_until,
+)
 
 HOST = "metrics"
 DASHBOARDS = REPO_ROOT / "deploy" / "grafana"
@@ -269,7 +274,7 @@ def test_a_scrape_during_a_redis_restart_says_so_and_the_next_works(
         assert value(samples, "vmtask_tasks_total", operation="vmtask.ping", host=HOST,
                      result="Success") == 3
         redis_server.stop()
-        samples, declared = parse(scrape())
+        samples, _ = parse(scrape())
         assert value(samples, "vmtask_up") == 0
         assert ("vmtask_tasks_total", (("host", HOST), ("operation", "vmtask.ping"),
                                        ("result", "Success"))) not in samples
