@@ -23,7 +23,7 @@ from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess
 HOST = "aclhost"
 TEMPLATE = REPO_ROOT / "deploy" / "redis" / "users.acl.template"
 PASSWORDS = {user: secrets.token_hex(16)
-             for user in ("producer", "worker", "admin", "replicator", "sentinel")}
+             for user in ("producer", "worker", "exporter", "admin", "replicator", "sentinel")}
 
 
 def write_acl_file(path: Path) -> Path:
