@@ -311,3 +311,35 @@ def test_every_metric_the_dashboard_uses_is_exported(spawn: Callable[..., Any]) 
                        "vmtask_vms", "vmtask_storage_free_bytes",
                        "vmtask_backup_last_success_timestamp"):
             assert family in used, f"{path.name} has no panel for {family}"
+
+
+@pytest.mark.slow
+@pytest.mark.failover
+def test_a_sentinel_failover_between_scrapes_the_exporter_follows_the_new_primary(
+        tmp_path: Path) -> None:
+    from workers.devtools.sandbox import SentinelCluster
+
+    cluster = SentinelCluster(tmp_path / "cluster").start()
+    try:
+        client = connect(cluster.url)
+        seed_host(client)
+        end_tasks(client, 4)
+        assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has the counts
+        log = tmp_path / "exporter.log"
+        with exporter_process(cluster.url, log) as scrape:
+            samples, _ = parse(scrape())
+            assert value(samples, "vmtask_up") == 1
+            old_port = cluster.primary().port
+            cluster.kill_primary()
+            began = time.monotonic()
+            samples, _ = parse(scrape())  # the sentinels still name the dead primary
+            assert value(samples, "vmtask_up") == 0
+            assert time.monotonic() - began < 10, "a failing scrape must not hang"
+            assert "Scrape failed: cannot read" in log.read_text()
+            cluster.wait_failover(old_port)
+            samples, _ = parse(scrape())
+            assert value(samples, "vmtask_up") == 1
+            assert value(samples, "vmtask_tasks_total", operation="vmtask.ping", host=HOST,
+                         result="Success") == 4
+    finally:
+        cluster.stop()
