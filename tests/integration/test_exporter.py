@@ -343,3 +343,24 @@ def test_a_sentinel_failover_between_scrapes_the_exporter_follows_the_new_primar
                          result="Success") == 4
     finally:
         cluster.stop()
+
+
+def test_a_submit_withdrawn_after_a_failover_is_counted_cancelled_without_a_duration(
+        spawn: Callable[..., Any]) -> None:
+    from api import errors
+    from api.store import TaskStore
+
+    redis_server = spawn("redis")
+    client = connect(redis_server.url)
+    task_id = "00000000-0000-4000-8000-0000000000aa"
+    client.hset(keys.task_record(task_id), mapping={
+        "name": "vmtask.ping", "host": HOST, "state": records.PENDING,
+        "created": repr(time.time()), "cancelable": "1", "percent": "0"})
+    store = TaskStore(client, redis_server.url, 3600)
+    with pytest.raises(errors.BrokerUnavailableError, match="withdrawn"):
+        store.withdraw_unconfirmed(task_id, "vmtask.ping")
+    samples, _ = parse(generate_latest(registry_for(client)).decode())
+    snap = store.read(task_id)
+    assert snap.result is VMTaskResult.Cancelled and snap.started is None
+    check_against_records(samples, [snap])
+    store.close()
