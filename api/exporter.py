@@ -224,6 +224,9 @@ class VMTaskCollector(Collector):
         except (redis.RedisError, OSError) as exc:
             error = exc
             log.error("Scrape failed: cannot read %s: %s", self.where, exc)
+        except ValueError as exc:  # a record that is not what vmtask writes
+            error = exc
+            log.error("Scrape failed: unexpected data in %s: %s", self.where, exc)
         up = GaugeMetricFamily("vmtask_up", "1 if this scrape read Redis; 0 if it failed "
                                "(the error is in the exporter's log)")
         up.add_metric((), 0 if error else 1)
