@@ -42,7 +42,7 @@ WORKDIR /opt/vmtask/src
 COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY workers/ workers/
-RUN pip install ".[worker,flower]" \
+RUN pip install ".[worker,flower,exporter]" \
     && rm -rf /opt/vmtask/src
 
 # Flower's configuration: basic auth from a secret file (see the file).  Outside

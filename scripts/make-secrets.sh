@@ -3,6 +3,7 @@
 #
 #   redis_producer_password  for producers on the Docker host (the library, the CLI)
 #   redis_worker_password    the workers' and Flower's Redis password
+#   redis_exporter_password  the metrics exporter's (read-only) Redis password
 #   redis_admin_password     operators, and the Redis healthcheck
 #   flower_basic_auth        Flower's basic-auth credentials, "admin:<password>"
 #   redis_users_acl          deploy/redis/users.acl.template with the SHA-256 of
@@ -22,10 +23,10 @@
 # the Docker host; the `uid`/`gid`/`mode` of a service's secret are ignored.  So,
 # run as root (sudo), this gives each file to the container user that reads it:
 # 999 (the redis image's redis user) for redis_users_acl, 10001 (vmtask, see the
-# Dockerfile) for the workers' and Flower's files, root for redis_admin_password
-# (the healthcheck runs as root without CAP_DAC_OVERRIDE), and the invoking user
-# for the producer's file and the directory.  --no-chown skips that, for setups
-# that map owners themselves (rootless Docker, Docker Desktop).
+# Dockerfile) for the workers', Flower's and the exporter's files, root for
+# redis_admin_password (the healthcheck runs as root without CAP_DAC_OVERRIDE),
+# and the invoking user for the producer's file and the directory.  --no-chown
+# skips that, for setups that map owners themselves (rootless Docker, Docker Desktop).
 #
 # Passwords never appear on a command line: they are made and hashed by shell
 # built-ins and pipes, not passed as arguments.
@@ -96,7 +97,7 @@ write_secret() {
     mv -f "$temporary" "$1"
 }
 
-for user in producer worker admin replicator sentinel; do
+for user in producer worker exporter admin replicator sentinel; do
     file="$directory/redis_${user}_password"
     if [ -e "$file" ]; then
         first_line "$file" >/dev/null
@@ -121,11 +122,13 @@ fi
 # @USER_SHA256@ replaced by the hash of that user's password.
 producer=$(first_line "$directory/redis_producer_password" | sha256)
 worker=$(first_line "$directory/redis_worker_password" | sha256)
+exporter=$(first_line "$directory/redis_exporter_password" | sha256)
 admin=$(first_line "$directory/redis_admin_password" | sha256)
 replicator=$(first_line "$directory/redis_replicator_password" | sha256)
 sentinel=$(first_line "$directory/redis_sentinel_password" | sha256)
 grep -v -e '^#' -e '^[[:space:]]*$' "$template" \
     | sed -e "s/@PRODUCER_SHA256@/$producer/" -e "s/@WORKER_SHA256@/$worker/" \
+          -e "s/@EXPORTER_SHA256@/$exporter/" \
           -e "s/@ADMIN_SHA256@/$admin/" -e "s/@REPLICATOR_SHA256@/$replicator/" \
           -e "s/@SENTINEL_SHA256@/$sentinel/" \
     | write_secret "$directory/redis_users_acl"
@@ -157,7 +160,7 @@ if [ "$chown_files" = 1 ]; then
     chown "$REDIS_UID:$REDIS_UID" "$directory/redis_users_acl" \
         "$directory/redis_ha_conf" "$directory/sentinel_conf"
     chown "$VMTASK_UID:$VMTASK_UID" "$directory/redis_worker_password" \
-        "$directory/flower_basic_auth"
+        "$directory/redis_exporter_password" "$directory/flower_basic_auth"
     chown 0:0 "$directory/redis_admin_password"
     chown "$operator" "$directory" "$directory/redis_producer_password" \
         "$directory/redis_replicator_password" "$directory/redis_sentinel_password"

@@ -24,6 +24,7 @@ from api.cli.exits import (
     EXIT_USAGE,
     exit_code_for_error,
 )
+from api.cli.exporter import exporter
 from api.cli.hosts import hosts, ping
 from api.cli.output import emit_json, error_line, one_line
 from api.cli.state import CliState, json_option, state_of
@@ -133,5 +134,5 @@ def main(ctx: click.Context, url: str | None, host: str | None) -> None:
     state.url, state.host = url, host
 
 
-for _command in (disk, vm, task, wait, hosts, ping, worker, demo, config):
+for _command in (disk, vm, task, wait, hosts, ping, worker, demo, config, exporter):
     main.add_command(_command)

@@ -27,6 +27,9 @@ def task_channel(task_id: str) -> str:
 
 RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
 RECENT_TASKS = f"{PREFIX}recent"  # sorted set: task id by enqueue time
+# Hash: counters and histogram buckets of ended tasks, kept by `lua/task_metrics.lua`
+# (which names it too) and read whole by the exporter (`api.exporter`).
+METRICS = f"{PREFIX}metrics"
 # Hash: the replication id of the primary crash judges last saw, and since when
 # (Redis TIME): a new primary restarts the crash bound (`lua/task_finish.lua`).
 REDIS_PRIMARY = f"{PREFIX}redis-primary"

@@ -35,7 +35,7 @@ ENV_EXAMPLE = REPO_ROOT / ".env.example"
 VENV_BIN = Path(sys.executable).parent
 
 WORKERS = {"worker-a": "host-a", "worker-b": "host-b"}
-SERVICES = {"redis", "worker-a", "worker-b", "flower"}
+SERVICES = {"redis", "worker-a", "worker-b", "flower", "exporter"}
 # Variables Compose itself reads from .env; documented there without being used.
 COMPOSE_OWN_VARIABLES = {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES"}
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|AUTH", re.I)

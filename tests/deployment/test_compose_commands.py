@@ -80,7 +80,8 @@ def test_redis_starts_with_the_acl_secret_and_shows_no_password(
     admin = compose_redis.admin()
     assert admin.acl_whoami() == "admin"
     users = {rule.split()[1]: rule for rule in admin.acl_list()}
-    assert set(users) == {"default", "producer", "worker", "admin", "replicator", "sentinel"}
+    assert set(users) == {"default", "producer", "worker", "exporter", "admin", "replicator",
+                          "sentinel"}
     assert " off " in users["default"] + " "
     assert compose_redis.proc is not None
     no_secret_in(process_texts(compose_redis.proc.pid), secret_values)
@@ -324,3 +325,53 @@ def test_flower_without_real_credentials_refuses_to_start(
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
     assert "change-me-flower-password" not in done.stderr, "the message shows the secret"
+
+
+# -- the metrics exporter -------------------------------------------------------------
+
+
+def test_the_exporter_as_compose_starts_it_reads_redis_as_its_read_only_user(
+    compose: dict[str, Any], compose_redis: ComposeRedis, secrets_dir: Path,
+    secret_values: dict[str, str], tmp_path: Path,
+) -> None:
+    environment = container_env(compose, "exporter", secrets_dir, compose_redis.port)
+    assert environment["VMTASK_REDIS_URL"].startswith("redis://exporter@")
+    worker_env = container_env(compose, "worker-a", secrets_dir, compose_redis.port)
+    worker = WorkerProcess(compose_redis.url("worker"), "exporterhost", tmp_path / "storage",
+                           tmp_path, env={"VMTASK_REDIS_PASSWORD_FILE":
+                                          worker_env["VMTASK_REDIS_PASSWORD_FILE"]}).start()
+    port = free_port()
+    argv = [arg.replace("0.0.0.0:9808", f"127.0.0.1:{port}")
+            for arg in command_argv(compose, "exporter")]
+    assert argv[:2] == ["vmtask", "exporter"]
+    log_path = tmp_path / "exporter.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([str(VENV_BIN / argv[0]), *argv[1:]], cwd=tmp_path,
+                                env=isolated_env(environment), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def scraped() -> str | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"exporter exited:\n{log_path.read_text(errors='replace')}")
+            try:
+                status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+            except OSError:
+                return None
+            return body.decode() if status == 200 else None
+
+        wait_until(lambda: scraped() is not None, 30, "the exporter to answer", interval=0.2)
+        text = scraped() or ""
+        assert "vmtask_up 1.0" in text, log_path.read_text(errors="replace")
+        assert 'vmtask_host_up{host="exporterhost"} 1.0' in text
+        assert 'vmtask_queue_length{host="exporterhost",lane="long"} 0.0' in text
+        assert [e for e in compose_redis.admin().acl_log() if e["username"] == "exporter"] == []
+        check = compose["services"]["exporter"]["healthcheck"]["test"]
+        assert check[0] == "CMD"
+        health = subprocess.run([str(VENV_BIN / check[1]), *(a.replace(":9808", f":{port}")
+                                                             for a in check[2:])],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert health.returncode == 0, health.stderr
+        no_secret_in(process_texts(proc.pid), secret_values)
+    finally:
+        stop_process_group(proc)
+        worker.stop()

@@ -37,7 +37,8 @@ from workers.devtools.sandbox import REPO_ROOT, WorkerProcess
 INSPECTED = ("command", "entrypoint", "environment", "healthcheck", "labels")
 # Who reads each file inside the containers (see scripts/make-secrets.sh).
 OWNERS = {"redis_users_acl": 999, "redis_admin_password": 0, "redis_worker_password": 10001,
-          "flower_basic_auth": 10001, "redis_ha_conf": 999, "sentinel_conf": 999}
+          "redis_exporter_password": 10001, "flower_basic_auth": 10001, "redis_ha_conf": 999,
+          "sentinel_conf": 999}
 # Made, but mounted by no service: the producer's, and the two the HA profile's
 # configuration files are rendered from.
 UNMOUNTED = {"redis_producer_password", "redis_replicator_password", "redis_sentinel_password"}
@@ -106,7 +107,8 @@ def test_make_secrets_writes_0600_files_owned_by_their_readers(
             assert info.st_uid == OWNERS.get(name, int(os.environ.get("SUDO_UID", 0))), name
     # The image's user is the one the script gives the workers' files to.
     assert "--uid 10001" in DOCKERFILE.read_text()
-    for name in ("redis_producer_password", "redis_worker_password", "redis_admin_password",
+    for name in ("redis_producer_password", "redis_worker_password", "redis_exporter_password",
+                 "redis_admin_password",
                  "redis_replicator_password", "redis_sentinel_password"):
         assert re.fullmatch(r"[0-9a-f]{64}", secret_values[name]), name
     assert re.fullmatch(r"admin:[0-9a-f]{64}", secret_values["flower_basic_auth"])
@@ -120,7 +122,7 @@ def test_make_secrets_renders_the_template_with_the_password_hashes(
     template = [line for line in TEMPLATE.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert len(rendered) == len(template)
-    for user in ("producer", "worker", "admin", "replicator", "sentinel"):
+    for user in ("producer", "worker", "exporter", "admin", "replicator", "sentinel"):
         digest = hashlib.sha256(secret_values[f"redis_{user}_password"].encode()).hexdigest()
         marker = f"@{user.upper()}_SHA256@"
         expected = next(line for line in template if marker in line).replace(marker, digest)

@@ -30,8 +30,9 @@ def test_dockerfile_installs_qemu_and_the_project() -> None:
     packages = set(" ".join(installs).split())
     assert {"qemu-utils", "qemu-system-x86", "--no-install-recommends"} <= packages
     assert any("rm -rf /var/lib/apt/lists" in run for run in installs)
-    # The worker image installs the worker's and Flower's extras, not the test ones.
-    assert any(re.search(r"""\bpip install "\.\[worker,flower\]"(\s|$)""", run) for run in runs)
+    # The image installs the worker's, Flower's and the exporter's extras, not the test ones.
+    assert any(re.search(r"""\bpip install "\.\[worker,flower,exporter\]"(\s|$)""", run)
+               for run in runs)
     # Everything `pip install .` needs is copied: pyproject's packages and its readme.
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     copied = {source.strip("/") for keyword, arguments in instructions if keyword == "COPY"

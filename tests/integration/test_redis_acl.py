@@ -23,7 +23,7 @@ from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess
 HOST = "aclhost"
 TEMPLATE = REPO_ROOT / "deploy" / "redis" / "users.acl.template"
 PASSWORDS = {user: secrets.token_hex(16)
-             for user in ("producer", "worker", "admin", "replicator", "sentinel")}
+             for user in ("producer", "worker", "exporter", "admin", "replicator", "sentinel")}
 
 
 def write_acl_file(path: Path) -> Path:
@@ -140,3 +140,66 @@ def test_a_refused_command_is_a_broker_error_not_a_redis_one(acl_redis: RedisSer
                       commands=["+ping"], keys=["vmtask:*"], reset=True)
     with pytest.raises(errors.BrokerUnavailableError, match="ACL"):
         VirtualServer(acl_redis.url_for("narrow", "narrow-pass"), host=HOST).hosts  # noqa: B018
+
+
+def judge_an_orphan(url: str, orphan: str, writer: redis.Redis) -> VMTaskResult | None:
+    writer.hset(f"vmtask:task:{orphan}", mapping={
+        "name": "tests.orphan", "description": "orphan", "host": HOST, "cancelable": "0",
+        "state": "STARTED", "percent": "0", "created": "1", "started": "2"})
+    writer.sadd("vmtask:running", orphan)
+    with VirtualServer(url, host=HOST) as producer:
+        return producer.get_task(orphan).snapshot().result
+
+
+def test_a_judgment_is_counted_and_a_user_without_the_metrics_key_still_judges(
+    acl_redis: RedisServer,
+) -> None:
+    """The producer counts what it ends into vmtask:metrics; a user whose ACL predates
+    the metrics (no ~vmtask:metrics) still ends the task, only uncounted (pcall)."""
+    admin = acl_redis.client()
+    field = f"total\ttests.orphan\t{HOST}\t{int(VMTaskResult.ThreadCrashError)}"
+    before = int(admin.hget("vmtask:metrics", field) or 0)
+    producer_url = acl_redis.url_for("producer", PASSWORDS["producer"])
+    writer = redis.Redis.from_url(producer_url, socket_timeout=5)
+    assert judge_an_orphan(producer_url, "0f0f0f0f-0000-4000-8000-00000000acl2", writer) \
+        is VMTaskResult.ThreadCrashError
+    assert int(admin.hget("vmtask:metrics", field) or 0) == before + 1
+    # The producer's rules without the metrics key, as in an ACL file made before it.
+    rules = next(rule for rule in admin.acl_list() if rule.split()[1] == "producer")
+    old_rules = [r for r in rules.split()[2:] if r != "~vmtask:metrics" and not r.startswith("#")]
+    admin.acl_setuser("oldproducer", reset=True, enabled=True, passwords=["+old-pass"])
+    admin.execute_command("ACL", "SETUSER", "oldproducer", *old_rules)
+    old_url = acl_redis.url_for("oldproducer", "old-pass")
+    old_writer = redis.Redis.from_url(old_url, socket_timeout=5)
+    orphan = "0f0f0f0f-0000-4000-8000-00000000acl3"
+    assert judge_an_orphan(old_url, orphan, old_writer) is VMTaskResult.ThreadCrashError
+    assert old_writer.hget(f"vmtask:task:{orphan}", "state") == b"FAILURE"
+    assert int(admin.hget("vmtask:metrics", field) or 0) == before + 1
+    admin.acl_deluser("oldproducer")
+
+
+def test_the_exporter_user_reads_the_metrics_and_nothing_else(
+    acl_redis: RedisServer, acl_worker: WorkerProcess,
+) -> None:
+    from prometheus_client import generate_latest
+
+    from api.exporter import registry_for
+    from api.store import connect
+
+    url = acl_redis.url_for("exporter", PASSWORDS["exporter"])
+    admin = acl_redis.client()
+    admin.acl_log_reset()
+    text = generate_latest(registry_for(connect(url))).decode()
+    assert "vmtask_up 1.0" in text
+    assert f'vmtask_host_up{{host="{HOST}"}} 1.0' in text
+    assert denied_commands(acl_redis) == []
+    exporter = redis.Redis.from_url(url, socket_timeout=5)
+    for refused in (lambda: exporter.lrange(f"host.{HOST}", 0, -1),  # a message's contents
+                    lambda: exporter.lpop(f"host.{HOST}"),
+                    lambda: exporter.hincrby("vmtask:metrics", "forged", 1),
+                    lambda: exporter.hgetall("unacked"),
+                    lambda: exporter.get("celery-task-meta-x"),
+                    lambda: exporter.evalsha("0" * 40, 0),
+                    lambda: exporter.keys("*")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()

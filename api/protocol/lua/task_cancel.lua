@@ -1,3 +1,4 @@
+-- uses: task_metrics
 -- KEYS: record, channel.
 -- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT,
 --       '1' to revoke a queued task even if its operation is not cancelable
@@ -8,6 +9,7 @@ if not state then return 'MISSING' end
 if state ~= 'PENDING' and state ~= 'STARTED' then return 'COMPLETE' end
 local cancelable = redis.call('HGET', KEYS[1], 'cancelable') == '1'
 if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
+  task_metrics(KEYS[1], ARGV[3], ARGV[1])
   redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'state', 'REVOKED', 'result', ARGV[3],
              'error', ARGV[4], 'error_description', 'Cancelled before it started',
              'finished', ARGV[1])

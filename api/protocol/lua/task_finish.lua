@@ -1,4 +1,5 @@
 -- uses: primary_takeover
+-- uses: task_metrics
 -- KEYS: record, lease, running set, channel; and for a crash judgment, the primary key.
 -- ARGV: state, result, error, error description, finished time, percent,
 --       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON,
@@ -20,6 +21,7 @@ if ARGV[9] == '1' then
 end
 local percent = tonumber(redis.call('HGET', KEYS[1], 'percent') or '0')
 if tonumber(ARGV[6]) > percent then percent = tonumber(ARGV[6]) end
+task_metrics(KEYS[1], ARGV[2], ARGV[5])  -- before the first write of the end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3],
            'error_description', ARGV[4], 'finished', ARGV[5], 'percent', percent,
            'output', ARGV[10])
