@@ -106,6 +106,13 @@ class Vm:
             time.sleep(0.02)
         return time.monotonic() - self.started
 
+    def wait_for_serial(self, text: str, timeout: float = EXIT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.serial.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {text!r} on the console within {timeout} s: {self.diagnostics()}")
+            time.sleep(0.05)
+
     def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
         try:
             return self.process.wait(timeout=timeout)
@@ -287,6 +294,9 @@ def test_agent_halt_stops_the_guest_but_not_qemu(launch: Callable[..., Vm]) -> N
     vm.wait_for_marker()
     with GuestAgentClient(vm.agent_socket) as agent:
         agent.shutdown("halt", timeout=20)
+        # A real guest goes down behind the request, its agent answering meanwhile;
+        # the kernel says when it has halted.
+        vm.wait_for_serial("System halted")
         with pytest.raises(OperationTimedOut):
             agent.ping(timeout=1)
     assert vm.process.poll() is None
