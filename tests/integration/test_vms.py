@@ -44,6 +44,9 @@ def vmhost(vm_env: tuple[RedisServer, Path]) -> Iterator[WorkerProcess]:
     # A guest whose /sbin/shutdown fails: its real agent refuses guest-shutdown.
     refusing = build_tiny_guest(shutdown_fails=True)
     shutil.copy(refusing.initrd, base / "root" / "guest" / "initrd-refuse.gz")
+    # A guest whose agent has its file commands blocked: no boot id to read.
+    no_boot_id = build_tiny_guest(blocked_commands=("guest-file-open",))
+    shutil.copy(no_boot_id.initrd, base / "root" / "guest" / "initrd-noid.gz")
     yield worker
     worker.stop()
     kill_leftover_qemu(base / "root")
@@ -320,6 +323,17 @@ def test_a_shutdown_asked_while_the_guest_goes_down_for_a_reboot_is_not_lost(
     ok(vm.guest_os.shutdown(timeout_s=60))
     assert vm.state is S.TurnedOff and qemu_pid(vmhost, name) is None
     assert vm.console_log().count(READY_MARKER) == 2  # it did reboot first
+    ok(vm.delete())
+
+
+def test_restart_without_a_boot_id_waits_for_the_agent_to_go_and_come_back(
+        server: VirtualServer, vmhost: WorkerProcess, name: str) -> None:
+    vm = guest_vm(server, name, agent=True, initrd="guest/initrd-noid.gz")
+    ok(vm.startup())
+    ok(vm.guest_os.restart(timeout_s=120))
+    assert vm.console_log().count(READY_MARKER) == 2
+    ok(vm.guest_os.shutdown(timeout_s=60))
+    assert vm.state is S.TurnedOff and qemu_pid(vmhost, name) is None
     ok(vm.delete())
 
 

@@ -30,7 +30,9 @@ What the guest does (busybox init is PID 1; see `INIT_SCRIPT` and `INITTAB`):
   on a real OS), signals every process and powers off, halts or reboots.
 
 A variant with ``shutdown_fails=True`` has a ``/sbin/shutdown`` that fails, so the
-real agent answers ``guest-shutdown`` with its error reply (a guest that refuses).
+real agent answers ``guest-shutdown`` with its error reply (a guest that refuses);
+``blocked_commands`` starts qemu-ga with them blocked (``-b``), as an administrator
+may (a guest whose boot id cannot be read, like a non-Linux one).
 Nothing imitates the agent any more: every fault the tests need is one the real
 qemu-ga produces (see tests/integration/test_tinyguest.py).
 """
@@ -150,27 +152,37 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vmtask" / "tinyguest"
 
 
-def render_init_script(modules: Iterable[str]) -> str:
+def render_init_script(modules: Iterable[str], blocked_commands: Iterable[str] = ()) -> str:
+    blocked = ",".join(blocked_commands)
+    if not re.fullmatch(r"[a-z0-9,-]*", blocked):
+        raise ValueError(f"not agent command names: {blocked!r}")
     return (
         INIT_SCRIPT.replace("@MODULES@", " ".join(modules))
+        .replace("@AGENT_ARGS@", f"-b {blocked}" if blocked else "")
         .replace("@PORT@", AGENT_PORT_NAME)
         .replace("@MARKER@", READY_MARKER)
         .replace("@GOING_DOWN_S@", str(GOING_DOWN_S))
     )
 
 
-def build_tiny_guest(cache_dir: Path | None = None, *, shutdown_fails: bool = False) -> TinyGuest:
+def build_tiny_guest(
+    cache_dir: Path | None = None,
+    *,
+    shutdown_fails: bool = False,
+    blocked_commands: tuple[str, ...] = (),
+) -> TinyGuest:
     """Return the cached tiny guest, building it first if the packages changed.
 
     With `shutdown_fails` the guest's ``/sbin/shutdown`` fails, so its (real) agent
-    refuses ``guest-shutdown`` with an error reply.
+    refuses ``guest-shutdown`` with an error reply; `blocked_commands` are refused by
+    qemu-ga as disabled.
 
     Safe to call from many processes at once: one builds under a lock while the
     others wait, and a build becomes visible only by an atomic rename.
     """
     cache = (cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    recipe = _recipe_digest(shutdown_fails)
+    recipe = _recipe_digest(shutdown_fails, blocked_commands)
     try:
         packages = _resolve_packages()
     except TinyGuestError:
@@ -193,7 +205,7 @@ def build_tiny_guest(cache_dir: Path | None = None, *, shutdown_fails: bool = Fa
         # mkdtemp is private; the finished guest is readable by every user of the cache.
         staging.chmod(0o755)
         try:
-            _build(staging, packages, shutdown_fails)
+            _build(staging, packages, shutdown_fails, blocked_commands)
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -207,10 +219,10 @@ def _guest_at(directory: Path) -> TinyGuest:
     )
 
 
-def _recipe_digest(shutdown_fails: bool) -> str:
+def _recipe_digest(shutdown_fails: bool, blocked_commands: tuple[str, ...]) -> str:
     shutdown = FAILING_SHUTDOWN_SCRIPT if shutdown_fails else SHUTDOWN_SCRIPT
-    text = "\n".join([_RECIPE_REVISION, INIT_SCRIPT, INITTAB, shutdown, OS_RELEASE,
-                      str(GOING_DOWN_S), *GUEST_MODULES])
+    text = "\n".join([_RECIPE_REVISION, render_init_script(GUEST_MODULES, blocked_commands),
+                      INITTAB, shutdown, OS_RELEASE, *GUEST_MODULES])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -337,7 +349,9 @@ def _download(packages: Iterable[_Package], directory: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- build
 
 
-def _build(staging: Path, packages: _Packages, shutdown_fails: bool) -> None:
+def _build(
+    staging: Path, packages: _Packages, shutdown_fails: bool, blocked_commands: tuple[str, ...]
+) -> None:
     work = staging / "work"
     work.mkdir()
     kernel_pkg, busybox_pkg, agent_pkg = packages.kernel, packages.busybox, packages.agent
@@ -376,7 +390,8 @@ def _build(staging: Path, packages: _Packages, shutdown_fails: bool) -> None:
     # The kernel runs /init; busybox, called by that name, is init.
     archive.symlink("init", "bin/busybox")
     archive.file("etc/inittab", INITTAB.encode(), 0o644)
-    archive.file(BOOT_SCRIPT_PATH, render_init_script([n for n, _ in modules]).encode(), 0o755)
+    archive.file(BOOT_SCRIPT_PATH,
+                 render_init_script([n for n, _ in modules], blocked_commands).encode(), 0o755)
     shutdown = FAILING_SHUTDOWN_SCRIPT if shutdown_fails else SHUTDOWN_SCRIPT
     archive.file("sbin/shutdown", shutdown.encode(), 0o755)
     archive.file("etc/os-release", OS_RELEASE.encode(), 0o644)
@@ -396,6 +411,7 @@ def _build(staging: Path, packages: _Packages, shutdown_fails: bool) -> None:
         "agent_package": [agent_pkg.name, agent_pkg.version],
         "agent_libraries": sorted(libraries),
         "shutdown_fails": shutdown_fails,
+        "blocked_commands": list(blocked_commands),
         "kernel_release": release,
         "modules": names,
         "append": DEFAULT_APPEND,

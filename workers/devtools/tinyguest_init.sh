@@ -5,7 +5,8 @@
 #   boot.sh shutdown   init's shutdown action, before it signals every process
 #   boot.sh EVENT      udhcpc's event hook (deconfig, bound, ...), with the lease in
 #                      its environment
-# @MODULES@, @PORT@, @MARKER@ and @GOING_DOWN_S@ are filled in by `render_init_script`.
+# @MODULES@, @PORT@, @MARKER@, @GOING_DOWN_S@ and @AGENT_ARGS@ are filled in by
+# `render_init_script`.
 
 load_modules() {
     for m in @MODULES@; do
@@ -108,7 +109,7 @@ sysinit() {
 agent() {
     find_agent_port
     echo "vmtask-guest: starting qemu-ga"
-    /usr/sbin/qemu-ga -m virtio-serial -p "/dev/virtio-ports/@PORT@"
+    /usr/sbin/qemu-ga -m virtio-serial -p "/dev/virtio-ports/@PORT@" @AGENT_ARGS@
     echo "vmtask-guest: qemu-ga exited with $?"
     # init respawns this at once: don't spin if the agent cannot start.
     sleep 1
