@@ -8,7 +8,12 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+# qemu-system-x86 also brings every library Debian's qemu-ga needs: the tests' tiny
+# guest copies them from here (workers/devtools/tinyguest.py, which fetches the
+# qemu-guest-agent package itself with apt-get download, so no agent service is
+# installed on the host).
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+command -v ldd >/dev/null 2>&1 || missing+=(libc-bin)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 # Compose v1, only for `docker-compose config` in tests/deployment (no engine runs here).
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)

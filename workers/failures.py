@@ -124,7 +124,8 @@ class QMPCommandFailed(OperationFailed):
 
 
 class GuestAgentError(OperationFailed):
-    """The agent answered with an error, or the connection broke."""
+    """The agent answered with an error (`error_class` set, and the description
+    carries the agent's own text), or the connection broke (no class)."""
 
     def __init__(self, description: str, error_class: str = "") -> None:
         super().__init__(description)

@@ -16,6 +16,7 @@ import pytest
 from api import VirtualServer, VMTaskResult, VMVMState
 from tests.integration.test_cli import Cli, Run, assert_one_error_line, cli, cli_env  # noqa: F401 - fixtures
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
+from workers.devtools.tinyguest import READY_MARKER
 
 INVALID_STATE = "0x8007139F"
 
@@ -165,6 +166,10 @@ def test_guest_restart_and_shutdown_with_the_agent(
     assert cli("vm", "start", vm_name).code == 0
     restarted = cli("vm", "restart", vm_name, "--timeout-s", "120", "--json")
     assert vm_state(restarted) == "Running"
+    # Done means rebooted: the second boot printed its marker (a real guest's old
+    # agent answers on for seconds, and a shutdown sent to it then is lost).
+    logged = cli("vm", "log", vm_name, "--json")
+    assert logged.code == 0 and logged.json()["text"].count(READY_MARKER) == 2, logged
     assert vm_state(cli("vm", "shutdown", vm_name, "--timeout-s", "120", "--json")) == \
         "TurnedOff"
 

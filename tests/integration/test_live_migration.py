@@ -113,12 +113,20 @@ def boot_id(root: Path, vm: str) -> str:
 
 
 def guest_write(client: GuestAgentClient, value: int) -> None:
-    """The guest writes ``value`` over the first block of its disk, synced."""
+    """The guest writes ``value`` over the first block of its disk, synced.
+
+    qemu-ga's guest-file-write leaves the data in the guest's page cache: only an
+    fsync in the guest puts it on the virtual disk (FACTS), so a dd with
+    conv=fsync rewrites the block from that cache and flushes the device, and
+    returns (guest-exec-status says it exited) only once it is there."""
     handle = client.execute("guest-file-open", {"path": "/dev/vda", "mode": "r+"})
     client.execute("guest-file-write", {"handle": handle,
                                         "buf-b64": base64.b64encode(bytes([value]) * BLOCK)
                                         .decode()}, timeout=10)
     client.execute("guest-file-close", {"handle": handle})
+    synced = client.run(["/bin/dd", "if=/dev/vda", "of=/dev/vda", f"bs={BLOCK}", "count=1",
+                         "conv=notrunc,fsync"], timeout=30)
+    assert synced.exit_code == 0, synced
 
 
 def running_guest(server: VirtualServer, hosts: dict[str, WorkerProcess], name: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from workers.devtools.tinyguest import (
     tiny_guest_boot_args,
 )
 from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
-from workers.failures import OperationTimedOut
+from workers.failures import GuestAgentError, OperationTimedOut
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or shutil.which("apt-get") is None,
@@ -106,6 +107,13 @@ class Vm:
             time.sleep(0.02)
         return time.monotonic() - self.started
 
+    def wait_for_serial(self, text: str, timeout: float = EXIT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.serial.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {text!r} on the console within {timeout} s: {self.diagnostics()}")
+            time.sleep(0.05)
+
     def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
         try:
             return self.process.wait(timeout=timeout)
@@ -143,10 +151,10 @@ def launch(tiny_guest: TinyGuest) -> Iterator[Callable[..., Vm]]:
     # A short private directory: unix socket paths are limited to 107 bytes.
     directory = Path(tempfile.mkdtemp(prefix="vmtask-tg-"))
 
-    def start(agent: str = "port", reboot: bool = False) -> Vm:
+    def start(agent: str = "port", reboot: bool = False, guest: TinyGuest | None = None) -> Vm:
         vm_dir = directory / str(len(vms))
         vm_dir.mkdir()
-        vm = Vm(tiny_guest, vm_dir, agent, reboot)
+        vm = Vm(guest or tiny_guest, vm_dir, agent, reboot)
         vms.append(vm)
         return vm
 
@@ -248,8 +256,14 @@ def test_guest_ping_is_answered(launch: Callable[..., Vm]) -> None:
     with GuestAgentClient(vm.agent_socket) as agent:
         assert agent.ping(timeout=20) is True
         assert agent.ping(timeout=5) is True
-        names = {c["name"] for c in agent.info(timeout=5)["supported_commands"]}
-        assert {"guest-ping", "guest-sync-delimited", "guest-shutdown"} <= names
+        info = agent.info(timeout=5)
+        names = {c["name"] for c in info["supported_commands"]}
+        assert {"guest-ping", "guest-sync-delimited", "guest-shutdown", "guest-exec"} <= names
+        # The real qemu-ga (its version is QEMU's), reading the guest's os-release.
+        assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"]), info["version"]
+        osinfo = agent.execute("guest-get-osinfo", timeout=5)
+        assert (osinfo["id"], osinfo["pretty-name"]) == (
+            "vmtask-tinyguest", "vmtask tiny guest (busybox)")
 
 
 def test_system_powerdown_after_the_marker_powers_the_guest_off(
@@ -282,11 +296,63 @@ def test_agent_reboot_boots_the_guest_again(launch: Callable[..., Vm]) -> None:
         assert agent.ping(timeout=20) is True
 
 
+def test_agent_reboot_is_answered_by_the_old_boot_while_it_goes_down(
+    launch: Callable[..., Vm],
+) -> None:
+    """What `guest_restart` must cope with: the request returns at once and the old
+    boot's agent answers on, then a new boot (a new boot id) answers."""
+    vm = launch(reboot=True)
+    vm.wait_for_marker()
+    with GuestAgentClient(vm.agent_socket) as agent:
+        before = agent.boot_id(timeout=20)
+        agent.shutdown("reboot", timeout=20)
+        assert agent.boot_id(timeout=5) == before  # still the dying boot
+        assert vm.markers() == 1
+        vm.wait_for_marker(count=2)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while True:
+            try:
+                after = agent.boot_id(timeout=2)
+                break
+            except OperationTimedOut:
+                assert time.monotonic() < deadline, vm.diagnostics()
+        assert after != before
+
+
+def test_a_refused_shutdown_raises_the_agents_error(launch: Callable[..., Vm]) -> None:
+    vm = launch(guest=build_tiny_guest(shutdown_fails=True))
+    vm.wait_for_marker()
+    with GuestAgentClient(vm.agent_socket) as agent:
+        for mode in ("reboot", "powerdown"):
+            with pytest.raises(GuestAgentError, match="child process has failed to shutdown"):
+                agent.shutdown(mode, timeout=20)  # type: ignore[arg-type]
+        # The refusal leaves the connection in step.
+        assert agent.ping(timeout=5) is True
+    assert vm.process.poll() is None and vm.markers() == 1
+
+
+def test_guest_exec_waits_for_the_program_and_returns_its_output(
+    launch: Callable[..., Vm],
+) -> None:
+    vm = launch()
+    vm.wait_for_marker()
+    with GuestAgentClient(vm.agent_socket) as agent:
+        done = agent.run(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], timeout=20)
+        assert (done.exit_code, done.stdout, done.stderr) == (3, b"out\n", b"err\n")
+        fed = agent.run(["/bin/cat"], stdin=b"\x00\xffdata", timeout=20)
+        assert (fed.exit_code, fed.stdout) == (0, b"\x00\xffdata")
+        with pytest.raises(GuestAgentError):
+            agent.run(["/no/such/program"], timeout=20)
+
+
 def test_agent_halt_stops_the_guest_but_not_qemu(launch: Callable[..., Vm]) -> None:
     vm = launch()
     vm.wait_for_marker()
     with GuestAgentClient(vm.agent_socket) as agent:
         agent.shutdown("halt", timeout=20)
+        # A real guest goes down behind the request, its agent answering meanwhile;
+        # the kernel says when it has halted.
+        vm.wait_for_serial("System halted")
         with pytest.raises(OperationTimedOut):
             agent.ping(timeout=1)
     assert vm.process.poll() is None

@@ -19,7 +19,7 @@ from api.protocol.vmstate import VMStateEvent
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
-from workers.devtools.tinyguest import build_tiny_guest
+from workers.devtools.tinyguest import READY_MARKER, build_tiny_guest
 
 S = VMVMState
 
@@ -42,6 +42,12 @@ def vmhost(vm_env: tuple[RedisServer, Path]) -> Iterator[WorkerProcess]:
     (base / "root" / "guest").mkdir(parents=True, exist_ok=True)
     shutil.copy(guest.kernel, base / "root" / "guest" / "vmlinuz")
     shutil.copy(guest.initrd, base / "root" / "guest" / "initrd.gz")
+    # A guest whose /sbin/shutdown fails: its real agent refuses guest-shutdown.
+    refusing = build_tiny_guest(shutdown_fails=True)
+    shutil.copy(refusing.initrd, base / "root" / "guest" / "initrd-refuse.gz")
+    # A guest whose agent has its file commands blocked: no boot id to read.
+    no_boot_id = build_tiny_guest(blocked_commands=("guest-file-open",))
+    shutil.copy(no_boot_id.initrd, base / "root" / "guest" / "initrd-noid.gz")
     yield worker
     worker.stop()
     kill_leftover_qemu(base / "root")
@@ -68,9 +74,10 @@ def make_disk(server: VirtualServer, path: str, size_mb: int = 16) -> None:
     ok(server.create_dynamic_virtual_hard_disk(path, size_mb))
 
 
-def guest_vm(server: VirtualServer, name: str, *, agent: bool) -> VirtualMachine:
+def guest_vm(server: VirtualServer, name: str, *, agent: bool,
+             initrd: str = "guest/initrd.gz") -> VirtualMachine:
     return server.create_virtual_machine(
-        name, memory_mb=128, kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+        name, memory_mb=128, kernel="guest/vmlinuz", initrd=initrd,
         append="console=ttyS0 quiet panic=-1", guest_agent=agent)
 
 
@@ -84,6 +91,17 @@ def qemu_pid(vmhost: WorkerProcess, name: str) -> int | None:
 
 def events_for(server: VirtualServer, name: str, since: str) -> list[VMStateEvent]:
     return [e for e in server.vm_events(since, timeout_ms=200) if e.name == name]
+
+
+def agent_answers(sock: Path) -> bool:
+    from workers.engines.guest_agent import GuestAgentClient
+    from workers.failures import OperationTimedOut
+
+    with GuestAgentClient(sock) as agent:
+        try:
+            return agent.ping(timeout=2)
+        except OperationTimedOut:
+            return False
 
 
 def last_event_id(server: VirtualServer) -> str:
@@ -291,10 +309,65 @@ def test_guest_shutdown_through_the_agent(server: VirtualServer, vmhost: WorkerP
     since = last_event_id(server)
     ok(vm.guest_os.restart())
     assert vm.state is S.Running
+    # Success means the guest has rebooted: its second boot is up (a real guest's
+    # old agent answers on for seconds after the request).
+    assert vm.console_log().count(READY_MARKER) == 2
+    # At once: a request that reached the dying first boot would be lost.
     ok(vm.guest_os.shutdown(timeout_s=60))
     assert vm.state is S.TurnedOff and qemu_pid(vmhost, name) is None
     assert [(e.old, e.new) for e in events_for(server, name, since)] == [
         (S.Running, S.TurningOff), (S.TurningOff, S.TurnedOff)]
+    ok(vm.delete())
+
+
+def test_a_shutdown_asked_while_the_guest_goes_down_for_a_reboot_is_not_lost(
+        server: VirtualServer, vmhost: WorkerProcess, name: str) -> None:
+    """The request reaches the dying boot's agent, which still answers, and dies with
+    it: the task must ask the next boot again (or press the ACPI button)."""
+    from workers.engines.guest_agent import GuestAgentClient
+
+    vm = guest_vm(server, name, agent=True)
+    ok(vm.startup())
+    sock = vmhost.storage_root / "vms" / name / "qga.sock"
+    wait_until(lambda: agent_answers(sock), 60, "guest agent")
+    with GuestAgentClient(sock) as agent:
+        agent.shutdown("reboot")  # as if someone ran `reboot` in the guest
+    # Committed to the reboot (init runs its shutdown action), agent still answering.
+    wait_until(lambda: "vmtask-guest: going down" in vm.console_log(), 30,
+               "the guest to start going down", interval=0.1)
+    ok(vm.guest_os.shutdown(timeout_s=60))
+    assert vm.state is S.TurnedOff and qemu_pid(vmhost, name) is None
+    assert vm.console_log().count(READY_MARKER) == 2  # it did reboot first
+    ok(vm.delete())
+
+
+def test_restart_without_a_boot_id_waits_for_the_agent_to_go_and_come_back(
+        server: VirtualServer, vmhost: WorkerProcess, name: str) -> None:
+    vm = guest_vm(server, name, agent=True, initrd="guest/initrd-noid.gz")
+    ok(vm.startup())
+    ok(vm.guest_os.restart(timeout_s=120))
+    assert vm.console_log().count(READY_MARKER) == 2
+    ok(vm.guest_os.shutdown(timeout_s=60))
+    assert vm.state is S.TurnedOff and qemu_pid(vmhost, name) is None
+    ok(vm.delete())
+
+
+def test_a_guest_that_refuses_restart_and_shutdown_says_why(
+        server: VirtualServer, name: str) -> None:
+    """The real agent's error reply ends the task at once, with the agent's words."""
+    vm = guest_vm(server, name, agent=True, initrd="guest/initrd-refuse.gz")
+    ok(vm.startup())
+    for task in (vm.guest_os.restart(timeout_s=60), vm.guest_os.shutdown(timeout_s=60)):
+        assert task.wait_for_completion(120_000)
+        snap = task.snapshot()
+        assert (snap.result, snap.error) == (VMTaskResult.UnexpectedError, 0x8000FFFF), snap
+        assert "child process has failed to shutdown" in snap.error_description, snap
+        # Told at once, not after the whole timeout.
+        assert snap.started is not None and snap.finished is not None
+        assert snap.finished - snap.started < 30, snap
+    assert vm.state is S.Running
+    assert vm.console_log().count(READY_MARKER) == 1  # never rebooted
+    ok(vm.turn_off())
     ok(vm.delete())
 
 
@@ -334,18 +407,9 @@ def test_a_vm_that_stops_by_itself_is_noticed(server: VirtualServer, vmhost: Wor
     ok(vm.startup())
     # The guest powers itself off (as if a user ran poweroff inside it).
     from workers.engines.guest_agent import GuestAgentClient
-    from workers.failures import OperationTimedOut
 
     sock = vmhost.storage_root / "vms" / name / "qga.sock"
-
-    def agent_ready() -> bool:
-        with GuestAgentClient(sock) as agent:
-            try:
-                return agent.ping(timeout=2)
-            except OperationTimedOut:
-                return False
-
-    wait_until(agent_ready, 60, "guest agent")
+    wait_until(lambda: agent_answers(sock), 60, "guest agent")
     with GuestAgentClient(sock) as agent:
         agent.shutdown("powerdown")
     wait_until(lambda: vm.state is S.TurnedOff, 30, "the watcher to notice the power-off")

@@ -1,29 +1,40 @@
-"""A tiny but real Linux guest: Debian's cloud kernel and a busybox initramfs.
+"""A tiny but real Linux guest: Debian's cloud kernel, busybox and the real qemu-ga.
 
 The VM engine and its tests need a guest that boots in seconds under TCG, answers
 the QEMU guest agent and honours the ACPI power button, without a disk image or a
 network download beyond the Debian mirror.  `build_tiny_guest` assembles one from
-two Debian packages (the kernel that ``linux-image-cloud-amd64`` points at, and
-``busybox-static``) and caches the result, keyed by their versions and by the
-recipe below, so it is rebuilt only when one of them changes.
+three Debian packages (the kernel that ``linux-image-cloud-amd64`` points at,
+``busybox-static`` and ``qemu-guest-agent``) and caches the result, keyed by their
+versions and by the recipe below, so it is rebuilt only when one of them changes.
 
-What the guest does (see `INIT_SCRIPT`):
+The packages are fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x``,
+never installed: no agent service lands on the host.  qemu-ga's shared libraries
+(found with ``ldd``) and the loader are copied from the host; they are all
+dependencies of ``qemu-system-x86`` too, which `scripts/bootstrap.sh` installs.
 
-* loads the virtio-pci, virtio-console, virtio-net, virtio-blk, ACPI button and evdev
-  modules, which the cloud kernel ships as modules, and prints its CPU count;
+What the guest does (busybox init is PID 1; see `INIT_SCRIPT` and `INITTAB`):
+
+* mounts /proc, /sys, /dev and /run; loads the virtio-pci, virtio-console,
+  virtio-net, virtio-blk, ACPI button and evdev modules, which the cloud kernel
+  ships as modules, and prints its CPU count;
 * brings each NIC up and asks for an address by DHCP (busybox ``udhcpc``, in the
   background), and serves a marker page on TCP port 80 (busybox ``httpd``);
-* arms a power-button watcher that runs ``poweroff -f``, and only then prints
-  `READY_MARKER` on the serial console, so a ``system_powerdown`` sent after the
-  marker is never lost;
-* serves a small subset of the QEMU guest agent protocol on the virtio-serial port
-  named `AGENT_PORT_NAME`: ``guest-sync``, ``guest-sync-delimited``,
-  ``guest-ping``, ``guest-info``, ``guest-shutdown``, ``guest-get-osinfo``,
-  ``guest-network-get-interfaces``, and ``guest-file-open``/``-read``/``-write``/
-  ``-close`` on whole files: a read returns all of it (the kernel's boot id), a
-  write replaces the first bytes in place and syncs (a pattern on a virtio disk).
-  The agent is line based: every command must end with a newline, which
-  `workers.engines.guest_agent` always sends.
+* arms a power-button watcher that asks init for an orderly ``poweroff``, and only
+  then prints `READY_MARKER` on the serial console, so a ``system_powerdown`` sent
+  after the marker is never lost;
+* runs Debian's ``qemu-ga -m virtio-serial -p /dev/virtio-ports/<AGENT_PORT_NAME>``,
+  respawned by init, with an ``/etc/os-release`` for ``guest-get-osinfo``;
+* has a ``/sbin/shutdown`` (the program qemu-ga runs for ``guest-shutdown``) that,
+  like systemd's, only asks init to go down and returns at once; init then runs its
+  shutdown action (`GOING_DOWN_S` seconds during which the agent still answers, as
+  on a real OS), signals every process and powers off, halts or reboots.
+
+A variant with ``shutdown_fails=True`` has a ``/sbin/shutdown`` that fails, so the
+real agent answers ``guest-shutdown`` with its error reply (a guest that refuses);
+``blocked_commands`` starts qemu-ga with them blocked (``-b``), as an administrator
+may (a guest whose boot id cannot be read, like a non-Linux one).
+Nothing imitates the agent any more: every fault the tests need is one the real
+qemu-ga produces (see tests/integration/test_tinyguest.py).
 """
 
 from __future__ import annotations
@@ -51,37 +62,63 @@ from workers.failures import OperationFailed
 READY_MARKER = "VMTASK-GUEST-READY"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+AGENT_PACKAGE = "qemu-guest-agent"
+AGENT_BINARY = "usr/sbin/qemu-ga"
 # The roots of the module closure; their dependencies are added from the modules
 # themselves.
 GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_net", "virtio_blk", "button",
                  "evdev")
 DEFAULT_APPEND = "console=ttyS0 quiet panic=-1"
+# How long the guest's shutdown action lasts: the window in which a going-down
+# guest's agent still answers.
+GOING_DOWN_S = 3
 
-# Bump when the image layout changes in a way the init script's text does not show.
-_RECIPE_REVISION = "1"
+# Bump when the image layout changes in a way the scripts' text does not show.
+_RECIPE_REVISION = "2"
 _APT_TIMEOUT = 600.0
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
-# PID 1 of the guest.  Sourced with a PID other than 1 (host-side tests), it only
-# defines the functions.  The agent never echoes client text into a reply, so no
-# JSON escaping is needed.
-# The guest's /init (busybox sh), with @MODULES@, @PORT@, @READY@ and @COMMANDS@ filled
-# in by `render_init_script`.  It answers a minimal guest agent.
+# The boot script, run by busybox init as its sysinit, respawn and shutdown actions,
+# with @MODULES@, @PORT@, @MARKER@ and @GOING_DOWN_S@ filled in by `render_init_script`.
 INIT_SCRIPT = resources.files(__package__).joinpath("tinyguest_init.sh").read_text("utf-8")
+BOOT_SCRIPT_PATH = "etc/vmtask/boot.sh"
 
-AGENT_COMMANDS = (
-    "guest-sync",
-    "guest-sync-delimited",
-    "guest-ping",
-    "guest-info",
-    "guest-shutdown",
-    "guest-get-osinfo",
-    "guest-network-get-interfaces",
-    "guest-file-open",
-    "guest-file-read",
-    "guest-file-write",
-    "guest-file-close",
-)
+INITTAB = """\
+::sysinit:/etc/vmtask/boot.sh sysinit
+::respawn:/etc/vmtask/boot.sh agent
+::shutdown:/etc/vmtask/boot.sh shutdown
+"""
+
+# What qemu-ga runs for guest-shutdown: ``shutdown -h -P|-H|-r +0 <message>``.  Like
+# systemd's shutdown it only asks init (busybox poweroff/halt/reboot without -f
+# signal PID 1) and returns at once, while the guest goes down behind it.
+SHUTDOWN_SCRIPT = """\
+#!/bin/sh
+action=poweroff
+for arg in "$@"; do
+    case $arg in
+        -P) action=poweroff ;;
+        -H) action=halt ;;
+        -r) action=reboot ;;
+    esac
+done
+echo "vmtask-guest: shutdown $* -> $action" > /dev/console
+exec "$action"
+"""
+
+# The variant whose shutdown fails: qemu-ga then replies with its error.
+FAILING_SHUTDOWN_SCRIPT = """\
+#!/bin/sh
+echo "vmtask-guest: shutdown $* refused" > /dev/console
+exit 1
+"""
+
+OS_RELEASE = """\
+PRETTY_NAME="vmtask tiny guest (busybox)"
+NAME="vmtask tiny guest"
+ID=vmtask-tinyguest
+VERSION_ID=1
+"""
 
 
 class TinyGuestError(OperationFailed):
@@ -101,6 +138,13 @@ class _Package:
     version: str
 
 
+@dataclass(frozen=True)
+class _Packages:
+    kernel: _Package
+    busybox: _Package
+    agent: _Package
+
+
 def default_cache_dir() -> Path:
     configured = os.environ.get("VMTASK_CACHE_DIR")
     if configured:
@@ -108,30 +152,39 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vmtask" / "tinyguest"
 
 
-def render_init_script(modules: Iterable[str]) -> str:
-    commands = ", ".join(
-        json.dumps({"enabled": True, "name": name, "success-response": name != "guest-shutdown"})
-        for name in AGENT_COMMANDS
-    )
+def render_init_script(modules: Iterable[str], blocked_commands: Iterable[str] = ()) -> str:
+    blocked = ",".join(blocked_commands)
+    if not re.fullmatch(r"[a-z0-9,-]*", blocked):
+        raise ValueError(f"not agent command names: {blocked!r}")
     return (
         INIT_SCRIPT.replace("@MODULES@", " ".join(modules))
+        .replace("@AGENT_ARGS@", f"-b {blocked}" if blocked else "")
         .replace("@PORT@", AGENT_PORT_NAME)
         .replace("@MARKER@", READY_MARKER)
-        .replace("@COMMANDS@", commands)
+        .replace("@GOING_DOWN_S@", str(GOING_DOWN_S))
     )
 
 
-def build_tiny_guest(cache_dir: Path | None = None) -> TinyGuest:
+def build_tiny_guest(
+    cache_dir: Path | None = None,
+    *,
+    shutdown_fails: bool = False,
+    blocked_commands: tuple[str, ...] = (),
+) -> TinyGuest:
     """Return the cached tiny guest, building it first if the packages changed.
+
+    With `shutdown_fails` the guest's ``/sbin/shutdown`` fails, so its (real) agent
+    refuses ``guest-shutdown`` with an error reply; `blocked_commands` are refused by
+    qemu-ga as disabled.
 
     Safe to call from many processes at once: one builds under a lock while the
     others wait, and a build becomes visible only by an atomic rename.
     """
     cache = (cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    recipe = _recipe_digest()
+    recipe = _recipe_digest(shutdown_fails, blocked_commands)
     try:
-        kernel_pkg, busybox_pkg = _resolve_packages()
+        packages = _resolve_packages()
     except TinyGuestError:
         # Offline or without apt lists: an earlier build of the same recipe is
         # still a correct guest, only perhaps not the newest kernel.
@@ -139,7 +192,7 @@ def build_tiny_guest(cache_dir: Path | None = None) -> TinyGuest:
         if fallback is None:
             raise
         return _guest_at(fallback)
-    final = cache / _cache_key(kernel_pkg, busybox_pkg, recipe)
+    final = cache / _cache_key(packages, recipe)
     if final.is_dir():
         return _guest_at(final)
     with _locked(cache / f".{final.name}.lock"):
@@ -152,7 +205,7 @@ def build_tiny_guest(cache_dir: Path | None = None) -> TinyGuest:
         # mkdtemp is private; the finished guest is readable by every user of the cache.
         staging.chmod(0o755)
         try:
-            _build(staging, kernel_pkg, busybox_pkg)
+            _build(staging, packages, shutdown_fails, blocked_commands)
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -166,13 +219,16 @@ def _guest_at(directory: Path) -> TinyGuest:
     )
 
 
-def _recipe_digest() -> str:
-    text = "\n".join([_RECIPE_REVISION, INIT_SCRIPT, *GUEST_MODULES, *AGENT_COMMANDS])
+def _recipe_digest(shutdown_fails: bool, blocked_commands: tuple[str, ...]) -> str:
+    shutdown = FAILING_SHUTDOWN_SCRIPT if shutdown_fails else SHUTDOWN_SCRIPT
+    text = "\n".join([_RECIPE_REVISION, render_init_script(GUEST_MODULES, blocked_commands),
+                      INITTAB, shutdown, OS_RELEASE, *GUEST_MODULES])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _cache_key(kernel: _Package, busybox: _Package, recipe: str) -> str:
-    raw = f"{kernel.name}_{kernel.version}+busybox_{busybox.version}+r{recipe}"
+def _cache_key(packages: _Packages, recipe: str) -> str:
+    raw = (f"{packages.kernel.name}_{packages.kernel.version}"
+           f"+busybox_{packages.busybox.version}+qga_{packages.agent.version}+r{recipe}")
     return re.sub(r"[^A-Za-z0-9._+-]", "_", raw)
 
 
@@ -242,8 +298,8 @@ def _apt_show(*names: str) -> dict[str, dict[str, str]]:
 _DEPENDENCY = re.compile(r"^\s*([a-z0-9][a-z0-9.+-]*)(?::\S+)?\s*(?:\(\s*=\s*([^)\s]+)\s*\))?")
 
 
-def _lookup_packages() -> tuple[_Package, _Package]:
-    shown = _apt_show(KERNEL_METAPACKAGE, BUSYBOX_PACKAGE)
+def _lookup_packages() -> _Packages:
+    shown = _apt_show(KERNEL_METAPACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE)
     image: _Package | None = None
     for alternatives in shown[KERNEL_METAPACKAGE].get("Depends", "").split(","):
         for alternative in alternatives.split("|"):
@@ -257,10 +313,14 @@ def _lookup_packages() -> tuple[_Package, _Package]:
         raise TinyGuestError(f"{KERNEL_METAPACKAGE} depends on no linux-image package")
     if not image.version:
         image = _Package(image.name, _apt_show(image.name)[image.name]["Version"])
-    return image, _Package(BUSYBOX_PACKAGE, shown[BUSYBOX_PACKAGE]["Version"])
+    return _Packages(
+        kernel=image,
+        busybox=_Package(BUSYBOX_PACKAGE, shown[BUSYBOX_PACKAGE]["Version"]),
+        agent=_Package(AGENT_PACKAGE, shown[AGENT_PACKAGE]["Version"]),
+    )
 
 
-def _resolve_packages() -> tuple[_Package, _Package]:
+def _resolve_packages() -> _Packages:
     try:
         return _lookup_packages()
     except TinyGuestError:
@@ -289,39 +349,69 @@ def _download(packages: Iterable[_Package], directory: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- build
 
 
-def _build(staging: Path, kernel_pkg: _Package, busybox_pkg: _Package) -> None:
+def _build(
+    staging: Path, packages: _Packages, shutdown_fails: bool, blocked_commands: tuple[str, ...]
+) -> None:
     work = staging / "work"
     work.mkdir()
-    debs = _download([kernel_pkg, busybox_pkg], work)
-    kernel_root = work / "kernel"
-    busybox_root = work / "busybox"
-    _run(["dpkg-deb", "-x", str(debs[kernel_pkg.name]), str(kernel_root)])
-    _run(["dpkg-deb", "-x", str(debs[busybox_pkg.name]), str(busybox_root)])
+    kernel_pkg, busybox_pkg, agent_pkg = packages.kernel, packages.busybox, packages.agent
+    debs = _download([kernel_pkg, busybox_pkg, agent_pkg], work)
+    roots = {}
+    for package in (kernel_pkg, busybox_pkg, agent_pkg):
+        roots[package.name] = work / package.name
+        _run(["dpkg-deb", "-x", str(debs[package.name]), str(roots[package.name])])
 
-    module_dir = _module_dir(kernel_root)
+    module_dir = _module_dir(roots[kernel_pkg.name])
     release = module_dir.name
-    vmlinuz = kernel_root / "boot" / f"vmlinuz-{release}"
+    vmlinuz = roots[kernel_pkg.name] / "boot" / f"vmlinuz-{release}"
     if not vmlinuz.is_file():
         raise TinyGuestError(f"{kernel_pkg.name} ships no {vmlinuz.name}")
-    busybox = busybox_root / "bin" / "busybox"
+    busybox = roots[busybox_pkg.name] / "bin" / "busybox"
     if not busybox.is_file():
         raise TinyGuestError(f"{busybox_pkg.name} ships no bin/busybox")
+    agent = roots[agent_pkg.name] / AGENT_BINARY
+    if not agent.is_file():
+        raise TinyGuestError(f"{agent_pkg.name} ships no {AGENT_BINARY}")
+    libraries = _shared_libraries(agent)
 
     modules = _module_closure(_module_index(module_dir), GUEST_MODULES)
     archive = _Cpio()
-    for directory in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp"):
+    directories = {"bin", "dev", "etc", "etc/vmtask", "lib", "lib/modules", "proc", "run",
+                   "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var"}
+    for library in libraries:
+        parent = Path(library.lstrip("/")).parent
+        directories.update(str(p) for p in [parent, *parent.parents] if str(p) != ".")
+    for directory in sorted(directories):
         archive.directory(directory)
     # The kernel opens the console before init runs, so it must exist before devtmpfs.
     archive.char_device("dev/console", 0o600, 5, 1)
     archive.file("bin/busybox", busybox.read_bytes(), 0o755)
     archive.symlink("bin/sh", "busybox")
+    # The kernel runs /init; busybox, called by that name, is init.
+    archive.symlink("init", "bin/busybox")
+    archive.file("etc/inittab", INITTAB.encode(), 0o644)
+    archive.file(BOOT_SCRIPT_PATH,
+                 render_init_script([n for n, _ in modules], blocked_commands).encode(), 0o755)
+    shutdown = FAILING_SHUTDOWN_SCRIPT if shutdown_fails else SHUTDOWN_SCRIPT
+    archive.file("sbin/shutdown", shutdown.encode(), 0o755)
+    archive.file("etc/os-release", OS_RELEASE.encode(), 0o644)
+    # qemu-ga keeps its state in /var/run.
+    archive.symlink("var/run", "../run")
+    archive.file(AGENT_BINARY, agent.read_bytes(), 0o755)
+    for library, source in libraries.items():
+        # The real file under the name the loader looks for (ldd's path is often a
+        # symlink to a versioned file).
+        archive.file(library.lstrip("/"), source.read_bytes(), 0o755)
     for name, path in modules:
         archive.file(f"lib/modules/{name}.ko", _read_module(path), 0o644)
     names = [name for name, _ in modules]
-    archive.file("init", render_init_script(names).encode(), 0o755)
     manifest = {
         "kernel_package": [kernel_pkg.name, kernel_pkg.version],
         "busybox_package": [busybox_pkg.name, busybox_pkg.version],
+        "agent_package": [agent_pkg.name, agent_pkg.version],
+        "agent_libraries": sorted(libraries),
+        "shutdown_fails": shutdown_fails,
+        "blocked_commands": list(blocked_commands),
         "kernel_release": release,
         "modules": names,
         "append": DEFAULT_APPEND,
@@ -332,6 +422,25 @@ def _build(staging: Path, kernel_pkg: _Package, busybox_pkg: _Package) -> None:
     (staging / "initrd.img").write_bytes(gzip.compress(archive.finish(), mtime=0))
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(work)
+
+
+_LDD_LINE = re.compile(r"^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+
+
+def _shared_libraries(binary: Path) -> dict[str, Path]:
+    """The libraries `binary` loads, and its loader: each path it is looked up by,
+    mapped to the real file behind it on this host."""
+    found: dict[str, Path] = {}
+    for line in _run(["ldd", str(binary)]).splitlines():
+        if "not found" in line:
+            raise TinyGuestError(f"{binary.name} needs a library this host lacks: {line.strip()}"
+                                 " (install qemu-system-x86, which depends on the same ones)")
+        match = _LDD_LINE.match(line)
+        if match:
+            found[match[1]] = Path(match[1]).resolve(strict=True)
+    if not any("/ld-linux" in name for name in found):
+        raise TinyGuestError(f"ldd named no loader for {binary}")
+    return found
 
 
 def _module_dir(root: Path) -> Path:

@@ -11,6 +11,7 @@ fresh part of the stream starts.
 
 from __future__ import annotations
 
+import base64
 import errno
 import itertools
 import json
@@ -18,7 +19,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -29,6 +31,11 @@ ShutdownMode = Literal["powerdown", "reboot", "halt"]
 _T = TypeVar("_T")
 
 DEFAULT_TIMEOUT = 5.0
+# How long `shutdown` waits to learn whether the guest refused: qemu-ga replies only
+# once its /sbin/shutdown has exited, which a real one does at once.
+REFUSAL_WAIT = 5.0
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_EXEC_POLL = 0.05
 _SENTINEL = b"\xff"
 # The virtio-serial port name qemu-ga (and the tiny test guest) listen on.
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
@@ -36,6 +43,15 @@ _CHARDEV_ID = "vmtask-qga0"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _RETRYABLE_CONNECT = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a program run in the guest by `GuestAgentClient.run` ended."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
 
 
 def qemu_guest_agent_args(socket_path: Path) -> list[str]:
@@ -115,9 +131,13 @@ class GuestAgentClient:
     def shutdown(self, mode: ShutdownMode = "powerdown", timeout: float = DEFAULT_TIMEOUT) -> None:
         """Ask the guest to power down, reboot or halt.
 
-        Returns once the request is delivered to an agent that was in step:
-        qemu-ga sends no reply when it succeeds, so the caller learns the outcome
-        from the VM itself (QEMU exits, or the guest boots again).
+        Returns once the request is delivered to an agent that was in step and did
+        not refuse it; raises `GuestAgentError` with the agent's text when it did
+        (qemu-ga answers with an error when the guest's shutdown program fails).
+        qemu-ga sends no reply when it succeeds, and a real guest goes down behind
+        the request, its agent answering on for a while: so returning says nothing
+        about the outcome, which the caller learns from the VM itself (QEMU exits,
+        or the guest's boot id changes).
         """
         if mode not in ("powerdown", "reboot", "halt"):
             raise IllegalValue(f"unknown shutdown mode {mode!r}")
@@ -128,6 +148,56 @@ class GuestAgentClient:
             self._send({"execute": "guest-shutdown", "arguments": {"mode": mode}}, deadline)
 
         self._guarded(deliver, "guest-shutdown")
+        self._await_refusal(min(deadline, time.monotonic() + REFUSAL_WAIT))
+
+    def boot_id(self, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """The Linux guest's boot id, which every boot draws anew (read through the
+        agent's file commands)."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.001)
+
+        handle = self.execute("guest-file-open", {"path": BOOT_ID_PATH}, timeout=left())
+        try:
+            read = self.execute("guest-file-read", {"handle": handle}, timeout=left())
+        finally:
+            if self._sock is not None:
+                self.execute("guest-file-close", {"handle": handle}, timeout=left())
+        if not isinstance(read, dict):
+            raise GuestAgentError(f"guest-file-read returned {read!r}")
+        return base64.b64decode(str(read.get("buf-b64", ""))).decode(errors="replace").strip()
+
+    def run(self, argv: Sequence[str], stdin: bytes | None = None,
+            timeout: float = DEFAULT_TIMEOUT) -> ExecResult:
+        """Run a program in the guest (``guest-exec``) and wait until it has exited.
+
+        ``guest-exec`` itself returns as soon as the program started; only
+        ``guest-exec-status`` says when it is done (a ``sync`` run without waiting
+        for it has not synced anything yet).
+        """
+        deadline = time.monotonic() + timeout
+        arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]),
+                                     "capture-output": True}
+        if stdin is not None:
+            arguments["input-data"] = base64.b64encode(stdin).decode()
+        started = self.execute("guest-exec", arguments, timeout=timeout)
+        pid = started["pid"] if isinstance(started, dict) else None
+        if not isinstance(pid, int):
+            raise GuestAgentError(f"guest-exec returned {started!r}")
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimedOut(f"{argv[0]} (pid {pid}) did not exit in time in the guest")
+            status = self.execute("guest-exec-status", {"pid": pid}, timeout=remaining)
+            if isinstance(status, dict) and status.get("exited"):
+                code = status.get("exitcode")
+                return ExecResult(
+                    exit_code=int(code) if code is not None else -int(status.get("signal", 0)),
+                    stdout=base64.b64decode(str(status.get("out-data", ""))),
+                    stderr=base64.b64decode(str(status.get("err-data", ""))),
+                )
+            time.sleep(min(_EXEC_POLL, max(deadline - time.monotonic(), 0)))
 
     def execute(
         self,
@@ -157,6 +227,37 @@ class GuestAgentClient:
         return self._guarded(run, command)
 
     # ---------------------------------------------------------------- internals
+
+    def _await_refusal(self, deadline: float) -> None:
+        """Read what the agent says after ``guest-shutdown``, up to its answer to a
+        sync sent behind it: an error reply on the way is the guest's refusal.
+
+        The sync goes without a leading 0xFF, which qemu-ga would answer with a
+        parse-error line of its own.  Silence or a closed connection is no refusal:
+        the agent may already be gone with its guest.
+        """
+        sync_id = next(self._ids) % 2**31
+        try:
+            self._send({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}},
+                       deadline)
+            while True:
+                reply = _parse(self._read_line(deadline).lstrip(_SENTINEL))
+                if reply is None:
+                    continue
+                if reply.get("return") == sync_id:
+                    return
+                if "error" in reply:
+                    error = reply["error"] if isinstance(reply["error"], dict) else {}
+                    raise GuestAgentError(
+                        f"guest-shutdown: {error.get('desc', reply['error'])}",
+                        str(error.get("class", "GenericError")),
+                    )
+        except (TimeoutError, OSError):
+            self.close()
+        except GuestAgentError as exc:
+            if exc.error_class:
+                raise
+            self.close()
 
     def _guarded(self, action: Callable[[], _T], what: str) -> _T:
         try:

@@ -40,11 +40,17 @@ from api.protocol.vmstate import (
 )
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
-from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
+from workers.engines.guest_agent import (
+    GuestAgentClient,
+    ShutdownMode,
+    qemu_guest_agent_args,
+)
 from workers.engines.storage import resolve_in_root
 from workers.failures import (
     Cancelled,
+    GuestAgentError,
     IllegalValue,
+    OperationFailed,
     OperationTimedOut,
     VMNotRunning,
 )
@@ -55,6 +61,12 @@ log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT = 30.0
 ACPI_PRESS_INTERVAL = 1.0
+# How often a guest that was asked to go down is looked at through its agent.
+GUEST_POLL_INTERVAL = 0.5
+GUEST_PROBE_TIMEOUT = 2.0
+# After this long without powering off, a guest told through its agent also gets
+# ACPI power-button presses (its agent may be gone for good).
+ACPI_FALLBACK_AFTER = 15.0
 
 
 def root(settings: Settings) -> Path:
@@ -382,30 +394,85 @@ def wait_for_agent(run: TaskRun, paths: qemu_vm.VMPaths, deadline: float) -> Gue
         agent.close()
 
 
+def refused(name: str, what: str, exc: GuestAgentError) -> OperationFailed:
+    """The guest's agent said no: its own words, as UnexpectedError (E_UNEXPECTED) when
+    the guest failed, IllegalValueError when the agent lacks or blocks the command."""
+    text = f"The guest of {name!r} refused to {what}: {exc}"
+    if exc.error_class in ("CommandNotFound", "CommandDisabled"):
+        return IllegalValue(text)
+    return OperationFailed(text)
+
+
+def probe_boot(agent: GuestAgentClient) -> tuple[bool, str | None]:
+    """Whether the agent answers now, and the boot id it reports (None when the
+    guest has none to give, as a non-Linux guest)."""
+    try:
+        agent.ping(timeout=GUEST_PROBE_TIMEOUT)
+    except (OperationTimedOut, GuestAgentError):
+        return False, None
+    try:
+        return True, agent.boot_id(timeout=GUEST_PROBE_TIMEOUT)
+    except (OperationTimedOut, GuestAgentError):
+        return True, None
+
+
+def ask_agent(agent: GuestAgentClient, name: str, mode: ShutdownMode, what: str) -> None:
+    try:
+        agent.shutdown(mode)
+    except GuestAgentError as exc:
+        if exc.error_class:
+            raise refused(name, what, exc) from exc
+        # The connection broke on the way: whether it arrived is learnt from the VM.
+        log.warning("guest %s: %s request may not have arrived: %s", name, mode, exc)
+
+
 @operation(tasks.VM_GUEST_SHUTDOWN)
 def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
+    """Done when QEMU has exited.  A guest's agent answers on while its OS goes
+    down, so a request can land in a boot that is already ending (a restart just
+    asked for) and be lost: the request is sent again when a new boot (a new boot
+    id) answers, and the ACPI button is pressed too once the guest takes too long."""
     with vm_lock(run, name):
         client, record, _ = begin(run, "guest_shutdown", name, S.TurningOff)
         paths = paths_of(run.settings, name)
         deadline = time.monotonic() + timeout_s
+        with_agent = record.get("guest_agent") == "1"
         try:
-            if record.get("guest_agent") == "1":
-                agent = wait_for_agent(run, paths, deadline)
-                with agent:
-                    agent.shutdown("powerdown")
-            # Without an agent, press the ACPI button until the guest obeys: a press
-            # made before the guest's ACPI handler is up is lost, so one is not enough.
-            next_press = time.monotonic()
-            while qemu_vm.is_alive(paths):
-                if run.cancel_requested():
-                    raise Cancelled()
-                if time.monotonic() > deadline:
-                    raise OperationTimedOut(
-                        f"The guest of {name!r} did not shut down within {timeout_s} s")
-                if record.get("guest_agent") != "1" and time.monotonic() >= next_press:
-                    qemu_vm.powerdown(paths)
-                    next_press = time.monotonic() + ACPI_PRESS_INTERVAL
-                time.sleep(0.05)
+            with ExitStack() as stack:
+                agent: GuestAgentClient | None = None
+                sent_to: str | None = None
+                # Without an agent, press the ACPI button until the guest obeys: a press
+                # made before the guest's ACPI handler is up is lost, so one is not enough.
+                next_press = time.monotonic()
+                if with_agent:
+                    agent = stack.enter_context(wait_for_agent(run, paths, deadline))
+                    sent_to = probe_boot(agent)[1]
+                    ask_agent(agent, name, "powerdown", "shut down")
+                    next_press = time.monotonic() + ACPI_FALLBACK_AFTER
+                next_probe = time.monotonic() + GUEST_POLL_INTERVAL
+                while qemu_vm.is_alive(paths):
+                    if run.cancel_requested():
+                        raise Cancelled()
+                    if time.monotonic() > deadline:
+                        raise OperationTimedOut(
+                            f"The guest of {name!r} did not shut down within {timeout_s} s")
+                    if agent is not None and time.monotonic() >= next_probe:
+                        answers, boot = probe_boot(agent)
+                        if answers and boot is not None and sent_to is not None \
+                                and boot != sent_to and qemu_vm.is_alive(paths):
+                            log.info("guest %s: a new boot answers; asking it again", name)
+                            sent_to = boot
+                            ask_agent(agent, name, "powerdown", "shut down")
+                        next_probe = time.monotonic() + GUEST_POLL_INTERVAL
+                    if time.monotonic() >= next_press:
+                        try:
+                            qemu_vm.powerdown(paths)
+                        except OperationFailed:
+                            if qemu_vm.is_alive(paths):
+                                raise
+                            break  # it went off between the check and the press
+                        next_press = time.monotonic() + ACPI_PRESS_INTERVAL
+                    time.sleep(0.05)
             qemu_vm.cleanup(paths)
         finally:
             settle(client, name, qemu_vm.vm_state(paths))
@@ -413,14 +480,37 @@ def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
 
 @operation(tasks.VM_GUEST_RESTART)
 def guest_restart(run: TaskRun, name: str, timeout_s: int = 120) -> None:
+    """Done once the guest has really rebooted: its agent reports a new boot id (or,
+    for a guest without one, its agent fell silent and answers again).  The old
+    boot's agent answers on while the OS goes down, so delivery proves nothing."""
     with vm_lock(run, name):
         _client, record, _ = begin(run, "guest_restart", name, None)
         if record.get("guest_agent") != "1":
             raise IllegalValue(f"Restarting the guest of {name!r} needs its guest agent "
                                "(create the VM with guest_agent=True)")
-        agent = wait_for_agent(run, paths_of(run.settings, name), time.monotonic() + timeout_s)
+        paths = paths_of(run.settings, name)
+        deadline = time.monotonic() + timeout_s
+        agent = wait_for_agent(run, paths, deadline)
         with agent:
-            agent.shutdown("reboot")
+            before = probe_boot(agent)[1]
+            ask_agent(agent, name, "reboot", "restart")
+            fell_silent = False
+            while True:
+                if run.cancel_requested():
+                    raise Cancelled()
+                if time.monotonic() > deadline:
+                    raise OperationTimedOut(
+                        f"The guest of {name!r} did not come back from its restart "
+                        f"within {timeout_s} s")
+                if not qemu_vm.is_alive(paths):
+                    raise OperationFailed(f"The guest of {name!r} powered off instead of "
+                                          "restarting")
+                answers, boot = probe_boot(agent)
+                if answers and (boot not in (None, before) if before is not None
+                                else fell_silent):
+                    return
+                fell_silent = fell_silent or not answers
+                time.sleep(GUEST_POLL_INTERVAL)
 
 
 @operation(tasks.VM_GUEST_LOGOFF)
