@@ -95,6 +95,7 @@ class DockerEngine:
         self.pidfile = self.exec_root / "docker.pid"
         self.log_path = data_root.parent / "dockerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.resolver_address = ""
 
     @property
     def env(self) -> dict[str, str]:

@@ -15,14 +15,24 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.deployment.docker_engine import (
+    CACHE_DIR,
     DOCKER_COMPOSE,
     PYTHON_IMAGE,
     REDIS_IMAGE,
     DockerEngine,
+    NxdomainResolver,
+    build_standins,
+    cache_lock,
+    host_address,
+    install_missing_tools,
     run,
 )
 from workers.devtools.sandbox import REPO_ROOT, free_port, wait_until
@@ -52,6 +62,7 @@ class Stack:
         self.engine = engine
         self.directory = directory
         self.project = project
+        self.global_args: list[str] = []
         self.redis_port = free_port()
         self.flower_port = free_port()
         copy_checkout(directory)
@@ -75,7 +86,8 @@ class Stack:
 
     def compose(self, *args: str, timeout: float = 900, check: bool = True,
                 ) -> subprocess.CompletedProcess[str]:
-        return self.shell([DOCKER_COMPOSE, *args], timeout=timeout, check=check)
+        return self.shell([DOCKER_COMPOSE, *self.global_args, *args], timeout=timeout,
+                          check=check)
 
     def container(self, service: str) -> str:
         ids = self.compose("ps", "-q", service).stdout.split()
@@ -127,6 +139,35 @@ class Stack:
         return subprocess.run([sys.executable, "-m", "api.cli", *args], env=self.producer_env(),
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
                               check=False)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[DockerEngine]:
+    """The engine, its stand-in images and the quick resolver (held under the cache lock,
+    which also keeps a second run's resolver off port 53 meanwhile)."""
+    install_missing_tools()
+    with cache_lock():
+        docker = DockerEngine(CACHE_DIR / "docker").start()
+        resolver: NxdomainResolver | None = None
+        try:
+            resolver = NxdomainResolver(host_address()).start()
+            docker.resolver_address = resolver.address
+            build_standins(docker)
+            yield docker
+        finally:
+            if resolver is not None:
+                resolver.stop()
+            docker.stop()
+
+
+@pytest.fixture
+def stack(engine: DockerEngine, tmp_path: Path) -> Iterator[Stack]:
+    project = f"vmtdt{os.getpid()}x{int(time.time()) % 100000}"
+    made = Stack(engine, tmp_path / "vmtask", project, engine.resolver_address)
+    try:
+        yield made
+    finally:
+        made.down()
 
 
 def copy_checkout(directory: Path) -> None:

@@ -24,25 +24,13 @@ import json
 import os
 import subprocess
 import tarfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState
-from tests.deployment.docker_engine import (
-    CACHE_DIR,
-    DockerEngine,
-    NxdomainResolver,
-    build_standins,
-    cache_lock,
-    host_address,
-    install_missing_tools,
-)
 from tests.deployment.stack import Stack
 from workers.devtools.sandbox import wait_until
 
@@ -53,35 +41,6 @@ pytestmark = [
 ]
 
 STORAGE_ROOT = "/var/lib/vmtask"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[DockerEngine]:
-    install_missing_tools()
-    with cache_lock():
-        docker = DockerEngine(CACHE_DIR / "docker").start()
-        try:
-            build_standins(docker)
-            yield docker
-        finally:
-            docker.stop()
-
-
-@pytest.fixture(scope="module")
-def resolver() -> Iterator[NxdomainResolver]:
-    server = NxdomainResolver(host_address()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def stack(engine: DockerEngine, resolver: NxdomainResolver, tmp_path: Path) -> Iterator[Stack]:
-    project = f"vmtdt{os.getpid()}x{int(time.time()) % 100000}"
-    made = Stack(engine, tmp_path / "vmtask", project, resolver.address)
-    try:
-        yield made
-    finally:
-        made.down()
 
 
 def task_of(stdout: str) -> dict[str, Any]:
