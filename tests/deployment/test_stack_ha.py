@@ -59,6 +59,18 @@ def replication(stack: Stack, node: str) -> dict[str, str]:
                 if ":" in line)
 
 
+def promoted(stack: Stack, node: str) -> bool:
+    """``node`` is the primary, and every sentinel names it (by name or address)."""
+    if replication(stack, node).get("role") != "master":
+        return False
+    inspected = json.loads(stack.engine.docker("inspect", stack.container(node)).stdout)[0]
+    names = {node} | {network["IPAddress"]
+                      for network in inspected["NetworkSettings"]["Networks"].values()}
+    return all(sentinel(stack, "sentinel", "get-master-addr-by-name", "vmtask",
+                        node=watcher)[:1] in ([name] for name in names)
+               for watcher in ("sentinel-1", "sentinel-2", "sentinel-3"))
+
+
 def cli(stack: Stack, *args: str, timeout: float = 300) -> dict[str, Any]:
     done = stack.compose(*PRODUCER, *args, timeout=timeout, check=False)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -94,9 +106,8 @@ def test_the_ha_profile_fails_over_twice_with_tasks_spanning_each(stack: Stack) 
                                       ["percent_completed"]) > 0,
                    120, f"round {round_number}: the ping to run", interval=1)
         stack.compose("kill", primary, timeout=60)
-        wait_until(lambda new=replica: sentinel(
-            stack, "sentinel", "get-master-addr-by-name", "vmtask")[:1] == [new], 90,
-            f"round {round_number}: the sentinels to promote {replica}", interval=1)
+        wait_until(lambda new=replica: promoted(stack, new), 90,
+                   f"round {round_number}: the sentinels to promote {replica}", interval=1)
         # The old primary comes back and rejoins as a replica of the new one.
         stack.compose("start", primary, timeout=60)
         wait_until(lambda old=primary: replication(stack, old).get("master_link_status")
