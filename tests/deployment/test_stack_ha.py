@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.deployment.stack import Stack
-from workers.devtools.sandbox import wait_until
+from workers.devtools.sandbox import REPO_ROOT, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,6 +78,14 @@ def cli(stack: Stack, *args: str, timeout: float = 300) -> dict[str, Any]:
     if isinstance(document, list):
         document = document[0]
     return dict(document.get("task", document))
+
+
+def test_the_readme_gives_the_commands_this_test_runs() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert " ".join(["docker-compose", *HA_UP]) in readme
+    assert " ".join(["docker", "compose", *HA_UP]) in readme
+    assert f"-e 'VMTASK_REDIS_URL={HA_URL}'" in readme
+    assert "docker compose --profile ha run --rm --no-deps -T" in readme
 
 
 def test_the_ha_profile_fails_over_twice_with_tasks_spanning_each(stack: Stack) -> None:
