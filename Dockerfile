@@ -41,11 +41,18 @@ RUN groupadd --system --gid 10001 vmtask \
 
 # The project (the packages only: see .dockerignore), installed as a regular
 # distribution; the source tree is not needed at run time.
+# The dependencies first, exactly as deploy/requirements.lock pins them (versions
+# and file hashes: pip refuses anything else); scripts/lock-image-requirements.sh
+# makes that file.  Then the project itself, with no dependency of its own left
+# to resolve, and pip check that the two agree.
 WORKDIR /opt/vmtask/src
+COPY deploy/requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY workers/ workers/
-RUN pip install ".[worker,flower]" \
+RUN pip install --no-deps ".[worker,flower]" \
+    && pip check \
     && rm -rf /opt/vmtask/src
 
 # Flower's configuration: basic auth from a secret file (see the file).  Outside

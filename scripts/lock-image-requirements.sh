@@ -1,0 +1,11 @@
+#!/bin/sh
+# Regenerates deploy/requirements.lock: every package the worker image installs
+# (pyproject's dependencies with the worker and flower extras), pinned, with the
+# hashes of their files, which the Dockerfile's pip install requires.  Run it after
+# changing a dependency in pyproject.toml, with pip-tools installed
+# (pip install pip-tools), then commit the lock file.
+set -eu
+cd "$(dirname "$0")/.."
+CUSTOM_COMPILE_COMMAND="scripts/lock-image-requirements.sh" exec pip-compile --quiet \
+    --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+    --extra worker --extra flower --output-file deploy/requirements.lock pyproject.toml
