@@ -88,9 +88,10 @@ def test_the_default_stack_as_the_readme_runs_it(stack: Stack) -> None:
         start = machine.startup()
         assert start.wait_for_completion(180_000) and start.result == VMTaskResult.Success, \
             start.error_description
-        wait_until(lambda: machine.guest_os.os_name is not None, 240,
+        # guest-get-osinfo answered by the agent inside the guest, through QEMU in the
+        # worker container.
+        wait_until(lambda: bool(machine.guest_os.os_name), 240,
                    "the tiny guest's agent to answer in the worker container", interval=2)
-        assert "linux" in str(machine.guest_os.os_name).lower() or machine.guest_os.os_name
         shutdown = machine.guest_os.shutdown(180)
         assert shutdown.wait_for_completion(240_000), "shutdown through the agent"
         assert shutdown.result == VMTaskResult.Success, shutdown.error_description
