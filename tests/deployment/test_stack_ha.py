@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 from typing import Any
 
 import pytest
@@ -71,6 +72,14 @@ def promoted(stack: Stack, node: str) -> bool:
                for watcher in ("sentinel-1", "sentinel-2", "sentinel-3"))
 
 
+def has_started(stack: Stack, task_id: str) -> bool:
+    return int(cli(stack, "--json", "task", "show", task_id)["percent_completed"]) > 0
+
+
+def rejoined(stack: Stack, node: str) -> bool:
+    return replication(stack, node).get("master_link_status") == "up"
+
+
 def cli(stack: Stack, *args: str, timeout: float = 300) -> dict[str, Any]:
     done = stack.compose(*PRODUCER, *args, timeout=timeout, check=False)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -110,16 +119,15 @@ def test_the_ha_profile_fails_over_twice_with_tasks_spanning_each(stack: Stack) 
     for round_number, host in ((1, "host-a"), (2, "host-b")):
         task = cli(stack, "--host", host, "--json", "ping", "--duration-ms", "40000",
                    "--steps", "40", "--no-wait")
-        wait_until(lambda t=task: int(cli(stack, "--json", "task", "show", t["id"])
-                                      ["percent_completed"]) > 0,
-                   120, f"round {round_number}: the ping to run", interval=1)
+        wait_until(partial(has_started, stack, task["id"]), 120,
+                   f"round {round_number}: the ping to run", interval=1)
         stack.compose("kill", primary, timeout=60)
-        wait_until(lambda new=replica: promoted(stack, new), 90,
+        wait_until(partial(promoted, stack, replica), 90,
                    f"round {round_number}: the sentinels to promote {replica}", interval=1)
         # The old primary comes back and rejoins as a replica of the new one.
         stack.compose("start", primary, timeout=60)
-        wait_until(lambda old=primary: replication(stack, old).get("master_link_status")
-                   == "up", 120, f"round {round_number}: {primary} to rejoin", interval=1)
+        wait_until(partial(rejoined, stack, primary), 120,
+                   f"round {round_number}: {primary} to rejoin", interval=1)
         ended = cli(stack, "--json", "task", "wait", task["id"], timeout=300)
         assert ended["result"] == "Success", ended
         logs = stack.compose("logs", "--no-color", "worker-a-ha", "worker-b-ha").stdout
