@@ -141,7 +141,7 @@ class Stack:
                               check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine() -> Iterator[DockerEngine]:
     """The engine, its stand-in images and the quick resolver (held under the cache lock,
     which also keeps a second run's resolver off port 53 meanwhile)."""

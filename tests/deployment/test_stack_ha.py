@@ -24,6 +24,10 @@ from workers.devtools.sandbox import REPO_ROOT, wait_until
 
 pytestmark = [
     pytest.mark.slow,
+    # One pytest-xdist worker runs every test of the real engine (scripts/test.sh
+    # passes --dist loadgroup): they share one dockerd, and no worker sits waiting
+    # for the other's engine to let go of the cache.
+    pytest.mark.xdist_group("docker-engine"),
     pytest.mark.skipif(os.geteuid() != 0,
                        reason="runs its own dockerd and debootstrap, which need root"),
 ]
