@@ -32,7 +32,7 @@ import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState
 from tests.deployment.stack import Stack
-from workers.devtools.sandbox import wait_until
+from workers.devtools.sandbox import REPO_ROOT, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -61,6 +61,15 @@ def task_of(stdout: str) -> dict[str, Any]:
 def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done
+
+
+def test_the_readme_gives_the_commands_this_test_runs() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    for command in ("scripts/make-secrets.sh         # as root",
+                    "docker compose up -d --build    # or: docker-compose up -d --build",
+                    "export VMTASK_REDIS_URL=redis://producer@127.0.0.1:6380/0",
+                    "export VMTASK_REDIS_PASSWORD_FILE=$PWD/secrets/redis_producer_password"):
+        assert command in readme, command
 
 
 def test_the_default_stack_as_the_readme_runs_it(stack: Stack) -> None:
