@@ -142,9 +142,16 @@ class DockerEngine:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
-        with contextlib.suppress(OSError):
-            run(["umount", "--recursive", "--lazy", str(self.exec_root)], check=False)
+        # dockerd leaves its default network namespace bind-mounted (netns/default).
+        for mount in sorted(mounts_under(self.exec_root), reverse=True):
+            run(["umount", "--lazy", mount], check=False)
         shutil.rmtree(self.exec_root, ignore_errors=True)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    prefix = f"{directory}/"
+    points = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    return [point for point in points if point.startswith(prefix)]
 
 
 # -- the stand-in images ----------------------------------------------------------------
