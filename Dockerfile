@@ -11,7 +11,10 @@
 #
 # No secret is baked in: the Redis password and Flower's credentials are files
 # mounted at run time (compose secrets), never a build argument or a variable.
-FROM python:3.11-slim-bookworm
+# The base image is a build argument (compose passes VMTASK_PYTHON_IMAGE): a site
+# without Docker Hub, or tests/deployment, builds from its own copy of it.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -38,11 +41,18 @@ RUN groupadd --system --gid 10001 vmtask \
 
 # The project (the packages only: see .dockerignore), installed as a regular
 # distribution; the source tree is not needed at run time.
+# The dependencies first, exactly as deploy/requirements.lock pins them (versions
+# and file hashes: pip refuses anything else); scripts/lock-image-requirements.sh
+# makes that file.  Then the project itself, with no dependency of its own left
+# to resolve, and pip check that the two agree.
 WORKDIR /opt/vmtask/src
+COPY deploy/requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY workers/ workers/
-RUN pip install ".[worker,flower,exporter]" \
+RUN pip install --no-deps ".[worker,flower,exporter]" \
+    && pip check \
     && rm -rf /opt/vmtask/src
 
 # Flower's configuration: basic auth from a secret file (see the file).  Outside

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything vmtask needs on a Debian machine, from nothing:
-# Debian's redis-server, qemu-utils, qemu-system-x86 and docker-compose when
-# missing, then a virtualenv (.venv) with the Python dependencies.  Safe to run again.
+# Debian's redis-server, qemu-utils, qemu-system-x86, docker-compose, docker.io and
+# debootstrap when missing, then a virtualenv (.venv) with the Python dependencies.  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +15,12 @@ command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 command -v ldd >/dev/null 2>&1 || missing+=(libc-bin)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
-# Compose v1, only for `docker-compose config` in tests/deployment (no engine runs here).
+# Compose v1 and Debian's Docker engine, and debootstrap: tests/deployment checks the
+# compose files with `docker-compose config`, and test_stack*.py run them under a
+# dockerd of their own (as root) with images built from a debootstrap of bookworm.
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ -x /usr/sbin/dockerd ] || missing+=(docker.io)
+[ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 # Tools the tests use: pgrep, openssl (test CAs, the VNC handshake), ip (a host bridge).
 command -v pgrep >/dev/null 2>&1 || missing+=(procps)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)

@@ -22,11 +22,11 @@
 # Compose (without Swarm) bind-mounts a secret file with its owner and mode as on
 # the Docker host; the `uid`/`gid`/`mode` of a service's secret are ignored.  So,
 # run as root (sudo), this gives each file to the container user that reads it:
-# 999 (the redis image's redis user) for redis_users_acl, 10001 (vmtask, see the
-# Dockerfile) for the workers', Flower's and the exporter's files, root for
-# redis_admin_password (the healthcheck runs as root without CAP_DAC_OVERRIDE),
-# and the invoking user for the producer's file and the directory.  --no-chown
-# skips that, for setups that map owners themselves (rootless Docker, Docker Desktop).
+# 999 (the redis image's redis user, as which the Redis services run) for
+# redis_users_acl and redis_admin_password (its healthcheck), 10001 (vmtask, see
+# the Dockerfile) for the workers', Flower's and the exporter's files, and the
+# invoking user for the producer's file and the directory.  --no-chown skips that,
+# for setups that map owners themselves (rootless Docker, Docker Desktop).
 #
 # Passwords never appear on a command line: they are made and hashed by shell
 # built-ins and pipes, not passed as arguments.
@@ -158,10 +158,9 @@ render_with_password "$sentinel_template" @SENTINEL_PASSWORD@ \
 if [ "$chown_files" = 1 ]; then
     operator=${SUDO_UID:-0}
     chown "$REDIS_UID:$REDIS_UID" "$directory/redis_users_acl" \
-        "$directory/redis_ha_conf" "$directory/sentinel_conf"
+        "$directory/redis_ha_conf" "$directory/sentinel_conf" "$directory/redis_admin_password"
     chown "$VMTASK_UID:$VMTASK_UID" "$directory/redis_worker_password" \
         "$directory/redis_exporter_password" "$directory/flower_basic_auth"
-    chown 0:0 "$directory/redis_admin_password"
     chown "$operator" "$directory" "$directory/redis_producer_password" \
         "$directory/redis_replicator_password" "$directory/redis_sentinel_password"
 fi

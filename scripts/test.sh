@@ -7,4 +7,6 @@ bash scripts/bootstrap.sh
 .venv/bin/mypy
 # Two processes: the modules start their own redis-servers and workers on free ports,
 # so they share nothing.  "-m 'not slow'" gives the quick subset while working.
-exec .venv/bin/python -m pytest -q -n 2 "$@"
+# --dist loadgroup: tests marked xdist_group(NAME) run on one process (the real
+# Docker engine of tests/deployment/test_stack*.py); the rest are spread as usual.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup "$@"

@@ -18,6 +18,9 @@ from tests.deployment.compose_files import (
     resolve,
 )
 
+# The real engine and stack of test_stack*.py (root only; started when asked for).
+from tests.deployment.stack import engine, stack  # noqa: F401
+
 
 @pytest.fixture(scope="module")
 def dotenv() -> dict[str, str]:

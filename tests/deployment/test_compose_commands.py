@@ -82,7 +82,9 @@ def test_redis_starts_with_the_acl_secret_and_shows_no_password(
     users = {rule.split()[1]: rule for rule in admin.acl_list()}
     assert set(users) == {"default", "producer", "worker", "exporter", "admin", "replicator",
                           "sentinel"}
-    assert " off " in users["default"] + " "
+    # On (see the template) but with no password and no nopass: nobody logs in as it.
+    assert " on " in users["default"] + " "
+    assert "nopass" not in users["default"] and "#" not in users["default"]
     assert compose_redis.proc is not None
     no_secret_in(process_texts(compose_redis.proc.pid), secret_values)
 

@@ -99,6 +99,11 @@ def data_node(compose: dict[str, Any], service: str, secrets_dir: Path, director
         at = argv.index("--replicaof")
         assert argv[at + 1:at + 3] == ["redis-primary", "6379"]
         argv[at + 1:at + 3] = ["127.0.0.1", str(primary_port)]
+    # Each node announces its own service name (so the sentinels hold it once):
+    # here, where names are 127.0.0.1, its address.
+    at = argv.index("--replica-announce-ip")
+    assert argv[at + 1] == service
+    argv[at + 1] = "127.0.0.1"
     return Node([*argv, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                  "--dir", str(directory), "--logfile", str(directory / "redis.log")],
                 directory)

@@ -36,7 +36,7 @@ from workers.devtools.sandbox import REPO_ROOT, WorkerProcess
 # What docker inspect shows of a service, besides its image.
 INSPECTED = ("command", "entrypoint", "environment", "healthcheck", "labels")
 # Who reads each file inside the containers (see scripts/make-secrets.sh).
-OWNERS = {"redis_users_acl": 999, "redis_admin_password": 0, "redis_worker_password": 10001,
+OWNERS = {"redis_users_acl": 999, "redis_admin_password": 999, "redis_worker_password": 10001,
           "redis_exporter_password": 10001, "flower_basic_auth": 10001, "redis_ha_conf": 999,
           "sentinel_conf": 999}
 # Made, but mounted by no service: the producer's, and the two the HA profile's

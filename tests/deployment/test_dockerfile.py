@@ -22,8 +22,11 @@ from workers.devtools.sandbox import REPO_ROOT
 
 def test_dockerfile_installs_qemu_and_the_project() -> None:
     instructions = dockerfile_instructions()
-    assert instructions[0][0] == "FROM"
-    assert instructions[0][1].split()[0].startswith("python:3.11-slim")
+    # The base is a build argument whose default is the official image.
+    assert instructions[0][0] == "ARG"
+    name, _, default = instructions[0][1].partition("=")
+    assert default.startswith("python:3.11-slim")
+    assert instructions[1] == ("FROM", f"${{{name}}}")
     runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
     installs = [run for run in runs if "apt-get install" in run]
     assert installs, "no apt-get install"
@@ -31,7 +34,10 @@ def test_dockerfile_installs_qemu_and_the_project() -> None:
     assert {"qemu-utils", "qemu-system-x86", "--no-install-recommends"} <= packages
     assert any("rm -rf /var/lib/apt/lists" in run for run in installs)
     # The image installs the worker's, Flower's and the exporter's extras, not the test ones.
-    assert any(re.search(r"""\bpip install "\.\[worker,flower,exporter\]"(\s|$)""", run)
+    assert any(re.search(r"""\bpip install --no-deps "\.\[worker,flower,exporter\]"(\s|$)""", run)
+               for run in runs)
+    # ... whose dependencies come from the lock file, by version and hash.
+    assert any(re.search(r"\bpip install --require-hashes -r requirements\.lock(\s|$)", run)
                for run in runs)
     # Everything `pip install .` needs is copied: pyproject's packages and its readme.
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -95,3 +101,19 @@ def test_the_flower_config_the_compose_command_names_is_in_the_image(
             if arg.startswith("--conf=")]
     assert len(conf) == 1 and conf[0].startswith("/etc/"), "outside Celery's sys.path"
     assert image_source(conf[0]) == REPO_ROOT / "deploy" / "flower" / "flowerconfig.py"
+
+
+def test_the_lock_file_pins_every_dependency_of_the_image_with_hashes() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["worker"],
+              *project["optional-dependencies"]["flower"]]
+    names = {re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace(".", "-")
+             for requirement in wanted}
+    lock = (REPO_ROOT / "deploy" / "requirements.lock").read_text()
+    pins = dict(re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+) \\$", lock))
+    assert names <= {name.lower().replace(".", "-").replace("_", "-") for name in pins}, \
+        "a dependency of pyproject.toml is not in deploy/requirements.lock: run " \
+        "scripts/lock-image-requirements.sh"
+    # Every pinned package carries at least one hash (pip --require-hashes needs them).
+    blocks = re.split(r"(?m)^(?=[A-Za-z0-9_.-]+==)", lock)[1:]
+    assert len(blocks) == len(pins) and all("--hash=sha256:" in block for block in blocks)

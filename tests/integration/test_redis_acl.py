@@ -1,4 +1,4 @@
-"""Least privilege in Redis: producers and workers as separate ACL users, ``default`` off.
+"""Least privilege in Redis: producers and workers as separate ACL users; no login as ``default``.
 
 The users come from ``deploy/redis/users.acl.template``, the file the compose
 deployment is made from (``scripts/make-secrets.sh``), with passwords of the test's
