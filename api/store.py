@@ -166,8 +166,8 @@ class TaskStore:
             args += [command, target, value]
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._submit.sha, 2, keys.task_record(task_id), keys.RECENT_TASKS,
-                         *args)
+            pipe.evalsha(self._submit.sha, 3, keys.task_record(task_id), keys.RECENT_TASKS,
+                         keys.PENDING_TASKS, *args)
 
         if self._ack_client is None:
             with broker_errors(self.url):
@@ -188,9 +188,10 @@ class TaskStore:
         its record says so, and the submit stands."""
         with broker_errors(self.url):
             outcome = self._withdraw(
-                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
+                keys=[keys.task_record(task_id), keys.task_channel(task_id),
+                      keys.PENDING_TASKS],
                 args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
-                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION])
+                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION, task_id])
         if outcome in ("WITHDRAWN", "MISSING"):
             raise BrokerUnavailableError(
                 f"Could not enqueue {name}: no Redis replica acknowledged it in time "
@@ -299,9 +300,9 @@ def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
     Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
     (it runs, and stops at its next check)."""
     return str(cancel_script(
-        keys=[keys.task_record(task_id), keys.task_channel(task_id)],
+        keys=[keys.task_record(task_id), keys.task_channel(task_id), keys.PENDING_TASKS],
         args=[repr(time.time()), retention_seconds, int(VMTaskResult.Cancelled),
-              hresults.E_ABORT, "1" if revoke_queued else "0"],
+              hresults.E_ABORT, "1" if revoke_queued else "0", task_id],
     ))
 
 
@@ -321,6 +322,7 @@ def judge_crashed(
             keys.RUNNING_TASKS,
             keys.task_channel(task_id),
             keys.REDIS_PRIMARY,
+            keys.LEASE_DEADLINES,
         ],
         args=[
             records.FAILURE,
@@ -334,6 +336,7 @@ def judge_crashed(
             "1",
             "",
             max(1, math.ceil(grace_seconds)),
+            keys.HOST_RUNNING_PREFIX,
         ],
     )
     return bool(outcome == "OK")

@@ -334,8 +334,8 @@ class VMOperations(ServerCore):
             "created": repr(time.time()),
         }
         with broker_errors(self.url):
-            created = self.redis.eval(CREATE_SCRIPT, 2, keys.vm_record(name), keys.VM_NAMES,
-                                      name, *to_args(fields))
+            created = self.redis.eval(CREATE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES,
+                                      keys.host_vms(fields["host"]), name, *to_args(fields))
         if not created:
             raise InvalidArgumentError(f"A VM named {name!r} already exists")
         return VirtualMachine(self, fields)

@@ -40,7 +40,7 @@ HOST_HOOKS = host.HostHooks(
     # the moves' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
-             vms.reconcile_vms),
+             vms.index_host_vms, vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),
 )

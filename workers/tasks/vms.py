@@ -364,7 +364,8 @@ def delete(run: TaskRun, name: str) -> None:
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)
         client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
-                    name, repr(time.time()), EVENTS_MAXLEN, int(S.DeleteMachine))
+                    name, repr(time.time()), EVENTS_MAXLEN, int(S.DeleteMachine),
+                    keys.HOST_VMS_PREFIX)
 
 
 # -- the guest OS ----------------------------------------------------------------------
@@ -440,13 +441,34 @@ def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
 
 
 def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
-    names = sorted(client.smembers(keys.VM_NAMES))
+    """The records of the VMs this host owns: O(own VMs), two round trips.
+
+    Read through the host's VM set (`keys.host_vms`, kept by the create, move and
+    delete scripts), not the fleet's: the heartbeat's counters and the VM watch run
+    on every beat of every host.  The record's own ``host`` field stays the truth;
+    a name the set still holds after a move is skipped.
+    """
+    names = sorted(client.smembers(keys.host_vms(settings.host)))
     if not names:
         return []
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(keys.vm_record(name))
     return [r for r in pipe.execute() if r and r.get("host") == settings.host]
+
+
+def index_host_vms(client: redis.Redis, settings: Settings) -> None:
+    """Start-up: put this host's VMs into its VM set (records written before the set
+    existed).  O(fleet VMs), once per worker start, never per beat."""
+    names = sorted(client.smembers(keys.VM_NAMES))
+    if not names:
+        return
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hget(keys.vm_record(name), "host")
+    own = [n for n, host in zip(names, pipe.execute(), strict=True) if host == settings.host]
+    if own:
+        client.sadd(keys.host_vms(settings.host), *own)
 
 
 def stopped_state(paths: qemu_vm.VMPaths) -> S:

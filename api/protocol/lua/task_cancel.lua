@@ -1,4 +1,4 @@
--- KEYS: record, channel.
+-- KEYS: record, channel, the PENDING index. (ARGV[6]: the task id.)
 -- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT,
 --       '1' to revoke a queued task even if its operation is not cancelable
 --       (Celery's revoke: a task that never started is safe to drop).
@@ -12,6 +12,7 @@ if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
              'error', ARGV[4], 'error_description', 'Cancelled before it started',
              'finished', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[6]) end
   redis.call('PUBLISH', KEYS[2], 'done')
   return 'REVOKED'
 end
