@@ -112,6 +112,7 @@ class ServerCore:
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
         self._hosts_live = register_script(self.redis, scripts.load("hosts_live"))
+        self._vm_records = register_script(self.redis, scripts.load("vm_records"))
         self._celery: Celery | None = None
         self._only_host: str | None = None
 

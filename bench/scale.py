@@ -131,7 +131,8 @@ def build_fleet(server: VirtualServer, client: Redis, root: str) -> list[str]:
     # Their messages were taken by their (simulated) workers.
     client.delete(*[keys.host_queue(h) for h in hosts])
     for i in range(VMS):
-        server.create_virtual_machine(f"sim-vm-{i:05d}", 256, host=hosts[i % HOSTS])
+        server.create_virtual_machine(f"sim-vm-{i:05d}", 256, [f"disks/sim-{i:05d}.qcow2"],
+                                      host=hosts[i % HOSTS])
     return hosts
 
 

@@ -44,7 +44,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from api import events
 from api.protocol import keys, records, scripts
-from api.replication import register_script
+from api.replication import pipelined, register_script
 from api.settings import Settings
 from api.store import judge_crashed, trim_recent
 from workers.resend import SWEEP_SECONDS, LostMessageCheck, LostMessageWatch
@@ -87,6 +87,9 @@ class HostBeacon:
         self.primary_seen = register_script(self.client, scripts.load("redis_primary"))
         self.lease_due = register_script(self.client, scripts.load("lease_due"))
         self.identity = worker_identity(settings)
+        # What this beat's round trip found: due leases, and the duties it claimed.
+        self.due: list[str] | None = None
+        self.claimed: set[str] = set()
         self.started = time.time()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="vmtask-host", daemon=True)
@@ -116,20 +119,40 @@ class HostBeacon:
         """Refresh the host's heartbeat and this worker's own presence in it.
 
         Several workers may serve one host; each refreshes the shared heartbeat, so
-        the host stays live while any of them is.
+        the host stays live while any of them is.  One round trip (after the status
+        counters) carries everything a beat asks of Redis: the host's lapsed
+        workers, the heartbeat and presence, which primary this is, the due end of
+        the lease deadlines and the claims of the fleet-wide duties.
         """
         ttl = self.settings.heartbeat_seconds
-        self.notice_gone_workers()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(keys.host_heartbeat(self.settings.host), json.dumps(self.status()),
-                 px=int(ttl * 1000))
-        pipe.zadd(keys.host_workers(self.settings.host), {self.identity: time.time() + ttl})
-        pipe.expire(keys.host_workers(self.settings.host), int(ttl) + 1)
-        pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
-        pipe.execute()
+        status = json.dumps(self.status())
+        now = time.time()
+        workers = keys.host_workers(self.settings.host)
+        duties = {"trim": self.settings.heartbeat_seconds / 3, "sweep": SWEEP_SECONDS}
+
+        def build(pipe: Any) -> None:
+            pipe.zrangebyscore(workers, "-inf", now)  # lapsed: before our own renewal
+            # Presence before heartbeat: a withdrawing worker (host_withdraw.lua) that
+            # runs between the two still finds us, and keeps the heartbeat.
+            pipe.zadd(workers, {self.identity: now + ttl})
+            pipe.expire(workers, int(ttl) + 1)
+            pipe.set(keys.host_heartbeat(self.settings.host), status, px=int(ttl * 1000))
+            pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
+            pipe.evalsha(self.primary_seen.sha, 1, keys.REDIS_PRIMARY)
+            pipe.evalsha(self.lease_due.sha, 1, keys.LEASE_DEADLINES, REAP_BATCH)
+            for name, period in duties.items():
+                pipe.set(f"{keys.DUTY_PREFIX}{name}", self.identity, nx=True,
+                         px=max(1, int(period * 1000)))
+
+        replies = pipelined(self.client, build, (self.primary_seen, self.lease_due),
+                            transaction=True)
+        lapsed, (age, since, replid), due, claims = (
+            replies[0], replies[5], replies[6], replies[7:])
+        self.due = [str(task_id) for task_id in due]
+        self.claimed = {name for name, won in zip(duties, claims, strict=True) if won}
+        self.notice_gone_workers([str(identity) for identity in lapsed])
         # Which Redis primary this is: a new one (a failover) restarts the crash bound,
         # and may have lost a message in the switch (`workers.resend`).
-        age, since, replid = self.primary_seen(keys=[keys.REDIS_PRIMARY])
         if int(since) and self.on_takeover is not None:
             try:
                 self.on_takeover(self.client, f"{replid}:{since}", float(age))
@@ -137,13 +160,12 @@ class HostBeacon:
                 log.exception("Checking for messages lost in the switch of Redis primary "
                               "failed; the next beat tries again")
 
-    def notice_gone_workers(self) -> None:
+    def notice_gone_workers(self, lapsed: list[str]) -> None:
         """A worker of this host whose presence lapsed (killed, frozen) may have taken
         a message to its grave: check the host's PENDING tasks.  O(own workers)."""
         if self.lost is None:
             return
         workers = keys.host_workers(self.settings.host)
-        lapsed = self.client.zrangebyscore(workers, "-inf", time.time())
         for identity in lapsed:
             if identity != self.identity and self.client.zrem(workers, identity):
                 log.warning("Worker %s of host %s is gone (its presence lapsed)",
@@ -156,7 +178,9 @@ class HostBeacon:
         Only the due end of the lease deadlines is read; the finish script checks
         the lease itself, atomically, so a deadline renewed meanwhile judges nothing.
         """
-        due = self.lease_due(keys=[keys.LEASE_DEADLINES], args=[REAP_BATCH])
+        due, self.due = self.due, None  # read by this beat's round trip
+        if due is None:
+            due = self.lease_due(keys=[keys.LEASE_DEADLINES], args=[REAP_BATCH])
         for task_id in due:
             if judge_crashed(self.client, self.finish, task_id,
                              int(self.settings.retention_seconds), self.settings.lease_seconds):
@@ -168,20 +192,18 @@ class HostBeacon:
                 if host and self.lost is not None:
                     self.lost.schedule(host)
 
-    def claim_duty(self, name: str, period_seconds: float) -> bool:
-        """True if this worker holds the fleet-wide duty ``name`` for the next period:
-        one SET NX per beat, so each duty runs once per period across all hosts."""
-        return bool(self.client.set(f"{keys.DUTY_PREFIX}{name}", self.identity, nx=True,
-                                    px=max(1, int(period_seconds * 1000))))
-
     def duties(self) -> None:
+        """The fleet-wide duties this beat claimed (one SET NX each in the beat's
+        round trip, expiring after the duty's period: each duty runs once per period
+        across all hosts), and the checks scheduled after a worker was judged gone."""
+        claimed, self.claimed = self.claimed, set()
         # Trimming the recent-task index: O(log n + removed), by one worker per beat
         # period for the whole fleet (a submit never pays for it).
-        if self.claim_duty("trim", self.settings.heartbeat_seconds / 3):
+        if "trim" in claimed:
             trim_recent(self.client, self.settings.retention_seconds)
         if self.lost is not None:
             self.lost.run_due(self.client)
-            if self.claim_duty("sweep", SWEEP_SECONDS):
+            if "sweep" in claimed:
                 self.lost.sweep(self.client)
 
     def run(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
-from api.protocol import hresults, keys, tasks
+from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
@@ -37,6 +37,7 @@ from api.protocol.vmstate import (
     TRANSITION_SCRIPT,
     allowed_csv,
 )
+from api.replication import register_script
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
@@ -440,21 +441,22 @@ def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
 # -- the host's watch ------------------------------------------------------------------
 
 
+HOST_VM_RECORDS_SCRIPT = scripts.load("host_vm_records")
+
+
 def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
-    """The records of the VMs this host owns: O(own VMs), two round trips.
+    """The records of the VMs this host owns: O(own VMs), one round trip.
 
     Read through the host's VM set (`keys.host_vms`, kept by the create, move and
     delete scripts), not the fleet's: the heartbeat's counters and the VM watch run
     on every beat of every host.  The record's own ``host`` field stays the truth;
     a name the set still holds after a move is skipped.
     """
-    names = sorted(client.smembers(keys.host_vms(settings.host)))
-    if not names:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.hgetall(keys.vm_record(name))
-    return [r for r in pipe.execute() if r and r.get("host") == settings.host]
+    replies = register_script(client, HOST_VM_RECORDS_SCRIPT)(
+        keys=[keys.host_vms(settings.host)], args=[keys.vm_record("")])
+    records = [dict(zip(r[::2], r[1::2], strict=True)) for r in replies]
+    return sorted((r for r in records if r.get("host") == settings.host),
+                  key=lambda r: r.get("name", ""))
 
 
 def index_host_vms(client: redis.Redis, settings: Settings) -> None:
@@ -471,6 +473,22 @@ def index_host_vms(client: redis.Redis, settings: Settings) -> None:
         client.sadd(keys.host_vms(settings.host), *own)
 
 
+# The host's VM records as its beat last read them: the heartbeat's counters, the
+# VM watch and the console rotation run one after the other on each beat (one
+# thread), and share one read.  The watch changes a VM only by compare-and-set.
+_BEAT_READ_SECONDS = 0.5
+_beat_read: dict[str, tuple[float, list[dict[str, str]]]] = {}
+
+
+def beat_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
+    """`host_vms`, read at most once per beat (the host's background hooks)."""
+    at, records = _beat_read.get(settings.host, (0.0, []))
+    if time.monotonic() - at > _BEAT_READ_SECONDS:
+        records = host_vms(client, settings)
+        _beat_read[settings.host] = (time.monotonic(), records)
+    return records
+
+
 def stopped_state(paths: qemu_vm.VMPaths) -> S:
     """QEMU removes its pidfile on a clean exit: one left behind means it crashed."""
     return S.Invalid if paths.pidfile.exists() else S.TurnedOff
@@ -482,7 +500,7 @@ def watch_vms(client: redis.Redis, settings: Settings) -> None:
     Under the VM's lock, so no operation is half-way through it; a VM whose lock is
     held is looked at on the next beat.
     """
-    for record in host_vms(client, settings):
+    for record in beat_vms(client, settings):
         if S(int(record["state"])) not in (S.Running, S.Paused):
             continue
         fd = try_lock(settings, record["name"])
@@ -520,7 +538,7 @@ def reconcile_vms(client: redis.Redis, settings: Settings) -> None:
 
 
 def vm_counts(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    vms = host_vms(client, settings)
+    vms = beat_vms(client, settings)
     running = sum(1 for r in vms if S(int(r["state"])) in (S.Running, S.Paused))
     return {"vms": len(vms), "vms_running": running}
 
