@@ -136,7 +136,7 @@ class ServerCore:
     def _live_heartbeats(self) -> dict[str, str]:
         """Every live host's heartbeat: one round trip (a script), O(fleet) in Redis."""
         with broker_errors(self.url):
-            reply = self._hosts_live(keys=[keys.KNOWN_HOSTS], args=[keys.host_heartbeat("")])
+            reply = self._hosts_live(args=[keys.KNOWN_HOSTS, keys.host_heartbeat("")])
         return dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
 
     @property
@@ -274,7 +274,9 @@ class ServerCore:
 
         ``state`` is a record state (PENDING, STARTED, SUCCESS, FAILURE, REVOKED).
         Redis applies the filters (one script, then one read of the matches), looking
-        back at most 20,000 tasks.
+        back at most 20,000 tasks.  Cost: O(fleet history scanned until ``limit``
+        match, at most 20,000 records), as a listing of the fleet's tasks is; per
+        request, never in any host's background.
         """
         check_int("limit", limit, 1, 10_000)
         if host is not None:

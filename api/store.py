@@ -139,7 +139,8 @@ class TaskStore:
         message: Sequence[PublishCommand] = (),
     ) -> bool:
         """Write a PENDING record and push its ``message`` (the Redis commands kombu
-        would send for it) in one script, one round trip: both or neither.  False
+        would send for it) in one script, one round trip: both or neither.  O(1)
+        whatever the fleet: the host's heartbeat, the record, two index entries.  False
         when ``host`` has no live worker; then nothing was written.
 
         With replica acknowledgement wanted, the same round trip WAITs for it.  A
