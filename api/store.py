@@ -168,7 +168,7 @@ class TaskStore:
 
         def build(pipe: Any) -> None:
             pipe.evalsha(self._submit.sha, 3, keys.task_record(task_id), keys.RECENT_TASKS,
-                         keys.PENDING_TASKS, *args)
+                         keys.host_pending(host), *args)
 
         if self._ack_client is None:
             with broker_errors(self.url):
@@ -189,10 +189,10 @@ class TaskStore:
         its record says so, and the submit stands."""
         with broker_errors(self.url):
             outcome = self._withdraw(
-                keys=[keys.task_record(task_id), keys.task_channel(task_id),
-                      keys.PENDING_TASKS],
+                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
                 args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
-                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION, task_id])
+                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION, task_id,
+                      keys.HOST_PENDING_PREFIX])
         if outcome in ("WITHDRAWN", "MISSING"):
             raise BrokerUnavailableError(
                 f"Could not enqueue {name}: no Redis replica acknowledged it in time "
@@ -301,9 +301,10 @@ def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
     Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
     (it runs, and stops at its next check)."""
     return str(cancel_script(
-        keys=[keys.task_record(task_id), keys.task_channel(task_id), keys.PENDING_TASKS],
+        keys=[keys.task_record(task_id), keys.task_channel(task_id)],
         args=[repr(time.time()), retention_seconds, int(VMTaskResult.Cancelled),
-              hresults.E_ABORT, "1" if revoke_queued else "0", task_id],
+              hresults.E_ABORT, "1" if revoke_queued else "0", task_id,
+              keys.HOST_PENDING_PREFIX],
     ))
 
 

@@ -126,7 +126,7 @@ def build_fleet(server: VirtualServer, client: Redis, root: str) -> list[str]:
         worker = f"{host}:m:4242"
         assert start(keys=[keys.task_record(task_id), keys.task_lease(task_id),
                            keys.RUNNING_TASKS, keys.host_running(host),
-                           keys.LEASE_DEADLINES, keys.PENDING_TASKS],
+                           keys.LEASE_DEADLINES, keys.host_pending(host)],
                      args=[repr(time.time()), worker, LIVE_MS, task_id]) == records.BEGUN
     # Their messages were taken by their (simulated) workers.
     client.delete(*[keys.host_queue(h) for h in hosts])

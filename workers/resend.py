@@ -11,10 +11,10 @@ break that:
   takes a message and only then records it, with a second command).
 
 Either way the message is on no queue, in no unacked hash and in no hand, and
-nothing would ever run that task.  So the PENDING records (the PENDING index,
-`keys.PENDING_TASKS`, read from its old end) are compared with the messages Redis
-holds for their host, and those it cannot find are sent again, rebuilt from the
-record by Celery as the producer did:
+nothing would ever run that task.  So a host's PENDING records (its PENDING
+index, `keys.host_pending`, read from its old end) are compared with the messages
+Redis holds for the host, and those it cannot find are sent again, rebuilt from
+the record by Celery as the producer did:
 
 - once per change of primary, by one worker of each host, some seconds after the
   switch (`LostMessageCheck`);
@@ -27,10 +27,10 @@ A task whose message was only in flight (popped a moment before the check) is se
 twice; the start gate runs the first copy to arrive and drops the other, so this
 costs a log line, never a second execution.
 
-Cost: each check reads the PENDING tasks older than the grace (O(fleet PENDING
-past the grace): in a healthy fleet only the backlog waiting on queues) and the
-queues of the hosts they belong to.  Never per beat: once per failover, per worker
-judged gone, per sweep period fleet-wide.
+Cost: a check of one host reads that host's PENDING tasks older than the grace
+and its queues: O(own), in a healthy fleet only its backlog.  The sweep reads
+every known host's PENDING index (O(hosts + PENDING past the grace)) once per
+`SWEEP_SECONDS` for the whole fleet.  Nothing here runs per beat.
 """
 
 from __future__ import annotations
@@ -88,28 +88,26 @@ def queued_task_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
     return found
 
 
-def old_pending(client: redis.Redis, min_age: float, host: str | None = None
-                ) -> dict[str, str]:
-    """PENDING tasks submitted more than ``min_age`` seconds ago (of ``host``, or of
-    any host), as task id -> host.  Index entries whose record is no longer PENDING
-    (or gone: a record expired) are dropped from the index on the way."""
-    ids = client.zrangebyscore(keys.PENDING_TASKS, "-inf", time.time() - min_age,
-                               start=0, num=HORIZON)
+def old_pending(client: redis.Redis, min_age: float, host: str) -> list[str]:
+    """``host``'s PENDING tasks submitted more than ``min_age`` seconds ago.  Index
+    entries whose record is no longer PENDING (or gone: a record expired) are
+    dropped from the index on the way."""
+    index = keys.host_pending(host)
+    ids = client.zrangebyscore(index, "-inf", time.time() - min_age, start=0, num=HORIZON)
+    return _still_pending(client, index, ids)
+
+
+def _still_pending(client: redis.Redis, index: str, ids: list[str]) -> list[str]:
     if not ids:
-        return {}
+        return []
     pipe = client.pipeline(transaction=False)
     for task_id in ids:
-        pipe.hmget(keys.task_record(task_id), "state", "host")
-    found: dict[str, str] = {}
-    stale: list[str] = []
-    for task_id, (state, owner) in zip(ids, pipe.execute(), strict=True):
-        if state != records.PENDING or not owner:
-            stale.append(task_id)
-        elif host is None or owner == host:
-            found[task_id] = owner
+        pipe.hget(keys.task_record(task_id), "state")
+    states = pipe.execute()
+    stale = [t for t, state in zip(ids, states, strict=True) if state != records.PENDING]
     if stale:
-        client.zrem(keys.PENDING_TASKS, *stale)
-    return found
+        client.zrem(index, *stale)
+    return [t for t, state in zip(ids, states, strict=True) if state == records.PENDING]
 
 
 def resend_lost(client: redis.Redis, app: Celery, host: str, min_age: float = 0.0,
@@ -148,12 +146,18 @@ def resend_lost(client: redis.Redis, app: Celery, host: str, min_age: float = 0.
 def sweep_lost(client: redis.Redis, app: Celery, min_age: float = GRACE_SECONDS
                ) -> list[str]:
     """`resend_lost` for every host with PENDING tasks older than ``min_age``."""
-    by_host: dict[str, list[str]] = {}
-    for task_id, host in old_pending(client, min_age).items():
-        by_host.setdefault(host, []).append(task_id)
+    hosts = sorted(client.smembers(keys.KNOWN_HOSTS))
+    if not hosts:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.zrangebyscore(keys.host_pending(host), "-inf", time.time() - min_age,
+                           start=0, num=HORIZON)
     resent: list[str] = []
-    for host, pending in sorted(by_host.items()):
-        resent += resend_lost(client, app, host, pending=pending)
+    for host, ids in zip(hosts, pipe.execute(), strict=True):
+        pending = _still_pending(client, keys.host_pending(host), ids)
+        if pending:
+            resent += resend_lost(client, app, host, pending=pending)
     return resent
 
 

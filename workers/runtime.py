@@ -138,7 +138,7 @@ class TaskRun:
         def build(pipe: Any) -> None:
             pipe.evalsha(self._conn.start.sha, 6, self._record, lease_key, keys.RUNNING_TASKS,
                          keys.host_running(self.settings.host), keys.LEASE_DEADLINES,
-                         keys.PENDING_TASKS,
+                         keys.host_pending(self.settings.host),
                          repr(time.time()), identity,
                          int(self.settings.lease_seconds * 1000), self.task_id)
             pipe.hget(self._record, "worker")

@@ -31,10 +31,6 @@ RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
 # reaper reads only its due end (`lua/lease_due.lua`): judging orphans costs the
 # tasks that are due, not every running task in the fleet.
 LEASE_DEADLINES = f"{PREFIX}lease-deadlines"
-# Sorted set: each PENDING task id scored by its submit time, kept by the scripts
-# that submit, start, cancel and withdraw tasks.  The lost-message check reads its
-# old end (`workers.resend`): PENDING tasks past a grace, not the whole history.
-PENDING_TASKS = f"{PREFIX}pending"
 # Strings with a TTL: which worker holds a fleet-wide duty for one period
 # (`workers.host`: the slow lost-message sweep, trimming the recent-task index).
 DUTY_PREFIX = f"{PREFIX}duty:"
@@ -75,6 +71,16 @@ def host_running(host: str) -> str:
     """Set: the started, unfinished tasks of one host, kept by the start and finish
     scripts, so a host counts its own running tasks without reading the fleet's."""
     return f"{HOST_RUNNING_PREFIX}{host}"
+
+
+HOST_PENDING_PREFIX = f"{PREFIX}host-pending:"
+
+
+def host_pending(host: str) -> str:
+    """Sorted set: the host's PENDING tasks by submit time, kept by the scripts that
+    submit, start, cancel and withdraw tasks.  The lost-message check reads its old
+    end (`workers.resend`): the host's PENDING tasks past a grace, nothing else."""
+    return f"{HOST_PENDING_PREFIX}{host}"
 
 
 HOST_VMS_PREFIX = f"{PREFIX}host-vms:"

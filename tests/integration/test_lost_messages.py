@@ -61,7 +61,12 @@ def test_a_message_taken_by_a_worker_killed_before_kombu_recorded_it_runs(
     assert task.wait_for_completion(60_000), "stranded: PENDING with its message nowhere"
     assert task.result is VMTaskResult.Success
     assert ran.read_text().split() == [task.id]
-    assert redis.client().hget(keys.task_record(task.id), "runs") == "1"
+    client = redis.client()
+    assert client.hget(keys.task_record(task.id), "runs") == "1"
+    # The indexes the start and finish scripts keep have let go of it.
+    assert client.zscore(keys.host_pending("grave"), task.id) is None
+    assert client.sismember(keys.host_running("grave"), task.id) == 0
+    assert client.zscore(keys.LEASE_DEADLINES, task.id) is None
 
 
 def test_a_worker_whose_presence_lapsed_has_its_message_sent_by_the_other(

@@ -1,7 +1,8 @@
--- KEYS: record, channel, the PENDING index. (ARGV[6]: the task id.)
+-- KEYS: record, channel.
 -- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT,
 --       '1' to revoke a queued task even if its operation is not cancelable
---       (Celery's revoke: a task that never started is safe to drop).
+--       (Celery's revoke: a task that never started is safe to drop), the task id,
+--       the key prefix of the hosts' PENDING indexes (the record names the host).
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'MISSING' end
@@ -12,7 +13,8 @@ if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
              'error', ARGV[4], 'error_description', 'Cancelled before it started',
              'finished', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[6]) end
+  local host = redis.call('HGET', KEYS[1], 'host')
+  if ARGV[7] and host then redis.call('ZREM', ARGV[7] .. host, ARGV[6]) end
   redis.call('PUBLISH', KEYS[2], 'done')
   return 'REVOKED'
 end

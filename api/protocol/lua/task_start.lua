@@ -1,5 +1,5 @@
 -- KEYS: record, lease, running set, the host's running set, the lease deadlines,
---       the PENDING index.
+--       the host's PENDING index.
 -- ARGV: now, worker name, lease ms, task id.
 -- Returns 'BEGUN' only to the one delivery that moved the record out of PENDING;
 -- every other delivery (a duplicate, a late copy) gets the state it found.

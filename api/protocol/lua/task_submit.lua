@@ -1,4 +1,4 @@
--- KEYS: the task record, the recent-task index, the PENDING index.
+-- KEYS: the task record, the recent-task index, the host's PENDING index.
 -- ARGV: now, record TTL seconds, task id, the host's heartbeat key, the count N of
 -- record field/value items, those N items, then the task's message as the Redis
 -- commands kombu would send for it: (command, queue key or channel, value) triples.

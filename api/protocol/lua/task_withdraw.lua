@@ -1,6 +1,7 @@
--- KEYS: record, channel, the PENDING index.
+-- KEYS: record, channel.
 -- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT, description,
---       the task id.
+--       the task id, the key prefix of the hosts' PENDING indexes (the record names
+--       the host, so it is not a declared key).
 -- A submit whose record and message no replica acknowledged takes its task back,
 -- if no worker has started it: the start gate then drops the message, wherever it is.
 
@@ -9,6 +10,7 @@ if state ~= 'PENDING' then return state or 'MISSING' end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'state', 'REVOKED', 'result', ARGV[3],
            'error', ARGV[4], 'error_description', ARGV[5], 'finished', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[6]) end
+local host = redis.call('HGET', KEYS[1], 'host')
+if ARGV[7] and host then redis.call('ZREM', ARGV[7] .. host, ARGV[6]) end
 redis.call('PUBLISH', KEYS[2], 'done')
 return 'WITHDRAWN'
