@@ -70,10 +70,18 @@ class VirtualMachine:
     def _load(self, record: Mapping[str, str]) -> None:
         self.memory_mb = int(record["memory_mb"])
         self.cpus = int(record.get("cpus") or 1)
-        disks = record.get("disks") or "[]"  # (a listing makes thousands: skip the parse)
-        self.disks: tuple[str, ...] = tuple(json.loads(disks)) if disks != "[]" else ()
         self.network: str | None = record.get("network") or None
-        self.port_forwards: dict[int, int] = forwards_of(record)
+        # Parsed when first asked for: a listing makes thousands of these.
+        self._disks_json = record.get("disks") or "[]"
+        self._forwards_json = record.get("port_forwards") or "[]"
+
+    @property
+    def disks(self) -> tuple[str, ...]:
+        return tuple(json.loads(self._disks_json))
+
+    @property
+    def port_forwards(self) -> dict[int, int]:
+        return forwards_of({"port_forwards": self._forwards_json})
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.name} on {self.host}>"
