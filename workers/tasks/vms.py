@@ -442,10 +442,12 @@ def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
 
 
 HOST_VM_RECORDS_SCRIPT = scripts.load("host_vm_records")
+# What the host's background work reads of its VMs (the watch, counters, rotation).
+HOST_VM_FIELDS = ("name", "host", "state")
 
 
 def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
-    """The records of the VMs this host owns: O(own VMs), one round trip.
+    """Name, host and state of the VMs this host owns: O(own VMs), one round trip.
 
     Read through the host's VM set (`keys.host_vms`, kept by the create, move and
     delete scripts), not the fleet's: the heartbeat's counters and the VM watch run
@@ -453,8 +455,9 @@ def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
     a name the set still holds after a move is skipped.
     """
     replies = register_script(client, HOST_VM_RECORDS_SCRIPT)(
-        keys=[keys.host_vms(settings.host)], args=[keys.vm_record("")])
-    records = [dict(zip(r[::2], r[1::2], strict=True)) for r in replies]
+        keys=[keys.host_vms(settings.host)], args=[keys.vm_record(""), *HOST_VM_FIELDS])
+    records = [{f: v for f, v in zip(HOST_VM_FIELDS, r, strict=True) if v is not None}
+               for r in replies]
     return sorted((r for r in records if r.get("host") == settings.host),
                   key=lambda r: r.get("name", ""))
 
