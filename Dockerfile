@@ -11,7 +11,7 @@
 #
 # No secret is baked in: the Redis password and Flower's credentials are files
 # mounted at run time (compose secrets), never a build argument or a variable.
-# The base image is a build argument (compose passes VMTASK_PYTHON_IMAGE): a site
+# The base image is a build argument (compose passes PYTHON_IMAGE): a site
 # without Docker Hub, or tests/deployment, builds from its own copy of it.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}

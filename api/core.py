@@ -30,10 +30,11 @@ from api.errors import (
     OperationFailedError,
     VMTaskError,
 )
-from api.protocol import hresults, keys
+from api.protocol import hresults, keys, scripts
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
 from api.publish import message_commands
+from api.replication import register_script
 from api.settings import Settings, redact_url, validate_host_name
 from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
 from api.task import VMTask
@@ -128,6 +129,8 @@ class ServerCore:
                                self.endpoint, self.timeout, env_settings.lease_seconds)
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
+        self._hosts_live = register_script(self.redis, scripts.load("hosts_live"))
+        self._vm_records = register_script(self.redis, scripts.load("vm_records"))
         self._celery: Celery | None = None
         self._only_host: str | None = None
 
@@ -148,37 +151,39 @@ class ServerCore:
 
     # -- hosts ---------------------------------------------------------------
 
+    def _live_heartbeats(self) -> dict[str, str]:
+        """Every live host's heartbeat: one round trip (a script), O(fleet) in Redis."""
+        with broker_errors(self.url):
+            reply = self._hosts_live(args=[keys.KNOWN_HOSTS, keys.host_heartbeat("")])
+        return dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
+
     @property
     def hosts(self) -> list[str]:
         """Names of the hosts whose worker heartbeat is live, sorted."""
-        with broker_errors(self.url):
-            known = sorted(self.redis.smembers(keys.KNOWN_HOSTS))
-            if not known:
-                return []
-            pipe = self.redis.pipeline(transaction=False)
-            for name in known:
-                pipe.exists(keys.host_heartbeat(name))
-            alive = pipe.execute()
-        return [name for name, live in zip(known, alive, strict=True) if live]
+        return list(self._live_heartbeats())
 
     def host_status(self) -> dict[str, dict[str, Any]]:
         """Each live host's last heartbeat, as the worker wrote it."""
-        with broker_errors(self.url):
-            known = sorted(self.redis.smembers(keys.KNOWN_HOSTS))
-            values = self.redis.mget([keys.host_heartbeat(n) for n in known]) if known else []
-        return {n: json.loads(v) for n, v in zip(known, values, strict=True) if v}
+        return {name: json.loads(beat) for name, beat in self._live_heartbeats().items()}
 
     def resolve_host(self, host: str | None = None) -> str:
         """The host an operation goes to: explicit, configured, or the only live one."""
         wanted = host or self.default_host
-        live = self.hosts
         if wanted is not None:
             validate_host_name(wanted)
-            if wanted not in live:
+            # O(1): the one heartbeat; the fleet is read only to word a refusal.
+            # (The submit script checks the heartbeat again, atomically.)
+            with broker_errors(self.url):
+                live_now = self.redis.exists(keys.host_heartbeat(wanted))
+            if not live_now:
+                live = self.hosts
                 raise HostUnavailableError(
                     f"No live worker serves host {wanted!r} (live: {', '.join(live) or 'none'})"
                 )
             return wanted
+        # No host named: "the only live one" needs the fleet's list (O(fleet), one
+        # round trip); a deployment of many hosts names them.
+        live = self.hosts
         if len(live) == 1:
             return live[0]
         if not live:
@@ -291,7 +296,9 @@ class ServerCore:
 
         ``state`` is a record state (PENDING, STARTED, SUCCESS, FAILURE, REVOKED).
         Redis applies the filters (one script, then one read of the matches), looking
-        back at most 20,000 tasks.
+        back at most 20,000 tasks.  Cost: O(fleet history scanned until ``limit``
+        match, at most 20,000 records), as a listing of the fleet's tasks is; per
+        request, never in any host's background.
         """
         check_int("limit", limit, 1, 10_000)
         if host is not None:

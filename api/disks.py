@@ -252,7 +252,8 @@ class DiskOperations(ServerCore):
         """The VMs of ``host`` that have ``path`` among their disks (with
         ``active_only``: those not TurnedOff, whose QEMU or saved state needs it as is)."""
         with broker_errors(self.url):
-            names = sorted(self.redis.smembers(keys.VM_NAMES))
+            # O(the host's VMs), through its VM set (`keys.host_vms`).
+            names = sorted(self.redis.smembers(keys.host_vms(host)))
             pipe = self.redis.pipeline(transaction=False)
             for name in names:
                 pipe.hmget(keys.vm_record(name), "host", "disks", "state")

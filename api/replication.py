@@ -69,18 +69,20 @@ class _WholeScripts:
 
 
 def pipelined(client: redis.Redis, build: Callable[[Any], None],
-              scripts: Sequence[Script]) -> list[Any]:
+              scripts: Sequence[Script], transaction: bool = False) -> list[Any]:
     """The commands ``build`` puts in a pipeline, in one round trip; replies in order.
 
     ``scripts`` are those ``build`` calls by EVALSHA: sent whole if the server lacks one.
+    With ``transaction``, in one MULTI (a script missing from the cache fails the
+    call, whose other commands then run again with it: only idempotent ones).
     """
-    pipe = client.pipeline(transaction=False)
+    pipe = client.pipeline(transaction=transaction)
     build(pipe)
     try:
         return list(pipe.execute())
     except NoScriptError:
         log.info("Redis did not have our scripts cached (a new primary?): sending them whole")
-    pipe = client.pipeline(transaction=False)
+    pipe = client.pipeline(transaction=transaction)
     build(_WholeScripts(pipe, scripts))
     return list(pipe.execute())
 

@@ -167,7 +167,8 @@ class TaskStore:
         message: Sequence[PublishCommand] = (),
     ) -> bool:
         """Write a PENDING record and push its ``message`` (the Redis commands kombu
-        would send for it) in one script, one round trip: both or neither.  False
+        would send for it) in one script, one round trip: both or neither.  O(1)
+        whatever the fleet: the host's heartbeat, the record, two index entries.  False
         when ``host`` has no live worker; then nothing was written.
 
         With replica acknowledgement wanted, the same round trip WAITs for it.  A
@@ -194,8 +195,8 @@ class TaskStore:
             args += [command, target, value]
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._submit.sha, 2, keys.task_record(task_id), keys.RECENT_TASKS,
-                         *args)
+            pipe.evalsha(self._submit.sha, 3, keys.task_record(task_id), keys.RECENT_TASKS,
+                         keys.host_pending(host), *args)
 
         if self._ack_client is None:
             with broker_errors(self.url):
@@ -218,7 +219,8 @@ class TaskStore:
             outcome = self._withdraw(
                 keys=[keys.task_record(task_id), keys.task_channel(task_id)],
                 args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
-                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION])
+                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION, task_id,
+                      keys.HOST_PENDING_PREFIX])
         if outcome in ("WITHDRAWN", "MISSING"):
             raise BrokerUnavailableError(
                 f"Could not enqueue {name}: no Redis replica acknowledged it in time "
@@ -329,7 +331,8 @@ def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
     return str(cancel_script(
         keys=[keys.task_record(task_id), keys.task_channel(task_id)],
         args=[repr(time.time()), retention_seconds, int(VMTaskResult.Cancelled),
-              hresults.E_ABORT, "1" if revoke_queued else "0"],
+              hresults.E_ABORT, "1" if revoke_queued else "0", task_id,
+              keys.HOST_PENDING_PREFIX],
     ))
 
 
@@ -349,6 +352,7 @@ def judge_crashed(
             keys.RUNNING_TASKS,
             keys.task_channel(task_id),
             keys.REDIS_PRIMARY,
+            keys.LEASE_DEADLINES,
         ],
         args=[
             records.FAILURE,
@@ -362,6 +366,7 @@ def judge_crashed(
             "1",
             "",
             max(1, math.ceil(grace_seconds)),
+            keys.HOST_RUNNING_PREFIX,
         ],
     )
     return bool(outcome == "OK")

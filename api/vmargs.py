@@ -101,7 +101,8 @@ def config_fields(*, memory_mb: int, cpus: int, disks: list[str], network: str |
 
 
 def forwards_of(record: Mapping[str, str]) -> dict[int, int]:
-    return {int(h): int(g) for h, g in json.loads(record.get("port_forwards") or "[]")}
+    raw = record.get("port_forwards") or "[]"
+    return {int(h): int(g) for h, g in json.loads(raw)} if raw != "[]" else {}
 
 
 def to_args(fields: Mapping[str, Any]) -> list[Any]:

@@ -30,6 +30,7 @@ from api.protocol.vmstate import (
     VMStateEvent,
     allowed_csv,
 )
+from api.replication import pipelined
 from api.settings import validate_host_name
 from api.store import broker_errors
 from api.task import VMTask, validate_timeout
@@ -49,6 +50,10 @@ VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_CONSOLE_TAIL = 4 * 1024 * 1024
 
 CREATE_SCRIPT = scripts.load("vm_create")
+VM_PAGE = 1000  # VM records per script call of a listing
+# What a `VirtualMachine` reads of its record when it is made.
+LISTED_FIELDS = ("name", "host", "undoable", "guest_agent", "memory_mb", "cpus", "disks",
+                 "network", "port_forwards")
 
 class VirtualMachine:
     """A handle on one VM; its configuration is read once, its state live."""
@@ -65,9 +70,18 @@ class VirtualMachine:
     def _load(self, record: Mapping[str, str]) -> None:
         self.memory_mb = int(record["memory_mb"])
         self.cpus = int(record.get("cpus") or 1)
-        self.disks: tuple[str, ...] = tuple(json.loads(record.get("disks", "[]")))
         self.network: str | None = record.get("network") or None
-        self.port_forwards: dict[int, int] = forwards_of(record)
+        # Parsed when first asked for: a listing makes thousands of these.
+        self._disks_json = record.get("disks") or "[]"
+        self._forwards_json = record.get("port_forwards") or "[]"
+
+    @property
+    def disks(self) -> tuple[str, ...]:
+        return tuple(json.loads(self._disks_json))
+
+    @property
+    def port_forwards(self) -> dict[int, int]:
+        return forwards_of({"port_forwards": self._forwards_json})
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.name} on {self.host}>"
@@ -334,8 +348,8 @@ class VMOperations(ServerCore):
             "created": repr(time.time()),
         }
         with broker_errors(self.url):
-            created = self.redis.eval(CREATE_SCRIPT, 2, keys.vm_record(name), keys.VM_NAMES,
-                                      name, *to_args(fields))
+            created = self.redis.eval(CREATE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES,
+                                      keys.host_vms(fields["host"]), name, *to_args(fields))
         if not created:
             raise InvalidArgumentError(f"A VM named {name!r} already exists")
         return VirtualMachine(self, fields)
@@ -348,13 +362,22 @@ class VMOperations(ServerCore):
 
     @property
     def virtual_machines(self) -> list[VirtualMachine]:
+        """Every VM of every host: O(fleet VMs), as a listing of the fleet must be, in
+        two round trips (the names; then their records, by a script per page of
+        names, so Redis is never held long by one call and the reply is parsed in C)."""
         with broker_errors(self.url):
             names = sorted(self.redis.smembers(keys.VM_NAMES))
-            pipe = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipe.hgetall(keys.vm_record(name))
-            records = pipe.execute() if names else []
-        return [VirtualMachine(self, r) for r in records if r]
+            pages = [names[i:i + VM_PAGE] for i in range(0, len(names), VM_PAGE)]
+
+            def build(pipe: Any) -> None:
+                for page in pages:
+                    pipe.evalsha(self._vm_records.sha, len(page),
+                                 *[keys.vm_record(name) for name in page], *LISTED_FIELDS)
+
+            replies = pipelined(self.redis, build, (self._vm_records,)) if pages else []
+        return [VirtualMachine(self, {f: v for f, v in zip(LISTED_FIELDS, r, strict=True)
+                                      if v is not None})
+                for page in replies for r in page if r]
 
     def vm_events(self, since: str = "$", *, timeout_ms: int | None = None
                   ) -> Iterator[VMStateEvent]:

@@ -3,7 +3,9 @@
 Production code has no pause points.  A test that must kill a worker at one exact
 step of a protocol starts that worker with
 
-- ``VMTASK_TEST_PAUSE_BEFORE``: a QMP command name (``quit``, ``cont``, ...), and
+- ``VMTASK_TEST_PAUSE_BEFORE``: a QMP command name (``quit``, ``cont``, ...), or
+  `UNACKED_WRITE`: kombu's record of a message it has just taken off a queue (the
+  worker's main process, between its BRPOP and the unacked hash), and
 - ``VMTASK_TEST_PAUSE_MARKER``: a file path,
 
 and includes this module (`PAUSING`).  The worker's first call of that command
@@ -21,10 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from workers import transport
 from workers.devtools.sandbox import TEST_TASK_MODULE
 from workers.engines.qemu_vm import monitor
 
 PAUSING = (TEST_TASK_MODULE, __name__)
+UNACKED_WRITE = "kombu-unacked-write"
 
 
 def pause_env(command: str, marker: Path) -> dict[str, str]:
@@ -32,7 +36,29 @@ def pause_env(command: str, marker: Path) -> dict[str, str]:
     return {"VMTASK_TEST_PAUSE_BEFORE": command, "VMTASK_TEST_PAUSE_MARKER": str(marker)}
 
 
+def _hold(marker: Path) -> None:
+    marker.write_text(str(os.getpid()))
+    while marker.exists():  # until the test kills this worker or lets it go
+        time.sleep(0.05)
+
+
+def _install_unacked(marker: Path) -> None:
+    original = transport.HardenedQoS.append
+    paused: list[int] = []
+
+    def append(self: transport.HardenedQoS, message: Any, delivery_tag: str) -> None:
+        if not paused:
+            paused.append(os.getpid())
+            _hold(marker)
+        original(self, message, delivery_tag)
+
+    transport.HardenedQoS.append = append  # type: ignore[method-assign]
+
+
 def _install(command: str, marker: Path) -> None:
+    if command == UNACKED_WRITE:
+        _install_unacked(marker)
+        return
     original = monitor.Monitor.execute
     paused: list[int] = []
 
@@ -41,9 +67,7 @@ def _install(command: str, marker: Path) -> None:
                 timeout: float = monitor.QMP_TIMEOUT) -> Any:
         if name == command and not paused:
             paused.append(os.getpid())
-            marker.write_text(str(os.getpid()))
-            while marker.exists():  # until the test kills this worker or lets it go
-                time.sleep(0.05)
+            _hold(marker)
         return original(self, name, arguments, timeout=timeout)
 
     monitor.Monitor.execute = execute  # type: ignore[method-assign]

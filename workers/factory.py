@@ -20,6 +20,7 @@ from workers.tasks import (
     diagnostics,
     disk_inventory,
     disks,
+    guest_os,
     live_migration,
     live_recovery,
     migration,
@@ -30,7 +31,7 @@ from workers.tasks import (
 )
 
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
-                     vms.__name__, vm_console.__name__, transfer.__name__,
+                     vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
@@ -40,7 +41,7 @@ HOST_HOOKS = host.HostHooks(
     # the moves' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
-             vms.reconcile_vms),
+             vms.index_host_vms, vms.reconcile_vms),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),
 )

@@ -4,6 +4,25 @@ Runs in the worker's main process (``worker_ready`` .. ``worker_shutdown``).  Th
 reaper ends tasks whose lease expired, on any host: it is how a task orphaned by a
 dead worker ends ThreadCrashError even when no producer is watching it.  (A
 producer reading the task judges it too, so this holds with no worker alive.)
+
+What one beat costs Redis, with N hosts and T running tasks in the fleet (issue 27:
+a host's background cost must not grow with the rest of the fleet):
+
+- heartbeat and presence: O(1) (one MULTI, and the primary check: one script);
+- status counters: O(own): the host's running set (SCARD, kept by the start and
+  finish scripts) and its own VM records (`keys.host_vms`);
+- VM watch (the tick hooks): O(own VMs), through the host's VM set;
+- reaping: O(log T + due), the due end of the lease deadlines
+  (`lua/lease_due.lua`): every host reads it, no host reads a live lease of
+  another, so a host that died for good still has its tasks judged within a beat
+  of their lease running out;
+- workers of this host gone: O(own workers) (the host's worker set);
+- duties, one SET NX per beat each: trimming the recent-task index (O(log n +
+  removed), once per beat period fleet-wide, by whoever holds the duty) and the
+  lost-message sweep (O(PENDING past the grace), once per `SWEEP_SECONDS`
+  fleet-wide).  The holder's beat pays for the fleet, once for all hosts;
+- the lost-message check after a failover or a gone worker: O(fleet PENDING past
+  the grace), per event, never per beat.
 """
 
 from __future__ import annotations
@@ -25,15 +44,18 @@ from celery.signals import worker_ready, worker_shutdown
 
 from api import events
 from api.protocol import keys, records, scripts
-from api.replication import register_script
+from api.replication import pipelined, register_script
 from api.settings import Settings
 from api.store import judge_crashed, trim_recent
-from workers.resend import LostMessageCheck
+from workers.resend import SWEEP_SECONDS, LostMessageCheck, LostMessageWatch
 from workers.runtime import worker_identity
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[redis.Redis, Settings], None]
+
+# How many due leases one beat judges at most (the rest on the next beats).
+REAP_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -51,17 +73,23 @@ class HostHooks:
 class HostBeacon:
     def __init__(self, settings: Settings, hooks: HostHooks,
                  on_crash_judged: Callable[[str], None] | None = None,
-                 on_takeover: Callable[[redis.Redis, str, float], None] | None = None) -> None:
+                 on_takeover: Callable[[redis.Redis, str, float], None] | None = None,
+                 lost: LostMessageWatch | None = None) -> None:
         self.settings = settings
         self.hooks = hooks
         self.on_crash_judged = on_crash_judged
         self.on_takeover = on_takeover
+        self.lost = lost
         self.client = settings.endpoint.client(settings.redis_timeout_seconds,
                                                decode_responses=True)
         self.finish = register_script(self.client, records.FINISH_SCRIPT)
         self.withdraw = register_script(self.client, scripts.load("host_withdraw"))
         self.primary_seen = register_script(self.client, scripts.load("redis_primary"))
+        self.lease_due = register_script(self.client, scripts.load("lease_due"))
         self.identity = worker_identity(settings)
+        # What this beat's round trip found: due leases, and the duties it claimed.
+        self.due: list[str] | None = None
+        self.claimed: set[str] = set()
         self.started = time.time()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="vmtask-host", daemon=True)
@@ -81,11 +109,8 @@ class HostBeacon:
             "transfer_address": self.settings.advertise_address,
             "transfer_ports": list(self.settings.transfer_ports),
         }
-        # A running task's lease names the host holding it ("host:machine:pid").
-        running = sorted(self.client.smembers(keys.RUNNING_TASKS))
-        holders = self.client.mget([keys.task_lease(t) for t in running]) if running else []
-        status["tasks_running"] = sum(
-            1 for h in holders if h and h.startswith(f"{self.settings.host}:"))
+        # O(1): the host's own running set, kept by the start and finish scripts.
+        status["tasks_running"] = self.client.scard(keys.host_running(self.settings.host))
         for provider in self.hooks.status:
             status.update(provider(self.client, self.settings))
         return status
@@ -94,19 +119,40 @@ class HostBeacon:
         """Refresh the host's heartbeat and this worker's own presence in it.
 
         Several workers may serve one host; each refreshes the shared heartbeat, so
-        the host stays live while any of them is.
+        the host stays live while any of them is.  One round trip (after the status
+        counters) carries everything a beat asks of Redis: the host's lapsed
+        workers, the heartbeat and presence, which primary this is, the due end of
+        the lease deadlines and the claims of the fleet-wide duties.
         """
         ttl = self.settings.heartbeat_seconds
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(keys.host_heartbeat(self.settings.host), json.dumps(self.status()),
-                 px=int(ttl * 1000))
-        pipe.zadd(keys.host_workers(self.settings.host), {self.identity: time.time() + ttl})
-        pipe.expire(keys.host_workers(self.settings.host), int(ttl) + 1)
-        pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
-        pipe.execute()
+        status = json.dumps(self.status())
+        now = time.time()
+        workers = keys.host_workers(self.settings.host)
+        duties = {"trim": self.settings.heartbeat_seconds / 3, "sweep": SWEEP_SECONDS}
+
+        def build(pipe: Any) -> None:
+            pipe.zrangebyscore(workers, "-inf", now)  # lapsed: before our own renewal
+            # Presence before heartbeat: a withdrawing worker (host_withdraw.lua) that
+            # runs between the two still finds us, and keeps the heartbeat.
+            pipe.zadd(workers, {self.identity: now + ttl})
+            pipe.expire(workers, int(ttl) + 1)
+            pipe.set(keys.host_heartbeat(self.settings.host), status, px=int(ttl * 1000))
+            pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
+            pipe.evalsha(self.primary_seen.sha, 1, keys.REDIS_PRIMARY)
+            pipe.evalsha(self.lease_due.sha, 1, keys.LEASE_DEADLINES, REAP_BATCH)
+            for name, period in duties.items():
+                pipe.set(f"{keys.DUTY_PREFIX}{name}", self.identity, nx=True,
+                         px=max(1, int(period * 1000)))
+
+        replies = pipelined(self.client, build, (self.primary_seen, self.lease_due),
+                            transaction=True)
+        lapsed, (age, since, replid), due, claims = (
+            replies[0], replies[5], replies[6], replies[7:])
+        self.due = [str(task_id) for task_id in due]
+        self.claimed = {name for name, won in zip(duties, claims, strict=True) if won}
+        self.notice_gone_workers([str(identity) for identity in lapsed])
         # Which Redis primary this is: a new one (a failover) restarts the crash bound,
         # and may have lost a message in the switch (`workers.resend`).
-        age, since, replid = self.primary_seen(keys=[keys.REDIS_PRIMARY])
         if int(since) and self.on_takeover is not None:
             try:
                 self.on_takeover(self.client, f"{replid}:{since}", float(age))
@@ -114,27 +160,58 @@ class HostBeacon:
                 log.exception("Checking for messages lost in the switch of Redis primary "
                               "failed; the next beat tries again")
 
-    def reap(self) -> None:
-        running = sorted(self.client.smembers(keys.RUNNING_TASKS))
-        if not running:
+    def notice_gone_workers(self, lapsed: list[str]) -> None:
+        """A worker of this host whose presence lapsed (killed, frozen) may have taken
+        a message to its grave: check the host's PENDING tasks.  O(own workers)."""
+        if self.lost is None:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in running:
-            pipe.exists(keys.task_lease(task_id))
-        for task_id, leased in zip(running, pipe.execute(), strict=True):
-            if not leased and judge_crashed(self.client, self.finish, task_id,
-                                            int(self.settings.retention_seconds),
-                                            self.settings.lease_seconds):
+        workers = keys.host_workers(self.settings.host)
+        for identity in lapsed:
+            if identity != self.identity and self.client.zrem(workers, identity):
+                log.warning("Worker %s of host %s is gone (its presence lapsed)",
+                            identity, self.settings.host)
+                self.lost.schedule(self.settings.host)
+
+    def reap(self) -> None:
+        """Judge the tasks whose lease ran out, of any host: O(log T + due).
+
+        Only the due end of the lease deadlines is read; the finish script checks
+        the lease itself, atomically, so a deadline renewed meanwhile judges nothing.
+        """
+        due, self.due = self.due, None  # read by this beat's round trip
+        if due is None:
+            due = self.lease_due(keys=[keys.LEASE_DEADLINES], args=[REAP_BATCH])
+        for task_id in due:
+            if judge_crashed(self.client, self.finish, task_id,
+                             int(self.settings.retention_seconds), self.settings.lease_seconds):
                 log.error("Task %s lost its worker: ended ThreadCrashError", task_id)
                 if self.on_crash_judged is not None:
                     self.on_crash_judged(task_id)
+                # Its worker died: it may have died holding a message, too.
+                host = self.client.hget(keys.task_record(task_id), "host")
+                if host and self.lost is not None:
+                    self.lost.schedule(host)
+
+    def duties(self) -> None:
+        """The fleet-wide duties this beat claimed (one SET NX each in the beat's
+        round trip, expiring after the duty's period: each duty runs once per period
+        across all hosts), and the checks scheduled after a worker was judged gone."""
+        claimed, self.claimed = self.claimed, set()
+        # Trimming the recent-task index: O(log n + removed), by one worker per beat
+        # period for the whole fleet (a submit never pays for it).
+        if "trim" in claimed:
+            trim_recent(self.client, self.settings.retention_seconds)
+        if self.lost is not None:
+            self.lost.run_due(self.client)
+            if "sweep" in claimed:
+                self.lost.sweep(self.client)
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
                 self.beat()
                 self.reap()
-                trim_recent(self.client, self.settings.retention_seconds)
+                self.duties()
                 for hook in self.hooks.tick:
                     hook(self.client, self.settings)
             except redis.RedisError as exc:
@@ -166,7 +243,10 @@ def install(app: Celery, settings: Settings, hooks: HostHooks) -> None:
         settings.storage_root.mkdir(parents=True, exist_ok=True)
         node = str(getattr(sender, "hostname", "") or settings.host)
 
-        beacon = HostBeacon(settings, hooks, None, LostMessageCheck(app, settings))
+        lost = LostMessageWatch(app)
+        # This worker may replace one killed a moment ago, holding a message.
+        lost.schedule(settings.host)
+        beacon = HostBeacon(settings, hooks, None, LostMessageCheck(app, settings), lost)
 
         def announce_crash(task_id: str) -> None:
             events.announce_crash(app, beacon.client, task_id, judge=node)

@@ -173,7 +173,9 @@ class TaskRun:
         node = str(getattr(self._task.request, "hostname", None) or "") if self._task else ""
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._conn.start.sha, 3, self._record, lease_key, keys.RUNNING_TASKS,
+            pipe.evalsha(self._conn.start.sha, 6, self._record, lease_key, keys.RUNNING_TASKS,
+                         keys.host_running(self.settings.host), keys.LEASE_DEADLINES,
+                         keys.host_pending(self.settings.host),
                          repr(time.time()), identity,
                          int(self.settings.lease_seconds * 1000), self.task_id, node)
             pipe.hget(self._record, "worker")
@@ -287,11 +289,13 @@ class TaskRun:
         finished = repr(time.time())
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._conn.finish.sha, 4, self._record, keys.task_lease(self.task_id),
-                         keys.RUNNING_TASKS, self._channel,
+            pipe.evalsha(self._conn.finish.sha, 6, self._record, keys.task_lease(self.task_id),
+                         keys.RUNNING_TASKS, self._channel, keys.REDIS_PRIMARY,
+                         keys.LEASE_DEADLINES,
                          state, int(result), error, text, finished, percent,
                          int(self.settings.retention_seconds), self.task_id, "0",
-                         "" if output is None else json.dumps(output))
+                         "" if output is None else json.dumps(output), 0,
+                         keys.HOST_RUNNING_PREFIX)
             pipe.hmget(self._record, "worker", "finished")
 
         identity = worker_identity(self.settings)
@@ -379,8 +383,9 @@ class LeaseKeeper:
                 try:
                     # Also takes back a lease that lapsed while the primary was switching.
                     renewed = run._conn.renew(
-                        keys=[keys.task_record(run.task_id), keys.task_lease(run.task_id)],
-                        args=[worker_identity(settings), lease_ms])
+                        keys=[keys.task_record(run.task_id), keys.task_lease(run.task_id),
+                              keys.LEASE_DEADLINES],
+                        args=[worker_identity(settings), lease_ms, run.task_id])
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
                     continue

@@ -26,6 +26,14 @@ def task_channel(task_id: str) -> str:
 
 
 RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
+# Sorted set: each started, unfinished task id scored by when its lease runs out
+# (Redis TIME, ms), kept by the scripts that start, renew and finish tasks.  A
+# reaper reads only its due end (`lua/lease_due.lua`): judging orphans costs the
+# tasks that are due, not every running task in the fleet.
+LEASE_DEADLINES = f"{PREFIX}lease-deadlines"
+# Strings with a TTL: which worker holds a fleet-wide duty for one period
+# (`workers.host`: the slow lost-message sweep, trimming the recent-task index).
+DUTY_PREFIX = f"{PREFIX}duty:"
 RECENT_TASKS = f"{PREFIX}recent"  # sorted set: task id by enqueue time
 # Hash: counters and histogram buckets of ended tasks, kept by `lua/task_metrics.lua`
 # (which names it too) and read whole by the exporter (`api.exporter`).
@@ -57,6 +65,34 @@ def resend_claim(host: str, takeover: str) -> str:
 def control_queue(host: str) -> str:
     """The Celery queue of a host's quick operations: its own lane, never behind a copy."""
     return f"host.{host}.control"
+
+
+HOST_RUNNING_PREFIX = f"{PREFIX}host-running:"
+
+
+def host_running(host: str) -> str:
+    """Set: the started, unfinished tasks of one host, kept by the start and finish
+    scripts, so a host counts its own running tasks without reading the fleet's."""
+    return f"{HOST_RUNNING_PREFIX}{host}"
+
+
+HOST_PENDING_PREFIX = f"{PREFIX}host-pending:"
+
+
+def host_pending(host: str) -> str:
+    """Sorted set: the host's PENDING tasks by submit time, kept by the scripts that
+    submit, start, cancel and withdraw tasks.  The lost-message check reads its old
+    end (`workers.resend`): the host's PENDING tasks past a grace, nothing else."""
+    return f"{HOST_PENDING_PREFIX}{host}"
+
+
+HOST_VMS_PREFIX = f"{PREFIX}host-vms:"
+
+
+def host_vms(host: str) -> str:
+    """Set: the names of the VMs one host owns, kept by the scripts that create, move
+    and delete VM records, so a host's VM watch reads only its own records."""
+    return f"{HOST_VMS_PREFIX}{host}"
 
 
 def host_workers(host: str) -> str:

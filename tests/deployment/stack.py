@@ -74,7 +74,7 @@ class Stack:
             f"REDIS_PORT={self.redis_port}",
             f"FLOWER_PORT={self.flower_port}",
             f"REDIS_IMAGE={REDIS_IMAGE}",
-            f"VMTASK_PYTHON_IMAGE={PYTHON_IMAGE}",
+            f"PYTHON_IMAGE={PYTHON_IMAGE}",
             "VMTASK_ACCEL=tcg",
             ""]))
 

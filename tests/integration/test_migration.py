@@ -39,11 +39,15 @@ def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,  
     source_digests = {p.name: digest(p) for p in (root / unique).iterdir()}
     vm = both.create_virtual_machine(unique, memory_mb=64, disks=[f"{unique}/d.qcow2"],
                                      host="alpha", network=None)
+    assert both.redis.sismember(keys.host_vms("alpha"), unique)  # each host's VM set
     task = vm.migrate("beta")
     assert task.host == "beta" and task.is_cancelable
     done(task)
     assert vm.state is VMVMState.TurnedOff and vm.host == "beta"
     assert both.redis.hget(keys.vm_record(unique), "host") == "beta"
+    # The move's compare-and-set moved it between the hosts' VM sets too.
+    assert not both.redis.sismember(keys.host_vms("alpha"), unique)
+    assert both.redis.sismember(keys.host_vms("beta"), unique)
     assert {p.name: digest(p) for p in (beta.storage_root / unique).iterdir()} == source_digests
     qemu_io(beta.storage_root / unique / "d.qcow2", "qcow2", "read -P 0x21 0 1M",
             "read -P 0x42 1M 1M")
@@ -56,6 +60,7 @@ def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,  
     assert out.snapshot().host == "alpha"
     done(vm.delete())  # operations now go to beta
     assert not (beta.storage_root / "vms" / unique).exists()
+    assert not both.redis.sismember(keys.host_vms("beta"), unique)
 
 
 def test_the_move_completes_only_once_the_source_has_let_go(

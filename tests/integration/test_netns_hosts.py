@@ -156,7 +156,9 @@ def test_a_partition_is_a_timeout_even_when_the_source_lease_lapses_meanwhile(
     serve = serve_task_of(server, task.id)
 
     def judged_crashed() -> bool:
-        server.redis.delete(keys.task_lease(serve))  # every renewal comes too late
+        # Every renewal comes too late: the lease is gone and its deadline past.
+        server.redis.delete(keys.task_lease(serve))
+        server.redis.zadd(keys.LEASE_DEADLINES, {serve: 0})
         return server.redis.hget(keys.task_record(serve), "result") == str(
             int(VMTaskResult.ThreadCrashError))
     wait_until(judged_crashed, LEASE, "a reaper to judge the serve crashed", interval=0.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from api.protocol import keys
 from api.protocol.tasks import DISK_INFO, PING
 from api.publish import message_commands
 from workers.devtools.sandbox import RedisServer
-from workers.resend import UNACKED_HASH, queued_task_ids, resend_lost
+from workers.resend import UNACKED_HASH, queued_task_ids, resend_lost, sweep_lost
 
 HOST = "h1"
 
@@ -71,3 +72,37 @@ def test_only_the_pending_tasks_whose_message_is_nowhere_are_sent_again(
     with VirtualServer(redis_server.url) as server:
         assert resend_lost(client, server.celery, HOST) == []
     assert client.llen(long_queue) == 2
+
+
+def test_the_sweep_sends_again_only_the_lost_messages_past_the_grace_on_every_host(
+        spawn: Callable[..., Any]) -> None:
+    """The elected sweep (issue 21, point 2): every host's PENDING index, old end only."""
+    redis_server: RedisServer = spawn("redis")
+    client = redis_server.client()
+    hosts = ("h1", "h2")
+    for host in hosts:
+        client.set(keys.host_heartbeat(host), json.dumps({"host": host}), px=60_000)
+        client.sadd(keys.KNOWN_HOSTS, host)
+    with VirtualServer(redis_server.url) as server:
+        for host, task_id in (("h1", "old-lost-1"), ("h2", "old-lost-2"), ("h2", "young-lost"),
+                              ("h2", "old-queued")):
+            queue = keys.host_queue(host)
+            message = message_commands(server.celery, PING.name, kwargs={"duration_ms": 1},
+                                       task_id=task_id, queue=queue, routing_key=queue)
+            assert server.store.create(task_id, name=PING.name, description=task_id,
+                                       host=host, cancelable=True,
+                                       arguments={"duration_ms": 1}, message=message)
+        kept = [m for m in client.lrange(keys.host_queue("h2"), 0, -1)
+                if json.loads(m)["headers"]["id"] == "old-queued"]
+        client.delete(keys.host_queue("h1"), keys.host_queue("h2"))
+        client.lpush(keys.host_queue("h2"), *kept)
+        # Submitted a minute ago, as far as the index knows; "young-lost" just now.
+        for host, task_id in (("h1", "old-lost-1"), ("h2", "old-lost-2"), ("h2", "old-queued")):
+            client.zadd(keys.host_pending(host), {task_id: time.time() - 60})
+        assert client.zscore(keys.host_pending("h2"), "young-lost") is not None
+
+        assert sorted(sweep_lost(client, server.celery, min_age=10)) == ["old-lost-1",
+                                                                         "old-lost-2"]
+        assert sweep_lost(client, server.celery, min_age=10) == []  # found on the queues now
+        # Sent again, it is still PENDING: in its host's index until a worker starts it.
+        assert client.zrange(keys.host_pending("h1"), 0, -1) == ["old-lost-1"]

@@ -63,7 +63,7 @@ def list_disks(run: TaskRun) -> dict[str, Any]:
 
 def _vms_using(run: TaskRun, files: HostFiles, target: Path, active_only: bool) -> list[str]:
     client = run.redis
-    names = sorted(client.smembers(keys.VM_NAMES))
+    names = sorted(client.smembers(keys.host_vms(run.settings.host)))  # O(own VMs)
     users: list[str] = []
     for name in names:
         host, disks, state = client.hmget(keys.vm_record(name), "host", "disks", "state")

@@ -425,7 +425,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS,
                                       key, source_host, run.settings.host,
                                       ",".join(str(int(s)) for s in sorted(LIVE)),
-                                      repr(time.time()), EVENTS_MAXLEN)
+                                      repr(time.time()), EVENTS_MAXLEN, keys.HOST_VMS_PREFIX)
                 if outcome == "ABORTED":
                     raise Cancelled(f"The source host {source_host} took the guest back")
                 if outcome != "OK":

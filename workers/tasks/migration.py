@@ -235,7 +235,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             outcome = client.eval(MOVE_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
                                   source_host, run.settings.host,
                                   ",".join(str(int(s)) for s in sorted(MOVABLE)),
-                                  repr(time.time()), EVENTS_MAXLEN)
+                                  repr(time.time()), EVENTS_MAXLEN, keys.HOST_VMS_PREFIX)
             if outcome != "OK":
                 raise InvalidStateError(f"VM {name!r} changed during the move ({outcome})")
             journal.unlink()

@@ -20,7 +20,7 @@ from workers.engines import qemu_vm
 from workers.engines.guest_agent import GuestAgentClient
 from workers.failures import GuestAgentError, IllegalValue, OperationFailed, OperationTimedOut
 from workers.runtime import TaskRun, operation
-from workers.tasks.vms import agent_socket, host_vms, paths_of, record_of
+from workers.tasks.vms import agent_socket, beat_vms, paths_of, record_of
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def guest_info(run: TaskRun, name: str) -> dict[str, Any]:
 
 def rotate_console_logs(client: redis.Redis, settings: Settings) -> None:
     """Keep every VM's serial log bounded (the host's tick)."""
-    for record in host_vms(client, settings):
+    for record in beat_vms(client, settings):
         try:
             qemu_vm.rotate_serial_log(paths_of(settings, record["name"]),
                                       settings.console_log_max_bytes)

@@ -29,7 +29,7 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import keys, tasks
+from api.protocol import keys, scripts, tasks
 from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
@@ -38,19 +38,15 @@ from api.protocol.vmstate import (
     TRANSITION_SCRIPT,
     allowed_csv,
 )
+from api.replication import register_script
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines.guest_agent import (
-    GuestAgentClient,
-    ShutdownMode,
     qemu_guest_agent_args,
 )
 from workers.engines.storage import resolve_in_root
 from workers.failures import (
-    Cancelled,
-    GuestAgentError,
     IllegalValue,
-    OperationFailed,
     OperationTimedOut,
     VMNotRunning,
 )
@@ -60,13 +56,6 @@ from workers.tasks.files import HostFiles
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT = 30.0
-ACPI_PRESS_INTERVAL = 1.0
-# How often a guest that was asked to go down is looked at through its agent.
-GUEST_POLL_INTERVAL = 0.5
-GUEST_PROBE_TIMEOUT = 2.0
-# After this long without powering off, a guest told through its agent also gets
-# ACPI power-button presses (its agent may be gone for good).
-ACPI_FALLBACK_AFTER = 15.0
 
 
 def root(settings: Settings) -> Path:
@@ -371,167 +360,62 @@ def delete(run: TaskRun, name: str) -> None:
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)
         client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
-                    name, repr(time.time()), EVENTS_MAXLEN, int(S.DeleteMachine))
-
-
-# -- the guest OS ----------------------------------------------------------------------
-
-
-def wait_for_agent(run: TaskRun, paths: qemu_vm.VMPaths, deadline: float) -> GuestAgentClient:
-    """The guest is ready once its agent answers: the analogue of VS's heartbeat."""
-    while True:
-        if run.cancel_requested():
-            raise Cancelled()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise OperationTimedOut("The guest agent did not answer in time")
-        agent = GuestAgentClient(agent_socket(paths))
-        try:
-            if agent.ping(timeout=min(2.0, remaining)):
-                return agent
-        except OperationTimedOut:
-            pass
-        agent.close()
-
-
-def refused(name: str, what: str, exc: GuestAgentError) -> OperationFailed:
-    """The guest's agent said no: its own words, as UnexpectedError (E_UNEXPECTED) when
-    the guest failed, IllegalValueError when the agent lacks or blocks the command."""
-    text = f"The guest of {name!r} refused to {what}: {exc}"
-    if exc.error_class in ("CommandNotFound", "CommandDisabled"):
-        return IllegalValue(text)
-    return OperationFailed(text)
-
-
-def probe_boot(agent: GuestAgentClient) -> tuple[bool, str | None]:
-    """Whether the agent answers now, and the boot id it reports (None when the
-    guest has none to give, as a non-Linux guest)."""
-    try:
-        agent.ping(timeout=GUEST_PROBE_TIMEOUT)
-    except (OperationTimedOut, GuestAgentError):
-        return False, None
-    try:
-        return True, agent.boot_id(timeout=GUEST_PROBE_TIMEOUT)
-    except (OperationTimedOut, GuestAgentError):
-        return True, None
-
-
-def ask_agent(agent: GuestAgentClient, name: str, mode: ShutdownMode, what: str) -> None:
-    try:
-        agent.shutdown(mode)
-    except GuestAgentError as exc:
-        if exc.error_class:
-            raise refused(name, what, exc) from exc
-        # The connection broke on the way: whether it arrived is learnt from the VM.
-        log.warning("guest %s: %s request may not have arrived: %s", name, mode, exc)
-
-
-@operation(tasks.VM_GUEST_SHUTDOWN)
-def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
-    """Done when QEMU has exited.  A guest's agent answers on while its OS goes
-    down, so a request can land in a boot that is already ending (a restart just
-    asked for) and be lost: the request is sent again when a new boot (a new boot
-    id) answers, and the ACPI button is pressed too once the guest takes too long."""
-    with vm_lock(run, name):
-        client, record, _ = begin(run, "guest_shutdown", name, S.TurningOff)
-        paths = paths_of(run.settings, name)
-        deadline = time.monotonic() + timeout_s
-        with_agent = record.get("guest_agent") == "1"
-        try:
-            with ExitStack() as stack:
-                agent: GuestAgentClient | None = None
-                sent_to: str | None = None
-                # Without an agent, press the ACPI button until the guest obeys: a press
-                # made before the guest's ACPI handler is up is lost, so one is not enough.
-                next_press = time.monotonic()
-                if with_agent:
-                    agent = stack.enter_context(wait_for_agent(run, paths, deadline))
-                    sent_to = probe_boot(agent)[1]
-                    ask_agent(agent, name, "powerdown", "shut down")
-                    next_press = time.monotonic() + ACPI_FALLBACK_AFTER
-                next_probe = time.monotonic() + GUEST_POLL_INTERVAL
-                while qemu_vm.is_alive(paths):
-                    if run.cancel_requested():
-                        raise Cancelled()
-                    if time.monotonic() > deadline:
-                        raise OperationTimedOut(
-                            f"The guest of {name!r} did not shut down within {timeout_s} s")
-                    if agent is not None and time.monotonic() >= next_probe:
-                        answers, boot = probe_boot(agent)
-                        if answers and boot is not None and sent_to is not None \
-                                and boot != sent_to and qemu_vm.is_alive(paths):
-                            log.info("guest %s: a new boot answers; asking it again", name)
-                            sent_to = boot
-                            ask_agent(agent, name, "powerdown", "shut down")
-                        next_probe = time.monotonic() + GUEST_POLL_INTERVAL
-                    if time.monotonic() >= next_press:
-                        try:
-                            qemu_vm.powerdown(paths)
-                        except OperationFailed:
-                            if qemu_vm.is_alive(paths):
-                                raise
-                            break  # it went off between the check and the press
-                        next_press = time.monotonic() + ACPI_PRESS_INTERVAL
-                    time.sleep(0.05)
-            qemu_vm.cleanup(paths)
-        finally:
-            settle(client, name, qemu_vm.vm_state(paths))
-
-
-@operation(tasks.VM_GUEST_RESTART)
-def guest_restart(run: TaskRun, name: str, timeout_s: int = 120) -> None:
-    """Done once the guest has really rebooted: its agent reports a new boot id (or,
-    for a guest without one, its agent fell silent and answers again).  The old
-    boot's agent answers on while the OS goes down, so delivery proves nothing."""
-    with vm_lock(run, name):
-        _client, record, _ = begin(run, "guest_restart", name, None)
-        if record.get("guest_agent") != "1":
-            raise IllegalValue(f"Restarting the guest of {name!r} needs its guest agent "
-                               "(create the VM with guest_agent=True)")
-        paths = paths_of(run.settings, name)
-        deadline = time.monotonic() + timeout_s
-        agent = wait_for_agent(run, paths, deadline)
-        with agent:
-            before = probe_boot(agent)[1]
-            ask_agent(agent, name, "reboot", "restart")
-            fell_silent = False
-            while True:
-                if run.cancel_requested():
-                    raise Cancelled()
-                if time.monotonic() > deadline:
-                    raise OperationTimedOut(
-                        f"The guest of {name!r} did not come back from its restart "
-                        f"within {timeout_s} s")
-                if not qemu_vm.is_alive(paths):
-                    raise OperationFailed(f"The guest of {name!r} powered off instead of "
-                                          "restarting")
-                answers, boot = probe_boot(agent)
-                if answers and (boot not in (None, before) if before is not None
-                                else fell_silent):
-                    return
-                fell_silent = fell_silent or not answers
-                time.sleep(GUEST_POLL_INTERVAL)
-
-
-@operation(tasks.VM_GUEST_LOGOFF)
-def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
-    with vm_lock(run, name):
-        begin(run, "guest_logoff", name, None)
-        raise IllegalValue("The QEMU guest agent has no log-off command; "
-                           "logoff is not supported for QEMU guests")
+                    name, repr(time.time()), EVENTS_MAXLEN, int(S.DeleteMachine),
+                    keys.HOST_VMS_PREFIX)
 
 
 # -- the host's watch ------------------------------------------------------------------
 
 
+HOST_VM_RECORDS_SCRIPT = scripts.load("host_vm_records")
+# What the host's background work reads of its VMs (the watch, counters, rotation).
+HOST_VM_FIELDS = ("name", "host", "state")
+
+
 def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
+    """Name, host and state of the VMs this host owns: O(own VMs), one round trip.
+
+    Read through the host's VM set (`keys.host_vms`, kept by the create, move and
+    delete scripts), not the fleet's: the heartbeat's counters and the VM watch run
+    on every beat of every host.  The record's own ``host`` field stays the truth;
+    a name the set still holds after a move is skipped.
+    """
+    replies = register_script(client, HOST_VM_RECORDS_SCRIPT)(
+        keys=[keys.host_vms(settings.host)], args=[keys.vm_record(""), *HOST_VM_FIELDS])
+    records = [{f: v for f, v in zip(HOST_VM_FIELDS, r, strict=True) if v is not None}
+               for r in replies]
+    return sorted((r for r in records if r.get("host") == settings.host),
+                  key=lambda r: r.get("name", ""))
+
+
+def index_host_vms(client: redis.Redis, settings: Settings) -> None:
+    """Start-up: put this host's VMs into its VM set (records written before the set
+    existed).  O(fleet VMs), once per worker start, never per beat."""
     names = sorted(client.smembers(keys.VM_NAMES))
     if not names:
-        return []
+        return
     pipe = client.pipeline(transaction=False)
     for name in names:
-        pipe.hgetall(keys.vm_record(name))
-    return [r for r in pipe.execute() if r and r.get("host") == settings.host]
+        pipe.hget(keys.vm_record(name), "host")
+    own = [n for n, host in zip(names, pipe.execute(), strict=True) if host == settings.host]
+    if own:
+        client.sadd(keys.host_vms(settings.host), *own)
+
+
+# The host's VM records as its beat last read them: the heartbeat's counters, the
+# VM watch and the console rotation run one after the other on each beat (one
+# thread), and share one read.  The watch changes a VM only by compare-and-set.
+_BEAT_READ_SECONDS = 0.5
+_beat_read: dict[str, tuple[float, list[dict[str, str]]]] = {}
+
+
+def beat_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
+    """`host_vms`, read at most once per beat (the host's background hooks)."""
+    at, records = _beat_read.get(settings.host, (0.0, []))
+    if time.monotonic() - at > _BEAT_READ_SECONDS:
+        records = host_vms(client, settings)
+        _beat_read[settings.host] = (time.monotonic(), records)
+    return records
 
 
 def stopped_state(paths: qemu_vm.VMPaths) -> S:
@@ -545,7 +429,7 @@ def watch_vms(client: redis.Redis, settings: Settings) -> None:
     Under the VM's lock, so no operation is half-way through it; a VM whose lock is
     held is looked at on the next beat.
     """
-    for record in host_vms(client, settings):
+    for record in beat_vms(client, settings):
         if S(int(record["state"])) not in (S.Running, S.Paused):
             continue
         fd = try_lock(settings, record["name"])
@@ -583,7 +467,7 @@ def reconcile_vms(client: redis.Redis, settings: Settings) -> None:
 
 
 def vm_counts(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    vms = host_vms(client, settings)
+    vms = beat_vms(client, settings)
     running = sum(1 for r in vms if S(int(r["state"])) in (S.Running, S.Paused))
     return {"vms": len(vms), "vms_running": running}
 

@@ -2,7 +2,8 @@
 -- KEYS: record, channel.
 -- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT,
 --       '1' to revoke a queued task even if its operation is not cancelable
---       (Celery's revoke: a task that never started is safe to drop).
+--       (Celery's revoke: a task that never started is safe to drop), the task id,
+--       the key prefix of the hosts' PENDING indexes (the record names the host).
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'MISSING' end
@@ -14,6 +15,8 @@ if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
              'error', ARGV[4], 'error_description', 'Cancelled before it started',
              'finished', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  local host = redis.call('HGET', KEYS[1], 'host')
+  if ARGV[7] and host then redis.call('ZREM', ARGV[7] .. host, ARGV[6]) end
   redis.call('PUBLISH', KEYS[2], 'done')
   return 'REVOKED'
 end

@@ -1,13 +1,26 @@
 -- uses: primary_takeover
 -- uses: task_metrics
--- KEYS: record, lease, running set, channel; and for a crash judgment, the primary key.
+-- KEYS: record, lease, running set, channel, the primary key (read only by a crash
+--       judgment), the lease deadlines.
 -- ARGV: state, result, error, error description, finished time, percent,
 --       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON,
---       and for a crash judgment, the grace after a primary switch (seconds).
+--       the grace after a primary switch (seconds; for a crash judgment), the key
+--       prefix of the hosts' running sets.
+-- The task leaves its host's running set (named by the record's host, so a judge
+-- need not know it: not a declared key, like the submit's queue) and the deadlines.
+
+local function forget()
+  redis.call('SREM', KEYS[3], ARGV[8])
+  if KEYS[6] then redis.call('ZREM', KEYS[6], ARGV[8]) end
+  if ARGV[12] then
+    local host = redis.call('HGET', KEYS[1], 'host')
+    if host then redis.call('SREM', ARGV[12] .. host, ARGV[8]) end
+  end
+end
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'STARTED' then
-  redis.call('SREM', KEYS[3], ARGV[8])
+  forget()
   return state or 'MISSING'
 end
 if ARGV[9] == '1' then
@@ -26,7 +39,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3
            'error_description', ARGV[4], 'finished', ARGV[5], 'percent', percent,
            'output', ARGV[10])
 redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[8])
+forget()
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('PUBLISH', KEYS[4], 'done')
 return 'OK'

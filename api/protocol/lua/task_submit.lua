@@ -1,4 +1,4 @@
--- KEYS: the task record, the recent-task index.
+-- KEYS: the task record, the recent-task index, the host's PENDING index.
 -- ARGV: now, record TTL seconds, task id, the host's heartbeat key, the count N of
 -- record field/value items, those N items, then the task's message as the Redis
 -- commands kombu would send for it: (command, queue key or channel, value) triples.
@@ -24,6 +24,7 @@ if redis.call('EXISTS', ARGV[4]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+if KEYS[3] then redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3]) end
 for i = first_command, #ARGV, 3 do
   redis.call(string.upper(ARGV[i]), ARGV[i + 1], ARGV[i + 2])
 end

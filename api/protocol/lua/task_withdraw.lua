@@ -1,6 +1,8 @@
 -- uses: task_metrics
 -- KEYS: record, channel.
--- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT, description.
+-- ARGV: finished time, retention seconds, the Cancelled result, E_ABORT, description,
+--       the task id, the key prefix of the hosts' PENDING indexes (the record names
+--       the host, so it is not a declared key).
 -- A submit whose record and message no replica acknowledged takes its task back,
 -- if no worker has started it: the start gate then drops the message, wherever it is.
 
@@ -10,5 +12,7 @@ task_metrics(KEYS[1], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'state', 'REVOKED', 'result', ARGV[3],
            'error', ARGV[4], 'error_description', ARGV[5], 'finished', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+local host = redis.call('HGET', KEYS[1], 'host')
+if ARGV[7] and host then redis.call('ZREM', ARGV[7] .. host, ARGV[6]) end
 redis.call('PUBLISH', KEYS[2], 'done')
 return 'WITHDRAWN'
