@@ -37,7 +37,8 @@ from tests.deployment.docker_engine import (
 )
 from workers.devtools.sandbox import REPO_ROOT, free_port, wait_until
 
-IMAGE_SERVICES = ("worker-a", "worker-b", "flower", "worker-a-ha", "worker-b-ha", "flower-ha")
+IMAGE_SERVICES = ("worker-a", "worker-b", "flower", "exporter", "worker-a-ha", "worker-b-ha",
+                  "flower-ha")
 REDIS_SERVICES = ("redis", "redis-primary", "redis-replica")
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
 
@@ -51,8 +52,8 @@ def override(resolver: str) -> dict[str, Any]:
     for name in IMAGE_SERVICES:
         services[name] = {"build": {"network": "host"}, "dns": [resolver],
                           "healthcheck": {"interval": "3s", "start_period": "60s"}}
-    services["flower"]["healthcheck"] = services["flower-ha"]["healthcheck"] = {
-        "interval": "2s", "start_period": "30s"}
+    services["flower"]["healthcheck"] = services["flower-ha"]["healthcheck"] = \
+        services["exporter"]["healthcheck"] = {"interval": "2s", "start_period": "30s"}
     return {"services": services}
 
 
@@ -65,6 +66,7 @@ class Stack:
         self.global_args: list[str] = []
         self.redis_port = free_port()
         self.flower_port = free_port()
+        self.exporter_port = free_port()
         copy_checkout(directory)
         (directory / "docker-compose.test.yml").write_text(json.dumps(override(resolver),
                                                                       indent=1))
@@ -73,6 +75,7 @@ class Stack:
             "COMPOSE_FILE=docker-compose.yml:docker-compose.test.yml",
             f"REDIS_PORT={self.redis_port}",
             f"FLOWER_PORT={self.flower_port}",
+            f"EXPORTER_PORT={self.exporter_port}",
             f"REDIS_IMAGE={REDIS_IMAGE}",
             f"PYTHON_IMAGE={PYTHON_IMAGE}",
             "VMTASK_ACCEL=tcg",

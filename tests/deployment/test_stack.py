@@ -76,7 +76,7 @@ def test_the_default_stack_as_the_readme_runs_it(stack: Stack) -> None:
     # -- up, as the README says (docker-compose v1 here) ----------------------------
     ok(stack.shell(["sh", "scripts/make-secrets.sh"]))
     ok(stack.compose("up", "-d", "--build", timeout=1500))
-    stack.wait_healthy(("redis", "worker-a", "worker-b", "flower"), 240)
+    stack.wait_healthy(("redis", "worker-a", "worker-b", "flower", "exporter"), 240)
 
     # -- the CLI on the Docker host -----------------------------------------------------
     hosts = ok(stack.vmtask("--json", "hosts"))
@@ -139,6 +139,20 @@ def test_the_default_stack_as_the_readme_runs_it(stack: Stack) -> None:
     # `docker kill` is not a crash to `restart: unless-stopped`: it stays down.
     assert stack.state("worker-b")["Status"] == "exited"
     task_ids.append(crashed_id)
+
+    # -- the exporter, as its own Redis user: the convert and the crash are counted ---------
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.exporter_port}/metrics",
+                                    timeout=30) as answer:
+            return str(answer.read().decode())
+
+    scraped = metrics()
+    assert "vmtask_up 1.0" in scraped, scraped[-2000:]
+    counted = [line for line in scraped.splitlines()
+               if line.startswith("vmtask_tasks_total{")]
+    assert any('operation="vmtask.disk.convert"' in line and 'result="Success"' in line
+               for line in counted), counted
+    assert any('result="ThreadCrashError"' in line for line in counted), counted
 
     # -- Redis restarted: it starts again, and nothing it held is lost ---------------------
     before = {task_id: task_of(ok(stack.vmtask("--json", "task", "show", task_id)).stdout)
