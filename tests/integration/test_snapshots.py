@@ -417,7 +417,7 @@ def test_a_running_vm_is_refused_as_not_supported_yet(server: VirtualServer, roo
 def private(tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerProcess, Path]]:
     redis = RedisServer(tmp_path / "redis", appendonly=True).start()
     worker = WorkerProcess(redis.url, "snaphost", tmp_path / "root", tmp_path,
-                           concurrency=1).start()
+                           concurrency=1, env={"VMTASK_LEASE_SECONDS": "3"}).start()
     yield redis, worker, tmp_path
     worker.stop()
     redis.stop()
@@ -448,4 +448,37 @@ def test_the_tree_survives_a_worker_and_redis_restart(
         assert [(p.name, p.parent) for p in vm.snapshots] == expected
         assert not stray.exists()
         ok(vm.revert_to_snapshot("s1"))
+        ok(vm.delete())
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_delete_leaves_the_tree_whole(
+        private: tuple[RedisServer, WorkerProcess, Path], tmp_path: Path) -> None:
+    redis, worker, _base = private
+    root = worker.storage_root
+    with VirtualServer(redis.url, host="snaphost", poll_interval=0.5) as server:
+        vm = new_vm(server, "crash", size_mb=1024)
+        ok(vm.create_snapshot("s1"))
+        write(present(root, "crash"), 0xAB, "0", "768M")
+        ok(vm.create_snapshot("s2"))
+        write(present(root, "crash"), 0xCD, "0", "1M")
+        views = {s: export(layer(root, "crash", s), tmp_path / f"{s}.raw") for s in ("s1", "s2")}
+        views["present"] = export(present(root, "crash"), tmp_path / "present.raw")
+        before = (layer_files(root, "crash"), tree(root, "crash"))
+        task = vm.delete_snapshot("s2")
+        wait_until(lambda: task.snapshot().percent_completed >= 1 or task.is_complete, 120,
+                   "the rebase under way")
+        assert not task.is_complete
+        worker.kill()
+        assert task.wait_for_completion(30_000)
+        assert task.result is VMTaskResult.ThreadCrashError
+        worker.start()
+        wait_until(lambda: vm.state is S.TurnedOff, 60, "the VM reconciled")
+        assert (layer_files(root, "crash"), tree(root, "crash")) == before
+        assert [p.name for p in vm.snapshots] == ["s1", "s2"]
+        for point in ("s1", "s2"):
+            assert same(layer(root, "crash", point), views[point])
+        assert same(present(root, "crash"), views["present"])
+        ok(vm.delete_snapshot("s2"))
+        assert same(present(root, "crash"), views["present"])
         ok(vm.delete())
