@@ -298,11 +298,14 @@ def test_the_worker_refuses_deleting_what_a_linked_clone_rests_on(
     vm = new_vm(server, name)
     ok(vm.create_snapshot("s1"))
     ok(vm.clone(f"{name}-c", linked=True, snapshot="s1"))
-    for spec, kwargs in ((tasks.VM_DELETE_SNAPSHOT, {"snapshot": "s1"}), (tasks.VM_DELETE, {})):
+    move = {"destination_host": "beta", "transfer_id": "t-1", "client_task_id": "c-1"}
+    for spec, kwargs in ((tasks.VM_DELETE_SNAPSHOT, {"snapshot": "s1"}), (tasks.VM_DELETE, {}),
+                         (tasks.VM_MIGRATE_OUT, move)):
         task = server.submit(spec, description="forced", kwargs={"name": name, **kwargs},
                              host=vm.host)
         assert task.wait_for_completion(60_000)
         assert task.error == errors.InvalidStateError.default_hresult, task.error_description
+        assert "linked clone" in task.error_description or "snapshots" in task.error_description
     assert [p.name for p in vm.snapshots] == ["s1"] and vm.state is S.TurnedOff
     ok(server.find_virtual_machine(f"{name}-c").delete())  # type: ignore[union-attr]
     ok(vm.delete())
