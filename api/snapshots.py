@@ -1,9 +1,9 @@
 """Snapshots and clones of a VM, producer side: `Snapshot` and the `VirtualMachine`
 methods (a mixin), each checked before anything is queued.
 
-So far a VM must be TurnedOff for every one of these; the other states, clones on
-another host and undoable VMs are refused with `InvalidStateError` saying that they
-are not supported yet.  The tree is read from the VM's record (its host's worker
+So far a VM must be TurnedOff or Saved for every one of these; Running and Paused
+VMs, clones on another host and undoable VMs are refused with `InvalidStateError`
+saying that they are not supported yet.  The tree is read from the VM's record (its host's worker
 writes it there after each change), so `snapshots` needs no task.
 """
 
@@ -74,10 +74,10 @@ class SnapshotMethods:
 
     def _snapshot_state(self, what: str) -> dict[str, str]:
         record, state = self._read()
-        if state is not VMVMState.TurnedOff:
+        if state not in (VMVMState.TurnedOff, VMVMState.Saved):
             raise InvalidStateError(
                 f"Cannot {what} of VM {self.name!r} while it is {state.name}: only a "
-                f"TurnedOff VM is {NOT_YET} (turn it off first)")
+                f"TurnedOff or Saved VM is {NOT_YET} (save or turn it off first)")
         return record
 
     def _submit(self, spec: tasks.TaskSpec, description: str, **kwargs: Any) -> VMTask:
@@ -91,8 +91,8 @@ class SnapshotMethods:
 
     def create_snapshot(self, name: str, include_memory: bool = True) -> VMTask:
         """A new point of the tree; the VM keeps its state.  Cancelable: a cancelled or
-        failed one leaves no trace.  A TurnedOff VM has no memory: the point's
-        include_memory reads False."""
+        failed one leaves no trace.  A Saved VM's saved state belongs to the point when
+        ``include_memory``; a TurnedOff VM has no memory (include_memory reads False)."""
         check_snapshot_name(name)
         if not isinstance(include_memory, bool):
             raise InvalidArgumentError("include_memory must be True or False")

@@ -252,6 +252,47 @@ def test_a_delete_cancelled_mid_rebase_changes_nothing(server: VirtualServer, ro
     ok(vm.delete())
 
 
+def test_a_saved_vm_keeps_its_state_in_its_snapshots(server: VirtualServer, root: Path,
+                                                     name: str) -> None:
+    vm = new_vm(server, name)
+    state_file = root / "vms" / name / "saved.state"
+    ok(vm.startup())  # no bootable disk: SeaBIOS runs, which is enough to save and restore
+    ok(vm.save())
+    ok(vm.create_snapshot("mem"))
+    ok(vm.create_snapshot("disk", include_memory=False))
+    assert [(p.name, p.state, p.include_memory) for p in vm.snapshots] == [
+        ("mem", S.Saved, True), ("disk", S.Saved, False)]
+    assert vm.snapshots[0].size_on_host > 1024 * 1024  # the point holds the RAM
+    assert vm.state is S.Saved
+    since = server.redis.xrevrange("vmtask:vm-events", count=1)[0][0]
+    ok(vm.startup())  # a restore on the new present: the fingerprint follows it
+    changes = [(e.old, e.new) for e in server.vm_events(since, timeout_ms=200)
+               if e.name == name]
+    assert changes == [(S.Saved, S.Restoring), (S.Restoring, S.Running)]
+    ok(vm.turn_off())
+    assert not state_file.exists()
+
+    ok(vm.revert_to_snapshot("mem"))  # back to the point's saved state
+    assert vm.state is S.Saved and state_file.exists()
+    ok(vm.startup())
+    assert vm.state is S.Running
+    ok(vm.save())
+    ok(vm.revert_to_snapshot("disk"))  # disks only: the present's state goes with it
+    assert vm.state is S.TurnedOff and not state_file.exists()
+    ok(vm.revert_to_snapshot("mem"))
+    assert vm.state is S.Saved
+    ok(vm.delete_snapshot("disk"))
+    assert vm.state is S.Saved
+    ok(vm.delete_snapshot("mem"))  # the last: the present folds into the base
+    assert vm.state is S.Saved and tree(root, name) is None
+    assert not (root / "vms" / name / "snapshots").exists() or \
+        not list((root / "vms" / name / "snapshots").iterdir())
+    ok(vm.startup())  # and the state restores on the base disk
+    assert vm.state is S.Running
+    ok(vm.turn_off())
+    ok(vm.delete())
+
+
 # -- clones -------------------------------------------------------------------------------
 
 

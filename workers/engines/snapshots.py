@@ -123,6 +123,11 @@ def layer_files(vm_directory: Path, layer: str, count: int) -> list[Path]:
     return [layer_file(vm_directory, layer, i) for i in range(count)]
 
 
+def state_file(vm_directory: Path, layer: str) -> Path:
+    """The saved state a point with memory keeps beside its layer (fingerprint: + .json)."""
+    return directory(vm_directory) / f"{layer}.state"
+
+
 def new_layer_id() -> str:
     return secrets.token_hex(6)
 
@@ -197,7 +202,8 @@ def public_view(vm_directory: Path, tree: Tree | None) -> dict[str, Any]:
         "snapshots": [
             {"name": p.name, "parent": p.parent, "created": p.created,
              "include_memory": p.include_memory, "state": p.state,
-             "size_on_host": size_on_host(layer_files(vm_directory, p.layer, count))}
+             "size_on_host": size_on_host(layer_files(vm_directory, p.layer, count) + (
+                 [state_file(vm_directory, p.layer)] if p.include_memory else []))}
             for p in tree.snapshots],
     }
 
@@ -272,13 +278,19 @@ def children_of(layer: Path, images: Iterable[Path]) -> list[Path]:
 
 
 def orphans(vm_directory: Path, tree: Tree | None) -> list[Path]:
-    """Layer files the tree does not name: what a crashed operation left."""
+    """Files the tree does not name (layers, saved states): what a crashed operation
+    left.  Hidden temporaries are `remove_stale_temporaries`'s."""
     folder = directory(vm_directory)
     if not folder.is_dir():
         return []
-    named: set[str] = set()
+    named: set[str] = {TREE_FILE}
     if tree is not None:
         layers = [p.layer for p in tree.snapshots] + ([tree.present] if tree.present else [])
-        named = {f.name for layer in layers
-                 for f in layer_files(vm_directory, layer, len(tree.bases))}
-    return [path for path in folder.glob("*.qcow2") if path.name not in named]
+        named |= {f.name for layer in layers
+                  for f in layer_files(vm_directory, layer, len(tree.bases))}
+        for point in tree.snapshots:
+            if point.include_memory:
+                state = state_file(vm_directory, point.layer)
+                named |= {state.name, state.name + ".json"}
+    return [path for path in folder.iterdir()
+            if path.is_file() and not path.name.startswith(".") and path.name not in named]

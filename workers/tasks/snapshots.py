@@ -27,14 +27,24 @@ from api.errors import InvalidStateError
 from api.protocol import keys, tasks
 from api.protocol.snapshots import CLONE_FIELD, SNAPSHOT_NAME, TREE_FIELD, linked_clones
 from api.settings import Settings
-from workers.engines import qemu_img
+from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
 from workers.engines.context import raise_if_cancelled
-from workers.engines.storage import remove_quietly
+from workers.engines.qemu_vm.config import config_fingerprint, fingerprint_path
+from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
-from workers.tasks.vms import begin, host_vms, paths_of, settle, try_lock, vm_lock
+from workers.tasks.vms import (
+    begin,
+    config_of,
+    host_vms,
+    paths_of,
+    settle,
+    transition,
+    try_lock,
+    vm_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +99,25 @@ def snapshot_output(folder: Path, tree: engine.Tree, name: str) -> dict[str, Any
             "paused_ms": 0}
 
 
+def saved_files(state_file: Path) -> tuple[Path, Path]:
+    """A saved state and its fingerprint file."""
+    return state_file, fingerprint_path(state_file)
+
+
+def refingerprint(settings: Settings, record: dict[str, str]) -> None:
+    """A saved state is bound to its configuration, whose disk paths change with the
+    present: the fingerprint file is rewritten for what the VM runs on now."""
+    paths = paths_of(settings, record["name"])
+    metadata = json.loads(paths.fingerprint_file.read_text())
+    config = config_of(settings, record)
+    metadata["fingerprint"] = config_fingerprint(config)
+    metadata["config"] = config.to_dict()
+    temp = paths.fingerprint_file.with_name(paths.fingerprint_file.name + ".tmp")
+    temp.write_text(json.dumps(metadata, indent=2))
+    os.replace(temp, paths.fingerprint_file)
+    fsync_directory(paths.directory)
+
+
 def refuse_move(settings: Settings, record: dict[str, str]) -> None:
     """A move does not carry a tree or a linked clone's backing yet: refused, under
     the VM's lock, before anything moves (the producer refuses it first)."""
@@ -104,9 +133,9 @@ def refuse_move(settings: Settings, record: dict[str, str]) -> None:
 def create_snapshot(run: TaskRun, name: str, snapshot: str,
                     include_memory: bool = True) -> dict[str, Any]:
     """Freeze the present as the new point's layer and start a new present over it.
-    A TurnedOff VM has no memory to keep: the point records include_memory False."""
+    A Saved VM's state file (with include_memory) belongs to the point too, linked
+    beside its layer; a TurnedOff VM has no memory: include_memory then reads False."""
     check_snapshot_name(snapshot)
-    del include_memory  # nothing to include while TurnedOff
     with vm_lock(run, name):
         client, record, state = begin(run, "create_snapshot", name, None)
         refuse_undoable(record)
@@ -133,10 +162,18 @@ def create_snapshot(run: TaskRun, name: str, snapshot: str,
                                    engine.layer_files(folder, present, count), infos, run)
             made += engine.layer_files(folder, present, count)
             run.report_progress(80)
+            keep_memory = include_memory is True and state is S.Saved
+            if keep_memory:
+                paths = paths_of(run.settings, name)
+                for source, target in zip(saved_files(paths.state_file),
+                                          saved_files(engine.state_file(folder, layer)),
+                                          strict=True):
+                    os.link(source, target)
+                    made.append(target)
             raise_if_cancelled(run)
             tree.snapshots.append(engine.Point(
                 name=snapshot, parent=tree.present_parent, created=time.time(),
-                include_memory=False, state=int(state), layer=layer))
+                include_memory=keep_memory, state=int(state), layer=layer))
             tree.present, tree.present_parent = present, snapshot
             engine.store(folder, tree)  # from here on the point exists
         except BaseException:
@@ -145,6 +182,8 @@ def create_snapshot(run: TaskRun, name: str, snapshot: str,
             raise
         for path in engine.layer_files(folder, layer, count):
             engine.freeze(path)
+        if state is S.Saved:  # its state now belongs to the new present's path
+            refingerprint(run.settings, record)
         publish(client, name, folder, tree)
         return snapshot_output(folder, tree, snapshot)
 
@@ -154,7 +193,7 @@ def revert_to_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]
     """A new empty present over the point's layer; the old present goes."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, _state = begin(run, "revert_to_snapshot", name, None)
+        client, record, state = begin(run, "revert_to_snapshot", name, None)
         folder = vm_directory(run.settings, name)
         tree = engine.load(folder)
         if tree is None or tree.find(snapshot) is None:
@@ -165,20 +204,35 @@ def revert_to_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]
         present = engine.new_layer_id()
         new_files = engine.layer_files(folder, present, count)
         old = tree.present
+        paths = paths_of(run.settings, name)
+        # The point's saved state, linked in beside the VM's under temporary names.
+        temps = [temporary_path_for(path, run.task_id) for path in saved_files(paths.state_file)]
         try:
             engine.create_overlays(engine.layer_files(folder, point.layer, count), new_files,
                                    infos, run)
+            if point.include_memory:
+                for source, temp in zip(saved_files(engine.state_file(folder, point.layer)),
+                                        temps, strict=True):
+                    os.link(source, temp)
             run.report_progress(80)
             raise_if_cancelled(run)
             tree.present, tree.present_parent = present, snapshot
             engine.store(folder, tree)
         except BaseException:
-            for path in new_files:
+            for path in [*new_files, *temps]:
                 remove_quietly(path)
             raise
         if old is not None:
             for path in engine.layer_files(folder, old, count):
                 remove_quietly(path)
+        qemu_vm.discard_saved_state(paths)  # the present it belonged to is gone
+        if point.include_memory:
+            for temp, path in zip(temps, saved_files(paths.state_file), strict=True):
+                os.replace(temp, path)
+            refingerprint(run.settings, record)
+            transition(client, name, frozenset({state}), S.Saved)
+        elif state is not S.TurnedOff:
+            settle(client, name, S.TurnedOff)
         publish(client, name, folder, tree)
         return snapshot_output(folder, tree, snapshot)
 
@@ -189,11 +243,11 @@ def delete_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]:
     the point and its layer; the last one also commits the present into the bases."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, _ = begin(run, "delete_snapshot", name, S.MergingDrives)
+        client, record, state = begin(run, "delete_snapshot", name, S.MergingDrives)
         try:
             return _delete(run, client, record, name, snapshot)
         finally:
-            settle(client, name, S.TurnedOff)
+            settle(client, name, state)
 
 
 def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
@@ -235,7 +289,7 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
     if tree.present_parent == snapshot:
         tree.present_parent = point.parent
     engine.store(folder, tree)
-    for layer in layers:
+    for layer in [*layers, *saved_files(engine.state_file(folder, point.layer))]:
         remove_quietly(layer)
     if tree.snapshots:
         publish(client, name, folder, tree)
@@ -255,6 +309,8 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
     engine.store(folder, None)
     for present in presents:
         remove_quietly(present)
+    if paths_of(run.settings, name).state_file.exists():  # Saved: its disks are the bases now
+        refingerprint(run.settings, record)
     publish(client, name, folder, None)
     return {"deleted": snapshot, "snapshots": 0}
 
