@@ -526,3 +526,43 @@ def test_a_worker_killed_mid_delete_leaves_the_tree_whole(
         ok(vm.delete_snapshot("s2"))
         assert same(present(root, "crash"), views["present"])
         ok(vm.delete())
+
+
+@pytest.mark.slow
+def test_a_full_clone_cancelled_mid_copy_leaves_nothing(server: VirtualServer, root: Path,
+                                                       name: str) -> None:
+    vm = new_vm(server, name, size_mb=1024)
+    write(root / name / "disk.qcow2", 0xAB, "0", "768M")
+    task = vm.clone(f"{name}-c")
+    wait_until(lambda: task.snapshot().percent_completed >= 1 or task.is_complete, 120,
+               "the copy under way")
+    task.cancel()
+    assert task.wait_for_completion(120_000)
+    assert task.result is VMTaskResult.Cancelled, task.error_description
+    assert server.find_virtual_machine(f"{name}-c") is None
+    assert not (root / "vms" / f"{name}-c").exists()
+    ok(vm.delete())
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_clone_leaves_nothing_after_its_restart(
+        private: tuple[RedisServer, WorkerProcess, Path]) -> None:
+    redis, worker, _base = private
+    root = worker.storage_root
+    with VirtualServer(redis.url, host="snaphost", poll_interval=0.5) as server:
+        vm = new_vm(server, "big", size_mb=1024)
+        write(root / "big" / "disk.qcow2", 0xAB, "0", "768M")
+        task = vm.clone("big-c")
+        wait_until(lambda: task.snapshot().percent_completed >= 1 or task.is_complete, 120,
+                   "the copy under way")
+        assert not task.is_complete
+        worker.kill()
+        assert task.wait_for_completion(30_000)
+        assert task.result is VMTaskResult.ThreadCrashError
+        assert (root / "vms" / "big-c" / "clone.json").exists()
+        worker.start()
+        wait_until(lambda: not (root / "vms" / "big-c").exists(), 60, "the clone removed")
+        assert server.find_virtual_machine("big-c") is None
+        ok(vm.clone("big-c"))  # the name is free again
+        reads(root / server.find_virtual_machine("big-c").details["disks"][0],  # type: ignore[union-attr]
+              0xAB, "0", "1M")
