@@ -566,3 +566,41 @@ def test_a_worker_killed_mid_clone_leaves_nothing_after_its_restart(
         ok(vm.clone("big-c"))  # the name is free again
         reads(root / server.find_virtual_machine("big-c").details["disks"][0],  # type: ignore[union-attr]
               0xAB, "0", "1M")
+
+
+@pytest.mark.slow
+def test_a_revert_to_a_point_with_memory_resumes_the_same_boot(server: VirtualServer,
+                                                               root: Path) -> None:
+    """The tiny guest's kernel boot id, read through its real agent: a Saved VM's point
+    with memory brings back that very boot, after the VM has booted afresh since."""
+    from tests.integration.test_live_migration import add_guest, boot_id, wait_for_agent
+
+    add_guest(root)
+    name = "sboot"  # short: QEMU's sockets live under the root (108-byte limit)
+    ok(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 16))
+    vm = server.create_virtual_machine(
+        name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
+        kernel="guest/vmlinuz", initrd="guest/initrd.gz", append="console=ttyS0 quiet panic=-1")
+    try:
+        ok(vm.startup())
+        wait_for_agent(root, name)
+        first = boot_id(root, name)
+        ok(vm.save())
+        ok(vm.create_snapshot("m"))
+        ok(vm.startup())
+        wait_for_agent(root, name)
+        assert boot_id(root, name) == first
+        ok(vm.turn_off())
+        ok(vm.startup())
+        wait_for_agent(root, name)
+        assert boot_id(root, name) != first  # a new boot: the check can fail
+        ok(vm.turn_off())
+        ok(vm.revert_to_snapshot("m"))
+        assert vm.state is S.Saved
+        ok(vm.startup())
+        wait_for_agent(root, name)
+        assert boot_id(root, name) == first
+    finally:
+        if vm.state in (S.Running, S.Paused, S.Saved):
+            ok(vm.turn_off())
+    ok(vm.delete())
