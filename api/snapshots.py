@@ -9,6 +9,7 @@ writes it there after each change), so `snapshots` needs no task.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,8 @@ class SnapshotMethods:
             raise InvalidStateError(
                 f"VM {self.name!r} is undoable: snapshots beside undo disks are {NOT_YET}")
         record = self._snapshot_state("take a snapshot")
+        if not json.loads(record.get("disks") or "[]"):
+            raise InvalidArgumentError(f"VM {self.name!r} has no disks to snapshot")
         if name in [s.name for s in snapshots_of(record)]:
             raise InvalidArgumentError(f"VM {self.name!r} already has a snapshot named {name!r}")
         return self._submit(tasks.VM_CREATE_SNAPSHOT,

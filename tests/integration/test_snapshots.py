@@ -421,6 +421,9 @@ def test_refusals_before_queueing(server: VirtualServer, root: Path, name: str) 
             call()
     with pytest.raises(errors.InvalidStateError, match="undo"):
         undoable.create_snapshot("s1")
+    diskless = server.create_virtual_machine(f"{name}-n", memory_mb=64)
+    with pytest.raises(errors.InvalidArgumentError, match="no disks"):
+        diskless.create_snapshot("s1")
     with pytest.raises(errors.InvalidStateError, match="not supported yet"):
         vm.clone(f"{name}-c", host="beta")
     with pytest.raises(errors.InvalidStateError, match="snapshots"):
@@ -428,6 +431,7 @@ def test_refusals_before_queueing(server: VirtualServer, root: Path, name: str) 
     with pytest.raises(errors.InvalidStateError, match="snapshots"):
         vm.configure(disks=[])
     assert newest_task_id(server) == queued
+    ok(diskless.delete())
     ok(undoable.delete())
     ok(vm.delete())
 
@@ -603,4 +607,24 @@ def test_a_revert_to_a_point_with_memory_resumes_the_same_boot(server: VirtualSe
     finally:
         if vm.state in (S.Running, S.Paused, S.Saved):
             ok(vm.turn_off())
+    ok(vm.delete())
+
+
+def test_a_source_and_its_linked_clone_run_side_by_side(server: VirtualServer, root: Path,
+                                                        name: str) -> None:
+    """Both QEMUs read the shared, read-only layer at once (no image lock conflict)."""
+    vm = new_vm(server, name)
+    ok(vm.create_snapshot("s1"))
+    ok(vm.clone(f"{name}-c", linked=True, snapshot="s1"))
+    clone = server.find_virtual_machine(f"{name}-c")
+    assert clone is not None
+    try:
+        ok(vm.startup())
+        ok(clone.startup())
+        assert (vm.state, clone.state) == (S.Running, S.Running)
+    finally:
+        for machine in (vm, clone):
+            if machine.state is S.Running:
+                ok(machine.turn_off())
+    ok(clone.delete())
     ok(vm.delete())
