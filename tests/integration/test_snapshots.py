@@ -628,3 +628,23 @@ def test_a_source_and_its_linked_clone_run_side_by_side(server: VirtualServer, r
                 ok(machine.turn_off())
     ok(clone.delete())
     ok(vm.delete())
+
+
+@pytest.mark.slow
+def test_the_last_delete_is_not_cancelable_once_it_commits(server: VirtualServer, root: Path,
+                                                           name: str) -> None:
+    """Cancelable until the tree drops the point; then the commit into the base runs,
+    and is_cancelable says so at that moment: cancel() is refused, the task succeeds."""
+    vm = new_vm(server, name, size_mb=1024)
+    ok(vm.create_snapshot("s1"))
+    write(present(root, name), 0xAB, "0", "768M")
+    task = vm.delete_snapshot("s1")
+    assert task.is_cancelable
+    wait_until(lambda: not task.snapshot().is_cancelable, 120, "the final switch")
+    assert not task.is_complete  # the commit still runs
+    with pytest.raises(errors.TaskNotCancelableError):
+        task.cancel()
+    ok(task)
+    assert vm.snapshots == [] and tree(root, name) is None
+    reads(root / name / "disk.qcow2", 0xAB, "0", "768M")
+    ok(vm.delete())

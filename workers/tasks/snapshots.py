@@ -24,7 +24,7 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import keys, tasks
+from api.protocol import keys, scripts, tasks
 from api.protocol.snapshots import CLONE_FIELD, SNAPSHOT_NAME, TREE_FIELD, linked_clones
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
@@ -32,7 +32,7 @@ from workers.engines import snapshots as engine
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm.config import config_fingerprint, fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
-from workers.failures import IllegalValue
+from workers.failures import Cancelled, IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import (
@@ -47,6 +47,8 @@ from workers.tasks.vms import (
 )
 
 log = logging.getLogger(__name__)
+
+SEAL_SCRIPT = scripts.load("task_seal")
 
 
 def check_snapshot_name(snapshot: object) -> str:
@@ -97,6 +99,14 @@ def snapshot_output(folder: Path, tree: engine.Tree, name: str) -> dict[str, Any
     fields = next(s for s in view["snapshots"] if s["name"] == name)
     return {**fields, "is_current": name in tree.ancestors(tree.present_parent),
             "paused_ms": 0}
+
+
+def seal(run: TaskRun) -> None:
+    """Past here the task finishes whatever a cancel says: unless a cancel came first
+    (then `Cancelled`, with nothing changed yet), its record stops being cancelable,
+    so `is_cancelable` reads False and `cancel()` is refused from that moment."""
+    if not run.redis.eval(SEAL_SCRIPT, 1, keys.task_record(run.task_id)):
+        raise Cancelled()
 
 
 def saved_files(state_file: Path) -> tuple[Path, Path]:
@@ -280,7 +290,7 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
             low = 90 * (index + number / max(1, len(children))) / count
             high = 90 * (index + (number + 1) / max(1, len(children))) / count
             engine.rebase(child, below_layer, run, (low, high))
-    raise_if_cancelled(run)
+    seal(run)
     # The point of no return: the tree no longer names the point.
     tree.snapshots = [p for p in tree.snapshots if p.name != snapshot]
     for other in tree.snapshots:
