@@ -400,6 +400,7 @@ def test_refusals_before_queueing(server: VirtualServer, root: Path, name: str) 
     undoable = server.create_virtual_machine(f"{name}-u", memory_mb=64,
                                              disks=[f"{name}/disk.qcow2"], undoable=True)
     ok(vm.create_snapshot("s1"))
+    base = server.get_hard_disk(f"{name}/disk.qcow2")  # a quick task, queued before
     queued = newest_task_id(server)
     bad_names = ("", "a b", "../x", "x" * 65, "a/b", None, 3)
     for bad in bad_names:
@@ -430,6 +431,8 @@ def test_refusals_before_queueing(server: VirtualServer, root: Path, name: str) 
         vm.migrate("beta")
     with pytest.raises(errors.InvalidStateError, match="snapshots"):
         vm.configure(disks=[])
+    with pytest.raises(errors.InvalidStateError, match="base of the snapshots"):
+        base.resize(32)
     assert newest_task_id(server) == queued
     ok(diskless.delete())
     ok(undoable.delete())
