@@ -651,3 +651,20 @@ def test_the_last_delete_is_not_cancelable_once_it_commits(server: VirtualServer
     assert vm.snapshots == [] and tree(root, name) is None
     reads(root / name / "disk.qcow2", 0xAB, "0", "768M")
     ok(vm.delete())
+
+
+def test_a_vm_whose_disks_changed_under_its_tree_does_not_start(
+        server: VirtualServer, root: Path, name: str) -> None:
+    """Past the producer's refusal (its record's copy of the tree lost), the worker
+    still will not run the VM on another chain than its present's."""
+    vm = new_vm(server, name)
+    ok(server.create_dynamic_virtual_hard_disk(f"{name}/other.qcow2", 16))
+    ok(vm.create_snapshot("s1"))
+    server.redis.hdel(keys.vm_record(name), "snapshots")
+    vm.configure(disks=[f"{name}/other.qcow2"])
+    task = vm.startup()
+    assert task.wait_for_completion(60_000)
+    assert task.result is VMTaskResult.IllegalValueError, task.error_description
+    assert "differs from the snapshots' base disks" in task.error_description
+    assert vm.state is S.TurnedOff
+    ok(vm.delete())

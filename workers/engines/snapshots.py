@@ -169,11 +169,16 @@ def present_disks(vm_directory: Path, tree: Tree | None, bases: list[Path]) -> l
     return layer_files(vm_directory, tree.present, len(bases))
 
 
-def present_disk(vm_directory: Path, index: int) -> Path | None:
-    """The present overlay of disk ``index`` of a VM with snapshots, else None."""
+def present_disk(vm_directory: Path, index: int, disk: str) -> Path | None:
+    """The present overlay of disk ``index`` (``disk`` in the VM's record) of a VM with
+    snapshots, else None; `IllegalValue` when the record's disks are not those the
+    tree rests on (the VM must not run on another chain than its present's)."""
     tree = load(vm_directory)
     if tree is None or tree.present is None:
         return None
+    if index >= len(tree.bases) or tree.bases[index] != disk:
+        raise IllegalValue(f"The disk {disk} differs from the snapshots' base disks "
+                           f"{tree.bases}: the VM's disks changed under its snapshots")
     return layer_file(vm_directory, tree.present, index)
 
 

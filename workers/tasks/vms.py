@@ -88,7 +88,7 @@ def config_of(settings: Settings, record: dict[str, str]) -> qemu_vm.VMConfig:
     for index, disk in enumerate(json.loads(record["disks"])):
         base = resolve_in_root(root(settings), disk)
         # A VM with snapshots runs on its present overlay (workers.engines.snapshots).
-        top = snapshot_layers.present_disk(paths.directory, index) or base
+        top = snapshot_layers.present_disk(paths.directory, index, disk) or base
         disks.append(str(undo_overlay(paths, index, base) if record["undoable"] == "1"
                          else top))
     extra: list[str] = []
@@ -232,7 +232,7 @@ def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
     for index, disk in enumerate(json.loads(record["disks"])):
         base = files.resolve(disk, must_exist=True)
         chain = files.open_chain(base, stack)
-        if (top := snapshot_layers.present_disk(paths.directory, index)) is not None:
+        if (top := snapshot_layers.present_disk(paths.directory, index, disk)) is not None:
             chain = files.open_chain(top, stack)
         if record["undoable"] == "1":
             overlay = undo_overlay(paths, index, base)
