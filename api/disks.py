@@ -177,6 +177,10 @@ class HardDisk:
         if users:
             raise InvalidStateError(f"{self.file} is attached to VM {', '.join(users)}, "
                                     "which is not turned off")
+        trees = self.server.vms_using(self.host, self.file, with_snapshots=True)
+        if trees:  # the snapshots' layers, and the present, keep the size they were made with
+            raise InvalidStateError(f"{self.file} is the base of the snapshots of VM "
+                                    f"{', '.join(trees)}: resizing it is not supported yet")
         return self.server.submit(tasks.DISK_RESIZE,
                                   description=f"Growing {self.file} to {size_mb} MB",
                                   kwargs={"path": self.file, "size_bytes": size}, host=self.host)
@@ -248,19 +252,22 @@ class DiskOperations(ServerCore):
                                 kwargs={}, host=target)
         return [HardDisk.from_info(self, target, info) for info in output["disks"]]
 
-    def vms_using(self, host: str, path: str, *, active_only: bool = False) -> list[str]:
+    def vms_using(self, host: str, path: str, *, active_only: bool = False,
+                  with_snapshots: bool = False) -> list[str]:
         """The VMs of ``host`` that have ``path`` among their disks (with
-        ``active_only``: those not TurnedOff, whose QEMU or saved state needs it as is)."""
+        ``active_only``: those not TurnedOff, whose QEMU or saved state needs it as is;
+        with ``with_snapshots``: those whose snapshot tree rests on it)."""
         with broker_errors(self.url):
             # O(the host's VMs), through its VM set (`keys.host_vms`).
             names = sorted(self.redis.smembers(keys.host_vms(host)))
             pipe = self.redis.pipeline(transaction=False)
             for name in names:
-                pipe.hmget(keys.vm_record(name), "host", "disks", "state")
+                pipe.hmget(keys.vm_record(name), "host", "disks", "state", "snapshots")
             found = pipe.execute() if names else []
-        return [name for name, (vm_host, disks, state) in zip(names, found, strict=True)
+        return [name for name, (vm_host, disks, state, tree) in zip(names, found, strict=True)
                 if vm_host == host and disks and path in json.loads(disks)
-                and not (active_only and state == str(int(VMVMState.TurnedOff)))]
+                and not (active_only and state == str(int(VMVMState.TurnedOff)))
+                and not (with_snapshots and not json.loads(tree or "{}").get("snapshots"))]
 
     def get_hard_disk(self, path: str, *, host: str | None = None) -> HardDisk:
         check_relative_path(path)

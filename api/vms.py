@@ -32,6 +32,7 @@ from api.protocol.vmstate import (
 )
 from api.replication import pipelined
 from api.settings import validate_host_name
+from api.snapshots import SnapshotMethods
 from api.store import broker_errors
 from api.task import VMTask, validate_timeout
 from api.vmargs import (
@@ -55,7 +56,7 @@ VM_PAGE = 1000  # VM records per script call of a listing
 LISTED_FIELDS = ("name", "host", "undoable", "guest_agent", "memory_mb", "cpus", "disks",
                  "network", "port_forwards")
 
-class VirtualMachine:
+class VirtualMachine(SnapshotMethods):
     """A handle on one VM; its configuration is read once, its state live."""
 
     def __init__(self, server: ServerCore, record: Mapping[str, str]) -> None:
@@ -148,6 +149,8 @@ class VirtualMachine:
         return self._operate("discard_undo_disks", "Discarding the undo disks of")
 
     def delete(self) -> VMTask:
+        self._check("delete")
+        self._refuse_with_clones()
         return self._operate("delete", "Deleting")
 
     def migrate(self, destination_host: str) -> VMTask:
@@ -171,7 +174,8 @@ class VirtualMachine:
         guest's whole pause, ``paused_ms`` (downtime plus the switch-over).
         """
         validate_host_name(destination_host)
-        _record, state = self._read()
+        record, state = self._read()
+        self._refuse_with_snapshots(record, "move")
         if destination_host == self.host:
             raise InvalidArgumentError(f"VM {self.name!r} is already on {destination_host}")
         self._check("migrate", state)
@@ -235,6 +239,10 @@ class VirtualMachine:
             raise InvalidArgumentError(
                 f"The disks of undoable VM {self.name!r} cannot change: its undo disks "
                 "are overlays of the current ones")
+        if disks is not None and record.get("snapshots") and \
+                new_disks != json.loads(record["disks"]) and self.snapshots:
+            raise InvalidStateError(f"The disks of VM {self.name!r} cannot change while it has "
+                                    "snapshots: their layers rest on the current ones")
         new_network = (record.get("network") or None) if network is None \
             else check_network(network)
         forwards = forwards_of(record) if port_forwards is None else port_forwards

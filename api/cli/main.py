@@ -31,6 +31,7 @@ from api.cli.state import CliState, json_option, state_of
 from api.cli.task import task, wait
 from api.cli.vm import vm
 from api.cli.vm_console import vm_console as _vm_console  # noqa: F401  (registers its verbs)
+from api.cli.vm_snapshot import snapshot as _snapshot  # noqa: F401  (registers its verbs)
 from api.cli.worker import demo, worker
 from api.protocol import hresults
 from api.protocol.hresults import format_hresult

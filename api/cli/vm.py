@@ -6,6 +6,7 @@ The lifecycle verbs (start, save, ... delete) are built from one table, `VM_ACTI
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -76,6 +77,11 @@ def print_vm(info: dict[str, Any]) -> None:
     grid.add_row("disks", ", ".join(info["disks"]) or "-")
     grid.add_row("port forwards", ", ".join(
         f"{h} -> {g}" for h, g in info["port_forwards"].items()) or "-")
+    if "snapshots" in info:  # '*': the present descends from it
+        grid.add_row("snapshots", ", ".join(
+            f"{p['name']}{'*' if p['is_current'] else ''}"
+            + (f" (of {p['parent']})" if p["parent"] else "")
+            for p in info["snapshots"]) or "-")
     stdout_console().print(grid)
 
 
@@ -143,7 +149,9 @@ def vm_list(ctx: click.Context) -> None:
 def vm_show(ctx: click.Context, name: str) -> None:
     """Configuration and live state of VM NAME: process, uptime, console, network."""
     state = state_of(ctx)
-    info = vm_dict(find_vm(state, name))
+    machine = find_vm(state, name)
+    info = vm_dict(machine)
+    info["snapshots"] = [{**asdict(p), "state": p.state.name} for p in machine.snapshots]
     if state.json:
         emit_json(info)
     else:

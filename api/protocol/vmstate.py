@@ -44,6 +44,11 @@ ALLOWED: dict[str, frozenset[S]] = {
     "screenshot": frozenset({S.Running, S.Paused}),
     "console_log": frozenset(S),
     "guest_info": frozenset({S.Running}),
+    # Snapshots and clones: TurnedOff or Saved so far (the rest is refused, not yet built).
+    "create_snapshot": frozenset({S.TurnedOff, S.Saved}),
+    "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved}),
+    "delete_snapshot": frozenset({S.TurnedOff, S.Saved}),
+    "clone": frozenset({S.TurnedOff, S.Saved}),
 }
 
 EVENTS_MAXLEN = 10_000

@@ -43,6 +43,7 @@ from workers.failures import DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
+from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import (
     OFFER_TTL_SECONDS,
     PeerWatch,
@@ -93,6 +94,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
     client = run.redis
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
+        refuse_move(run.settings, record)  # issue 23: not yet with snapshots
         state = S(int(record["state"]))
         if state not in MOVABLE:
             raise InvalidStateError(f"VM {name!r} is {state.name}: only a TurnedOff or Saved VM "

@@ -30,6 +30,7 @@ import redis
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import keys, scripts, tasks
+from api.protocol.snapshots import linked_clones
 from api.protocol.vmstate import (
     ALLOWED,
     DELETE_SCRIPT,
@@ -41,9 +42,8 @@ from api.protocol.vmstate import (
 from api.replication import register_script
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
-from workers.engines.guest_agent import (
-    qemu_guest_agent_args,
-)
+from workers.engines import snapshots as snapshot_layers
+from workers.engines.guest_agent import qemu_guest_agent_args
 from workers.engines.storage import resolve_in_root
 from workers.failures import (
     IllegalValue,
@@ -86,8 +86,10 @@ def config_of(settings: Settings, record: dict[str, str]) -> qemu_vm.VMConfig:
     disks: list[str] = []
     for index, disk in enumerate(json.loads(record["disks"])):
         base = resolve_in_root(root(settings), disk)
+        # A VM with snapshots runs on its present overlay (workers.engines.snapshots).
+        top = snapshot_layers.present_disk(paths.directory, index, disk) or base
         disks.append(str(undo_overlay(paths, index, base) if record["undoable"] == "1"
-                         else base))
+                         else top))
     extra: list[str] = []
     if record.get("guest_agent") == "1":
         extra = qemu_guest_agent_args(agent_socket(paths))
@@ -229,6 +231,8 @@ def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
     for index, disk in enumerate(json.loads(record["disks"])):
         base = files.resolve(disk, must_exist=True)
         chain = files.open_chain(base, stack)
+        if (top := snapshot_layers.present_disk(paths.directory, index, disk)) is not None:
+            chain = files.open_chain(top, stack)
         if record["undoable"] == "1":
             overlay = undo_overlay(paths, index, base)
             if make_undo and not os.path.lexists(overlay):
@@ -355,6 +359,9 @@ def discard_undo_disks(run: TaskRun, name: str) -> None:
 @operation(tasks.VM_DELETE)
 def delete(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
+        if clones := linked_clones(run.redis, name):
+            raise InvalidStateError(f"VM {name!r} cannot be deleted: linked clones rest on "
+                                    f"its snapshots ({', '.join(sorted(clones))})")
         client, _record, _ = begin(run, "delete", name, S.DeleteMachine)
         paths = paths_of(run.settings, name)
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
