@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from api.enums import VMTaskResult
@@ -93,6 +94,11 @@ def classify(exc: BaseException) -> Failure:
         return Failure(exc.result, exc.hresult, str(exc))
     if isinstance(exc, MemoryError):
         return Failure(VMTaskResult.OutOfMemoryError, hresults.E_OUTOFMEMORY, "Out of memory")
+    if (isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+            and not isinstance(exc, redis.AuthenticationError | redis.AuthorizationError)):
+        # Redis stayed away longer than the call rode out (`TaskRun.ride_out`).
+        return Failure(VMTaskResult.TimeOutError, hresults.TIMEOUT,
+                       f"Redis did not answer: {type(exc).__name__}: {exc}")
     if isinstance(exc, SoftTimeLimitExceeded | TimeoutError):
         return Failure(
             VMTaskResult.TimeOutError, hresults.TIMEOUT, "The operation's time limit expired"
