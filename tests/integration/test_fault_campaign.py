@@ -10,7 +10,8 @@ marker task's own line in its file); every Success is byte-exact (qemu-img compa
 against the source); no temporary is left and a failed output is not there; a VM
 moved cold is whole on the host its record names and nowhere else; every other
 result is one its faults explain (Cancelled: cancelled; ThreadCrashError: a worker
-of its host, or its peer's, killed while it ran).
+of its host, or its peer's, killed while it ran, and judged within its lease and a
+margin of that kill).
 
 The seed is printed, and named in every failure.  Replay one with
 ``VMTASK_CAMPAIGN_SEED=<seed>``.  The default run has a short campaign
@@ -50,6 +51,9 @@ ENV = {"VMTASK_LEASE_SECONDS": str(LEASE), "VMTASK_HEARTBEAT_SECONDS": "2",
        "VMTASK_TRANSFER_STALL_SECONDS": "12", "VMTASK_VISIBILITY_TIMEOUT_SECONDS": "10"}
 FORMATS = {"qcow2": "qcow2", "vhd": "vpc", "vhdx": "vhdx", "img": "raw"}
 MiB = 1 << 20
+# A task on a killed host is judged crashed within its lease, and the reaper's
+# round (a heartbeat) or a peer's confirmation after it.
+CRASH_BOUND = LEASE + 10
 # How long the end waits for the last tasks: a lost message's visibility timeout
 # and kombu's restore scan, a lease, the longest task.
 DRAIN_SECONDS = 150
@@ -92,7 +96,7 @@ class Campaign:
 
     def log(self, kind: str, what: str) -> None:
         with self.lock:
-            self.faults.append((time.monotonic(), kind, what))
+            self.faults.append((time.time(), kind, what))  # wall time, as records keep
 
     # -- the workload ------------------------------------------------------------
 
@@ -105,7 +109,7 @@ class Campaign:
                            weights=[3, 2, 3, 3, 1, 2])[0]
         details: dict[str, Any] = {}
         peer: str | None = None
-        submitted = time.monotonic()
+        submitted = time.time()
         if kind == "ping":
             task = server.ping(duration_ms=rng.randrange(100, 3000), steps=5, host=host)
         elif kind == "create":
@@ -158,7 +162,7 @@ class Campaign:
                 self.stop.wait(self.rng.uniform(0.2, 0.7))
 
     def cancel_due(self, server: VirtualServer) -> None:
-        now = time.monotonic()
+        now = time.time()
         with self.lock:
             due = [j for j in self.jobs if not j.cancelled and "cancel_after" in j.details
                    and now - j.submitted >= j.details["cancel_after"]]
@@ -233,9 +237,12 @@ def compare(left: Path, left_format: str, right: Path) -> str | None:
     return None if result.returncode == 0 else (result.stdout + result.stderr).strip()
 
 
-def killed_between(campaign: Campaign, hosts: set[str], since: float) -> bool:
-    return any(kind == "kill_worker" and what in hosts and at >= since - 1.0
-               for at, kind, what in campaign.faults)
+def last_kill(campaign: Campaign, hosts: set[str], since: float, until: float
+              ) -> float | None:
+    """When a worker of one of ``hosts`` was last killed between the two times."""
+    kills = [at for at, kind, what in campaign.faults
+             if kind == "kill_worker" and what in hosts and since - 1.0 <= at <= until]
+    return max(kills, default=None)
 
 
 def redis_killed_near(campaign: Campaign, at: float) -> bool:
@@ -251,19 +258,27 @@ def check_job(campaign: Campaign, job: Job, client: Any) -> list[str]:
     wrong: list[str] = []
     where = f"{job.kind} {job.task.id} on {job.host}"
     result = snap.result
+    ended = getattr(result, "name", result)
     runs = int(client.hget(keys.task_record(job.task.id), "runs") or 0)
     if runs > 1:
         wrong.append(f"{where} ran {runs} times")
     hosts = {job.host} | ({job.peer} if job.peer else set())
     if result is VMTaskResult.Cancelled and not job.cancelled:
         wrong.append(f"{where} Cancelled, never cancelled: {snap.error_description}")
-    elif result is VMTaskResult.ThreadCrashError and not killed_between(campaign, hosts,
-                                                                         job.submitted):
-        wrong.append(f"{where} ThreadCrashError with no worker of {sorted(hosts)} killed: "
-                     f"{snap.error_description}")
+    elif result is VMTaskResult.ThreadCrashError:
+        finished = float(client.hget(keys.task_record(job.task.id), "finished")
+                         or time.time())
+        killed = last_kill(campaign, hosts, job.submitted, finished)
+        if killed is None:
+            wrong.append(f"{where} ThreadCrashError with no worker of {sorted(hosts)} "
+                         f"killed: {snap.error_description}")
+        elif finished - killed > CRASH_BOUND:
+            wrong.append(f"{where} ThreadCrashError {finished - killed:.1f} s after the "
+                         f"kill (bound {CRASH_BOUND} s): {snap.error_description}")
     elif result not in (VMTaskResult.Success, VMTaskResult.Cancelled,
                         VMTaskResult.ThreadCrashError):
-        wrong.append(f"{where} ended {result} {hex(snap.error)}: {snap.error_description}")
+        wrong.append(f"{where} ended {ended} {hex(snap.error)}: "
+                     f"{snap.error_description}")
     success = result is VMTaskResult.Success
     root = campaign.root(job.host)
     if job.kind in ("convert", "copy"):
@@ -273,15 +288,15 @@ def check_job(campaign: Campaign, job: Job, client: Any) -> list[str]:
             if (differs := compare(source, "raw", output)) is not None:
                 wrong.append(f"{where}: output differs from its source: {differs}")
         elif output.exists():
-            wrong.append(f"{where} ended {result} but left {job.details['path']}")
+            wrong.append(f"{where} ended {ended} but left {job.details['path']}")
     elif job.kind == "create":
         if success != (root / job.details["path"]).exists():
-            wrong.append(f"{where} ended {result}; output exists: {not success}")
+            wrong.append(f"{where} ended {ended}; output exists: {not success}")
     elif job.kind == "marker":
         lines = Path(job.details["marker"]).read_text().split() if Path(
             job.details["marker"]).exists() else []
         if len(lines) > 1 or (success and lines != [job.task.id]):
-            wrong.append(f"{where} ended {result}; its marker says {lines}")
+            wrong.append(f"{where} ended {ended}; its marker says {lines}")
     elif job.kind == "move":
         wrong += check_move(campaign, job, client)
     return wrong
