@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from redis.exceptions import AuthenticationError, AuthorizationError
 
 from api.enums import VMTaskResult
 from api.protocol import hresults
@@ -95,7 +96,7 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, MemoryError):
         return Failure(VMTaskResult.OutOfMemoryError, hresults.E_OUTOFMEMORY, "Out of memory")
     if (isinstance(exc, redis.ConnectionError | redis.TimeoutError)
-            and not isinstance(exc, redis.AuthenticationError | redis.AuthorizationError)):
+            and not isinstance(exc, AuthenticationError | AuthorizationError)):
         # Redis stayed away longer than the call rode out (`TaskRun.ride_out`).
         return Failure(VMTaskResult.TimeOutError, hresults.TIMEOUT,
                        f"Redis did not answer: {type(exc).__name__}: {exc}")

@@ -117,17 +117,22 @@ class PeerWatch:
 
     def read(self) -> tuple[Peer, bool]:
         """The peer now, and whether it is dead (looked so for `confirm_seconds`)."""
-        asked = time.monotonic()
+        tries, asked = 0, time.monotonic()
+
+        def reading() -> tuple[Peer, bool]:
+            nonlocal tries
+            tries += 1
+            return self._reading()
+
         if self.run is None:
-            peer, looks_dead = self._reading()
+            peer, looks_dead = reading()
         else:
-            peer, looks_dead = self.run.ride_out(self._reading,
-                                                 f"reading the peer task {self.task_id}")
+            peer, looks_dead = self.run.ride_out(reading, f"reading the peer task {self.task_id}")
         now = time.monotonic()
-        if now - asked > CONFIRM_MARGIN:
-            # The reading waited for Redis (restarting, stopped): what the peer did
-            # meanwhile is unknown, and its worker, too, may only now be reconnecting
-            # to renew its lease.  The verdict's clock starts again.
+        if tries > 1 or now - asked > CONFIRM_MARGIN:
+            # The reading waited for Redis (restarting, killed, stopped): what the
+            # peer did meanwhile is unknown, and its worker, too, may only now be
+            # reconnecting to renew its lease.  The verdict's clock starts again.
             self._missing_since = None
         if not looks_dead or peer.final:
             self._missing_since = None
