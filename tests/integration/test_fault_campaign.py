@@ -23,9 +23,11 @@ The seed is printed, and named in every failure.  Replay one with
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -37,10 +39,19 @@ from typing import Any
 
 import pytest
 
-from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
+from api import (
+    VirtualMachine,
+    VirtualServer,
+    VMHardDiskType,
+    VMTask,
+    VMTaskResult,
+    VMVMState,
+    errors,
+)
 from api.protocol import keys
-from tests.helpers import digest
+from tests.helpers import digest, pids_of, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
+from workers.devtools.tinyguest import build_tiny_guest
 
 pytestmark = pytest.mark.slow
 HOSTS = ("ca", "cb", "cc")
@@ -90,6 +101,10 @@ class Campaign:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     counter: int = 0
+    # The running guest that live migrations, pauses and resumes work on (None: no
+    # VM work), and its operation in flight: one at a time, as a user's would be.
+    vm: str | None = None
+    vm_job: Job | None = None
 
     def root(self, host: str) -> Path:
         return self.workers[host].storage_root
@@ -105,8 +120,11 @@ class Campaign:
         self.counter += 1
         n = self.counter
         host = rng.choice(HOSTS)
-        kind = rng.choices(["ping", "create", "convert", "copy", "move", "marker"],
-                           weights=[3, 2, 3, 3, 1, 2])[0]
+        kind = rng.choices(["ping", "create", "convert", "copy", "move", "marker", "vm"],
+                           weights=[3, 2, 3, 3, 1, 2, 2 if self.vm else 0])[0]
+        if kind == "vm":
+            self.vm_operation(server)
+            return
         details: dict[str, Any] = {}
         peer: str | None = None
         submitted = time.time()
@@ -145,6 +163,31 @@ class Campaign:
         job = Job(kind, task, host, peer, submitted, details)
         if rng.random() < 0.25:
             job.details["cancel_after"] = rng.uniform(0.0, 3.0)
+        with self.lock:
+            self.jobs.append(job)
+
+    def vm_operation(self, server: VirtualServer) -> None:
+        """Migrate the guest live, pause or resume it, once its last operation ended."""
+        assert self.vm is not None
+        if self.vm_job is not None and not self.vm_job.task.is_complete:
+            return
+        vm = server.find_virtual_machine(self.vm)
+        assert vm is not None
+        state, host = vm.state, vm.host
+        if state not in (VMVMState.Running, VMVMState.Paused):
+            return  # Invalid while its host is away, say: nothing to do now
+        choice = self.rng.choice(["live", "live", "toggle"])
+        submitted = time.time()
+        if choice == "live":
+            target = self.rng.choice([h for h in HOSTS if h != host])
+            task, kind, peer, runs_on = vm.migrate(target), "live", target, host
+        else:
+            task = vm.pause() if state is VMVMState.Running else vm.resume()
+            kind, peer, runs_on = "toggle", None, host
+        job = Job(kind, task, runs_on, peer, submitted, {"name": self.vm})
+        if kind == "live" and self.rng.random() < 0.25:
+            job.details["cancel_after"] = self.rng.uniform(0.0, 3.0)
+        self.vm_job = job
         with self.lock:
             self.jobs.append(job)
 
@@ -324,6 +367,36 @@ def check_move(campaign: Campaign, job: Job, client: Any) -> list[str]:
     return []
 
 
+def check_guest(campaign: Campaign, server: VirtualServer) -> list[str]:
+    """The guest runs in one QEMU, on the host its record names, whole."""
+    assert campaign.vm is not None
+    vm = server.find_virtual_machine(campaign.vm)
+    assert vm is not None
+
+    def settled() -> bool:
+        return vm.state in (VMVMState.Running, VMVMState.Paused)
+
+    try:
+        wait_until(settled, 60, "the guest's host to reconcile it")
+    except TimeoutError:
+        return [f"guest {campaign.vm} reads {vm.state.name} on {vm.host} at the end"]
+
+    def qemus() -> dict[str, list[int]]:
+        return {h: pids_of(f"{campaign.root(h)}/vms/{campaign.vm}/") for h in HOSTS}
+
+    try:
+        wait_until(lambda: [h for h, pids in qemus().items() if pids] == [vm.host], 60,
+                   "one QEMU, on the host the record names")
+    except TimeoutError:
+        return [f"guest {campaign.vm}: the record names {vm.host}, QEMUs {qemus()}"]
+    disk = campaign.root(vm.host) / campaign.vm / "d.qcow2"
+    check = subprocess.run(["qemu-img", "check", "-U", str(disk)], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        return [f"guest {campaign.vm}'s disk on {vm.host}: {check.stdout}{check.stderr}"]
+    return []
+
+
 def run_campaign(campaign: Campaign, seconds: float) -> None:
     print(f"\nfault campaign: seed {campaign.seed} ({seconds:.0f} s of faults); replay "
           f"with VMTASK_CAMPAIGN_SEED={campaign.seed}")
@@ -376,6 +449,8 @@ def run_campaign(campaign: Campaign, seconds: float) -> None:
                 problems.append(f"{key} still {state}")
             if int(runs or 0) > 1:
                 problems.append(f"{key} ran {runs} times")
+        if campaign.vm is not None:
+            problems += check_guest(campaign, server)
         for host in HOSTS:
             left = [str(p) for p in campaign.root(host).rglob("*.vmtask-*.tmp")]
             if left:
@@ -392,7 +467,7 @@ def run_campaign(campaign: Campaign, seconds: float) -> None:
         "\n".join(problems))
 
 
-def prepare(spawn: Callable[..., Any], tmp_path: Path) -> Campaign:
+def prepare(spawn: Callable[..., Any], tmp_path: Path, *, live: bool) -> Campaign:
     redis = spawn("redis", appendonly=True)
     seed = seed_of()
 
@@ -406,17 +481,47 @@ def prepare(spawn: Callable[..., Any], tmp_path: Path) -> Campaign:
         source = worker.storage_root / "src" / f"{host}.img"
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_bytes(random.Random(f"{seed}-{host}").randbytes(8 * MiB))
-    return Campaign(seed, random.Random(seed), redis, workers, start_worker, tmp_path)
+    campaign = Campaign(seed, random.Random(seed), redis, workers, start_worker, tmp_path)
+    if live:
+        campaign.vm = start_guest(redis, workers)
+    return campaign
+
+
+def start_guest(redis: RedisServer, workers: dict[str, WorkerProcess]) -> str:
+    """A running tiny guest (TCG) on the first host, for live migrations and pauses."""
+    guest = build_tiny_guest()
+    for worker in workers.values():
+        (worker.storage_root / "guest").mkdir(parents=True, exist_ok=True)
+        shutil.copy(guest.kernel, worker.storage_root / "guest" / "vmlinuz")
+        shutil.copy(guest.initrd, worker.storage_root / "guest" / "initrd.gz")
+    name = "lvm"
+    with VirtualServer(redis.url, host=HOSTS[0], poll_interval=0.5) as server:
+        created = server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 32)
+        assert created.wait_for_completion(60_000) and created.result is VMTaskResult.Success
+        qemu_io(workers[HOSTS[0]].storage_root / name / "d.qcow2", "qcow2",
+                "write -P 0x5a 1M 4M")
+        vm: VirtualMachine = server.create_virtual_machine(
+            name, memory_mb=96, disks=[f"{name}/d.qcow2"], network=None,
+            kernel="guest/vmlinuz", initrd="guest/initrd.gz",
+            append="console=ttyS0 quiet panic=-1")
+        started = vm.startup()
+        assert started.wait_for_completion(120_000) and started.result is VMTaskResult.Success
+    return name
 
 
 def finish(campaign: Campaign) -> None:
-    """Stop every worker the campaign started in place of a killed one."""
+    """Stop every worker the campaign started in place of a killed one, and the
+    guest's QEMU (it outlives its worker)."""
     for worker in campaign.workers.values():
         worker.stop()
+    for host in HOSTS:
+        for pid in pids_of(f"{campaign.root(host)}/vms/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_short_seeded_fault_campaign(spawn: Callable[..., Any], tmp_path: Path) -> None:
-    campaign = prepare(spawn, tmp_path)
+    campaign = prepare(spawn, tmp_path, live=os.environ.get("VMTASK_CAMPAIGN_LIVE") == "1")
     try:
         run_campaign(campaign, float(os.environ.get("VMTASK_CAMPAIGN_SECONDS", "25")))
     finally:
@@ -425,7 +530,7 @@ def test_a_short_seeded_fault_campaign(spawn: Callable[..., Any], tmp_path: Path
 
 @pytest.mark.campaign
 def test_a_long_fault_campaign(spawn: Callable[..., Any], tmp_path: Path) -> None:
-    campaign = prepare(spawn, tmp_path)
+    campaign = prepare(spawn, tmp_path, live=os.environ.get("VMTASK_CAMPAIGN_LIVE") != "0")
     try:
         run_campaign(campaign, float(os.environ.get("VMTASK_CAMPAIGN_LONG_SECONDS", "240")))
     finally:

@@ -238,8 +238,8 @@ class _Send:
             monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
             creds=creds, stall_seconds=settings.transfer_stall_seconds)
         _signal(run, key, DESTINATION, {"manifest": json.dumps(disks),
-                                           "chain": json.dumps(below),
-                                           "creds": transfer_tls.kind_of(creds)})
+                                        "chain": json.dumps(below),
+                                        "creds": transfer_tls.kind_of(creds)})
         try:
 
             def between() -> None:
