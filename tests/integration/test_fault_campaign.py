@@ -1,6 +1,7 @@
 """A random fault campaign, seeded and replayable: three worker hosts, a mixed
 workload (pings, creates, converts, cross-host copies, cold moves, marker tasks,
-about a quarter cancelled) and a fault every few seconds: kill -9 of a worker host
+about a quarter cancelled; in the long run also a running guest migrated live,
+paused and resumed) and a fault every 2-5 s: kill -9 of a worker host
 (restarted afterwards), Redis SIGSTOP for 1-4 s, a Redis restart (SIGTERM, AOF),
 a Redis kill -9 (AOF fsync everysec: it may lose up to a second), and duplicate
 messages, copies of queued and running tasks among them.
@@ -14,10 +15,12 @@ of its host, or its peer's, killed while it ran, and judged within its lease and
 margin of that kill).
 
 The seed is printed, and named in every failure.  Replay one with
-``VMTASK_CAMPAIGN_SEED=<seed>``.  The default run has a short campaign
+``VMTASK_CAMPAIGN_SEED=<seed>``: the same work and the same faults in the same
+order (where a fault meets a task still depends on timing).  The default run has a short campaign
 (``VMTASK_CAMPAIGN_SECONDS`` of faults, 25 by default); the long one is marked
 ``campaign`` and left out of the default run: ``pytest -m campaign`` (its length:
-``VMTASK_CAMPAIGN_LONG_SECONDS``, 240 by default).
+``VMTASK_CAMPAIGN_LONG_SECONDS``, 240 by default).  ``VMTASK_CAMPAIGN_LIVE=1`` adds
+the guest to the short run, ``=0`` leaves it out of the long one.
 """
 
 from __future__ import annotations
@@ -367,6 +370,23 @@ def check_move(campaign: Campaign, job: Job, client: Any) -> list[str]:
     return []
 
 
+def story(campaign: Campaign, job: Job, client: Any) -> str:
+    """What a failure's diagnosis needs: the record's times, the faults around it,
+    and what the workers logged of the task (its tmp_path may be gone by then)."""
+    record = client.hgetall(keys.task_record(job.task.id))
+    started = float(record.get("started") or job.submitted)
+    finished = float(record.get("finished") or time.time())
+    faults = [f"{at - job.submitted:+.1f} s {kind} {what}"
+              for at, kind, what in campaign.faults
+              if job.submitted - 10 <= at <= finished + 1]
+    logged = [f"{path.name}: {line[:240]}" for path in sorted(campaign.base.glob("worker-*.log"))
+              for line in path.read_text(errors="replace").splitlines()
+              if job.task.id in line][:15]
+    return (f"  {job.task.id}: submitted at 0, started {started - job.submitted:+.1f} s, "
+            f"finished {finished - job.submitted:+.1f} s, worker {record.get('worker')}, "
+            f"runs {record.get('runs')}\n  faults: {faults}\n  " + "\n  ".join(logged))
+
+
 def check_guest(campaign: Campaign, server: VirtualServer) -> list[str]:
     """The guest runs in one QEMU, on the host its record names, whole."""
     assert campaign.vm is not None
@@ -441,7 +461,8 @@ def run_campaign(campaign: Campaign, seconds: float) -> None:
         for job in campaign.jobs:
             if job.task.id in lost or any(job.task.id in n for n in never):
                 continue
-            problems += check_job(campaign, job, client)
+            if wrong := check_job(campaign, job, client):
+                problems += [*wrong, story(campaign, job, client)]
         # Every record in Redis, also those whose submit raised, ended and ran once.
         for key in client.scan_iter(keys.task_record("*")):
             state, runs = client.hmget(key, "state", "runs")
