@@ -22,12 +22,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 from celery import Task, shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.retry import Retry
 
 from api import events
@@ -37,11 +38,12 @@ from api.protocol.tasks import TaskSpec
 from api.replication import Acknowledgement, register_script, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
-from workers.failures import Failure, classify
+from workers.failures import Failure, OperationTimedOut, classify
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
+T = TypeVar("T")
 # At most this many progress writes per second per task.
 PROGRESS_MIN_INTERVAL = 0.2
 # Flower learns a task's percentage from a 'task-progress' event (its state then
@@ -51,6 +53,32 @@ EVENT_MIN_INTERVAL = 1.0
 CANCEL_CHECK_INTERVAL = 0.1
 # How long a finishing task keeps retrying its final write while Redis is away.
 FINISH_RETRY_SECONDS = 120.0
+# What a call meets while Redis is away: restarting, killed, failing over, stopped.
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
+# Between two tries of a call that met Redis away.
+RIDE_OUT_PAUSE = 0.5
+
+
+def ride_out(call: Callable[[], T], *, seconds: float, what: str,
+             pause: float = RIDE_OUT_PAUSE, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``call()``, made again while Redis is away (a restart, a kill, a SIGSTOP) until
+    it answers; the last error once ``seconds`` have passed.  The one way the worker
+    rides out an outage, from a task's final write to a transfer's coordination.
+
+    ``call`` must be safe to repeat: idempotent, or recognising its own earlier try
+    (a reply lost with the connection says nothing of whether the write was made).
+    The client's own retry (a few tries within a second) covers a blip; this covers
+    a restart, which takes seconds.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except REDIS_AWAY as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable while %s; trying again: %s", what, exc)
+            sleep(pause)
 
 
 # Redis's refusals of a command by the user's ACL: a NOPERM reply (redis-py's
@@ -80,10 +108,16 @@ def redis_refusal(exc: BaseException, what: str) -> Failure:
 
 
 def failure_of(exc: BaseException) -> Failure:
-    """`classify`, and what only the runtime meets: Celery's soft time limit and
-    Redis's ACL refusals (kept here so that no engine loads Celery or redis-py)."""
+    """`classify`, and what only the runtime meets: Celery's soft time limit, Redis's
+    ACL refusals and a Redis that stayed away (kept here so that no engine loads
+    Celery or redis-py)."""
     if is_redis_refusal(exc):
         return redis_refusal(exc, "The operation stopped")
+    if (isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+            and not isinstance(exc, AuthenticationError | AuthorizationError)):
+        # Redis stayed away longer than the call rode out (`TaskRun.ride_out`).
+        return Failure(VMTaskResult.TimeOutError, hresults.TIMEOUT,
+                       f"Redis did not answer: {type(exc).__name__}: {exc}")
     if isinstance(exc, SoftTimeLimitExceeded):
         return classify(TimeoutError())
     return classify(exc)
@@ -269,6 +303,20 @@ class TaskRun:
                 pass  # the request is durable; we will see it once Redis is back
         return self._cancel_seen
 
+    def ride_out(self, call: Callable[[], T], what: str) -> T:
+        """`ride_out` for the body's own Redis calls, e.g. a transfer's coordination:
+        a call that meets Redis away is a missing reading, made again until Redis
+        answers, for at most the transfer stall bound (``VMTASK_TRANSFER_STALL_SECONDS``)
+        and never past a cancel or a lost lease (the pause is `sleep`).  A Redis that
+        stays away ends the task TimeOutError."""
+        seconds = self.settings.transfer_stall_seconds
+        try:
+            return ride_out(call, seconds=seconds, what=f"{what} ({self.task_id})",
+                            sleep=self.sleep)
+        except REDIS_AWAY as exc:
+            raise OperationTimedOut(f"Redis did not answer for {seconds:g} s while {what}: "
+                                    f"{exc}") from None
+
     def sleep(self, seconds: float) -> None:
         """Sleep, waking early (and raising `Cancelled`) when a cancel arrives."""
         deadline = time.monotonic() + seconds
@@ -285,7 +333,6 @@ class TaskRun:
             state = records.REVOKED if failure.result == VMTaskResult.Cancelled else records.FAILURE
             result, error, text = failure.result, failure.hresult, failure.description
             percent = int(self._pending_percent)
-        deadline = time.monotonic() + FINISH_RETRY_SECONDS
         finished = repr(time.time())
 
         def build(pipe: Any) -> None:
@@ -307,16 +354,10 @@ class TaskRun:
                 outcome = "OK"  # our own finish, re-sent after a lost reply
             return str(outcome), acked
 
-        while True:
-            try:
-                # Sent again until a replica has it: a result only the dying primary
-                # took would leave the task STARTED on the next one, to be judged crashed.
-                return self._until_acknowledged("result", attempt, lambda o: o == "OK")
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Redis unavailable while finishing %s; retrying: %s", self.task_id, exc)
-                time.sleep(0.5)
+        # Sent again until a replica has it: a result only the dying primary took
+        # would leave the task STARTED on the next one, to be judged crashed.
+        return ride_out(lambda: self._until_acknowledged("result", attempt, lambda o: o == "OK"),
+                        seconds=FINISH_RETRY_SECONDS, what=f"finishing {self.task_id}")
 
     def announce(self, failure: Failure, trace: str | None = None) -> None:
         """Tell Celery's monitors (Flower) how the task ended, as the record says.

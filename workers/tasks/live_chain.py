@@ -36,7 +36,7 @@ from workers.engines import nbd, qemu_vm, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm import livemigrate
 from workers.failures import Cancelled, DiskError, IllegalValue
-from workers.runtime import TaskRun
+from workers.runtime import REDIS_AWAY, TaskRun
 from workers.tasks.files import HostFiles
 from workers.tasks.transfer import offer_fields, pull_and_judge
 
@@ -110,7 +110,9 @@ def await_incoming(run: TaskRun, files: HostFiles, key: str, below: list[dict[st
     with ExitStack() as stack:
         serving = not below
         while True:
-            raw, accepted, done = run.redis.hmget(key, "incoming", "accepted", "chain_done")
+            raw, accepted, done = run.ride_out(
+                lambda: run.redis.hmget(key, "incoming", "accepted", "chain_done"),
+                "waiting for the destination")
             if raw:
                 return str(raw)
             if not serving and accepted == "1":
@@ -136,10 +138,18 @@ class _PullShare:
         share = (self._low + (self._high - self._low) * percent / 100) / self._total
         if share - self._published >= 0.01 or percent >= 100:
             self._published = share
-            self._run.redis.hset(self._key, "chain_done", f"{share:.4f}")
+            try:
+                self._run.redis.hset(self._key, "chain_done", f"{share:.4f}")
+            except REDIS_AWAY:
+                return  # advisory, as the task's own progress; the next share says more
 
     def cancel_requested(self) -> bool:
-        return self._run.cancel_requested() or self._run.redis.hget(self._key, "abort") == "1"
+        if self._run.cancel_requested():
+            return True
+        try:
+            return bool(self._run.redis.hget(self._key, "abort") == "1")
+        except REDIS_AWAY:
+            return False  # the abort is durable: seen once Redis is back
 
 
 def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, Any]],
@@ -150,7 +160,8 @@ def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, A
     if not below:
         return
     signal({"accepted": "1"})
-    while not (raw := run.redis.hget(key, "chain_offers")):
+    while not (raw := run.ride_out(lambda: run.redis.hget(key, "chain_offers"),
+                                   "waiting for the source's exports")):
         wait()
     offers: list[dict[str, str]] = [{k: str(v) for k, v in offer.items()}
                                     for offer in json.loads(raw)]
@@ -163,7 +174,7 @@ def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, A
             pull_and_judge(run, share, offer, target, verbatim=True,
                            source_host=source_host, server_task_id=peer_task_id)
         except Cancelled:
-            if run.redis.hget(key, "abort") == "1":
+            if run.ride_out(lambda: run.redis.hget(key, "abort"), "reading the abort") == "1":
                 raise Cancelled(f"The source host {source_host} gave up the migration"
                                 ) from None
             raise

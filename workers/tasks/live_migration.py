@@ -55,7 +55,6 @@ import redis
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import hresults, keys, scripts, tasks
-from api.protocol.vmstate import EVENTS_MAXLEN
 from workers.engines import qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
@@ -66,7 +65,7 @@ from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks import live_chain, move_journal
 from workers.tasks.files import HostFiles
-from workers.tasks.migration import MOVE_SCRIPT
+from workers.tasks.migration import move_record
 from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerWatch
 from workers.tasks.vms import (
@@ -93,7 +92,7 @@ def wake_key(key: str, side: str) -> str:
     return f"{key}:wake:{side}"
 
 
-def _signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) -> None:
+def _send_signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) -> None:
     """Set ``fields`` in the transfer hash and wake ``side`` to read them."""
     pipe = client.pipeline(transaction=True)
     pipe.hset(key, mapping=fields)
@@ -103,9 +102,23 @@ def _signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) ->
     pipe.execute()
 
 
+def _signal(run: TaskRun, key: str, side: str, fields: dict[str, str]) -> None:
+    """`_send_signal` across a Redis outage (sent again, it at most wakes its side
+    once more)."""
+    run.ride_out(lambda: _send_signal(run.redis, key, side, fields), f"signalling the {side}")
+
+
 def _nap(run: TaskRun, key: str, side: str) -> None:
     """Wait for the other side's next signal, at most `WATCH` seconds."""
-    run.redis.blpop([wake_key(key, side)], timeout=WATCH)
+    run.ride_out(lambda: run.redis.blpop([wake_key(key, side)], timeout=WATCH),
+                 "waiting for the peer's signal")
+
+
+def _read(run: TaskRun, key: str, *fields: str) -> list[str | None]:
+    """Fields of the transfer hash; a Redis outage is a reading that comes later."""
+    values: list[str | None] = run.ride_out(lambda: run.redis.hmget(key, list(fields)),
+                                            "reading the migration's hash")
+    return values
 
 
 def _check_formats(disks: list[dict[str, Any]]) -> None:
@@ -160,7 +173,8 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
         for relative in json.loads(record["disks"]):
             files.resolve(relative).unlink(missing_ok=True)
         shutil.rmtree(paths.directory, ignore_errors=True)  # the journal last
-    client.delete(key, wake_key(key, SOURCE), wake_key(key, DESTINATION))
+    run.ride_out(lambda: client.delete(key, wake_key(key, SOURCE), wake_key(key, DESTINATION)),
+                 "removing the migration's hash")
     if sent.late is not None:
         # The VM is the destination's, but its task did not see it through (its
         # worker died before `cont`: its restart runs the guest).
@@ -225,9 +239,9 @@ class _Send:
         outgoing = livemigrate.Outgoing.begin(
             monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
             creds=creds, stall_seconds=settings.transfer_stall_seconds)
-        _signal(client, key, DESTINATION, {"manifest": json.dumps(disks),
-                                           "chain": json.dumps(below),
-                                           "creds": transfer_tls.kind_of(creds)})
+        _signal(run, key, DESTINATION, {"manifest": json.dumps(disks),
+                                        "chain": json.dumps(below),
+                                        "creds": transfer_tls.kind_of(creds)})
         try:
 
             def between() -> None:
@@ -237,7 +251,7 @@ class _Send:
 
             raw = live_chain.await_incoming(
                 run, self.files, key, below, outgoing,
-                lambda fields: _signal(client, key, DESTINATION, fields), between)
+                lambda fields: _signal(run, key, DESTINATION, fields), between)
             incoming = livemigrate.Incoming.from_dict(json.loads(raw))
             outgoing.mirror(incoming, live_chain.syncs(disks))
             outgoing.wait_ready(run, self.check, deadline)
@@ -245,8 +259,8 @@ class _Send:
             stopped = time.monotonic()  # the guest stays stopped until the cont there
             outgoing.finish_mirrors(deadline)
             self.stays = False  # from here the destination may take over (the fence decides)
-            _signal(client, key, DESTINATION, {"switch": "1"})
-            while client.hget(key, "committed") != "1":
+            _signal(run, key, DESTINATION, {"switch": "1"})
+            while _read(run, key, "committed")[0] != "1":
                 self.check()
                 raise_if_cancelled(run)  # honoured until the destination takes over
                 _nap(run, key, SOURCE)
@@ -279,7 +293,7 @@ class _Send:
 
 
 def _wait_manifest(run: TaskRun, key: str, source: PeerWatch) -> list[dict[str, Any]]:
-    while not (raw := run.redis.hget(key, "manifest")):
+    while not (raw := _read(run, key, "manifest")[0]):
         source.check("source", gave_up=GAVE_UP)
         raise_if_cancelled(run)
         _nap(run, key, DESTINATION)
@@ -317,7 +331,7 @@ def _create_disk(item: dict[str, Any], args: list[str]) -> None:
 
 def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, source: PeerWatch) -> None:
     while True:
-        switch, abort = run.redis.hmget(key, "switch", "abort")
+        switch, abort = _read(run, key, "switch", "abort")
         if abort == "1":
             raise Cancelled(f"The source host {source.host} {GAVE_UP}")
         if switch == "1":
@@ -344,7 +358,7 @@ def _record_taken_over(run: TaskRun, key: str, name: str, paths: qemu_vm.VMPaths
     while True:
         try:
             if client.exists(key):
-                _signal(client, key, SOURCE, {"committed": "1"})
+                _send_signal(client, key, SOURCE, {"committed": "1"})
             pid = qemu_vm.find_pid(paths)
             if pid is not None:
                 record_runtime(client, name, paths, pid)
@@ -366,7 +380,8 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     files = HostFiles.of(run.settings)
     client = run.redis
     key = keys.transfer(transfer_id)
-    record: dict[str, str] = client.hgetall(keys.vm_record(name))
+    record: dict[str, str] = run.ride_out(lambda: client.hgetall(keys.vm_record(name)),
+                                          "reading the VM's record")
     if not record or record.get("host") != source_host:
         raise IllegalValue(f"VM {name!r} is not on host {source_host}")
     paths = paths_of(run.settings, name)
@@ -375,10 +390,11 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                         f"{run.settings.host}", hresults.FILE_EXISTS)
     source = PeerWatch.of(run, peer_task_id, source_host)
     disks = _wait_manifest(run, key, source)
-    below: list[dict[str, Any]] = json.loads(client.hget(key, "chain") or "[]")
+    chain, peer_creds = _read(run, key, "chain", "creds")
+    below: list[dict[str, Any]] = json.loads(chain or "[]")
     targets = [files.resolve_output(d["path"]) for d in disks]
     creds = transfer_tls.creds_of(run.settings)
-    transfer_tls.check_peer(creds, client.hget(key, "creds") or "", here=run.settings.host,
+    transfer_tls.check_peer(creds, peer_creds or "", here=run.settings.host,
                             peer=source_host)
     _refuse_incompatible(run, files, [*below, *disks],
                          [*(files.resolve_output(b["path"]) for b in below), *targets])
@@ -404,7 +420,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 _nap(run, key, DESTINATION)
 
             live_chain.pull_below(run, files, key, below, source_host, peer_task_id,
-                                  lambda fields: _signal(client, key, SOURCE, fields),
+                                  lambda fields: _signal(run, key, SOURCE, fields),
                                   between, made)
             for item, target in zip(disks, targets, strict=True):
                 _reserve(item, target)
@@ -418,16 +434,13 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                     run, address=run.settings.advertise_address,
                     ports=run.settings.transfer_ports, exports=exports, creds=creds,
                     opened=open_vm_files(run, record, paths, opened_files))
-            _signal(client, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
+            _signal(run, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.
             with qemu_vm.connect(paths) as monitor:
                 _wait_switch(run, key, paths, source)
                 livemigrate.stop_serving(monitor)
-                outcome = client.eval(MOVE_SCRIPT, 3, keys.vm_record(name), keys.VM_EVENTS,
-                                      key, source_host, run.settings.host,
-                                      ",".join(str(int(s)) for s in sorted(LIVE)),
-                                      repr(time.time()), EVENTS_MAXLEN, keys.HOST_VMS_PREFIX)
+                outcome = move_record(run, name, source_host, LIVE, key)
                 if outcome == "ABORTED":
                     raise Cancelled(f"The source host {source_host} took the guest back")
                 if outcome != "OK":

@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         copy, owned = _files_of(files, record, state)
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
-        client.hset(keys.transfer(transfer_id), mapping={"manifest": json.dumps(manifest)})
-        client.expire(keys.transfer(transfer_id), OFFER_TTL_SECONDS)
+        _publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)})
 
         client_over = PeerWatch.of(run, client_task_id, destination_host).over
 
@@ -117,24 +117,30 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                         ports=run.settings.transfer_ports, name=nbd.new_export_name(),
                         pass_fds=(fd,), creds=transfer_tls.creds_of(run.settings)))
                     key = offer_key(transfer_id, index)
-                    stack.callback(client.delete, key)
-                    client.hset(key, mapping={**offer_fields(export),
-                                              "virtual_size": manifest[index]["size"],
-                                              "allocated": manifest[index]["allocated"],
-                                              "fixed": 0})
-                    client.expire(key, OFFER_TTL_SECONDS)
-                    while client.hget(keys.transfer(transfer_id), f"done.{index}") != "1":
+                    stack.callback(run.ride_out, partial(client.delete, key),
+                                   "withdrawing an export")
+                    _publish(run, key, {**offer_fields(export),
+                                        "virtual_size": manifest[index]["size"],
+                                        "allocated": manifest[index]["allocated"],
+                                        "fixed": 0})
+                    while run.ride_out(
+                            partial(client.hget, keys.transfer(transfer_id),
+                                    f"done.{index}"),
+                            "waiting for the destination's pull") != "1":
                         if client_over():
                             break
                         run.sleep(WATCH)
             # The destination's task waits for this one once the record names it
             # (a move is complete only when the source has let go), so this one
             # must not wait for it to end.
-            while not client_over() and not _names(client, name, destination_host):
+            while not client_over() and not run.ride_out(
+                    partial(_names, client, name, destination_host), "reading the VM's record"):
                 run.sleep(WATCH)
         finally:
-            client.delete(keys.transfer(transfer_id))
-        moved = _names(client, name, destination_host)
+            run.ride_out(lambda: client.delete(keys.transfer(transfer_id)),
+                         "removing the move's hash")
+        moved = run.ride_out(lambda: _names(client, name, destination_host),
+                             "reading the VM's record")
         left = (_remove_owned(files, owned, paths_of(run.settings, name).directory)
                 if moved else [])
     # ``left_on_source``: what could not be removed; the destination's task says so.
@@ -166,10 +172,48 @@ def _remove_owned(files: HostFiles, owned: list[Path], directory: Path) -> list[
     return left
 
 
+def _publish(run: TaskRun, key: str, fields: dict[str, Any]) -> None:
+    """Set ``fields`` in ``key``, which expires should nobody remove it (across a
+    Redis outage)."""
+
+    def write() -> None:
+        pipe = run.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, OFFER_TTL_SECONDS)
+        pipe.execute()
+
+    run.ride_out(write, "announcing the move")
+
+
+def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S],
+                transfer_key: str | None = None) -> str:
+    """``vm_move.lua``'s outcome (to this host), sent again across a Redis outage.
+
+    A MOVED whose record names this host is this task's own move, its reply lost
+    with the connection: the record named the source when the task began, and the
+    task holds the VM's lock here, so nobody else moved it here meanwhile.
+    """
+    record, here = keys.vm_record(name), run.settings.host
+    extra = [] if transfer_key is None else [transfer_key]
+
+    def move() -> str:
+        outcome = str(run.redis.eval(MOVE_SCRIPT, 2 + len(extra), record, keys.VM_EVENTS,
+                                     *extra, source_host, here,
+                                     ",".join(str(int(s)) for s in sorted(allowed)),
+                                     repr(time.time()), EVENTS_MAXLEN,
+                                     keys.HOST_VMS_PREFIX))
+        if outcome == "MOVED" and run.redis.hget(record, "host") == here:
+            return "OK"
+        return outcome
+
+    return run.ride_out(move, f"moving the record of VM {name}")
+
+
 def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
                    ) -> list[dict[str, Any]]:
     while True:
-        raw = run.redis.hget(keys.transfer(transfer_id), "manifest")
+        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), "manifest"),
+                           "waiting for the source's manifest")
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
             return manifest
@@ -194,7 +238,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                server_task_id: str) -> dict[str, Any]:
     files = HostFiles.of(run.settings)
     client = run.redis
-    record: dict[str, str] = client.hgetall(keys.vm_record(name))
+    record: dict[str, str] = run.ride_out(lambda: client.hgetall(keys.vm_record(name)),
+                                          "reading the VM's record")
     if not record or record.get("host") != source_host:
         raise IllegalValue(f"VM {name!r} is not on host {source_host}")
     vm_dir = paths_of(run.settings, name).directory
@@ -222,7 +267,9 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             total = max(1, sum(int(item["size"]) for item in manifest))
             done = 0
             for index, (item, target) in enumerate(zip(manifest, targets, strict=True)):
-                while not (offer := client.hgetall(offer_key(transfer_id, index))):
+                while not (offer := run.ride_out(
+                        partial(client.hgetall, offer_key(transfer_id, index)),
+                        "waiting for the source's export")):
                     server.check("source", gave_up="stopped the move")
                     run.sleep(WATCH)
                 share = _Span(run, 100.0 * done / total,
@@ -231,13 +278,12 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                                source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
                 done += int(item["size"])
-                client.hset(keys.transfer(transfer_id), f"done.{index}", "1")
+                run.ride_out(partial(client.hset, keys.transfer(transfer_id), f"done.{index}",
+                                     "1"),
+                             "telling the source a file arrived")
             if S(int(record["state"])) is S.Saved:
                 _refingerprint(run, record)
-            outcome = client.eval(MOVE_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
-                                  source_host, run.settings.host,
-                                  ",".join(str(int(s)) for s in sorted(MOVABLE)),
-                                  repr(time.time()), EVENTS_MAXLEN, keys.HOST_VMS_PREFIX)
+            outcome = move_record(run, name, source_host, MOVABLE)
             if outcome != "OK":
                 raise InvalidStateError(f"VM {name!r} changed during the move ({outcome})")
             journal.unlink()

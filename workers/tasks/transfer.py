@@ -87,9 +87,11 @@ class PeerWatch:
     """
 
     def __init__(self, client: redis.Redis, task_id: str, host: str | None, *,
-                 confirm_seconds: float) -> None:
+                 confirm_seconds: float, run: TaskRun | None = None) -> None:
         self.client, self.task_id, self.host = client, task_id, host
         self.confirm_seconds = confirm_seconds
+        # Whose `TaskRun.ride_out` carries a reading across a Redis outage.
+        self.run = run
         self._missing_since: float | None = None
 
     @classmethod
@@ -98,14 +100,32 @@ class PeerWatch:
         host's heartbeat is (without it, only a started peer can be judged dead)."""
         settings = run.settings
         return cls(run.redis, task_id, host, confirm_seconds=max(
-            settings.lease_seconds, settings.heartbeat_seconds) / 3 + CONFIRM_MARGIN)
+            settings.lease_seconds, settings.heartbeat_seconds) / 3 + CONFIRM_MARGIN, run=run)
+
+    def _reading(self) -> tuple[Peer, bool]:
+        peer = read_peer(self.client, self.task_id)
+        return peer, peer.gone or (peer.state == records.PENDING and self.host is not None
+                                   and not self.client.exists(keys.host_heartbeat(self.host)))
 
     def read(self) -> tuple[Peer, bool]:
         """The peer now, and whether it is dead (looked so for `confirm_seconds`)."""
-        peer = read_peer(self.client, self.task_id)
-        looks_dead = peer.gone or (peer.state == records.PENDING and self.host is not None
-                                   and not self.client.exists(keys.host_heartbeat(self.host)))
+        tries, asked = 0, time.monotonic()
+
+        def reading() -> tuple[Peer, bool]:
+            nonlocal tries
+            tries += 1
+            return self._reading()
+
+        if self.run is None:
+            peer, looks_dead = reading()
+        else:
+            peer, looks_dead = self.run.ride_out(reading, f"reading the peer task {self.task_id}")
         now = time.monotonic()
+        if tries > 1 or now - asked > CONFIRM_MARGIN:
+            # The reading waited for Redis (restarting, killed, stopped): what the
+            # peer did meanwhile is unknown, and its worker, too, may only now be
+            # reconnecting to renew its lease.  The verdict's clock starts again.
+            self._missing_since = None
         if not looks_dead or peer.final:
             self._missing_since = None
             return peer, False
@@ -177,7 +197,8 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
     # open port.
     accepted = keys.transfer_accepted(transfer_id)
     client = PeerWatch.of(run, client_task_id)
-    while not (over := client.over()) and not run.redis.exists(accepted):
+    while not (over := client.over()) and not run.ride_out(
+            lambda: run.redis.exists(accepted), "waiting for the copy to be accepted"):
         run.sleep(WATCH_INTERVAL)
     if over:
         return {"served": False}
@@ -187,14 +208,20 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
             pass_fds=served.fds, creds=transfer_tls.creds_of(run.settings)))
-        stack.callback(run.redis.delete, offer_key, accepted)
-        pipe = run.redis.pipeline(transaction=True)
-        pipe.hset(offer_key, mapping={
-            **offer_fields(export),
-            "virtual_size": served.virtual_size, "allocated": served.allocated,
-            "fixed": int(served.fixed), "host": run.settings.host})
-        pipe.expire(offer_key, OFFER_TTL_SECONDS)
-        pipe.execute()
+        stack.callback(run.ride_out, lambda: run.redis.delete(offer_key, accepted),
+                       "withdrawing the export")
+        offer = {**offer_fields(export), "virtual_size": served.virtual_size,
+                 "allocated": served.allocated, "fixed": int(served.fixed),
+                 "host": run.settings.host}
+
+        def announce() -> None:
+            # A pipeline forgets its commands when it fails: built anew for each try.
+            pipe = run.redis.pipeline(transaction=True)
+            pipe.hset(offer_key, mapping=offer)
+            pipe.expire(offer_key, OFFER_TTL_SECONDS)
+            pipe.execute()
+
+        run.ride_out(announce, "announcing the export")
 
         def client_done() -> bool:
             if not export.alive():
@@ -211,7 +238,8 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
     offer_key = keys.transfer(transfer_id)
     source = PeerWatch.of(run, server_task_id, source_host)
     while True:
-        offer: dict[str, str] = run.redis.hgetall(offer_key)
+        offer: dict[str, str] = run.ride_out(lambda: run.redis.hgetall(offer_key),
+                                             "waiting for the export")
         if offer:
             return offer
         source.check("source", gave_up="cancelled serving the image")
@@ -290,7 +318,8 @@ def pull_and_judge(run: TaskRun, context: OperationContext, offer: dict[str, str
         stalled = failure.result is VMTaskResult.TimeOutError
         deadline = time.monotonic() + run.settings.lease_seconds + 1.0
         while time.monotonic() < deadline:
-            peer = read_peer(run.redis, server_task_id)
+            peer = run.ride_out(lambda: read_peer(run.redis, server_task_id),
+                                "reading the source's task")
             # Gone, or already judged so by a producer or a reaper.
             if ((peer.gone or peer.result is VMTaskResult.ThreadCrashError)
                     and not (stalled and _host_live(run, source_host))):
@@ -304,7 +333,8 @@ def pull_and_judge(run: TaskRun, context: OperationContext, offer: dict[str, str
 
 
 def _host_live(run: TaskRun, host: str) -> bool:
-    return bool(run.redis.exists(keys.host_heartbeat(host)))
+    return bool(run.ride_out(lambda: run.redis.exists(keys.host_heartbeat(host)),
+                             f"reading the heartbeat of {host}"))
 
 
 @operation(tasks.DISK_COPY_IN)
@@ -317,7 +347,8 @@ def copy_in(run: TaskRun, source_host: str, path: str, destination: str, transfe
         raise DiskError(f"{destination} already exists on {run.settings.host}",
                         hresults.FILE_EXISTS)
     with files.file_locks([], [target]):
-        run.redis.set(keys.transfer_accepted(transfer_id), "1", ex=OFFER_TTL_SECONDS)
+        run.ride_out(lambda: run.redis.set(keys.transfer_accepted(transfer_id), "1",
+                                           ex=OFFER_TTL_SECONDS), "accepting the copy")
         offer = _wait_for_offer(run, transfer_id, server_task_id, source_host)
         made = pull_and_judge(run, run, offer, target, verbatim=False,
                               source_host=source_host, server_task_id=server_task_id)
