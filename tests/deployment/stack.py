@@ -144,10 +144,14 @@ class Stack:
                               check=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engine() -> Iterator[DockerEngine]:
     """The engine, its stand-in images and the quick resolver (held under the cache lock,
-    which also keeps a second run's resolver off port 53 meanwhile)."""
+    which also keeps a second run's resolver off port 53 meanwhile).
+
+    Per module, not per session: a session-scoped engine held the lock until its xdist
+    worker had run every other test, and a Docker module scheduled on the other worker
+    waited all that time (the whole suite ran on one worker)."""
     install_missing_tools()
     with cache_lock():
         docker = DockerEngine(CACHE_DIR / "docker").start()
