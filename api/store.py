@@ -26,7 +26,7 @@ from api.errors import (
     TaskNotCancelableError,
     TaskNotFoundError,
 )
-from api.protocol import hresults, keys, records
+from api.protocol import hresults, keys, records, tasklog
 from api.protocol.records import TaskSnapshot
 from api.replication import Acknowledgement, pipelined, register_script, replicated
 
@@ -261,6 +261,37 @@ class TaskStore:
             replies = pipelined(self.client, build, (self._submit, self._read))
         return [_snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
+
+    def log(self, task_id: str, tail: int | None = None) -> list[str]:
+        """The task's log lines, oldest first (the last ``tail`` only, if given), in
+        one pipelined round trip; `TaskNotFoundError` once the record is gone."""
+        return [tasklog.format_entry(fields)
+                for _id, fields in self.log_entries(task_id, tail=tail)]
+
+    def log_entries(self, task_id: str, *, after: str = "-",
+                    tail: int | None = None) -> list[tuple[str, dict[str, str]]]:
+        """The log's entries (id, fields), oldest first: those after the entry id
+        ``after`` (exclusive), or the last ``tail``; with the record's existence
+        checked in the same round trip."""
+        log_key = keys.task_log(task_id)
+
+        def build(pipe: Any) -> None:
+            pipe.exists(keys.task_record(task_id))
+            if tail is not None:
+                pipe.xrevrange(log_key, "+", "-", count=tail)
+            else:
+                pipe.xrange(log_key, "-" if after == "-" else f"({after}", "+")
+
+        with broker_errors(self.url):
+            if tail == 0:
+                exists, entries = self.client.exists(keys.task_record(task_id)), []
+            else:
+                exists, entries = pipelined(self.client, build, ())
+        if not exists:
+            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+        if tail is not None:
+            entries = list(reversed(entries))
+        return [(str(entry_id), dict(fields)) for entry_id, fields in entries]
 
     def matching(self, state: str | None, host: str | None, limit: int,
                  horizon: int) -> list[str]:

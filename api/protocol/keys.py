@@ -25,6 +25,12 @@ def task_channel(task_id: str) -> str:
     return f"{PREFIX}events:{task_id}"
 
 
+def task_log(task_id: str) -> str:
+    """Stream: the task's log (`api.protocol.tasklog`), capped, expiring with the
+    record.  `lua/task_log.lua` derives it from the record's key, so keep both."""
+    return f"{PREFIX}log:{task_id}"
+
+
 RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
 RECENT_TASKS = f"{PREFIX}recent"  # sorted set: task id by enqueue time
 # Hash: counters and histogram buckets of ended tasks, kept by `lua/task_metrics.lua`

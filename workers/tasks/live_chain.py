@@ -141,6 +141,9 @@ class _PullShare:
     def cancel_requested(self) -> bool:
         return self._run.cancel_requested() or self._run.redis.hget(self._key, "abort") == "1"
 
+    def log(self, line: str) -> None:
+        self._run.log(line)
+
 
 def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, Any]],
                source_host: str, peer_task_id: str, signal: Signal,

@@ -1,5 +1,6 @@
 -- uses: primary_takeover
 -- uses: task_metrics
+-- uses: task_log
 -- KEYS: record, lease, running set, channel; and for a crash judgment, the primary key.
 -- ARGV: state, result, error, error description, finished time, percent,
 --       retention seconds, task id, only_if_lease_expired ('1' or '0'), output JSON,
@@ -28,5 +29,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+task_log(KEYS[1], 't', ARGV[5], 'kind', 'end', 'state', ARGV[1], 'result', ARGV[2],
+         'error', ARGV[3], 'text', string.sub(ARGV[4], 1, 1024), 'judged', ARGV[9])
 redis.call('PUBLISH', KEYS[4], 'done')
 return 'OK'

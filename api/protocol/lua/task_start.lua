@@ -1,3 +1,4 @@
+-- uses: task_log
 -- KEYS: record, lease, running set.
 -- ARGV: now, worker name (host:machine:pid), lease ms, task id, and the worker's
 --       Celery node name (Flower's name for it: a crash judged later is told to
@@ -15,4 +16,5 @@ redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started', ARGV[1], 'worker', AR
            'node', ARGV[5] or '')
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('SADD', KEYS[3], ARGV[4])
+task_log(KEYS[1], 't', ARGV[1], 'kind', 'start', 'worker', ARGV[2])
 return 'BEGUN'

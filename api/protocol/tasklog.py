@@ -1,0 +1,99 @@
+"""The task log: the time-stamped lines a task's operation wrote, kept beside its record.
+
+One Redis stream per task (`keys.task_log`), chosen over a list trimmed with LTRIM:
+
+- ``XADD ... MAXLEN`` appends and caps in one command, inside the scripts that
+  already move the record (start, finish, cancel, withdraw: `lua/task_log.lua`), so
+  the start and end lines cost no round trip of their own;
+- entry ids only grow and survive trimming, so a follower asks for "what came after
+  the last id I printed" and never skips or repeats a line when old ones are
+  dropped, where a list's indexes shift under it;
+- an entry is a small hash: the scripts write a transition's fields (state, result,
+  HRESULT) and the reader words it, so Lua needs no table of result names.
+
+The log keeps the last `MAX_LINES` entries, each line clipped to `MAX_LINE_BYTES`
+(UTF-8), and expires with the record (each write gives it the record's TTL).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from api.enums import VMTaskResult
+from api.protocol import hresults, scripts
+
+MAX_LINES = 1000  # `lua/task_log.lua` says the same; a unit test keeps them equal
+MAX_LINE_BYTES = 1024
+WRITE_SCRIPT = scripts.load("task_log_write")
+MSG_LOG = "log"  # published on the task's channel when a worker wrote lines
+
+# Option values that may hold a secret, in the argument lists of qemu-img, qemu-nbd
+# and QEMU (``--object secret,id=s0,data=...``, ``password=``, a key's contents);
+# a path to a key or a credentials directory (``dir=``, ``file=``) is not one.
+_SECRET_OPTION = re.compile(
+    r"(?i)\b(data|password|passwd|passphrase|secret|key|psk|token)=([^,\s\"']*)")
+_SECRET_JSON = re.compile(
+    r"(?i)(\"(?:password|passwd|passphrase|secret|key|psk|token|data)\"\s*:\s*)\"[^\"]*\"")
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of secret-looking options replaced by `REDACTED`."""
+    # ``password=on`` (QEMU's VNC: a password will be set) names no secret.
+    text = _SECRET_OPTION.sub(
+        lambda m: m.group(0) if m.group(2) in ("", "on", "off") else f"{m.group(1)}={REDACTED}",
+        text)
+    return _SECRET_JSON.sub(lambda m: f"{m.group(1)}\"{REDACTED}\"", text)
+
+
+def clip(text: str) -> str:
+    """One line of at most `MAX_LINE_BYTES` bytes of UTF-8: newlines become spaces."""
+    line = " ".join(text.splitlines())
+    encoded = line.encode("utf-8")
+    if len(encoded) <= MAX_LINE_BYTES:
+        return line
+    return encoded[:MAX_LINE_BYTES - 3].decode("utf-8", errors="ignore") + "..."
+
+
+def format_time(seconds: float) -> str:
+    """``2026-12-07T20:33:01.123Z``: UTC, to the millisecond."""
+    stamp = datetime.fromtimestamp(seconds, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _result_name(value: str) -> str:
+    try:
+        return VMTaskResult(int(value)).name
+    except ValueError:
+        return value
+
+
+def describe(fields: Mapping[str, str]) -> str:
+    """The text of one entry, without its time."""
+    kind = fields.get("kind")
+    if kind is None:
+        return fields.get("m", "")
+    if kind == "start":
+        return f"started on worker {fields.get('worker', '?')}"
+    if kind == "cancel":
+        return "cancel requested"
+    if kind == "end":
+        state, result = fields.get("state", "?"), fields.get("result", "")
+        if state == "SUCCESS":
+            return "ended: Success"
+        error = hresults.format_hresult(int(fields.get("error") or 0))
+        what = "crashed (its worker's lease expired)" if fields.get("judged") == "1" else "ended"
+        text = fields.get("text", "")
+        return f"{what}: {_result_name(result)} {error}" + (f": {text}" if text else "")
+    return f"{kind} " + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("t", "kind"))
+
+
+def format_entry(fields: Mapping[str, str]) -> str:
+    """``<UTC time> <text>``: one line of `VMTask.log`."""
+    try:
+        when = format_time(float(fields.get("t", "0")))
+    except ValueError:
+        when = "?"
+    return f"{when} {describe(fields)}"
