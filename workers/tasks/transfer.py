@@ -188,6 +188,9 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
             pass_fds=served.fds, creds=transfer_tls.creds_of(run.settings)))
         stack.callback(run.redis.delete, offer_key, accepted)
+        run.log(f"serving {path} read-only with qemu-nbd on {export.address}:{export.port}"
+                + (f" (TLS: tls-creds-{export.creds.kind}, dir={export.creds.directory})"
+                   if export.creds is not None else " (no TLS)"))
         pipe = run.redis.pipeline(transaction=True)
         pipe.hset(offer_key, mapping={
             **offer_fields(export),
