@@ -21,6 +21,7 @@ from api.protocol import keys, tasklog
 from api.replication import register_script
 from tests.helpers import assert_succeeded as done
 from tests.integration.test_cli import cli_env
+from tests.integration.test_vms import vm_env, vmhost  # noqa: F401 - fixtures
 from workers.devtools.sandbox import REPO_ROOT, RedisServer, wait_until
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (.*)$")
@@ -227,3 +228,37 @@ def test_no_secret_in_the_log_of_a_psk_transfer_with_a_redis_password(
     # ...but neither the key nor the Redis password is anywhere in any log.
     assert psk_key not in text and password not in text
     assert len(logs) >= 3  # the create, the copy and the source's serve task
+
+
+@pytest.mark.slow
+def test_a_vm_start_save_and_restore_log_qemu_and_qmp(
+        vm_env: tuple[RedisServer, Path], vmhost: Any) -> None:  # noqa: F811
+    with VirtualServer(vm_env[0].url, host="vmhost", poll_interval=0.5) as server:
+        done(server.create_dynamic_virtual_hard_disk("logvm/disk.qcow2", 16))
+        vm = server.create_virtual_machine("logvm", memory_mb=64, disks=["logvm/disk.qcow2"])
+        try:
+            start = vm.startup()
+            done(start)
+            save = vm.save()
+            done(save)
+            restore = vm.startup()
+            done(restore)
+            done(vm.turn_off())
+        finally:
+            done(vm.delete())
+        texts = [text for _when, text in parsed(start.log())]
+        order = [index_of(texts, r"^accelerator (tcg|kvm) \(VMTASK_ACCEL="),
+                 index_of(texts, r"^launch: \S*qemu-system-x86_64 .*-mon chardev=qmp,mode=control"),
+                 index_of(texts, r"^QEMU pid \d+ up; QMP query-status: running$"),
+                 index_of(texts, r"^ended: Success$")]
+        assert order == sorted(order), texts
+        texts = [text for _when, text in parsed(save.log())]
+        order = [index_of(texts, r"^QMP stop: the guest was running$"),
+                 index_of(texts, r"^QMP migrate to \S+ \(max-bandwidth unlimited\)$"),
+                 index_of(texts, r"^QMP query-migrate: completed, \d+ bytes written$"),
+                 index_of(texts, r"^state published; QMP quit$"),
+                 index_of(texts, r"^ended: Success$")]
+        assert order == sorted(order), texts
+        texts = [text for _when, text in parsed(restore.log())]
+        assert index_of(texts, r"^restore from \S+saved\.state$") < index_of(
+            texts, r"^launch: \S*qemu-system-x86_64 .*-incoming ")
