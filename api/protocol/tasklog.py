@@ -36,6 +36,8 @@ _SECRET_OPTION = re.compile(
     r"(?i)\b(data|password|passwd|passphrase|secret|key|psk|token)=([^,\s\"']*)")
 _SECRET_JSON = re.compile(
     r"(?i)(\"(?:password|passwd|passphrase|secret|key|psk|token|data)\"\s*:\s*)\"[^\"]*\"")
+# The password of a URL: ``redis://user:password@host``.
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 
@@ -45,7 +47,8 @@ def redact(text: str) -> str:
     text = _SECRET_OPTION.sub(
         lambda m: m.group(0) if m.group(2) in ("", "on", "off") else f"{m.group(1)}={REDACTED}",
         text)
-    return _SECRET_JSON.sub(lambda m: f"{m.group(1)}\"{REDACTED}\"", text)
+    text = _SECRET_JSON.sub(lambda m: f"{m.group(1)}\"{REDACTED}\"", text)
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
 
 
 def clip(text: str) -> str:

@@ -24,6 +24,8 @@ def test_secret_option_values_are_redacted_and_paths_kept() -> None:
     assert "dir=/etc/vmtask/psk" in out and "username=qemu" in out
     assert "password=on" in out  # QEMU's flag, not a password
     assert out.count(tasklog.REDACTED) == 3
+    assert tasklog.redact("retry: redis://worker:s3cret@10.0.0.1:6379/0 away") == (
+        "retry: redis://worker:<redacted>@10.0.0.1:6379/0 away")
 
 
 def test_lines_are_one_line_and_clipped_to_1_kib_of_utf8() -> None:
