@@ -5,7 +5,7 @@ a worker that writes lines publishes ``log`` there, the end of the task publishe
 ``done``, so a line is printed when it is written, not at the next poll.  It
 subscribes before its first read, so nothing written in between is missed, and
 re-reads every ``poll_interval`` anyway in case a message is lost.  Lines are read
-by entry id ("after the last one printed"), so none is skipped or repeated, even
+by number ("after the last one printed"), so none is skipped or repeated, even
 when the log's cap drops old ones meanwhile.  It ends once the record is complete:
 the end line is written by the same script that completes the record.
 """
@@ -32,7 +32,7 @@ def follow_log(task: VMTask, *, tail: int | None = None,
     task; `BrokerUnavailableError` once Redis has been away `BROKER_GRACE_SECONDS`."""
     store: TaskStore = task._store  # the handle's own store
     channel = keys.task_channel(task.id)
-    last = "-"
+    last = 0
     lost_at: float | None = None
     first = True
     while True:
@@ -48,18 +48,18 @@ def follow_log(task: VMTask, *, tail: int | None = None,
                     entries = store.log_entries(task.id, tail=max(tail, 1)) \
                         if tail is not None else store.log_entries(task.id)
                     if tail == 0:
-                        last = entries[-1][0] if entries else "-"
+                        last = int(entries[-1]["n"]) if entries else 0
                         entries = []
                     first = False
-                    for entry_id, fields in entries:
-                        last = entry_id
+                    for fields in entries:
+                        last = int(fields["n"])
                         yield tasklog.format_entry(fields)
                 while True:
                     # The state first: once it reads complete, the read of the lines
                     # after it holds the end line too.
                     complete = task.snapshot().is_complete
-                    for entry_id, fields in store.log_entries(task.id, after=last):
-                        last = entry_id
+                    for fields in store.log_entries(task.id, after=last):
+                        last = int(fields["n"])
                         yield tasklog.format_entry(fields)
                     lost_at = None
                     if complete:

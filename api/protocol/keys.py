@@ -26,7 +26,7 @@ def task_channel(task_id: str) -> str:
 
 
 def task_log(task_id: str) -> str:
-    """Stream: the task's log (`api.protocol.tasklog`), capped, expiring with the
+    """List: the task's log (`api.protocol.tasklog`), capped, expiring with the
     record.  `lua/task_log.lua` derives it from the record's key, so keep both."""
     return f"{PREFIX}log:{task_id}"
 

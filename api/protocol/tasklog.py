@@ -1,15 +1,18 @@
 """The task log: the time-stamped lines a task's operation wrote, kept beside its record.
 
-One Redis stream per task (`keys.task_log`), chosen over a list trimmed with LTRIM:
+One Redis list per task (`keys.task_log`) of small JSON objects, each numbered
+``n`` = 1, 2, ... over the task's whole life, written by `lua/task_log.lua`: RPUSH,
+then LTRIM once the cap is passed, inside the scripts that already move the record
+(start, finish, cancel, withdraw), so the start and end lines cost no round trip of
+their own.  A follower asks for the entries after the number it printed last
+(`lua/task_log_after.lua`), so it neither skips nor repeats a line when the cap
+drops old ones.  An entry is a line of text (``m``) or a transition's fields (state,
+result, HRESULT) that the reader words, so Lua needs no table of result names.
 
-- ``XADD ... MAXLEN`` appends and caps in one command, inside the scripts that
-  already move the record (start, finish, cancel, withdraw: `lua/task_log.lua`), so
-  the start and end lines cost no round trip of their own;
-- entry ids only grow and survive trimming, so a follower asks for "what came after
-  the last id I printed" and never skips or repeats a line when old ones are
-  dropped, where a list's indexes shift under it;
-- an entry is a small hash: the scripts write a transition's fields (state, result,
-  HRESULT) and the reader words it, so Lua needs no table of result names.
+A list rather than a stream (XADD MAXLEN, whose ids would number the lines for
+free): Redis 7 allocates a stream's first node whole (``stream-node-max-bytes``,
+4 KiB), so the log of a task with two lines took 4.7 KB against 0.3 KB as a list,
+kept for every task for the record's retention: ten times the record itself.
 
 The log keeps the last `MAX_LINES` entries, each line clipped to `MAX_LINE_BYTES`
 (UTF-8), and expires with the record (each write gives it the record's TTL).
@@ -17,9 +20,11 @@ The log keeps the last `MAX_LINES` entries, each line clipped to `MAX_LINE_BYTES
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from api.enums import VMTaskResult
 from api.protocol import hresults, scripts
@@ -27,6 +32,7 @@ from api.protocol import hresults, scripts
 MAX_LINES = 1000  # `lua/task_log.lua` says the same; a unit test keeps them equal
 MAX_LINE_BYTES = 1024
 WRITE_SCRIPT = scripts.load("task_log_write")
+AFTER_SCRIPT = scripts.load("task_log_after")
 MSG_LOG = "log"  # published on the task's channel when a worker wrote lines
 
 # Option values that may hold a secret, in the argument lists of qemu-img, qemu-nbd
@@ -66,18 +72,18 @@ def format_time(seconds: float) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
-def _result_name(value: str) -> str:
+def _result_name(value: Any) -> str:
     try:
         return VMTaskResult(int(value)).name
     except ValueError:
-        return value
+        return str(value)
 
 
-def describe(fields: Mapping[str, str]) -> str:
+def describe(fields: Mapping[str, Any]) -> str:
     """The text of one entry, without its time."""
     kind = fields.get("kind")
     if kind is None:
-        return fields.get("m", "")
+        return str(fields.get("m", ""))
     if kind == "start":
         return f"started on worker {fields.get('worker', '?')}"
     if kind == "cancel":
@@ -88,12 +94,19 @@ def describe(fields: Mapping[str, str]) -> str:
             return "ended: Success"
         error = hresults.format_hresult(int(fields.get("error") or 0))
         what = "crashed (its worker's lease expired)" if fields.get("judged") == "1" else "ended"
-        text = fields.get("text", "")
+        text = str(fields.get("text", ""))
         return f"{what}: {_result_name(result)} {error}" + (f": {text}" if text else "")
-    return f"{kind} " + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("t", "kind"))
+    return f"{kind} " + " ".join(f"{k}={v}" for k, v in fields.items()
+                                 if k not in ("n", "t", "kind"))
 
 
-def format_entry(fields: Mapping[str, str]) -> str:
+def decode(raw: str) -> dict[str, Any]:
+    """One stored entry: its fields, ``n`` an int and the others strings."""
+    fields: dict[str, Any] = json.loads(raw)
+    return fields
+
+
+def format_entry(fields: Mapping[str, Any]) -> str:
     """``<UTC time> <text>``: one line of `VMTask.log`."""
     try:
         when = format_time(float(fields.get("t", "0")))

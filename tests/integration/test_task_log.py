@@ -168,6 +168,12 @@ def test_the_log_is_capped_and_only_the_running_worker_writes(
         every = server.get_task("capped-log").log()
         assert len(every) == tasklog.MAX_LINES
         assert every[0].endswith(" line 100") and every[-1].endswith(f" line {len(lines) - 1}")
+        # Numbered over the whole life: what came after line 1095 (n = 1096) is the
+        # last four, though the cap dropped the first hundred.
+        after = server.store.log_entries("capped-log", after=1096)
+        assert [entry["m"] for entry in after] == [f"line {i}" for i in range(1096, 1100)]
+        assert server.store.log_entries("capped-log", after=len(lines)) == []
+        assert len(server.store.log_entries("capped-log", after=5)) == tasklog.MAX_LINES
         # Another worker (one judged crashed, then woken) adds nothing.
         assert write(keys=[record, channel], args=["w2", "1", "late"]) == 0
         assert server.get_task("capped-log").log(tail=1)[0].endswith(f" line {len(lines) - 1}")
@@ -219,7 +225,7 @@ def test_no_secret_in_the_log_of_a_psk_transfer_with_a_redis_password(
         done(task)
         assert source_worker.storage_root.joinpath("d", "x.qcow2").exists()
     client = redis.client()
-    logs = {key: [tasklog.format_entry(fields) for _id, fields in client.xrange(key)]
+    logs = {key: [tasklog.format_entry(tasklog.decode(raw)) for raw in client.lrange(key, 0, -1)]
             for key in client.scan_iter(match=keys.task_log("*"))}
     text = "\n".join(line for lines in logs.values() for line in lines)
     # The pull's qemu-img ran with the PSK credentials (by directory) and is logged...

@@ -15,13 +15,13 @@ if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
              'error', ARGV[4], 'error_description', 'Cancelled before it started',
              'finished', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  task_log(KEYS[1], 't', ARGV[1], 'kind', 'end', 'state', 'REVOKED', 'result', ARGV[3],
-           'error', ARGV[4], 'text', 'Cancelled before it started')
+  task_log(KEYS[1], {t = ARGV[1], kind = 'end', state = 'REVOKED', result = ARGV[3],
+                     error = ARGV[4], text = 'Cancelled before it started'})
   redis.call('PUBLISH', KEYS[2], 'done')
   return 'REVOKED'
 end
 if not cancelable then return 'NOT_CANCELABLE' end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-task_log(KEYS[1], 't', ARGV[1], 'kind', 'cancel')
+task_log(KEYS[1], {t = ARGV[1], kind = 'cancel'})
 redis.call('PUBLISH', KEYS[2], 'cancel')
 return 'REQUESTED'

@@ -8,7 +8,7 @@
 local record = redis.call('HMGET', KEYS[1], 'state', 'worker')
 if record[1] ~= 'STARTED' or record[2] ~= ARGV[1] then return 0 end
 for i = 2, #ARGV, 2 do
-  task_log(KEYS[1], 't', ARGV[i], 'm', ARGV[i + 1])
+  task_log(KEYS[1], {t = ARGV[i], m = ARGV[i + 1]})
 end
 redis.call('PUBLISH', KEYS[2], 'log')
 return 1

@@ -16,5 +16,5 @@ redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started', ARGV[1], 'worker', AR
            'node', ARGV[5] or '')
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('SADD', KEYS[3], ARGV[4])
-task_log(KEYS[1], 't', ARGV[1], 'kind', 'start', 'worker', ARGV[2])
+task_log(KEYS[1], {t = ARGV[1], kind = 'start', worker = ARGV[2]})
 return 'BEGUN'
