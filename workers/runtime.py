@@ -166,16 +166,17 @@ class TaskRun:
         self._log_lock = threading.Lock()
         self._log_failed_at = -LOG_RETRY_SECONDS
 
-    def log(self, line: str) -> None:
+    def log(self, line: str, *, defer: bool = False) -> None:
         """Append ``line`` to the task's log (`api.protocol.tasklog`), time-stamped now,
         clipped and with secret-looking option values redacted.  One round trip; while
         Redis is away the lines wait (the last `LOG_BUFFER_LINES`) and go with the
-        next line or the result.  Never fails the task."""
+        next line or the result, as a ``defer``red line does (one about Redis being
+        away need not wait for it to time out again).  Never fails the task."""
         entry = (repr(time.time()), tasklog.clip(tasklog.redact(line)))
         with self._log_lock:
             self._log_pending.append(entry)
             del self._log_pending[:-LOG_BUFFER_LINES]
-            if time.monotonic() - self._log_failed_at < LOG_RETRY_SECONDS:
+            if defer or time.monotonic() - self._log_failed_at < LOG_RETRY_SECONDS:
                 return
             pending = list(self._log_pending)
             try:
@@ -286,7 +287,8 @@ class TaskRun:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Progress is advisory; the final write carries the latest value.
             log.warning("Could not record progress of %s: %s", self.task_id, exc)
-            self.log(f"warning: could not record progress {int(self._pending_percent)}%: {exc}")
+            self.log(f"warning: could not record progress {int(self._pending_percent)}%: {exc}",
+                     defer=True)
             return
         self._written_percent = self._pending_percent
         self._last_write = now
@@ -366,7 +368,8 @@ class TaskRun:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("Redis unavailable while finishing %s; retrying: %s", self.task_id, exc)
-                self.log(f"retry: Redis unavailable while recording the result: {exc}")
+                self.log(f"retry: Redis unavailable while recording the result: {exc}",
+                         defer=True)
                 time.sleep(0.5)
 
     def announce(self, failure: Failure, trace: str | None = None) -> None:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -268,3 +269,24 @@ def test_a_vm_start_save_and_restore_log_qemu_and_qmp(
         texts = [text for _when, text in parsed(restore.log())]
         assert index_of(texts, r"^restore from \S+saved\.state$") < index_of(
             texts, r"^launch: \S*qemu-system-x86_64 .*-incoming ")
+
+
+def test_lines_written_while_redis_is_away_go_with_the_result(
+        spawn: Callable[..., Any]) -> None:
+    redis = spawn("redis", appendonly=True)
+    spawn("worker", redis_url=redis.url, host="logaway", concurrency=1)
+    with VirtualServer(redis.url, host="logaway", poll_interval=0.5) as server:
+        task = server.ping(duration_ms=1500, steps=1)
+        wait_until(lambda: task.snapshot().state == "STARTED", 20, "start")
+        redis.stop()  # the step's progress, its line and the result all meet no Redis
+        time.sleep(4.0)
+        redis.start()
+        assert task.wait_for_completion(60_000)
+        assert task.result is VMTaskResult.Success
+        texts = [text for _when, text in parsed(task.log())]
+    order = [index_of(texts, r"^started on worker logaway:"),
+             index_of(texts, r"^warning: could not record progress 99%"),
+             index_of(texts, r"^step 1/1$"),
+             index_of(texts, r"^retry: Redis unavailable while recording the result"),
+             len(texts) - 1]
+    assert order == sorted(order) and texts[-1] == "ended: Success", texts
