@@ -45,21 +45,17 @@ def follow_log(task: VMTask, *, tail: int | None = None,
                 _wait_message(pubsub, channel, time.monotonic() + poll_interval,
                               subscribe=True)
                 if first:
-                    entries = store.log_entries(task.id, tail=max(tail, 1)) \
-                        if tail is not None else store.log_entries(task.id)
-                    if tail == 0:
-                        last = int(entries[-1]["n"]) if entries else 0
-                        entries = []
-                    first = False
+                    number, entries = store.log_entries(task.id, tail=tail)
+                    last, first = number - 1 + len(entries), False
                     for fields in entries:
-                        last = int(fields["n"])
                         yield tasklog.format_entry(fields)
                 while True:
                     # The state first: once it reads complete, the read of the lines
                     # after it holds the end line too.
                     complete = task.snapshot().is_complete
-                    for fields in store.log_entries(task.id, after=last):
-                        last = int(fields["n"])
+                    number, entries = store.log_entries(task.id, after=last)
+                    last = number - 1 + len(entries)
+                    for fields in entries:
                         yield tasklog.format_entry(fields)
                     lost_at = None
                     if complete:

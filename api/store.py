@@ -123,7 +123,7 @@ class TaskStore:
         self._submit = register_script(client, records.SUBMIT_SCRIPT)
         self._read = register_script(client, records.READ_SCRIPT)
         self._list = register_script(client, records.LIST_SCRIPT)
-        self._log_after = register_script(client, tasklog.AFTER_SCRIPT)
+        self._log_read = register_script(client, tasklog.READ_SCRIPT)
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
@@ -265,32 +265,21 @@ class TaskStore:
 
     def log(self, task_id: str, tail: int | None = None) -> list[str]:
         """The task's log lines, oldest first (the last ``tail`` only, if given), in
-        one pipelined round trip; `TaskNotFoundError` once the record is gone."""
-        return [tasklog.format_entry(fields) for fields in self.log_entries(task_id, tail=tail)]
+        one round trip; `TaskNotFoundError` once the record is gone."""
+        _first, entries = self.log_entries(task_id, tail=tail)
+        return [tasklog.format_entry(fields) for fields in entries]
 
     def log_entries(self, task_id: str, *, after: int = 0,
-                    tail: int | None = None) -> list[dict[str, Any]]:
-        """The log's entries, oldest first: those numbered after ``after``, or the
-        last ``tail``; with the record's existence checked in the same round trip."""
-        log_key = keys.task_log(task_id)
-
-        def build(pipe: Any) -> None:
-            pipe.exists(keys.task_record(task_id))
-            if tail is not None:
-                pipe.lrange(log_key, -tail, -1)
-            elif after > 0:
-                pipe.evalsha(self._log_after.sha, 1, log_key, after)
-            else:
-                pipe.lrange(log_key, 0, -1)
-
+                    tail: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """The number of the first entry returned, and the log's entries, oldest
+        first: those numbered after ``after``, the last ``tail`` of them at most."""
         with broker_errors(self.url):
-            if tail == 0:
-                exists, raw = self.client.exists(keys.task_record(task_id)), []
-            else:
-                exists, raw = pipelined(self.client, build, (self._log_after,))
-        if not exists:
+            reply = self._log_read(keys=[keys.task_record(task_id), keys.task_log(task_id)],
+                                   args=[after, "" if tail is None else tail])
+        if not reply:
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
-        return [tasklog.decode(item) for item in raw]
+        first, *raw = reply
+        return int(first), [tasklog.decode(item) for item in raw]
 
     def matching(self, state: str | None, host: str | None, limit: int,
                  horizon: int) -> list[str]:

@@ -1,13 +1,13 @@
 """The task log: the time-stamped lines a task's operation wrote, kept beside its record.
 
-One Redis list per task (`keys.task_log`) of small JSON objects, each numbered
-``n`` = 1, 2, ... over the task's whole life, written by `lua/task_log.lua`: RPUSH,
-then LTRIM once the cap is passed, inside the scripts that already move the record
-(start, finish, cancel, withdraw), so the start and end lines cost no round trip of
-their own.  A follower asks for the entries after the number it printed last
-(`lua/task_log_after.lua`), so it neither skips nor repeats a line when the cap
-drops old ones.  An entry is a line of text (``m``) or a transition's fields (state,
-result, HRESULT) that the reader words, so Lua needs no table of result names.
+One Redis list per task (`keys.task_log`) of small JSON objects, written by
+`lua/task_log.lua`: RPUSH, and LTRIM once the cap is passed, inside the scripts
+that already move the record (start, finish, cancel, withdraw), so the start and
+end lines cost no round trip of their own.  The record counts the entries the cap
+dropped, so each entry has a number (1, 2, ... over the task's life) and a follower
+asks for those after the last it printed (`lua/task_log_read.lua`), never skipping
+or repeating one.  An entry is a line of text (``m``) or a transition's fields
+(state, result, HRESULT) that the reader words, so Lua needs no table of names.
 
 A list rather than a stream (XADD MAXLEN, whose ids would number the lines for
 free): Redis 7 allocates a stream's first node whole (``stream-node-max-bytes``,
@@ -32,7 +32,7 @@ from api.protocol import hresults, scripts
 MAX_LINES = 1000  # `lua/task_log.lua` says the same; a unit test keeps them equal
 MAX_LINE_BYTES = 1024
 WRITE_SCRIPT = scripts.load("task_log_write")
-AFTER_SCRIPT = scripts.load("task_log_after")
+READ_SCRIPT = scripts.load("task_log_read")
 MSG_LOG = "log"  # published on the task's channel when a worker wrote lines
 
 # Option values that may hold a secret, in the argument lists of qemu-img, qemu-nbd
@@ -101,7 +101,7 @@ def describe(fields: Mapping[str, Any]) -> str:
 
 
 def decode(raw: str) -> dict[str, Any]:
-    """One stored entry: its fields, ``n`` an int and the others strings."""
+    """One stored entry: its fields (strings)."""
     fields: dict[str, Any] = json.loads(raw)
     return fields
 

@@ -171,16 +171,21 @@ def test_the_log_is_capped_and_only_the_running_worker_writes(
         assert every[0].endswith(" line 100") and every[-1].endswith(f" line {len(lines) - 1}")
         # Numbered over the whole life: what came after line 1095 (n = 1096) is the
         # last four, though the cap dropped the first hundred.
-        after = server.store.log_entries("capped-log", after=1096)
+        number, after = server.store.log_entries("capped-log", after=1096)
+        assert number == 1097
         assert [entry["m"] for entry in after] == [f"line {i}" for i in range(1096, 1100)]
-        assert server.store.log_entries("capped-log", after=len(lines)) == []
-        assert len(server.store.log_entries("capped-log", after=5)) == tasklog.MAX_LINES
+        assert server.store.log_entries("capped-log", after=len(lines)) == (len(lines) + 1, [])
+        number, kept = server.store.log_entries("capped-log", after=5)
+        assert (number, len(kept)) == (101, tasklog.MAX_LINES)
+        number, last_two = server.store.log_entries("capped-log", tail=2)
+        assert number == len(lines) - 1 and len(last_two) == 2
         # Another worker (one judged crashed, then woken) adds nothing.
         assert write(keys=[record, channel], args=["w2", "1", "late"]) == 0
         assert server.get_task("capped-log").log(tail=1)[0].endswith(f" line {len(lines) - 1}")
     finally:
         server.close()
     assert abs(client.pttl(keys.task_log("capped-log")) - client.pttl(record)) < 50
+    assert client.hget(record, "log_dropped") == "100"
     client.delete(record, keys.task_lease("capped-log"), keys.task_log("capped-log"))
 
 

@@ -16,7 +16,7 @@ if state == 'PENDING' and (cancelable or ARGV[5] == '1') then
              'finished', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   task_log(KEYS[1], {t = ARGV[1], kind = 'end', state = 'REVOKED', result = ARGV[3],
-                     error = ARGV[4], text = 'Cancelled before it started'})
+                     error = ARGV[4], text = 'Cancelled before it started'}, ARGV[2])
   redis.call('PUBLISH', KEYS[2], 'done')
   return 'REVOKED'
 end

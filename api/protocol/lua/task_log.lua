@@ -1,28 +1,33 @@
 -- Not a script of its own: the function of the scripts that say "-- uses: task_log".
 -- Appends one entry to the task's log (`api.protocol.tasklog`): a list of JSON
--- objects, each with 'n' (its number: 1, 2, ... for the task's whole life, so a
--- follower asks for what came after the last it printed), 't' (the writer's time)
--- and 'm' (a line of text), or 'kind' and the fields of a transition.  The list is
--- capped at MAX_LINES entries (`api.protocol.tasklog.MAX_LINES`: the oldest go) and
--- gets the record's remaining life, so it expires with the record.
+-- objects, each with 't' (the writer's time) and 'm' (a line of text), or 'kind'
+-- and the fields of a transition.  The list keeps the last MAX_LINES entries
+-- (`api.protocol.tasklog.MAX_LINES`); the record counts those dropped
+-- ('log_dropped'), so every entry keeps its number for a follower
+-- (`lua/task_log_read.lua`).  The log lives as long as the record: ``ttl`` (seconds)
+-- when the caller just set the record's, else the record's remaining life.
 -- The log is named after the record (`keys.task_log`), not a declared key: the
 -- scripts that call this keep their keys and arguments.  Through pcall, like the
 -- metrics: a user whose ACL lacks the log key still moves the task on, unlogged.
--- Call it after the script's last EXPIRE of the record.
+-- Cheap on purpose (it runs in every task's start and finish): no read of the list.
 
-local function task_log(record, entry)
+local function task_log(record, entry, ttl)
   local MAX_LINES = 1000
   local key = 'vmtask:log:' .. string.sub(record, string.len('vmtask:task:') + 1)
-  local last = redis.pcall('LINDEX', key, -1)
-  if type(last) == 'table' then return end  -- refused (ACL) or not a list
-  entry.n = 1
-  if last then entry.n = cjson.decode(last).n + 1 end
-  redis.pcall('RPUSH', key, cjson.encode(entry))
-  if entry.n > MAX_LINES then redis.pcall('LTRIM', key, -MAX_LINES, -1) end
-  local ttl = redis.call('PTTL', record)
-  if ttl > 0 then
-    redis.pcall('PEXPIRE', key, ttl)
-  elseif ttl == -1 then
+  local length = redis.pcall('RPUSH', key, cjson.encode(entry))
+  if type(length) ~= 'number' then return end  -- refused (ACL) or not a list
+  if length > MAX_LINES then
+    redis.pcall('LTRIM', key, length - MAX_LINES, -1)
+    redis.pcall('HINCRBY', record, 'log_dropped', length - MAX_LINES)
+  end
+  if ttl then
+    redis.pcall('EXPIRE', key, ttl)
+    return
+  end
+  local left = redis.call('PTTL', record)
+  if left > 0 then
+    redis.pcall('PEXPIRE', key, left)
+  elseif left == -1 then
     redis.pcall('PERSIST', key)
   end
 end

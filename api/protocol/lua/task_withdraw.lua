@@ -12,6 +12,6 @@ redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'state', 'REVOKED', 'result
            'error', ARGV[4], 'error_description', ARGV[5], 'finished', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 task_log(KEYS[1], {t = ARGV[1], kind = 'end', state = 'REVOKED', result = ARGV[3],
-                   error = ARGV[4], text = ARGV[5]})
+                   error = ARGV[4], text = ARGV[5]}, ARGV[2])
 redis.call('PUBLISH', KEYS[2], 'done')
 return 'WITHDRAWN'
