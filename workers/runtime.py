@@ -441,6 +441,7 @@ class LeaseKeeper:
                         args=[worker_identity(settings), lease_ms])
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
+                    run.log(f"retry: could not renew the lease: {exc}", defer=True)
                     continue
                 except Exception:  # this thread must outlive any one renewal
                     log.exception("Could not renew lease of %s", run.task_id)

@@ -5,6 +5,7 @@ follower that prints lines as they are written; and no secret in it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -295,3 +296,23 @@ def test_lines_written_while_redis_is_away_go_with_the_result(
              index_of(texts, r"^retry: Redis unavailable while recording the result"),
              len(texts) - 1]
     assert order == sorted(order) and texts[-1] == "ended: Success", texts
+
+
+def test_cli_task_log_tail_json_and_an_unknown_id(redis_server: RedisServer,
+                                                  server: VirtualServer) -> None:
+    task = server.ping(duration_ms=100, steps=3)
+    done(task)
+    base = [sys.executable, "-m", "api.cli", "--url", redis_server.url, "task", "log"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=60,
+                              env=cli_env(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+
+    shown = run(task.id, "--tail", "2", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == task.log(tail=2)
+    assert json.loads(shown.stdout)[-1].endswith(" ended: Success")
+    plain = run(task.id)
+    assert plain.returncode == 0 and plain.stdout.splitlines() == task.log()
+    unknown = run("no-such-task")
+    assert unknown.returncode == 4 and "no-such-task" in unknown.stderr, unknown
