@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["commands", "round_trip", "throughput", "enqueue", "status", "backlog", "convert",
-           "vm_save_restore", "control_latency", "migrate", "exporter"]
+           "vm_save_restore", "control_latency", "migrate", "exporter", "task_log"]
 
 
 def main(names: list[str]) -> int:
