@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
-from api.protocol import keys, tasklog
+from api.protocol import keys, records, tasklog
 from api.replication import register_script
 from tests.helpers import assert_succeeded as done
 from tests.integration.test_cli import cli_env
@@ -316,3 +316,23 @@ def test_cli_task_log_tail_json_and_an_unknown_id(redis_server: RedisServer,
     assert plain.returncode == 0 and plain.stdout.splitlines() == task.log()
     unknown = run("no-such-task")
     assert unknown.returncode == 4 and "no-such-task" in unknown.stderr, unknown
+
+
+def test_a_long_failure_description_is_clipped_between_characters(
+        redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    task_id = "long-description"
+    record = keys.task_record(task_id)
+    client.hset(record, mapping={"state": "STARTED", "worker": "w1", "name": "vm.ping"})
+    client.expire(record, 600)
+    description = "x" + "é" * 1500  # two bytes a character, cut at an odd byte
+    finish = register_script(client, records.FINISH_SCRIPT)
+    assert finish(keys=[record, keys.task_lease(task_id), keys.RUNNING_TASKS,
+                        keys.task_channel(task_id)],
+                  args=["FAILURE", 1, 0x80004005, description, repr(time.time()), 0, 60,
+                        task_id, "0", ""]) == "OK"
+    with VirtualServer(redis_server.url, host="alpha") as server:
+        (line,) = server.get_task(task_id).log()
+    assert line.endswith("é...") and len(line.encode()) < 1024 + 100, line
+    assert client.hget(record, "error_description") == description  # the record keeps it all
+    client.delete(record, keys.task_log(task_id))

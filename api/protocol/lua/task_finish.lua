@@ -30,6 +30,6 @@ redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 task_log(KEYS[1], {t = ARGV[5], kind = 'end', state = ARGV[1], result = ARGV[2], error = ARGV[3],
-                   text = string.sub(ARGV[4], 1, 1024), judged = ARGV[9]}, ARGV[7])
+                   text = ARGV[4], judged = ARGV[9]}, ARGV[7])
 redis.call('PUBLISH', KEYS[4], 'done')
 return 'OK'

@@ -12,7 +12,13 @@
 -- Cheap on purpose (it runs in every task's start and finish): no read of the list.
 
 local function task_log(record, entry, ttl)
-  local MAX_LINES = 1000
+  local MAX_LINES, MAX_LINE_BYTES = 1000, 1024
+  -- A long failure description is clipped like the worker's lines, never inside a
+  -- UTF-8 character (the reader decodes strictly).
+  if entry.text and string.len(entry.text) > MAX_LINE_BYTES then
+    entry.text = string.gsub(string.sub(entry.text, 1, MAX_LINE_BYTES - 3),
+                             '[\192-\255][\128-\191]*$', '') .. '...'
+  end
   local key = 'vmtask:log:' .. string.sub(record, string.len('vmtask:task:') + 1)
   local length = redis.pcall('RPUSH', key, cjson.encode(entry))
   if type(length) ~= 'number' then return end  -- refused (ACL) or not a list
