@@ -10,8 +10,10 @@ from api.protocol import tasklog
 
 def test_the_lua_cap_is_the_documented_one() -> None:
     lua = resources.files("api.protocol").joinpath("lua", "task_log.lua").read_text("utf-8")
-    match = re.search(r"local MAX_LINES = (\d+)", lua)
-    assert match and int(match.group(1)) == tasklog.MAX_LINES
+    match = re.search(r"local MAX_LINES, MAX_LINE_BYTES = (\d+), (\d+)", lua)
+    assert match
+    assert (int(match.group(1)), int(match.group(2))) == (tasklog.MAX_LINES,
+                                                          tasklog.MAX_LINE_BYTES)
 
 
 def test_secret_option_values_are_redacted_and_paths_kept() -> None:
