@@ -26,7 +26,7 @@ from api.errors import (
     TaskNotCancelableError,
     TaskNotFoundError,
 )
-from api.protocol import hresults, keys, records
+from api.protocol import hresults, keys, records, tasklog
 from api.protocol.records import TaskSnapshot
 from api.replication import Acknowledgement, pipelined, register_script, replicated
 
@@ -123,6 +123,7 @@ class TaskStore:
         self._submit = register_script(client, records.SUBMIT_SCRIPT)
         self._read = register_script(client, records.READ_SCRIPT)
         self._list = register_script(client, records.LIST_SCRIPT)
+        self._log_read = register_script(client, tasklog.READ_SCRIPT)
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
@@ -263,6 +264,24 @@ class TaskStore:
             replies = pipelined(self.client, build, (self._submit, self._read))
         return [_snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
+
+    def log(self, task_id: str, tail: int | None = None) -> list[str]:
+        """The task's log lines, oldest first (the last ``tail`` only, if given), in
+        one round trip; `TaskNotFoundError` once the record is gone."""
+        _first, entries = self.log_entries(task_id, tail=tail)
+        return [tasklog.format_entry(fields) for fields in entries]
+
+    def log_entries(self, task_id: str, *, after: int = 0,
+                    tail: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """The number of the first entry returned, and the log's entries, oldest
+        first: those numbered after ``after``, the last ``tail`` of them at most."""
+        with broker_errors(self.url):
+            reply = self._log_read(keys=[keys.task_record(task_id), keys.task_log(task_id)],
+                                   args=[after, "" if tail is None else tail])
+        if not reply:
+            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+        first, *raw = reply
+        return int(first), [tasklog.decode(item) for item in raw]
 
     def matching(self, state: str | None, host: str | None, limit: int,
                  horizon: int) -> list[str]:

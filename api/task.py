@@ -13,7 +13,12 @@ import time
 from typing import Any
 
 from api.enums import VMTaskResult
-from api.errors import BrokerAccessDeniedError, BrokerUnavailableError, InvalidTimeoutError
+from api.errors import (
+    BrokerAccessDeniedError,
+    BrokerUnavailableError,
+    InvalidArgumentError,
+    InvalidTimeoutError,
+)
 from api.protocol import keys, records
 from api.protocol.records import TaskSnapshot
 from api.store import CONNECTION_ERRORS, TaskStore, access_denied, refusal_of
@@ -105,6 +110,16 @@ class VMTask:
     @property
     def error_description(self) -> str:
         return self.snapshot().error_description
+
+    def log(self, tail: int | None = None) -> list[str]:
+        """The time-stamped lines the task's operation wrote, oldest first: its start,
+        phases, commands, QEMU events, retries, warnings and its end (the last
+        ``tail`` only, if given).  One Redis round trip.  The log keeps a task's last
+        1,000 lines and expires with its record (`api.protocol.tasklog`)."""
+        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int)
+                                 or tail < 0):
+            raise InvalidArgumentError(f"tail must be None or an int >= 0, not {tail!r}")
+        return self._store.log(self._id, tail)
 
     def cancel(self) -> None:
         """Revoke a queued task, or ask a running cancelable one to stop.

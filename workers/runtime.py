@@ -33,12 +33,13 @@ from redis.retry import Retry
 
 from api import events
 from api.enums import VMTaskResult
-from api.protocol import hresults, keys, records
+from api.protocol import hresults, keys, records, tasklog
 from api.protocol.tasks import TaskSpec
 from api.replication import Acknowledgement, register_script, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, OperationTimedOut, classify
+from workers.outage import REDIS_AWAY, ride_out
 
 log = logging.getLogger(__name__)
 
@@ -53,32 +54,10 @@ EVENT_MIN_INTERVAL = 1.0
 CANCEL_CHECK_INTERVAL = 0.1
 # How long a finishing task keeps retrying its final write while Redis is away.
 FINISH_RETRY_SECONDS = 120.0
-# What a call meets while Redis is away: restarting, killed, failing over, stopped.
-REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
-# Between two tries of a call that met Redis away.
-RIDE_OUT_PAUSE = 0.5
-
-
-def ride_out(call: Callable[[], T], *, seconds: float, what: str,
-             pause: float = RIDE_OUT_PAUSE, sleep: Callable[[float], None] = time.sleep) -> T:
-    """``call()``, made again while Redis is away (a restart, a kill, a SIGSTOP) until
-    it answers; the last error once ``seconds`` have passed.  The one way the worker
-    rides out an outage, from a task's final write to a transfer's coordination.
-
-    ``call`` must be safe to repeat: idempotent, or recognising its own earlier try
-    (a reply lost with the connection says nothing of whether the write was made).
-    The client's own retry (a few tries within a second) covers a blip; this covers
-    a restart, which takes seconds.
-    """
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return call()
-        except REDIS_AWAY as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unavailable while %s; trying again: %s", what, exc)
-            sleep(pause)
+# Log lines kept in memory while Redis is away (they go with the result), and how
+# long after a failed write the next line waits for the result rather than retrying.
+LOG_BUFFER_LINES = 200
+LOG_RETRY_SECONDS = 1.0
 
 
 # Redis's refusals of a command by the user's ACL: a NOPERM reply (redis-py's
@@ -145,6 +124,7 @@ class WorkerRedis:
         self.progress = register_script(self.client, records.PROGRESS_SCRIPT)
         self.renew = register_script(self.client, records.RENEW_SCRIPT)
         self.finish = register_script(self.client, records.FINISH_SCRIPT)
+        self.log = register_script(self.client, tasklog.WRITE_SCRIPT)
 
 
 _process_redis: tuple[int, WorkerRedis] | None = None
@@ -190,6 +170,43 @@ class TaskRun:
         # Set by the lease keeper when our lease vanished: the task has been judged
         # crashed, so the body must stop as if cancelled and publish nothing.
         self.lease_lost = threading.Event()
+        # Log lines not yet in Redis (`log`), oldest first: (time, text).
+        self._log_pending: list[tuple[str, str]] = []
+        self._log_lock = threading.Lock()
+        self._log_failed_at = -LOG_RETRY_SECONDS
+
+    def log(self, line: str, *, defer: bool = False) -> None:
+        """Append ``line`` to the task's log (`api.protocol.tasklog`), time-stamped now,
+        clipped and with secret-looking option values redacted.  One round trip; while
+        Redis is away the lines wait (the last `LOG_BUFFER_LINES`) and go with the
+        next line or the result, as a ``defer``red line does (one about Redis being
+        away need not wait for it to time out again).  Never fails the task."""
+        entry = (repr(time.time()), tasklog.clip(tasklog.redact(line)))
+        with self._log_lock:
+            self._log_pending.append(entry)
+            del self._log_pending[:-LOG_BUFFER_LINES]
+            if defer or time.monotonic() - self._log_failed_at < LOG_RETRY_SECONDS:
+                return
+            pending = list(self._log_pending)
+            try:
+                self._conn.log(keys=[self._record, self._channel],
+                               args=[worker_identity(self.settings),
+                                     *(item for pair in pending for item in pair)])
+            except redis.RedisError as exc:
+                self._log_failed_at = time.monotonic()
+                log.debug("Could not write to the log of %s: %s", self.task_id, exc)
+                return
+            del self._log_pending[:len(pending)]
+
+    def _log_with(self, pipe: Any) -> int:
+        """Queue the lines still waiting into ``pipe`` (before the result); how many."""
+        with self._log_lock:
+            pending = list(self._log_pending)
+        if pending:
+            pipe.evalsha(self._conn.log.sha, 2, self._record, self._channel,
+                         worker_identity(self.settings),
+                         *(item for pair in pending for item in pair))
+        return len(pending)
 
     def begin(self) -> str:
         """The start gate, acknowledged by a replica before the body may run.
@@ -259,9 +276,12 @@ class TaskRun:
             if time.monotonic() > deadline:
                 log.warning("No Redis replica acknowledged the %s of %s; going on without",
                             what, self.task_id)
+                self.log(f"warning: no Redis replica acknowledged the {what}; going on without")
                 return outcome
             log.warning("No Redis replica acknowledged the %s of %s within %d ms; "
                         "sending it again", what, self.task_id, self._conn.ack.wait_ms)
+            self.log(f"retry: no Redis replica acknowledged the {what} within "
+                     f"{self._conn.ack.wait_ms} ms; sending it again")
             time.sleep(0.2)
 
     def report_progress(self, percent: float) -> None:
@@ -278,6 +298,8 @@ class TaskRun:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Progress is advisory; the final write carries the latest value.
             log.warning("Could not record progress of %s: %s", self.task_id, exc)
+            self.log(f"warning: could not record progress {int(self._pending_percent)}%: {exc}",
+                     defer=True)
             return
         self._written_percent = self._pending_percent
         self._last_write = now
@@ -335,7 +357,13 @@ class TaskRun:
             percent = int(self._pending_percent)
         finished = repr(time.time())
 
+        logged = 0
+
         def build(pipe: Any) -> None:
+            nonlocal logged
+            # Lines that waited for Redis go first, in the same round trip: the
+            # end line, written by the finish script, stays the last.
+            logged = self._log_with(pipe)
             pipe.evalsha(self._conn.finish.sha, 6, self._record, keys.task_lease(self.task_id),
                          keys.RUNNING_TASKS, self._channel, keys.REDIS_PRIMARY,
                          keys.LEASE_DEADLINES,
@@ -348,8 +376,11 @@ class TaskRun:
         identity = worker_identity(self.settings)
 
         def attempt() -> tuple[str, bool]:
-            (outcome, (holder, at)), acked = replicated(
-                self.redis, build, (self._conn.finish,), self._conn.ack)
+            replies, acked = replicated(
+                self.redis, build, (self._conn.finish, self._conn.log), self._conn.ack)
+            outcome, (holder, at) = replies[logged:]
+            with self._log_lock:
+                del self._log_pending[:logged]
             if outcome == state and holder == identity and at == finished:
                 outcome = "OK"  # our own finish, re-sent after a lost reply
             return str(outcome), acked
@@ -357,7 +388,10 @@ class TaskRun:
         # Sent again until a replica has it: a result only the dying primary took
         # would leave the task STARTED on the next one, to be judged crashed.
         return ride_out(lambda: self._until_acknowledged("result", attempt, lambda o: o == "OK"),
-                        seconds=FINISH_RETRY_SECONDS, what=f"finishing {self.task_id}")
+                        seconds=FINISH_RETRY_SECONDS, what=f"finishing {self.task_id}",
+                        on_retry=lambda exc: self.log(
+                            f"retry: Redis unavailable while recording the result: {exc}",
+                            defer=True))
 
     def announce(self, failure: Failure, trace: str | None = None) -> None:
         """Tell Celery's monitors (Flower) how the task ended, as the record says.
@@ -429,6 +463,7 @@ class LeaseKeeper:
                         args=[worker_identity(settings), lease_ms, run.task_id])
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
+                    run.log(f"retry: could not renew the lease: {exc}", defer=True)
                     continue
                 except Exception:  # this thread must outlive any one renewal
                     log.exception("Could not renew lease of %s", run.task_id)
@@ -477,6 +512,7 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
         failure = failure_of(exc)
         if failure.result == VMTaskResult.UnexpectedError:
             trace = traceback.format_exc()
+            run.log(f"unexpected error: {type(exc).__name__}: {exc}")
             log.exception("Task %s %s failed unexpectedly", task.name, task_id)
         else:
             log.warning("Task %s %s ended %s %s: %s", task.name, task_id, failure.result.name,

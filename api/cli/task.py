@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import click
 from rich.table import Column, Table
 
-from api.cli.exits import EXIT_NOT_FOUND
+from api.cli.exits import EXIT_INTERRUPTED, EXIT_NOT_FOUND, exit_code_for
 from api.cli.follow import finish, follow
 from api.cli.output import (
     elapsed_of,
@@ -20,6 +21,7 @@ from api.cli.output import (
     stdout_console,
 )
 from api.cli.state import json_option, state_of
+from api.logs import follow_log
 from api.protocol.hresults import format_hresult
 from api.protocol.records import TaskSnapshot
 
@@ -133,6 +135,37 @@ def task_cancel(ctx: click.Context, task_id: str, then_wait: bool) -> None:
     else:
         click.echo(f"Cancellation of task {task_id} requested; it stops shortly "
                    f"(follow it with: vmtask task wait {task_id})")
+
+
+@task.command("log")
+@click.argument("task_id")
+@click.option("-f", "--follow", "follow_live", is_flag=True,
+              help="Then print each new line as it is written until the task ends; "
+                   "exit with its result's code.")
+@click.option("--tail", type=click.IntRange(0, None), default=None,
+              help="Only the last N lines (then, with -f, the new ones).")
+@json_option
+@click.pass_context
+def task_log(ctx: click.Context, task_id: str, follow_live: bool, tail: int | None) -> None:
+    """The time-stamped lines a task's operation wrote (start, phases, commands, QEMU
+    events, retries, warnings, its end).  With --json: a list of lines; with -f too,
+    one JSON string per line as they come."""
+    state = state_of(ctx)
+    handle = state.server().get_task(task_id)
+    if not follow_live:
+        lines = handle.log(tail)
+        if state.json:
+            emit_json(lines)
+        else:
+            for line in lines:
+                click.echo(line)
+        return
+    try:
+        for line in follow_log(handle, tail=tail):
+            click.echo(json.dumps(line) if state.json else line)
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    raise SystemExit(exit_code_for(handle.snapshot().result))
 
 
 @task.command("list")

@@ -25,6 +25,12 @@ def task_channel(task_id: str) -> str:
     return f"{PREFIX}events:{task_id}"
 
 
+def task_log(task_id: str) -> str:
+    """List: the task's log (`api.protocol.tasklog`), capped, expiring with the
+    record.  `lua/task_log.lua` derives it from the record's key, so keep both."""
+    return f"{PREFIX}log:{task_id}"
+
+
 RUNNING_TASKS = f"{PREFIX}running"  # set of started, unfinished task ids
 # Sorted set: each started, unfinished task id scored by when its lease runs out
 # (Redis TIME, ms), kept by the scripts that start, renew and finish tasks.  A

@@ -8,7 +8,8 @@ import redis
 
 from api.enums import VMTaskResult
 from api.protocol import hresults
-from workers.runtime import failure_of, ride_out
+from workers.outage import ride_out
+from workers.runtime import failure_of
 
 
 def test_a_call_is_made_again_until_redis_answers() -> None:

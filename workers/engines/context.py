@@ -1,4 +1,4 @@
-"""What an engine sees of the task it runs: progress and cancellation.
+"""What an engine sees of the task it runs: progress, cancellation and its log.
 
 Engines (disk, VM) take an `OperationContext` instead of a Celery task, so they can
 be driven and tested without a broker.  `NullContext` is the do-nothing one.
@@ -19,6 +19,11 @@ class OperationContext(Protocol):
 
     def cancel_requested(self) -> bool:
         """True once a cancel request exists; cheap enough to call in a poll loop."""
+
+    def log(self, line: str) -> None:
+        """Append a line to the task's log (phases, commands, events, retries,
+        warnings, the reason for a choice), time-stamped by the runtime.  Never a
+        secret: no password, no key's contents (paths to them are fine)."""
 
 
 def raise_if_cancelled(context: OperationContext) -> None:
@@ -62,6 +67,7 @@ class NullContext:
     def __init__(self, task_id: str = "local") -> None:
         self.task_id = task_id
         self.progress: list[float] = []
+        self.lines: list[str] = []
         self.cancelled = False
 
     def report_progress(self, percent: float) -> None:
@@ -69,3 +75,6 @@ class NullContext:
 
     def cancel_requested(self) -> bool:
         return self.cancelled
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)

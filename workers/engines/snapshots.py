@@ -235,6 +235,9 @@ class Scaled:
     def cancel_requested(self) -> bool:
         return self._context.cancel_requested()
 
+    def log(self, line: str) -> None:
+        self._context.log(line)
+
 
 def create_overlays(parents: list[Path], targets: list[Path], base_infos: list[DiskInfo],
                     context: OperationContext) -> None:

@@ -15,4 +15,5 @@ def ping(run: TaskRun, duration_ms: int = 0, steps: int = 0) -> dict[str, int]:
     for step in range(1, steps + 1):
         run.sleep(duration_ms / 1000 / steps)
         run.report_progress(step * 100 / steps)
+        run.log(f"step {step}/{steps}")
     return {"steps": steps}

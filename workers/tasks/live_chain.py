@@ -36,7 +36,8 @@ from workers.engines import nbd, qemu_vm, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm import livemigrate
 from workers.failures import Cancelled, DiskError, IllegalValue
-from workers.runtime import REDIS_AWAY, TaskRun
+from workers.outage import REDIS_AWAY
+from workers.runtime import TaskRun
 from workers.tasks.files import HostFiles
 from workers.tasks.transfer import offer_fields, pull_and_judge
 
@@ -150,6 +151,9 @@ class _PullShare:
             return bool(self._run.redis.hget(self._key, "abort") == "1")
         except REDIS_AWAY:
             return False  # the abort is durable: seen once Redis is back
+
+    def log(self, line: str) -> None:
+        self._run.log(line)
 
 
 def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, Any]],

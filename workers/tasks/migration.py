@@ -351,3 +351,6 @@ class _Span:
 
     def cancel_requested(self) -> bool:
         return self._run.cancel_requested()
+
+    def log(self, line: str) -> None:
+        self._run.log(line)

@@ -210,6 +210,9 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
             pass_fds=served.fds, creds=transfer_tls.creds_of(run.settings)))
         stack.callback(run.ride_out, lambda: run.redis.delete(offer_key, accepted),
                        "withdrawing the export")
+        run.log(f"serving {path} read-only with qemu-nbd on {export.address}:{export.port}"
+                + (f" (TLS: tls-creds-{export.creds.kind}, dir={export.creds.directory})"
+                   if export.creds is not None else " (no TLS)"))
         offer = {**offer_fields(export), "virtual_size": served.virtual_size,
                  "allocated": served.allocated, "fixed": int(served.fixed),
                  "host": run.settings.host}

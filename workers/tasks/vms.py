@@ -347,6 +347,9 @@ class _Share:
     def cancel_requested(self) -> bool:
         return self._run.cancel_requested()
 
+    def log(self, line: str) -> None:
+        self._run.log(line)
+
 
 @operation(tasks.VM_DISCARD_UNDO_DISKS)
 def discard_undo_disks(run: TaskRun, name: str) -> None:

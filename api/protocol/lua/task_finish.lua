@@ -1,5 +1,6 @@
 -- uses: primary_takeover
 -- uses: task_metrics
+-- uses: task_log
 -- KEYS: record, lease, running set, channel, the primary key (read only by a crash
 --       judgment), the lease deadlines.
 -- ARGV: state, result, error, error description, finished time, percent,
@@ -41,5 +42,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'result', ARGV[2], 'error', ARGV[3
 redis.call('DEL', KEYS[2])
 forget()
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+task_log(KEYS[1], {t = ARGV[5], kind = 'end', state = ARGV[1], result = ARGV[2], error = ARGV[3],
+                   text = ARGV[4], judged = ARGV[9]}, ARGV[7])
 redis.call('PUBLISH', KEYS[4], 'done')
 return 'OK'

@@ -1,3 +1,4 @@
+-- uses: task_log
 -- KEYS: record, lease, running set, the host's running set, the lease deadlines,
 --       the host's PENDING index.
 -- ARGV: now, worker name (host:machine:pid), lease ms, task id, and the worker's
@@ -25,4 +26,5 @@ if KEYS[5] then
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[3]), ARGV[4])
 end
+task_log(KEYS[1], {t = ARGV[1], kind = 'start', worker = ARGV[2]})
 return 'BEGUN'

@@ -98,9 +98,11 @@ def create_dynamic(
     check_size(fmt, size_bytes)
     target = require_new_target(path)
     with new_output(target, task_id_for(context, task_id)) as temp:
+        context.log(f"phase: create a dynamic {fmt} image of {size_bytes} bytes as {temp.name}")
         context.report_progress(10.0)
         _create_image(temp, fmt, size_bytes, False, context, timeout)
         context.report_progress(90.0)
+        context.log(f"phase: publish {target}")
     context.report_progress(100.0)
     return info(target)
 
@@ -136,6 +138,7 @@ def create_differencing(
     size = (parent_info or info(parent, timeout=timeout)).virtual_size
     backing = os.path.relpath(parent, target.parent)
     with new_output(target, task_id_for(context, task_id)) as temp:
+        context.log(f"phase: create a qcow2 overlay of {parent} ({parent_fmt}, {size} bytes)")
         context.report_progress(10.0)
         run_qemu_img(
             ["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", parent_fmt, str(temp),

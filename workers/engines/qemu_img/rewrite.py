@@ -50,6 +50,9 @@ def _convert_into(
     check_maximum(destination_fmt, source_info.virtual_size)
     copy_end = 90.0 if fixed else 99.0
     with new_output(target, task_id_for(context, task_id)) as temp:
+        context.log(f"phase: copy {source.name} ({source_fmt}, {source_info.virtual_size} "
+                    f"bytes) into a {'fixed' if fixed else 'dynamic'} {destination_fmt} "
+                    f"image {temp.name}")
         run_qemu_img(
             [
                 "convert",
@@ -68,7 +71,9 @@ def _convert_into(
             pass_fds=() if chain is None else chain.fds,
         )
         if fixed:
+            context.log("phase: allocate every block (a fixed disk)")
             allocate(temp, context, ProgressSpan(context, copy_end, 99.0), deadline)
+        context.log(f"phase: publish {target}")
     context.report_progress(100.0)
     return written_info(target, source_info.virtual_size)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import subprocess
@@ -115,6 +116,10 @@ def run_qemu_img(
         raise Cancelled()
     deadline = None if timeout is None else time.monotonic() + timeout
     action = f"qemu-img {args[0]}" if args else "qemu-img"
+    # The argument list as run (secret-looking option values are redacted by the
+    # log; no argument vmtask builds holds one: TLS credentials are a directory).
+    context.log(f"run: {shlex.join(['qemu-img', *args])}")
+    started = time.monotonic()
     try:
         process = subprocess.Popen(
             [*_DIE_WITH_PARENT, _qemu_img_binary(), *args],
@@ -182,6 +187,8 @@ def run_qemu_img(
         process.stdout.close()
         process.stderr.close()
 
+    context.log(f"{action}: exit status {returncode} after {time.monotonic() - started:.1f} s"
+                + (f": {clean_stderr(stderr)}" if returncode != 0 else ""))
     if returncode != 0:
         paths = [arg for arg in args if os.sep in arg]
         raise failure_from_stderr(clean_stderr(stderr), action, paths)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -298,10 +299,12 @@ def start(
     _check_host_memory(config)
     metadata: dict[str, Any] | None = None
     if incoming_state is not None:
+        context.log(f"restore from {incoming_state}")
         metadata = check_saved_state(config, Path(incoming_state), progress)
     if context.cancel_requested():
         raise Cancelled()
     accel = choose_accel(config.accel)
+    context.log(f"accelerator {accel} (VMTASK_ACCEL={config.accel})")
     progress.step(20)
     paths.directory.mkdir(parents=True, exist_ok=True)
     argv = build_argv(
@@ -312,6 +315,7 @@ def start(
         incoming=incoming_state is not None,
         opened=opened,
     )
+    context.log("launch: " + shlex.join(argv))
     _launch(argv, paths, context, deadline, () if opened is None else opened.fds)
     progress.step(40)
     try:
@@ -323,6 +327,7 @@ def start(
             if incoming_state is not None and metadata is not None:
                 _incoming(monitor, Path(incoming_state), metadata, pid, context, progress, deadline)
             status = monitor.execute("query-status")["status"]
+            context.log(f"QEMU pid {pid} up; QMP query-status: {status}")
             if status not in ("running", "paused"):
                 raise OperationFailed(f"QEMU started in the unexpected run state {status!r}")
     except BaseException as exc:

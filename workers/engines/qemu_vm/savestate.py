@@ -102,13 +102,17 @@ def save(
         completed = False
         try:
             if status == "running":
+                context.log("QMP stop: the guest was running")
                 monitor.execute("stop")
             try:
                 monitor.send_fd(STATE_FD_NAME, fd)
+                context.log(f"QMP migrate to {paths.state_tmp.name} (max-bandwidth "
+                            f"{'unlimited' if max_bandwidth is None else max_bandwidth})")
                 monitor.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
                 _follow_migration(monitor, context, progress, deadline)
                 os.fsync(fd)
             except BaseException:
+                context.log("QMP migrate_cancel" + ("; cont" if status == "running" else ""))
                 with contextlib.suppress(OperationFailed):
                     _cancel_migration(monitor, time.monotonic() + 30)
                 if status == "running":
@@ -134,6 +138,7 @@ def save(
             raise
         progress.step(98)
         # The state is durable: from here the VM is Saved and its process must go.
+        context.log("state published; QMP quit")
         with contextlib.suppress(OperationFailed):
             monitor.execute("quit")
     if not wait_pid(pid, paths, TURN_OFF_GRACE):
@@ -145,10 +150,15 @@ def save(
 def _follow_migration(
     monitor: Monitor, context: OperationContext, progress: ProgressSpan, deadline: float
 ) -> None:
+    seen = None
     while True:
         info = monitor.execute("query-migrate")
         state = info.get("status")
         ram = info.get("ram") or {}
+        if state != seen:  # each change of the migration's state, not every poll
+            seen = state
+            context.log(f"QMP query-migrate: {state}"
+                        + (f", {ram.get('transferred', 0)} bytes written" if ram else ""))
         if ram.get("total"):
             progress.span(5, 95, 1 - ram.get("remaining", 0) / ram["total"])
         if state == "completed":
