@@ -401,9 +401,13 @@ class PtyProcess:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
         env = cli_env() | {"TERM": "xterm-256color"}
+        # Ctrl-C as at a terminal: a suite started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and so would the CLI.
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], stdin=slave,
                                      stdout=slave, stderr=slave, env=env, cwd=REPO_ROOT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                      signal.SIG_DFL))
         os.close(slave)
         self.output = b""
 

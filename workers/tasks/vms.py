@@ -112,13 +112,17 @@ def agent_socket(paths: qemu_vm.VMPaths) -> Path:
     return paths.directory / "qga.sock"
 
 
-def transition(client: redis.Redis, name: str, allowed: frozenset[S], new: S) -> S:
-    """Compare-and-set the recorded state; `InvalidStateError` if it is not in ``allowed``."""
+def transition(client: redis.Redis, name: str, allowed: frozenset[S], new: S,
+               host: str = "") -> S:
+    """Compare-and-set the recorded state; `InvalidStateError` if it is not in ``allowed``
+    (or, with ``host``, if the record no longer names that host)."""
     outcome, old = client.eval(
         TRANSITION_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
-        allowed_csv(allowed), int(new), repr(time.time()), EVENTS_MAXLEN)
+        allowed_csv(allowed), int(new), repr(time.time()), EVENTS_MAXLEN, host)
     if outcome == "MISSING":
         raise IllegalValue(f"No VM named {name!r}")
+    if outcome == "ELSEWHERE":
+        raise InvalidStateError(f"VM {name!r} is no longer on {host}")
     if outcome == "REFUSED":
         raise InvalidStateError(f"VM {name!r} is {S(int(old)).name}: cannot go to {new.name}")
     return S(int(old))
@@ -144,11 +148,16 @@ def record_runtime(client: redis.Redis, name: str, paths: qemu_vm.VMPaths, pid: 
         "vnc_password": password if vnc else ""})
 
 
-def try_lock(settings: Settings, name: str) -> int | None:
-    """The VM's lock file descriptor, locked; None while another holder has it."""
+def try_lock(settings: Settings, name: str, create: bool = True) -> int | None:
+    """The VM's lock file descriptor, locked; None while another holder has it (or,
+    with ``create`` False, when the VM has no directory here)."""
     paths = paths_of(settings, name)
-    paths.directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    if create:
+        paths.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(paths.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -437,12 +446,16 @@ def watch_vms(client: redis.Redis, settings: Settings) -> None:
     """Notice VMs that stopped by themselves (guest power-off, QEMU crash).
 
     Under the VM's lock, so no operation is half-way through it; a VM whose lock is
-    held is looked at on the next beat.
+    held is looked at on the next beat.  The records may be half a second old (one
+    read per beat): a VM that moved away meanwhile has no directory here, which the
+    watch must not recreate, and the state changes only while the record still
+    names this host (a live migration's source must not turn off the destination's
+    running guest).
     """
     for record in beat_vms(client, settings):
         if S(int(record["state"])) not in (S.Running, S.Paused):
             continue
-        fd = try_lock(settings, record["name"])
+        fd = try_lock(settings, record["name"], create=False)
         if fd is None:
             continue
         try:
@@ -452,9 +465,10 @@ def watch_vms(client: redis.Redis, settings: Settings) -> None:
             state = stopped_state(paths)
             qemu_vm.cleanup(paths)  # before the new state shows: no stale socket then
             try:
-                transition(client, record["name"], frozenset({S.Running, S.Paused}), state)
+                transition(client, record["name"], frozenset({S.Running, S.Paused}), state,
+                           host=settings.host)
             except InvalidStateError:
-                continue  # it changed since we read it
+                continue  # it changed, or moved away, since we read it
             if state is S.TurnedOff:
                 client.hdel(keys.vm_record(record["name"]), *RUNTIME_FIELDS)
             log.warning("VM %s stopped by itself: now %s", record["name"], state.name)

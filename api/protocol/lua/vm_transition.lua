@@ -1,8 +1,13 @@
 -- KEYS: vm record, events stream. ARGV: allowed states (comma-separated ints),
--- new state, time, stream max length.  Returns {outcome, old state}.
+-- new state, time, stream max length, and optionally the host the record must name
+-- (a host's own watch: a VM that moved away meanwhile is not its to change).
+-- Returns {outcome, old state}; outcome OK, MISSING, REFUSED or ELSEWHERE.
 
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'MISSING', ''} end
+if ARGV[5] and ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'host') ~= ARGV[5] then
+  return {'ELSEWHERE', state}
+end
 local allowed = false
 for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == state then allowed = true end
