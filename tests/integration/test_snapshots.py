@@ -17,7 +17,7 @@ from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import keys
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import backing_chain, qemu_io
-from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
+from workers.devtools.sandbox import RedisServer, WorkerProcess, free_port, wait_until
 
 S = VMVMState
 
@@ -30,7 +30,9 @@ def name(request: pytest.FixtureRequest) -> str:
 def new_vm(server: VirtualServer, name: str, size_mb: int = 16) -> VirtualMachine:
     ok(server.create_dynamic_virtual_hard_disk(f"{name}/disk.qcow2", size_mb))
     return server.create_virtual_machine(name, memory_mb=64, disks=[f"{name}/disk.qcow2"],
-                                         port_forwards={15022: 22})
+                                         # A free port: a fixed one clashed with
+                                         # another test's listener on the full suite.
+                                         port_forwards={free_port(): 22})
 
 
 def tree(root: Path, name: str) -> dict[str, object] | None:
