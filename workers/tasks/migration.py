@@ -46,9 +46,9 @@ from workers.tasks import move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import (
-    OFFER_TTL_SECONDS,
     PeerWatch,
     offer_fields,
+    publish,
     pull_and_judge,
 )
 from workers.tasks.vms import (
@@ -103,7 +103,8 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         copy, owned = _files_of(files, record, state)
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
-        _publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)})
+        publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
+                "announcing the move")
 
         client_over = PeerWatch.of(run, client_task_id, destination_host).over
 
@@ -119,10 +120,10 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                     key = offer_key(transfer_id, index)
                     stack.callback(run.ride_out, partial(client.delete, key),
                                    "withdrawing an export")
-                    _publish(run, key, {**offer_fields(export),
-                                        "virtual_size": manifest[index]["size"],
-                                        "allocated": manifest[index]["allocated"],
-                                        "fixed": 0})
+                    publish(run, key, {**offer_fields(export),
+                                       "virtual_size": manifest[index]["size"],
+                                       "allocated": manifest[index]["allocated"],
+                                       "fixed": 0}, "announcing an export")
                     while run.ride_out(
                             partial(client.hget, keys.transfer(transfer_id),
                                     f"done.{index}"),
@@ -170,19 +171,6 @@ def _remove_owned(files: HostFiles, owned: list[Path], directory: Path) -> list[
     if directory.exists():
         shutil.rmtree(directory, onerror=failed)
     return left
-
-
-def _publish(run: TaskRun, key: str, fields: dict[str, Any]) -> None:
-    """Set ``fields`` in ``key``, which expires should nobody remove it (across a
-    Redis outage)."""
-
-    def write() -> None:
-        pipe = run.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, OFFER_TTL_SECONDS)
-        pipe.execute()
-
-    run.ride_out(write, "announcing the move")
 
 
 def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S],

@@ -213,18 +213,9 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
         run.log(f"serving {path} read-only with qemu-nbd on {export.address}:{export.port}"
                 + (f" (TLS: tls-creds-{export.creds.kind}, dir={export.creds.directory})"
                    if export.creds is not None else " (no TLS)"))
-        offer = {**offer_fields(export), "virtual_size": served.virtual_size,
-                 "allocated": served.allocated, "fixed": int(served.fixed),
-                 "host": run.settings.host}
-
-        def announce() -> None:
-            # A pipeline forgets its commands when it fails: built anew for each try.
-            pipe = run.redis.pipeline(transaction=True)
-            pipe.hset(offer_key, mapping=offer)
-            pipe.expire(offer_key, OFFER_TTL_SECONDS)
-            pipe.execute()
-
-        run.ride_out(announce, "announcing the export")
+        publish(run, offer_key, {**offer_fields(export), "virtual_size": served.virtual_size,
+                                 "allocated": served.allocated, "fixed": int(served.fixed),
+                                 "host": run.settings.host}, "announcing the export")
 
         def client_done() -> bool:
             if not export.alive():
@@ -254,6 +245,20 @@ def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) ->
     creds = transfer_tls.creds_of(settings)
     transfer_tls.check_peer(creds, offer.get("creds", ""), here=settings.host, peer=source_host)
     return [] if creds is None else [nbd.tls_object(creds, "client")]
+
+
+def publish(run: TaskRun, key: str, fields: dict[str, Any], what: str) -> None:
+    """Set ``fields`` in ``key``, which expires should nobody remove it, riding out a
+    Redis outage (an offer, a move's manifest)."""
+
+    def write() -> None:
+        # A pipeline forgets its commands when it fails: built anew for each try.
+        pipe = run.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, OFFER_TTL_SECONDS)
+        pipe.execute()
+
+    run.ride_out(write, what)
 
 
 def offer_fields(export: nbd.Export) -> dict[str, str | int]:
