@@ -428,10 +428,30 @@ class SentinelCluster:
         primary.proc = None
         return primary
 
+    def named_primaries(self) -> set[int | None]:
+        """The primary's port as each sentinel names it (None: it did not answer)."""
+        named: set[int | None] = set()
+        for index in range(len(self.sentinel_ports)):
+            try:
+                address = self.sentinel(index).execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            except redis.RedisError:
+                named.add(None)
+                continue
+            named.add(int(address[1]) if address else None)
+        return named
+
     def wait_failover(self, old_port: int, timeout: float = 30) -> int:
-        """Until the sentinels name a new primary that answers as one; its port."""
+        """Until every sentinel names one new primary that answers as one; its port.
+
+        Every sentinel, not the first: a client asks whichever sentinel answers
+        first, and one that has not yet heard of the promotion (sentinels learn
+        it through each other, every 2 s) still names the dead primary."""
         def promoted() -> int | None:
-            port = self.primary_port()
+            named = self.named_primaries()
+            if len(named) != 1:
+                return None
+            port = named.pop()
             if port is None or port == old_port:
                 return None
             try:
