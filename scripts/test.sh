@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up from nothing, then runs the whole test suite (lint, types, tests).
+# Sets everything up from nothing, then runs the whole test suite (lint, types, the docs, tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
