@@ -1,4 +1,4 @@
-"""Run every benchmark, one after another, and print the README's table.
+"""Run every benchmark, one after another, and print the table of docs/benchmarks.md.
 
     .venv/bin/python -m bench                 # all of them
     .venv/bin/python -m bench round_trip enqueue   # some of them

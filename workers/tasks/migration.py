@@ -291,7 +291,7 @@ def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
     record names this host, then ends), as a live migration's task ends only once
     its source let go.  Returns nothing when it did; else a ``warning`` (and
     ``left_on_source``, what it could not remove) for the task's output: the move
-    happened, so the result stays Success (README, cold move).  Not cancelable:
+    happened, so the result stays Success (docs/guide/migration.md).  Not cancelable:
     the move is done."""
     unreadable_since: float | None = None
     while True:
