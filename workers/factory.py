@@ -27,6 +27,7 @@ from workers.tasks import (
     migration,
     move_journal,
     snapshots,
+    snapshots_live,
     transfer,
     vm_console,
     vms,
@@ -44,7 +45,8 @@ HOST_HOOKS = host.HostHooks(
     # the moves' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
-             vms.index_host_vms, vms.reconcile_vms, snapshots.recover,
+             vms.index_host_vms, snapshots_live.recover_pending, vms.reconcile_vms,
+             snapshots.recover,
              clones.remove_unfinished_clones),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),

@@ -44,10 +44,11 @@ ALLOWED: dict[str, frozenset[S]] = {
     "screenshot": frozenset({S.Running, S.Paused}),
     "console_log": frozenset(S),
     "guest_info": frozenset({S.Running}),
-    # Snapshots and clones: TurnedOff or Saved so far (the rest is refused, not yet built).
-    "create_snapshot": frozenset({S.TurnedOff, S.Saved}),
-    "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved}),
-    "delete_snapshot": frozenset({S.TurnedOff, S.Saved}),
+    # Snapshots from any stable state (live for Running and Paused); clones of a
+    # TurnedOff or Saved VM so far (a running source is refused, not yet built).
+    "create_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    "delete_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "clone": frozenset({S.TurnedOff, S.Saved}),
 }
 
