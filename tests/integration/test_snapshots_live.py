@@ -24,6 +24,7 @@ from tests.integration.test_live_migration import (
 )
 from tests.pause_points import PAUSING, pause_env
 from workers.devtools.sandbox import TEST_TASK_MODULE, RedisServer, WorkerProcess, wait_until
+from workers.engines import qemu_vm
 
 S = VMVMState
 HOST = "lshost"
@@ -188,6 +189,9 @@ def test_disk_only_points_freeze_and_delete_live(rig: Rig, vm: VirtualMachine,
     ok(vm.delete_snapshot("d2"))
     assert vm.snapshots == [] and tree(rig) is None and files(rig) == set()
     assert same(rig.root / NAME / "d.qcow2", now)
+    with qemu_vm.connect(qemu_vm.VMPaths.for_vm(rig.root, NAME)) as monitor:
+        nodes = [n["node-name"] for n in monitor.execute("query-named-block-nodes")]
+    assert not [n for n in nodes if n.startswith("vmtask-")]  # QEMU let go of them
     write(rig, 0xC4)  # the guest writes on, now on its base
     assert reads(rig.root / NAME / "d.qcow2", 0xC4)
 

@@ -226,6 +226,7 @@ def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
                 other.parent = point.parent
         if tree.present_parent == snapshot:
             tree.present_parent = point.parent
+        livesnap.release_unused(monitor)
         if tree.snapshots:
             engine.store(folder, tree)
             for path in [*layers, *saved_files(engine.state_file(folder, point.layer))]:
@@ -252,6 +253,7 @@ def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
             livesnap.run_job(monitor, job, run, lambda: None, JOB_TIMEOUT,
                              qemu_vm_span(run, 80 + 20 * index / count,
                                           80 + 20 * (index + 1) / count))
+        livesnap.release_unused(monitor)
     engine.store(folder, None)
     for present in presents:
         remove_quietly(present)

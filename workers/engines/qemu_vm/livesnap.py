@@ -122,6 +122,24 @@ def drop_nodes(monitor: Monitor, nodes: list[str]) -> None:
                 monitor.execute("blockdev-del", {"node-name": node})
 
 
+def release_unused(monitor: Monitor) -> None:
+    """Close our nodes that left the disks' chains (a stream or a commit drops them
+    from the graph, but the monitor's reference from ``blockdev-add`` keeps them open,
+    and with them a claim on the node below, which then refuses a new snapshot).
+    QEMU refuses to delete a node still in use: those stay."""
+    while True:
+        ours = [n for n in node_names(monitor) if n.startswith("vmtask-")]
+        released = 0
+        for node in ours:
+            try:
+                monitor.execute("blockdev-del", {"node-name": node})
+                released += 1
+            except QMPCommandFailed:
+                continue
+        if not released:
+            return
+
+
 def switch(monitor: Monitor, pairs: list[tuple[str, str]]) -> None:
     """Every disk onto its overlay at one instant: (node, overlay) actions, in order,
     in one transaction (all or none)."""
