@@ -24,6 +24,7 @@ from workers.tasks import (
     guest_os,
     live_migration,
     live_recovery,
+    live_resize,
     migration,
     move_journal,
     snapshots,
@@ -36,7 +37,7 @@ from workers.tasks import (
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
-                     snapshots.__name__, clones.__name__]
+                     snapshots.__name__, clones.__name__, live_resize.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.

@@ -50,6 +50,8 @@ ALLOWED: dict[str, frozenset[S]] = {
     "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "delete_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "clone": frozenset({S.TurnedOff, S.Saved}),
+    # hd.resize of a running VM's disk (a TurnedOff VM's is a plain disk resize).
+    "resize_disk": frozenset({S.Running, S.Paused}),
 }
 
 EVENTS_MAXLEN = 10_000

@@ -6,13 +6,15 @@ agent."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState
+from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
+from api.protocol.formats import MiB
 from tests.helpers import assert_succeeded as ok
 from tests.integration.test_live_migration import (
     BLOCK,
@@ -194,6 +196,31 @@ def test_disk_only_points_freeze_and_delete_live(rig: Rig, vm: VirtualMachine,
     assert not [n for n in nodes if n.startswith("vmtask-")]  # QEMU let go of them
     write(rig, 0xC4)  # the guest writes on, now on its base
     assert reads(rig.root / NAME / "d.qcow2", 0xC4)
+
+
+def guest_disk_bytes(rig: Rig) -> int:
+    with agent(rig.root, NAME) as client:
+        handle = client.execute("guest-file-open", {"path": "/sys/block/vda/size"})
+        read = client.execute("guest-file-read", {"handle": handle})
+        client.execute("guest-file-close", {"handle": handle})
+    return int(base64.b64decode(read["buf-b64"])) * 512
+
+
+def test_a_running_vms_disk_grows_live(rig: Rig, vm: VirtualMachine) -> None:
+    with VirtualServer(rig.redis.url, host=HOST, poll_interval=0.2) as server:
+        disk = server.get_hard_disk(f"{NAME}/d.qcow2")
+        assert guest_disk_bytes(rig) == 64 * MiB
+        task = disk.resize(96)
+        ok(task)
+        assert task.snapshot().output["chain"][0]["size_in_guest"] == 96 * MiB
+        wait_until(lambda: guest_disk_bytes(rig) == 96 * MiB, 30, "the guest seeing 96 MB")
+        assert vm.state is S.Running
+        # Beside snapshots a disk does not grow: refused before anything is queued.
+        ok(vm.create_snapshot("r", include_memory=False))
+        with pytest.raises(errors.InvalidStateError, match="snapshots"):
+            server.get_hard_disk(f"{NAME}/d.qcow2").resize(128)
+        ok(vm.delete_snapshot("r"))
+        assert guest_disk_bytes(rig) == 96 * MiB
 
 
 @pytest.mark.slow
