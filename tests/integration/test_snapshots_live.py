@@ -247,6 +247,46 @@ def test_a_cancel_mid_snapshot_leaves_no_trace(rig: Rig, vm: VirtualMachine) -> 
 
 
 @pytest.mark.slow
+def test_a_live_delete_cancelled_mid_stream_changes_nothing(rig: Rig, vm: VirtualMachine,
+                                                            tmp_path: Path) -> None:
+    """Held before its block-stream, the delete is cancelled: the job is cancelled
+    and every view reads as before; then it is sealed before its commit (the final
+    switch), where cancel() is refused."""
+    marker = rig.base / "stream.marker"
+    write(rig, 0xF1)
+    ok(vm.create_snapshot("p", include_memory=False))
+    write(rig, 0xF2)
+    before, point = files(rig), view(layer(rig, "p"), tmp_path / "p.raw")
+    now = view(present(rig), tmp_path / "now.raw")
+    rig.swap(rig.new_worker("block-stream", marker))
+    try:
+        task = vm.delete_snapshot("p")
+        wait_until(marker.exists, 60, "the delete held before its stream")
+        task.cancel()
+        marker.unlink()
+        assert task.wait_for_completion(60_000)
+        assert task.result is VMTaskResult.Cancelled, task.error_description
+        assert [p.name for p in vm.snapshots] == ["p"] and files(rig) == before
+        assert same(layer(rig, "p"), point) and same(present(rig), now)
+        assert vm.state is S.Running
+    finally:
+        rig.swap(rig.new_worker("block-commit", marker))
+    try:
+        task = vm.delete_snapshot("p")
+        wait_until(marker.exists, 60, "the delete held before its commit")
+        assert not task.snapshot().is_cancelable
+        with pytest.raises(errors.TaskNotCancelableError):
+            task.cancel()
+        marker.unlink()
+        ok(task)
+        assert vm.snapshots == [] and files(rig) == set()
+        assert same(rig.root / NAME / "d.qcow2", now)
+    finally:
+        marker.unlink(missing_ok=True)
+        rig.swap(rig.new_worker())
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_snapshot_leaves_the_vm_usable(rig: Rig,
                                                            vm: VirtualMachine) -> None:
     """Killed with the guest stopped and its RAM written, just before the switch: the

@@ -205,12 +205,22 @@ def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
     with qemu_vm.connect(paths) as monitor:
         nodes = livesnap.nodes_by_file(monitor, pid)
         for index, layer in enumerate(layers):
-            below = engine.parent_of(layer)
+            # QEMU's chain says what rests on what in it; only the images of other
+            # branches need their headers read.
+            chain = livesnap.chain_files(monitor, pid, index)
+            real = os.path.realpath(layer)
+            if real in chain and chain.index(real) + 1 < len(chain):
+                below: Path | None = Path(chain[chain.index(real) + 1])
+            else:
+                below = engine.parent_of(layer)
             if below is None:
                 raise IllegalValue(f"The layer {layer.name} of snapshot {snapshot!r} has "
                                    "no parent")
             images = [engine.layer_file(folder, other, index) for other in others]
-            children = engine.children_of(layer, images)
+            children = engine.children_of(
+                layer, [i for i in images if os.path.realpath(i) not in chain])
+            if real in chain and chain.index(real) > 0:
+                children.append(Path(chain[chain.index(real) - 1]))
             for number, child in enumerate(children):
                 low = 80 * (index + number / len(children)) / count
                 high = 80 * (index + (number + 1) / len(children)) / count
@@ -240,8 +250,8 @@ def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
         presents = engine.layer_files(folder, tree.present, count)
         nodes = livesnap.nodes_by_file(monitor, pid)
         for index, present in enumerate(presents):
-            below = engine.parent_of(present)
-            base = nodes.get(str(below)) if below is not None else None
+            chain = livesnap.chain_files(monitor, pid, index)
+            base = nodes.get(chain[1]) if len(chain) > 1 else None
             top = nodes.get(os.path.realpath(present))
             if base is None or top is None:
                 raise OperationFailed(f"QEMU does not have {present.name} over its base open")

@@ -77,26 +77,48 @@ def _filename(entry: dict[str, Any]) -> str:
     return name
 
 
+class _Resolver:
+    """QEMU names our files by descriptor (``/proc/self/fd/N`` of a start,
+    ``/dev/fdset/N`` of an overlay added live): each is followed through QEMU's own
+    descriptor table to the real path."""
+
+    def __init__(self, monitor: Monitor, pid: int) -> None:
+        self._pid = pid
+        self._fdsets = {f"/dev/fdset/{s['fdset-id']}": s["fds"][0]["fd"]
+                        for s in monitor.execute("query-fdsets") if s.get("fds")}
+
+    def real(self, name: str) -> str:
+        fd = self._fdsets.get(name)
+        if fd is None and name.startswith("/proc/self/fd/"):
+            fd = int(name.rsplit("/", 1)[1])
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                name = os.readlink(f"/proc/{self._pid}/fd/{fd}")
+        return os.path.realpath(name)
+
+
 def nodes_by_file(monitor: Monitor, pid: int) -> dict[str, str]:
-    """{real path of an image: its format node}: QEMU names our files by descriptor
-    (``/proc/self/fd/N`` of a start, ``/dev/fdset/N`` of an overlay added live), so
-    each is followed through QEMU's own descriptor table."""
-    fdsets = {f"/dev/fdset/{s['fdset-id']}": s["fds"][0]["fd"]
-              for s in monitor.execute("query-fdsets") if s.get("fds")}
+    """{real path of an image: its format node}."""
+    resolver = _Resolver(monitor, pid)
     found: dict[str, str] = {}
     for entry in monitor.execute("query-named-block-nodes"):
         if entry.get("drv") in ("file", "host_device"):
             continue
-        name = _filename(entry)
-        fd = fdsets.get(name)
-        if fd is None and name.startswith("/proc/self/fd/"):
-            fd = int(name.rsplit("/", 1)[1])
-        target = name
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        found.setdefault(os.path.realpath(target), str(entry["node-name"]))
+        found.setdefault(resolver.real(_filename(entry)), str(entry["node-name"]))
     return found
+
+
+def chain_files(monitor: Monitor, pid: int, index: int) -> list[str]:
+    """The real paths of disk ``index``'s chain as QEMU runs it, top first: one QMP
+    call, where reading each image's header would take a qemu-img each."""
+    resolver = _Resolver(monitor, pid)
+    blocks = {str(b.get("device")): b for b in monitor.execute("query-block")}
+    image = blocks.get(device_of(index), {}).get("inserted", {}).get("image")
+    chain: list[str] = []
+    while image:
+        chain.append(resolver.real(_filename({"file": image.get("filename", "")})))
+        image = image.get("backing-image")
+    return chain
 
 
 def add_overlay(monitor: Monitor, path: Path, node: str) -> None:
