@@ -1,10 +1,10 @@
 """Snapshots and clones of a VM, producer side: `Snapshot` and the `VirtualMachine`
 methods (a mixin), each checked before anything is queued.
 
-Snapshots are taken, reverted and deleted in any stable state (live for Running and
-Paused VMs); clones need a TurnedOff or Saved source so far.  Clones of a running
-source, clones on another host and snapshots of undoable VMs are refused with
-`InvalidStateError` saying that they are not supported yet.  The tree is read from
+Snapshots are taken, reverted and deleted, and clones made, in any stable state
+(live for Running and Paused VMs, which are not stopped).  Clones on another host
+and snapshots of undoable VMs are refused with `InvalidStateError` saying that they
+are not supported yet.  The tree is read from
 the VM's record (its host's worker writes it there after each change), so
 `snapshots` needs no task.
 """
@@ -75,15 +75,13 @@ class SnapshotMethods:
     if TYPE_CHECKING:
         def _read(self) -> tuple[dict[str, str], VMVMState]: ...
 
-    def _snapshot_state(self, what: str, live: bool = True) -> dict[str, str]:
+    def _snapshot_state(self, what: str) -> dict[str, str]:
         record, state = self._read()
-        if live and state in (VMVMState.Running, VMVMState.Paused):
-            return record
-        if state not in (VMVMState.TurnedOff, VMVMState.Saved):
+        if state not in (VMVMState.TurnedOff, VMVMState.Saved, VMVMState.Running,
+                         VMVMState.Paused):
             raise InvalidStateError(
-                f"Cannot {what} of VM {self.name!r} while it is {state.name}: "
-                + ("it must be Running, Paused, TurnedOff or Saved" if live else
-                   f"only a TurnedOff or Saved VM is {NOT_YET} (save or turn it off first)"))
+                f"Cannot {what} of VM {self.name!r} while it is {state.name}: it must be "
+                "Running, Paused, TurnedOff or Saved")
         return record
 
     def _submit(self, spec: tasks.TaskSpec, description: str, **kwargs: Any) -> VMTask:
@@ -161,7 +159,7 @@ class SnapshotMethods:
             if host != self.host:
                 raise InvalidStateError(
                     f"Cloning VM {self.name!r} onto another host ({host}) is {NOT_YET}")
-        record = self._snapshot_state("clone", live=False)
+        record = self._snapshot_state("clone")
         if snapshot is not None:
             self._existing(record, snapshot)
         with broker_errors(self._server.url):

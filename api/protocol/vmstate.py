@@ -44,12 +44,11 @@ ALLOWED: dict[str, frozenset[S]] = {
     "screenshot": frozenset({S.Running, S.Paused}),
     "console_log": frozenset(S),
     "guest_info": frozenset({S.Running}),
-    # Snapshots from any stable state (live for Running and Paused); clones of a
-    # TurnedOff or Saved VM so far (a running source is refused, not yet built).
+    # Snapshots and clones from any stable state (live for Running and Paused).
     "create_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "delete_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
-    "clone": frozenset({S.TurnedOff, S.Saved}),
+    "clone": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     # hd.resize of a running VM's disk (a TurnedOff VM's is a plain disk resize).
     "resize_disk": frozenset({S.Running, S.Paused}),
 }

@@ -223,6 +223,28 @@ def test_a_running_vms_disk_grows_live(rig: Rig, vm: VirtualMachine) -> None:
         assert guest_disk_bytes(rig) == 96 * MiB
 
 
+def test_clones_of_a_running_source(rig: Rig, vm: VirtualMachine, tmp_path: Path) -> None:
+    """A full clone of the present copied by the running QEMU (the guest not
+    stopped), and a linked clone of a snapshot's read-only layer."""
+    write(rig, 0x71)
+    ok(vm.create_snapshot("c", include_memory=False))
+    write(rig, 0x72)
+    now = view(present(rig), tmp_path / "now.raw")
+    with VirtualServer(rig.redis.url, host=HOST, poll_interval=0.2) as server:
+        ok(vm.clone("lsfull"))
+        ok(vm.clone("lslink", linked=True, snapshot="c"))
+        assert vm.state is S.Running
+        full, link = (server.find_virtual_machine(n) for n in ("lsfull", "lslink"))
+        assert full is not None and link is not None
+        assert full.state is S.TurnedOff and full.details["mac"] != vm.details["mac"]
+        assert same(rig.root / full.details["disks"][0], now)
+        assert reads(rig.root / link.details["disks"][0], 0x71)
+        ok(link.delete())
+        ok(full.delete())
+    ok(vm.delete_snapshot("c"))
+    assert files(rig) == set()
+
+
 @pytest.mark.slow
 def test_a_cancel_mid_snapshot_leaves_no_trace(rig: Rig, vm: VirtualMachine) -> None:
     """Held before its migrate, the snapshot is cancelled: no point, no file, and the

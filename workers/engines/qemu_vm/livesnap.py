@@ -347,6 +347,51 @@ class _Quiet:
         self._context.log(line)
 
 
+def copy_out(monitor: Monitor, targets: list[Path], token: str,
+             context: OperationContext, timeout: float = SNAPSHOT_TIMEOUT) -> None:
+    """Copy what each disk reads now into ``targets`` (new empty qcow2s of its size)
+    while the guest runs: ``blockdev-backup`` (sync full) of every disk, started in
+    one transaction, so the copies are of one instant (crash-consistent).  A cancel
+    or a failure cancels every job; the caller removes the targets."""
+    nodes = [f"vmtask-{token}-{i}" for i in range(len(targets))]
+    jobs = [f"vmtask-copy-{token}-{i}" for i in range(len(targets))]
+    added: list[str] = []
+    started = False
+    try:
+        for path, node in zip(targets, nodes, strict=True):
+            add_overlay(monitor, path, node)
+            added.append(node)
+        raise_if_cancelled(context)
+        context.log("QMP transaction: blockdev-backup (sync full) of every disk")
+        monitor.execute("transaction", {"actions": [
+            {"type": "blockdev-backup", "data": {
+                "job-id": job, "device": device_of(index), "target": node, "sync": "full",
+                "auto-dismiss": False}}
+            for index, (job, node) in enumerate(zip(jobs, nodes, strict=True))]})
+        started = True
+        for index, job in enumerate(jobs):
+            run_job(monitor, job, context, lambda: None, timeout, ProgressSpan(
+                context, 100 * index / len(jobs), 100 * (index + 1) / len(jobs),
+                min_step=0.5))
+    except BaseException:
+        if started:
+            deadline = time.monotonic() + 60
+            for job in jobs:
+                with contextlib.suppress(OperationFailed):
+                    if job_of(monitor, job) is not None:
+                        _cancel_job(monitor, job, deadline)
+        raise
+    finally:
+        with contextlib.suppress(OperationFailed):
+            drop_nodes(monitor, added)
+
+
+def virtual_sizes(monitor: Monitor, count: int) -> list[int]:
+    blocks = {str(b.get("device")): b for b in monitor.execute("query-block")}
+    return [int(blocks[device_of(i)]["inserted"]["image"]["virtual-size"])
+            for i in range(count)]
+
+
 def job_of(monitor: Monitor, job: str) -> dict[str, Any] | None:
     return next((j for j in monitor.execute("query-jobs") if j.get("id") == job), None)
 
