@@ -40,6 +40,7 @@ class Rig:
         self.redis = RedisServer(base / "redis").start()
         self.root = base / "root"
         self.worker = self.new_worker().start()
+        self.pausing = False
 
     def new_worker(self, pause: str = "", marker: Path | None = None) -> WorkerProcess:
         env = dict(FAST)
@@ -55,6 +56,17 @@ class Rig:
         """Another worker serves the host (the guest's QEMU outlives the change)."""
         self.worker.stop()
         self.worker = worker.start()
+
+    def holding(self, pause: str, marker: Path) -> None:
+        """A worker that holds before QMP ``pause`` (until ``marker`` goes)."""
+        self.swap(self.new_worker(pause, marker))
+        self.pausing = True
+
+    def normal(self) -> None:
+        """A plain worker again, if a test left one that holds (a swap is seconds)."""
+        if self.pausing:
+            self.swap(self.new_worker())
+            self.pausing = False
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +153,7 @@ def write(rig: Rig, value: int) -> None:
 
 
 def test_a_point_with_memory_resumes_the_same_boot(rig: Rig, vm: VirtualMachine) -> None:
+    rig.normal()
     first = boot_id(rig.root, NAME)
     write(rig, 0xA1)
     task = vm.create_snapshot("m", include_memory=True)
@@ -163,10 +176,21 @@ def test_a_point_with_memory_resumes_the_same_boot(rig: Rig, vm: VirtualMachine)
     assert vm.snapshots == [] and tree(rig) is None and files(rig) == set()
     assert reads(rig.root / NAME / "d.qcow2", 0xA1)
     assert vm.state is S.Running and boot_id(rig.root, NAME) == first
+    # A Paused VM's point with memory comes back Paused.
+    ok(vm.pause())
+    task = vm.create_snapshot("pm")
+    ok(task)
+    assert task.snapshot().output["state"] == int(S.Paused) and vm.state is S.Paused
+    ok(vm.revert_to_snapshot("pm"))
+    assert vm.state is S.Paused
+    ok(vm.resume())
+    ok(vm.delete_snapshot("pm"))
+    assert boot_id(rig.root, NAME) == first and files(rig) == set()
 
 
 def test_disk_only_points_freeze_and_delete_live(rig: Rig, vm: VirtualMachine,
                                                  tmp_path: Path) -> None:
+    rig.normal()
     write(rig, 0xC1)
     task = vm.create_snapshot("d1", include_memory=False)
     ok(task)
@@ -207,6 +231,7 @@ def guest_disk_bytes(rig: Rig) -> int:
 
 
 def test_a_running_vms_disk_grows_live(rig: Rig, vm: VirtualMachine) -> None:
+    rig.normal()
     with VirtualServer(rig.redis.url, host=HOST, poll_interval=0.2) as server:
         disk = server.get_hard_disk(f"{NAME}/d.qcow2")
         assert guest_disk_bytes(rig) == 64 * MiB
@@ -226,6 +251,7 @@ def test_a_running_vms_disk_grows_live(rig: Rig, vm: VirtualMachine) -> None:
 def test_clones_of_a_running_source(rig: Rig, vm: VirtualMachine, tmp_path: Path) -> None:
     """A full clone of the present copied by the running QEMU (the guest not
     stopped), and a linked clone of a snapshot's read-only layer."""
+    rig.normal()
     write(rig, 0x71)
     ok(vm.create_snapshot("c", include_memory=False))
     write(rig, 0x72)
@@ -250,22 +276,19 @@ def test_a_cancel_mid_snapshot_leaves_no_trace(rig: Rig, vm: VirtualMachine) -> 
     """Held before its migrate, the snapshot is cancelled: no point, no file, and the
     guest runs on its old top."""
     marker = rig.base / "cancel.marker"
-    rig.swap(rig.new_worker("migrate", marker))
-    try:
-        write(rig, 0xD1)
-        before = files(rig)
-        task = vm.create_snapshot("x", include_memory=True)
-        wait_until(marker.exists, 60, "the snapshot held before its migrate")
-        task.cancel()
-        marker.unlink()
-        assert task.wait_for_completion(60_000)
-        assert task.result is VMTaskResult.Cancelled, task.error_description
-        assert vm.snapshots == [] and files(rig) == before
-        assert vm.state is S.Running
-        write(rig, 0xD2)
-        assert reads(present(rig), 0xD2)
-    finally:
-        rig.swap(rig.new_worker())
+    rig.holding("migrate", marker)
+    write(rig, 0xD1)
+    before = files(rig)
+    task = vm.create_snapshot("x", include_memory=True)
+    wait_until(marker.exists, 60, "the snapshot held before its migrate")
+    task.cancel()
+    marker.unlink()
+    assert task.wait_for_completion(60_000)
+    assert task.result is VMTaskResult.Cancelled, task.error_description
+    assert vm.snapshots == [] and files(rig) == before
+    assert vm.state is S.Running
+    write(rig, 0xD2)
+    assert reads(present(rig), 0xD2)
 
 
 @pytest.mark.slow
@@ -275,37 +298,31 @@ def test_a_live_delete_cancelled_mid_stream_changes_nothing(rig: Rig, vm: Virtua
     and every view reads as before; then it is sealed before its commit (the final
     switch), where cancel() is refused."""
     marker = rig.base / "stream.marker"
+    rig.holding("block-stream", marker)  # a create calls no block-stream
     write(rig, 0xF1)
     ok(vm.create_snapshot("p", include_memory=False))
     write(rig, 0xF2)
     before, point = files(rig), view(layer(rig, "p"), tmp_path / "p.raw")
     now = view(present(rig), tmp_path / "now.raw")
-    rig.swap(rig.new_worker("block-stream", marker))
-    try:
-        task = vm.delete_snapshot("p")
-        wait_until(marker.exists, 60, "the delete held before its stream")
+    task = vm.delete_snapshot("p")
+    wait_until(marker.exists, 60, "the delete held before its stream")
+    task.cancel()
+    marker.unlink()
+    assert task.wait_for_completion(60_000)
+    assert task.result is VMTaskResult.Cancelled, task.error_description
+    assert [p.name for p in vm.snapshots] == ["p"] and files(rig) == before
+    assert same(layer(rig, "p"), point) and same(present(rig), now)
+    assert vm.state is S.Running
+    rig.holding("block-commit", marker)
+    task = vm.delete_snapshot("p")
+    wait_until(marker.exists, 60, "the delete held before its commit")
+    assert not task.snapshot().is_cancelable
+    with pytest.raises(errors.TaskNotCancelableError):
         task.cancel()
-        marker.unlink()
-        assert task.wait_for_completion(60_000)
-        assert task.result is VMTaskResult.Cancelled, task.error_description
-        assert [p.name for p in vm.snapshots] == ["p"] and files(rig) == before
-        assert same(layer(rig, "p"), point) and same(present(rig), now)
-        assert vm.state is S.Running
-    finally:
-        rig.swap(rig.new_worker("block-commit", marker))
-    try:
-        task = vm.delete_snapshot("p")
-        wait_until(marker.exists, 60, "the delete held before its commit")
-        assert not task.snapshot().is_cancelable
-        with pytest.raises(errors.TaskNotCancelableError):
-            task.cancel()
-        marker.unlink()
-        ok(task)
-        assert vm.snapshots == [] and files(rig) == set()
-        assert same(rig.root / NAME / "d.qcow2", now)
-    finally:
-        marker.unlink(missing_ok=True)
-        rig.swap(rig.new_worker())
+    marker.unlink()
+    ok(task)
+    assert vm.snapshots == [] and files(rig) == set()
+    assert same(rig.root / NAME / "d.qcow2", now)
 
 
 @pytest.mark.slow
@@ -316,7 +333,7 @@ def test_a_worker_killed_mid_snapshot_leaves_the_vm_usable(rig: Rig,
     and lets the same boot run on."""
     marker = rig.base / "kill.marker"
     first = boot_id(rig.root, NAME)
-    rig.swap(rig.new_worker("transaction", marker))
+    rig.holding("transaction", marker)
     before = files(rig)
     task = vm.create_snapshot("k", include_memory=True)
     wait_until(marker.exists, 60, "the snapshot held before its switch")
@@ -324,7 +341,7 @@ def test_a_worker_killed_mid_snapshot_leaves_the_vm_usable(rig: Rig,
     assert task.wait_for_completion(30_000)
     assert task.result is VMTaskResult.ThreadCrashError
     marker.unlink()
-    rig.worker = rig.new_worker().start()
+    rig.worker, rig.pausing = rig.new_worker().start(), False
     wait_until(lambda: files(rig) == before, 60, "the unfinished snapshot removed")
     assert vm.snapshots == []
     wait_until(lambda: vm.state is S.Running, 60, "the VM running")
