@@ -289,7 +289,7 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
     bases, _infos = checked_bases(run, record, tree)
     count = len(bases)
     if live:
-        return snapshots_live.delete(run, client, record, name, snapshot, folder, tree, count)
+        return snapshots_live.delete(run, client, record, name, snapshot, folder, tree, bases)
     point = tree.require(snapshot)
     layers = engine.layer_files(folder, point.layer, count)
     others = [p.layer for p in tree.snapshots if p.name != snapshot]

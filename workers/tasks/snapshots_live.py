@@ -40,6 +40,7 @@ from workers.engines.qemu_vm.config import fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
 from workers.failures import IllegalValue, OperationFailed
 from workers.runtime import TaskRun
+from workers.tasks.files import HostFiles
 from workers.tasks.vms import (
     agent_socket,
     config_of,
@@ -120,6 +121,7 @@ def create(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
             memory = (temporary_path_for(state_files[0], run.task_id), state_files[0])
             made += list(state_files)
         with qemu_vm.connect(paths) as monitor:
+            livesnap.settle_jobs(monitor, run)  # a dead worker's would block the switch
             captured = livesnap.capture(
                 monitor, config, stacks, engine.Scaled(run, 10, 90), state=memory,
                 agent=agent_socket(paths) if record.get("guest_agent") == "1" else None,
@@ -187,7 +189,8 @@ def restore(run: TaskRun, client: redis.Redis, name: str) -> None:
 
 
 def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
-           snapshot: str, folder: Path, tree: engine.Tree, count: int) -> dict[str, Any]:
+           snapshot: str, folder: Path, tree: engine.Tree, bases: list[Path]
+           ) -> dict[str, Any]:
     """Every image resting on the point's layer reads the same without it: those in
     QEMU's chain by a stream, the others by a rebase; then the point goes, and with
     the last one the present is committed into the bases."""
@@ -197,12 +200,14 @@ def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
     pid = qemu_vm.find_pid(paths)
     if pid is None:
         raise OperationFailed(f"VM {name!r} is not running")
+    count = len(bases)
     point = tree.require(snapshot)
     layers = engine.layer_files(folder, point.layer, count)
     others = [p.layer for p in tree.snapshots if p.name != snapshot]
     assert tree.present is not None
     others.append(tree.present)
     with qemu_vm.connect(paths) as monitor:
+        livesnap.settle_jobs(monitor, run)  # a dead worker's
         nodes = livesnap.nodes_by_file(monitor, pid)
         for index, layer in enumerate(layers):
             # QEMU's chain says what rests on what in it; only the images of other
@@ -244,13 +249,19 @@ def delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
             publish(client, name, folder, tree)
             return {"deleted": snapshot, "snapshots": len(tree.snapshots)}
         # The last point: the present goes into the bases, QEMU pivoting onto them.
+        # The point is gone first (the commit changes what it read): a worker killed
+        # here leaves a tree of no point over the present, which the next start
+        # folds away once QEMU has pivoted (`recover_pending`).
         engine.store(folder, tree)
         for path in [*layers, *saved_files(engine.state_file(folder, point.layer))]:
             remove_quietly(path)
+        publish(client, name, folder, tree)
         presents = engine.layer_files(folder, tree.present, count)
         nodes = livesnap.nodes_by_file(monitor, pid)
         for index, present in enumerate(presents):
             chain = livesnap.chain_files(monitor, pid, index)
+            if chain[0] == os.path.realpath(bases[index]):
+                continue  # pivoted already (by a dead worker's job)
             base = nodes.get(chain[1]) if len(chain) > 1 else None
             top = nodes.get(os.path.realpath(present))
             if base is None or top is None:
@@ -310,17 +321,67 @@ def recover_pending(client: redis.Redis, settings: Settings) -> None:
     for record in host_vms(client, settings):
         name = record["name"]
         folder = paths_of(settings, name).directory
-        if not _pending_path(folder).exists():
+        pending = _pending_path(folder).exists()
+        if not pending and not (engine.directory(folder) / engine.TREE_FILE).exists():
             continue
         fd = try_lock(settings, name)
         if fd is None:
             continue
         try:
-            _recover_one(settings, name, folder)
+            if pending:
+                _recover_one(settings, name, folder)
+            _fold(client, settings, name, folder)
         except Exception as exc:  # noqa: BLE001  one VM cannot stop the worker's start
             log.error("Could not recover the unfinished snapshot of VM %s: %s", name, exc)
         finally:
             os.close(fd)
+
+
+def _fold(client: redis.Redis, settings: Settings, name: str, folder: Path) -> None:
+    """A tree left with no point (a live delete of the last one, killed in its commit):
+    a dead worker's job is settled, and once QEMU runs on the bases the tree and the
+    present go.  Else the VM runs on in its present, which reads the same."""
+    from workers.tasks.snapshots import publish
+
+    tree = engine.load(folder)
+    paths = paths_of(settings, name)
+    if tree is None or tree.snapshots or tree.present is None or not qemu_vm.is_alive(paths):
+        return
+    pid = qemu_vm.find_pid(paths)
+    if pid is None:
+        return
+    files = HostFiles.of(settings)
+    bases = [os.path.realpath(files.resolve(disk, must_exist=True)) for disk in tree.bases]
+    with qemu_vm.connect(paths) as monitor:
+        livesnap.settle_jobs(monitor, _Logged(name))
+        tops = [livesnap.chain_files(monitor, pid, i)[0] for i in range(len(bases))]
+        livesnap.release_unused(monitor)
+    if tops != bases:
+        return
+    engine.store(folder, None)
+    for present in engine.layer_files(folder, tree.present, len(bases)):
+        remove_quietly(present)
+    publish(client, name, folder, None)
+    log.warning("Folded the snapshot tree of VM %s away: a dead worker's last delete "
+                "had pivoted", name)
+
+
+class _Logged:
+    """A worker start's context: no task, lines to the log."""
+
+    task_id = "recover"
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def report_progress(self, percent: float) -> None:
+        pass
+
+    def cancel_requested(self) -> bool:
+        return False
+
+    def log(self, line: str) -> None:
+        log.warning("VM %s: %s", self._name, line)
 
 
 def _recover_one(settings: Settings, name: str, folder: Path) -> None:

@@ -392,6 +392,23 @@ def virtual_sizes(monitor: Monitor, count: int) -> list[int]:
             for i in range(count)]
 
 
+def settle_jobs(monitor: Monitor, context: OperationContext) -> None:
+    """Our block jobs that a killed worker left in QEMU (it runs them on): a finished
+    one is dismissed, another cancelled, which leaves every node reading as before
+    (a stream's copy is what its node read anyway; an active commit not completed
+    does not pivot).  Their ids would clash with the next job's."""
+    deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+    for job in monitor.execute("query-jobs"):
+        name = str(job.get("id", ""))
+        if not name.startswith("vmtask-"):
+            continue
+        context.log(f"a dead worker's block job {name} is {job.get('status')}: settled")
+        if job.get("status") == "concluded":
+            monitor.execute("job-dismiss", {"id": name})
+        else:
+            _cancel_job(monitor, name, deadline)
+
+
 def job_of(monitor: Monitor, job: str) -> dict[str, Any] | None:
     return next((j for j in monitor.execute("query-jobs") if j.get("id") == job), None)
 
