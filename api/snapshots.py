@@ -95,7 +95,10 @@ class SnapshotMethods:
 
     def create_snapshot(self, name: str, include_memory: bool = True) -> VMTask:
         """A new point of the tree; the VM keeps its state.  Cancelable: a cancelled or
-        failed one leaves no trace.  A Saved VM's saved state belongs to the point when
+        failed one leaves no trace.  A Running or Paused VM's RAM and devices belong to
+        the point when ``include_memory`` (output ``paused_ms``: how long the guest
+        stood still); without, its file systems are frozen through its agent while the
+        disks switch.  A Saved VM's saved state belongs to the point when
         ``include_memory``; a TurnedOff VM has no memory (include_memory reads False)."""
         check_snapshot_name(name)
         if not isinstance(include_memory, bool):
