@@ -1,10 +1,12 @@
 """Snapshots and clones of a VM, producer side: `Snapshot` and the `VirtualMachine`
 methods (a mixin), each checked before anything is queued.
 
-So far a VM must be TurnedOff or Saved for every one of these; Running and Paused
-VMs, clones on another host and undoable VMs are refused with `InvalidStateError`
-saying that they are not supported yet.  The tree is read from the VM's record (its host's worker
-writes it there after each change), so `snapshots` needs no task.
+Snapshots are taken, reverted and deleted, and clones made, in any stable state
+(live for Running and Paused VMs, which are not stopped).  Clones on another host
+and snapshots of undoable VMs are refused with `InvalidStateError` saying that they
+are not supported yet.  The tree is read from
+the VM's record (its host's worker writes it there after each change), so
+`snapshots` needs no task.
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ class SnapshotMethods:
 
     def _snapshot_state(self, what: str) -> dict[str, str]:
         record, state = self._read()
-        if state not in (VMVMState.TurnedOff, VMVMState.Saved):
+        if state not in (VMVMState.TurnedOff, VMVMState.Saved, VMVMState.Running,
+                         VMVMState.Paused):
             raise InvalidStateError(
-                f"Cannot {what} of VM {self.name!r} while it is {state.name}: only a "
-                f"TurnedOff or Saved VM is {NOT_YET} (save or turn it off first)")
+                f"Cannot {what} of VM {self.name!r} while it is {state.name}: it must be "
+                "Running, Paused, TurnedOff or Saved")
         return record
 
     def _submit(self, spec: tasks.TaskSpec, description: str, **kwargs: Any) -> VMTask:
@@ -92,7 +95,10 @@ class SnapshotMethods:
 
     def create_snapshot(self, name: str, include_memory: bool = True) -> VMTask:
         """A new point of the tree; the VM keeps its state.  Cancelable: a cancelled or
-        failed one leaves no trace.  A Saved VM's saved state belongs to the point when
+        failed one leaves no trace.  A Running or Paused VM's RAM and devices belong to
+        the point when ``include_memory`` (output ``paused_ms``: how long the guest
+        stood still); without, its file systems are frozen through its agent while the
+        disks switch.  A Saved VM's saved state belongs to the point when
         ``include_memory``; a TurnedOff VM has no memory (include_memory reads False)."""
         check_snapshot_name(name)
         if not isinstance(include_memory, bool):

@@ -24,9 +24,11 @@ from workers.tasks import (
     guest_os,
     live_migration,
     live_recovery,
+    live_resize,
     migration,
     move_journal,
     snapshots,
+    snapshots_live,
     transfer,
     vm_console,
     vms,
@@ -35,7 +37,7 @@ from workers.tasks import (
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
-                     snapshots.__name__, clones.__name__]
+                     snapshots.__name__, clones.__name__, live_resize.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
@@ -44,7 +46,8 @@ HOST_HOOKS = host.HostHooks(
     # the moves' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
-             vms.index_host_vms, vms.reconcile_vms, snapshots.recover,
+             vms.index_host_vms, snapshots_live.recover_pending, vms.reconcile_vms,
+             snapshots.recover,
              clones.remove_unfinished_clones),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),

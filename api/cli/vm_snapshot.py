@@ -25,7 +25,7 @@ def snapshot_dict(point: Snapshot) -> dict[str, Any]:
 
 @vm.group("snapshot")
 def snapshot() -> None:
-    """Snapshots of a VM: a tree of named points (TurnedOff VMs for now)."""
+    """Snapshots of a VM: a tree of named points, taken in any stable state (live when it runs)."""
 
 
 def _follow_tree(ctx: click.Context, name: str, task: Any, done: str) -> None:
@@ -45,7 +45,8 @@ def _follow_tree(ctx: click.Context, name: str, task: Any, done: str) -> None:
 @snapshot.command("create")
 @click.argument("name")
 @click.argument("snapshot_name")
-@click.option("--no-memory", is_flag=True, help="Disks only (a TurnedOff VM has no memory).")
+@click.option("--no-memory", is_flag=True,
+              help="Disks only (a running guest's file systems frozen through its agent).")
 @no_wait_option
 @json_option
 @click.pass_context
