@@ -2,14 +2,17 @@
 methods (a mixin), each checked before anything is queued.
 
 So far a VM must be TurnedOff or Saved for every one of these; Running and Paused
-VMs, clones on another host and undoable VMs are refused with `InvalidStateError`
-saying that they are not supported yet.  The tree is read from the VM's record (its host's worker
-writes it there after each change), so `snapshots` needs no task.
+VMs and undoable VMs are refused with `InvalidStateError` saying that they are not
+supported yet.  A full clone may go onto another host (``host=``), over the
+transfer channel; a linked one stays on its source's host.  The tree is read from
+the VM's record (its host's worker writes it there after each change), so
+`snapshots` needs no task.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -151,11 +154,11 @@ class SnapshotMethods:
             check_snapshot_name(snapshot)
         if linked and snapshot is None:
             raise InvalidArgumentError("A linked clone rests on a snapshot: name one")
-        if host is not None:
-            validate_host_name(host)
-            if host != self.host:
-                raise InvalidStateError(
-                    f"Cloning VM {self.name!r} onto another host ({host}) is {NOT_YET}")
+        remote = host is not None and validate_host_name(host) != self.host
+        if remote and linked:
+            raise InvalidArgumentError(
+                f"A linked clone stays on its source's host ({self.host}): clone VM "
+                f"{self.name!r} onto {host} in full (linked=False)")
         record = self._snapshot_state("clone")
         if snapshot is not None:
             self._existing(record, snapshot)
@@ -164,20 +167,55 @@ class SnapshotMethods:
                 raise InvalidArgumentError(f"A VM named {name!r} already exists")
         kind = "linked" if linked else "full"
         point = f" at snapshot {snapshot}" if snapshot else ""
+        if remote:
+            assert host is not None
+            return self._clone_remote(name, snapshot, host, point)
         return self._submit(tasks.VM_CLONE, f"Cloning VM {self.name}{point} into {name} "
                                             f"({kind})",
                             clone=name, linked=linked, snapshot=snapshot)
 
-    def _refuse_with_snapshots(self, record: Mapping[str, str], what: str) -> None:
-        """Operations not built for a tree yet (moves) refuse it before queueing."""
-        if tree_of(dict(record))["snapshots"]:
-            raise InvalidStateError(
-                f"Cannot {what} VM {self.name!r}: it has snapshots, and moving them is "
-                f"{NOT_YET} (delete them first)")
+    def _clone_remote(self, name: str, snapshot: str | None, host: str, point: str) -> VMTask:
+        """Two tasks as for `HardDisk.copy_to`: the source serves the chains, the
+        destination (the task returned) pulls them and creates the clone there."""
+        target = self._server.resolve_host(host)
+        transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
+        self._server.submit(
+            tasks.VM_CLONE_OUT, description=f"Serving VM {self.name}{point} to {target} for "
+                                            f"the clone {name}",
+            kwargs={"name": self.name, "snapshot": snapshot, "destination_host": target,
+                    "transfer_id": transfer_id, "client_task_id": in_id},
+            host=self.host, task_id=out_id)
+        try:
+            return self._server.submit(
+                tasks.VM_CLONE_IN, description=f"Cloning VM {self.name}{point} from "
+                                               f"{self.host} into {name} on {target} (full)",
+                kwargs={"name": self.name, "clone": name, "snapshot": snapshot,
+                        "source_host": self.host, "transfer_id": transfer_id,
+                        "server_task_id": out_id},
+                host=target, task_id=in_id)
+        except Exception:
+            self._server.get_task(out_id).cancel()
+            raise
+
+    def _refuse_with_snapshots(self, record: Mapping[str, str], what: str,
+                               live: bool = True) -> None:
+        """A cold move carries the tree; a live one does not yet, and a linked clone
+        or a VM that linked clones rest on stays where it is: refused before queueing."""
         if record.get("linked_clone_of"):
             raise InvalidStateError(
                 f"Cannot {what} VM {self.name!r}: it is a linked clone, which stays on "
                 "its source's host")
+        if live and tree_of(dict(record))["snapshots"]:
+            raise InvalidStateError(
+                f"Cannot {what} VM {self.name!r} live: it has snapshots, and a live move "
+                f"of a VM with snapshots is {NOT_YET} (save or turn it off and move it "
+                "cold, which carries the whole tree)")
+        with broker_errors(self._server.url):
+            clones = linked_clones(self._server.redis, self.name)
+        if clones:
+            raise InvalidStateError(
+                f"Cannot {what} VM {self.name!r}: linked clones rest on its snapshots "
+                f"({', '.join(sorted(clones))})")
 
     def _refuse_with_clones(self) -> None:
         with broker_errors(self._server.url):

@@ -172,10 +172,16 @@ class VirtualMachine(SnapshotMethods):
         switch-over leaves the guest running on the source, unharmed, and nothing on
         the destination.  The task's output gives QEMU's ``downtime_ms`` and the
         guest's whole pause, ``paused_ms`` (downtime plus the switch-over).
+
+        Snapshots: a cold move carries the whole tree (every layer, the saved states
+        of points with memory, the tree file); a live move of a VM with snapshots is
+        refused with `InvalidStateError`, and so is a move of a linked clone or of a
+        VM that linked clones rest on.
         """
         validate_host_name(destination_host)
         record, state = self._read()
-        self._refuse_with_snapshots(record, "move")
+        self._refuse_with_snapshots(
+            record, "move", live=state in (VMVMState.Running, VMVMState.Paused))
         if destination_host == self.host:
             raise InvalidArgumentError(f"VM {self.name!r} is already on {destination_host}")
         self._check("migrate", state)

@@ -109,6 +109,15 @@ VM_REVERT_TO_SNAPSHOT = TaskSpec("vmtask.vm.revert_to_snapshot", ("name", "snaps
 # Cancelable until the tree drops the point; the commit that ends the last one is not.
 VM_DELETE_SNAPSHOT = TaskSpec("vmtask.vm.delete_snapshot", ("name", "snapshot"), cancelable=True)
 VM_CLONE = TaskSpec("vmtask.vm.clone", ("name", "clone", "linked", "snapshot"), cancelable=True)
+# A full clone onto another host: the source serves each disk's chain flattened
+# under the VM's lock, the destination pulls them and creates the clone there (the
+# producer holds the latter).
+VM_CLONE_OUT = TaskSpec("vmtask.vm.clone_out", ("name", "snapshot", "destination_host",
+                                                "transfer_id", "client_task_id"),
+                        cancelable=True)
+VM_CLONE_IN = TaskSpec("vmtask.vm.clone_in", ("name", "clone", "snapshot", "source_host",
+                                              "transfer_id", "server_task_id"),
+                       cancelable=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

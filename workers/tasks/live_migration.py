@@ -66,8 +66,8 @@ from workers.runtime import TaskRun, operation
 from workers.tasks import live_chain, move_journal
 from workers.tasks.files import HostFiles
 from workers.tasks.migration import move_record
-from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerWatch
+from workers.tasks.tree_moves import refuse_live_move
 from workers.tasks.vms import (
     config_of,
     open_vm_files,
@@ -139,7 +139,7 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
     key = keys.transfer(transfer_id)
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
-        refuse_move(run.settings, record)  # issue 23: not yet with snapshots
+        refuse_live_move(run, record)  # issue 23: a tree moves cold only
         if S(int(record["state"])) not in LIVE:
             raise InvalidStateError(f"VM {name!r} is {S(int(record['state'])).name}: only a "
                                     "Running or Paused VM migrates live")
