@@ -155,7 +155,8 @@ def clone_in(run: TaskRun, name: str, clone: str, snapshot: str | None, source_h
         raise_if_cancelled(run)
         fields = record_fields(run, record, clone, disks)
         created = run.ride_out(lambda: client.eval(
-            CREATE_SCRIPT, 2, keys.vm_record(clone), keys.VM_NAMES, clone, *to_args(fields)),
+            CREATE_SCRIPT, 3, keys.vm_record(clone), keys.VM_NAMES,
+            keys.host_vms(run.settings.host), clone, *to_args(fields)),
             "creating the clone's record")
         if not created:
             raise InvalidStateError(f"A VM named {clone!r} was created meanwhile")

@@ -92,8 +92,9 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
             fields = record_fields(run, record, clone, disks)
             if linked:
                 fields[CLONE_FIELD] = json.dumps({"vm": name, "snapshot": snapshot})
-            created = client.eval(CREATE_SCRIPT, 2, keys.vm_record(clone), keys.VM_NAMES,
-                                  clone, *to_args(fields))
+            # The host's VM set too: its watch and its restart's recovery read it.
+            created = client.eval(CREATE_SCRIPT, 3, keys.vm_record(clone), keys.VM_NAMES,
+                                  keys.host_vms(run.settings.host), clone, *to_args(fields))
             if not created:
                 raise IllegalValue(f"A VM named {clone!r} already exists")
         except BaseException:
