@@ -197,19 +197,13 @@ class SnapshotMethods:
             self._server.get_task(out_id).cancel()
             raise
 
-    def _refuse_with_snapshots(self, record: Mapping[str, str], what: str,
-                               live: bool = True) -> None:
-        """A cold move carries the tree; a live one does not yet, and a linked clone
-        or a VM that linked clones rest on stays where it is: refused before queueing."""
+    def _refuse_with_snapshots(self, record: Mapping[str, str], what: str) -> None:
+        """A move carries the tree (cold or live); a linked clone, or a VM that linked
+        clones rest on, stays where it is: refused before queueing."""
         if record.get("linked_clone_of"):
             raise InvalidStateError(
                 f"Cannot {what} VM {self.name!r}: it is a linked clone, which stays on "
                 "its source's host")
-        if live and tree_of(dict(record))["snapshots"]:
-            raise InvalidStateError(
-                f"Cannot {what} VM {self.name!r} live: it has snapshots, and a live move "
-                f"of a VM with snapshots is {NOT_YET} (save or turn it off and move it "
-                "cold, which carries the whole tree)")
         with broker_errors(self._server.url):
             clones = linked_clones(self._server.redis, self.name)
         if clones:

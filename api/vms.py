@@ -173,15 +173,14 @@ class VirtualMachine(SnapshotMethods):
         the destination.  The task's output gives QEMU's ``downtime_ms`` and the
         guest's whole pause, ``paused_ms`` (downtime plus the switch-over).
 
-        Snapshots: a cold move carries the whole tree (every layer, the saved states
-        of points with memory, the tree file); a live move of a VM with snapshots is
-        refused with `InvalidStateError`, and so is a move of a linked clone or of a
-        VM that linked clones rest on.
+        Snapshots: a move, cold or live, carries the whole tree (every layer, the
+        saved states of points with memory, the tree file); live, only the present
+        is mirrored, the layers below go byte for byte first.  A linked clone, and a
+        VM that linked clones rest on, are refused with `InvalidStateError`.
         """
         validate_host_name(destination_host)
         record, state = self._read()
-        self._refuse_with_snapshots(
-            record, "move", live=state in (VMVMState.Running, VMVMState.Paused))
+        self._refuse_with_snapshots(record, "move")
         if destination_host == self.host:
             raise InvalidArgumentError(f"VM {self.name!r} is already on {destination_host}")
         self._check("migrate", state)

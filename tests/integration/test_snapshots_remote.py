@@ -156,23 +156,43 @@ def test_refusals_across_hosts(both: VirtualServer, root: Path, name: str) -> No
         vm.clone(f"{name}-c", linked=True, snapshot="s1", host="beta")
     with pytest.raises(errors.HostUnavailableError):
         vm.clone(f"{name}-c", host="nowhere")
+    assert both.tasks(limit=1)[0].id == queued  # nothing queued
     ok(vm.clone(f"{name}-l", linked=True, snapshot="s1"))
     linked = both.find_virtual_machine(f"{name}-l")
     assert linked is not None
+    queued = both.tasks(limit=1)[0].id
     with pytest.raises(errors.InvalidStateError, match="linked clones rest"):
         vm.migrate("beta")
     with pytest.raises(errors.InvalidStateError, match="linked clone"):
         linked.migrate("beta")
+    assert both.tasks(limit=1)[0].id == queued
     ok(linked.delete())
-    queued = both.tasks(limit=1)[0].id
+    ok(vm.delete())
+
+
+def test_a_running_vm_with_snapshots_moves_live_with_its_tree(
+        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,  # noqa: F811
+        tmp_path: Path) -> None:
+    """Live: the present is mirrored, every other file of the tree goes byte for byte
+    first (the layers below the present with the chain, the other branch's too)."""
+    ok(both.create_dynamic_virtual_hard_disk(f"{name}/disk.qcow2", 16))
+    vm = both.create_virtual_machine(name, memory_mb=64, disks=[f"{name}/disk.qcow2"],
+                                     network=None)
+    views = branches(root, vm, name, tmp_path)
+    before = (tree(root, name), layer_files(root, name))
     ok(vm.startup())  # no bootable disk: SeaBIOS runs, enough to be Running
-    try:
-        started = both.tasks(limit=1)[0].id
-        with pytest.raises(errors.InvalidStateError, match="move it cold"):
-            vm.migrate("beta")
-        assert both.tasks(limit=1)[0].id == started != queued
-    finally:
-        ok(vm.turn_off())
+    ok(vm.migrate("beta"))
+    assert vm.state is S.Running and vm.host == "beta"  # the read updates the host
+    ok(vm.turn_off())
+    there = beta.storage_root
+    assert (tree(there, name), layer_files(there, name)) == before
+    for point in ("s1", "s2", "s3"):
+        assert same(layer(there, name, point), views[point]), point
+        assert read_only(layer(there, name, point))
+    assert same(present(there, name), views["present"])
+    assert not (root / "vms" / name).exists() and not (root / name / "disk.qcow2").exists()
+    ok(vm.revert_to_snapshot("s2"))
+    assert same(present(there, name), views["s2"])
     ok(vm.delete())
 
 

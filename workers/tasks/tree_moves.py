@@ -11,16 +11,21 @@ record names it (a layer whose backing escaped the root is refused, and nothing
 moves).  The tree file comes last in the list, so a move cut short never leaves a
 tree naming layers that did not arrive (the move's journal removes them anyway).
 
-Refused before anything moves: a live move of a VM with snapshots (the block
-mirror copies the active layer only; the frozen layers below it would have to go
-first, which is not built), a linked clone (it rests on its source's layers), and
-a VM that linked clones rest on (they would lose their backing).
+A live move carries it too: the chain below each disk's present (the layers of the
+snapshots it descends from, and the base) goes byte for byte first as for any
+chain (`workers.tasks.live_chain`), and with it every other file of the tree
+(`live_extras`: the other branches' layers, the saved states, the tree file); only
+the present, the one image QEMU writes, is mirrored.  Refused before anything
+moves: a linked clone (it rests on its source's layers) and a VM that linked clones
+rest on (they would lose their backing).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from api.errors import InvalidStateError
 from api.protocol.snapshots import CLONE_FIELD, linked_clones
@@ -29,10 +34,6 @@ from workers.engines.qemu_vm.config import fingerprint_path
 from workers.runtime import TaskRun
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
-
-LIVE_REFUSAL = ("a live move of a VM with snapshots is not supported yet (its frozen "
-                "layers would have to be copied before the block mirror): save or turn it "
-                "off and move it cold, which carries the whole tree")
 
 
 def refuse_clone_links(run: TaskRun, record: dict[str, str]) -> None:
@@ -47,11 +48,28 @@ def refuse_clone_links(run: TaskRun, record: dict[str, str]) -> None:
                                 f"snapshots ({', '.join(sorted(resting))})")
 
 
-def refuse_live_move(run: TaskRun, record: dict[str, str]) -> None:
-    """Under the VM's lock, before anything moves (the producer refuses it first)."""
-    refuse_clone_links(run, record)
-    if engine.load(paths_of(run.settings, record["name"]).directory) is not None:
-        raise InvalidStateError(f"VM {record['name']!r} has snapshots: {LIVE_REFUSAL}")
+def live_extras(run: TaskRun, name: str, below: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """The files of the tree that a live move's chains do not carry (``below``'s
+    entries: each a path relative to the root, its format and sizes), the tree file
+    last; none without a tree.  The present's layers are the tops QEMU mirrors."""
+    folder = paths_of(run.settings, name).directory
+    tree = engine.load(folder)
+    if tree is None:
+        return []
+    files = HostFiles.of(run.settings)
+    present = set(engine.layer_files(folder, tree.present, len(tree.bases))
+                  if tree.present else [])
+    carried = {item["path"] for item in below}
+    extras: list[dict[str, Any]] = []
+    for path in tree_files(run, name):
+        relative = files.relative(path)
+        if path in present or relative in carried:
+            continue
+        size = os.stat(path)
+        extras.append({"path": relative, "format": "qcow2" if path.suffix == ".qcow2"
+                       else "raw", "size": size.st_size, "allocated": size.st_blocks * 512})
+    return extras
 
 
 def tree_files(run: TaskRun, name: str) -> list[Path]:
