@@ -18,6 +18,7 @@ import pytest
 from api import VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import keys
 from tests.helpers import assert_succeeded as ok
+from tests.helpers import digest
 from tests.integration.test_snapshots import (
     export,
     layer,
@@ -104,6 +105,33 @@ def test_a_vm_with_snapshots_moves_cold_with_its_tree(
         assert same(layer(there, name, point), views[point]), point
     ok(vm.delete())
     assert not (there / "vms" / name).exists()
+
+
+def test_a_saved_vm_moves_with_its_points_of_memory(
+        both: VirtualServer, root: Path, beta: WorkerProcess, name: str) -> None:  # noqa: F811
+    """A point with memory keeps its saved state beside its layer: it moves with the
+    tree, and the VM restores there, from its own state and from the point's."""
+    vm = new_vm(both, name)
+    ok(vm.startup())  # no bootable disk: SeaBIOS runs, which is enough to save and restore
+    ok(vm.save())
+    ok(vm.create_snapshot("mem"))
+    data = tree(root, name)
+    assert data is not None
+    state = Path("vms", name, "snapshots", f"{data['snapshots'][0]['layer']}.state")  # type: ignore[index]
+    before = digest(root / state)
+    ok(vm.migrate("beta"))
+    assert vm.state is S.Saved and vm.host == "beta"
+    there = beta.storage_root
+    assert digest(there / state) == before and not (root / "vms" / name).exists()
+    ok(vm.startup())  # a restore of the VM's own saved state, on beta's paths
+    assert vm.state is S.Running
+    ok(vm.turn_off())
+    ok(vm.revert_to_snapshot("mem"))  # the point's state, moved with the tree
+    assert vm.state is S.Saved
+    ok(vm.startup())
+    assert vm.state is S.Running
+    ok(vm.turn_off())
+    ok(vm.delete())
 
 
 def test_full_clones_onto_another_host(both: VirtualServer, root: Path,  # noqa: F811

@@ -97,6 +97,9 @@ def _serve_one(run: TaskRun, served: Served, transfer_id: str, index: int,
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),
             pass_fds=served.fds, creds=transfer_tls.creds_of(run.settings)))
+        run.log(f"serving disk {index} read-only with qemu-nbd on {export.address}:"
+                f"{export.port}" + (f" (TLS: tls-creds-{export.creds.kind})"
+                                    if export.creds is not None else " (no TLS)"))
         key = offer_key(transfer_id, index)
         stack.callback(run.ride_out, partial(client.delete, key), "withdrawing an export")
         publish(run, key, {**offer_fields(export), "virtual_size": served.virtual_size,
