@@ -265,7 +265,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerProcess, WorkerPro
     redis.stop()
 
 
-def test_a_worker_killed_mid_clone_leaves_nothing(
+def test_a_worker_killed_mid_clone_or_move_leaves_nothing(
         pair: tuple[RedisServer, WorkerProcess, WorkerProcess]) -> None:
     redis, source, destination = pair
     root, there = source.storage_root, destination.storage_root
@@ -295,3 +295,18 @@ def test_a_worker_killed_mid_clone_leaves_nothing(
         ok(vm.clone("k", host="smb", snapshot="s1"))  # the source's lock is free again
         reads(there / "vms" / "k" / "disks" / f"0-{layer(root, 'kv', 's1').stem}.qcow2",
               0x5A, "0", "48M")
+        # A move with its tree, its destination killed mid-pull: the move never
+        # happened, the restart removes what it pulled, and the move then succeeds.
+        before = (tree(root, "kv"), layer_files(root, "kv"))
+        task = vm.migrate("smb")
+        with held(task.id):
+            destination.kill()
+        assert task.wait_for_completion(30_000)
+        assert task.result is VMTaskResult.ThreadCrashError, task.error_description
+        destination.start()
+        wait_until(lambda: not (there / "vms" / "kv").exists(), 60, "the unfinished move removed")
+        assert files_in(there / "kv") == []
+        assert vm.host == "sma" and (tree(root, "kv"), layer_files(root, "kv")) == before
+        ok(vm.migrate("smb"))
+        assert vm.state is S.TurnedOff and vm.host == "smb"
+        reads(layer(there, "kv", "s1"), 0x5A, "0", "48M")
