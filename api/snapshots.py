@@ -144,7 +144,10 @@ class SnapshotMethods:
               host: str | None = None) -> VMTask:
         """A new TurnedOff VM ``name`` with this one's configuration, its own MAC and
         no port forwards.  Full: independent flattened copies of the disks (as now,
-        or as at ``snapshot``).  Linked: qcow2 overlays over ``snapshot``'s layers."""
+        or as at ``snapshot``).  Linked: qcow2 overlays over ``snapshot``'s layers.
+        ``host``: another host for a full clone, pulled over the transfer channel
+        (TLS when configured); the task returned runs there, and a cancel leaves no
+        VM and no file on either host."""
         from api.vms import check_vm_name  # api.vms imports this module
 
         check_vm_name(name)

@@ -43,8 +43,8 @@ from workers.tasks.snapshots import check_snapshot_name
 from workers.tasks.transfer import (
     PeerWatch,
     Served,
-    _open_served,
     offer_fields,
+    open_served,
     publish,
     pull_and_judge,
 )
@@ -72,7 +72,7 @@ def clone_out(run: TaskRun, name: str, snapshot: str | None, destination_host: s
         served = 0
         try:
             with ExitStack() as stack:
-                exports = [_open_served(files, top, "image", stack) for top in tops]
+                exports = [open_served(files, top, "image", stack) for top in tops]
                 manifest = [{"stem": top.stem, "virtual_size": e.virtual_size,
                              "allocated": e.allocated} for top, e in zip(tops, exports,
                                                                          strict=True)]
