@@ -159,6 +159,7 @@ def test_full_clones_onto_another_host(both: VirtualServer, root: Path,  # noqa:
         assert same(disk, views[point or "present"])
         serve = peer_of(both, task, "server_task_id")
         assert serve.wait_for_completion(10_000) and serve.snapshot().host == "alpha"
+        assert serve.snapshot().output == {"served": 1}
         assert not both.redis.keys(keys.transfer("*"))
     # The source is untouched and the clone runs on beta.
     assert same(present(root, name), views["present"]) and vm.host == "alpha"

@@ -79,9 +79,9 @@ def clone_out(run: TaskRun, name: str, snapshot: str | None, destination_host: s
                 publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
                         "announcing the clone")
                 for index, export in enumerate(exports):
-                    if client_over():
+                    if client_over() or not _serve_one(run, export, transfer_id, index,
+                                                       client_over):
                         break
-                    _serve_one(run, export, transfer_id, index, client_over)
                     served += 1
         finally:
             run.ride_out(partial(client.delete, keys.transfer(transfer_id)),
@@ -90,7 +90,8 @@ def clone_out(run: TaskRun, name: str, snapshot: str | None, destination_host: s
 
 
 def _serve_one(run: TaskRun, served: Served, transfer_id: str, index: int,
-               client_over: Callable[[], bool]) -> None:
+               client_over: Callable[[], bool]) -> bool:
+    """Export one chain until the destination has pulled it (True) or is over."""
     client = run.redis
     with ExitStack() as stack:
         export = stack.enter_context(nbd.serve(
@@ -110,8 +111,9 @@ def _serve_one(run: TaskRun, served: Served, transfer_id: str, index: int,
             if not export.alive():
                 raise OperationFailed("qemu-nbd stopped serving the image")
             if client_over():
-                return
+                return False
             run.sleep(WATCH)
+    return True
 
 
 def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch) -> list[dict[str, Any]]:
