@@ -165,6 +165,12 @@ class SnapshotMethods:
         record = self._snapshot_state("clone")
         if snapshot is not None:
             self._existing(record, snapshot)
+        elif remote and VMVMState(int(record["state"])) in (VMVMState.Running,
+                                                             VMVMState.Paused):
+            # Its present changes under a byte copy (the worker refuses it too).
+            raise InvalidStateError(
+                f"A clone of the present of VM {self.name!r} onto another host while it "
+                f"runs is {NOT_YET}: clone it at a snapshot, or turn it off first")
         with broker_errors(self._server.url):
             if self._server.redis.exists(keys.vm_record(name)):
                 raise InvalidArgumentError(f"A VM named {name!r} already exists")

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import hresults, keys, scripts, tasks
 from api.vmargs import to_args
@@ -52,6 +53,11 @@ from workers.tasks.vms import begin, paths_of, vm_lock
 
 CREATE_SCRIPT = scripts.load("vm_create")
 WATCH = 0.1
+# The present of a running source changes under a byte copy: it would need QEMU's
+# own copy (a local clone's), which does not cross hosts yet.  A snapshot's layers
+# do not change while the VM runs.
+RUNNING_PRESENT = ("VM {name!r} is {state}: a clone of its present onto another host is "
+                   "not supported yet (clone it at a snapshot, or turn it off first)")
 
 
 def offer_key(transfer_id: str, index: int) -> str:
@@ -67,7 +73,9 @@ def clone_out(run: TaskRun, name: str, snapshot: str | None, destination_host: s
     client = run.redis
     client_over = PeerWatch.of(run, client_task_id, destination_host).over
     with vm_lock(run, name):
-        _, record, _ = begin(run, "clone", name, None)
+        _, record, state = begin(run, "clone", name, None)
+        if snapshot is None and state in (S.Running, S.Paused):
+            raise InvalidStateError(RUNNING_PRESENT.format(name=name, state=state.name))
         tops = source_tops(run, record, snapshot)
         served = 0
         try:
