@@ -15,7 +15,7 @@ either task's fate.  The destination's task ends only after the source's task ha
 (a move is complete when the source let go): a file the source could not remove
 is named in its output, and the move still ends Success, since it happened.
 Parents of the VM's disks are copied but stay on the source (other disks may share
-them).
+them).  A VM with snapshots carries its whole tree (`workers.tasks.tree_moves`).
 """
 
 from __future__ import annotations
