@@ -2,9 +2,10 @@
 methods (a mixin), each checked before anything is queued.
 
 Snapshots are taken, reverted and deleted, and clones made, in any stable state
-(live for Running and Paused VMs, which are not stopped).  Clones on another host
-and snapshots of undoable VMs are refused with `InvalidStateError` saying that they
-are not supported yet.  The tree is read from
+(live for Running and Paused VMs, which are not stopped).  A full clone may go onto
+another host (``host=``), over the transfer channel; a linked one stays on its
+source's host.  Snapshots of undoable VMs are refused with `InvalidStateError`
+saying that they are not supported yet.  The tree is read from
 the VM's record (its host's worker writes it there after each change), so
 `snapshots` needs no task.
 """
@@ -12,6 +13,7 @@ the VM's record (its host's worker writes it there after each change), so
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -147,7 +149,10 @@ class SnapshotMethods:
               host: str | None = None) -> VMTask:
         """A new TurnedOff VM ``name`` with this one's configuration, its own MAC and
         no port forwards.  Full: independent flattened copies of the disks (as now,
-        or as at ``snapshot``).  Linked: qcow2 overlays over ``snapshot``'s layers."""
+        or as at ``snapshot``).  Linked: qcow2 overlays over ``snapshot``'s layers.
+        ``host``: another host for a full clone, pulled over the transfer channel
+        (TLS when configured); the task returned runs there, and a cancel leaves no
+        VM and no file on either host."""
         from api.vms import check_vm_name  # api.vms imports this module
 
         check_vm_name(name)
@@ -157,33 +162,68 @@ class SnapshotMethods:
             check_snapshot_name(snapshot)
         if linked and snapshot is None:
             raise InvalidArgumentError("A linked clone rests on a snapshot: name one")
-        if host is not None:
-            validate_host_name(host)
-            if host != self.host:
-                raise InvalidStateError(
-                    f"Cloning VM {self.name!r} onto another host ({host}) is {NOT_YET}")
+        remote = host is not None and validate_host_name(host) != self.host
+        if remote and linked:
+            raise InvalidArgumentError(
+                f"A linked clone stays on its source's host ({self.host}): clone VM "
+                f"{self.name!r} onto {host} in full (linked=False)")
         record = self._snapshot_state("clone")
         if snapshot is not None:
             self._existing(record, snapshot)
+        elif remote and VMVMState(int(record["state"])) in (VMVMState.Running,
+                                                             VMVMState.Paused):
+            # Its present changes under a byte copy (the worker refuses it too).
+            raise InvalidStateError(
+                f"A clone of the present of VM {self.name!r} onto another host while it "
+                f"runs is {NOT_YET}: clone it at a snapshot, or turn it off first")
         with broker_errors(self._server.url):
             if self._server.redis.exists(keys.vm_record(name)):
                 raise InvalidArgumentError(f"A VM named {name!r} already exists")
         kind = "linked" if linked else "full"
         point = f" at snapshot {snapshot}" if snapshot else ""
+        if remote:
+            assert host is not None
+            return self._clone_remote(name, snapshot, host, point)
         return self._submit(tasks.VM_CLONE, f"Cloning VM {self.name}{point} into {name} "
                                             f"({kind})",
                             clone=name, linked=linked, snapshot=snapshot)
 
+    def _clone_remote(self, name: str, snapshot: str | None, host: str, point: str) -> VMTask:
+        """Two tasks as for `HardDisk.copy_to`: the source serves the chains, the
+        destination (the task returned) pulls them and creates the clone there."""
+        target = self._server.resolve_host(host)
+        transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
+        self._server.submit(
+            tasks.VM_CLONE_OUT, description=f"Serving VM {self.name}{point} to {target} for "
+                                            f"the clone {name}",
+            kwargs={"name": self.name, "snapshot": snapshot, "destination_host": target,
+                    "transfer_id": transfer_id, "client_task_id": in_id},
+            host=self.host, task_id=out_id)
+        try:
+            return self._server.submit(
+                tasks.VM_CLONE_IN, description=f"Cloning VM {self.name}{point} from "
+                                               f"{self.host} into {name} on {target} (full)",
+                kwargs={"name": self.name, "clone": name, "snapshot": snapshot,
+                        "source_host": self.host, "transfer_id": transfer_id,
+                        "server_task_id": out_id},
+                host=target, task_id=in_id)
+        except Exception:
+            self._server.get_task(out_id).cancel()
+            raise
+
     def _refuse_with_snapshots(self, record: Mapping[str, str], what: str) -> None:
-        """Operations not built for a tree yet (moves) refuse it before queueing."""
-        if tree_of(dict(record))["snapshots"]:
-            raise InvalidStateError(
-                f"Cannot {what} VM {self.name!r}: it has snapshots, and moving them is "
-                f"{NOT_YET} (delete them first)")
+        """A move carries the tree (cold or live); a linked clone, or a VM that linked
+        clones rest on, stays where it is: refused before queueing."""
         if record.get("linked_clone_of"):
             raise InvalidStateError(
                 f"Cannot {what} VM {self.name!r}: it is a linked clone, which stays on "
                 "its source's host")
+        with broker_errors(self._server.url):
+            clones = linked_clones(self._server.redis, self.name)
+        if clones:
+            raise InvalidStateError(
+                f"Cannot {what} VM {self.name!r}: linked clones rest on its snapshots "
+                f"({', '.join(sorted(clones))})")
 
     def _refuse_with_clones(self) -> None:
         with broker_errors(self._server.url):

@@ -17,6 +17,7 @@ from api.settings import Settings
 from workers import control as control_lane
 from workers import flower_ext, host, monitoring, transport
 from workers.tasks import (
+    clone_remote,
     clones,
     diagnostics,
     disk_inventory,
@@ -37,7 +38,8 @@ from workers.tasks import (
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
-                     snapshots.__name__, clones.__name__, live_resize.__name__]
+                     snapshots.__name__, clones.__name__, live_resize.__name__,
+                     clone_remote.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.

@@ -106,7 +106,8 @@ def snapshot_delete(ctx: click.Context, name: str, snapshot_name: str) -> None:
 @click.option("--linked", is_flag=True,
               help="qcow2 overlays over the snapshot's layers (needs --snapshot).")
 @click.option("--snapshot", "snapshot_name", help="Clone the VM as it was at this snapshot.")
-@click.option("--host", "target_host", help="The clone's host (only the source's, for now).")
+@click.option("--host", "target_host",
+              help="The clone's host (default the source's); a full clone only.")
 @no_wait_option
 @json_option
 @click.pass_context
@@ -122,6 +123,8 @@ def vm_clone(ctx: click.Context, name: str, clone_name: str, linked: bool,
         return {"vm": vm_dict(made) if made is not None else None}
 
     def show(_snap: TaskSnapshot) -> None:
-        click.echo(f"Cloned VM {name} into {clone_name}")
+        where = f" on {made.host}" if (made := state.server().find_virtual_machine(
+            clone_name)) is not None else ""
+        click.echo(f"Cloned VM {name} into {clone_name}{where}")
 
     run_task(state, task, extra, show)

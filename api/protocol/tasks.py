@@ -112,6 +112,15 @@ VM_CLONE = TaskSpec("vmtask.vm.clone", ("name", "clone", "linked", "snapshot"), 
 # hd.resize of a disk of a Running or Paused VM: QMP block_resize, at once.
 VM_RESIZE_DISK = TaskSpec("vmtask.vm.resize_disk", ("name", "path", "size_bytes"),
                           cancelable=False)
+# A full clone onto another host: the source serves each disk's chain flattened
+# under the VM's lock, the destination pulls them and creates the clone there (the
+# producer holds the latter).
+VM_CLONE_OUT = TaskSpec("vmtask.vm.clone_out", ("name", "snapshot", "destination_host",
+                                                "transfer_id", "client_task_id"),
+                        cancelable=True)
+VM_CLONE_IN = TaskSpec("vmtask.vm.clone_in", ("name", "clone", "snapshot", "source_host",
+                                              "transfer_id", "server_task_id"),
+                       cancelable=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

@@ -427,10 +427,6 @@ def test_refusals_before_queueing(server: VirtualServer, root: Path, name: str) 
     diskless = server.create_virtual_machine(f"{name}-n", memory_mb=64)
     with pytest.raises(errors.InvalidArgumentError, match="no disks"):
         diskless.create_snapshot("s1")
-    with pytest.raises(errors.InvalidStateError, match="not supported yet"):
-        vm.clone(f"{name}-c", host="beta")
-    with pytest.raises(errors.InvalidStateError, match="snapshots"):
-        vm.migrate("beta")
     with pytest.raises(errors.InvalidStateError, match="snapshots"):
         vm.configure(disks=[])
     with pytest.raises(errors.InvalidStateError, match="base of the snapshots"):

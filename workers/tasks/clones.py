@@ -97,15 +97,16 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
             else:  # a snapshot's layers do not change while the VM runs
                 disks = _make_disks(run, tops, target, linked)
             raise_if_cancelled(run)
-            fields = _record_fields(run, record, clone, disks)
+            fields = record_fields(run, record, clone, disks)
             if linked:
                 fields[CLONE_FIELD] = json.dumps({"vm": name, "snapshot": snapshot})
-            created = client.eval(CREATE_SCRIPT, 2, keys.vm_record(clone), keys.VM_NAMES,
-                                  clone, *to_args(fields))
+            # The host's VM set too: its watch and its restart's recovery read it.
+            created = client.eval(CREATE_SCRIPT, 3, keys.vm_record(clone), keys.VM_NAMES,
+                                  keys.host_vms(run.settings.host), clone, *to_args(fields))
             if not created:
                 raise IllegalValue(f"A VM named {clone!r} already exists")
         except BaseException:
-            _remove(directory)
+            remove_clone(directory)
             raise
         (directory / JOURNAL).unlink()
         return {"name": clone, "source": name, "linked": linked, "snapshot": snapshot,
@@ -143,7 +144,7 @@ def _copy_running(run: TaskRun, name: str, tops: list[Path], target: Path) -> li
     return made
 
 
-def _record_fields(run: TaskRun, record: dict[str, str], clone: str, disks: list[Path]
+def record_fields(run: TaskRun, record: dict[str, str], clone: str, disks: list[Path]
                    ) -> dict[str, str]:
     files = HostFiles.of(run.settings)
     fields = {key: record[key] for key in COPIED_FIELDS if key in record}
@@ -155,7 +156,7 @@ def _record_fields(run: TaskRun, record: dict[str, str], clone: str, disks: list
     return fields
 
 
-def _remove(directory: Path) -> None:
+def remove_clone(directory: Path) -> None:
     shutil.rmtree(directory / "disks", ignore_errors=True)
     try:
         (directory / JOURNAL).unlink()
@@ -179,4 +180,4 @@ def remove_unfinished_clones(client: redis.Redis, settings: Settings) -> None:
             os.unlink(journal)
             continue
         log.warning("Removing the unfinished clone %s", directory.name)
-        _remove(directory)
+        remove_clone(directory)

@@ -25,7 +25,7 @@ import redis
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import keys, scripts, tasks
-from api.protocol.snapshots import CLONE_FIELD, SNAPSHOT_NAME, TREE_FIELD, linked_clones
+from api.protocol.snapshots import SNAPSHOT_NAME, TREE_FIELD, linked_clones
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
@@ -127,17 +127,6 @@ def refingerprint(settings: Settings, record: dict[str, str]) -> None:
     temp.write_text(json.dumps(metadata, indent=2))
     os.replace(temp, paths.fingerprint_file)
     fsync_directory(paths.directory)
-
-
-def refuse_move(settings: Settings, record: dict[str, str]) -> None:
-    """A move does not carry a tree or a linked clone's backing yet: refused, under
-    the VM's lock, before anything moves (the producer refuses it first)."""
-    if engine.load(vm_directory(settings, record["name"])) is not None:
-        raise InvalidStateError(f"VM {record['name']!r} has snapshots: moving them is not "
-                                "supported yet (delete them first)")
-    if record.get(CLONE_FIELD):
-        raise InvalidStateError(f"VM {record['name']!r} is a linked clone, which stays on "
-                                "its source's host")
 
 
 @operation(tasks.VM_CREATE_SNAPSHOT)
