@@ -27,8 +27,9 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
-from api.protocol import keys, scripts, tasks
+from api.protocol import keys, tasks
 from api.protocol.snapshots import CLONE_FIELD
+from api.scripts import Scripts
 from api.settings import Settings
 from api.vmargs import new_mac, to_args
 from api.vms import VM_NAME_PATTERN
@@ -43,7 +44,6 @@ from workers.tasks.vms import begin, config_of, paths_of, vm_lock
 
 log = logging.getLogger(__name__)
 
-CREATE_SCRIPT = scripts.load("vm_create")
 JOURNAL = "clone.json"
 COPIED_FIELDS = ("memory_mb", "cpus", "network", "undoable", "guest_agent", "kernel",
                  "initrd", "append")
@@ -92,8 +92,10 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
             fields = _record_fields(run, record, clone, disks)
             if linked:
                 fields[CLONE_FIELD] = json.dumps({"vm": name, "snapshot": snapshot})
-            created = client.eval(CREATE_SCRIPT, 2, keys.vm_record(clone), keys.VM_NAMES,
-                                  clone, *to_args(fields))
+            # Not in the host's VM set (no third key): `index_host_vms` adds it.
+            created = Scripts.of(client).vm_create(record=keys.vm_record(clone),
+                                                   names=keys.VM_NAMES, name=clone,
+                                                   fields=to_args(fields))
             if not created:
                 raise IllegalValue(f"A VM named {clone!r} already exists")
         except BaseException:

@@ -54,7 +54,8 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import hresults, keys, scripts, tasks
+from api.protocol import hresults, keys, tasks
+from api.scripts import Scripts
 from workers.engines import qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
@@ -83,7 +84,6 @@ LIVE = frozenset({S.Running, S.Paused})
 WATCH = 0.05
 MIGRATION_TIMEOUT = 3600.0
 # In a destination's VM directory until the switch-over: the disks it is receiving.
-ABORT_SCRIPT = scripts.load("vm_move_abort")
 SOURCE, DESTINATION = "source", "destination"
 GAVE_UP = "gave up the migration"
 
@@ -219,8 +219,9 @@ class _Send:
         name, client = self.record["name"], self.run.redis
         while True:
             try:
-                return str(client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), self.key,
-                                       wake_key(self.key, DESTINATION), self.run.settings.host))
+                return str(Scripts.of(client).vm_move_abort(
+                    record=keys.vm_record(name), transfer=self.key,
+                    wake=wake_key(self.key, DESTINATION), source=self.run.settings.host))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise
@@ -273,8 +274,9 @@ class _Send:
                     outgoing.rollback()
                 finally:
                     with contextlib.suppress(redis.RedisError):
-                        client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
-                                    wake_key(key, DESTINATION), settings.host)
+                        Scripts.of(client).vm_move_abort(
+                            record=keys.vm_record(name), transfer=key,
+                            wake=wake_key(key, DESTINATION), source=settings.host)
                 raise
             outcome = self.fence(deadline)
             if outcome == "ABORTED":

@@ -34,8 +34,9 @@ import redis
 from api.enums import VMTaskResult
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import hresults, keys, scripts, tasks
-from api.protocol.vmstate import EVENTS_MAXLEN
+from api.protocol import hresults, keys, tasks
+from api.protocol.vmstate import EVENTS_MAXLEN, allowed_csv
+from api.scripts import Scripts
 from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm.config import config_fingerprint
@@ -60,7 +61,6 @@ from workers.tasks.vms import (
 )
 
 MOVABLE = frozenset({S.TurnedOff, S.Saved})
-MOVE_SCRIPT = scripts.load("vm_move")
 WATCH = 0.1
 
 
@@ -182,14 +182,13 @@ def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S]
     task holds the VM's lock here, so nobody else moved it here meanwhile.
     """
     record, here = keys.vm_record(name), run.settings.host
-    extra = [] if transfer_key is None else [transfer_key]
 
     def move() -> str:
-        outcome = str(run.redis.eval(MOVE_SCRIPT, 2 + len(extra), record, keys.VM_EVENTS,
-                                     *extra, source_host, here,
-                                     ",".join(str(int(s)) for s in sorted(allowed)),
-                                     repr(time.time()), EVENTS_MAXLEN,
-                                     keys.HOST_VMS_PREFIX))
+        outcome = str(Scripts.of(run.redis).vm_move(
+            record=record, events=keys.VM_EVENTS, transfer=transfer_key,
+            source=source_host, destination=here, allowed=allowed_csv(allowed),
+            now=repr(time.time()), max_events=EVENTS_MAXLEN,
+            host_vms_prefix=keys.HOST_VMS_PREFIX))
         if outcome == "MOVED" and run.redis.hget(record, "host") == here:
             return "OK"
         return outcome

@@ -24,8 +24,9 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import keys, scripts, tasks
+from api.protocol import keys, tasks
 from api.protocol.snapshots import CLONE_FIELD, SNAPSHOT_NAME, TREE_FIELD, linked_clones
+from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
@@ -48,7 +49,6 @@ from workers.tasks.vms import (
 
 log = logging.getLogger(__name__)
 
-SEAL_SCRIPT = scripts.load("task_seal")
 
 
 def check_snapshot_name(snapshot: object) -> str:
@@ -105,7 +105,7 @@ def seal(run: TaskRun) -> None:
     """Past here the task finishes whatever a cancel says: unless a cancel came first
     (then `Cancelled`, with nothing changed yet), its record stops being cancelable,
     so `is_cancelable` reads False and `cancel()` is refused from that moment."""
-    if not run.redis.eval(SEAL_SCRIPT, 1, keys.task_record(run.task_id)):
+    if not Scripts.of(run.redis).task_seal(record=keys.task_record(run.task_id)):
         raise Cancelled()
 
 
