@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import traceback
@@ -34,6 +33,7 @@ from redis.retry import Retry
 from api import events
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records, tasklog
+from api.protocol.lease import Holder
 from api.protocol.tasks import TaskSpec
 from api.replication import Acknowledgement, replicated
 from api.scripts import Scripts
@@ -135,8 +135,8 @@ def worker_redis(settings: Settings) -> WorkerRedis:
 
 
 def worker_identity(settings: Settings) -> str:
-    """Who holds a lease: ``host:machine:pid``, so a restarted worker can tell its own."""
-    return f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
+    """Who holds a lease (`api.protocol.lease`), so a restarted worker can tell its own."""
+    return str(Holder.of_this_process(settings.host))
 
 
 def settings_of(task: Task) -> Settings:

@@ -181,7 +181,7 @@ def test_the_log_is_capped_and_only_the_running_worker_writes(
         number, last_two = server.store.log_entries("capped-log", tail=2)
         assert number == len(lines) - 1 and len(last_two) == 2
         # Another worker (one judged crashed, then woken) adds nothing.
-        assert write(keys=[record, channel], args=["w2", "1", "late"]) == 0
+        assert write(record=record, channel=channel, worker="w2", lines=["1", "late"]) == 0
         assert server.get_task("capped-log").log(tail=1)[0].endswith(f" line {len(lines) - 1}")
     finally:
         server.close()

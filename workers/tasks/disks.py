@@ -10,7 +10,6 @@ image.  Paths travel as strings relative to the storage root.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,6 +19,7 @@ import redis
 
 from api.enums import VMHardDiskType
 from api.protocol import keys, tasks
+from api.protocol.lease import Holder
 from api.settings import Settings
 from workers.engines import qemu_img
 from workers.engines.storage import remove_stale_temporaries
@@ -142,22 +142,26 @@ def process_exists(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def lease_live(client: redis.Redis, task_id: str) -> bool:
+    """Whether the task's lease is held by a worker that may still run it: one on
+    another machine (which cannot be looked for from here), or a process that still
+    exists here (a worker killed a moment ago leaves a lease that has not expired)."""
+    value = client.get(keys.task_lease(task_id))
+    if value is None:
+        return False
+    holder = Holder.parse(str(value))
+    return not holder.on_this_machine or process_exists(holder.pid)
+
+
 def remove_crashed_temporaries(client: redis.Redis, settings: Settings) -> None:
     """A task that died mid-write left its temporary file; remove it.
 
-    A temporary is live only while its task's lease is held by a process that still
-    exists: a worker killed a moment ago leaves a lease that has not expired yet.
+    A temporary is live only while its task's lease is held by a live worker
+    (`lease_live`).
     """
-    machine = socket.gethostname()
 
     def is_live(task_id: str) -> bool:
-        holder = client.get(keys.task_lease(task_id))
-        if holder is None:
-            return False
-        _host, holder_machine, pid = str(holder).rsplit(":", 2)
-        if holder_machine != machine:
-            return True
-        return process_exists(int(pid))
+        return lease_live(client, task_id)
 
     for path in remove_stale_temporaries(HostFiles.of(settings).root, is_live):
         log.warning("Removed %s, left by a task that crashed", path)

@@ -55,6 +55,7 @@ import redis
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import hresults, keys, tasks
+from api.protocol import transfer as xfer
 from api.scripts import Scripts
 from workers.engines import qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
@@ -84,12 +85,11 @@ LIVE = frozenset({S.Running, S.Paused})
 WATCH = 0.05
 MIGRATION_TIMEOUT = 3600.0
 # In a destination's VM directory until the switch-over: the disks it is receiving.
-SOURCE, DESTINATION = "source", "destination"
+SOURCE, DESTINATION = xfer.SOURCE, xfer.DESTINATION
 GAVE_UP = "gave up the migration"
 
 
-def wake_key(key: str, side: str) -> str:
-    return f"{key}:wake:{side}"
+wake_key = xfer.wake
 
 
 def _send_signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) -> None:
@@ -240,9 +240,9 @@ class _Send:
         outgoing = livemigrate.Outgoing.begin(
             monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
             creds=creds, stall_seconds=settings.transfer_stall_seconds)
-        _signal(run, key, DESTINATION, {"manifest": json.dumps(disks),
-                                        "chain": json.dumps(below),
-                                        "creds": transfer_tls.kind_of(creds)})
+        _signal(run, key, DESTINATION, {xfer.MANIFEST: json.dumps(disks),
+                                        xfer.CHAIN: json.dumps(below),
+                                        xfer.CREDS: transfer_tls.kind_of(creds)})
         try:
 
             def between() -> None:
@@ -260,8 +260,8 @@ class _Send:
             stopped = time.monotonic()  # the guest stays stopped until the cont there
             outgoing.finish_mirrors(deadline)
             self.stays = False  # from here the destination may take over (the fence decides)
-            _signal(run, key, DESTINATION, {"switch": "1"})
-            while _read(run, key, "committed")[0] != "1":
+            _signal(run, key, DESTINATION, {xfer.SWITCH: "1"})
+            while _read(run, key, xfer.COMMITTED)[0] != "1":
                 self.check()
                 raise_if_cancelled(run)  # honoured until the destination takes over
                 _nap(run, key, SOURCE)
@@ -295,7 +295,7 @@ class _Send:
 
 
 def _wait_manifest(run: TaskRun, key: str, source: PeerWatch) -> list[dict[str, Any]]:
-    while not (raw := _read(run, key, "manifest")[0]):
+    while not (raw := _read(run, key, xfer.MANIFEST)[0]):
         source.check("source", gave_up=GAVE_UP)
         raise_if_cancelled(run)
         _nap(run, key, DESTINATION)
@@ -333,7 +333,7 @@ def _create_disk(item: dict[str, Any], args: list[str]) -> None:
 
 def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, source: PeerWatch) -> None:
     while True:
-        switch, abort = _read(run, key, "switch", "abort")
+        switch, abort = _read(run, key, xfer.SWITCH, xfer.ABORT)
         if abort == "1":
             raise Cancelled(f"The source host {source.host} {GAVE_UP}")
         if switch == "1":
@@ -360,7 +360,7 @@ def _record_taken_over(run: TaskRun, key: str, name: str, paths: qemu_vm.VMPaths
     while True:
         try:
             if client.exists(key):
-                _send_signal(client, key, SOURCE, {"committed": "1"})
+                _send_signal(client, key, SOURCE, {xfer.COMMITTED: "1"})
             pid = qemu_vm.find_pid(paths)
             if pid is not None:
                 record_runtime(client, name, paths, pid)
@@ -392,7 +392,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                         f"{run.settings.host}", hresults.FILE_EXISTS)
     source = PeerWatch.of(run, peer_task_id, source_host)
     disks = _wait_manifest(run, key, source)
-    chain, peer_creds = _read(run, key, "chain", "creds")
+    chain, peer_creds = _read(run, key, xfer.CHAIN, xfer.CREDS)
     below: list[dict[str, Any]] = json.loads(chain or "[]")
     targets = [files.resolve_output(d["path"]) for d in disks]
     creds = transfer_tls.creds_of(run.settings)
@@ -436,7 +436,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                     run, address=run.settings.advertise_address,
                     ports=run.settings.transfer_ports, exports=exports, creds=creds,
                     opened=open_vm_files(run, record, paths, opened_files))
-            _signal(run, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
+            _signal(run, key, SOURCE, {xfer.INCOMING: json.dumps(incoming.to_dict())})
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.
             with qemu_vm.connect(paths) as monitor:

@@ -35,6 +35,7 @@ from api.enums import VMTaskResult
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import hresults, keys, tasks
+from api.protocol import transfer as xfer
 from api.protocol.vmstate import EVENTS_MAXLEN, allowed_csv
 from api.scripts import Scripts
 from workers.engines import nbd, transfer_tls
@@ -103,7 +104,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         copy, owned = _files_of(files, record, state)
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
-        publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
+        publish(run, keys.transfer(transfer_id), {xfer.MANIFEST: json.dumps(manifest)},
                 "announcing the move")
 
         client_over = PeerWatch.of(run, client_task_id, destination_host).over
@@ -121,12 +122,12 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                     stack.callback(run.ride_out, partial(client.delete, key),
                                    "withdrawing an export")
                     publish(run, key, {**offer_fields(export),
-                                       "virtual_size": manifest[index]["size"],
-                                       "allocated": manifest[index]["allocated"],
-                                       "fixed": 0}, "announcing an export")
+                                       xfer.VIRTUAL_SIZE: manifest[index]["size"],
+                                       xfer.ALLOCATED: manifest[index]["allocated"],
+                                       xfer.FIXED: 0}, "announcing an export")
                     while run.ride_out(
                             partial(client.hget, keys.transfer(transfer_id),
-                                    f"done.{index}"),
+                                    xfer.done(index)),
                             "waiting for the destination's pull") != "1":
                         if client_over():
                             break
@@ -199,7 +200,7 @@ def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S]
 def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
                    ) -> list[dict[str, Any]]:
     while True:
-        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), "manifest"),
+        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), xfer.MANIFEST),
                            "waiting for the source's manifest")
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
@@ -265,7 +266,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                                source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
                 done += int(item["size"])
-                run.ride_out(partial(client.hset, keys.transfer(transfer_id), f"done.{index}",
+                run.ride_out(partial(client.hset, keys.transfer(transfer_id), xfer.done(index),
                                      "1"),
                              "telling the source a file arrived")
             if S(int(record["state"])) is S.Saved:
