@@ -174,15 +174,16 @@ class TaskStore:
         (`withdraw_unconfirmed`) and raises `BrokerUnavailableError`.
         """
         now = time.time()
+        field = records.Field
         fields = {
-            "name": name,
-            "description": description,
-            "host": host,
-            "cancelable": "1" if cancelable else "0",
-            "state": records.PENDING,
-            "percent": "0",
-            "created": repr(now),
-            "arguments": json.dumps(dict(arguments), sort_keys=True),
+            field.NAME: name,
+            field.DESCRIPTION: description,
+            field.HOST: host,
+            field.CANCELABLE: "1" if cancelable else "0",
+            field.STATE: records.PENDING,
+            field.PERCENT: "0",
+            field.CREATED: repr(now),
+            field.ARGUMENTS: json.dumps(dict(arguments), sort_keys=True),
         }
         items: list[Any] = [item for pair in fields.items() for item in pair]
         field_count = len(items)

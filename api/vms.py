@@ -23,6 +23,7 @@ from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
 from api.guest import GuestOS
 from api.protocol import keys, tasks
+from api.protocol import vm as vm_schema
 from api.protocol.vmstate import (
     ALLOWED,
     LIVE_STATES,
@@ -51,8 +52,7 @@ MAX_CONSOLE_TAIL = 4 * 1024 * 1024
 
 VM_PAGE = 1000  # VM records per script call of a listing
 # What a `VirtualMachine` reads of its record when it is made.
-LISTED_FIELDS = ("name", "host", "undoable", "guest_agent", "memory_mb", "cpus", "disks",
-                 "network", "port_forwards")
+LISTED_FIELDS = vm_schema.LISTED
 
 class VirtualMachine(SnapshotMethods):
     """A handle on one VM; its configuration is read once, its state live."""
@@ -344,19 +344,21 @@ class VMOperations(ServerCore):
         if kernel is None and (initrd is not None or append is not None):
             raise InvalidArgumentError("initrd and append need a kernel")
         target = self.resolve_host(host)
+        field = vm_schema.Field
         fields = {
-            "name": name, "host": target, "state": str(int(VMVMState.TurnedOff)),
+            field.NAME: name, field.HOST: target, field.STATE: str(int(VMVMState.TurnedOff)),
             **config_fields(memory_mb=memory_mb, cpus=cpus, disks=disk_list,
                             network=checked_network, forwards=forwards),
-            "mac": new_mac(),
-            "undoable": "1" if undoable else "0", "guest_agent": "1" if guest_agent else "0",
-            "kernel": kernel or "", "initrd": initrd or "", "append": append or "",
-            "created": repr(time.time()),
+            field.MAC: new_mac(),
+            field.UNDOABLE: "1" if undoable else "0",
+            field.GUEST_AGENT: "1" if guest_agent else "0",
+            field.KERNEL: kernel or "", field.INITRD: initrd or "", field.APPEND: append or "",
+            field.CREATED: repr(time.time()),
         }
         with broker_errors(self.url):
             created = self.scripts.vm_create(
                 record=keys.vm_record(name), names=keys.VM_NAMES,
-                host_vms=keys.host_vms(fields["host"]), name=name, fields=to_args(fields))
+                host_vms=keys.host_vms(fields[field.HOST]), name=name, fields=to_args(fields))
         if not created:
             raise InvalidArgumentError(f"A VM named {name!r} already exists")
         return VirtualMachine(self, fields)

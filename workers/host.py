@@ -44,7 +44,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from api import events
 from api.protocol import keys
-from api.protocol.records import judge_crashed, trim_recent
+from api.protocol.records import Field, judge_crashed, trim_recent
 from api.replication import pipelined
 from api.scripts import Scripts
 from api.settings import Settings
@@ -186,7 +186,7 @@ class HostBeacon:
                 if self.on_crash_judged is not None:
                     self.on_crash_judged(task_id)
                 # Its worker died: it may have died holding a message, too.
-                host = self.client.hget(keys.task_record(task_id), "host")
+                host = self.client.hget(keys.task_record(task_id), Field.HOST)
                 if host and self.lost is not None:
                     self.lost.schedule(host)
 

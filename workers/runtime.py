@@ -230,7 +230,7 @@ class TaskRun:
                 host_pending=keys.host_pending(self.settings.host), now=repr(time.time()),
                 worker=identity, lease_ms=int(self.settings.lease_seconds * 1000),
                 task_id=self.task_id, node=node)
-            pipe.hget(self._record, "worker")
+            pipe.hget(self._record, records.Field.WORKER)
 
         def attempt() -> tuple[str, bool]:
             (gate, holder), acked = replicated(self.redis, build, self._conn.scripts,
@@ -249,7 +249,8 @@ class TaskRun:
         or Redis refuses this too; a lease the gate took then lapses into
         ThreadCrashError, the only outcome anyone else can judge."""
         try:
-            state, holder = self.redis.hmget(self._record, "state", "worker")
+            state, holder = self.redis.hmget(self._record, records.Field.STATE,
+                                            records.Field.WORKER)
             if state != records.STARTED or holder != worker_identity(self.settings):
                 log.error("Task %s could not be recorded as refused: its record is %s",
                           self.task_id, state or "MISSING")
@@ -369,7 +370,7 @@ class TaskRun:
                 finished=finished, percent=percent,
                 retention=int(self.settings.retention_seconds),
                 output="" if output is None else json.dumps(output)))
-            pipe.hmget(self._record, "worker", "finished")
+            pipe.hmget(self._record, records.Field.WORKER, records.Field.FINISHED)
 
         identity = worker_identity(self.settings)
 

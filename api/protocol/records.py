@@ -41,6 +41,33 @@ COMPLETE_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 # What the start gate answers the one delivery that may run the task.
 BEGUN = "BEGUN"
 
+
+class Field:
+    """The record's fields (the Lua scripts spell the same names)."""
+
+    # Written by the submit (`api.store.TaskStore.create`).
+    NAME = "name"  # the operation, `api.protocol.tasks.TaskSpec.name`
+    DESCRIPTION = "description"
+    HOST = "host"
+    CANCELABLE = "cancelable"  # "1" or "0"; sealed to "0" by `lua/task_seal.lua`
+    STATE = "state"
+    PERCENT = "percent"
+    CREATED = "created"  # seconds since the epoch, as repr(float)
+    ARGUMENTS = "arguments"  # JSON of the operation's keyword arguments
+    # Written by the start gate.
+    STARTED = "started"
+    WORKER = "worker"  # the lease holder, `api.protocol.lease.Holder`
+    NODE = "node"  # the worker's Celery node name (Flower's)
+    RUNS = "runs"  # how many deliveries passed the gate (1, or more after a crash)
+    # Written by the end (finish, cancel, withdraw, crash judgment).
+    FINISHED = "finished"
+    RESULT = "result"  # an `api.enums.VMTaskResult`
+    ERROR = "error"  # an HRESULT
+    ERROR_DESCRIPTION = "error_description"
+    OUTPUT = "output"  # JSON of a successful operation's small result
+    CANCEL_REQUESTED = "cancel_requested"  # "1" once a cancel was asked
+    LOG_DROPPED = "log_dropped"  # entries the task log's cap dropped
+
 # Messages on a task's channel.
 MSG_PROGRESS = "progress"
 MSG_CANCEL = "cancel"
@@ -83,9 +110,9 @@ class TaskSnapshot:
 
     @classmethod
     def from_record(cls, task_id: str, fields: dict[str, str], lease_alive: bool) -> TaskSnapshot:
-        state = fields.get("state", PENDING)
+        state = fields.get(Field.STATE, PENDING)
         complete = state in COMPLETE_STATES
-        result = fields.get("result")
+        result = fields.get(Field.RESULT)
 
         def maybe_float(name: str) -> float | None:
             value = fields.get(name)
@@ -93,21 +120,21 @@ class TaskSnapshot:
 
         return cls(
             id=task_id,
-            name=fields.get("name", ""),
-            description=fields.get("description", ""),
-            host=fields.get("host", ""),
+            name=fields.get(Field.NAME, ""),
+            description=fields.get(Field.DESCRIPTION, ""),
+            host=fields.get(Field.HOST, ""),
             state=state,
-            percent_completed=int(float(fields.get("percent", "0"))),
-            is_cancelable=fields.get("cancelable") == "1" and not complete,
+            percent_completed=int(float(fields.get(Field.PERCENT, "0"))),
+            is_cancelable=fields.get(Field.CANCELABLE) == "1" and not complete,
             result=VMTaskResult(int(result)) if complete and result not in (None, "") else None,
-            error=int(fields.get("error") or 0),
-            error_description=fields.get("error_description", ""),
-            created=float(fields.get("created") or 0.0),
-            started=maybe_float("started"),
-            finished=maybe_float("finished"),
-            cancel_requested=fields.get("cancel_requested") == "1",
+            error=int(fields.get(Field.ERROR) or 0),
+            error_description=fields.get(Field.ERROR_DESCRIPTION, ""),
+            created=float(fields.get(Field.CREATED) or 0.0),
+            started=maybe_float(Field.STARTED),
+            finished=maybe_float(Field.FINISHED),
+            cancel_requested=fields.get(Field.CANCEL_REQUESTED) == "1",
             lease_alive=lease_alive,
-            output=json.loads(fields["output"]) if fields.get("output") else None,
+            output=json.loads(fields[Field.OUTPUT]) if fields.get(Field.OUTPUT) else None,
         )
 
 

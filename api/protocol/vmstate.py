@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from api.enums import VMVMState as S
+from api.protocol import vm
 
 ALLOWED: dict[str, frozenset[S]] = {
     "startup": frozenset({S.TurnedOff, S.Saved}),
@@ -53,7 +54,7 @@ ALLOWED: dict[str, frozenset[S]] = {
 EVENTS_MAXLEN = 10_000
 
 # The fields a worker writes while the VM runs (cleared when it stops).
-RUNTIME_FIELDS = ("pid", "started", "vnc", "vnc_password")
+RUNTIME_FIELDS = vm.RUNTIME
 LIVE_STATES = frozenset({S.Running, S.Paused, S.Saving, S.TurningOff, S.Invalid})
 
 

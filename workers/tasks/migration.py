@@ -36,6 +36,7 @@ from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import hresults, keys, tasks
 from api.protocol import transfer as xfer
+from api.protocol.records import Field
 from api.protocol.vmstate import EVENTS_MAXLEN, allowed_csv
 from api.scripts import Scripts
 from workers.engines import nbd, transfer_tls
@@ -297,7 +298,7 @@ def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
     while True:
         try:
             peer, dead = server.read()
-            output = (run.redis.hget(keys.task_record(server_task_id), "output")
+            output = (run.redis.hget(keys.task_record(server_task_id), Field.OUTPUT)
                       if peer.final else None)
             unreadable_since = None
         except (redis.ConnectionError, redis.TimeoutError):

@@ -28,6 +28,7 @@ import redis
 from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol import hresults, keys, records, tasks
 from api.protocol import transfer as xfer
+from api.protocol.records import Field
 from api.settings import Settings
 from workers.engines import nbd, qemu_img, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
@@ -68,7 +69,8 @@ class Peer:
 def read_peer(client: redis.Redis, task_id: str) -> Peer:
     # One instant: a peer finishing between the two reads would look gone.
     pipe = client.pipeline(transaction=True)
-    pipe.hmget(keys.task_record(task_id), "state", "result", "error", "error_description")
+    pipe.hmget(keys.task_record(task_id), Field.STATE, Field.RESULT, Field.ERROR,
+               Field.ERROR_DESCRIPTION)
     pipe.exists(keys.task_lease(task_id))
     (state, result, error, text), leased = pipe.execute()
     return Peer(state or records.PENDING, bool(leased),

@@ -30,6 +30,7 @@ import redis
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import keys, tasks
+from api.protocol import vm as vm_schema
 from api.protocol.snapshots import linked_clones
 from api.protocol.vmstate import (
     ALLOWED,
@@ -386,7 +387,7 @@ def delete(run: TaskRun, name: str) -> None:
 
 
 # What the host's background work reads of its VMs (the watch, counters, rotation).
-HOST_VM_FIELDS = ("name", "host", "state")
+HOST_VM_FIELDS = (vm_schema.Field.NAME, vm_schema.Field.HOST, vm_schema.Field.STATE)
 
 
 def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
