@@ -115,10 +115,10 @@ def _make_disks(run: TaskRun, tops: list[Path], target: Path, linked: bool) -> l
         with ExitStack() as stack:
             chain = files.open_chain(top, stack)
             if linked:
-                qemu_img.create_differencing(destination, top, share, run.task_id,
+                qemu_img.create_differencing(destination, top, share,
                                              parent_info=chain.links[0].info)
             else:
-                qemu_img.convert(top, destination, False, share, run.task_id,
+                qemu_img.convert(top, destination, False, share,
                                  chain=chain.pinned(), source_info=chain.links[0].info)
         made.append(destination)
     return made

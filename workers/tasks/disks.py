@@ -41,7 +41,7 @@ def _create_new(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], path: st
     files = HostFiles.of(run.settings)
     target = files.resolve_output(path)
     with files.file_locks([], [target]):
-        made = engine(target, size_bytes, run, run.task_id)
+        made = engine(target, size_bytes, run)
     return files.describe(target, made)
 
 
@@ -65,7 +65,7 @@ def create_differencing(run: TaskRun, path: str, parent_path: str) -> dict[str, 
     with ExitStack() as stack:
         chain = files.open_chain(parent, stack)
         with files.file_locks(chain.reals, [target]):
-            qemu_img.create_differencing(target, parent, run, run.task_id,
+            qemu_img.create_differencing(target, parent, run,
                                          parent_info=chain.links[0].info)
     return files.describe(target)
 
@@ -78,7 +78,7 @@ def create_host_drive(run: TaskRun, path: str, host_drive: str,
     device = files.allowed_host_drive(host_drive)
     reads, writes = ([device], [target]) if read_only else ([], [target, device])
     with files.file_locks(reads, writes):
-        qemu_img.create_host_drive(target, device, run, run.task_id, read_only=read_only)
+        qemu_img.create_host_drive(target, device, run, read_only=read_only)
     return files.describe(target)
 
 
@@ -89,7 +89,7 @@ def compact(run: TaskRun, path: str) -> dict[str, Any]:
     with ExitStack() as stack:
         chain = files.open_chain(source, stack)
         with files.file_locks(chain.reals[1:], [source]):
-            qemu_img.compact(source, run, run.task_id, chain=chain.pinned())
+            qemu_img.compact(source, run, chain=chain.pinned())
     return files.describe(source)
 
 
@@ -103,7 +103,7 @@ def _copy_to_new_disk(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], pa
     with ExitStack() as stack:
         chain = files.open_chain(source, stack)
         with files.file_locks(chain.reals, [target]):
-            made = engine(source, target, fixed, run, run.task_id, chain=chain.pinned(),
+            made = engine(source, target, fixed, run, chain=chain.pinned(),
                           source_info=chain.links[0].info)
     return files.describe(target, made)
 
@@ -129,7 +129,7 @@ def merge(run: TaskRun, path: str) -> dict[str, Any]:
             raise IllegalValue(
                 f"{path} is not a differencing disk: it has no parent to merge into")
         with files.file_locks(reals[2:], reals[:2]):
-            qemu_img.merge(source, run, run.task_id, chain=chain.pinned())
+            qemu_img.merge(source, run, chain=chain.pinned())
     return files.describe(reals[1])
 
 

@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -57,10 +56,10 @@ from api.errors import InvalidStateError
 from api.protocol import hresults, keys, tasks
 from api.protocol import transfer as xfer
 from api.scripts import Scripts
-from workers.engines import qemu_vm, transfer_tls
+from workers.engines import qemu_img, qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
-from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
+from workers.engines.qemu_vm.lifecycle import read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
@@ -324,11 +323,14 @@ def _reserve(item: dict[str, Any], target: Path) -> None:
         raise DiskError(f"{item['path']} appeared meanwhile", hresults.FILE_EXISTS) from None
 
 
-def _create_disk(item: dict[str, Any], args: list[str]) -> None:
-    made = subprocess.run(["qemu-img", "create", "-q", *args], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        raise DiskError(f"Could not create {item['path']}: {made.stderr.strip()}")
+def _create_disk(run: TaskRun, item: dict[str, Any], args: list[str]) -> None:
+    """An empty top, through the runner like every qemu-img run (logged, killed with
+    its worker); not cancelable: it takes no time, and a half-made file is removed
+    with ``made`` anyway."""
+    try:
+        qemu_img.run_qemu_img(["create", "-q", *args], run, cancelable=False)
+    except OperationFailed as exc:
+        raise DiskError(f"Could not create {item['path']}: {exc}") from None
 
 
 def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, source: PeerWatch) -> None:
@@ -427,7 +429,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             for item, target in zip(disks, targets, strict=True):
                 _reserve(item, target)
                 made.append(target)
-                _create_disk(item, live_chain.create_top(files, item, target, below))
+                _create_disk(run, item, live_chain.create_top(files, item, target, below))
             exports = tuple(livemigrate.new_export_name() for _ in disks)
             with contextlib.ExitStack() as opened_files:
                 # Each chain checked and handed over by descriptor, as at a start.

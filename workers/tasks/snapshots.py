@@ -315,7 +315,7 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
             chain = files.open_chain(present, stack)
             qemu_img.merge(present, engine.Scaled(run, 90 + 10 * index / count,
                                                   90 + 10 * (index + 1) / count),
-                           run.task_id, chain=chain.pinned())
+                           chain=chain.pinned())
     engine.store(folder, None)
     for present in presents:
         remove_quietly(present)

@@ -245,7 +245,7 @@ def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
             overlay = undo_overlay(paths, index, base)
             if make_undo and not os.path.lexists(overlay):
                 overlay.parent.mkdir(parents=True, exist_ok=True)
-                qemu_img.create_differencing(overlay, base, run, run.task_id,
+                qemu_img.create_differencing(overlay, base, run,
                                              parent_info=chain.links[0].info)
             chain = files.open_chain(overlay, stack)
         drives.append(chain.pinned())
@@ -336,7 +336,7 @@ def merge_undo_disks(run: TaskRun, name: str) -> None:
                 share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
                 with ExitStack() as stack:
                     chain = files.open_chain(overlay, stack)
-                    qemu_img.merge(overlay, share, run.task_id, chain=chain.pinned())
+                    qemu_img.merge(overlay, share, chain=chain.pinned())
                 overlay.unlink()
         finally:
             settle(client, name, S.TurnedOff)
