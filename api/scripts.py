@@ -86,19 +86,23 @@ class WholeScripts:
         return getattr(self._pipe, name)
 
 
-def _entries(names: Sequence[str], given: dict[str, Any], script: str) -> list[Any]:
+def _parse(names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Each name without its mark, and the mark: "" (required), "?" or "*"."""
+    return tuple((name.lstrip("?*"), name[0] if name[0] in "?*" else "") for name in names)
+
+
+def _entries(names: tuple[tuple[str, str], ...], given: dict[str, Any],
+             script: str) -> list[Any]:
     out: list[Any] = []
-    for index, spelled in enumerate(names):
-        name = spelled.lstrip("?*")
-        if spelled.startswith("*"):
+    for index, (name, mark) in enumerate(names):
+        if mark == "*":
             out.extend(given.pop(name, ()))
             continue
         value = given.pop(name, None)
         if value is None:
-            if not spelled.startswith("?"):
+            if mark != "?":
                 raise TypeError(f"{script}: missing argument {name!r}")
-            rest = [n.lstrip("?*") for n in names[index + 1:]
-                    if given.get(n.lstrip("?*")) is not None]
+            rest = [later for later, _ in names[index + 1:] if given.get(later) is not None]
             if rest:
                 raise TypeError(f"{script}: {rest} given without {name!r} before them")
             break
@@ -114,14 +118,17 @@ class Lua:
     args: tuple[str, ...] = ()
     name: str = ""
 
+    def __post_init__(self) -> None:
+        self._keys, self._args = _parse(self.keys), _parse(self.args)
+
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def arguments(self, given: Mapping[str, Any]) -> tuple[int, list[Any]]:
         """NUMKEYS and the KEYS then ARGV of a call with ``given``."""
         rest = dict(given)
-        key_list = _entries(self.keys, rest, self.name)
-        arg_list = _entries(self.args, rest, self.name)
+        key_list = _entries(self._keys, rest, self.name)
+        arg_list = _entries(self._args, rest, self.name)
         if rest:
             raise TypeError(f"{self.name}: unknown arguments {sorted(rest)}")
         return len(key_list), [*key_list, *arg_list]
