@@ -24,7 +24,10 @@ naming its KEYS then its ARGV in order.  ``?name`` is an optional trailing entry
 (left out, or None, ends the list there: the scripts test ``if KEYS[n]``); ``*name``
 is a last entry that takes a sequence, spread in place (field/value pairs, a
 variable number of keys).  A wrapper refuses an unknown or a missing name
-(TypeError), so a caller cannot shift the arguments of a script it does not know.
+(TypeError), so a caller cannot shift the arguments of a script it does not know;
+the architecture test checks every call site's names against the line, and
+``tests/unit/test_script_registry.py`` that every script file has its line.  A
+library (a file other scripts name in ``-- uses: <name>``) gets no line.
 """
 
 from __future__ import annotations

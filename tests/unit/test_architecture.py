@@ -237,8 +237,8 @@ def test_workers_do_not_import_the_producers_store() -> None:
             assert "api.store" not in deps, f"{module} imports api.store"
 
 
-# The one registry of scripts and its call path for pipelines.
-SCRIPT_REGISTRY = {REPO / "api" / "scripts.py", REPO / "api" / "replication.py"}
+# The one registry of scripts, with its call path (for pipelines too).
+SCRIPT_REGISTRY = {REPO / "api" / "scripts.py"}
 
 
 def test_scripts_are_sent_only_by_the_registry() -> None:
