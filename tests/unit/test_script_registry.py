@@ -3,11 +3,13 @@ wrapper puts keyword arguments where the script reads them, or refuses them."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import pytest
 import redis
 
+from api.protocol import records, vm
 from api.protocol import scripts as lua
 from api.scripts import Scripts
 
@@ -60,3 +62,24 @@ def test_the_registry_is_built_once_per_client() -> None:
     assert Scripts.of(one) is not Scripts.of(two)
     assert Scripts.of(one).task_seal.sha == Scripts.of(two).task_seal.sha
     assert {script.spec.name for script in Scripts.of(one)} == script_files()
+
+
+HASH_CALL = re.compile(r"redis\.call\('H(?:SET|GET|MGET|INCRBY)', KEYS\[1\],([^)]*)\)")
+IDENTIFIER = re.compile(r"'([a-z_]+)'")
+
+
+def fields_spelled(prefix: str) -> set[str]:
+    """The record fields the scripts named ``<prefix>*`` read or write by name."""
+    found: set[str] = set()
+    for name in script_files() | {"task_log", "task_metrics"}:
+        if name.startswith(prefix):
+            for call in HASH_CALL.finditer(lua.load(name)):
+                found.update(IDENTIFIER.findall(call.group(1)))
+    return found
+
+
+def test_the_scripts_spell_the_fields_their_schema_names() -> None:
+    task_fields = {v for k, v in vars(records.Field).items() if k.isupper()}
+    vm_fields = {v for k, v in vars(vm.Field).items() if k.isupper()}
+    assert {"state", "worker", "cancel_requested"} <= fields_spelled("task_") <= task_fields
+    assert {"state", "host", "changed"} <= fields_spelled("vm_") <= vm_fields
