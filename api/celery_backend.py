@@ -27,8 +27,8 @@ from celery.backends.base import BaseBackend
 from api import events
 from api.errors import TaskFailedError, TaskNotFoundError
 from api.protocol import records
-from api.replication import register_script
-from api.store import TaskStore, cancel_record, connect
+from api.protocol.records import cancel_record
+from api.store import TaskStore, connect
 
 BACKEND = f"{__name__}:RecordBackend"
 PROGRESS = "PROGRESS"
@@ -45,7 +45,6 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         retention = float(app.conf.get("vmtask_retention_seconds") or DEFAULT_RETENTION)
         broker = endpoint if isinstance(endpoint, str) else endpoint.url
         self._store = TaskStore(connect(endpoint, timeout), broker, retention)
-        self._cancel = register_script(self._store.client, records.CANCEL_SCRIPT)
         self._store.on_crash_judged = lambda task_id: events.announce_crash(
             app, self._store.client, task_id)
 
@@ -85,7 +84,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         """Celery's revoke of a task it found queued (Flower's button, ``celery control
         revoke``, an expired message): the record ends Cancelled, as `VMTask.cancel`
         makes it, even for an operation that is not cancelable once running."""
-        outcome = cancel_record(self._cancel, task_id, self._store.retention_seconds,
+        outcome = cancel_record(self._store.scripts, task_id, self._store.retention_seconds,
                                 revoke_queued=True)
         if outcome == "REVOKED":
             events.send(self.app, "task-revoked", task_id, terminated=False, signum=None,

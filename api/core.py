@@ -30,11 +30,10 @@ from api.errors import (
     OperationFailedError,
     VMTaskError,
 )
-from api.protocol import hresults, keys, scripts
+from api.protocol import hresults, keys
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
 from api.publish import message_commands
-from api.replication import register_script
 from api.settings import Settings, redact_url, validate_host_name
 from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
 from api.task import VMTask
@@ -129,8 +128,7 @@ class ServerCore:
                                self.endpoint, self.timeout, env_settings.lease_seconds)
         self.store.on_revoked = self._announce_revoked
         self.store.on_crash_judged = self._announce_crash
-        self._hosts_live = register_script(self.redis, scripts.load("hosts_live"))
-        self._vm_records = register_script(self.redis, scripts.load("vm_records"))
+        self.scripts = self.store.scripts
         self._celery: Celery | None = None
         self._only_host: str | None = None
 
@@ -154,7 +152,8 @@ class ServerCore:
     def _live_heartbeats(self) -> dict[str, str]:
         """Every live host's heartbeat: one round trip (a script), O(fleet) in Redis."""
         with broker_errors(self.url):
-            reply = self._hosts_live(args=[keys.KNOWN_HOSTS, keys.host_heartbeat("")])
+            reply = self.scripts.hosts_live(known_hosts=keys.KNOWN_HOSTS,
+                                            heartbeat_prefix=keys.host_heartbeat(""))
         return dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
 
     @property

@@ -21,7 +21,7 @@ from celery import Celery
 from api.enums import VMTaskResult
 from api.errors import TaskFailedError
 from api.protocol import hresults, keys
-from api.store import CRASH_DESCRIPTION
+from api.protocol.records import CRASH_DESCRIPTION, Field
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def announce_crash(app: Celery, client: Any, task_id: str, judge: str | None = N
     node: str | None = None
     description: str | None = None
     try:
-        node, description = client.hmget(keys.task_record(task_id), "node", "description")
+        node, description = client.hmget(keys.task_record(task_id), Field.NODE, Field.DESCRIPTION)
     except Exception as exc:  # noqa: BLE001 - monitoring must never fail an operation
         log.warning("Could not read which worker ran %s: %s", task_id, exc)
     extra = {"description": description} if description else {}

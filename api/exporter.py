@@ -41,7 +41,7 @@ from redis.retry import Retry
 from api.connection import RedisEndpoint
 from api.enums import VMTaskResult, VMVMState
 from api.protocol import keys
-from api.protocol.records import STARTED
+from api.protocol.records import STARTED, Field
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def read(client: redis.Redis) -> Reading:
     for name in vm_names:
         pipe.hmget(keys.vm_record(name), "host", "state")
     for task_id in running_ids:
-        pipe.hmget(keys.task_record(task_id), "host", "state")
+        pipe.hmget(keys.task_record(task_id), Field.HOST, Field.STATE)
     replies = iter(pipe.execute() if hosts or vm_names or running_ids else [])
 
     beats: dict[str, dict[str, Any] | None] = {}

@@ -8,68 +8,33 @@ connection, in the same pipeline: WAIT covers every earlier write of that
 connection, and since replication is one ordered stream, also everything the
 primary applied before them (the message kombu pushed on its own connection).
 
-Our scripts are called by EVALSHA by hand: redis-py's pipelined scripts would
-first ask SCRIPT EXISTS, a second round trip each time.  A new primary (after a
-failover, or a restart) may not have them cached: then the call is sent again
-with each script's body (EVAL), which also caches it there.  redis-py's own answer
-to NOSCRIPT, SCRIPT LOAD and then EVALSHA again, is two commands that a client
-following a failover can send to two different servers; the second then fails
-with NOSCRIPT too, and a task's start or result was lost that way in a failover
-test.  EVAL carries the script with the call, so no server can lack it.
+Our scripts (`api.scripts`) go into pipelines by EVALSHA by hand: redis-py's
+pipelined scripts would first ask SCRIPT EXISTS, a second round trip each time.
+A new primary (after a failover, or a restart) may not have them cached: then the
+pipeline is sent again with each script's body (EVAL), which also caches it there.
+redis-py's own answer to NOSCRIPT, SCRIPT LOAD and then EVALSHA again, is two
+commands that a client following a failover can send to two different servers;
+the second then fails with NOSCRIPT too, and a task's start or result was lost
+that way in a failover test.  EVAL carries the script with the call, so no server
+can lack it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 from redis.exceptions import NoScriptError
+
+from api.scripts import WholeScripts
 
 log = logging.getLogger(__name__)
 
 
-class LuaScript(Script):  # type: ignore[misc]
-    """A registered script that a server without it in its cache runs by body (EVAL)."""
-
-    def __call__(self, keys: Sequence[Any] | None = None, args: Iterable[Any] | None = None,
-                 client: Any = None) -> Any:
-        client = self.registered_client if client is None else client
-        arguments = (*(keys or ()), *(args or ()))
-        numkeys = len(keys or ())
-        try:
-            return client.evalsha(self.sha, numkeys, *arguments)
-        except NoScriptError:
-            log.info("Redis did not have a script cached (a new primary?): sending its body")
-            return client.eval(self.script, numkeys, *arguments)
-
-
-def register_script(client: redis.Redis, script: str) -> LuaScript:
-    """``client.register_script(script)``, but with `LuaScript`'s answer to NOSCRIPT."""
-    return LuaScript(client, script)
-
-
-class _WholeScripts:
-    """A pipeline whose EVALSHA of a known script is sent as EVAL of its body."""
-
-    def __init__(self, pipe: Any, scripts: Sequence[Script]) -> None:
-        self._pipe = pipe
-        self._bodies = {script.sha: script.script for script in scripts}
-
-    def evalsha(self, sha: str, numkeys: int, *arguments: Any) -> Any:
-        body = self._bodies.get(sha)
-        if body is None:
-            return self._pipe.evalsha(sha, numkeys, *arguments)
-        return self._pipe.eval(body, numkeys, *arguments)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
-
-
 def pipelined(client: redis.Redis, build: Callable[[Any], None],
-              scripts: Sequence[Script], transaction: bool = False) -> list[Any]:
+              scripts: Iterable[Any], transaction: bool = False) -> list[Any]:
     """The commands ``build`` puts in a pipeline, in one round trip; replies in order.
 
     ``scripts`` are those ``build`` calls by EVALSHA: sent whole if the server lacks one.
@@ -83,7 +48,7 @@ def pipelined(client: redis.Redis, build: Callable[[Any], None],
     except NoScriptError:
         log.info("Redis did not have our scripts cached (a new primary?): sending them whole")
     pipe = client.pipeline(transaction=transaction)
-    build(_WholeScripts(pipe, scripts))
+    build(WholeScripts(pipe, scripts))
     return list(pipe.execute())
 
 
@@ -107,7 +72,7 @@ class Acknowledgement:
         return min(self.replicas, self.connected)
 
 
-def replicated(client: redis.Redis, build: Callable[[Any], None], scripts: Sequence[Script],
+def replicated(client: redis.Redis, build: Callable[[Any], None], scripts: Iterable[Any],
                ack: Acknowledgement) -> tuple[list[Any], bool]:
     """Like `pipelined`, then WAIT for the replicas ``ack`` wants (at most its wait_ms).
 

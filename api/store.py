@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,8 +26,14 @@ from api.errors import (
     TaskNotFoundError,
 )
 from api.protocol import hresults, keys, records, tasklog
-from api.protocol.records import TaskSnapshot
-from api.replication import Acknowledgement, pipelined, register_script, replicated
+from api.protocol.records import (
+    TaskSnapshot,
+    cancel_record,
+    judge_crashed,
+    matching_tasks,
+)
+from api.replication import Acknowledgement, pipelined, replicated
+from api.scripts import Scripts
 
 # A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
 # login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
@@ -50,10 +55,8 @@ SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, BatchPublishError,
 PublishCommand = tuple[str, str, Any]
 PUBLISH_COMMANDS = frozenset({"lpush", "pexpire", "publish"})
 PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
-MAX_RECENT_TASKS = 100_000
 UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknowledged the "
                            "submit (the primary was failing over)")
-CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
 def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0, **options: Any) -> redis.Redis:
@@ -117,13 +120,7 @@ class TaskStore:
                                    endpoint.wait_ms if endpoint is not None else 0)
         self._ack_client = (connect(endpoint, timeout, retry=no_retry())
                             if endpoint is not None and self.ack.replicas else None)
-        self._withdraw = register_script(client, records.WITHDRAW_SCRIPT)
-        self._finish = register_script(client, records.FINISH_SCRIPT)
-        self._cancel = register_script(client, records.CANCEL_SCRIPT)
-        self._submit = register_script(client, records.SUBMIT_SCRIPT)
-        self._read = register_script(client, records.READ_SCRIPT)
-        self._list = register_script(client, records.LIST_SCRIPT)
-        self._log_read = register_script(client, tasklog.READ_SCRIPT)
+        self.scripts = Scripts.of(client)
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
@@ -177,35 +174,38 @@ class TaskStore:
         (`withdraw_unconfirmed`) and raises `BrokerUnavailableError`.
         """
         now = time.time()
+        field = records.Field
         fields = {
-            "name": name,
-            "description": description,
-            "host": host,
-            "cancelable": "1" if cancelable else "0",
-            "state": records.PENDING,
-            "percent": "0",
-            "created": repr(now),
-            "arguments": json.dumps(dict(arguments), sort_keys=True),
+            field.NAME: name,
+            field.DESCRIPTION: description,
+            field.HOST: host,
+            field.CANCELABLE: "1" if cancelable else "0",
+            field.STATE: records.PENDING,
+            field.PERCENT: "0",
+            field.CREATED: repr(now),
+            field.ARGUMENTS: json.dumps(dict(arguments), sort_keys=True),
         }
-        items = [item for pair in fields.items() for item in pair]
-        args: list[Any] = [repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
-                           keys.host_heartbeat(host), len(items), *items]
+        items: list[Any] = [item for pair in fields.items() for item in pair]
+        field_count = len(items)
         for command, target, value in message:
             if command not in PUBLISH_COMMANDS:
                 raise ValueError(f"not a publish command: {command!r}")
-            args += [command, target, value]
+            items += [command, target, value]
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._submit.sha, 3, keys.task_record(task_id), keys.RECENT_TASKS,
-                         keys.host_pending(host), *args)
+            self.scripts.task_submit.queue(
+                pipe, record=keys.task_record(task_id), recent=keys.RECENT_TASKS,
+                host_pending=keys.host_pending(host), now=repr(now),
+                ttl=PENDING_RECORD_TTL_SECONDS, task_id=task_id,
+                heartbeat=keys.host_heartbeat(host), field_count=field_count,
+                items=items)
 
         if self._ack_client is None:
             with broker_errors(self.url):
-                (live,) = pipelined(self.client, build, (self._submit, self._read))
+                (live,) = pipelined(self.client, build, self.scripts)
             return bool(live)
         try:
-            (live,), acked = replicated(self._ack_client, build, (self._submit, self._read),
-                                        self.ack)
+            (live,), acked = replicated(self._ack_client, build, self.scripts, self.ack)
         except CONNECTION_ERRORS:
             live, acked = 1, False  # unknown: take it back, if it arrived at all
         if live and not acked:
@@ -217,11 +217,12 @@ class TaskStore:
         yet, and raises `BrokerUnavailableError`; if a worker did take it, it runs and
         its record says so, and the submit stands."""
         with broker_errors(self.url):
-            outcome = self._withdraw(
-                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
-                args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
-                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION, task_id,
-                      keys.HOST_PENDING_PREFIX])
+            outcome = self.scripts.task_withdraw(
+                record=keys.task_record(task_id), channel=keys.task_channel(task_id),
+                now=repr(time.time()), retention=self.retention_seconds,
+                result=int(VMTaskResult.Cancelled), error=hresults.E_ABORT,
+                description=UNCONFIRMED_DESCRIPTION, task_id=task_id,
+                host_pending_prefix=keys.HOST_PENDING_PREFIX)
         if outcome in ("WITHDRAWN", "MISSING"):
             raise BrokerUnavailableError(
                 f"Could not enqueue {name}: no Redis replica acknowledged it in time "
@@ -241,7 +242,8 @@ class TaskStore:
 
     def _read_once(self, task_id: str) -> TaskSnapshot:
         with broker_errors(self.url):
-            reply = self._read(keys=[keys.task_record(task_id), keys.task_lease(task_id)])
+            reply = self.scripts.task_read(record=keys.task_record(task_id),
+                                           lease=keys.task_lease(task_id))
         snapshot = _snapshot_of(task_id, reply)
         if snapshot is None:
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
@@ -257,11 +259,11 @@ class TaskStore:
 
         def build(pipe: Any) -> None:
             for task_id in task_ids:
-                pipe.evalsha(self._read.sha, 2, keys.task_record(task_id),
-                             keys.task_lease(task_id))
+                self.scripts.task_read.queue(pipe, record=keys.task_record(task_id),
+                                             lease=keys.task_lease(task_id))
 
         with broker_errors(self.url):
-            replies = pipelined(self.client, build, (self._submit, self._read))
+            replies = pipelined(self.client, build, self.scripts)
         return [_snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
 
@@ -276,8 +278,9 @@ class TaskStore:
         """The number of the first entry returned, and the log's entries, oldest
         first: those numbered after ``after``, the last ``tail`` of them at most."""
         with broker_errors(self.url):
-            reply = self._log_read(keys=[keys.task_record(task_id), keys.task_log(task_id)],
-                                   args=[after, "" if tail is None else tail])
+            reply = self.scripts.task_log_read(
+                record=keys.task_record(task_id), log=keys.task_log(task_id), after=after,
+                tail="" if tail is None else tail)
         if not reply:
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
         first, *raw = reply
@@ -288,12 +291,12 @@ class TaskStore:
         """Ids of the newest tasks in ``state`` on ``host`` (None: any), newest first,
         looking at most ``horizon`` tasks back: filtered by Redis, one round trip."""
         with broker_errors(self.url):
-            return matching_tasks(self._list, state, host, limit, horizon)
+            return matching_tasks(self.scripts, state, host, limit, horizon)
 
     def judge_crashed(self, task_id: str) -> bool:
         """End a started task whose lease expired with ThreadCrashError; True if it did."""
         with broker_errors(self.url):
-            judged = judge_crashed(self.client, self._finish, task_id, self.retention_seconds,
+            judged = judge_crashed(self.scripts, task_id, self.retention_seconds,
                                    self.lease_seconds)
         if judged and self.on_crash_judged is not None:
             self.on_crash_judged(task_id)
@@ -301,7 +304,7 @@ class TaskStore:
 
     def cancel(self, task_id: str) -> str:
         with broker_errors(self.url):
-            outcome = cancel_record(self._cancel, task_id, self.retention_seconds)
+            outcome = cancel_record(self.scripts, task_id, self.retention_seconds)
         if outcome == "REVOKED" and self.on_revoked is not None:
             self.on_revoked(task_id)
         if outcome == "MISSING":
@@ -320,72 +323,3 @@ def _snapshot_of(task_id: str, reply: Sequence[str]) -> TaskSnapshot | None:
         return None
     fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
     return TaskSnapshot.from_record(task_id, fields, lease == "1")
-
-
-def matching_tasks(list_script: Any, state: str | None, host: str | None, limit: int,
-                   horizon: int) -> list[str]:
-    """`TaskStore.matching` with the list script of any client (a worker's too)."""
-    found = list_script(keys=[keys.RECENT_TASKS],
-                        args=[keys.task_record(""), state or "", host or "", limit, horizon])
-    return [str(task_id) for task_id in found]
-
-
-def trim_recent(client: redis.Redis, retention_seconds: float) -> None:
-    """Bound the recent-task index by age and by count, like the records it names.
-
-    The workers' heartbeat does this now and then, so a submit never pays for it."""
-    pipe = client.pipeline(transaction=False)
-    pipe.zremrangebyscore(keys.RECENT_TASKS, "-inf", time.time() - retention_seconds)
-    pipe.zremrangebyrank(keys.RECENT_TASKS, 0, -MAX_RECENT_TASKS - 1)
-    pipe.execute()
-
-
-def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
-                  revoke_queued: bool = False) -> str:
-    """The record's cancel transition; ``revoke_queued`` is Celery's revoke, which
-    also drops a queued task whose operation is not cancelable (it never ran).
-
-    Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
-    (it runs, and stops at its next check)."""
-    return str(cancel_script(
-        keys=[keys.task_record(task_id), keys.task_channel(task_id)],
-        args=[repr(time.time()), retention_seconds, int(VMTaskResult.Cancelled),
-              hresults.E_ABORT, "1" if revoke_queued else "0", task_id,
-              keys.HOST_PENDING_PREFIX],
-    ))
-
-
-def judge_crashed(
-    client: redis.Redis, finish_script: Any, task_id: str, retention_seconds: int,
-    grace_seconds: float,
-) -> bool:
-    """Shared by producers and workers' reapers: the script re-checks the lease atomically.
-
-    ``grace_seconds`` (the lease) is how long after a new Redis primary appears no task
-    is judged: leases could not be renewed while the primary was switching.
-    """
-    outcome = finish_script(
-        keys=[
-            keys.task_record(task_id),
-            keys.task_lease(task_id),
-            keys.RUNNING_TASKS,
-            keys.task_channel(task_id),
-            keys.REDIS_PRIMARY,
-            keys.LEASE_DEADLINES,
-        ],
-        args=[
-            records.FAILURE,
-            int(VMTaskResult.ThreadCrashError),
-            hresults.SERVER_FAULT,
-            CRASH_DESCRIPTION,
-            repr(time.time()),
-            0,
-            retention_seconds,
-            task_id,
-            "1",
-            "",
-            max(1, math.ceil(grace_seconds)),
-            keys.HOST_RUNNING_PREFIX,
-        ],
-    )
-    return bool(outcome == "OK")

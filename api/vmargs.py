@@ -14,6 +14,7 @@ from typing import Any
 
 from api.arguments import check_relative_path, format_for_name
 from api.errors import InvalidArgumentError
+from api.protocol.vm import Field
 
 MAX_DISKS = 16
 MAX_MEMORY_MB = 1024 * 1024
@@ -95,13 +96,13 @@ def config_fields(*, memory_mb: int, cpus: int, disks: list[str], network: str |
                   forwards: list[list[int]]) -> dict[str, str]:
     """The VM record's configuration fields, as stored in Redis."""
     return {
-        "memory_mb": str(memory_mb), "cpus": str(cpus), "disks": json.dumps(disks),
-        "network": network or "", "port_forwards": json.dumps(forwards),
+        Field.MEMORY_MB: str(memory_mb), Field.CPUS: str(cpus), Field.DISKS: json.dumps(disks),
+        Field.NETWORK: network or "", Field.PORT_FORWARDS: json.dumps(forwards),
     }
 
 
 def forwards_of(record: Mapping[str, str]) -> dict[int, int]:
-    raw = record.get("port_forwards") or "[]"
+    raw = record.get(Field.PORT_FORWARDS) or "[]"
     return {int(h): int(g) for h, g in json.loads(raw)} if raw != "[]" else {}
 
 

@@ -22,10 +22,10 @@ from api.core import ServerCore
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
 from api.guest import GuestOS
-from api.protocol import keys, scripts, tasks
+from api.protocol import keys, tasks
+from api.protocol import vm as vm_schema
 from api.protocol.vmstate import (
     ALLOWED,
-    CONFIGURE_SCRIPT,
     LIVE_STATES,
     VMStateEvent,
     allowed_csv,
@@ -50,11 +50,9 @@ from api.vmargs import (
 VM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_CONSOLE_TAIL = 4 * 1024 * 1024
 
-CREATE_SCRIPT = scripts.load("vm_create")
 VM_PAGE = 1000  # VM records per script call of a listing
 # What a `VirtualMachine` reads of its record when it is made.
-LISTED_FIELDS = ("name", "host", "undoable", "guest_agent", "memory_mb", "cpus", "disks",
-                 "network", "port_forwards")
+LISTED_FIELDS = vm_schema.LISTED
 
 class VirtualMachine(SnapshotMethods):
     """A handle on one VM; its configuration is read once, its state live."""
@@ -255,9 +253,9 @@ class VirtualMachine(SnapshotMethods):
         fields = config_fields(memory_mb=new_memory, cpus=new_cpus, disks=new_disks,
                                network=new_network, forwards=new_forwards)
         with broker_errors(self._server.url):
-            outcome, current = self._server.redis.eval(
-                CONFIGURE_SCRIPT, 1, keys.vm_record(self.name),
-                allowed_csv(ALLOWED["configure"]), *to_args(fields))
+            outcome, current = self._server.scripts.vm_configure(
+                record=keys.vm_record(self.name), allowed=allowed_csv(ALLOWED["configure"]),
+                fields=to_args(fields))
         if outcome == "MISSING":
             raise NotFoundError(f"VM {self.name!r} no longer exists")
         if outcome == "REFUSED":
@@ -351,18 +349,21 @@ class VMOperations(ServerCore):
         if kernel is None and (initrd is not None or append is not None):
             raise InvalidArgumentError("initrd and append need a kernel")
         target = self.resolve_host(host)
+        field = vm_schema.Field
         fields = {
-            "name": name, "host": target, "state": str(int(VMVMState.TurnedOff)),
+            field.NAME: name, field.HOST: target, field.STATE: str(int(VMVMState.TurnedOff)),
             **config_fields(memory_mb=memory_mb, cpus=cpus, disks=disk_list,
                             network=checked_network, forwards=forwards),
-            "mac": new_mac(),
-            "undoable": "1" if undoable else "0", "guest_agent": "1" if guest_agent else "0",
-            "kernel": kernel or "", "initrd": initrd or "", "append": append or "",
-            "created": repr(time.time()),
+            field.MAC: new_mac(),
+            field.UNDOABLE: "1" if undoable else "0",
+            field.GUEST_AGENT: "1" if guest_agent else "0",
+            field.KERNEL: kernel or "", field.INITRD: initrd or "", field.APPEND: append or "",
+            field.CREATED: repr(time.time()),
         }
         with broker_errors(self.url):
-            created = self.redis.eval(CREATE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES,
-                                      keys.host_vms(fields["host"]), name, *to_args(fields))
+            created = self.scripts.vm_create(
+                record=keys.vm_record(name), names=keys.VM_NAMES,
+                host_vms=keys.host_vms(fields[field.HOST]), name=name, fields=to_args(fields))
         if not created:
             raise InvalidArgumentError(f"A VM named {name!r} already exists")
         return VirtualMachine(self, fields)
@@ -384,10 +385,11 @@ class VMOperations(ServerCore):
 
             def build(pipe: Any) -> None:
                 for page in pages:
-                    pipe.evalsha(self._vm_records.sha, len(page),
-                                 *[keys.vm_record(name) for name in page], *LISTED_FIELDS)
+                    self.scripts.vm_records.queue(
+                        pipe, records=[keys.vm_record(name) for name in page],
+                        fields=LISTED_FIELDS)
 
-            replies = pipelined(self.redis, build, (self._vm_records,)) if pages else []
+            replies = pipelined(self.redis, build, self.scripts) if pages else []
         return [VirtualMachine(self, {f: v for f, v in zip(LISTED_FIELDS, r, strict=True)
                                       if v is not None})
                 for page in replies for r in page if r]

@@ -25,7 +25,7 @@ from redis import Redis
 from api.enums import VMVMState
 from api.exporter import registry_for
 from api.protocol import keys, records
-from api.replication import register_script
+from api.scripts import Scripts
 from api.store import connect
 from bench.common import ROUNDS, Cost, alternate, counting, meter_for, record_row, stack, verdict
 
@@ -38,8 +38,8 @@ TARGET_ROUND_TRIPS = 10
 
 def seed(redis: Redis) -> list[str]:
     """N ended tasks, hosts, VMs and running tasks; the ended tasks' ids."""
-    start = register_script(redis, records.START_SCRIPT)
-    finish = register_script(redis, records.FINISH_SCRIPT)
+    scripts = Scripts.of(redis)
+    start, finish = scripts.task_start, scripts.task_finish
     redis.script_load(start.script)
     redis.script_load(finish.script)
     now = time.time()
@@ -55,13 +55,16 @@ def seed(redis: Redis) -> list[str]:
                                        "created": repr(now - 60), "cancelable": "1",
                                        "percent": "0", "description": "bench"})
             pipe.zadd(keys.RECENT_TASKS, {task_id: now - 60})
-            pipe.evalsha(start.sha, 3, record, lease, keys.RUNNING_TASKS,
-                         repr(now - 60 + index % 13), "w:m:1", 60_000, task_id, "n")
+            start.queue(pipe, record=record, lease=lease, running=keys.RUNNING_TASKS,
+                        now=repr(now - 60 + index % 13), worker="w:m:1", lease_ms=60_000,
+                        task_id=task_id, node="n")
             failed = index % 10 == 0
-            pipe.evalsha(finish.sha, 4, record, lease, keys.RUNNING_TASKS,
-                         keys.task_channel(task_id),
-                         records.FAILURE if failed else records.SUCCESS, 4 if failed else 0,
-                         0, "", repr(now - 40 + index % 29), 100, 86400, task_id, "0", "")
+            finish.queue(pipe, record=record, lease=lease, running=keys.RUNNING_TASKS,
+                         channel=keys.task_channel(task_id),
+                         state=records.FAILURE if failed else records.SUCCESS,
+                         result=4 if failed else 0, error=0, description="",
+                         finished=repr(now - 40 + index % 29), percent=100, retention=86400,
+                         task_id=task_id, only_if_lease_expired="0", output="")
         pipe.execute()
     pipe = redis.pipeline(transaction=False)
     for host in HOSTS:

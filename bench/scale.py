@@ -53,7 +53,7 @@ from api import VirtualServer
 from api.protocol import keys, records
 from api.protocol.tasks import PING
 from api.publish import message_commands
-from api.replication import register_script
+from api.scripts import Scripts
 from api.settings import Settings
 from bench.common import HOST, ROUNDS, record_row, verdict
 from workers.devtools.sandbox import RedisServer, WorkerProcess
@@ -113,7 +113,7 @@ def build_fleet(server: VirtualServer, client: Redis, root: str) -> list[str]:
         pipe.sadd(keys.KNOWN_HOSTS, host)
     pipe.execute()
     # Running tasks: submitted and started as the producer and a worker do.
-    start = register_script(client, records.START_SCRIPT)
+    start = Scripts.of(client).task_start
     for i in range(TASKS):
         host = hosts[i % HOSTS]
         task_id = f"sim-task-{i:05d}"
@@ -125,10 +125,11 @@ def build_fleet(server: VirtualServer, client: Redis, root: str) -> list[str]:
                                    host=host, cancelable=True, arguments=kwargs,
                                    message=message)
         worker = f"{host}:m:4242"
-        assert start(keys=[keys.task_record(task_id), keys.task_lease(task_id),
-                           keys.RUNNING_TASKS, keys.host_running(host),
-                           keys.LEASE_DEADLINES, keys.host_pending(host)],
-                     args=[repr(time.time()), worker, LIVE_MS, task_id]) == records.BEGUN
+        assert start(record=keys.task_record(task_id), lease=keys.task_lease(task_id),
+                     running=keys.RUNNING_TASKS, host_running=keys.host_running(host),
+                     deadlines=keys.LEASE_DEADLINES, host_pending=keys.host_pending(host),
+                     now=repr(time.time()), worker=worker, lease_ms=LIVE_MS,
+                     task_id=task_id) == records.BEGUN
     # Their messages were taken by their (simulated) workers.
     client.delete(*[keys.host_queue(h) for h in hosts])
     for i in range(VMS):

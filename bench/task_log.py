@@ -24,7 +24,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.protocol import keys, records
+from api.protocol import keys, scripts
 from bench.common import ROUNDS, record_row
 from workers.devtools.sandbox import RedisServer
 
@@ -66,8 +66,8 @@ def run_round(client: redis.Redis, start: str, finish: str, label: str) -> float
 
 
 def main() -> None:
-    sides = {"with log": (records.START_SCRIPT, records.FINISH_SCRIPT),
-             "without": (without_log(records.START_SCRIPT), without_log(records.FINISH_SCRIPT))}
+    start, finish = scripts.load("task_start"), scripts.load("task_finish")
+    sides = {"with log": (start, finish), "without": (without_log(start), without_log(finish))}
     results: dict[str, list[float]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory(prefix="vmtask-bench-log-") as directory:
         server = RedisServer(Path(directory)).start()

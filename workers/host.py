@@ -43,10 +43,11 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from api import events
-from api.protocol import keys, records, scripts
-from api.replication import pipelined, register_script
+from api.protocol import keys
+from api.protocol.records import Field, judge_crashed, trim_recent
+from api.replication import pipelined
+from api.scripts import Scripts
 from api.settings import Settings
-from api.store import judge_crashed, trim_recent
 from workers.resend import SWEEP_SECONDS, LostMessageCheck, LostMessageWatch
 from workers.runtime import worker_identity
 
@@ -82,10 +83,7 @@ class HostBeacon:
         self.lost = lost
         self.client = settings.endpoint.client(settings.redis_timeout_seconds,
                                                decode_responses=True)
-        self.finish = register_script(self.client, records.FINISH_SCRIPT)
-        self.withdraw = register_script(self.client, scripts.load("host_withdraw"))
-        self.primary_seen = register_script(self.client, scripts.load("redis_primary"))
-        self.lease_due = register_script(self.client, scripts.load("lease_due"))
+        self.scripts = Scripts.of(self.client)
         self.identity = worker_identity(settings)
         # What this beat's round trip found: due leases, and the duties it claimed.
         self.due: list[str] | None = None
@@ -138,14 +136,14 @@ class HostBeacon:
             pipe.expire(workers, int(ttl) + 1)
             pipe.set(keys.host_heartbeat(self.settings.host), status, px=int(ttl * 1000))
             pipe.sadd(keys.KNOWN_HOSTS, self.settings.host)
-            pipe.evalsha(self.primary_seen.sha, 1, keys.REDIS_PRIMARY)
-            pipe.evalsha(self.lease_due.sha, 1, keys.LEASE_DEADLINES, REAP_BATCH)
+            self.scripts.redis_primary.queue(pipe, primary=keys.REDIS_PRIMARY)
+            self.scripts.lease_due.queue(pipe, deadlines=keys.LEASE_DEADLINES,
+                                         limit=REAP_BATCH)
             for name, period in duties.items():
                 pipe.set(f"{keys.DUTY_PREFIX}{name}", self.identity, nx=True,
                          px=max(1, int(period * 1000)))
 
-        replies = pipelined(self.client, build, (self.primary_seen, self.lease_due),
-                            transaction=True)
+        replies = pipelined(self.client, build, self.scripts, transaction=True)
         lapsed, (age, since, replid), due, claims = (
             replies[0], replies[5], replies[6], replies[7:])
         self.due = [str(task_id) for task_id in due]
@@ -180,15 +178,15 @@ class HostBeacon:
         """
         due, self.due = self.due, None  # read by this beat's round trip
         if due is None:
-            due = self.lease_due(keys=[keys.LEASE_DEADLINES], args=[REAP_BATCH])
+            due = self.scripts.lease_due(deadlines=keys.LEASE_DEADLINES, limit=REAP_BATCH)
         for task_id in due:
-            if judge_crashed(self.client, self.finish, task_id,
+            if judge_crashed(self.scripts, task_id,
                              int(self.settings.retention_seconds), self.settings.lease_seconds):
                 log.error("Task %s lost its worker: ended ThreadCrashError", task_id)
                 if self.on_crash_judged is not None:
                     self.on_crash_judged(task_id)
                 # Its worker died: it may have died holding a message, too.
-                host = self.client.hget(keys.task_record(task_id), "host")
+                host = self.client.hget(keys.task_record(task_id), Field.HOST)
                 if host and self.lost is not None:
                     self.lost.schedule(host)
 
@@ -224,11 +222,9 @@ class HostBeacon:
         self.stopping.set()
         self.thread.join(timeout=5)
         try:
-            self.withdraw(
-                keys=[keys.host_heartbeat(self.settings.host),
-                      keys.host_workers(self.settings.host)],
-                args=[self.identity, repr(time.time())],
-            )
+            self.scripts.host_withdraw(heartbeat=keys.host_heartbeat(self.settings.host),
+                                       workers=keys.host_workers(self.settings.host),
+                                       worker=self.identity, now=repr(time.time()))
         except redis.RedisError as exc:
             log.warning("Could not withdraw the host heartbeat: %s", exc)
 

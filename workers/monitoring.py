@@ -30,10 +30,8 @@ from celery.utils.nodenames import default_nodename
 from celery.worker import control
 from kombu.utils.functional import maybe_list
 
-from api.protocol import records
-from api.replication import register_script
+from api.protocol.records import cancel_record
 from api.settings import Settings
-from api.store import cancel_record
 from workers.runtime import worker_redis
 
 log = logging.getLogger(__name__)
@@ -56,9 +54,9 @@ def install(app: Celery, settings: Settings) -> None:
     def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
                **kwargs: Any) -> Any:
         if terminate:
-            script = register_script(worker_redis(settings).client, records.CANCEL_SCRIPT)
+            scripts = worker_redis(settings).scripts
             for one in maybe_list(task_id) or []:  # type: ignore[no-untyped-call]
-                outcome = cancel_record(script, one, int(settings.retention_seconds),
+                outcome = cancel_record(scripts, one, int(settings.retention_seconds),
                                         revoke_queued=True)
                 log.info("Revoke with terminate of %s is a cancel: %s", one, outcome)
         return celery_revoke(state, task_id, terminate=False, signal=signal, **kwargs)

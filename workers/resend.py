@@ -46,6 +46,7 @@ import redis
 from celery import Celery
 
 from api.protocol import keys, records
+from api.protocol.records import Field
 from api.protocol.tasks import BY_NAME
 from api.settings import Settings
 
@@ -102,7 +103,7 @@ def _still_pending(client: redis.Redis, index: str, ids: list[str]) -> list[str]
         return []
     pipe = client.pipeline(transaction=False)
     for task_id in ids:
-        pipe.hget(keys.task_record(task_id), "state")
+        pipe.hget(keys.task_record(task_id), Field.STATE)
     states = pipe.execute()
     stale = [t for t, state in zip(ids, states, strict=True) if state != records.PENDING]
     if stale:
@@ -125,7 +126,7 @@ def resend_lost(client: redis.Redis, app: Celery, host: str, min_age: float = 0.
     for task_id in wanted:
         if task_id in present:
             continue
-        fields = client.hmget(keys.task_record(task_id), "state", "name", "arguments")
+        fields = client.hmget(keys.task_record(task_id), Field.STATE, Field.NAME, Field.ARGUMENTS)
         state, name, arguments = fields
         if state != records.PENDING or not name:
             continue  # started, cancelled or gone meanwhile

@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import traceback
@@ -34,8 +33,10 @@ from redis.retry import Retry
 from api import events
 from api.enums import VMTaskResult
 from api.protocol import hresults, keys, records, tasklog
+from api.protocol.lease import Holder
 from api.protocol.tasks import TaskSpec
-from api.replication import Acknowledgement, register_script, replicated
+from api.replication import Acknowledgement, replicated
+from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
 from workers.failures import Failure, OperationTimedOut, classify
@@ -120,11 +121,7 @@ class WorkerRedis:
             **retry,
         )
         self.ack = Acknowledgement(endpoint.wait_replicas, endpoint.wait_ms)
-        self.start = register_script(self.client, records.START_SCRIPT)
-        self.progress = register_script(self.client, records.PROGRESS_SCRIPT)
-        self.renew = register_script(self.client, records.RENEW_SCRIPT)
-        self.finish = register_script(self.client, records.FINISH_SCRIPT)
-        self.log = register_script(self.client, tasklog.WRITE_SCRIPT)
+        self.scripts = Scripts.of(self.client)
 
 
 _process_redis: tuple[int, WorkerRedis] | None = None
@@ -138,8 +135,8 @@ def worker_redis(settings: Settings) -> WorkerRedis:
 
 
 def worker_identity(settings: Settings) -> str:
-    """Who holds a lease: ``host:machine:pid``, so a restarted worker can tell its own."""
-    return f"{settings.host}:{socket.gethostname()}:{os.getpid()}"
+    """Who holds a lease (`api.protocol.lease`), so a restarted worker can tell its own."""
+    return str(Holder.of_this_process(settings.host))
 
 
 def settings_of(task: Task) -> Settings:
@@ -189,9 +186,10 @@ class TaskRun:
                 return
             pending = list(self._log_pending)
             try:
-                self._conn.log(keys=[self._record, self._channel],
-                               args=[worker_identity(self.settings),
-                                     *(item for pair in pending for item in pair)])
+                self._conn.scripts.task_log_write(
+                    record=self._record, channel=self._channel,
+                    worker=worker_identity(self.settings),
+                    lines=[item for pair in pending for item in pair])
             except redis.RedisError as exc:
                 self._log_failed_at = time.monotonic()
                 log.debug("Could not write to the log of %s: %s", self.task_id, exc)
@@ -203,9 +201,10 @@ class TaskRun:
         with self._log_lock:
             pending = list(self._log_pending)
         if pending:
-            pipe.evalsha(self._conn.log.sha, 2, self._record, self._channel,
-                         worker_identity(self.settings),
-                         *(item for pair in pending for item in pair))
+            self._conn.scripts.task_log_write.queue(
+                pipe, record=self._record, channel=self._channel,
+                worker=worker_identity(self.settings),
+                lines=[item for pair in pending for item in pair])
         return len(pending)
 
     def begin(self) -> str:
@@ -224,15 +223,17 @@ class TaskRun:
         node = str(getattr(self._task.request, "hostname", None) or "") if self._task else ""
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._conn.start.sha, 6, self._record, lease_key, keys.RUNNING_TASKS,
-                         keys.host_running(self.settings.host), keys.LEASE_DEADLINES,
-                         keys.host_pending(self.settings.host),
-                         repr(time.time()), identity,
-                         int(self.settings.lease_seconds * 1000), self.task_id, node)
-            pipe.hget(self._record, "worker")
+            self._conn.scripts.task_start.queue(
+                pipe, record=self._record, lease=lease_key, running=keys.RUNNING_TASKS,
+                host_running=keys.host_running(self.settings.host),
+                deadlines=keys.LEASE_DEADLINES,
+                host_pending=keys.host_pending(self.settings.host), now=repr(time.time()),
+                worker=identity, lease_ms=int(self.settings.lease_seconds * 1000),
+                task_id=self.task_id, node=node)
+            pipe.hget(self._record, records.Field.WORKER)
 
         def attempt() -> tuple[str, bool]:
-            (gate, holder), acked = replicated(self.redis, build, (self._conn.start,),
+            (gate, holder), acked = replicated(self.redis, build, self._conn.scripts,
                                                self._conn.ack)
             if gate == records.STARTED and holder == identity:
                 gate = records.BEGUN  # our own start, re-sent after a lost reply
@@ -248,17 +249,17 @@ class TaskRun:
         or Redis refuses this too; a lease the gate took then lapses into
         ThreadCrashError, the only outcome anyone else can judge."""
         try:
-            state, holder = self.redis.hmget(self._record, "state", "worker")
+            state, holder = self.redis.hmget(self._record, records.Field.STATE,
+                                            records.Field.WORKER)
             if state != records.STARTED or holder != worker_identity(self.settings):
                 log.error("Task %s could not be recorded as refused: its record is %s",
                           self.task_id, state or "MISSING")
                 return False
-            outcome = self._conn.finish(
-                keys=[self._record, keys.task_lease(self.task_id), keys.RUNNING_TASKS,
-                      self._channel],
-                args=[records.FAILURE, int(failure.result), failure.hresult,
-                      failure.description, repr(time.time()), 0,
-                      int(self.settings.retention_seconds), self.task_id, "0", ""])
+            outcome = self._conn.scripts.task_finish(**records.finish_arguments(
+                self.task_id, state=records.FAILURE, result=int(failure.result),
+                error=failure.hresult, description=failure.description,
+                finished=repr(time.time()), percent=0,
+                retention=int(self.settings.retention_seconds)))
         except redis.RedisError as exc:
             log.error("Task %s could not be recorded as refused: %s", self.task_id, exc)
             return False
@@ -293,8 +294,8 @@ class TaskRun:
         if now - self._last_write < PROGRESS_MIN_INTERVAL:
             return
         try:
-            self._conn.progress(keys=[self._record, self._channel],
-                                args=[int(self._pending_percent)])
+            self._conn.scripts.task_progress(record=self._record, channel=self._channel,
+                                             percent=int(self._pending_percent))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Progress is advisory; the final write carries the latest value.
             log.warning("Could not record progress of %s: %s", self.task_id, exc)
@@ -364,20 +365,18 @@ class TaskRun:
             # Lines that waited for Redis go first, in the same round trip: the
             # end line, written by the finish script, stays the last.
             logged = self._log_with(pipe)
-            pipe.evalsha(self._conn.finish.sha, 6, self._record, keys.task_lease(self.task_id),
-                         keys.RUNNING_TASKS, self._channel, keys.REDIS_PRIMARY,
-                         keys.LEASE_DEADLINES,
-                         state, int(result), error, text, finished, percent,
-                         int(self.settings.retention_seconds), self.task_id, "0",
-                         "" if output is None else json.dumps(output), 0,
-                         keys.HOST_RUNNING_PREFIX)
-            pipe.hmget(self._record, "worker", "finished")
+            self._conn.scripts.task_finish.queue(pipe, **records.finish_arguments(
+                self.task_id, state=state, result=int(result), error=error, description=text,
+                finished=finished, percent=percent,
+                retention=int(self.settings.retention_seconds),
+                output="" if output is None else json.dumps(output)))
+            pipe.hmget(self._record, records.Field.WORKER, records.Field.FINISHED)
 
         identity = worker_identity(self.settings)
 
         def attempt() -> tuple[str, bool]:
             replies, acked = replicated(
-                self.redis, build, (self._conn.finish, self._conn.log), self._conn.ack)
+                self.redis, build, self._conn.scripts, self._conn.ack)
             outcome, (holder, at) = replies[logged:]
             with self._log_lock:
                 del self._log_pending[:logged]
@@ -457,10 +456,11 @@ class LeaseKeeper:
             for run in runs:
                 try:
                     # Also takes back a lease that lapsed while the primary was switching.
-                    renewed = run._conn.renew(
-                        keys=[keys.task_record(run.task_id), keys.task_lease(run.task_id),
-                              keys.LEASE_DEADLINES],
-                        args=[worker_identity(settings), lease_ms, run.task_id])
+                    renewed = run._conn.scripts.task_renew(
+                        record=keys.task_record(run.task_id),
+                        lease=keys.task_lease(run.task_id), deadlines=keys.LEASE_DEADLINES,
+                        worker=worker_identity(settings), lease_ms=lease_ms,
+                        task_id=run.task_id)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Could not renew lease of %s: %s", run.task_id, exc)
                     run.log(f"retry: could not renew the lease: {exc}", defer=True)

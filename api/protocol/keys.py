@@ -116,8 +116,8 @@ VM_EVENTS = f"{PREFIX}vm-events"  # stream: one entry per VMVMState change
 
 
 def transfer(transfer_id: str) -> str:
-    """Hash with a TTL: where the source host serves one transfer (address, port, a
-    one-time export name) once its export is listening."""
+    """Hash with a TTL: what the two hosts of one transfer tell each other (an
+    export's offer, a move's manifest and signals); its fields are `api.protocol.transfer`."""
     return f"{PREFIX}transfer:{transfer_id}"
 
 

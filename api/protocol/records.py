@@ -11,16 +11,26 @@ round trip:
 The start gate is what makes delivery at-most-once: a message delivered twice, or
 for a task already cancelled or judged crashed, finds the record not PENDING and
 is dropped without running.
+
+The scripts are `api.scripts.Scripts`'; what the producer and the workers both do
+with them (end a task, judge a crash, cancel, list, trim the index) is here, once.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.enums import VMTaskResult
-from api.protocol import scripts
+from api.protocol import hresults, keys
+
+if TYPE_CHECKING:
+    import redis
+
+    from api.scripts import Scripts
 
 PENDING = "PENDING"
 STARTED = "STARTED"
@@ -31,23 +41,40 @@ COMPLETE_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 # What the start gate answers the one delivery that may run the task.
 BEGUN = "BEGUN"
 
+
+class Field:
+    """The record's fields (the Lua scripts spell the same names)."""
+
+    # Written by the submit (`api.store.TaskStore.create`).
+    NAME = "name"  # the operation, `api.protocol.tasks.TaskSpec.name`
+    DESCRIPTION = "description"
+    HOST = "host"
+    CANCELABLE = "cancelable"  # "1" or "0"; sealed to "0" by `lua/task_seal.lua`
+    STATE = "state"
+    PERCENT = "percent"
+    CREATED = "created"  # seconds since the epoch, as repr(float)
+    ARGUMENTS = "arguments"  # JSON of the operation's keyword arguments
+    # Written by the start gate.
+    STARTED = "started"
+    WORKER = "worker"  # the lease holder, `api.protocol.lease.Holder`
+    NODE = "node"  # the worker's Celery node name (Flower's)
+    RUNS = "runs"  # how many deliveries passed the gate (1, or more after a crash)
+    # Written by the end (finish, cancel, withdraw, crash judgment).
+    FINISHED = "finished"
+    RESULT = "result"  # an `api.enums.VMTaskResult`
+    ERROR = "error"  # an HRESULT
+    ERROR_DESCRIPTION = "error_description"
+    OUTPUT = "output"  # JSON of a successful operation's small result
+    CANCEL_REQUESTED = "cancel_requested"  # "1" once a cancel was asked
+    LOG_DROPPED = "log_dropped"  # entries the task log's cap dropped
+
 # Messages on a task's channel.
 MSG_PROGRESS = "progress"
 MSG_CANCEL = "cancel"
 MSG_DONE = "done"
 
-START_SCRIPT = scripts.load("task_start")
-
-PROGRESS_SCRIPT = scripts.load("task_progress")
-RENEW_SCRIPT = scripts.load("task_renew")
-
-FINISH_SCRIPT = scripts.load("task_finish")
-
-CANCEL_SCRIPT = scripts.load("task_cancel")
-SUBMIT_SCRIPT = scripts.load("task_submit")
-READ_SCRIPT = scripts.load("task_read")
-WITHDRAW_SCRIPT = scripts.load("task_withdraw")
-LIST_SCRIPT = scripts.load("task_list")
+MAX_RECENT_TASKS = 100_000
+CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
 @dataclass(frozen=True)
@@ -83,9 +110,9 @@ class TaskSnapshot:
 
     @classmethod
     def from_record(cls, task_id: str, fields: dict[str, str], lease_alive: bool) -> TaskSnapshot:
-        state = fields.get("state", PENDING)
+        state = fields.get(Field.STATE, PENDING)
         complete = state in COMPLETE_STATES
-        result = fields.get("result")
+        result = fields.get(Field.RESULT)
 
         def maybe_float(name: str) -> float | None:
             value = fields.get(name)
@@ -93,19 +120,88 @@ class TaskSnapshot:
 
         return cls(
             id=task_id,
-            name=fields.get("name", ""),
-            description=fields.get("description", ""),
-            host=fields.get("host", ""),
+            name=fields.get(Field.NAME, ""),
+            description=fields.get(Field.DESCRIPTION, ""),
+            host=fields.get(Field.HOST, ""),
             state=state,
-            percent_completed=int(float(fields.get("percent", "0"))),
-            is_cancelable=fields.get("cancelable") == "1" and not complete,
+            percent_completed=int(float(fields.get(Field.PERCENT, "0"))),
+            is_cancelable=fields.get(Field.CANCELABLE) == "1" and not complete,
             result=VMTaskResult(int(result)) if complete and result not in (None, "") else None,
-            error=int(fields.get("error") or 0),
-            error_description=fields.get("error_description", ""),
-            created=float(fields.get("created") or 0.0),
-            started=maybe_float("started"),
-            finished=maybe_float("finished"),
-            cancel_requested=fields.get("cancel_requested") == "1",
+            error=int(fields.get(Field.ERROR) or 0),
+            error_description=fields.get(Field.ERROR_DESCRIPTION, ""),
+            created=float(fields.get(Field.CREATED) or 0.0),
+            started=maybe_float(Field.STARTED),
+            finished=maybe_float(Field.FINISHED),
+            cancel_requested=fields.get(Field.CANCEL_REQUESTED) == "1",
             lease_alive=lease_alive,
-            output=json.loads(fields["output"]) if fields.get("output") else None,
+            output=json.loads(fields[Field.OUTPUT]) if fields.get(Field.OUTPUT) else None,
         )
+
+
+def finish_arguments(task_id: str, *, state: str, result: int, error: int, description: str,
+                     finished: str, percent: int, retention: int, output: str = "",
+                     judged: bool = False, grace: int = 0) -> dict[str, Any]:
+    """The keyword arguments of `lua/task_finish.lua` for one task: a worker's end of
+    its own task, or (``judged``) a crash judgment, which ends the task only if its
+    lease expired and no new primary appeared within ``grace`` seconds."""
+    return {
+        "record": keys.task_record(task_id), "lease": keys.task_lease(task_id),
+        "running": keys.RUNNING_TASKS, "channel": keys.task_channel(task_id),
+        "primary": keys.REDIS_PRIMARY, "deadlines": keys.LEASE_DEADLINES,
+        "state": state, "result": result, "error": error, "description": description,
+        "finished": finished, "percent": percent, "retention": retention,
+        "task_id": task_id, "only_if_lease_expired": "1" if judged else "0",
+        "output": output, "grace": grace, "host_running_prefix": keys.HOST_RUNNING_PREFIX,
+    }
+
+
+def judge_crashed(scripts: Scripts, task_id: str, retention_seconds: int,
+                  grace_seconds: float) -> bool:
+    """End a started task whose lease expired with ThreadCrashError; True if it did.
+
+    Shared by producers and workers' reapers: the script re-checks the lease
+    atomically.  ``grace_seconds`` (the lease) is how long after a new Redis primary
+    appears no task is judged: leases could not be renewed while the primary was
+    switching.
+    """
+    outcome = scripts.task_finish(**finish_arguments(
+        task_id, state=FAILURE, result=int(VMTaskResult.ThreadCrashError),
+        error=hresults.SERVER_FAULT, description=CRASH_DESCRIPTION,
+        finished=repr(time.time()), percent=0, retention=retention_seconds, judged=True,
+        grace=max(1, math.ceil(grace_seconds))))
+    return bool(outcome == "OK")
+
+
+def cancel_record(scripts: Scripts, task_id: str, retention_seconds: int, *,
+                  revoke_queued: bool = False) -> str:
+    """The record's cancel transition; ``revoke_queued`` is Celery's revoke, which
+    also drops a queued task whose operation is not cancelable (it never ran).
+
+    Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
+    (it runs, and stops at its next check)."""
+    return str(scripts.task_cancel(
+        record=keys.task_record(task_id), channel=keys.task_channel(task_id),
+        now=repr(time.time()), retention=retention_seconds,
+        result=int(VMTaskResult.Cancelled), error=hresults.E_ABORT,
+        revoke_queued="1" if revoke_queued else "0", task_id=task_id,
+        host_pending_prefix=keys.HOST_PENDING_PREFIX))
+
+
+def matching_tasks(scripts: Scripts, state: str | None, host: str | None, limit: int,
+                   horizon: int) -> list[str]:
+    """Ids of the newest tasks in ``state`` on ``host`` (None: any), newest first,
+    looking at most ``horizon`` tasks back: filtered by Redis, one round trip."""
+    found = scripts.task_list(recent=keys.RECENT_TASKS, record_prefix=keys.task_record(""),
+                              state=state or "", host=host or "", limit=limit,
+                              horizon=horizon)
+    return [str(task_id) for task_id in found]
+
+
+def trim_recent(client: redis.Redis, retention_seconds: float) -> None:
+    """Bound the recent-task index by age and by count, like the records it names.
+
+    The workers' heartbeat does this now and then, so a submit never pays for it."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(keys.RECENT_TASKS, "-inf", time.time() - retention_seconds)
+    pipe.zremrangebyrank(keys.RECENT_TASKS, 0, -MAX_RECENT_TASKS - 1)
+    pipe.execute()

@@ -1,7 +1,8 @@
-"""The Lua scripts that change records atomically, loaded from ``lua/*.lua``.
+"""The text of the Lua scripts that change records atomically, from ``lua/*.lua``.
 
-Each script is one transition, run with EVALSHA (redis-py's `register_script`),
-so every change of a record costs one round trip and is never seen half-done.
+Each script is one transition, so every change of a record costs one round trip
+and is never seen half-done.  They are run only through the registry,
+`api.scripts.Scripts` (which says how to add one).
 Lua has no includes: a script whose first lines say ``-- uses: <name>`` gets
 ``lua/<name>.lua`` (a ``local function``) put in front of it.
 """

@@ -14,11 +14,11 @@ import json
 import re
 from typing import Any
 
-from api.protocol import keys
+from api.protocol import keys, vm
 
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-TREE_FIELD = "snapshots"
-CLONE_FIELD = "linked_clone_of"
+TREE_FIELD = vm.Field.SNAPSHOTS
+CLONE_FIELD = vm.Field.LINKED_CLONE_OF
 
 
 def tree_of(record: dict[str, str]) -> dict[str, Any]:

@@ -27,12 +27,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from api.enums import VMTaskResult
-from api.protocol import hresults, scripts
+from api.protocol import hresults
 
 MAX_LINES = 1000  # `lua/task_log.lua` says the same; a unit test keeps them equal
 MAX_LINE_BYTES = 1024
-WRITE_SCRIPT = scripts.load("task_log_write")
-READ_SCRIPT = scripts.load("task_log_read")
 MSG_LOG = "log"  # published on the task's channel when a worker wrote lines
 
 # Option values that may hold a secret, in the argument lists of qemu-img, qemu-nbd

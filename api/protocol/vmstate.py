@@ -11,7 +11,7 @@ atomic compare-and-set that moves a VM between states and records the event.
     Invalid --turn_off--> TurningOff --> TurnedOff;  Invalid --delete--> (gone)
 
 Producers check `ALLOWED` before queueing (InvalidStateError at once); the worker
-re-checks with `TRANSITION_SCRIPT` under the VM's lock, so a race between two
+re-checks with `lua/vm_transition.lua` under the VM's lock, so a race between two
 producers cannot slip an illegal transition through.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from api.enums import VMVMState as S
-from api.protocol import scripts
+from api.protocol import vm
 
 ALLOWED: dict[str, frozenset[S]] = {
     "startup": frozenset({S.TurnedOff, S.Saved}),
@@ -55,14 +55,8 @@ ALLOWED: dict[str, frozenset[S]] = {
 
 EVENTS_MAXLEN = 10_000
 
-TRANSITION_SCRIPT = scripts.load("vm_transition")
-
-DELETE_SCRIPT = scripts.load("vm_delete")
-
-CONFIGURE_SCRIPT = scripts.load("vm_configure")
-
 # The fields a worker writes while the VM runs (cleared when it stops).
-RUNTIME_FIELDS = ("pid", "started", "vnc", "vnc_password")
+RUNTIME_FIELDS = vm.RUNTIME
 LIVE_STATES = frozenset({S.Running, S.Paused, S.Saving, S.TurningOff, S.Invalid})
 
 

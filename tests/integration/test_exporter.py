@@ -29,7 +29,7 @@ from api.enums import VMVMState
 from api.exporter import BUCKETS, registry_for
 from api.protocol import keys, records
 from api.protocol.records import TaskSnapshot
-from api.replication import register_script
+from api.scripts import Scripts
 from api.store import connect
 from tests.helpers import wire_counter
 from workers.devtools.sandbox import (
@@ -205,8 +205,8 @@ def test_metrics_match_the_records_after_success_failure_cancel_and_a_killed_wor
 def end_tasks(client: Any, count: int, *, host: str = HOST, start_index: int = 0,
               operation: str = "vmtask.ping") -> None:
     """``count`` tasks through the real start and finish scripts, pipelined."""
-    start = register_script(client, records.START_SCRIPT)
-    finish = register_script(client, records.FINISH_SCRIPT)
+    scripts = Scripts.of(client)
+    start, finish = scripts.task_start, scripts.task_finish
     now = time.time()
     # Loaded once, so the pipelines' EVALSHA finds them.
     client.script_load(start.script)
@@ -220,11 +220,14 @@ def end_tasks(client: Any, count: int, *, host: str = HOST, start_index: int = 0
                                        "created": repr(now - 3), "cancelable": "1",
                                        "percent": "0", "description": "seeded"})
             pipe.zadd(keys.RECENT_TASKS, {task_id: now - 3})
-            pipe.evalsha(start.sha, 3, record, lease, keys.RUNNING_TASKS, repr(now - 2.5),
-                         "w:m:1", 60_000, task_id, "n")
-            pipe.evalsha(finish.sha, 4, record, lease, keys.RUNNING_TASKS,
-                         keys.task_channel(task_id), records.SUCCESS, 0, 0, "",
-                         repr(now - 2.5 + (index % 7)), 100, 86400, task_id, "0", "")
+            start.queue(pipe, record=record, lease=lease, running=keys.RUNNING_TASKS,
+                        now=repr(now - 2.5), worker="w:m:1", lease_ms=60_000,
+                        task_id=task_id, node="n")
+            finish.queue(pipe, record=record, lease=lease, running=keys.RUNNING_TASKS,
+                         channel=keys.task_channel(task_id), state=records.SUCCESS, result=0,
+                         error=0, description="", finished=repr(now - 2.5 + (index % 7)),
+                         percent=100, retention=86400, task_id=task_id,
+                         only_if_lease_expired="0", output="")
         pipe.execute()
 
 

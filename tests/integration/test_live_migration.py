@@ -20,6 +20,7 @@ import redis
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
+from api.scripts import Scripts
 from tests.helpers import assert_succeeded as done
 from tests.helpers import backing_chain, data_in_top, digest, pids_of, qemu_io
 from tests.integration.test_cli import run_cli
@@ -30,8 +31,6 @@ from workers.engines.context import NullContext
 from workers.engines.guest_agent import GuestAgentClient, qemu_guest_agent_args
 from workers.engines.qemu_vm import Monitor, livemigrate
 from workers.failures import OperationFailed
-from workers.tasks.live_migration import ABORT_SCRIPT
-from workers.tasks.migration import MOVE_SCRIPT
 
 pytestmark = pytest.mark.slow
 S = VMVMState
@@ -511,11 +510,14 @@ def test_taking_back_and_taking_over_fence_each_other(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
 
     def abort(record: str, transfer: str) -> str:
-        return str(client.eval(ABORT_SCRIPT, 3, record, transfer, transfer + ":w", "a"))
+        return str(Scripts.of(client).vm_move_abort(record=record, transfer=transfer,
+                                                    wake=transfer + ":w", source="a"))
 
     def move(record: str, transfer: str) -> str:
-        return str(client.eval(MOVE_SCRIPT, 3, record, keys.VM_EVENTS, transfer, "a", "b",
-                               f"{int(S.Running)},{int(S.Paused)}", "0", 100))
+        return str(Scripts.of(client).vm_move(
+            record=record, events=keys.VM_EVENTS, transfer=transfer, source="a",
+            destination="b", allowed=f"{int(S.Running)},{int(S.Paused)}", now="0",
+            max_events=100))
 
     for first in ("abort", "move"):
         record, transfer = keys.vm_record(f"fence-{first}"), keys.transfer(f"fence-{first}")

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from api.replication import pipelined, register_script
+from api.replication import pipelined
+from api.scripts import register_script
 from workers.devtools.sandbox import RedisServer
 
 INCREMENT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"

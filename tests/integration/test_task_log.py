@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
-from api.protocol import keys, records, tasklog
-from api.replication import register_script
+from api.protocol import keys, tasklog
+from api.scripts import Scripts
 from tests.helpers import assert_succeeded as done
 from tests.integration.test_cli import cli_env
 from tests.integration.test_vms import vm_env, vmhost  # noqa: F401 - fixtures
@@ -161,10 +161,10 @@ def test_the_log_is_capped_and_only_the_running_worker_writes(
     client.expire(record, 600)
     # Leased, or a reaper of the session's workers judges it crashed meanwhile.
     client.set(keys.task_lease("capped-log"), "w1", px=60_000)
-    write = register_script(client, tasklog.WRITE_SCRIPT)
+    write = Scripts.of(client).task_log_write
     lines = [f"line {i}" for i in range(tasklog.MAX_LINES + 100)]
-    assert write(keys=[record, channel],
-                 args=["w1", *(x for i, line in enumerate(lines) for x in (str(i), line))]) == 1
+    assert write(record=record, channel=channel, worker="w1",
+                 lines=[x for i, line in enumerate(lines) for x in (str(i), line)]) == 1
     server = VirtualServer(redis_server.url, host="alpha")
     try:
         every = server.get_task("capped-log").log()
@@ -181,7 +181,7 @@ def test_the_log_is_capped_and_only_the_running_worker_writes(
         number, last_two = server.store.log_entries("capped-log", tail=2)
         assert number == len(lines) - 1 and len(last_two) == 2
         # Another worker (one judged crashed, then woken) adds nothing.
-        assert write(keys=[record, channel], args=["w2", "1", "late"]) == 0
+        assert write(record=record, channel=channel, worker="w2", lines=["1", "late"]) == 0
         assert server.get_task("capped-log").log(tail=1)[0].endswith(f" line {len(lines) - 1}")
     finally:
         server.close()
@@ -326,11 +326,12 @@ def test_a_long_failure_description_is_clipped_between_characters(
     client.hset(record, mapping={"state": "STARTED", "worker": "w1", "name": "vm.ping"})
     client.expire(record, 600)
     description = "x" + "é" * 1500  # two bytes a character, cut at an odd byte
-    finish = register_script(client, records.FINISH_SCRIPT)
-    assert finish(keys=[record, keys.task_lease(task_id), keys.RUNNING_TASKS,
-                        keys.task_channel(task_id)],
-                  args=["FAILURE", 1, 0x80004005, description, repr(time.time()), 0, 60,
-                        task_id, "0", ""]) == "OK"
+    finish = Scripts.of(client).task_finish
+    assert finish(record=record, lease=keys.task_lease(task_id), running=keys.RUNNING_TASKS,
+                  channel=keys.task_channel(task_id), state="FAILURE", result=1,
+                  error=0x80004005, description=description, finished=repr(time.time()),
+                  percent=0, retention=60, task_id=task_id, only_if_lease_expired="0",
+                  output="") == "OK"
     with VirtualServer(redis_server.url, host="alpha") as server:
         (line,) = server.get_task(task_id).log()
     assert line.endswith("é...") and len(line.encode()) < 1024 + 100, line

@@ -222,3 +222,86 @@ def test_create_virtual_machine_takes_the_contract_order() -> None:
     parameters = list(inspect.signature(api.VirtualServer.create_virtual_machine).parameters)
     assert parameters[:9] == ["self", "name", "memory_mb", "disks", "undoable", "guest_agent",
                               "cpus", "network", "port_forwards"]
+
+
+def source_trees() -> list[tuple[Path, ast.Module]]:
+    return [(path, ast.parse(path.read_text(), str(path)))
+            for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))]
+
+
+def test_workers_do_not_import_the_producers_store() -> None:
+    """What both sides do with a record is `api.protocol`'s; `api.store` is the producer's."""
+    graph = project_imports(anywhere=True)
+    for module, deps in graph.items():
+        if module.startswith("workers."):
+            assert "api.store" not in deps, f"{module} imports api.store"
+
+
+# The one registry of scripts, with its call path (for pipelines too).
+SCRIPT_REGISTRY = {REPO / "api" / "scripts.py"}
+
+
+def test_scripts_are_sent_only_by_the_registry() -> None:
+    """No ``register_script``, ``.eval(`` or ``.evalsha(`` outside `api.scripts`: every
+    script goes through one named wrapper, with the answer to NOSCRIPT."""
+    found = []
+    for path, tree in source_trees():
+        if path in SCRIPT_REGISTRY:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = (node.func.attr if isinstance(node.func, ast.Attribute)
+                        else node.func.id if isinstance(node.func, ast.Name) else "")
+                if name in ("register_script", "eval", "evalsha", "script_load"):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert not found, found
+
+
+def test_each_script_call_names_the_arguments_of_its_script() -> None:
+    """``scripts.<name>(...)`` and ``scripts.<name>.queue(pipe, ...)`` with keywords its
+    script declares, and every one it needs (`Lua.arguments` checks the same at run
+    time; here every call site is checked, run by a test or not)."""
+    from api.scripts import Scripts
+
+    specs = {spec.name: spec for spec in Scripts.specs()}
+    checked, wrong = 0, []
+    for path, tree in [*source_trees(), *((p, ast.parse(p.read_text())) for p in
+                                          sorted((REPO / "tests").rglob("*.py")))]:
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            func = node.func
+            name = (func.attr if func.attr in specs else func.value.attr
+                    if func.attr == "queue" and isinstance(func.value, ast.Attribute)
+                    and func.value.attr in specs else None)
+            if name is None or any(k.arg is None for k in node.keywords):
+                continue  # ``**finish_arguments(...)``: checked where it is built
+            try:
+                specs[name].arguments({k.arg: "x" for k in node.keywords if k.arg})
+            except TypeError as exc:
+                wrong.append(f"{path.relative_to(REPO)}:{node.lineno} {exc}")
+            checked += 1
+    assert checked > 25 and not wrong, wrong
+
+
+def test_transfer_fields_are_spelled_only_by_their_schema() -> None:
+    """A module that reads or writes a transfer hash names its fields by
+    `api.protocol.transfer`; the Lua scripts that read it spell the same ``abort``."""
+    from api.protocol import scripts, transfer
+
+    found = []
+    for path, tree in source_trees():
+        if path == REPO / "api" / "protocol" / "transfer.py":
+            continue
+        source = ast.unparse(tree)
+        if "keys.transfer(" not in source and "api.protocol.transfer" not in source \
+                and "import transfer" not in source:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in transfer.FIELDS:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.JoinedStr) and "done." in ast.unparse(node):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} done.<index>")
+    assert not found, found
+    for name in ("vm_move", "vm_move_abort"):
+        assert f"'{transfer.ABORT}'" in scripts.load(name), name

@@ -247,7 +247,7 @@ def create_overlays(parents: list[Path], targets: list[Path], base_infos: list[D
     try:
         for parent, target, base in zip(parents, targets, base_infos, strict=True):
             target.parent.mkdir(parents=True, exist_ok=True)
-            create_differencing(target, parent, Scaled(context, 0, 0), context.task_id,
+            create_differencing(target, parent, Scaled(context, 0, 0),
                                 parent_info=base)
             made.append(target)
     except BaseException:

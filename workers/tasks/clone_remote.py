@@ -29,7 +29,9 @@ from typing import Any
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import hresults, keys, scripts, tasks
+from api.protocol import hresults, keys, tasks
+from api.protocol import transfer as xfer
+from api.scripts import Scripts
 from api.vmargs import to_args
 from api.vms import VM_NAME_PATTERN
 from workers.engines import nbd, transfer_tls
@@ -51,7 +53,6 @@ from workers.tasks.transfer import (
 )
 from workers.tasks.vms import begin, paths_of, vm_lock
 
-CREATE_SCRIPT = scripts.load("vm_create")
 WATCH = 0.1
 # The present of a running source changes under a byte copy: it would need QEMU's
 # own copy (a local clone's), which does not cross hosts yet.  A snapshot's layers
@@ -84,7 +85,7 @@ def clone_out(run: TaskRun, name: str, snapshot: str | None, destination_host: s
                 manifest = [{"stem": top.stem, "virtual_size": e.virtual_size,
                              "allocated": e.allocated} for top, e in zip(tops, exports,
                                                                          strict=True)]
-                publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
+                publish(run, keys.transfer(transfer_id), {xfer.MANIFEST: json.dumps(manifest)},
                         "announcing the clone")
                 for index, export in enumerate(exports):
                     if client_over() or not _serve_one(run, export, transfer_id, index,
@@ -114,7 +115,7 @@ def _serve_one(run: TaskRun, served: Served, transfer_id: str, index: int,
         publish(run, key, {**offer_fields(export), "virtual_size": served.virtual_size,
                            "allocated": served.allocated, "fixed": 0,
                            "host": run.settings.host}, "announcing an export")
-        while run.ride_out(partial(client.hget, keys.transfer(transfer_id), f"done.{index}"),
+        while run.ride_out(partial(client.hget, keys.transfer(transfer_id), xfer.done(index)),
                            "waiting for the destination's pull") != "1":
             if not export.alive():
                 raise OperationFailed("qemu-nbd stopped serving the image")
@@ -126,7 +127,7 @@ def _serve_one(run: TaskRun, served: Served, transfer_id: str, index: int,
 
 def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch) -> list[dict[str, Any]]:
     while True:
-        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), "manifest"),
+        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), xfer.MANIFEST),
                            "waiting for the source's manifest")
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
@@ -167,9 +168,9 @@ def clone_in(run: TaskRun, name: str, clone: str, snapshot: str | None, source_h
                             server)
         raise_if_cancelled(run)
         fields = record_fields(run, record, clone, disks)
-        created = run.ride_out(lambda: client.eval(
-            CREATE_SCRIPT, 3, keys.vm_record(clone), keys.VM_NAMES,
-            keys.host_vms(run.settings.host), clone, *to_args(fields)),
+        created = run.ride_out(lambda: Scripts.of(client).vm_create(
+            record=keys.vm_record(clone), names=keys.VM_NAMES,
+            host_vms=keys.host_vms(run.settings.host), name=clone, fields=to_args(fields)),
             "creating the clone's record")
         if not created:
             raise InvalidStateError(f"A VM named {clone!r} was created meanwhile")
@@ -200,6 +201,6 @@ def _pull_disks(run: TaskRun, manifest: list[dict[str, Any]], target: Path, tran
                        source_host=source_host, server_task_id=server_task_id)
         disks.append(destination)
         done += size
-        run.ride_out(partial(run.redis.hset, keys.transfer(transfer_id), f"done.{index}", "1"),
+        run.ride_out(partial(run.redis.hset, keys.transfer(transfer_id), xfer.done(index), "1"),
                      "telling the source a disk arrived")
     return disks

@@ -31,8 +31,9 @@ from typing import Any
 import redis
 
 from api.enums import VMVMState as S
-from api.protocol import keys, scripts, tasks
+from api.protocol import keys, tasks
 from api.protocol.snapshots import CLONE_FIELD
+from api.scripts import Scripts
 from api.settings import Settings
 from api.vmargs import new_mac, to_args
 from api.vms import VM_NAME_PATTERN
@@ -48,7 +49,6 @@ from workers.tasks.vms import begin, config_of, paths_of, vm_lock
 
 log = logging.getLogger(__name__)
 
-CREATE_SCRIPT = scripts.load("vm_create")
 JOURNAL = "clone.json"
 COPIED_FIELDS = ("memory_mb", "cpus", "network", "undoable", "guest_agent", "kernel",
                  "initrd", "append")
@@ -101,8 +101,10 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
             if linked:
                 fields[CLONE_FIELD] = json.dumps({"vm": name, "snapshot": snapshot})
             # The host's VM set too: its watch and its restart's recovery read it.
-            created = client.eval(CREATE_SCRIPT, 3, keys.vm_record(clone), keys.VM_NAMES,
-                                  keys.host_vms(run.settings.host), clone, *to_args(fields))
+            created = Scripts.of(client).vm_create(record=keys.vm_record(clone),
+                                                   names=keys.VM_NAMES,
+                                                   host_vms=keys.host_vms(run.settings.host),
+                                                   name=clone, fields=to_args(fields))
             if not created:
                 raise IllegalValue(f"A VM named {clone!r} already exists")
         except BaseException:
@@ -122,10 +124,10 @@ def _make_disks(run: TaskRun, tops: list[Path], target: Path, linked: bool) -> l
         with ExitStack() as stack:
             chain = files.open_chain(top, stack)
             if linked:
-                qemu_img.create_differencing(destination, top, share, run.task_id,
+                qemu_img.create_differencing(destination, top, share,
                                              parent_info=chain.links[0].info)
             else:
-                qemu_img.convert(top, destination, False, share, run.task_id,
+                qemu_img.convert(top, destination, False, share,
                                  chain=chain.pinned(), source_info=chain.links[0].info)
         made.append(destination)
     return made
@@ -139,7 +141,7 @@ def _copy_running(run: TaskRun, name: str, tops: list[Path], target: Path) -> li
     with qemu_vm.connect(paths) as monitor:
         sizes = livesnap.virtual_sizes(monitor, len(tops))
         for path, size in zip(made, sizes, strict=True):
-            qemu_img.create_dynamic(path, size, engine.Scaled(run, 0, 0), run.task_id)
+            qemu_img.create_dynamic(path, size, engine.Scaled(run, 0, 0))
         livesnap.copy_out(monitor, made, engine.new_layer_id(), engine.Scaled(run, 0, 95))
     return made
 

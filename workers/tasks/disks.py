@@ -10,7 +10,6 @@ image.  Paths travel as strings relative to the storage root.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,6 +19,7 @@ import redis
 
 from api.enums import VMHardDiskType
 from api.protocol import keys, tasks
+from api.protocol.lease import Holder
 from api.settings import Settings
 from workers.engines import qemu_img
 from workers.engines.storage import remove_stale_temporaries
@@ -41,7 +41,7 @@ def _create_new(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], path: st
     files = HostFiles.of(run.settings)
     target = files.resolve_output(path)
     with files.file_locks([], [target]):
-        made = engine(target, size_bytes, run, run.task_id)
+        made = engine(target, size_bytes, run)
     return files.describe(target, made)
 
 
@@ -65,7 +65,7 @@ def create_differencing(run: TaskRun, path: str, parent_path: str) -> dict[str, 
     with ExitStack() as stack:
         chain = files.open_chain(parent, stack)
         with files.file_locks(chain.reals, [target]):
-            qemu_img.create_differencing(target, parent, run, run.task_id,
+            qemu_img.create_differencing(target, parent, run,
                                          parent_info=chain.links[0].info)
     return files.describe(target)
 
@@ -78,7 +78,7 @@ def create_host_drive(run: TaskRun, path: str, host_drive: str,
     device = files.allowed_host_drive(host_drive)
     reads, writes = ([device], [target]) if read_only else ([], [target, device])
     with files.file_locks(reads, writes):
-        qemu_img.create_host_drive(target, device, run, run.task_id, read_only=read_only)
+        qemu_img.create_host_drive(target, device, run, read_only=read_only)
     return files.describe(target)
 
 
@@ -89,7 +89,7 @@ def compact(run: TaskRun, path: str) -> dict[str, Any]:
     with ExitStack() as stack:
         chain = files.open_chain(source, stack)
         with files.file_locks(chain.reals[1:], [source]):
-            qemu_img.compact(source, run, run.task_id, chain=chain.pinned())
+            qemu_img.compact(source, run, chain=chain.pinned())
     return files.describe(source)
 
 
@@ -103,7 +103,7 @@ def _copy_to_new_disk(run: TaskRun, engine: Callable[..., qemu_img.DiskInfo], pa
     with ExitStack() as stack:
         chain = files.open_chain(source, stack)
         with files.file_locks(chain.reals, [target]):
-            made = engine(source, target, fixed, run, run.task_id, chain=chain.pinned(),
+            made = engine(source, target, fixed, run, chain=chain.pinned(),
                           source_info=chain.links[0].info)
     return files.describe(target, made)
 
@@ -129,7 +129,7 @@ def merge(run: TaskRun, path: str) -> dict[str, Any]:
             raise IllegalValue(
                 f"{path} is not a differencing disk: it has no parent to merge into")
         with files.file_locks(reals[2:], reals[:2]):
-            qemu_img.merge(source, run, run.task_id, chain=chain.pinned())
+            qemu_img.merge(source, run, chain=chain.pinned())
     return files.describe(reals[1])
 
 
@@ -142,22 +142,26 @@ def process_exists(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def lease_live(client: redis.Redis, task_id: str) -> bool:
+    """Whether the task's lease is held by a worker that may still run it: one on
+    another machine (which cannot be looked for from here), or a process that still
+    exists here (a worker killed a moment ago leaves a lease that has not expired)."""
+    value = client.get(keys.task_lease(task_id))
+    if value is None:
+        return False
+    holder = Holder.parse(str(value))
+    return not holder.on_this_machine or process_exists(holder.pid)
+
+
 def remove_crashed_temporaries(client: redis.Redis, settings: Settings) -> None:
     """A task that died mid-write left its temporary file; remove it.
 
-    A temporary is live only while its task's lease is held by a process that still
-    exists: a worker killed a moment ago leaves a lease that has not expired yet.
+    A temporary is live only while its task's lease is held by a live worker
+    (`lease_live`).
     """
-    machine = socket.gethostname()
 
     def is_live(task_id: str) -> bool:
-        holder = client.get(keys.task_lease(task_id))
-        if holder is None:
-            return False
-        _host, holder_machine, pid = str(holder).rsplit(":", 2)
-        if holder_machine != machine:
-            return True
-        return process_exists(int(pid))
+        return lease_live(client, task_id)
 
     for path in remove_stale_temporaries(HostFiles.of(settings).root, is_live):
         log.warning("Removed %s, left by a task that crashed", path)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from api.protocol import hresults
+from api.protocol import transfer as xfer
 from workers.engines import nbd, qemu_vm, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm import livemigrate
@@ -96,8 +97,8 @@ def serve_below(run: TaskRun, files: HostFiles, below: list[dict[str, Any]],
             nbd.file_spec(proc_path(fd)), address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(), pass_fds=(fd,),
             creds=creds))
-        offers.append({**offer_fields(export), "virtual_size": item["size"],
-                       "allocated": item["allocated"], "fixed": 0})
+        offers.append({**offer_fields(export), xfer.VIRTUAL_SIZE: item["size"],
+                       xfer.ALLOCATED: item["allocated"], xfer.FIXED: 0})
     return offers
 
 
@@ -112,12 +113,12 @@ def await_incoming(run: TaskRun, files: HostFiles, key: str, below: list[dict[st
         serving = not below
         while True:
             raw, accepted, done = run.ride_out(
-                lambda: run.redis.hmget(key, "incoming", "accepted", "chain_done"),
+                lambda: run.redis.hmget(key, xfer.INCOMING, xfer.ACCEPTED, xfer.CHAIN_DONE),
                 "waiting for the destination")
             if raw:
                 return str(raw)
             if not serving and accepted == "1":
-                signal({"chain_offers": json.dumps(serve_below(run, files, below, stack))})
+                signal({xfer.CHAIN_OFFERS: json.dumps(serve_below(run, files, below, stack))})
                 serving = True
             if done:
                 outgoing.copied_below(float(done))
@@ -140,7 +141,7 @@ class _PullShare:
         if share - self._published >= 0.01 or percent >= 100:
             self._published = share
             try:
-                self._run.redis.hset(self._key, "chain_done", f"{share:.4f}")
+                self._run.redis.hset(self._key, xfer.CHAIN_DONE, f"{share:.4f}")
             except REDIS_AWAY:
                 return  # advisory, as the task's own progress; the next share says more
 
@@ -148,7 +149,7 @@ class _PullShare:
         if self._run.cancel_requested():
             return True
         try:
-            return bool(self._run.redis.hget(self._key, "abort") == "1")
+            return bool(self._run.redis.hget(self._key, xfer.ABORT) == "1")
         except REDIS_AWAY:
             return False  # the abort is durable: seen once Redis is back
 
@@ -163,8 +164,8 @@ def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, A
     (all or nothing each; what is published is appended to ``made``)."""
     if not below:
         return
-    signal({"accepted": "1"})
-    while not (raw := run.ride_out(lambda: run.redis.hget(key, "chain_offers"),
+    signal({xfer.ACCEPTED: "1"})
+    while not (raw := run.ride_out(lambda: run.redis.hget(key, xfer.CHAIN_OFFERS),
                                    "waiting for the source's exports")):
         wait()
     offers: list[dict[str, str]] = [{k: str(v) for k, v in offer.items()}
@@ -178,7 +179,7 @@ def pull_below(run: TaskRun, files: HostFiles, key: str, below: list[dict[str, A
             pull_and_judge(run, share, offer, target, verbatim=True,
                            source_host=source_host, server_task_id=peer_task_id)
         except Cancelled:
-            if run.ride_out(lambda: run.redis.hget(key, "abort"), "reading the abort") == "1":
+            if run.ride_out(lambda: run.redis.hget(key, xfer.ABORT), "reading the abort") == "1":
                 raise Cancelled(f"The source host {source_host} gave up the migration"
                                 ) from None
             raise

@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,13 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import hresults, keys, scripts, tasks
-from workers.engines import qemu_vm, transfer_tls
+from api.protocol import hresults, keys, tasks
+from api.protocol import transfer as xfer
+from api.scripts import Scripts
+from workers.engines import qemu_img, qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
 from workers.engines.qemu_vm import livemigrate
-from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
+from workers.engines.qemu_vm.lifecycle import read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
@@ -83,13 +84,11 @@ LIVE = frozenset({S.Running, S.Paused})
 WATCH = 0.05
 MIGRATION_TIMEOUT = 3600.0
 # In a destination's VM directory until the switch-over: the disks it is receiving.
-ABORT_SCRIPT = scripts.load("vm_move_abort")
-SOURCE, DESTINATION = "source", "destination"
+SOURCE, DESTINATION = xfer.SOURCE, xfer.DESTINATION
 GAVE_UP = "gave up the migration"
 
 
-def wake_key(key: str, side: str) -> str:
-    return f"{key}:wake:{side}"
+wake_key = xfer.wake
 
 
 def _send_signal(client: redis.Redis, key: str, side: str, fields: dict[str, str]) -> None:
@@ -219,8 +218,9 @@ class _Send:
         name, client = self.record["name"], self.run.redis
         while True:
             try:
-                return str(client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), self.key,
-                                       wake_key(self.key, DESTINATION), self.run.settings.host))
+                return str(Scripts.of(client).vm_move_abort(
+                    record=keys.vm_record(name), transfer=self.key,
+                    wake=wake_key(self.key, DESTINATION), source=self.run.settings.host))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise
@@ -240,9 +240,9 @@ class _Send:
         outgoing = livemigrate.Outgoing.begin(
             monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
             creds=creds, stall_seconds=settings.transfer_stall_seconds)
-        _signal(run, key, DESTINATION, {"manifest": json.dumps(disks),
-                                        "chain": json.dumps(below),
-                                        "creds": transfer_tls.kind_of(creds)})
+        _signal(run, key, DESTINATION, {xfer.MANIFEST: json.dumps(disks),
+                                        xfer.CHAIN: json.dumps(below),
+                                        xfer.CREDS: transfer_tls.kind_of(creds)})
         try:
 
             def between() -> None:
@@ -260,8 +260,8 @@ class _Send:
             stopped = time.monotonic()  # the guest stays stopped until the cont there
             outgoing.finish_mirrors(deadline)
             self.stays = False  # from here the destination may take over (the fence decides)
-            _signal(run, key, DESTINATION, {"switch": "1"})
-            while _read(run, key, "committed")[0] != "1":
+            _signal(run, key, DESTINATION, {xfer.SWITCH: "1"})
+            while _read(run, key, xfer.COMMITTED)[0] != "1":
                 self.check()
                 raise_if_cancelled(run)  # honoured until the destination takes over
                 _nap(run, key, SOURCE)
@@ -274,8 +274,9 @@ class _Send:
                     outgoing.rollback()
                 finally:
                     with contextlib.suppress(redis.RedisError):
-                        client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), key,
-                                    wake_key(key, DESTINATION), settings.host)
+                        Scripts.of(client).vm_move_abort(
+                            record=keys.vm_record(name), transfer=key,
+                            wake=wake_key(key, DESTINATION), source=settings.host)
                 raise
             outcome = self.fence(deadline)
             if outcome == "ABORTED":
@@ -294,7 +295,7 @@ class _Send:
 
 
 def _wait_manifest(run: TaskRun, key: str, source: PeerWatch) -> list[dict[str, Any]]:
-    while not (raw := _read(run, key, "manifest")[0]):
+    while not (raw := _read(run, key, xfer.MANIFEST)[0]):
         source.check("source", gave_up=GAVE_UP)
         raise_if_cancelled(run)
         _nap(run, key, DESTINATION)
@@ -323,16 +324,19 @@ def _reserve(item: dict[str, Any], target: Path) -> None:
         raise DiskError(f"{item['path']} appeared meanwhile", hresults.FILE_EXISTS) from None
 
 
-def _create_disk(item: dict[str, Any], args: list[str]) -> None:
-    made = subprocess.run(["qemu-img", "create", "-q", *args], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        raise DiskError(f"Could not create {item['path']}: {made.stderr.strip()}")
+def _create_disk(run: TaskRun, item: dict[str, Any], args: list[str]) -> None:
+    """An empty top, through the runner like every qemu-img run (logged, killed with
+    its worker); not cancelable: it takes no time, and a half-made file is removed
+    with ``made`` anyway."""
+    try:
+        qemu_img.run_qemu_img(["create", "-q", *args], run, cancelable=False)
+    except OperationFailed as exc:
+        raise DiskError(f"Could not create {item['path']}: {exc}") from None
 
 
 def _wait_switch(run: TaskRun, key: str, paths: qemu_vm.VMPaths, source: PeerWatch) -> None:
     while True:
-        switch, abort = _read(run, key, "switch", "abort")
+        switch, abort = _read(run, key, xfer.SWITCH, xfer.ABORT)
         if abort == "1":
             raise Cancelled(f"The source host {source.host} {GAVE_UP}")
         if switch == "1":
@@ -359,7 +363,7 @@ def _record_taken_over(run: TaskRun, key: str, name: str, paths: qemu_vm.VMPaths
     while True:
         try:
             if client.exists(key):
-                _send_signal(client, key, SOURCE, {"committed": "1"})
+                _send_signal(client, key, SOURCE, {xfer.COMMITTED: "1"})
             pid = qemu_vm.find_pid(paths)
             if pid is not None:
                 record_runtime(client, name, paths, pid)
@@ -391,7 +395,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                         f"{run.settings.host}", hresults.FILE_EXISTS)
     source = PeerWatch.of(run, peer_task_id, source_host)
     disks = _wait_manifest(run, key, source)
-    chain, peer_creds = _read(run, key, "chain", "creds")
+    chain, peer_creds = _read(run, key, xfer.CHAIN, xfer.CREDS)
     below: list[dict[str, Any]] = json.loads(chain or "[]")
     targets = [files.resolve_output(d["path"]) for d in disks]
     creds = transfer_tls.creds_of(run.settings)
@@ -426,7 +430,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
             for item, target in zip(disks, targets, strict=True):
                 _reserve(item, target)
                 made.append(target)
-                _create_disk(item, live_chain.create_top(files, item, target, below))
+                _create_disk(run, item, live_chain.create_top(files, item, target, below))
             tree_moves.arrived(run, name)  # a snapshot tree's chains confined, layers frozen
             exports = tuple(livemigrate.new_export_name() for _ in disks)
             with contextlib.ExitStack() as opened_files:
@@ -436,7 +440,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                     run, address=run.settings.advertise_address,
                     ports=run.settings.transfer_ports, exports=exports, creds=creds,
                     opened=open_vm_files(run, record, paths, opened_files))
-            _signal(run, key, SOURCE, {"incoming": json.dumps(incoming.to_dict())})
+            _signal(run, key, SOURCE, {xfer.INCOMING: json.dumps(incoming.to_dict())})
             run.report_progress(10)
             # Connected before the switch-over: the guest is stopped throughout it.
             with qemu_vm.connect(paths) as monitor:

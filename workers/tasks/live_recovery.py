@@ -29,6 +29,7 @@ import redis
 
 from api.enums import VMVMState as S
 from api.protocol import keys
+from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines import qemu_vm
 from workers.engines.qemu_vm import livemigrate
@@ -36,7 +37,7 @@ from workers.engines.qemu_vm.process import force_stop
 from workers.engines.storage import resolve_in_root
 from workers.failures import OperationFailed
 from workers.tasks import move_journal
-from workers.tasks.live_migration import ABORT_SCRIPT, DESTINATION, LIVE, wake_key
+from workers.tasks.live_migration import DESTINATION, LIVE, wake_key
 from workers.tasks.transfer import OFFER_TTL_SECONDS
 from workers.tasks.vms import record_runtime, root
 
@@ -110,8 +111,8 @@ def _fence(client: redis.Redis, settings: Settings, name: str, transfer_id: str
     """
     transfer = keys.transfer(transfer_id)
     wake = wake_key(transfer, DESTINATION)
-    outcome = client.eval(ABORT_SCRIPT, 3, keys.vm_record(name), transfer, wake,
-                          settings.host)
+    outcome = Scripts.of(client).vm_move_abort(record=keys.vm_record(name), transfer=transfer,
+                                               wake=wake, source=settings.host)
     for key in (transfer, wake):
         client.expire(key, OFFER_TTL_SECONDS)  # the script may have created them afresh
     if outcome == "ABORTED":

@@ -34,8 +34,11 @@ import redis
 from api.enums import VMTaskResult
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import hresults, keys, scripts, tasks
-from api.protocol.vmstate import EVENTS_MAXLEN
+from api.protocol import hresults, keys, tasks
+from api.protocol import transfer as xfer
+from api.protocol.records import Field
+from api.protocol.vmstate import EVENTS_MAXLEN, allowed_csv
+from api.scripts import Scripts
 from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_vm.config import config_fingerprint
@@ -59,7 +62,6 @@ from workers.tasks.vms import (
 )
 
 MOVABLE = frozenset({S.TurnedOff, S.Saved})
-MOVE_SCRIPT = scripts.load("vm_move")
 WATCH = 0.1
 
 
@@ -104,7 +106,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         copy, owned = _files_of(run, record, state)
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
-        publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
+        publish(run, keys.transfer(transfer_id), {xfer.MANIFEST: json.dumps(manifest)},
                 "announcing the move")
 
         client_over = PeerWatch.of(run, client_task_id, destination_host).over
@@ -122,12 +124,12 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                     stack.callback(run.ride_out, partial(client.delete, key),
                                    "withdrawing an export")
                     publish(run, key, {**offer_fields(export),
-                                       "virtual_size": manifest[index]["size"],
-                                       "allocated": manifest[index]["allocated"],
-                                       "fixed": 0}, "announcing an export")
+                                       xfer.VIRTUAL_SIZE: manifest[index]["size"],
+                                       xfer.ALLOCATED: manifest[index]["allocated"],
+                                       xfer.FIXED: 0}, "announcing an export")
                     while run.ride_out(
                             partial(client.hget, keys.transfer(transfer_id),
-                                    f"done.{index}"),
+                                    xfer.done(index)),
                             "waiting for the destination's pull") != "1":
                         if client_over():
                             break
@@ -183,14 +185,13 @@ def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S]
     task holds the VM's lock here, so nobody else moved it here meanwhile.
     """
     record, here = keys.vm_record(name), run.settings.host
-    extra = [] if transfer_key is None else [transfer_key]
 
     def move() -> str:
-        outcome = str(run.redis.eval(MOVE_SCRIPT, 2 + len(extra), record, keys.VM_EVENTS,
-                                     *extra, source_host, here,
-                                     ",".join(str(int(s)) for s in sorted(allowed)),
-                                     repr(time.time()), EVENTS_MAXLEN,
-                                     keys.HOST_VMS_PREFIX))
+        outcome = str(Scripts.of(run.redis).vm_move(
+            record=record, events=keys.VM_EVENTS, transfer=transfer_key,
+            source=source_host, destination=here, allowed=allowed_csv(allowed),
+            now=repr(time.time()), max_events=EVENTS_MAXLEN,
+            host_vms_prefix=keys.HOST_VMS_PREFIX))
         if outcome == "MOVED" and run.redis.hget(record, "host") == here:
             return "OK"
         return outcome
@@ -201,7 +202,7 @@ def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S]
 def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
                    ) -> list[dict[str, Any]]:
     while True:
-        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), "manifest"),
+        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), xfer.MANIFEST),
                            "waiting for the source's manifest")
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
@@ -267,7 +268,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                                source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
                 done += int(item["size"])
-                run.ride_out(partial(client.hset, keys.transfer(transfer_id), f"done.{index}",
+                run.ride_out(partial(client.hset, keys.transfer(transfer_id), xfer.done(index),
                                      "1"),
                              "telling the source a file arrived")
             snapshots = tree_moves.arrived(run, name)
@@ -300,7 +301,7 @@ def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
     while True:
         try:
             peer, dead = server.read()
-            output = (run.redis.hget(keys.task_record(server_task_id), "output")
+            output = (run.redis.hget(keys.task_record(server_task_id), Field.OUTPUT)
                       if peer.final else None)
             unreadable_since = None
         except (redis.ConnectionError, redis.TimeoutError):

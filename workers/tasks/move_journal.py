@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import redis
@@ -29,7 +28,7 @@ import redis
 from api.protocol import keys
 from api.settings import Settings
 from workers.failures import OperationFailed
-from workers.tasks.disks import process_exists
+from workers.tasks.disks import lease_live
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
 
@@ -62,14 +61,6 @@ def read(directory: Path, journal: str) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return entry if isinstance(entry, dict) else None
-
-
-def lease_live(client: redis.Redis, task_id: str) -> bool:
-    holder = client.get(keys.task_lease(task_id))
-    if holder is None:
-        return False
-    _host, machine, pid = str(holder).rsplit(":", 2)
-    return machine != socket.gethostname() or process_exists(int(pid))
 
 
 def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:

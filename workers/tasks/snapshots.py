@@ -24,8 +24,9 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import keys, scripts, tasks
+from api.protocol import keys, tasks
 from api.protocol.snapshots import SNAPSHOT_NAME, TREE_FIELD, linked_clones
+from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
@@ -49,7 +50,6 @@ from workers.tasks.vms import (
 
 log = logging.getLogger(__name__)
 
-SEAL_SCRIPT = scripts.load("task_seal")
 
 
 def check_snapshot_name(snapshot: object) -> str:
@@ -106,7 +106,7 @@ def seal(run: TaskRun) -> None:
     """Past here the task finishes whatever a cancel says: unless a cancel came first
     (then `Cancelled`, with nothing changed yet), its record stops being cancelable,
     so `is_cancelable` reads False and `cancel()` is refused from that moment."""
-    if not run.redis.eval(SEAL_SCRIPT, 1, keys.task_record(run.task_id)):
+    if not Scripts.of(run.redis).task_seal(record=keys.task_record(run.task_id)):
         raise Cancelled()
 
 
@@ -319,7 +319,7 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
             chain = files.open_chain(present, stack)
             qemu_img.merge(present, engine.Scaled(run, 90 + 10 * index / count,
                                                   90 + 10 * (index + 1) / count),
-                           run.task_id, chain=chain.pinned())
+                           chain=chain.pinned())
     engine.store(folder, None)
     for present in presents:
         remove_quietly(present)

@@ -27,6 +27,8 @@ import redis
 
 from api.enums import VMHardDiskType, VMTaskResult
 from api.protocol import hresults, keys, records, tasks
+from api.protocol import transfer as xfer
+from api.protocol.records import Field
 from api.settings import Settings
 from workers.engines import nbd, qemu_img, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
@@ -67,7 +69,8 @@ class Peer:
 def read_peer(client: redis.Redis, task_id: str) -> Peer:
     # One instant: a peer finishing between the two reads would look gone.
     pipe = client.pipeline(transaction=True)
-    pipe.hmget(keys.task_record(task_id), "state", "result", "error", "error_description")
+    pipe.hmget(keys.task_record(task_id), Field.STATE, Field.RESULT, Field.ERROR,
+               Field.ERROR_DESCRIPTION)
     pipe.exists(keys.task_lease(task_id))
     (state, result, error, text), leased = pipe.execute()
     return Peer(state or records.PENDING, bool(leased),
@@ -213,9 +216,9 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
         run.log(f"serving {path} read-only with qemu-nbd on {export.address}:{export.port}"
                 + (f" (TLS: tls-creds-{export.creds.kind}, dir={export.creds.directory})"
                    if export.creds is not None else " (no TLS)"))
-        publish(run, offer_key, {**offer_fields(export), "virtual_size": served.virtual_size,
-                                 "allocated": served.allocated, "fixed": int(served.fixed),
-                                 "host": run.settings.host}, "announcing the export")
+        publish(run, offer_key, {**offer_fields(export), xfer.VIRTUAL_SIZE: served.virtual_size,
+                                 xfer.ALLOCATED: served.allocated, xfer.FIXED: int(served.fixed),
+                                 xfer.HOST: run.settings.host}, "announcing the export")
 
         def client_done() -> bool:
             if not export.alive():
@@ -243,7 +246,7 @@ def _wait_for_offer(run: TaskRun, transfer_id: str, server_task_id: str,
 def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) -> list[str]:
     """The client's TLS credentials when the export is TLS; a mismatch is refused."""
     creds = transfer_tls.creds_of(settings)
-    transfer_tls.check_peer(creds, offer.get("creds", ""), here=settings.host, peer=source_host)
+    transfer_tls.check_peer(creds, offer.get(xfer.CREDS, ""), here=settings.host, peer=source_host)
     return [] if creds is None else [nbd.tls_object(creds, "client")]
 
 
@@ -263,9 +266,9 @@ def publish(run: TaskRun, key: str, fields: dict[str, Any], what: str) -> None:
 
 def offer_fields(export: nbd.Export) -> dict[str, str | int]:
     """What a pull needs to know of an export, announced in Redis."""
-    return {"address": export.address, "port": export.port, "export": export.name,
-            "tls": int(export.creds is not None),
-            "creds": transfer_tls.kind_of(export.creds)}
+    return {xfer.ADDRESS: export.address, xfer.PORT: export.port, xfer.EXPORT: export.name,
+            xfer.TLS: int(export.creds is not None),
+            xfer.CREDS: transfer_tls.kind_of(export.creds)}
 
 
 def pull_from(context: OperationContext, settings: Settings, offer: dict[str, str],
@@ -273,17 +276,18 @@ def pull_from(context: OperationContext, settings: Settings, offer: dict[str, st
     """Read an announced export into ``target`` on this host (all or nothing)."""
     here = settings.host
     objects = _tls_objects(settings, offer, source_host)
-    fixed = offer.get("fixed") == "1" and not verbatim
-    needed = int(offer["virtual_size"]) if fixed else int(offer["allocated"])
+    fixed = offer.get(xfer.FIXED) == "1" and not verbatim
+    needed = int(offer[xfer.VIRTUAL_SIZE]) if fixed else int(offer[xfer.ALLOCATED])
     available = free_space(target.parent)
     if available < needed:
         raise DiskError(f"Host {here} has {available} bytes free; the copy "
                         f"needs {needed}", hresults.DISK_FULL)
-    name = offer["export"]
-    spec = nbd.client_spec(offer["address"], int(offer["port"]), name, tls=bool(objects))
+    name = offer[xfer.EXPORT]
+    spec = nbd.client_spec(offer[xfer.ADDRESS], int(offer[xfer.PORT]), name,
+                           tls=bool(objects))
     started = time.monotonic()
     try:
-        return qemu_img.pull(spec, target, context, virtual_size=int(offer["virtual_size"]),
+        return qemu_img.pull(spec, target, context, virtual_size=int(offer[xfer.VIRTUAL_SIZE]),
                              fixed=fixed, verbatim=verbatim,
                              stall_seconds=settings.transfer_stall_seconds, objects=objects)
     except OperationFailed as exc:
@@ -299,7 +303,8 @@ def pull_from(context: OperationContext, settings: Settings, offer: dict[str, st
 
 def _export_answers(offer: dict[str, str]) -> bool:
     try:
-        with socket.create_connection((offer["address"], int(offer["port"])), timeout=2.0):
+        with socket.create_connection((offer[xfer.ADDRESS], int(offer[xfer.PORT])),
+                                      timeout=2.0):
             return True
     except OSError:
         return False

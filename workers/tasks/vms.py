@@ -29,17 +29,16 @@ import redis
 
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
-from api.protocol import keys, scripts, tasks
+from api.protocol import keys, tasks
+from api.protocol import vm as vm_schema
 from api.protocol.snapshots import linked_clones
 from api.protocol.vmstate import (
     ALLOWED,
-    DELETE_SCRIPT,
     EVENTS_MAXLEN,
     RUNTIME_FIELDS,
-    TRANSITION_SCRIPT,
     allowed_csv,
 )
-from api.replication import register_script
+from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as snapshot_layers
@@ -116,9 +115,9 @@ def transition(client: redis.Redis, name: str, allowed: frozenset[S], new: S,
                host: str = "") -> S:
     """Compare-and-set the recorded state; `InvalidStateError` if it is not in ``allowed``
     (or, with ``host``, if the record no longer names that host)."""
-    outcome, old = client.eval(
-        TRANSITION_SCRIPT, 2, keys.vm_record(name), keys.VM_EVENTS,
-        allowed_csv(allowed), int(new), repr(time.time()), EVENTS_MAXLEN, host)
+    outcome, old = Scripts.of(client).vm_transition(
+        record=keys.vm_record(name), events=keys.VM_EVENTS, allowed=allowed_csv(allowed),
+        state=int(new), now=repr(time.time()), max_events=EVENTS_MAXLEN, host=host)
     if outcome == "MISSING":
         raise IllegalValue(f"No VM named {name!r}")
     if outcome == "ELSEWHERE":
@@ -246,7 +245,7 @@ def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
             overlay = undo_overlay(paths, index, base)
             if make_undo and not os.path.lexists(overlay):
                 overlay.parent.mkdir(parents=True, exist_ok=True)
-                qemu_img.create_differencing(overlay, base, run, run.task_id,
+                qemu_img.create_differencing(overlay, base, run,
                                              parent_info=chain.links[0].info)
             chain = files.open_chain(overlay, stack)
         drives.append(chain.pinned())
@@ -337,7 +336,7 @@ def merge_undo_disks(run: TaskRun, name: str) -> None:
                 share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
                 with ExitStack() as stack:
                     chain = files.open_chain(overlay, stack)
-                    qemu_img.merge(overlay, share, run.task_id, chain=chain.pinned())
+                    qemu_img.merge(overlay, share, chain=chain.pinned())
                 overlay.unlink()
         finally:
             settle(client, name, S.TurnedOff)
@@ -378,17 +377,17 @@ def delete(run: TaskRun, name: str) -> None:
         paths = paths_of(run.settings, name)
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)
-        client.eval(DELETE_SCRIPT, 3, keys.vm_record(name), keys.VM_NAMES, keys.VM_EVENTS,
-                    name, repr(time.time()), EVENTS_MAXLEN, int(S.DeleteMachine),
-                    keys.HOST_VMS_PREFIX)
+        Scripts.of(client).vm_delete(
+            record=keys.vm_record(name), names=keys.VM_NAMES, events=keys.VM_EVENTS,
+            name=name, now=repr(time.time()), max_events=EVENTS_MAXLEN,
+            state=int(S.DeleteMachine), host_vms_prefix=keys.HOST_VMS_PREFIX)
 
 
 # -- the host's watch ------------------------------------------------------------------
 
 
-HOST_VM_RECORDS_SCRIPT = scripts.load("host_vm_records")
 # What the host's background work reads of its VMs (the watch, counters, rotation).
-HOST_VM_FIELDS = ("name", "host", "state")
+HOST_VM_FIELDS = (vm_schema.Field.NAME, vm_schema.Field.HOST, vm_schema.Field.STATE)
 
 
 def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
@@ -399,8 +398,9 @@ def host_vms(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
     on every beat of every host.  The record's own ``host`` field stays the truth;
     a name the set still holds after a move is skipped.
     """
-    replies = register_script(client, HOST_VM_RECORDS_SCRIPT)(
-        keys=[keys.host_vms(settings.host)], args=[keys.vm_record(""), *HOST_VM_FIELDS])
+    replies = Scripts.of(client).host_vm_records(
+        host_vms=keys.host_vms(settings.host), record_prefix=keys.vm_record(""),
+        fields=HOST_VM_FIELDS)
     records = [{f: v for f, v in zip(HOST_VM_FIELDS, r, strict=True) if v is not None}
                for r in replies]
     return sorted((r for r in records if r.get("host") == settings.host),

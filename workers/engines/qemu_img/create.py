@@ -34,7 +34,6 @@ from workers.engines.qemu_img.outputs import (
     require_absolute,
     require_new_target,
     require_source,
-    task_id_for,
 )
 from workers.engines.qemu_img.runner import Deadline, run_qemu_img
 from workers.engines.qemu_img.sizes import KiB, MiB, check_maximum, check_size, format_for
@@ -66,7 +65,6 @@ def create_fixed(
     path: Path,
     size_bytes: int,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
 ) -> DiskInfo:
@@ -78,7 +76,7 @@ def create_fixed(
     check_size(fmt, size_bytes)
     target = require_new_target(path)
     deadline = Deadline(timeout)
-    with new_output(target, task_id_for(context, task_id)) as temp:
+    with new_output(target, context.task_id) as temp:
         _create_image(temp, fmt, size_bytes, True, context, deadline.remaining())
         allocate(temp, context, ProgressSpan(context, 2.0, 99.0), deadline)
     context.report_progress(100.0)
@@ -89,7 +87,6 @@ def create_dynamic(
     path: Path,
     size_bytes: int,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
 ) -> DiskInfo:
@@ -97,7 +94,7 @@ def create_dynamic(
     fmt = format_for(path)
     check_size(fmt, size_bytes)
     target = require_new_target(path)
-    with new_output(target, task_id_for(context, task_id)) as temp:
+    with new_output(target, context.task_id) as temp:
         context.log(f"phase: create a dynamic {fmt} image of {size_bytes} bytes as {temp.name}")
         context.report_progress(10.0)
         _create_image(temp, fmt, size_bytes, False, context, timeout)
@@ -111,7 +108,6 @@ def create_differencing(
     path: Path,
     parent: Path,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
     parent_info: DiskInfo | None = None,
@@ -137,7 +133,7 @@ def create_differencing(
         raise IllegalValue("A differencing disk cannot be its own parent")
     size = (parent_info or info(parent, timeout=timeout)).virtual_size
     backing = os.path.relpath(parent, target.parent)
-    with new_output(target, task_id_for(context, task_id)) as temp:
+    with new_output(target, context.task_id) as temp:
         context.log(f"phase: create a qcow2 overlay of {parent} ({parent_fmt}, {size} bytes)")
         context.report_progress(10.0)
         run_qemu_img(
@@ -192,7 +188,6 @@ def create_host_drive(
     path: Path,
     device: Path,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     read_only: bool = True,
     timeout: float | None = None,
@@ -215,7 +210,7 @@ def create_host_drive(
     check_maximum("qcow2", size)
     target = require_new_target(path)
     deadline = Deadline(timeout)
-    job = task_id_for(context, task_id)
+    job = context.task_id
     with new_output(target, job) as temp:
         context.report_progress(10.0)
         if read_only:

@@ -53,11 +53,6 @@ def require_new_target(path: Path) -> Path:
     return path
 
 
-def task_id_for(context: OperationContext, task_id: str | None) -> str:
-    """The task id that names an operation's temporaries: the explicit one, else the context's."""
-    return task_id if task_id is not None else context.task_id
-
-
 @contextmanager
 def new_output(target: Path, task_id: str) -> Iterator[Path]:
     """Yield the temporary path to build ``target`` in; publish it if the body succeeds.

@@ -21,7 +21,6 @@ from workers.engines.qemu_img.outputs import (
     new_output,
     require_new_target,
     require_source,
-    task_id_for,
 )
 from workers.engines.qemu_img.pinned import PinnedChain
 from workers.engines.qemu_img.runner import Deadline, run_qemu_img
@@ -35,7 +34,6 @@ def _convert_into(
     destination: Path,
     fixed: bool,
     context: OperationContext,
-    task_id: str | None,
     timeout: float | None,
     chain: PinnedChain | None,
     source_info: DiskInfo | None = None,
@@ -49,7 +47,7 @@ def _convert_into(
         source_info = info(source, timeout=deadline.remaining(), opened=chain)
     check_maximum(destination_fmt, source_info.virtual_size)
     copy_end = 90.0 if fixed else 99.0
-    with new_output(target, task_id_for(context, task_id)) as temp:
+    with new_output(target, context.task_id) as temp:
         context.log(f"phase: copy {source.name} ({source_fmt}, {source_info.virtual_size} "
                     f"bytes) into a {'fixed' if fixed else 'dynamic'} {destination_fmt} "
                     f"image {temp.name}")
@@ -83,7 +81,6 @@ def convert(
     destination: Path,
     fixed: bool,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
     chain: PinnedChain | None = None,
@@ -94,7 +91,7 @@ def convert(
     before anything runs.  A differencing source is read through its whole chain:
     ``chain`` when given (qemu then follows no name stored in the images), else the
     backing names the images record."""
-    return _convert_into(source, destination, fixed, context, task_id, timeout, chain,
+    return _convert_into(source, destination, fixed, context, timeout, chain,
                          source_info)
 
 
@@ -103,21 +100,19 @@ def merge_to(
     destination: Path,
     fixed: bool,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
     chain: PinnedChain | None = None,
     source_info: DiskInfo | None = None,
 ) -> DiskInfo:
     """Collapse the chain ending at ``source`` into a new standalone disk."""
-    return _convert_into(source, destination, fixed, context, task_id, timeout, chain,
+    return _convert_into(source, destination, fixed, context, timeout, chain,
                          source_info)
 
 
 def compact(
     path: Path,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
     chain: PinnedChain | None = None,
@@ -156,7 +151,7 @@ def compact(
             rename_backing = ["rebase", "-q", "-u", "-f", fmt, "-b", stored, "-F", parent_fmt]
         else:
             backing = ["-B", stored, "-F", parent_fmt]
-    temp = temporary_path_for(path, task_id_for(context, task_id))
+    temp = temporary_path_for(path, context.task_id)
     remove_quietly(temp)
     try:
         run_qemu_img(
@@ -194,7 +189,6 @@ def compact(
 def merge(
     path: Path,
     context: OperationContext,
-    task_id: str | None = None,
     *,
     timeout: float | None = None,
     chain: PinnedChain | None = None,
@@ -210,7 +204,6 @@ def merge(
     With ``chain`` (``path`` and its checked parents) qemu writes into exactly that
     parent, whatever the overlay names.  Returns the parent's info.
     """
-    del task_id  # in place by definition: there is no temporary file
     path = require_source(path)
     fmt = format_for(path)
     disk = info(path, opened=chain)

@@ -18,7 +18,6 @@ from workers.engines.qemu_img.outputs import (
     create_options,
     new_output,
     require_new_target,
-    task_id_for,
 )
 from workers.engines.qemu_img.runner import Deadline, Stall, run_qemu_img
 from workers.engines.qemu_img.sizes import check_maximum, format_for
@@ -32,7 +31,6 @@ def pull(
     virtual_size: int,
     fixed: bool = False,
     verbatim: bool = False,
-    task_id: str | None = None,
     timeout: float | None = None,
     stall_seconds: float | None = None,
     objects: Sequence[str] = (),
@@ -55,7 +53,7 @@ def pull(
         check_maximum(fmt, virtual_size)
     copy_end = 90.0 if fixed and not verbatim else 99.0
     options = [] if verbatim else create_options(fmt, fixed)
-    with new_output(target, task_id_for(context, task_id)) as temp:
+    with new_output(target, context.task_id) as temp:
         run_qemu_img(
             ["convert", *(arg for obj in objects for arg in ("--object", obj)), "-p",
              "-f", "raw", "-O", fmt, *options, source_spec, str(temp)],

@@ -162,7 +162,7 @@ def _available_memory_bytes() -> int | None:
     return available
 
 
-def _check_host_memory(config: VMConfig) -> None:
+def check_host_memory(config: VMConfig) -> None:
     available = _available_memory_bytes()
     if available is not None and config.memory_mb * MiB > available:
         raise OutOfMemory(
@@ -180,7 +180,7 @@ def _check_files(config: VMConfig) -> None:
             raise DiskError(f"{what} {path} does not exist", hresults.FILE_NOT_FOUND)
 
 
-def _read_logs(paths: VMPaths) -> str:
+def read_logs(paths: VMPaths) -> str:
     parts = []
     for log in (paths.launch_log, paths.qemu_log):
         with contextlib.suppress(OSError):
@@ -224,7 +224,7 @@ def _start_failure(text: str, *, restoring: bool) -> OperationFailed:
     return OperationFailed(message)
 
 
-def _launch(argv: list[str], paths: VMPaths, context: OperationContext, deadline: float,
+def launch(argv: list[str], paths: VMPaths, context: OperationContext, deadline: float,
             pass_fds: Sequence[int] = ()) -> None:
     """Run the daemonizing launcher and wait until QEMU is initialised or has failed."""
     for stale in (paths.qemu_log, paths.qmp_socket, paths.pidfile):
@@ -264,7 +264,7 @@ def _launch(argv: list[str], paths: VMPaths, context: OperationContext, deadline
     if status != 0:
         force_stop(paths)
         cleanup(paths)
-        raise _start_failure(_read_logs(paths), restoring="-incoming" in argv)
+        raise _start_failure(read_logs(paths), restoring="-incoming" in argv)
 
 
 def start(
@@ -296,7 +296,7 @@ def start(
     if pid is not None:
         raise OperationFailed(f"VM {config.name} is already running (pid {pid})")
     _check_files(config)
-    _check_host_memory(config)
+    check_host_memory(config)
     metadata: dict[str, Any] | None = None
     if incoming_state is not None:
         context.log(f"restore from {incoming_state}")
@@ -316,12 +316,12 @@ def start(
         opened=opened,
     )
     context.log("launch: " + shlex.join(argv))
-    _launch(argv, paths, context, deadline, () if opened is None else opened.fds)
+    launch(argv, paths, context, deadline, () if opened is None else opened.fds)
     progress.step(40)
     try:
         pid = find_pid(paths)
         if pid is None:
-            raise OperationFailed(f"QEMU started but exited at once: {_read_logs(paths)}")
+            raise OperationFailed(f"QEMU started but exited at once: {read_logs(paths)}")
         with connect(paths, timeout=max(1.0, deadline - time.monotonic())) as monitor:
             progress.step(50)
             if incoming_state is not None and metadata is not None:
@@ -334,11 +334,11 @@ def start(
         force_stop(paths)
         if isinstance(exc, VMNotRunning) and incoming_state is not None:
             raise IncompatibleSavedState(
-                f"QEMU could not load the saved state {incoming_state}: {_read_logs(paths) or exc}"
+                f"QEMU could not load the saved state {incoming_state}: {read_logs(paths) or exc}"
             ) from None
         if isinstance(exc, VMNotRunning):
             raise OperationFailed(
-                f"QEMU exited during start-up: {_read_logs(paths) or exc}"
+                f"QEMU exited during start-up: {read_logs(paths) or exc}"
             ) from None
         raise
     finally:

@@ -39,13 +39,13 @@ from workers.engines.qemu_vm.accel import choose_accel
 from workers.engines.qemu_vm.config import VMConfig, VMPaths
 from workers.engines.qemu_vm.lifecycle import (
     OpenedFiles,
-    _check_host_memory,
-    _launch,
     build_argv,
+    check_host_memory,
+    launch,
 )
 from workers.engines.qemu_vm.monitor import Monitor, connect
 from workers.engines.qemu_vm.process import POLL_INTERVAL, cleanup, find_pid, force_stop
-from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, _cancel_migration
+from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, cancel_migration
 from workers.engines.transfer_tls import TransferCreds
 from workers.failures import (
     Cancelled,
@@ -146,11 +146,11 @@ def start_incoming(config: VMConfig, paths: VMPaths, context: OperationContext, 
     deadline = time.monotonic() + timeout
     if find_pid(paths) is not None:
         raise OperationFailed(f"VM {config.name} already runs on this host")
-    _check_host_memory(config)
+    check_host_memory(config)
     paused = dataclasses.replace(config, extra_args=(*config.extra_args, "-S"))
     paths.directory.mkdir(parents=True, exist_ok=True)
     argv = build_argv(paused, paths, choose_accel(config.accel), incoming=True, opened=opened)
-    _launch(argv, paths, context, deadline, pass_fds=opened.fds if opened else ())
+    launch(argv, paths, context, deadline, pass_fds=opened.fds if opened else ())
     try:
         with connect(paths, timeout=max(1.0, deadline - time.monotonic())) as monitor:
             tls = _add_creds(monitor, creds, "server")
@@ -410,7 +410,7 @@ class Outgoing:
         deadline = time.monotonic() + STOP_TIMEOUT
         if self.migrating:
             with contextlib.suppress(OperationFailed):
-                if _cancel_migration(self.monitor, deadline) == "completed":
+                if cancel_migration(self.monitor, deadline) == "completed":
                     self.completed = True
         for node in self.nodes:
             # Fail the NBD client's requests at once: across a partition they would

@@ -33,7 +33,7 @@ from workers.engines.guest_agent import GuestAgentClient
 from workers.engines.qemu_vm.config import VMConfig
 from workers.engines.qemu_vm.monitor import Monitor
 from workers.engines.qemu_vm.process import POLL_INTERVAL
-from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, _cancel_migration
+from workers.engines.qemu_vm.savestate import UNLIMITED_BANDWIDTH, cancel_migration
 from workers.engines.qemu_vm.statefile import STATE_FD_NAME, publish_state_file
 from workers.failures import Cancelled, OperationFailed, OperationTimedOut, QMPCommandFailed
 
@@ -270,7 +270,7 @@ def capture(monitor: Monitor, config: VMConfig, stacks: list[list[tuple[Path, st
             except BaseException:
                 if not switched:
                     with contextlib.suppress(OperationFailed):
-                        _cancel_migration(monitor, time.monotonic() + 30)
+                        cancel_migration(monitor, time.monotonic() + 30)
                 raise
             finally:
                 if status == "running":
@@ -311,7 +311,7 @@ def _follow(monitor: Monitor, context: OperationContext, progress: ProgressSpan,
         if state in ("failed", "cancelled"):
             raise OperationFailed(f"Writing the RAM failed: {info.get('error-desc', state)}")
         if context.cancel_requested():
-            _cancel_migration(monitor, time.monotonic() + 30)
+            cancel_migration(monitor, time.monotonic() + 30)
             raise Cancelled()
         if time.monotonic() > deadline:
             raise OperationTimedOut("Writing the RAM took too long")

@@ -39,7 +39,7 @@ UNLIMITED_BANDWIDTH = 1 << 40
 UNMIGRATABLE_FORMATS = frozenset({"vpc", "vhdx"})
 
 
-def _cancel_migration(monitor: Monitor, deadline: float) -> str | None:
+def cancel_migration(monitor: Monitor, deadline: float) -> str | None:
     """Cancel a migration and return its final status ("completed" if it won the race)."""
     monitor.execute("migrate_cancel")
     # QEMU only lets go of the VM once the migration has really stopped.
@@ -114,7 +114,7 @@ def save(
             except BaseException:
                 context.log("QMP migrate_cancel" + ("; cont" if status == "running" else ""))
                 with contextlib.suppress(OperationFailed):
-                    _cancel_migration(monitor, time.monotonic() + 30)
+                    cancel_migration(monitor, time.monotonic() + 30)
                 if status == "running":
                     # `cont` also takes the disks back if the migration had completed.
                     monitor.execute("cont")
@@ -170,7 +170,7 @@ def _follow_migration(
             raise OperationFailed(f"Saving the VM state failed: {detail}")
         if context.cancel_requested():
             # A cancel that arrives once the state is complete is too late to honour.
-            if _cancel_migration(monitor, time.monotonic() + 30) == "completed":
+            if cancel_migration(monitor, time.monotonic() + 30) == "completed":
                 return
             raise Cancelled()
         if time.monotonic() > deadline:
