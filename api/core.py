@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from celery import Celery
 
-from api import celery_backend, events
+from api import celery_backend, events, maintenance
 from api.arguments import check_int, check_task_id
 from api.connection import RedisEndpoint, parse_redis_url
 from api.enums import VMTaskResult
@@ -163,8 +163,35 @@ class ServerCore:
         return list(self._live_heartbeats())
 
     def host_status(self) -> dict[str, dict[str, Any]]:
-        """Each live host's last heartbeat, as the worker wrote it."""
-        return {name: json.loads(beat) for name, beat in self._live_heartbeats().items()}
+        """Each live host's last heartbeat, as the worker wrote it, with
+        ``maintenance``: True while the host is in maintenance (`set_maintenance`)."""
+        beats = self._live_heartbeats()
+        with broker_errors(self.url):
+            held = maintenance.in_maintenance(self.redis)
+        return {name: {**json.loads(beat), "maintenance": name in held}
+                for name, beat in beats.items()}
+
+    def set_maintenance(self, host: str, on: bool) -> None:
+        """Put ``host`` in maintenance (or take it out): while it is, nothing new is
+        created, started, moved or copied onto it (`HostUnavailableError` naming
+        maintenance, before anything is queued); moves off it still run.  Kept in
+        Redis without a TTL: it outlives workers and Redis restarts (with AOF) until
+        switched off.  The host need not be live."""
+        validate_host_name(host)
+        if not isinstance(on, bool):
+            raise InvalidArgumentError(f"on must be a bool, not {on!r}")
+        with broker_errors(self.url):
+            maintenance.set_flag(self.redis, host, on)
+
+    def placeable_host(self, host: str | None, what: str) -> str:
+        """`resolve_host`, refusing a host in maintenance for ``what`` (something new
+        placed or started there)."""
+        target = self.resolve_host(host)
+        with broker_errors(self.url):
+            held = self.redis.hexists(keys.MAINTENANCE, target)
+        if held:
+            raise maintenance.refusal(target, what)
+        return target
 
     def resolve_host(self, host: str | None = None) -> str:
         """The host an operation goes to: explicit, configured, or the only live one."""

@@ -122,7 +122,9 @@ class VirtualMachine(SnapshotMethods):
             kwargs={"name": self.name, **kwargs}, host=self.host)
 
     def startup(self) -> VMTask:
-        """Boot a TurnedOff VM, or restore a Saved one."""
+        """Boot a TurnedOff VM, or restore a Saved one; refused (HostUnavailableError)
+        while its host is in maintenance."""
+        self._server.placeable_host(self.host, f"starting VM {self.name}")
         return self._operate("startup", "Starting")
 
     def save(self) -> VMTask:
@@ -179,7 +181,7 @@ class VirtualMachine(SnapshotMethods):
         if destination_host == self.host:
             raise InvalidArgumentError(f"VM {self.name!r} is already on {destination_host}")
         self._check("migrate", state)
-        target = self._server.resolve_host(destination_host)
+        target = self._server.placeable_host(destination_host, f"moving VM {self.name} there")
         transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
         source = self.host
         if state in (VMVMState.Running, VMVMState.Paused):
@@ -345,7 +347,7 @@ class VMOperations(ServerCore):
             check_text(append, "append", allow_empty=True)
         if kernel is None and (initrd is not None or append is not None):
             raise InvalidArgumentError("initrd and append need a kernel")
-        target = self.resolve_host(host)
+        target = self.placeable_host(host, f"creating VM {name}")
         fields = {
             "name": name, "host": target, "state": str(int(VMVMState.TurnedOff)),
             **config_fields(memory_mb=memory_mb, cpus=cpus, disks=disk_list,
