@@ -13,6 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from celery import Celery
@@ -102,6 +103,18 @@ def _connect_retry(endpoint: RedisEndpoint) -> dict[str, Any]:
             "interval_step": 0.2, "interval_max": 0.5, "errback": _give_up_when_refused}
 
 
+@dataclass
+class ParentLink:
+    """A composite task's hold on what it submits (`workers.composite`): every task
+    carries the parent's id (the record's ``parent``, Celery's ``parent_id`` and
+    ``root_id``, so Flower shows the tree), and the children it follows are listed in
+    the parent's record before they are queued."""
+
+    parent_id: str
+    root_id: str
+    children: list[str] = field(default_factory=list)
+
+
 class ServerCore:
     def __init__(
         self,
@@ -133,6 +146,8 @@ class ServerCore:
         self._vm_records = register_script(self.redis, scripts.load("vm_records"))
         self._celery: Celery | None = None
         self._only_host: str | None = None
+        # Set only on the server a composite task drives its children with.
+        self.parent_link: ParentLink | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(self.url)} host={self.default_host}>"
@@ -262,6 +277,11 @@ class ServerCore:
         record: dict[str, Any] = {
             "name": task_name, "description": description, "cancelable": cancelable,
             "arguments": {"args": list(args), **arguments}}
+        link = self.parent_link
+        tree: dict[str, str] = {}
+        if link is not None:
+            record["extra"] = {"parent": link.parent_id, "root": link.root_id}
+            tree = {"parent_id": link.parent_id, "root_id": link.root_id}
         wanted = host or self.default_host
         if wanted is not None:
             validate_host_name(wanted)
@@ -273,7 +293,7 @@ class ServerCore:
             try:
                 message = message_commands(
                     self.celery, task_name, args=list(args), kwargs=arguments,
-                    task_id=task_id, queue=queue, routing_key=queue)
+                    task_id=task_id, queue=queue, routing_key=queue, **tree)
             except SEND_ERRORS as exc:
                 refusal = refusal_of(exc)
                 if refusal is not None:
@@ -293,6 +313,19 @@ class ServerCore:
             if attempt == 1:
                 target = self.resolve_host(None)
         raise HostUnavailableError(f"Host {target} stopped being live")
+
+    def announce_child(self, task_id: str) -> None:
+        """Under a composite task, list ``task_id`` in its record as a child it follows,
+        before the child is queued: a parent judged crashed cancels every child its
+        record lists (`api.store.cascade_cancel`), so none can run unknown to it.  One
+        writer (the parent's body), so the whole list is written each time."""
+        link = self.parent_link
+        if link is None:
+            return
+        link.children.append(task_id)
+        with broker_errors(self.url):
+            self.redis.hset(keys.task_record(link.parent_id), "children",
+                            json.dumps(link.children))
 
     def task_snapshots(self, ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot, in one pipelined round trip: the same order as

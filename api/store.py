@@ -166,6 +166,7 @@ class TaskStore:
         cancelable: bool,
         arguments: Mapping[str, Any],
         message: Sequence[PublishCommand] = (),
+        extra: Mapping[str, str] | None = None,
     ) -> bool:
         """Write a PENDING record and push its ``message`` (the Redis commands kombu
         would send for it) in one script, one round trip: both or neither.  O(1)
@@ -186,6 +187,7 @@ class TaskStore:
             "percent": "0",
             "created": repr(now),
             "arguments": json.dumps(dict(arguments), sort_keys=True),
+            **(extra or {}),
         }
         items = [item for pair in fields.items() for item in pair]
         args: list[Any] = [repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
@@ -388,4 +390,19 @@ def judge_crashed(
             keys.HOST_RUNNING_PREFIX,
         ],
     )
+    if outcome == "OK":
+        cascade_cancel(client, task_id, retention_seconds)
     return bool(outcome == "OK")
+
+
+def cascade_cancel(client: redis.Redis, task_id: str, retention_seconds: int) -> list[str]:
+    """Cancel every child of a composite task that can still be cancelled (`workers.
+    composite`): done by whoever judges the parent crashed, so that no child runs on
+    with nobody to follow it.  A child past its point of no return (a live migration
+    past its switch-over) refuses, and finishes by itself.  The children cancelled."""
+    raw = client.hget(keys.task_record(task_id), "children")
+    if not raw:
+        return []
+    script = register_script(client, records.CANCEL_SCRIPT)
+    return [child for child in json.loads(raw)
+            if cancel_record(script, child, retention_seconds) in ("REVOKED", "REQUESTED")]

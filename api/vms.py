@@ -186,6 +186,7 @@ class VirtualMachine(SnapshotMethods):
         source = self.host
         if state in (VMVMState.Running, VMVMState.Paused):
             # The source drives and the producer follows it; the destination helps.
+            self._server.announce_child(out_id)
             self._server.submit(
                 tasks.VM_LIVE_IN, description=f"Receiving VM {self.name} from {source}",
                 kwargs={"name": self.name, "source_host": source,
@@ -201,6 +202,7 @@ class VirtualMachine(SnapshotMethods):
             except Exception:
                 self._server.get_task(in_id).cancel()
                 raise
+        self._server.announce_child(in_id)
         self._server.submit(
             tasks.VM_MIGRATE_OUT, description=f"Sending VM {self.name} to {target}",
             kwargs={"name": self.name, "destination_host": target,

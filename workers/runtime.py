@@ -510,6 +510,7 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
         value = body(run, **kwargs)
     except Exception as exc:
         failure = failure_of(exc)
+        value = getattr(exc, "output", None)  # what a composite task did before it failed
         if failure.result == VMTaskResult.UnexpectedError:
             trace = traceback.format_exc()
             run.log(f"unexpected error: {type(exc).__name__}: {exc}")
@@ -519,7 +520,7 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
                         hresults.format_hresult(failure.hresult), failure.description)
     finally:
         lease_keeper.release(run)
-    outcome = run.finish(failure, value if failure is None else None)
+    outcome = run.finish(failure, value)
     if outcome != "OK":
         # Judged crashed meanwhile: the record's FAILURE stands, and its judge sent
         # the event.  Celery must not announce a success the record does not hold.

@@ -71,6 +71,10 @@ class TaskSnapshot:
     lease_alive: bool
     output: Any = None
     """The small JSON value a successful operation returned (e.g. disk information)."""
+    parent: str | None = None
+    """The composite task that started this one (`workers.composite`), if any."""
+    children: tuple[str, ...] = ()
+    """The tasks this composite task started, in the order it started them."""
 
     @property
     def is_complete(self) -> bool:
@@ -108,4 +112,6 @@ class TaskSnapshot:
             cancel_requested=fields.get("cancel_requested") == "1",
             lease_alive=lease_alive,
             output=json.loads(fields["output"]) if fields.get("output") else None,
+            parent=fields.get("parent") or None,
+            children=tuple(json.loads(fields["children"])) if fields.get("children") else (),
         )
