@@ -9,6 +9,7 @@ import click
 from rich.table import Column
 
 from api import errors
+from api.cli.evacuate import evacuate
 from api.cli.follow import run_task
 from api.cli.output import emit_json, format_bytes, new_table, stdout_console
 from api.cli.state import json_option, no_wait_option, state_of
@@ -138,3 +139,6 @@ def maintenance(ctx: click.Context, host: str, mode: str) -> None:
         emit_json({"host": host, "maintenance": mode == "on"})
     else:
         stdout_console().print(f"{host}: maintenance {mode}")
+
+
+hosts.add_command(evacuate)
