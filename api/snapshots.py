@@ -162,6 +162,7 @@ class SnapshotMethods:
         with broker_errors(self._server.url):
             if self._server.redis.exists(keys.vm_record(name)):
                 raise InvalidArgumentError(f"A VM named {name!r} already exists")
+        self._server.placeable_host(self.host, f"cloning VM {self.name} into {name}")
         kind = "linked" if linked else "full"
         point = f" at snapshot {snapshot}" if snapshot else ""
         return self._submit(tasks.VM_CLONE, f"Cloning VM {self.name}{point} into {name} "

@@ -52,11 +52,14 @@ def redis_url(base: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def hosts(redis_url: str, base: Path) -> Iterator[dict[str, WorkerProcess]]:
     started = {name: WorkerProcess(redis_url, name, base / name[0], base, concurrency=2,
-                                   env=FAST if name == "gamma" else SLOW).start()
+                                   env=FAST if name == "gamma" else SLOW).start(wait=False)
                for name in HOSTS}
     for worker in started.values():
         add_guest(worker.storage_root)
+        worker.wait_ready()
     yield started
+    for worker in started.values():
+        worker.kill()  # nothing left to finish cleanly, and a graceful stop costs seconds
     stop_all(*started.values())
 
 
