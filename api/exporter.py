@@ -122,7 +122,7 @@ def read(client: redis.Redis) -> Reading:
     pipe.smembers(keys.KNOWN_HOSTS)
     pipe.smembers(keys.VM_NAMES)
     pipe.smembers(keys.RUNNING_TASKS)
-    pipe.hkeys(keys.MAINTENANCE)
+    pipe.hgetall(keys.MAINTENANCE)
     raw_metrics, known, vm_names, running_ids, held = pipe.execute()
     hosts, vm_names, running_ids = sorted(known), sorted(vm_names), sorted(running_ids)
 
