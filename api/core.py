@@ -35,7 +35,7 @@ from api.protocol import hresults, keys, scripts
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
 from api.publish import message_commands
-from api.replication import register_script
+from api.replication import pipelined, register_script
 from api.settings import Settings, redact_url, validate_host_name
 from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
 from api.task import VMTask
@@ -180,9 +180,14 @@ class ServerCore:
     def host_status(self) -> dict[str, dict[str, Any]]:
         """Each live host's last heartbeat, as the worker wrote it, with
         ``maintenance``: True while the host is in maintenance (`set_maintenance`)."""
-        beats = self._live_heartbeats()
+        def build(pipe: Any) -> None:
+            pipe.evalsha(self._hosts_live.sha, 0, keys.KNOWN_HOSTS, keys.host_heartbeat(""))
+            pipe.hgetall(keys.MAINTENANCE)
+
+        # One round trip, as before there was maintenance.
         with broker_errors(self.url):
-            held = maintenance.in_maintenance(self.redis)
+            reply, held = pipelined(self.redis, build, (self._hosts_live,))
+        beats = dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
         return {name: {**json.loads(beat), "maintenance": name in held}
                 for name, beat in beats.items()}
 
