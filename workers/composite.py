@@ -52,7 +52,7 @@ class ChildFailed(PeerFailed):
     def __init__(self, description: str, result: VMTaskResult, hresult: int,
                  output: Any) -> None:
         super().__init__(description, result, hresult)
-        self.output = output
+        self.partial_output = output
 
 
 class CompositeCancelled(Cancelled):
@@ -60,7 +60,7 @@ class CompositeCancelled(Cancelled):
 
     def __init__(self, output: Any) -> None:
         super().__init__("The task was cancelled; its children that could be, were")
-        self.output = output
+        self.partial_output = output
 
 
 @dataclass

@@ -38,7 +38,7 @@ from api.protocol.tasks import TaskSpec
 from api.replication import Acknowledgement, register_script, replicated
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
-from workers.failures import Failure, OperationTimedOut, classify
+from workers.failures import Failure, OperationFailed, OperationTimedOut, classify
 from workers.outage import REDIS_AWAY, ride_out
 
 log = logging.getLogger(__name__)
@@ -510,7 +510,9 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
         value = body(run, **kwargs)
     except Exception as exc:
         failure = failure_of(exc)
-        value = getattr(exc, "output", None)  # what a composite task did before it failed
+        # What a composite task did before it failed (`workers.composite`); no other
+        # exception's attribute (CalledProcessError has an ``output``) is ever stored.
+        value = exc.partial_output if isinstance(exc, OperationFailed) else None
         if failure.result == VMTaskResult.UnexpectedError:
             trace = traceback.format_exc()
             run.log(f"unexpected error: {type(exc).__name__}: {exc}")
