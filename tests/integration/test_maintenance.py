@@ -28,30 +28,23 @@ def queued(server: VirtualServer, host: str) -> tuple[int, int]:
 def test_maintenance_refuses_placement_and_survives_restarts(
         spawn: Callable[..., Any]) -> None:
     redis_server = spawn("redis", appendonly=True)
+    # A move onto a host in maintenance: test_evacuation's refusals.
     alpha = spawn("worker", redis_url=redis_server.url, host="alpha", concurrency=1, env=FAST)
-    spawn("worker", redis_url=redis_server.url, host="beta", concurrency=1, env=FAST)
     server = VirtualServer(redis_server.url, host="alpha", poll_interval=0.2)
-    wait_until(lambda: set(server.hosts) == {"alpha", "beta"}, 30, "both hosts")
-    on_beta = server.create_virtual_machine("mnt-b", memory_mb=64, network=None, host="beta")
     off_vm = server.create_virtual_machine("mnt-a", memory_mb=64, network=None)
 
     assert run_cli("--url", redis_server.url, "hosts", "maintenance", "alpha", "on").code == 0
     assert server.host_status()["alpha"]["maintenance"] is True
-    assert server.host_status()["beta"]["maintenance"] is False
     before = queued(server, "alpha")
     with pytest.raises(errors.HostUnavailableError, match="maintenance"):
         server.create_virtual_machine("mnt-new", memory_mb=64, network=None)
     with pytest.raises(errors.HostUnavailableError, match="maintenance"):
         off_vm.startup()
-    with pytest.raises(errors.HostUnavailableError, match="maintenance"):
-        on_beta.migrate("alpha")
     assert queued(server, "alpha") == before
     assert server.find_virtual_machine("mnt-new") is None
-    # A move off it still runs, and the other host takes new work.
-    server.create_virtual_machine("mnt-beta-ok", memory_mb=64, network=None, host="beta")
 
     shown = json.loads(run_cli("--url", redis_server.url, "hosts", "--json").out)
-    assert {row["host"]: row["maintenance"] for row in shown} == {"alpha": True, "beta": False}
+    assert {row["host"]: row["maintenance"] for row in shown} == {"alpha": True}
     table = run_cli("--url", redis_server.url, "hosts").out
     assert "maintenance" in table
 
@@ -69,3 +62,4 @@ def test_maintenance_refuses_placement_and_survives_restarts(
     assert server.host_status()["alpha"]["maintenance"] is False
     server.create_virtual_machine("mnt-new", memory_mb=64, network=None)
     server.close()
+    alpha.kill()  # a graceful stop costs seconds, and nothing is left to finish
