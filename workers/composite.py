@@ -113,6 +113,18 @@ class Composite:
         self.ended: list[Ended] = []
         self.cancelled = False
 
+    def __enter__(self) -> Composite:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """The body failed or was stopped (a Redis that stayed away, the time limit):
+        its running children are cancelled before it ends, never left behind."""
+        if kind is not None and self.active:
+            try:
+                self.cancel_children()
+            except Exception as exc:  # noqa: BLE001 - the body's own failure is the news
+                self.run.log(f"cancel: could not cancel every child: {exc}")
+
     @property
     def active(self) -> list[Child]:
         return [child for child in self.children if not child.complete]

@@ -100,22 +100,22 @@ def evacuate_host(run: TaskRun, host: str, destinations: list[str] | None,
         run.log(f"{len(names)} VM(s) to move, at most {max_parallel} at a time: "
                 f"{', '.join(names) or 'none'}")
         places = Destinations(run, server, host, destinations)
-        composite = Composite(run, server, len(names))
         chosen: dict[str, str] = {}
         not_started: list[str] = []
-        for index, name in enumerate(names):
-            composite.wait(max_parallel)
-            if composite.cancelled or run.cancel_requested():
-                composite.cancel_children()
-                not_started = names[index:]
-                break
-            vm = server.find_virtual_machine(name)
-            if vm is None or vm.host != host:
-                run.log(f"{name}: not on {host} any more; nothing to do")
-                composite.planned = max(1, composite.planned - 1)
-                continue
-            composite.start(name, _mover(places, server, vm, chosen))
-        composite.wait()
+        with Composite(run, server, len(names)) as composite:
+            for index, name in enumerate(names):
+                composite.wait(max_parallel)
+                if composite.cancelled or run.cancel_requested():
+                    composite.cancel_children()
+                    not_started = names[index:]
+                    break
+                vm = server.find_virtual_machine(name)
+                if vm is None or vm.host != host:
+                    run.log(f"{name}: not on {host} any more; nothing to do")
+                    composite.planned = max(1, composite.planned - 1)
+                    continue
+                composite.start(name, _mover(places, server, vm, chosen))
+            composite.wait()
         failed = {e.label: e.text for e in composite.ended if e.result.name != "Success"}
         for name in not_started:
             failed[name] = (f"{hresults.format_hresult(hresults.E_ABORT)} not moved: the "
