@@ -94,7 +94,7 @@ def _give_up_when_refused(exc: BaseException, _interval: float) -> None:
 
 def _connect_retry(endpoint: RedisEndpoint) -> dict[str, Any]:
     """How kombu retries the producer's connection (its default: for 4 s at 2 s steps,
-    about 6 s in all), as every other entry point does (README, Configuration): for
+    about 6 s in all), as every other entry point does (docs/operations/redis.md): for
     ``failover_seconds`` (by default 15 s with Sentinel, none with one Redis).  A
     refused login or command is never retried."""
     if endpoint.failover_seconds <= 0:

@@ -167,24 +167,46 @@ class HardDisk:
                                   kwargs={"path": self.file}, host=self.host)
 
     def resize(self, size_mb: int) -> VMTask:
-        """Grow the disk to ``size_mb`` (qemu-img resize); shrinking is refused, and so
-        is a disk of a VM that is not TurnedOff (running, or saved with it)."""
+        """Grow the disk to ``size_mb``: qemu-img resize, or QMP ``block_resize`` when
+        the VM using it is Running or Paused (live).  Shrinking is refused, and so is a
+        disk of a Saved VM, one under snapshots and one of an undoable running VM."""
         size = disk_size_bytes(self.file, size_mb)
         if size <= self.size_in_guest:
             raise InvalidArgumentError(
                 f"{self.file} is {self.size_in_guest // MiB} MB: resize only grows a disk "
                 f"(shrinking would cut off the guest's data), not to {size_mb} MB")
-        users = self.server.vms_using(self.host, self.file, active_only=True)
-        if users:
-            raise InvalidStateError(f"{self.file} is attached to VM {', '.join(users)}, "
-                                    "which is not turned off")
         trees = self.server.vms_using(self.host, self.file, with_snapshots=True)
         if trees:  # the snapshots' layers, and the present, keep the size they were made with
             raise InvalidStateError(f"{self.file} is the base of the snapshots of VM "
                                     f"{', '.join(trees)}: resizing it is not supported yet")
+        users = self.server.vms_using(self.host, self.file, active_only=True)
+        if users:
+            return self._resize_live(users, size, size_mb)
         return self.server.submit(tasks.DISK_RESIZE,
                                   description=f"Growing {self.file} to {size_mb} MB",
                                   kwargs={"path": self.file, "size_bytes": size}, host=self.host)
+
+
+    def _resize_live(self, users: list[str], size: int, size_mb: int) -> VMTask:
+        with broker_errors(self.server.url):
+            records = {name: self.server.redis.hgetall(keys.vm_record(name)) for name in users}
+        states = {name: VMVMState(int(r.get("state") or 0)) for name, r in records.items()}
+        live = (VMVMState.Running, VMVMState.Paused)
+        if len(users) != 1 or states[users[0]] not in live:
+            raise InvalidStateError(
+                f"{self.file} is attached to VM {', '.join(users)}, which is "
+                f"{'/'.join(s.name for s in states.values())}: only a Running or Paused "
+                "VM's disk grows live")
+        name = users[0]
+        if records[name].get("undoable") == "1":
+            raise InvalidStateError(
+                f"VM {name!r} is undoable: its running disk is an undo overlay, which "
+                "does not grow live (turn it off first)")
+        return self.server.submit(tasks.VM_RESIZE_DISK,
+                                  description=f"Growing {self.file} of VM {name} to "
+                                              f"{size_mb} MB (live)",
+                                  kwargs={"name": name, "path": self.file,
+                                          "size_bytes": size}, host=self.host)
 
 
 def _chain_of(disk: HardDisk) -> list[HardDisk]:

@@ -3,10 +3,10 @@
 Each variable is written once, as a `Settings` field made by `setting`: its
 metadata holds the variable's name, how its text is read and its doc (vdsm's
 table of config parameters is the model).  From that one table, `Settings.from_env`
-reads the environment, `configuration_page` renders docs/configuration.md (a unit
-test fails when the committed page is stale), `effective` is what ``vmtask config``
-prints with secrets redacted, and `unknown_variables` is what a worker warns about
-at start.  A new setting is one field here; then regenerate the page (`REGENERATE`).
+reads the environment, `configuration_page` renders docs/operations/configuration.md
+(a unit test fails when the committed page is stale), `effective` is what ``vmtask
+config`` prints with secrets redacted, and `unknown_variables` is what a worker warns
+about at start.  A new setting is one field here; then regenerate the page (`REGENERATE`).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class Settings:
     """Every ``VMTASK_*`` setting: one field each, with its variable and its doc.
 
     `from_env` reads the variables through the fields' metadata, and
-    ``vmtask config --markdown`` renders docs/configuration.md from it.
+    ``vmtask config --markdown`` renders docs/operations/configuration.md from it.
     """
 
     redis_url: str = setting(
@@ -342,7 +342,7 @@ class Settings:
 # build cache (workers.devtools.tinyguest) and the tests' QMP pause points.
 OTHER_VARIABLES = ("VMTASK_CACHE_DIR", "VMTASK_TEST_PAUSE_BEFORE", "VMTASK_TEST_PAUSE_MARKER")
 PREFIX = "VMTASK_"
-REGENERATE = "vmtask config --markdown > docs/configuration.md"
+REGENERATE = "vmtask config --markdown > docs/operations/configuration.md"
 
 
 def variables() -> dict[str, Field[Any]]:
@@ -392,7 +392,8 @@ def effective(settings: Settings) -> dict[str, str]:
 
 
 def configuration_page() -> str:
-    """docs/configuration.md: every variable, its meaning and default, from `Settings`."""
+    """docs/operations/configuration.md: every variable, its meaning and default, from
+    `Settings`."""
     rows = []
     for name, spec in variables().items():
         default = spec.metadata["shown"]

@@ -1,15 +1,19 @@
 """Snapshots and clones of a VM, producer side: `Snapshot` and the `VirtualMachine`
 methods (a mixin), each checked before anything is queued.
 
-So far a VM must be TurnedOff or Saved for every one of these; Running and Paused
-VMs, clones on another host and undoable VMs are refused with `InvalidStateError`
-saying that they are not supported yet.  The tree is read from the VM's record (its host's worker
-writes it there after each change), so `snapshots` needs no task.
+Snapshots are taken, reverted and deleted, and clones made, in any stable state
+(live for Running and Paused VMs, which are not stopped).  A full clone may go onto
+another host (``host=``), over the transfer channel; a linked one stays on its
+source's host.  Snapshots of undoable VMs are refused with `InvalidStateError`
+saying that they are not supported yet.  The tree is read from
+the VM's record (its host's worker writes it there after each change), so
+`snapshots` needs no task.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,10 +79,11 @@ class SnapshotMethods:
 
     def _snapshot_state(self, what: str) -> dict[str, str]:
         record, state = self._read()
-        if state not in (VMVMState.TurnedOff, VMVMState.Saved):
+        if state not in (VMVMState.TurnedOff, VMVMState.Saved, VMVMState.Running,
+                         VMVMState.Paused):
             raise InvalidStateError(
-                f"Cannot {what} of VM {self.name!r} while it is {state.name}: only a "
-                f"TurnedOff or Saved VM is {NOT_YET} (save or turn it off first)")
+                f"Cannot {what} of VM {self.name!r} while it is {state.name}: it must be "
+                "Running, Paused, TurnedOff or Saved")
         return record
 
     def _submit(self, spec: tasks.TaskSpec, description: str, **kwargs: Any) -> VMTask:
@@ -92,7 +97,10 @@ class SnapshotMethods:
 
     def create_snapshot(self, name: str, include_memory: bool = True) -> VMTask:
         """A new point of the tree; the VM keeps its state.  Cancelable: a cancelled or
-        failed one leaves no trace.  A Saved VM's saved state belongs to the point when
+        failed one leaves no trace.  A Running or Paused VM's RAM and devices belong to
+        the point when ``include_memory`` (output ``paused_ms``: how long the guest
+        stood still); without, its file systems are frozen through its agent while the
+        disks switch.  A Saved VM's saved state belongs to the point when
         ``include_memory``; a TurnedOff VM has no memory (include_memory reads False)."""
         check_snapshot_name(name)
         if not isinstance(include_memory, bool):
@@ -141,7 +149,10 @@ class SnapshotMethods:
               host: str | None = None) -> VMTask:
         """A new TurnedOff VM ``name`` with this one's configuration, its own MAC and
         no port forwards.  Full: independent flattened copies of the disks (as now,
-        or as at ``snapshot``).  Linked: qcow2 overlays over ``snapshot``'s layers."""
+        or as at ``snapshot``).  Linked: qcow2 overlays over ``snapshot``'s layers.
+        ``host``: another host for a full clone, pulled over the transfer channel
+        (TLS when configured); the task returned runs there, and a cancel leaves no
+        VM and no file on either host."""
         from api.vms import check_vm_name  # api.vms imports this module
 
         check_vm_name(name)
@@ -151,34 +162,71 @@ class SnapshotMethods:
             check_snapshot_name(snapshot)
         if linked and snapshot is None:
             raise InvalidArgumentError("A linked clone rests on a snapshot: name one")
-        if host is not None:
-            validate_host_name(host)
-            if host != self.host:
-                raise InvalidStateError(
-                    f"Cloning VM {self.name!r} onto another host ({host}) is {NOT_YET}")
+        remote = host is not None and validate_host_name(host) != self.host
+        if remote and linked:
+            raise InvalidArgumentError(
+                f"A linked clone stays on its source's host ({self.host}): clone VM "
+                f"{self.name!r} onto {host} in full (linked=False)")
         record = self._snapshot_state("clone")
         if snapshot is not None:
             self._existing(record, snapshot)
+        elif remote and VMVMState(int(record["state"])) in (VMVMState.Running,
+                                                             VMVMState.Paused):
+            # Its present changes under a byte copy (the worker refuses it too).
+            raise InvalidStateError(
+                f"A clone of the present of VM {self.name!r} onto another host while it "
+                f"runs is {NOT_YET}: clone it at a snapshot, or turn it off first")
         with broker_errors(self._server.url):
             if self._server.redis.exists(keys.vm_record(name)):
                 raise InvalidArgumentError(f"A VM named {name!r} already exists")
-        self._server.placeable_host(self.host, f"cloning VM {self.name} into {name}")
+        # The clone is new on the host it is made on: none while that is in maintenance.
+        self._server.placeable_host(host if remote else self.host,
+                                    f"cloning VM {self.name} into {name}")
         kind = "linked" if linked else "full"
         point = f" at snapshot {snapshot}" if snapshot else ""
+        if remote:
+            assert host is not None
+            return self._clone_remote(name, snapshot, host, point)
         return self._submit(tasks.VM_CLONE, f"Cloning VM {self.name}{point} into {name} "
                                             f"({kind})",
                             clone=name, linked=linked, snapshot=snapshot)
 
+    def _clone_remote(self, name: str, snapshot: str | None, host: str, point: str) -> VMTask:
+        """Two tasks as for `HardDisk.copy_to`: the source serves the chains, the
+        destination (the task returned) pulls them and creates the clone there."""
+        target = self._server.resolve_host(host)
+        transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
+        self._server.submit(
+            tasks.VM_CLONE_OUT, description=f"Serving VM {self.name}{point} to {target} for "
+                                            f"the clone {name}",
+            kwargs={"name": self.name, "snapshot": snapshot, "destination_host": target,
+                    "transfer_id": transfer_id, "client_task_id": in_id},
+            host=self.host, task_id=out_id)
+        try:
+            return self._server.submit(
+                tasks.VM_CLONE_IN, description=f"Cloning VM {self.name}{point} from "
+                                               f"{self.host} into {name} on {target} (full)",
+                kwargs={"name": self.name, "clone": name, "snapshot": snapshot,
+                        "source_host": self.host, "transfer_id": transfer_id,
+                        "server_task_id": out_id},
+                host=target, task_id=in_id)
+        except Exception:
+            self._server.get_task(out_id).cancel()
+            raise
+
     def _refuse_with_snapshots(self, record: Mapping[str, str], what: str) -> None:
-        """Operations not built for a tree yet (moves) refuse it before queueing."""
-        if tree_of(dict(record))["snapshots"]:
-            raise InvalidStateError(
-                f"Cannot {what} VM {self.name!r}: it has snapshots, and moving them is "
-                f"{NOT_YET} (delete them first)")
+        """A move carries the tree (cold or live); a linked clone, or a VM that linked
+        clones rest on, stays where it is: refused before queueing."""
         if record.get("linked_clone_of"):
             raise InvalidStateError(
                 f"Cannot {what} VM {self.name!r}: it is a linked clone, which stays on "
                 "its source's host")
+        with broker_errors(self._server.url):
+            clones = linked_clones(self._server.redis, self.name)
+        if clones:
+            raise InvalidStateError(
+                f"Cannot {what} VM {self.name!r}: linked clones rest on its snapshots "
+                f"({', '.join(sorted(clones))})")
 
     def _refuse_with_clones(self) -> None:
         with broker_errors(self._server.url):

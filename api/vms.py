@@ -174,6 +174,11 @@ class VirtualMachine(SnapshotMethods):
         switch-over leaves the guest running on the source, unharmed, and nothing on
         the destination.  The task's output gives QEMU's ``downtime_ms`` and the
         guest's whole pause, ``paused_ms`` (downtime plus the switch-over).
+
+        Snapshots: a move, cold or live, carries the whole tree (every layer, the
+        saved states of points with memory, the tree file); live, only the present
+        is mirrored, the layers below go byte for byte first.  A linked clone, and a
+        VM that linked clones rest on, are refused with `InvalidStateError`.
         """
         validate_host_name(destination_host)
         record, state = self._read()

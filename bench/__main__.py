@@ -1,4 +1,4 @@
-"""Run every benchmark, one after another, and print the README's table.
+"""Run every benchmark, one after another, and print the table of docs/benchmarks.md.
 
     .venv/bin/python -m bench                 # all of them
     .venv/bin/python -m bench round_trip enqueue   # some of them
@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["commands", "round_trip", "throughput", "enqueue", "status", "backlog", "convert",
            "vm_save_restore", "control_latency", "migrate", "exporter", "scale",
-           "linked_clone", "task_log", "evacuate"]
+           "linked_clone", "task_log", "live_snapshot",
+           "clone_remote", "evacuate"]
 
 
 def main(names: list[str]) -> int:

@@ -282,7 +282,7 @@ def verdict(met: bool) -> str:
 
 def record_row(row: str, vmtask: str, baseline: str, ratio_text: str, target: str,
                met: bool | None) -> None:
-    """One line of the README table; `bench.__main__` collects them from every script."""
+    """One line of the benchmarks table (docs/benchmarks.md); `bench.__main__` collects them."""
     path = os.environ.get("BENCH_ROWS_FILE")
     if path:
         with open(path, "a") as out:

@@ -17,6 +17,7 @@ from api.settings import Settings
 from workers import control as control_lane
 from workers import flower_ext, host, monitoring, transport
 from workers.tasks import (
+    clone_remote,
     clones,
     diagnostics,
     disk_inventory,
@@ -25,9 +26,11 @@ from workers.tasks import (
     guest_os,
     live_migration,
     live_recovery,
+    live_resize,
     migration,
     move_journal,
     snapshots,
+    snapshots_live,
     transfer,
     vm_console,
     vms,
@@ -36,7 +39,8 @@ from workers.tasks import (
 OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name__,
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
-                     snapshots.__name__, clones.__name__, evacuation.__name__]
+                     snapshots.__name__, clones.__name__, live_resize.__name__,
+                     clone_remote.__name__, evacuation.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
@@ -45,7 +49,8 @@ HOST_HOOKS = host.HostHooks(
     # the moves' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
-             vms.index_host_vms, vms.reconcile_vms, snapshots.recover,
+             vms.index_host_vms, snapshots_live.recover_pending, vms.reconcile_vms,
+             snapshots.recover,
              clones.remove_unfinished_clones),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts, evacuation.memory_status),

@@ -9,7 +9,7 @@ tasks page show the two columns by default.
 
 It runs wherever the workers' app is built (`workers.factory.create_app`), so
 ``celery -A workers flower`` gets it with or without ``--conf``: the compose
-service, the README's recipes, and anyone's own Flower configuration.  The
+service, docs/operations/flower.md's recipes, and anyone's own Flower configuration.  The
 default columns are set before Flower reads its options, so ``--tasks_columns``,
 ``FLOWER_TASKS_COLUMNS`` and a configuration file's ``tasks_columns`` still choose.
 

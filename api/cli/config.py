@@ -21,7 +21,7 @@ from api.settings import Settings, configuration_page, effective, unknown_variab
 @click.command()
 @click.option("--markdown", is_flag=True,
               help="Print the configuration page (every variable, its meaning and default) "
-                   "instead: docs/configuration.md.")
+                   "instead: docs/operations/configuration.md.")
 @json_option
 @click.pass_context
 def config(ctx: click.Context, markdown: bool) -> None:

@@ -25,7 +25,7 @@ def snapshot_dict(point: Snapshot) -> dict[str, Any]:
 
 @vm.group("snapshot")
 def snapshot() -> None:
-    """Snapshots of a VM: a tree of named points (TurnedOff VMs for now)."""
+    """Snapshots of a VM: a tree of named points, taken in any stable state (live when it runs)."""
 
 
 def _follow_tree(ctx: click.Context, name: str, task: Any, done: str) -> None:
@@ -45,7 +45,8 @@ def _follow_tree(ctx: click.Context, name: str, task: Any, done: str) -> None:
 @snapshot.command("create")
 @click.argument("name")
 @click.argument("snapshot_name")
-@click.option("--no-memory", is_flag=True, help="Disks only (a TurnedOff VM has no memory).")
+@click.option("--no-memory", is_flag=True,
+              help="Disks only (a running guest's file systems frozen through its agent).")
 @no_wait_option
 @json_option
 @click.pass_context
@@ -105,7 +106,8 @@ def snapshot_delete(ctx: click.Context, name: str, snapshot_name: str) -> None:
 @click.option("--linked", is_flag=True,
               help="qcow2 overlays over the snapshot's layers (needs --snapshot).")
 @click.option("--snapshot", "snapshot_name", help="Clone the VM as it was at this snapshot.")
-@click.option("--host", "target_host", help="The clone's host (only the source's, for now).")
+@click.option("--host", "target_host",
+              help="The clone's host (default the source's); a full clone only.")
 @no_wait_option
 @json_option
 @click.pass_context
@@ -121,6 +123,8 @@ def vm_clone(ctx: click.Context, name: str, clone_name: str, linked: bool,
         return {"vm": vm_dict(made) if made is not None else None}
 
     def show(_snap: TaskSnapshot) -> None:
-        click.echo(f"Cloned VM {name} into {clone_name}")
+        where = f" on {made.host}" if (made := state.server().find_virtual_machine(
+            clone_name)) is not None else ""
+        click.echo(f"Cloned VM {name} into {clone_name}{where}")
 
     run_task(state, task, extra, show)

@@ -107,7 +107,7 @@ VM_SCREENSHOT = TaskSpec("vmtask.vm.screenshot", ("name",), cancelable=False, qu
 VM_CONSOLE_LOG = TaskSpec("vmtask.vm.console_log", ("name", "tail_bytes"), cancelable=False,
                           quick=True)
 VM_GUEST_INFO = TaskSpec("vmtask.vm.guest_info", ("name",), cancelable=False, quick=True)
-# Snapshots and clones (issue 23): TurnedOff VMs for now, under the VM's lock.
+# Snapshots and clones (issue 23), under the VM's lock; snapshots also live.
 VM_CREATE_SNAPSHOT = TaskSpec("vmtask.vm.create_snapshot", ("name", "snapshot", "include_memory"),
                               cancelable=True, optional=("include_memory",))
 VM_REVERT_TO_SNAPSHOT = TaskSpec("vmtask.vm.revert_to_snapshot", ("name", "snapshot"),
@@ -115,6 +115,18 @@ VM_REVERT_TO_SNAPSHOT = TaskSpec("vmtask.vm.revert_to_snapshot", ("name", "snaps
 # Cancelable until the tree drops the point; the commit that ends the last one is not.
 VM_DELETE_SNAPSHOT = TaskSpec("vmtask.vm.delete_snapshot", ("name", "snapshot"), cancelable=True)
 VM_CLONE = TaskSpec("vmtask.vm.clone", ("name", "clone", "linked", "snapshot"), cancelable=True)
+# hd.resize of a disk of a Running or Paused VM: QMP block_resize, at once.
+VM_RESIZE_DISK = TaskSpec("vmtask.vm.resize_disk", ("name", "path", "size_bytes"),
+                          cancelable=False)
+# A full clone onto another host: the source serves each disk's chain flattened
+# under the VM's lock, the destination pulls them and creates the clone there (the
+# producer holds the latter).
+VM_CLONE_OUT = TaskSpec("vmtask.vm.clone_out", ("name", "snapshot", "destination_host",
+                                                "transfer_id", "client_task_id"),
+                        cancelable=True)
+VM_CLONE_IN = TaskSpec("vmtask.vm.clone_in", ("name", "clone", "snapshot", "source_host",
+                                              "transfer_id", "server_task_id"),
+                       cancelable=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

@@ -44,11 +44,13 @@ ALLOWED: dict[str, frozenset[S]] = {
     "screenshot": frozenset({S.Running, S.Paused}),
     "console_log": frozenset(S),
     "guest_info": frozenset({S.Running}),
-    # Snapshots and clones: TurnedOff or Saved so far (the rest is refused, not yet built).
-    "create_snapshot": frozenset({S.TurnedOff, S.Saved}),
-    "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved}),
-    "delete_snapshot": frozenset({S.TurnedOff, S.Saved}),
-    "clone": frozenset({S.TurnedOff, S.Saved}),
+    # Snapshots and clones from any stable state (live for Running and Paused).
+    "create_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    "delete_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    "clone": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    # hd.resize of a running VM's disk (a TurnedOff VM's is a plain disk resize).
+    "resize_disk": frozenset({S.Running, S.Paused}),
 }
 
 EVENTS_MAXLEN = 10_000

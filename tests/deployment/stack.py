@@ -4,7 +4,7 @@
 directory) with a ``.env`` that names the stand-in images, free ports, a unique
 project name and ``COMPOSE_FILE`` with the test override
 (`OVERRIDE`: short healthchecks, the quick-NXDOMAIN resolver, host-network
-builds), so that the README's own commands (``scripts/make-secrets.sh``,
+builds), so that the deployment page's own commands (``scripts/make-secrets.sh``,
 ``docker-compose up -d --build``...) run there verbatim.
 """
 
@@ -81,7 +81,7 @@ class Stack:
             "VMTASK_ACCEL=tcg",
             ""]))
 
-    # -- commands, as the README gives them ------------------------------------------
+    # -- commands, as the deployment page gives them ---------------------------------
 
     def shell(self, argv: list[str], timeout: float = 900, check: bool = True,
               ) -> subprocess.CompletedProcess[str]:
@@ -138,7 +138,7 @@ class Stack:
         return f"redis://producer:{password}@127.0.0.1:{self.redis_port}/0"
 
     def vmtask(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """The CLI on the host, as the README's producer recipe sets it up."""
+        """The CLI on the host, as the deployment page's producer recipe sets it up."""
         return subprocess.run([sys.executable, "-m", "api.cli", *args], env=self.producer_env(),
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
                               check=False)

@@ -1,4 +1,5 @@
-"""The compose stack under a real Docker engine, through the README's own commands.
+"""The compose stack under a real Docker engine, through the deployment page's own commands
+(docs/operations/deployment.md).
 
 A ``dockerd`` of the test's own (tests/deployment/docker_engine.py) builds the
 images from stand-ins of the official ones (no registry is reachable here), then
@@ -63,8 +64,8 @@ def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return done
 
 
-def test_the_readme_gives_the_commands_this_test_runs() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_the_deployment_page_gives_the_commands_this_test_runs() -> None:
+    readme = (REPO_ROOT / "docs" / "operations" / "deployment.md").read_text()
     for command in ("scripts/make-secrets.sh         # as root",
                     "docker compose up -d --build    # or: docker-compose up -d --build",
                     "export VMTASK_REDIS_URL=redis://producer@127.0.0.1:6380/0",
@@ -72,8 +73,8 @@ def test_the_readme_gives_the_commands_this_test_runs() -> None:
         assert command in readme, command
 
 
-def test_the_default_stack_as_the_readme_runs_it(stack: Stack) -> None:
-    # -- up, as the README says (docker-compose v1 here) ----------------------------
+def test_the_default_stack_as_the_deployment_page_runs_it(stack: Stack) -> None:
+    # -- up, as the deployment page says (docker-compose v1 here) -------------------
     ok(stack.shell(["sh", "scripts/make-secrets.sh"]))
     ok(stack.compose("up", "-d", "--build", timeout=1500))
     stack.wait_healthy(("redis", "worker-a", "worker-b", "flower", "exporter"), 240)

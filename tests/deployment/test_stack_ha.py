@@ -1,12 +1,13 @@
-"""The compose HA profile under a real Docker engine, through the README's commands.
+"""The compose HA profile under a real Docker engine, through the deployment page's
+commands (docs/operations/deployment.md).
 
-The profile is started by the README's command (which names ``redis-replica``:
-without it the sentinels saw no replica and no failover could happen).  The
-sentinels must see the replica; a task runs through the CLI in a container with
-the compose environment (the README's HA producer recipe); then two failovers,
-the old primary rejoining between them (the second one used to leave no primary:
-the sentinels held the old primary by name and by IP), each spanned by a task
-that must end Success exactly once.  Needs root (dockerd); slow.
+The profile is started by the deployment page's command (which names
+``redis-replica``: without it the sentinels saw no replica and no failover could
+happen).  The sentinels must see the replica; a task runs through the CLI in a
+container with the compose environment (the deployment page's HA producer recipe);
+then two failovers, the old primary rejoining between them (the second one used to
+leave no primary: the sentinels held the old primary by name and by IP), each
+spanned by a task that must end Success exactly once.  Needs root (dockerd); slow.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ HA_UP = ["--profile", "ha", "up", "-d", "--build", "redis-replica", "worker-a-ha
          "worker-b-ha", "flower-ha"]
 HA_HEALTHY = ("redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3",
               "worker-a-ha", "worker-b-ha")
-# The README's HA producer: the CLI in a worker container, on the compose network.
+# The deployment page's HA producer: the CLI in a worker container, on the compose network.
 # The URL names the master itself (?master_name=), which the CLI also accepts
 # while it ignores VMTASK_REDIS_SENTINEL_MASTER (issue 20, item 6).
 HA_URL = ("sentinel://worker@sentinel-1:26379/0?master_name=vmtask;"
@@ -93,8 +94,8 @@ def cli(stack: Stack, *args: str, timeout: float = 300) -> dict[str, Any]:
     return dict(document.get("task", document))
 
 
-def test_the_readme_gives_the_commands_this_test_runs() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_the_deployment_page_gives_the_commands_this_test_runs() -> None:
+    readme = (REPO_ROOT / "docs" / "operations" / "deployment.md").read_text()
     assert " ".join(["docker-compose", *HA_UP]) in readme
     assert " ".join(["docker", "compose", *HA_UP]) in readme
     assert f"-e 'VMTASK_REDIS_URL={HA_URL}'" in readme

@@ -5,7 +5,7 @@
   `BrokerAccessDeniedError` (E_ACCESSDENIED, 0x80070005) at once, never after a
   retry loop, with one Redis or with Sentinel.
 - A refused connection: every entry point retries it for the same
-  ``VMTASK_REDIS_FAILOVER_SECONDS`` (the rule in the README's configuration
+  ``VMTASK_REDIS_FAILOVER_SECONDS`` (the rule in docs/operations/redis.md
   section), 0 by default with one Redis (then `BrokerUnavailableError` at once) and
   15 s with Sentinel; set on one Redis, a restart is ridden out everywhere.
 

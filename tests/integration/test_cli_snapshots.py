@@ -49,8 +49,9 @@ def test_snapshot_verbs_and_clone(cli: Cli, root: Path, vm_name: str) -> None:  
     refused = cli("vm", "snapshot", "delete", vm_name, "s1")
     assert refused.code == 2 and INVALID_STATE in refused.err, refused
     assert cli("vm", "delete", f"{vm_name}-c").code == 0
-    elsewhere = cli("vm", "clone", vm_name, f"{vm_name}-d", "--host", "beta")
-    assert elsewhere.code == 2 and "not supported yet" in elsewhere.err, elsewhere
+    elsewhere = cli("vm", "clone", vm_name, f"{vm_name}-d", "--linked", "--snapshot", "s1",
+                    "--host", "beta")
+    assert elsewhere.code == 2 and "linked clone stays" in elsewhere.err, elsewhere
 
     for point in ("s2", "s1"):
         gone = cli("vm", "snapshot", "delete", vm_name, point)

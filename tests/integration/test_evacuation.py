@@ -298,13 +298,15 @@ def test_children_carry_celerys_parent_and_root_ids(redis_url: str) -> None:
 
 def test_a_vm_that_cannot_move_is_reported_and_stays(
         server: VirtualServer, hosts: dict[str, WorkerProcess]) -> None:
-    """Moves refuse a VM with snapshots (their tree does not move yet): it stays on the
-    host, in ``failed``, and the evacuation ends with its refusal, naming it."""
+    """Moves refuse a linked clone and the VM it rests on (the clone's layers stay on
+    its source's host): both stay on the host, in ``failed``, and the evacuation ends
+    with the first refusal, naming its VM."""
     server.set_maintenance("alpha", False)
-    done(server.create_dynamic_virtual_hard_disk("ev-snap/d.qcow2", 16, host="gamma"))
-    held = server.create_virtual_machine("ev-snap", memory_mb=64, disks=["ev-snap/d.qcow2"],
+    done(server.create_dynamic_virtual_hard_disk("ev-base/d.qcow2", 16, host="gamma"))
+    base = server.create_virtual_machine("ev-base", memory_mb=64, disks=["ev-base/d.qcow2"],
                                          network=None, host="gamma")
-    done(held.create_snapshot("s1", include_memory=False))
+    done(base.create_snapshot("s1", include_memory=False))
+    done(base.clone("ev-lc", linked=True, snapshot="s1"))
     done(server.create_dynamic_virtual_hard_disk("ev-free/d.qcow2", 16, host="gamma"))
     server.create_virtual_machine("ev-free", memory_mb=64, disks=["ev-free/d.qcow2"],
                                   network=None, host="gamma")
@@ -313,11 +315,12 @@ def test_a_vm_that_cannot_move_is_reported_and_stays(
     snap = task.snapshot()
     assert snap.result is not VMTaskResult.Success
     assert snap.error == hresults.INVALID_STATE
-    assert snap.error_description.startswith("ev-snap: ")
+    assert snap.error_description.startswith("ev-base: ")  # the first refused, by name
     assert snap.output["moved"] == {"ev-free": "alpha"}
-    assert list(snap.output["failed"]) == ["ev-snap"]
-    assert snap.output["failed"]["ev-snap"].startswith(hresults.format_hresult(
-        hresults.INVALID_STATE))
-    assert vm(server, "ev-snap").host == "gamma" and vm(server, "ev-snap").snapshots
-    assert (hosts["gamma"].storage_root / "ev-snap" / "d.qcow2").exists()
-    assert "ev-snap: destination alpha skipped" in "\n".join(task.log())
+    assert sorted(snap.output["failed"]) == ["ev-base", "ev-lc"]
+    for name in ("ev-base", "ev-lc"):
+        assert snap.output["failed"][name].startswith(
+            hresults.format_hresult(hresults.INVALID_STATE))
+        assert vm(server, name).host == "gamma"
+    assert (hosts["gamma"].storage_root / "ev-base" / "d.qcow2").exists()
+    assert "ev-lc: destination alpha skipped" in "\n".join(task.log())

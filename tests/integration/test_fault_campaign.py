@@ -67,8 +67,9 @@ FORMATS = {"qcow2": "qcow2", "vhd": "vpc", "vhdx": "vhdx", "img": "raw"}
 MiB = 1 << 20
 # A task on a killed host is judged crashed within its lease, and the reaper's
 # round (a heartbeat) or a peer's confirmation after it, counted from the kill or
-# from Redis's return after a restart, whichever is later (README: the crash bound
-# counts from the end of a failover, and a restarted Redis is a new primary).
+# from Redis's return after a restart, whichever is later (docs/operations/sentinel.md:
+# the crash bound counts from the end of a failover, and a restarted Redis is a new
+# primary).
 CRASH_BOUND = LEASE + 10
 # How long the end waits for the last tasks: a lost message's visibility timeout
 # and kombu's restore scan, a lease, the longest task.

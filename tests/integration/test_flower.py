@@ -390,7 +390,7 @@ def test_celery_result_command_of_the_workers_app(
 def test_flower_lists_each_worker_under_a_name_that_carries_its_host(
         cluster: tuple[WorkerProcess, Flower], tmp_path: Path) -> None:
     worker, flower = cluster
-    # Started exactly as the README's recipe does: no -n.
+    # Started exactly as the Flower page's recipe does: no -n.
     plain = WorkerProcess(worker.redis_url, "named", tmp_path / "named", tmp_path,
                           concurrency=1, node_name=None).start()
     try:
@@ -460,7 +460,7 @@ def _tasks_page_rows(flower: Flower) -> dict[str, dict[str, Any]]:
 
 def test_flower_shows_percent_and_description_in_its_api_and_tasks_page(
         cluster: tuple[WorkerProcess, Flower], server: VirtualServer) -> None:
-    """Started as the README's first recipe (no --conf): the app extends Flower."""
+    """Started as the Flower page's first recipe (no --conf): the app extends Flower."""
     _, flower = cluster
     task = server.ping(duration_ms=8000, steps=80)
     try:

@@ -49,7 +49,7 @@ def cluster(tls: TlsFiles, tmp_path_factory: pytest.TempPathFactory,
     worker: WorkerProcess | None = None
     flower: subprocess.Popen[bytes] | None = None
     try:
-        # The README's plain rediss:// URL, with the CA and client certificate as variables.
+        # The TLS page's plain rediss:// URL, with the CA and client certificate as variables.
         worker = WorkerProcess(redis_server.url, HOST, root / "storage", root,
                                env=tls.client_env()).start()
         port = free_port()

@@ -94,7 +94,16 @@ def test_a_cold_move_over_tls(tls: tuple[Network, dict[str, Path]],
     before = digest(root(net, "a") / "d" / "v.qcow2")
     vm = server.create_virtual_machine("tv", memory_mb=64, disks=["d/v.qcow2"], host="a",
                                        network=None)
-    done(vm.migrate("b"))
+    done(vm.create_snapshot("s1"))
+    clone = vm.clone("tc", host="b", snapshot="s1")  # a full clone, the same channel
+    done(clone)
+    out = server.get_task(json.loads(server.redis.hget(keys.task_record(clone.id), "arguments")
+                                     or "{}")["server_task_id"])
+    assert out.wait_for_completion(10_000)
+    assert any("(TLS: tls-creds-x509)" in line for line in out.log()), out.log()
+    qemu_io(root(net, "b") / clone.snapshot().output["disks"][0], "qcow2",
+            "read -P 0x3c 0 1M")
+    done(vm.migrate("b"))  # with its tree
     assert vm.state is VMVMState.TurnedOff and vm.host == "b"
     assert digest(root(net, "b") / "d" / "v.qcow2") == before
 

@@ -27,7 +27,7 @@ from api.settings import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PAGE = REPO / "docs" / "configuration.md"
+PAGE = REPO / "docs" / "operations" / "configuration.md"
 NAME = re.compile(r"\bVMTASK_[A-Z][A-Z0-9_]*[A-Z0-9]\b")
 
 

@@ -1,4 +1,4 @@
-"""Cloning a TurnedOff VM on its own host: full (flattened copies) or linked.
+"""Cloning a VM on its own host: full (flattened copies) or linked.
 
 The clone's disks live in its own directory, ``vms/<clone>/disks/``, and go with it
 when it is deleted.  A full clone is ``qemu-img convert`` of each disk's whole chain
@@ -11,6 +11,10 @@ source's CPUs, memory, network, kernel and flags, its own MAC and no port forwar
 The record is created last, atomically (`vm_create.lua`), so a cancelled or failed
 clone leaves no VM; its files are removed.  ``vms/<clone>/clone.json`` marks a clone
 under way: a worker starting finds those its predecessor left and removes them.
+
+A Running or Paused source is not stopped: a clone of its present is copied by its
+QEMU (`livesnap.copy_out`, crash-consistent), one of a snapshot reads the snapshot's
+read-only layers as for a stopped source.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from api.protocol.snapshots import CLONE_FIELD
 from api.settings import Settings
 from api.vmargs import new_mac, to_args
 from api.vms import VM_NAME_PATTERN
-from workers.engines import qemu_img
+from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
 from workers.engines.context import raise_if_cancelled
+from workers.engines.qemu_vm import livesnap
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks.files import HostFiles
@@ -76,7 +81,7 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
     if linked and snapshot is None:
         raise IllegalValue("A linked clone rests on a snapshot: name one")
     with vm_lock(run, name):
-        client, record, _ = begin(run, "clone", name, None)
+        client, record, state = begin(run, "clone", name, None)
         if client.exists(keys.vm_record(clone)):
             raise IllegalValue(f"A VM named {clone!r} already exists")
         tops = source_tops(run, record, snapshot)
@@ -87,17 +92,21 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
         target.mkdir(parents=True)
         (directory / JOURNAL).write_text(json.dumps({"task": run.task_id, "source": name}))
         try:
-            disks = _make_disks(run, tops, target, linked)
+            if state in (S.Running, S.Paused) and snapshot is None:
+                disks = _copy_running(run, name, tops, target)
+            else:  # a snapshot's layers do not change while the VM runs
+                disks = _make_disks(run, tops, target, linked)
             raise_if_cancelled(run)
-            fields = _record_fields(run, record, clone, disks)
+            fields = record_fields(run, record, clone, disks)
             if linked:
                 fields[CLONE_FIELD] = json.dumps({"vm": name, "snapshot": snapshot})
-            created = client.eval(CREATE_SCRIPT, 2, keys.vm_record(clone), keys.VM_NAMES,
-                                  clone, *to_args(fields))
+            # The host's VM set too: its watch and its restart's recovery read it.
+            created = client.eval(CREATE_SCRIPT, 3, keys.vm_record(clone), keys.VM_NAMES,
+                                  keys.host_vms(run.settings.host), clone, *to_args(fields))
             if not created:
                 raise IllegalValue(f"A VM named {clone!r} already exists")
         except BaseException:
-            _remove(directory)
+            remove_clone(directory)
             raise
         (directory / JOURNAL).unlink()
         return {"name": clone, "source": name, "linked": linked, "snapshot": snapshot,
@@ -122,7 +131,20 @@ def _make_disks(run: TaskRun, tops: list[Path], target: Path, linked: bool) -> l
     return made
 
 
-def _record_fields(run: TaskRun, record: dict[str, str], clone: str, disks: list[Path]
+def _copy_running(run: TaskRun, name: str, tops: list[Path], target: Path) -> list[Path]:
+    """A running source's disks as of one instant, copied by QEMU while the guest
+    runs on (crash-consistent, as a power cut would leave them)."""
+    paths = paths_of(run.settings, name)
+    made = [target / f"{index}-{top.stem}.qcow2" for index, top in enumerate(tops)]
+    with qemu_vm.connect(paths) as monitor:
+        sizes = livesnap.virtual_sizes(monitor, len(tops))
+        for path, size in zip(made, sizes, strict=True):
+            qemu_img.create_dynamic(path, size, engine.Scaled(run, 0, 0), run.task_id)
+        livesnap.copy_out(monitor, made, engine.new_layer_id(), engine.Scaled(run, 0, 95))
+    return made
+
+
+def record_fields(run: TaskRun, record: dict[str, str], clone: str, disks: list[Path]
                    ) -> dict[str, str]:
     files = HostFiles.of(run.settings)
     fields = {key: record[key] for key in COPIED_FIELDS if key in record}
@@ -134,7 +156,7 @@ def _record_fields(run: TaskRun, record: dict[str, str], clone: str, disks: list
     return fields
 
 
-def _remove(directory: Path) -> None:
+def remove_clone(directory: Path) -> None:
     shutil.rmtree(directory / "disks", ignore_errors=True)
     try:
         (directory / JOURNAL).unlink()
@@ -158,4 +180,4 @@ def remove_unfinished_clones(client: redis.Redis, settings: Settings) -> None:
             os.unlink(journal)
             continue
         log.warning("Removing the unfinished clone %s", directory.name)
-        _remove(directory)
+        remove_clone(directory)

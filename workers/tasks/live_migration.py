@@ -8,7 +8,8 @@ push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
 
 1. ``manifest`` (source): each disk's path, format and sizes, ``chain``: the
    images below a disk's top (an undo disk's base, a differencing disk's parents:
-   `workers.tasks.live_chain` copies them first), and ``creds``, the
+   `workers.tasks.live_chain` copies them first; a snapshot tree's other files
+   go with them: `workers.tasks.tree_moves`), and ``creds``, the
    kind of the source's transfer TLS.  The destination refuses a name clash, a
    format QEMU cannot migrate, a missing kernel, too little space or other TLS
    credentials than its own before anything moves (its task fails; the source
@@ -63,10 +64,9 @@ from workers.engines.qemu_vm.process import force_stop, wait_pid
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
-from workers.tasks import live_chain, move_journal
+from workers.tasks import live_chain, move_journal, tree_moves
 from workers.tasks.files import HostFiles
 from workers.tasks.migration import move_record
-from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerWatch
 from workers.tasks.vms import (
     config_of,
@@ -139,7 +139,7 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
     key = keys.transfer(transfer_id)
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
-        refuse_move(run.settings, record)  # issue 23: not yet with snapshots
+        tree_moves.refuse_clone_links(run, record)
         if S(int(record["state"])) not in LIVE:
             raise InvalidStateError(f"VM {name!r} is {S(int(record['state'])).name}: only a "
                                     "Running or Paused VM migrates live")
@@ -236,6 +236,7 @@ class _Send:
         deadline = time.monotonic() + MIGRATION_TIMEOUT
         creds = transfer_tls.creds_of(settings)
         disks, below = live_chain.manifest(monitor, self.files, self.config)
+        below += tree_moves.live_extras(run, name, below)  # a snapshot tree's other files
         outgoing = livemigrate.Outgoing.begin(
             monitor, self.config, run, max_bandwidth=settings.migrate_max_bandwidth,
             creds=creds, stall_seconds=settings.transfer_stall_seconds)
@@ -426,6 +427,7 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 _reserve(item, target)
                 made.append(target)
                 _create_disk(item, live_chain.create_top(files, item, target, below))
+            tree_moves.arrived(run, name)  # a snapshot tree's chains confined, layers frozen
             exports = tuple(livemigrate.new_export_name() for _ in disks)
             with contextlib.ExitStack() as opened_files:
                 # Each chain checked and handed over by descriptor, as at a start.

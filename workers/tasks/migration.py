@@ -15,7 +15,7 @@ either task's fate.  The destination's task ends only after the source's task ha
 (a move is complete when the source let go): a file the source could not remove
 is named in its output, and the move still ends Success, since it happened.
 Parents of the VM's disks are copied but stay on the source (other disks may share
-them).
+them).  A VM with snapshots carries its whole tree (`workers.tasks.tree_moves`).
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
 from workers.failures import DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks import move_journal
+from workers.tasks import move_journal, tree_moves
 from workers.tasks.files import HostFiles
-from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import (
     PeerWatch,
     offer_fields,
@@ -68,8 +67,9 @@ def offer_key(transfer_id: str, index: int) -> str:
     return keys.transfer(f"{transfer_id}.{index}")
 
 
-def _files_of(files: HostFiles, record: dict[str, str], state: S) -> tuple[list[Path], list[Path]]:
+def _files_of(run: TaskRun, record: dict[str, str], state: S) -> tuple[list[Path], list[Path]]:
     """(every file to copy, the ones the VM owns and that leave the source)."""
+    files = HostFiles.of(run.settings)
     paths = paths_of(files.settings, record["name"])
     copy: list[Path] = []
     owned: list[Path] = []
@@ -85,7 +85,8 @@ def _files_of(files: HostFiles, record: dict[str, str], state: S) -> tuple[list[
     if state is S.Saved:
         copy += [paths.state_file, paths.fingerprint_file]
         owned += [paths.state_file, paths.fingerprint_file]
-    return copy, owned
+    tree = tree_moves.tree_files(run, record["name"])
+    return copy + tree, owned + tree
 
 
 @operation(tasks.VM_MIGRATE_OUT)
@@ -95,12 +96,12 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
     client = run.redis
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
-        refuse_move(run.settings, record)  # issue 23: not yet with snapshots
+        tree_moves.refuse_clone_links(run, record)
         state = S(int(record["state"]))
         if state not in MOVABLE:
             raise InvalidStateError(f"VM {name!r} is {state.name}: only a TurnedOff or Saved VM "
                                     "moves cold")
-        copy, owned = _files_of(files, record, state)
+        copy, owned = _files_of(run, record, state)
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
         publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
@@ -269,6 +270,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 run.ride_out(partial(client.hset, keys.transfer(transfer_id), f"done.{index}",
                                      "1"),
                              "telling the source a file arrived")
+            snapshots = tree_moves.arrived(run, name)
             if S(int(record["state"])) is S.Saved:
                 _refingerprint(run, record)
             outcome = move_record(run, name, source_host, MOVABLE)
@@ -281,7 +283,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
     # The VM is here now, whatever follows: nothing below may undo or fail the move.
-    return {"host": run.settings.host, "files": len(pulled),
+    tree = {"snapshots": snapshots} if snapshots else {}
+    return {"host": run.settings.host, "files": len(pulled), **tree,
             **_source_let_go(run, server, server_task_id, source_host)}
 
 
@@ -291,7 +294,7 @@ def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
     record names this host, then ends), as a live migration's task ends only once
     its source let go.  Returns nothing when it did; else a ``warning`` (and
     ``left_on_source``, what it could not remove) for the task's output: the move
-    happened, so the result stays Success (README, cold move).  Not cancelable:
+    happened, so the result stays Success (docs/guide/migration.md).  Not cancelable:
     the move is done."""
     unreadable_since: float | None = None
     while True:

@@ -1,4 +1,4 @@
-"""Snapshots as Celery tasks: create, revert and delete on a TurnedOff VM.
+"""Snapshots as Celery tasks: create, revert and delete (a running VM's: `snapshots_live`).
 
 Each body takes the VM's lock (`workers.tasks.vms.vm_lock`), re-checks the state
 the producer checked, works on the layers through `workers.engines.snapshots`, and
@@ -25,7 +25,7 @@ import redis
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import keys, scripts, tasks
-from api.protocol.snapshots import CLONE_FIELD, SNAPSHOT_NAME, TREE_FIELD, linked_clones
+from api.protocol.snapshots import SNAPSHOT_NAME, TREE_FIELD, linked_clones
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
@@ -34,6 +34,7 @@ from workers.engines.qemu_vm.config import config_fingerprint, fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
 from workers.failures import Cancelled, IllegalValue
 from workers.runtime import TaskRun, operation
+from workers.tasks import snapshots_live
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import (
     begin,
@@ -128,17 +129,6 @@ def refingerprint(settings: Settings, record: dict[str, str]) -> None:
     fsync_directory(paths.directory)
 
 
-def refuse_move(settings: Settings, record: dict[str, str]) -> None:
-    """A move does not carry a tree or a linked clone's backing yet: refused, under
-    the VM's lock, before anything moves (the producer refuses it first)."""
-    if engine.load(vm_directory(settings, record["name"])) is not None:
-        raise InvalidStateError(f"VM {record['name']!r} has snapshots: moving them is not "
-                                "supported yet (delete them first)")
-    if record.get(CLONE_FIELD):
-        raise InvalidStateError(f"VM {record['name']!r} is a linked clone, which stays on "
-                                "its source's host")
-
-
 @operation(tasks.VM_CREATE_SNAPSHOT)
 def create_snapshot(run: TaskRun, name: str, snapshot: str,
                     include_memory: bool = True) -> dict[str, Any]:
@@ -154,6 +144,9 @@ def create_snapshot(run: TaskRun, name: str, snapshot: str,
         if tree is not None and tree.find(snapshot) is not None:
             raise IllegalValue(f"VM {name!r} already has a snapshot named {snapshot!r}")
         bases, infos = checked_bases(run, record, tree)
+        if state in snapshots_live.LIVE:
+            return snapshots_live.create(run, client, record, name, snapshot, include_memory,
+                                         state, folder, tree, bases, infos)
         count = len(bases)
         present = engine.new_layer_id()
         made: list[Path] = []
@@ -209,6 +202,10 @@ def revert_to_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]
         if tree is None or tree.find(snapshot) is None:
             raise IllegalValue(f"VM {name!r} has no snapshot named {snapshot!r}")
         bases, infos = checked_bases(run, record, tree)
+        live = state in snapshots_live.LIVE
+        if live:  # QEMU stops first; then the revert is the cold one
+            snapshots_live.stop_for_revert(run, client, name)
+            state = S.TurnedOff
         count = len(bases)
         point = tree.require(snapshot)
         present = engine.new_layer_id()
@@ -244,6 +241,8 @@ def revert_to_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]
         elif state is not S.TurnedOff:
             settle(client, name, S.TurnedOff)
         publish(client, name, folder, tree)
+        if live and point.include_memory:  # the same boot goes on where it stood
+            snapshots_live.restore(run, client, name)
         return snapshot_output(folder, tree, snapshot)
 
 
@@ -253,7 +252,10 @@ def delete_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]:
     the point and its layer; the last one also commits the present into the bases."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "delete_snapshot", name, S.MergingDrives)
+        client, record, state = begin(run, "delete_snapshot", name, None)
+        if state in snapshots_live.LIVE:  # the VM runs on while its layers change
+            return _delete(run, client, record, name, snapshot, live=True)
+        transition(client, name, frozenset({state}), S.MergingDrives)
         try:
             return _delete(run, client, record, name, snapshot)
         finally:
@@ -261,7 +263,7 @@ def delete_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]:
 
 
 def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
-            snapshot: str) -> dict[str, Any]:
+            snapshot: str, live: bool = False) -> dict[str, Any]:
     folder = vm_directory(run.settings, name)
     tree = engine.load(folder)
     if tree is None or tree.find(snapshot) is None:
@@ -275,6 +277,8 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
             f"on it ({', '.join(sorted(resting))})")
     bases, _infos = checked_bases(run, record, tree)
     count = len(bases)
+    if live:
+        return snapshots_live.delete(run, client, record, name, snapshot, folder, tree, bases)
     point = tree.require(snapshot)
     layers = engine.layer_files(folder, point.layer, count)
     others = [p.layer for p in tree.snapshots if p.name != snapshot]

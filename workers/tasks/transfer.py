@@ -161,7 +161,7 @@ class Served:
     fixed: bool
 
 
-def _open_served(files: HostFiles, source: Path, mode: str, stack: ExitStack) -> Served:
+def open_served(files: HostFiles, source: Path, mode: str, stack: ExitStack) -> Served:
     """What qemu-nbd exports, opened beneath the root and share-locked with ``stack``."""
     if mode == "image":
         chain = files.open_chain(source, stack)
@@ -203,7 +203,7 @@ def serve(run: TaskRun, path: str, transfer_id: str, client_task_id: str,
     if over:
         return {"served": False}
     with ExitStack() as stack:
-        served = _open_served(files, source, mode, stack)
+        served = open_served(files, source, mode, stack)
         export = stack.enter_context(nbd.serve(
             served.spec, address=run.settings.advertise_address,
             ports=run.settings.transfer_ports, name=nbd.new_export_name(),

@@ -108,6 +108,17 @@ class Monitor:
             raise VMNotRunning(f"Could not pass a file descriptor to QEMU: {exc}") from None
         self.execute("getfd", {"fdname": name})
 
+    def add_fd(self, fd: int) -> int:
+        """Put a duplicate of ``fd`` into a new fd set (``add-fd``); QEMU opens it as
+        ``/dev/fdset/N`` (a block node's file), and reopens it from the set later."""
+        if self._client is None:
+            raise VMNotRunning(f"QMP connection to {self.paths.directory.name} is closed")
+        try:
+            self._client.send_fd_scm(fd)
+        except (OSError, QMPError) as exc:
+            raise VMNotRunning(f"Could not pass a file descriptor to QEMU: {exc}") from None
+        return int(self.execute("add-fd")["fdset-id"])
+
     def close(self) -> None:
         if self._client is not None:
             # Disconnect re-raises whatever ended the session (EOF after quit): moot here.

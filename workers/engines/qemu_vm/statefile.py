@@ -131,8 +131,22 @@ def publish_saved_state(
     run_state: str,
 ) -> None:
     """Move the complete ``paths.state_tmp`` into place and write its fingerprint file."""
-    size, digest = _sha256(paths.state_tmp)
-    os.replace(paths.state_tmp, paths.state_file)
+    publish_state_file(paths.state_tmp, paths.state_file, config, machine_type=machine_type,
+                       qemu_version=qemu_version, run_state=run_state)
+
+
+def publish_state_file(
+    tmp: Path,
+    state: Path,
+    config: VMConfig,
+    *,
+    machine_type: str,
+    qemu_version: Mapping[str, Any],
+    run_state: str,
+) -> None:
+    """`publish_saved_state` for any place (a snapshot's state beside its layer)."""
+    size, digest = _sha256(tmp)
+    os.replace(tmp, state)
     metadata = {
         "version": STATE_FORMAT_VERSION,
         "fingerprint": config_fingerprint(config),
@@ -146,8 +160,8 @@ def publish_saved_state(
         "state_sha256": digest,
         "saved_at": datetime.now(UTC).isoformat(),
     }
-    _write_atomically(paths.fingerprint_file, json.dumps(metadata, indent=2).encode())
-    fsync_directory(paths.directory, strict=True)
+    _write_atomically(fingerprint_path(state), json.dumps(metadata, indent=2).encode())
+    fsync_directory(state.parent, strict=True)
 
 
 def discard_saved_state(paths: VMPaths) -> None:
