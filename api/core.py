@@ -13,11 +13,12 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from celery import Celery
 
-from api import celery_backend, events
+from api import celery_backend, events, maintenance
 from api.arguments import check_int, check_task_id
 from api.connection import RedisEndpoint, parse_redis_url
 from api.enums import VMTaskResult
@@ -31,9 +32,10 @@ from api.errors import (
     VMTaskError,
 )
 from api.protocol import hresults, keys
-from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
+from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, Field, TaskSnapshot
 from api.protocol.tasks import TaskSpec
 from api.publish import message_commands
+from api.replication import pipelined
 from api.settings import Settings, redact_url, validate_host_name
 from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
 from api.task import VMTask
@@ -101,6 +103,18 @@ def _connect_retry(endpoint: RedisEndpoint) -> dict[str, Any]:
             "interval_step": 0.2, "interval_max": 0.5, "errback": _give_up_when_refused}
 
 
+@dataclass
+class ParentLink:
+    """A composite task's hold on what it submits (`workers.composite`): every task
+    carries the parent's id (the record's ``parent``, Celery's ``parent_id`` and
+    ``root_id``, so Flower shows the tree), and the children it follows are listed in
+    the parent's record before they are queued."""
+
+    parent_id: str
+    root_id: str
+    children: list[str] = field(default_factory=list)
+
+
 class ServerCore:
     def __init__(
         self,
@@ -131,6 +145,8 @@ class ServerCore:
         self.scripts = self.store.scripts
         self._celery: Celery | None = None
         self._only_host: str | None = None
+        # Set only on the server a composite task drives its children with.
+        self.parent_link: ParentLink | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(self.url)} host={self.default_host}>"
@@ -162,8 +178,41 @@ class ServerCore:
         return list(self._live_heartbeats())
 
     def host_status(self) -> dict[str, dict[str, Any]]:
-        """Each live host's last heartbeat, as the worker wrote it."""
-        return {name: json.loads(beat) for name, beat in self._live_heartbeats().items()}
+        """Each live host's last heartbeat, as the worker wrote it, with
+        ``maintenance``: True while the host is in maintenance (`set_maintenance`)."""
+        def build(pipe: Any) -> None:
+            self.scripts.hosts_live.queue(pipe, known_hosts=keys.KNOWN_HOSTS,
+                                          heartbeat_prefix=keys.host_heartbeat(""))
+            pipe.hgetall(keys.MAINTENANCE)
+
+        # One round trip, as before there was maintenance.
+        with broker_errors(self.url):
+            reply, held = pipelined(self.redis, build, self.scripts)
+        beats = dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
+        return {name: {**json.loads(beat), "maintenance": name in held}
+                for name, beat in beats.items()}
+
+    def set_maintenance(self, host: str, on: bool) -> None:
+        """Put ``host`` in maintenance (or take it out): while it is, nothing new is
+        created, started, moved or copied onto it (`HostUnavailableError` naming
+        maintenance, before anything is queued); moves off it still run.  Kept in
+        Redis without a TTL: it outlives workers and Redis restarts (with AOF) until
+        switched off.  The host need not be live."""
+        validate_host_name(host)
+        if not isinstance(on, bool):
+            raise InvalidArgumentError(f"on must be a bool, not {on!r}")
+        with broker_errors(self.url):
+            maintenance.set_flag(self.redis, host, on)
+
+    def placeable_host(self, host: str | None, what: str) -> str:
+        """`resolve_host`, refusing a host in maintenance for ``what`` (something new
+        placed or started there)."""
+        target = self.resolve_host(host)
+        with broker_errors(self.url):
+            held = self.redis.hexists(keys.MAINTENANCE, target)
+        if held:
+            raise maintenance.refusal(target, what)
+        return target
 
     def resolve_host(self, host: str | None = None) -> str:
         """The host an operation goes to: explicit, configured, or the only live one."""
@@ -234,6 +283,11 @@ class ServerCore:
         record: dict[str, Any] = {
             "name": task_name, "description": description, "cancelable": cancelable,
             "arguments": {"args": list(args), **arguments}}
+        link = self.parent_link
+        tree: dict[str, str] = {}
+        if link is not None:
+            record["extra"] = {Field.PARENT: link.parent_id, Field.ROOT: link.root_id}
+            tree = {"parent_id": link.parent_id, "root_id": link.root_id}
         wanted = host or self.default_host
         if wanted is not None:
             validate_host_name(wanted)
@@ -245,7 +299,7 @@ class ServerCore:
             try:
                 message = message_commands(
                     self.celery, task_name, args=list(args), kwargs=arguments,
-                    task_id=task_id, queue=queue, routing_key=queue)
+                    task_id=task_id, queue=queue, routing_key=queue, **tree)
             except SEND_ERRORS as exc:
                 refusal = refusal_of(exc)
                 if refusal is not None:
@@ -265,6 +319,19 @@ class ServerCore:
             if attempt == 1:
                 target = self.resolve_host(None)
         raise HostUnavailableError(f"Host {target} stopped being live")
+
+    def announce_child(self, task_id: str) -> None:
+        """Under a composite task, list ``task_id`` in its record as a child it follows,
+        before the child is queued: a parent judged crashed cancels every child its
+        record lists (`api.protocol.records.cascade_cancel`), so none can run unknown to it.  One
+        writer (the parent's body), so the whole list is written each time."""
+        link = self.parent_link
+        if link is None:
+            return
+        link.children.append(task_id)
+        with broker_errors(self.url):
+            self.redis.hset(keys.task_record(link.parent_id), Field.CHILDREN,
+                            json.dumps(link.children))
 
     def task_snapshots(self, ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot, in one pipelined round trip: the same order as

@@ -125,7 +125,8 @@ class HardDisk:
         validate_host_name(destination_host)
         check_relative_path(destination_path, "destination_path")
         format_for_name(destination_path)
-        target = self.server.resolve_host(destination_host)
+        target = self.server.placeable_host(destination_host,
+                                            f"copying a disk to {destination_path}")
         fixed = self.type is VMHardDiskType.FixedSize
         needed = self.size_in_guest if fixed else sum(
             disk.size_on_host for disk in _chain_of(self))

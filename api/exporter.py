@@ -82,6 +82,7 @@ class Reading:
     queues: dict[tuple[str, str], int]
     vms: dict[tuple[str, str], int]
     running: dict[str, int]
+    maintenance: frozenset[str] = frozenset()
 
 
 def result_name(value: str) -> str:
@@ -121,7 +122,8 @@ def read(client: redis.Redis) -> Reading:
     pipe.smembers(keys.KNOWN_HOSTS)
     pipe.smembers(keys.VM_NAMES)
     pipe.smembers(keys.RUNNING_TASKS)
-    raw_metrics, known, vm_names, running_ids = pipe.execute()
+    pipe.hgetall(keys.MAINTENANCE)
+    raw_metrics, known, vm_names, running_ids, held = pipe.execute()
     hosts, vm_names, running_ids = sorted(known), sorted(vm_names), sorted(running_ids)
 
     pipe = client.pipeline(transaction=False)
@@ -154,7 +156,8 @@ def read(client: redis.Redis) -> Reading:
         if state == STARTED and host is not None:
             running[host] += 1
     totals, histograms = parse_metrics_hash(raw_metrics)
-    return Reading(totals, histograms, hosts, beats, queues, dict(vms), dict(running))
+    return Reading(totals, histograms, hosts, beats, queues, dict(vms), dict(running),
+                   frozenset(held))
 
 
 def families(reading: Reading) -> Iterator[Metric]:
@@ -183,14 +186,14 @@ def families(reading: Reading) -> Iterator[Metric]:
     up = GaugeMetricFamily("vmtask_host_up", "1 while a worker's heartbeat for the host is "
                            "live", labels=("host",))
     maintenance = GaugeMetricFamily("vmtask_host_maintenance", "1 while the host is in "
-                                    "maintenance (no such mode exists yet: always 0)",
+                                    "maintenance (VirtualServer.set_maintenance)",
                                     labels=("host",))
     free = GaugeMetricFamily("vmtask_storage_free_bytes", "Free bytes in the host's storage "
                              "root, from its last heartbeat (live hosts only)", labels=("host",))
     for host in reading.hosts:
         beat = reading.heartbeats.get(host)
         up.add_metric((host,), 1 if beat else 0)
-        maintenance.add_metric((host,), 0)
+        maintenance.add_metric((host,), 1 if host in reading.maintenance else 0)
         if beat and isinstance(beat.get("storage_free_bytes"), int | float):
             free.add_metric((host,), beat["storage_free_bytes"])
     yield up

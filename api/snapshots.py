@@ -179,6 +179,9 @@ class SnapshotMethods:
         with broker_errors(self._server.url):
             if self._server.redis.exists(keys.vm_record(name)):
                 raise InvalidArgumentError(f"A VM named {name!r} already exists")
+        # The clone is new on the host it is made on: none while that is in maintenance.
+        self._server.placeable_host(host if remote else self.host,
+                                    f"cloning VM {self.name} into {name}")
         kind = "linked" if linked else "full"
         point = f" at snapshot {snapshot}" if snapshot else ""
         if remote:

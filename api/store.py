@@ -163,6 +163,7 @@ class TaskStore:
         cancelable: bool,
         arguments: Mapping[str, Any],
         message: Sequence[PublishCommand] = (),
+        extra: Mapping[str, str] | None = None,
     ) -> bool:
         """Write a PENDING record and push its ``message`` (the Redis commands kombu
         would send for it) in one script, one round trip: both or neither.  O(1)
@@ -184,6 +185,7 @@ class TaskStore:
             field.PERCENT: "0",
             field.CREATED: repr(now),
             field.ARGUMENTS: json.dumps(dict(arguments), sort_keys=True),
+            **(extra or {}),
         }
         items: list[Any] = [item for pair in fields.items() for item in pair]
         field_count = len(items)

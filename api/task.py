@@ -111,6 +111,24 @@ class VMTask:
     def error_description(self) -> str:
         return self.snapshot().error_description
 
+    @property
+    def children(self) -> list[VMTask]:
+        """The tasks this composite task started, in the order it started them (a
+        host evacuation's moves); [] for other tasks.  Two round trips.  (A child is
+        listed in its parent's record just before it is queued: one not queued yet, or
+        refused, is left out.)"""
+        listed = list(self.snapshot().children)
+        return [VMTask(self._store, child, poll_interval=self.poll_interval, host=snap.host)
+                for child, snap in zip(listed, self._store.read_many(listed), strict=True)
+                if snap is not None]
+
+    @property
+    def parent(self) -> VMTask | None:
+        """The composite task that started this one, or None."""
+        parent = self.snapshot().parent
+        return None if parent is None else VMTask(self._store, parent,
+                                                  poll_interval=self.poll_interval)
+
     def log(self, tail: int | None = None) -> list[str]:
         """The time-stamped lines the task's operation wrote, oldest first: its start,
         phases, commands, QEMU events, retries, warnings and its end (the last

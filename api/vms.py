@@ -120,7 +120,9 @@ class VirtualMachine(SnapshotMethods):
             kwargs={"name": self.name, **kwargs}, host=self.host)
 
     def startup(self) -> VMTask:
-        """Boot a TurnedOff VM, or restore a Saved one."""
+        """Boot a TurnedOff VM, or restore a Saved one; refused (HostUnavailableError)
+        while its host is in maintenance."""
+        self._server.placeable_host(self.host, f"starting VM {self.name}")
         return self._operate("startup", "Starting")
 
     def save(self) -> VMTask:
@@ -182,11 +184,12 @@ class VirtualMachine(SnapshotMethods):
         if destination_host == self.host:
             raise InvalidArgumentError(f"VM {self.name!r} is already on {destination_host}")
         self._check("migrate", state)
-        target = self._server.resolve_host(destination_host)
+        target = self._server.placeable_host(destination_host, f"moving VM {self.name} there")
         transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
         source = self.host
         if state in (VMVMState.Running, VMVMState.Paused):
             # The source drives and the producer follows it; the destination helps.
+            self._server.announce_child(out_id)
             self._server.submit(
                 tasks.VM_LIVE_IN, description=f"Receiving VM {self.name} from {source}",
                 kwargs={"name": self.name, "source_host": source,
@@ -202,6 +205,7 @@ class VirtualMachine(SnapshotMethods):
             except Exception:
                 self._server.get_task(in_id).cancel()
                 raise
+        self._server.announce_child(in_id)
         self._server.submit(
             tasks.VM_MIGRATE_OUT, description=f"Sending VM {self.name} to {target}",
             kwargs={"name": self.name, "destination_host": target,
@@ -348,7 +352,7 @@ class VMOperations(ServerCore):
             check_text(append, "append", allow_empty=True)
         if kernel is None and (initrd is not None or append is not None):
             raise InvalidArgumentError("initrd and append need a kernel")
-        target = self.resolve_host(host)
+        target = self.placeable_host(host, f"creating VM {name}")
         field = vm_schema.Field
         fields = {
             field.NAME: name, field.HOST: target, field.STATE: str(int(VMVMState.TurnedOff)),

@@ -22,6 +22,7 @@ from workers.tasks import (
     diagnostics,
     disk_inventory,
     disks,
+    evacuation,
     guest_os,
     live_migration,
     live_recovery,
@@ -39,7 +40,7 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
                      snapshots.__name__, clones.__name__, live_resize.__name__,
-                     clone_remote.__name__]
+                     clone_remote.__name__, evacuation.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
@@ -52,7 +53,7 @@ HOST_HOOKS = host.HostHooks(
              snapshots.recover,
              clones.remove_unfinished_clones),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
-    status=(vms.vm_counts,),
+    status=(vms.vm_counts, evacuation.memory_status),
 )
 
 

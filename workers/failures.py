@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Any
 
 from api.enums import VMTaskResult
 from api.errors import InvalidStateError
@@ -49,6 +50,8 @@ class OperationFailed(Exception):
 
     result = VMTaskResult.UnexpectedError
     hresult = hresults.E_UNEXPECTED
+    # The JSON a composite task recorded before it failed (`workers.composite`).
+    partial_output: Any = None
 
     def __init__(self, description: str, hresult: int | None = None) -> None:
         super().__init__(description)

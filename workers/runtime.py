@@ -39,7 +39,7 @@ from api.replication import Acknowledgement, replicated
 from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines.context import raise_if_cancelled
-from workers.failures import Failure, OperationTimedOut, classify
+from workers.failures import Failure, OperationFailed, OperationTimedOut, classify
 from workers.outage import REDIS_AWAY, ride_out
 
 log = logging.getLogger(__name__)
@@ -510,6 +510,9 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
         value = body(run, **kwargs)
     except Exception as exc:
         failure = failure_of(exc)
+        # What a composite task did before it failed (`workers.composite`); no other
+        # exception's attribute (CalledProcessError has an ``output``) is ever stored.
+        value = exc.partial_output if isinstance(exc, OperationFailed) else None
         if failure.result == VMTaskResult.UnexpectedError:
             trace = traceback.format_exc()
             run.log(f"unexpected error: {type(exc).__name__}: {exc}")
@@ -519,7 +522,7 @@ def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any
                         hresults.format_hresult(failure.hresult), failure.description)
     finally:
         lease_keeper.release(run)
-    outcome = run.finish(failure, value if failure is None else None)
+    outcome = run.finish(failure, value)
     if outcome != "OK":
         # Judged crashed meanwhile: the record's FAILURE stands, and its judge sent
         # the event.  Celery must not announce a success the record does not hold.

@@ -9,6 +9,7 @@ import click
 from rich.table import Column
 
 from api import errors
+from api.cli.evacuate import evacuate
 from api.cli.follow import run_task
 from api.cli.output import emit_json, format_bytes, new_table, stdout_console
 from api.cli.state import json_option, no_wait_option, state_of
@@ -75,16 +76,21 @@ def host_rows(server: VirtualServer) -> list[dict[str, Any]]:
                                       tasks.get(name, 0) if tasks is not None else None),
             "vms": beat.get("vms", counted_vms[1]),
             "running_vms": beat.get("vms_running", counted_vms[0]),
+            "maintenance": bool(beat.get("maintenance")),
             "status": beat,
         })
     return rows
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @json_option
 @click.pass_context
 def hosts(ctx: click.Context) -> None:
-    """Live worker hosts: heartbeat, free storage, running tasks and VMs."""
+    """Live worker hosts: heartbeat, free storage, running tasks and VMs, maintenance.
+
+    With a verb: put a host in maintenance, or evacuate it."""
+    if ctx.invoked_subcommand is not None:
+        return
     state = state_of(ctx)
     rows = host_rows(state.server())
     if state.json:
@@ -94,12 +100,14 @@ def hosts(ctx: click.Context) -> None:
                       Column("free storage", justify="right", no_wrap=True),
                       Column("running tasks", justify="right"),
                       Column("VMs running/all", justify="right"),
+                      Column("mode", no_wrap=True),
                       Column("worker", no_wrap=True), Column("storage root", overflow="fold"))
     for row in rows:
         age = row["heartbeat_age_seconds"]
         table.add_row(row["host"], f"{age:.1f}s ago" if age is not None else "-",
                       format_bytes(row["storage_free_bytes"]), str(row["running_tasks"]),
                       f"{row['running_vms']}/{row['vms']}",
+                      "maintenance" if row["maintenance"] else "-",
                       f"{row['machine']} pid {row['pid']}", str(row["storage_root"]))
     stdout_console().print(table if rows else "no live hosts (start one with 'vmtask worker')")
 
@@ -115,3 +123,22 @@ def ping(ctx: click.Context, duration_ms: int, steps: int) -> None:
     state = state_of(ctx)
     run_task(state, state.server().ping(duration_ms=duration_ms, steps=steps))
 
+
+
+@hosts.command("maintenance")
+@click.argument("host")
+@click.argument("mode", type=click.Choice(["on", "off"]))
+@json_option
+@click.pass_context
+def maintenance(ctx: click.Context, host: str, mode: str) -> None:
+    """Put HOST in maintenance (nothing new is created, started or moved onto it) or
+    take it out; it stays until switched off, across worker and Redis restarts."""
+    state = state_of(ctx)
+    state.server().set_maintenance(host, mode == "on")
+    if state.json:
+        emit_json({"host": host, "maintenance": mode == "on"})
+    else:
+        stdout_console().print(f"{host}: maintenance {mode}")
+
+
+hosts.add_command(evacuate)

@@ -118,6 +118,8 @@ def snapshot_dict(snap: TaskSnapshot) -> dict[str, Any]:
         "finished": snap.finished,
         "elapsed_seconds": elapsed_of(snap),
         "output": snap.output,
+        "parent": snap.parent,
+        "children": list(snap.children),
     }
 
 

@@ -33,7 +33,14 @@ def task() -> None:
     """Tasks: inspect, follow, cancel, list (from any machine, by id)."""
 
 
-def print_task(snap: TaskSnapshot) -> None:
+def child_line(child_id: str, snap: TaskSnapshot | None) -> str:
+    if snap is None:
+        return f"{child_id} (expired)"
+    outcome = snap.result.name if snap.result is not None else f"{snap.percent_completed}%"
+    return f"{child_id} {snap.state} {outcome} {snap.description}"
+
+
+def print_task(snap: TaskSnapshot, children: list[TaskSnapshot | None] | None = None) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -54,6 +61,13 @@ def print_task(snap: TaskSnapshot) -> None:
         ("finished", format_time(snap.finished)),
         ("elapsed", format_duration(elapsed_of(snap))),
     ]
+    if snap.parent:
+        rows.append(("parent", snap.parent))
+    if snap.children:
+        shown = children if children is not None else [None] * len(snap.children)
+        rows.append(("children", "\n".join(
+            child_line(child_id, child) if children is not None else child_id
+            for child_id, child in zip(snap.children, shown, strict=True))))
     for label, value in rows:
         grid.add_row(label, value)
     stdout_console().print(grid)
@@ -75,7 +89,8 @@ def task_show(ctx: click.Context, task_ids: tuple[str, ...]) -> None:
         if state.json:
             emit_json(snapshot_dict(one))
         else:
-            print_task(one)
+            print_task(one, state.server().task_snapshots(list(one.children))
+                       if one.children else None)
         return
     snaps = state.server().task_snapshots(task_ids)
     if state.json:

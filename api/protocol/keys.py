@@ -55,6 +55,9 @@ def host_heartbeat(host: str) -> str:
 
 
 KNOWN_HOSTS = f"{PREFIX}hosts"  # set of every host name that ever advertised
+# Hash: host name -> JSON {"since": epoch} for each host in maintenance; no TTL,
+# so the mode outlives workers (and, with AOF, Redis) until it is switched off.
+MAINTENANCE = f"{PREFIX}maintenance"
 
 
 def host_queue(host: str) -> str:

@@ -67,6 +67,10 @@ class Field:
     OUTPUT = "output"  # JSON of a successful operation's small result
     CANCEL_REQUESTED = "cancel_requested"  # "1" once a cancel was asked
     LOG_DROPPED = "log_dropped"  # entries the task log's cap dropped
+    # A composite task's (`workers.composite`), written at the submit.
+    PARENT = "parent"  # a child's parent task id
+    ROOT = "root"  # a child's root task id (Celery's root_id)
+    CHILDREN = "children"  # JSON list of a parent's child ids, each listed before it is queued
 
 # Messages on a task's channel.
 MSG_PROGRESS = "progress"
@@ -98,6 +102,10 @@ class TaskSnapshot:
     lease_alive: bool
     output: Any = None
     """The small JSON value a successful operation returned (e.g. disk information)."""
+    parent: str | None = None
+    """The composite task that started this one (`workers.composite`), if any."""
+    children: tuple[str, ...] = ()
+    """The tasks this composite task started, in the order it started them."""
 
     @property
     def is_complete(self) -> bool:
@@ -135,6 +143,9 @@ class TaskSnapshot:
             cancel_requested=fields.get(Field.CANCEL_REQUESTED) == "1",
             lease_alive=lease_alive,
             output=json.loads(fields[Field.OUTPUT]) if fields.get(Field.OUTPUT) else None,
+            parent=fields.get(Field.PARENT) or None,
+            children=(tuple(json.loads(fields[Field.CHILDREN])) if fields.get(Field.CHILDREN)
+                      else ()),
         )
 
 
@@ -169,7 +180,22 @@ def judge_crashed(scripts: Scripts, task_id: str, retention_seconds: int,
         error=hresults.SERVER_FAULT, description=CRASH_DESCRIPTION,
         finished=repr(time.time()), percent=0, retention=retention_seconds, judged=True,
         grace=max(1, math.ceil(grace_seconds))))
+    if outcome == "OK":
+        cascade_cancel(scripts, task_id, retention_seconds)
     return bool(outcome == "OK")
+
+
+def cascade_cancel(scripts: Scripts, task_id: str, retention_seconds: int) -> list[str]:
+    """Cancel every child of a composite task that can still be cancelled
+    (`workers.composite`): done by whoever judges the parent crashed, so that no child
+    runs on with nobody to follow it.  A child past its point of no return (a live
+    migration past its switch-over) refuses, and finishes by itself.  The children
+    cancelled."""
+    raw = scripts.client.hget(keys.task_record(task_id), Field.CHILDREN)
+    if not raw:
+        return []
+    return [child for child in json.loads(raw)
+            if cancel_record(scripts, child, retention_seconds) in ("REVOKED", "REQUESTED")]
 
 
 def cancel_record(scripts: Scripts, task_id: str, retention_seconds: int, *,

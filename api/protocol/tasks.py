@@ -82,6 +82,12 @@ VM_LIVE_OUT = TaskSpec("vmtask.migrate.live_out",
 VM_LIVE_IN = TaskSpec("vmtask.migrate.live_in",
                       ("name", "source_host", "transfer_id", "peer_task_id"), cancelable=True)
 
+# A composite task (`workers.composite`): it only starts, follows and cancels its
+# children, so it runs in the control lane, never taking a slot a child needs (on a
+# host of one slot, a parent in the long lane would wait forever on its children).
+HOST_EVACUATE = TaskSpec("vmtask.host.evacuate", ("host", "destinations", "max_parallel"),
+                         cancelable=True, quick=True)
+
 VM_STARTUP = TaskSpec("vmtask.vm.startup", ("name",), cancelable=True)
 VM_SAVE = TaskSpec("vmtask.vm.save", ("name",), cancelable=True)
 VM_PAUSE = TaskSpec("vmtask.vm.pause", ("name",), cancelable=False, quick=True)

@@ -144,6 +144,9 @@ def test_metrics_match_the_records_after_success_failure_cancel_and_a_killed_wor
         assert value(samples, "vmtask_up") == 1
         assert value(samples, "vmtask_host_up", host=HOST) == 1
         assert value(samples, "vmtask_host_maintenance", host=HOST) == 0
+        server.set_maintenance(HOST, True)
+        assert value(parse(scrape())[0], "vmtask_host_maintenance", host=HOST) == 1
+        server.set_maintenance(HOST, False)
         assert value(samples, "vmtask_vms", host=HOST, state="TurnedOff") == 1
         free = value(samples, "vmtask_storage_free_bytes", host=HOST)
         assert abs(free - shutil.disk_usage(worker.storage_root).free) < 512 * 2**20

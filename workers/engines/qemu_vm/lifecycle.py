@@ -162,6 +162,10 @@ def _available_memory_bytes() -> int | None:
     return available
 
 
+# The host's heartbeat shows it (``memory_free_bytes``): an evacuation places by it.
+available_memory_bytes = _available_memory_bytes
+
+
 def check_host_memory(config: VMConfig) -> None:
     available = _available_memory_bytes()
     if available is not None and config.memory_mb * MiB > available:
