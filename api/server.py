@@ -7,6 +7,7 @@ enqueues every operation.
 from __future__ import annotations
 
 from api.arguments import check_int
+from api.backups import BackupOperations
 from api.disks import DiskOperations
 from api.protocol import tasks
 from api.task import VMTask
@@ -16,7 +17,7 @@ MAX_PING_DURATION_MS = 3_600_000
 MAX_PING_STEPS = 10_000
 
 
-class VirtualServer(DiskOperations, VMOperations):
+class VirtualServer(DiskOperations, VMOperations, BackupOperations):
     """Hosts, tasks, disks and VMs of one vmtask deployment (one Redis)."""
 
     def ping(self, duration_ms: int = 0, steps: int = 0, *, host: str | None = None) -> VMTask:

@@ -109,6 +109,11 @@ VM_REVERT_TO_SNAPSHOT = TaskSpec("vmtask.vm.revert_to_snapshot", ("name", "snaps
 # Cancelable until the tree drops the point; the commit that ends the last one is not.
 VM_DELETE_SNAPSHOT = TaskSpec("vmtask.vm.delete_snapshot", ("name", "snapshot"), cancelable=True)
 VM_CLONE = TaskSpec("vmtask.vm.clone", ("name", "clone", "linked", "snapshot"), cancelable=True)
+# Backups (issue 24): into a repository folder on the VM's host, under the VM's lock.
+VM_BACKUP = TaskSpec("vmtask.vm.backup", ("name", "repository", "full"), cancelable=True)
+BACKUP_RESTORE = TaskSpec("vmtask.backup.restore", ("repository", "backup_id", "name"),
+                          cancelable=True)
+BACKUP_PRUNE = TaskSpec("vmtask.backup.prune", ("repository", "keep_last"), cancelable=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

@@ -49,6 +49,8 @@ ALLOWED: dict[str, frozenset[S]] = {
     "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved}),
     "delete_snapshot": frozenset({S.TurnedOff, S.Saved}),
     "clone": frozenset({S.TurnedOff, S.Saved}),
+    # Running and Paused: QEMU's backup job reads a point-in-time view meanwhile.
+    "backup": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
 }
 
 EVENTS_MAXLEN = 10_000
