@@ -165,3 +165,18 @@ class BackupOperations:
                                        "backups of each VM",
                            kwargs={"repository": repository, "keep_last": keep_last},
                            host=target)
+
+    def verify_backup(self, repository: str, backup_id: str, host: str | None = None
+                      ) -> VMTask:
+        """Restore into a scratch VM without network, boot it until its guest agent
+        answers (without an agent: until it has run 10 s), keep a screenshot in the
+        output (``screenshot_png_base64``) and remove the scratch VM."""
+        check_repository(repository)
+        check_backup_id(backup_id)
+        target = self.resolve_host(host)
+        self._existing_backup(repository, backup_id, target)
+        return self.submit(tasks.BACKUP_VERIFY,
+                           description=f"Verifying backup {backup_id} of {repository} by "
+                                       "booting it",
+                           kwargs={"repository": repository, "backup_id": backup_id},
+                           host=target)

@@ -18,6 +18,7 @@ from workers import control as control_lane
 from workers import flower_ext, host, monitoring, transport
 from workers.tasks import (
     backup_restore,
+    backup_verify,
     backups,
     clones,
     diagnostics,
@@ -38,7 +39,7 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
                      snapshots.__name__, clones.__name__, backups.__name__,
-                     backup_restore.__name__]
+                     backup_restore.__name__, backup_verify.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.

@@ -114,6 +114,7 @@ VM_BACKUP = TaskSpec("vmtask.vm.backup", ("name", "repository", "full"), cancela
 BACKUP_RESTORE = TaskSpec("vmtask.backup.restore", ("repository", "backup_id", "name"),
                           cancelable=True)
 BACKUP_PRUNE = TaskSpec("vmtask.backup.prune", ("repository", "keep_last"), cancelable=True)
+BACKUP_VERIFY = TaskSpec("vmtask.backup.verify", ("repository", "backup_id"), cancelable=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

@@ -7,6 +7,7 @@ agent with an fsync, and the restore points are read with qemu-io and compared w
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from collections.abc import Iterator
@@ -111,6 +112,13 @@ def test_running_vm_incremental_across_a_restart(server: VirtualServer,
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
     assert same(folder / str(third["id"]) / "disk-0.qcow2", raw)
     raw.unlink()
+
+    verify = server.verify_backup(repository, str(third["id"]))
+    ok(verify)
+    output = verify.snapshot().output
+    assert (output["guest_agent"], output["vm"]) == (True, name)
+    assert base64.b64decode(output["screenshot_png_base64"]).startswith(b"\x89PNG")
+    assert [p.name for p in (root / "vms").iterdir() if p.name.startswith("verify-")] == []
 
 
 def test_worker_killed_mid_backup_lists_nothing_and_next_is_correct(

@@ -59,7 +59,7 @@ def restore_backup(run: TaskRun, repository: str, backup_id: str, name: str
         (directory / JOURNAL).write_text(json.dumps({"task": run.task_id,
                                                      "source": f"backup {backup_id}"}))
         try:
-            disks = _restore_disks(run, folder, entry, target)
+            disks = restore_disks(run, folder, entry, target, (0, 95))
             raise_if_cancelled(run)
             fields = {key: config[key] for key in CONFIG_FIELDS if key in config}
             fields.update({
@@ -78,18 +78,21 @@ def restore_backup(run: TaskRun, repository: str, backup_id: str, name: str
             "disks": json.loads(fields["disks"])}
 
 
-def _restore_disks(run: TaskRun, folder: Path, entry: repo.Entry, target: Path
-                   ) -> list[Path]:
+def restore_disks(run: TaskRun, folder: Path, entry: repo.Entry, target: Path,
+                  span: tuple[float, float]) -> list[Path]:
+    """Each disk's backup chain converted into a new qcow2 in ``target``."""
     files = HostFiles.of(run.settings)
     made = []
     count = len(entry.disks)
+    low, high = span
     for index in range(count):
         source = repo.disk_file(folder, entry.id, index)
         destination = target / f"{index}-{Path(entry.disks[index]).stem}.qcow2"
         with ExitStack() as stack:
             chain = files.open_chain(source, stack)
             qemu_img.convert(source, destination, False,
-                             Scaled(run, 95 * index / count, 95 * (index + 1) / count),
+                             Scaled(run, low + (high - low) * index / count,
+                                    low + (high - low) * (index + 1) / count),
                              run.task_id, chain=chain.pinned(),
                              source_info=chain.links[0].info)
         made.append(destination)
