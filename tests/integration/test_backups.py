@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, errors
+from api.exporter import families, read
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
 from workers.devtools.sandbox import wait_until
@@ -122,6 +123,12 @@ def test_full_then_incremental_restore_and_prune(server: VirtualServer, root: Pa
     fourth = backup(vm, repository)
     assert (fourth["kind"], fourth["bytes_read"]) == ("incremental", CLUSTER)
     assert same(folder / str(fourth["id"]) / "disk-0.qcow2", export(disk, tmp_path / "4.raw"))
+    # The exporter's vmtask_backup_last_success_timestamp has the VM's last success.
+    newest = server.backups(repository)[-1].created
+    samples = {s.labels["vm"]: s.value for family in families(read(server.redis))
+               if family.name == "vmtask_backup_last_success_timestamp"
+               for s in family.samples}
+    assert newest <= samples[name] <= newest + 5
 
 
 def test_untrusted_chain_is_full_and_says_why(server: VirtualServer, root: Path,
