@@ -103,6 +103,12 @@ def test_running_vm_incremental_across_a_restart(server: VirtualServer,
         guest_write(client, 0xC3)
     third = backup_of(vm, repository)
     assert (third["kind"], third["parent"]) == ("incremental", second["id"]), third["reason"]
+    ok(vm.save())  # a Saved VM: the storage daemon opens its disks
+    saved = backup_of(vm, repository)
+    assert (saved["kind"], saved["parent"]) == ("incremental", third["id"]), saved["reason"]
+    assert int(str(saved["bytes_read"])) <= 4 * CLUSTER
+    ok(vm.startup())  # restored from its saved state, which the backup left loadable
+    wait_for_agent(root, name)
     ok(vm.turn_off())
 
     folder = root / repository
@@ -110,7 +116,8 @@ def test_running_vm_incremental_across_a_restart(server: VirtualServer,
     first_block(folder / str(second["id"]) / "disk-0.qcow2", 0xB2)
     raw = root / "live1.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
-    assert same(folder / str(third["id"]) / "disk-0.qcow2", raw)
+    assert same(folder / str(saved["id"]) / "disk-0.qcow2", raw)
+    first_block(folder / str(third["id"]) / "disk-0.qcow2", 0xC3)
     raw.unlink()
 
     verify = server.verify_backup(repository, str(third["id"]))

@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from api import VirtualServer
+from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
 from tests.integration.test_cli import Cli, cli, cli_env  # noqa: F401 - fixtures
 from tests.integration.test_cli_vm import api_server, vm_name  # noqa: F401 - fixtures
@@ -14,11 +16,12 @@ from tests.integration.test_cli_vm import api_server, vm_name  # noqa: F401 - fi
 ACCESS_DENIED = "0x80070005"
 
 
-def test_backup_verbs(cli: Cli, root: Path, vm_name: str) -> None:  # noqa: F811
+def test_backup_verbs(cli: Cli, root: Path, vm_name: str,  # noqa: F811
+                      api_server: VirtualServer) -> None:  # noqa: F811
     disk = f"{vm_name}/disk.qcow2"
     repository = f"repo-{vm_name}"
-    assert cli("disk", "create", disk, "--size-mb", "16").code == 0
-    assert cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk).code == 0
+    ok(api_server.create_dynamic_virtual_hard_disk(disk, 16))
+    api_server.create_virtual_machine(vm_name, memory_mb=64, disks=[disk])
     qemu_io(root / disk, "qcow2", "write -P 0x11 0 1M")
 
     first = cli("vm", "backup", vm_name, repository)
@@ -38,8 +41,9 @@ def test_backup_verbs(cli: Cli, root: Path, vm_name: str) -> None:  # noqa: F811
 
     restored = cli("backup", "restore", repository, output["id"], f"{vm_name}-r")
     assert restored.code == 0, restored
-    shown = cli("vm", "show", f"{vm_name}-r", "--json").json()
-    compare = subprocess.run(["qemu-img", "compare", str(root / shown["disks"][0]),
+    made = api_server.find_virtual_machine(f"{vm_name}-r")
+    assert made is not None
+    compare = subprocess.run(["qemu-img", "compare", str(root / made.disks[0]),
                               str(root / disk)], capture_output=True, text=True)
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
