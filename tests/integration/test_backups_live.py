@@ -75,6 +75,17 @@ def backup_of(vm: VirtualMachine, repository: str) -> dict[str, object]:
     return output
 
 
+def scratch_vm(root: Path) -> tuple[Path, int]:
+    """A scratch VM of a verify under way: its journal and a live (paused) QEMU."""
+    folder = root / "vms" / "verify-0badf00d"
+    folder.mkdir(parents=True)
+    (folder / "clone.json").write_text('{"task": "t", "source": "verify b"}')
+    subprocess.run(["qemu-system-x86_64", "-S", "-display", "none", "-nodefaults",
+                    "-daemonize", "-pidfile", str(folder / "qemu.pid"),
+                    "-qmp", f"unix:{folder / 'qmp.sock'},server=on,wait=off"], check=True)
+    return folder, int((folder / "qemu.pid").read_text())
+
+
 def first_block(image: Path, value: int) -> None:
     qemu_io(image, "qcow2", f"read -P {value:#x} 0 4096")
 
@@ -140,12 +151,15 @@ def test_worker_killed_mid_backup_lists_nothing_and_next_is_correct(
     index_before = (root / repository / "index.json").read_text()
     task = vm.backup(repository)
     wait_until(lambda: task.percent_completed > 2, 60, "the backup under way")
+    scratch = scratch_vm(root)  # as a verify killed with its worker leaves it
     worker.kill()  # kill -9 of the worker's whole process group
     worker.start()
     task.wait_for_completion(60_000)
     assert task.snapshot().result is VMTaskResult.ThreadCrashError
     assert (root / repository / "index.json").read_text() == index_before
     assert [b.id for b in server.backups(repository)] == [first["id"]]
+    wait_until(lambda: not scratch[0].exists() and not Path(f"/proc/{scratch[1]}").exists(),
+               30, "the scratch VM stopped and removed")
     marks = bitmaps(disk)  # the daemon quit on TERM: the parent's bitmap is whole
     assert all("in-use" not in flags for flags in marks.values()), marks
     after = backup_of(vm, repository)

@@ -4,21 +4,26 @@ The backup is restored (as `workers.tasks.backup_restore` does) into a scratch V
 ``verify-<random>`` that has no record in Redis and no network, booted with the
 backed-up VM's configuration; the task waits until its guest agent answers (a VM
 without an agent: until it has run `NO_AGENT_SECONDS`), takes a screenshot, turns it
-off and removes its folder.  A clone journal marks the folder while it exists, so a
-worker killed meanwhile has it removed at its next start.
+off and removes its folder.  A clone journal marks the folder while it exists: a
+worker killed meanwhile stops the scratch VM's QEMU and removes its folder at its
+next start (`stop_unfinished_verifications`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 import shutil
 import time
 from contextlib import ExitStack
 from typing import Any
 
-from api.protocol import tasks
+import redis
+
+from api.protocol import keys, tasks
+from api.settings import Settings
 from api.vmargs import new_mac
 from workers.engines import qemu_vm
 from workers.engines.backups import repository as repo
@@ -33,6 +38,9 @@ from workers.tasks.clones import JOURNAL
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import agent_socket, config_of, open_vm_files, paths_of
 
+log = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = "verify-"
 NO_AGENT_SECONDS = 10.0
 AGENT_TIMEOUT = 180.0
 
@@ -40,7 +48,7 @@ AGENT_TIMEOUT = 180.0
 @operation(tasks.BACKUP_VERIFY)
 def verify_backup(run: TaskRun, repository: str, backup_id: str) -> dict[str, Any]:
     folder = repository_folder(run.settings, repository)
-    scratch = f"verify-{secrets.token_hex(4)}"
+    scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"
     paths = paths_of(run.settings, scratch)
     files = HostFiles.of(run.settings)
     with repo.locked(folder, exclusive=False):
@@ -99,3 +107,18 @@ def _boot(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths, backup_i
     run.report_progress(100)
     return {"backup": backup_id, "vm": vm, "guest_agent": answered, "ran_s": round(ran, 1),
             "screenshot_png_base64": base64.b64encode(png).decode("ascii")}
+
+
+def stop_unfinished_verifications(client: redis.Redis, settings: Settings) -> None:
+    """At a worker's start (nothing runs yet): a scratch VM whose verify died with its
+    worker may still run (QEMU daemonizes): stop it, then remove its folder."""
+    vms = HostFiles.of(settings).root / "vms"
+    if not vms.is_dir():
+        return
+    for journal in vms.glob(f"{SCRATCH_PREFIX}*/{JOURNAL}"):
+        directory = journal.parent
+        if client.exists(keys.vm_record(directory.name)):
+            continue  # a VM of that name, not a scratch one
+        log.warning("Removing the scratch VM %s of an unfinished verify", directory.name)
+        qemu_vm.turn_off(qemu_vm.VMPaths(directory))
+        shutil.rmtree(directory, ignore_errors=True)
