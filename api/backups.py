@@ -46,16 +46,17 @@ class Backup:
 
 
 def check_repository(repository: object) -> str:
-    """A folder under the storage root, outside ``vms/`` (which goes with its VMs)."""
+    """A folder under the storage root, outside ``vms/`` (which goes with its VMs) and
+    hidden folders (the host's internals)."""
     if not isinstance(repository, str):
         raise InvalidArgumentError(f"Invalid repository {repository!r}: a path relative to "
                                    "the storage root")
     check_relative_path(repository, "repository")
     parts = [p for p in PurePosixPath(repository).parts if p != "."]
-    if not parts or parts[0] in ("vms", ".locks"):
+    if not parts or parts[0] == "vms" or parts[0].startswith("."):
         raise InvalidArgumentError(
             f"Invalid repository {repository!r}: a folder of its own under the storage root, "
-            "outside vms/", hresults.ACCESS_DENIED)
+            "outside vms/ and hidden folders", hresults.ACCESS_DENIED)
     return repository
 
 

@@ -49,7 +49,8 @@ HOST_HOOKS = host.HostHooks(
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
              vms.index_host_vms, vms.reconcile_vms, snapshots.recover,
-             backup_verify.stop_unfinished_verifications, clones.remove_unfinished_clones),
+             backup_verify.stop_unfinished_verifications, clones.remove_unfinished_clones,
+             backups.recover_repositories),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts,),
 )

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState
+from api.protocol.backups import listing_key
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
 from tests.integration.test_backups import bitmaps, same
@@ -25,7 +27,9 @@ from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 pytestmark = pytest.mark.slow
 S = VMVMState
 CLUSTER = 65536
-FAST = {"VMTASK_HEARTBEAT_SECONDS": "1", "VMTASK_LEASE_SECONDS": "3"}
+# Backups read at 32 MiB/s per disk: slow enough to cancel or kill one mid-copy.
+FAST = {"VMTASK_HEARTBEAT_SECONDS": "1", "VMTASK_LEASE_SECONDS": "3",
+        "VMTASK_BACKUP_MAX_BANDWIDTH": str(32 << 20)}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +58,10 @@ def server(redis_url: str, worker: WorkerProcess) -> Iterator[VirtualServer]:
         yield vs
 
 
-def boot(server: VirtualServer, root: Path, name: str) -> VirtualMachine:
+def boot(server: VirtualServer, root: Path, name: str, size_mb: int = 64) -> VirtualMachine:
     vm = server.find_virtual_machine(name)
     if vm is None:
-        ok(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 256))
+        ok(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", size_mb))
         qemu_io(root / name / "d.qcow2", "qcow2", "write -P 0x5a 1M 8M")
         vm = server.create_virtual_machine(
             name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
@@ -143,17 +147,24 @@ def test_worker_killed_mid_backup_lists_nothing_and_next_is_correct(
         server: VirtualServer, worker: WorkerProcess, redis_url: str) -> None:
     root, name, repository = worker.storage_root, "live2", "repo2"
     disk = root / name / "d.qcow2"
-    vm = boot(server, root, name)
+    vm = boot(server, root, name, 128)
     first = backup_of(vm, repository)
     ok(vm.turn_off())
     # Offline, through the storage daemon: much data to copy, then kill -9 mid-way.
-    qemu_io(disk, "qcow2", "write -P 0x77 16M 200M")
+    qemu_io(disk, "qcow2", "write -P 0x77 16M 96M")
     index_before = (root / repository / "index.json").read_text()
     task = vm.backup(repository)
-    wait_until(lambda: task.percent_completed > 2, 60, "the backup under way")
+    wait_until(lambda: task.percent_completed > 2 or task.snapshot().result is not None, 60,
+               "the backup under way")
+    assert task.snapshot().result is None, task.snapshot().error_description
     scratch = scratch_vm(root)  # as a verify killed with its worker leaves it
     worker.kill()  # kill -9 of the worker's whole process group
+    assert list((root / repository).glob(".*.partial"))
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(listing_key("bk"))  # as a Redis that lost its last writes
     worker.start()
+    # The start removes the partial backup and writes the listing again from the folder.
+    assert not list((root / repository).glob(".*.partial"))
     task.wait_for_completion(60_000)
     assert task.snapshot().result is VMTaskResult.ThreadCrashError
     assert (root / repository / "index.json").read_text() == index_before
@@ -167,6 +178,36 @@ def test_worker_killed_mid_backup_lists_nothing_and_next_is_correct(
     assert json.loads((root / repository / "index.json").read_text())["backups"][-1][
         "id"] == after["id"]
     raw = root / "live2.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
+    assert same(root / repository / str(after["id"]) / "disk-0.qcow2", raw)
+    raw.unlink()
+
+
+def test_cancelled_backup_leaves_the_repository_and_next_is_incremental(
+        server: VirtualServer, worker: WorkerProcess) -> None:
+    root, name, repository = worker.storage_root, "live3", "repo3"
+    ok(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 128))
+    disk = root / name / "d.qcow2"
+    vm = server.create_virtual_machine(name, memory_mb=64, disks=[f"{name}/d.qcow2"],
+                                       network=None)
+    qemu_io(disk, "qcow2", "write -P 0x11 0 1M")
+    first = backup_of(vm, repository)
+    before = (root / repository / "index.json").read_text()
+    marks = bitmaps(disk)
+    qemu_io(disk, "qcow2", "write -P 0x22 0 96M")
+    task = vm.backup(repository)
+    wait_until(lambda: task.percent_completed > 2 or task.snapshot().result is not None, 60,
+               "the backup under way")
+    task.cancel()
+    task.wait_for_completion(60_000)
+    assert task.snapshot().result is VMTaskResult.Cancelled
+    assert (root / repository / "index.json").read_text() == before
+    assert bitmaps(disk) == marks  # the parent's bitmap, whole and consistent
+    assert sorted(p.name for p in (root / repository).iterdir()
+                  if not p.name.startswith(".")) == [str(first["id"]), "index.json"]
+    after = backup_of(vm, repository)
+    assert (after["kind"], after["parent"]) == ("incremental", first["id"]), after["reason"]
+    raw = root / "live3.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
     assert same(root / repository / str(after["id"]) / "disk-0.qcow2", raw)
     raw.unlink()

@@ -13,13 +13,20 @@ makes a failure at any point harmless:
 3. the folder is renamed to ``<id>/``, then the index names it (the commit point);
 4. only then is the parent's bitmap removed.
 
+Each repository a host holds is remembered by a marker file in ``.backups/`` under
+the root, so a worker starting removes what a killed backup left in every repository
+and writes each listing into Redis again (`recover_repositories`): the folder is the
+authority, Redis may have lost the last write.
+
 A cancel or failure before 3 removes the partial folder and the new bitmap; the
 parent's bitmap is untouched, so the next backup is still incremental.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -45,26 +52,63 @@ from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import disks_of
 from workers.tasks.vms import begin, open_vm_files, paths_of, vm_lock
 
+log = logging.getLogger(__name__)
+
 LIVE = frozenset({S.Running, S.Paused})
 # Record fields a restore gives the new VM (the rest is the restore's own).
 CONFIG_FIELDS = ("memory_mb", "cpus", "network", "guest_agent", "kernel", "initrd", "append")
 DAEMON_FOLDER = ".backup"
+REGISTRY = ".backups"
 
 
 def repository_folder(settings: Settings, repository: object) -> Path:
     """The repository's folder, confined to the root; not inside a VM's folder (which
-    goes with the VM) and not the root itself."""
+    goes with the VM), not under a hidden folder (the host's internals: locks, the
+    registry of repositories), and not the root itself."""
     if not isinstance(repository, str) or not repository:
         raise IllegalValue(f"Invalid repository {repository!r}")
     files = HostFiles.of(settings)
     folder = files.resolve(repository)
     relative = folder.relative_to(files.root)
-    if not relative.parts or relative.parts[0] in ("vms", ".locks"):
+    if not relative.parts or relative.parts[0] == "vms" or relative.parts[0].startswith("."):
         raise IllegalValue(f"The repository {repository!r} must be a folder of its own under "
-                           "the storage root, outside vms/")
+                           "the storage root, outside vms/ and hidden folders")
     if folder.exists() and not folder.is_dir():
         raise IllegalValue(f"The repository {repository!r} is not a folder")
     return folder
+
+
+def remember(settings: Settings, repository: str) -> None:
+    """Mark ``repository`` as one this host holds (one file each: no shared write)."""
+    registry = HostFiles.of(settings).root / REGISTRY
+    registry.mkdir(exist_ok=True)
+    marker = registry / hashlib.sha256(repository.encode()).hexdigest()[:32]
+    if not marker.exists():
+        temp = marker.with_suffix(".tmp")
+        temp.write_text(repository)
+        os.replace(temp, marker)
+
+
+def recover_repositories(client: redis.Redis, settings: Settings) -> None:
+    """At a worker's start (nothing runs yet): in every repository of this host,
+    remove what unfinished backups left, and write its listing into Redis again."""
+    registry = HostFiles.of(settings).root / REGISTRY
+    if not registry.is_dir():
+        return
+    for marker in sorted(registry.iterdir()):
+        try:
+            repository = marker.read_text()
+            folder = repository_folder(settings, repository)
+            if not (folder / repo.INDEX).exists():
+                continue
+            with repo.locked(folder, exclusive=True):
+                index = repo.load(folder)
+                for leftover in repo.remove_leftovers(folder, index):
+                    log.warning("Removed %s from the repository %s: what an unfinished "
+                                "backup left", leftover, repository)
+                publish_listing(client, settings, repository, folder, index)
+        except Exception as exc:  # noqa: BLE001  one repository cannot stop the start
+            log.error("Could not recover the backup repository of %s: %s", marker, exc)
 
 
 def publish_listing(client: redis.Redis, settings: Settings, repository: str,
@@ -106,6 +150,7 @@ def backup(run: TaskRun, name: str, repository: str, full: bool) -> dict[str, An
             raise IllegalValue(f"VM {name!r} has no disks to back up")
         with repo.locked(folder, exclusive=True), ExitStack() as stack:
             index = repo.load(folder)
+            remember(run.settings, repository)
             for leftover in repo.remove_leftovers(folder, index):
                 run.log(f"removed {leftover}: what an unfinished backup left")
             paths = paths_of(run.settings, name)
@@ -159,7 +204,8 @@ def _backup(run: TaskRun, monitor: Monitor, folder: Path, index: repo.Index,
                                      keep, job.bitmap_name(index.id, backup_id)))
         (partial / repo.CONFIG).write_text(json.dumps(
             {k: record[k] for k in (*CONFIG_FIELDS, "disks", "name") if k in record}))
-        read = job.run_backup(monitor, plans, run, ProgressSpan(run, 1, 97))
+        read = job.run_backup(monitor, plans, run, ProgressSpan(run, 1, 97),
+                              run.settings.backup_max_bandwidth)
         for path in partial.iterdir():
             fd = os.open(path, os.O_RDONLY)
             try:
