@@ -198,9 +198,15 @@ def test_cancelled_backup_leaves_the_repository_and_next_is_incremental(
     task = vm.backup(repository)
     wait_until(lambda: task.percent_completed > 2 or task.snapshot().result is not None, 60,
                "the backup under way")
+    # A start meanwhile is serialised behind the backup (the VM's lock), not refused.
+    start = vm.startup()
+    wait_until(lambda: start.snapshot().started is not None, 30, "the start under way")
+    assert vm.state is S.TurnedOff and task.snapshot().result is None
     task.cancel()
     task.wait_for_completion(60_000)
     assert task.snapshot().result is VMTaskResult.Cancelled
+    ok(start)  # it ran once the backup let go
+    ok(vm.turn_off())
     assert (root / repository / "index.json").read_text() == before
     assert bitmaps(disk) == marks  # the parent's bitmap, whole and consistent
     assert sorted(p.name for p in (root / repository).iterdir()
