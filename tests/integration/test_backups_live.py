@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +96,7 @@ def first_block(image: Path, value: int) -> None:
     qemu_io(image, "qcow2", f"read -P {value:#x} 0 4096")
 
 
-def test_running_vm_incremental_across_a_restart(server: VirtualServer,
+def test_running_vm_incremental_across_a_restart_a_save_and_a_crash(server: VirtualServer,
                                                  worker: WorkerProcess) -> None:
     root, name, repository = worker.storage_root, "live1", "repo1"
     disk = root / name / "d.qcow2"
@@ -124,7 +126,13 @@ def test_running_vm_incremental_across_a_restart(server: VirtualServer,
     assert int(str(saved["bytes_read"])) <= 4 * CLUSTER
     ok(vm.startup())  # restored from its saved state, which the backup left loadable
     wait_for_agent(root, name)
-    ok(vm.turn_off())
+    # QEMU killed: the bitmap it loaded at the start stays marked in use in the qcow2.
+    os.kill(int((root / "vms" / name / "qemu.pid").read_text()), signal.SIGKILL)
+    wait_until(lambda: vm.state is not S.Running, 30, "the watch noticing the crash")
+    if vm.state is S.Invalid:
+        ok(vm.turn_off())
+    assert bitmaps(disk) == {
+        f"vmtask-backup-{index_id(root, repository)[:12]}-{saved['id']}": ["in-use", "auto"]}
 
     folder = root / repository
     first_block(folder / str(first["id"]) / "disk-0.qcow2", 0xA1)
@@ -134,6 +142,14 @@ def test_running_vm_incremental_across_a_restart(server: VirtualServer,
     assert same(folder / str(saved["id"]) / "disk-0.qcow2", raw)
     first_block(folder / str(third["id"]) / "disk-0.qcow2", 0xC3)
     raw.unlink()
+
+    crashed = backup_of(vm, repository)
+    assert crashed["kind"] == "full" and "inconsistent" in str(crashed["reason"]), crashed
+    qemu_io(disk, "qcow2", "write -P 0x99 0 64k")
+    then = backup_of(vm, repository)  # the inconsistent bitmap went; the new one holds
+    assert (then["kind"], then["parent"], then["bytes_read"]) == (
+        "incremental", crashed["id"], CLUSTER)
+    assert list(bitmaps(disk).values()) == [["auto"]]
 
     verify = server.verify_backup(repository, str(third["id"]))
     ok(verify)
@@ -217,3 +233,7 @@ def test_cancelled_backup_leaves_the_repository_and_next_is_incremental(
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
     assert same(root / repository / str(after["id"]) / "disk-0.qcow2", raw)
     raw.unlink()
+
+
+def index_id(root: Path, repository: str) -> str:
+    return str(json.loads((root / repository / "index.json").read_text())["id"])
