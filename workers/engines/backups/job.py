@@ -153,7 +153,9 @@ def create_target(target: Path, size: int, backing: str | None,
                   context: OperationContext) -> None:
     args = ["create", "-q", "-f", "qcow2"]
     if backing is not None:
-        args += ["-F", "qcow2", "-b", backing]
+        # -u: the size is given, so qemu-img need not open the parent (nor follow
+        # whatever name it stores): only the name is written into the header.
+        args += ["-u", "-F", "qcow2", "-b", backing]
     run_qemu_img([*args, str(target), str(size)], context, progress_range=(0, 0))
 
 
