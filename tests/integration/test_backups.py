@@ -163,3 +163,13 @@ def test_refused_before_queueing(server: VirtualServer, name: str) -> None:
     with pytest.raises(errors.InvalidArgumentError):
         server.prune_backups("../x", 1)
     assert len(server.tasks(limit=1000)) == before
+
+
+def test_backups_of_two_vms_into_one_repository_take_turns(server: VirtualServer,
+                                                           name: str) -> None:
+    first, second = new_vm(server, f"{name}-1"), new_vm(server, f"{name}-2")
+    repository = f"backups-{name}"
+    tasks = [first.backup(repository), second.backup(repository)]  # at once, 2 slots
+    for task in tasks:
+        ok(task)
+    assert sorted(b.vm for b in server.backups(repository)) == [f"{name}-1", f"{name}-2"]

@@ -106,3 +106,19 @@ def test_one_writer_at_a_time_readers_together(tmp_path: Path) -> None:
     with repo.locked(tmp_path, exclusive=False), repo.locked(tmp_path, exclusive=False):
         with pytest.raises(IllegalValue), repo.locked(tmp_path, exclusive=True):
             pass
+
+
+def test_a_waiting_task_pauses_until_the_holder_lets_go(tmp_path: Path) -> None:
+    pauses: list[int] = []
+    with repo.locked(tmp_path, exclusive=True):
+        def pause() -> None:
+            pauses.append(1)
+            if len(pauses) == 3:
+                raise KeyboardInterrupt  # as a cancel raises out of the wait
+        with pytest.raises(KeyboardInterrupt), repo.locked(tmp_path, exclusive=True,
+                                                           pause=pause):
+            pass
+    assert len(pauses) == 3
+    with repo.locked(tmp_path, exclusive=True, pause=pause):  # free now: no pause
+        pass
+    assert len(pauses) == 3

@@ -30,7 +30,7 @@ from workers.engines.qemu_img.runner import run_qemu_img
 from workers.engines.snapshots import Scaled
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.backups import CONFIG_FIELDS, publish_listing, repository_folder
+from workers.tasks.backups import CONFIG_FIELDS, publish_listing, repository_folder, waiting
 from workers.tasks.clones import CREATE_SCRIPT, JOURNAL, _remove
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
@@ -45,7 +45,7 @@ def restore_backup(run: TaskRun, repository: str, backup_id: str, name: str
     client = run.redis
     if client.exists(keys.vm_record(name)):
         raise IllegalValue(f"A VM named {name!r} already exists")
-    with repo.locked(folder, exclusive=False):
+    with repo.locked(folder, exclusive=False, pause=waiting(run, folder)):
         index = repo.load(folder)
         entry = index.require(backup_id)
         config: dict[str, str] = json.loads(
@@ -104,7 +104,7 @@ def prune_backups(run: TaskRun, repository: str, keep_last: int) -> dict[str, An
     if not isinstance(keep_last, int) or keep_last < 1:
         raise IllegalValue(f"keep_last must be at least 1, not {keep_last!r}")
     folder = repository_folder(run.settings, repository)
-    with repo.locked(folder, exclusive=True):
+    with repo.locked(folder, exclusive=True, pause=waiting(run, folder)):
         index = repo.load(folder)
         repo.remove_leftovers(folder, index)
         doomed: list[str] = []

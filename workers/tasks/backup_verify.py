@@ -33,7 +33,7 @@ from workers.engines.snapshots import Scaled
 from workers.failures import OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.backup_restore import restore_disks
-from workers.tasks.backups import CONFIG_FIELDS, repository_folder
+from workers.tasks.backups import CONFIG_FIELDS, repository_folder, waiting
 from workers.tasks.clones import JOURNAL
 from workers.tasks.files import HostFiles
 from workers.tasks.vms import agent_socket, config_of, open_vm_files, paths_of
@@ -51,7 +51,7 @@ def verify_backup(run: TaskRun, repository: str, backup_id: str) -> dict[str, An
     scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"
     paths = paths_of(run.settings, scratch)
     files = HostFiles.of(run.settings)
-    with repo.locked(folder, exclusive=False):
+    with repo.locked(folder, exclusive=False, pause=waiting(run, folder)):
         entry = repo.load(folder).require(backup_id)
         config: dict[str, str] = json.loads(
             (repo.backup_folder(folder, backup_id) / repo.CONFIG).read_text())

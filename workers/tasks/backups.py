@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,19 @@ def repository_folder(settings: Settings, repository: object) -> Path:
     if folder.exists() and not folder.is_dir():
         raise IllegalValue(f"The repository {repository!r} is not a folder")
     return folder
+
+
+def waiting(run: TaskRun, folder: Path) -> Callable[[], None]:
+    """How a task waits for a repository another task holds: cancelably, logged once."""
+    logged = False
+
+    def pause() -> None:
+        nonlocal logged
+        if not logged:
+            run.log(f"waiting for the repository {folder.name}: another task holds it")
+            logged = True
+        run.sleep(0.2)
+    return pause
 
 
 def remember(settings: Settings, repository: str) -> None:
@@ -140,40 +154,41 @@ def _plan(index: repo.Index, name: str, disks: list[str], sizes: list[int],
 @operation(tasks.VM_BACKUP)
 def backup(run: TaskRun, name: str, repository: str, full: bool) -> dict[str, Any]:
     folder = repository_folder(run.settings, repository)
-    with vm_lock(run, name):
+    # The repository first: waiting for another VM's backup there must not hold this
+    # VM's lock (its start or stop would wait too).  Nothing takes them the other way.
+    with repo.locked(folder, exclusive=True, pause=waiting(run, folder)), \
+            vm_lock(run, name), ExitStack() as stack:
         client, record, state = begin(run, "backup", name, None)
         if record.get("undoable") == "1":
             raise InvalidStateError(f"VM {name!r} is undoable: backups of undo disks are not "
                                     "supported yet")
-        disks = disks_of(record)
-        if not disks:
+        if not disks_of(record):
             raise IllegalValue(f"VM {name!r} has no disks to back up")
-        with repo.locked(folder, exclusive=True), ExitStack() as stack:
-            index = repo.load(folder)
-            remember(run.settings, repository)
-            for leftover in repo.remove_leftovers(folder, index):
-                run.log(f"removed {leftover}: what an unfinished backup left")
-            paths = paths_of(run.settings, name)
-            daemon: job.StorageDaemon | None = None
-            if state in LIVE:
-                monitor = stack.enter_context(Monitor(paths))
-                job.clear_stale_jobs(monitor)
-            else:
-                opened = open_vm_files(run, record, paths, stack)
-                daemon = job.StorageDaemon(paths.directory / DAEMON_FOLDER,
-                                           [d.node() for d in opened.drives], opened.fds)
-                monitor = daemon.monitor
-            try:
-                output = _backup(run, monitor, folder, index, record, full is True)
-            except BaseException:
-                if daemon is not None:
-                    try:
-                        daemon.stop()
-                    except Exception:  # noqa: BLE001  the first failure is the one to tell
-                        daemon.kill()
-                raise
+        index = repo.load(folder)
+        remember(run.settings, repository)
+        for leftover in repo.remove_leftovers(folder, index):
+            run.log(f"removed {leftover}: what an unfinished backup left")
+        paths = paths_of(run.settings, name)
+        daemon: job.StorageDaemon | None = None
+        if state in LIVE:
+            monitor = stack.enter_context(Monitor(paths))
+            job.clear_stale_jobs(monitor)
+        else:
+            opened = open_vm_files(run, record, paths, stack)
+            daemon = job.StorageDaemon(paths.directory / DAEMON_FOLDER,
+                                       [d.node() for d in opened.drives], opened.fds)
+            monitor = daemon.monitor
+        try:
+            output = _backup(run, monitor, folder, index, record, full is True)
+        except BaseException:
             if daemon is not None:
-                daemon.stop()
+                try:
+                    daemon.stop()
+                except Exception:  # noqa: BLE001  the first failure is the one to tell
+                    daemon.kill()
+            raise
+        if daemon is not None:
+            daemon.stop()
         publish_listing(client, run.settings, repository, folder, index)
         client.hset(keys.vm_record(name), LAST_BACKUP_FIELD, repr(time.time()))
         return output

@@ -4,7 +4,8 @@ Layout::
 
     <repository>/
       index.json                 the index (below): the only list of restore points
-      .lock                      flock: one writer (backup, prune), or readers (restore)
+      .lock                      flock: one writer (backup, prune), or readers (restore,
+                                 verify); the others wait their turn
       <backup id>/
         disk-<i>.qcow2           disk i at that backup; an incremental one is a qcow2
                                  whose backing file is ``../<parent id>/disk-<i>.qcow2``
@@ -40,7 +41,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,16 +143,23 @@ def store(folder: Path, index: Index) -> None:
 
 
 @contextmanager
-def locked(folder: Path, *, exclusive: bool) -> Iterator[None]:
-    """Hold the repository's lock; `IllegalValue` at once if another task holds it."""
+def locked(folder: Path, *, exclusive: bool, pause: Callable[[], None] | None = None
+           ) -> Iterator[None]:
+    """Hold the repository's lock.  While another task holds it: ``pause()`` and try
+    again (the caller's wait, which may raise to give up: a cancel), or without
+    ``pause`` `IllegalValue` at once."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IllegalValue(f"The backup repository {folder.name} is in use by another "
-                               "task") from None
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if pause is None:
+                    raise IllegalValue(f"The backup repository {folder.name} is in use by "
+                                       "another task") from None
+                pause()
         yield
     finally:
         os.close(fd)
