@@ -6,7 +6,6 @@ dirty bitmaps are read from the images' headers (``qemu-img info``)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 from pathlib import Path
@@ -143,13 +142,6 @@ def test_untrusted_chain_is_full_and_says_why(server: VirtualServer, root: Path,
     assert again["kind"] == "full" and "no dirty bitmap" in str(again["reason"])
     forced = backup(vm, repository, full=True)
     assert (forced["kind"], forced["reason"]) == ("full", "a full backup was asked for")
-    # No agent and nothing to boot: verify runs the restored VM 10 s, then removes it.
-    verify = server.verify_backup(repository, str(forced["id"]))
-    ok(verify)
-    output = verify.snapshot().output
-    assert output["guest_agent"] is False and output["ran_s"] >= 10
-    assert base64.b64decode(output["screenshot_png_base64"]).startswith(b"\x89PNG")
-    assert [p.name for p in (root / "vms").iterdir() if p.name.startswith("verify-")] == []
 
 
 def test_refused_before_queueing(server: VirtualServer, name: str) -> None:
