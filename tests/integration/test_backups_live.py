@@ -60,11 +60,12 @@ def server(redis_url: str, worker: WorkerProcess) -> Iterator[VirtualServer]:
         yield vs
 
 
-def boot(server: VirtualServer, root: Path, name: str, size_mb: int = 64) -> VirtualMachine:
+def boot(server: VirtualServer, root: Path, name: str, size_mb: int = 64,
+         data: str = "8M") -> VirtualMachine:
     vm = server.find_virtual_machine(name)
     if vm is None:
         ok(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", size_mb))
-        qemu_io(root / name / "d.qcow2", "qcow2", "write -P 0x5a 1M 8M")
+        qemu_io(root / name / "d.qcow2", "qcow2", f"write -P 0x5a 1M {data}")
         vm = server.create_virtual_machine(
             name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
             kernel="guest/vmlinuz", initrd="guest/initrd.gz",
@@ -163,9 +164,25 @@ def test_worker_killed_mid_backup_lists_nothing_and_next_is_correct(
         server: VirtualServer, worker: WorkerProcess, redis_url: str) -> None:
     root, name, repository = worker.storage_root, "live2", "repo2"
     disk = root / name / "d.qcow2"
-    vm = boot(server, root, name, 128)
+    vm = boot(server, root, name, 128, data="48M")
+    early = backup_of(vm, repository)
+    # A running VM: the worker dies, the backup job runs on in the VM's QEMU.
+    task = vm.backup(repository, full=True)
+    wait_until(lambda: task.percent_completed > 2 or task.snapshot().result is not None, 60,
+               "the backup under way")
+    assert task.snapshot().result is None, task.snapshot().error_description
+    worker.kill()
+    worker.start()
+    task.wait_for_completion(60_000)
+    assert task.snapshot().result is VMTaskResult.ThreadCrashError
+    assert vm.state is S.Running  # QEMU is not the worker's child
+    # The next backup clears the stale job and its bitmap; the chain goes on.
     first = backup_of(vm, repository)
+    assert (first["kind"], first["parent"]) == ("incremental", early["id"]), first["reason"]
+    assert int(str(first["bytes_read"])) <= 4 * CLUSTER
+    assert [b.id for b in server.backups(repository)] == [early["id"], first["id"]]
     ok(vm.turn_off())
+    assert len(bitmaps(disk)) == 1
     # Offline, through the storage daemon: much data to copy, then kill -9 mid-way.
     qemu_io(disk, "qcow2", "write -P 0x77 16M 96M")
     index_before = (root / repository / "index.json").read_text()
@@ -184,7 +201,7 @@ def test_worker_killed_mid_backup_lists_nothing_and_next_is_correct(
     task.wait_for_completion(60_000)
     assert task.snapshot().result is VMTaskResult.ThreadCrashError
     assert (root / repository / "index.json").read_text() == index_before
-    assert [b.id for b in server.backups(repository)] == [first["id"]]
+    assert [b.id for b in server.backups(repository)] == [early["id"], first["id"]]
     wait_until(lambda: not scratch[0].exists() and not Path(f"/proc/{scratch[1]}").exists(),
                30, "the scratch VM stopped and removed")
     marks = bitmaps(disk)  # the daemon quit on TERM: the parent's bitmap is whole

@@ -11,7 +11,8 @@ makes a failure at any point harmless:
 2. the new backup's images are written in ``.<id>.partial/``, and the job adds a new
    bitmap named for it in the same QMP transaction that starts the copy;
 3. the folder is renamed to ``<id>/``, then the index names it (the commit point);
-4. only then is the parent's bitmap removed.
+4. only then is the previous backup's bitmap removed (kept until then even by a full
+   backup, which may fail too).
 
 Each repository a host holds is remembered by a marker file in ``.backups/`` under
 the root, so a worker starting removes what a killed backup left in every repository
@@ -201,7 +202,11 @@ def _backup(run: TaskRun, monitor: Monitor, folder: Path, index: repo.Index,
     count = len(disks)
     sizes = job.virtual_sizes(monitor, count)
     parent, reason = _plan(index, name, disks, sizes, job.bitmaps(monitor, count), full)
-    keep = job.bitmap_name(index.id, parent.id) if parent is not None else None
+    since = job.bitmap_name(index.id, parent.id) if parent is not None else None
+    # The last listed backup's bitmap stays even when this one is full: if this one
+    # fails, the next is still incremental against that backup.
+    latest = index.latest(name)
+    keep = job.bitmap_name(index.id, latest.id) if latest is not None else None
     for stale in job.remove_bitmaps(monitor, count, job.bitmap_prefix(index.id), keep):
         run.log(f"removed the stale bitmap {stale}")
     kind = "incremental" if parent is not None else "full"
@@ -216,7 +221,7 @@ def _backup(run: TaskRun, monitor: Monitor, folder: Path, index: repo.Index,
             backing = repo.parent_backing(parent.id, i) if parent is not None else None
             job.create_target(target, sizes[i], backing, run)
             plans.append(job.DiskJob(i, target, "bitmap" if parent else "full",
-                                     keep, job.bitmap_name(index.id, backup_id)))
+                                     since, job.bitmap_name(index.id, backup_id)))
         (partial / repo.CONFIG).write_text(json.dumps(
             {k: record[k] for k in (*CONFIG_FIELDS, "disks", "name") if k in record}))
         read = job.run_backup(monitor, plans, run, ProgressSpan(run, 1, 97),
@@ -240,7 +245,7 @@ def _backup(run: TaskRun, monitor: Monitor, folder: Path, index: repo.Index,
     index.backups.append(entry)
     repo.store(folder, index)  # the commit point: the restore point exists
     run.log(f"backup {backup_id} listed: {read} bytes read, {written} written")
-    if keep is not None:
+    if keep is not None:  # the backup counted from until now
         job.remove_bitmaps(monitor, count, job.bitmap_prefix(index.id),
                            job.bitmap_name(index.id, backup_id))
     run.report_progress(100)

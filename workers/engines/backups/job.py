@@ -36,7 +36,7 @@ from workers.engines.context import OperationContext, ProgressSpan
 from workers.engines.qemu_img.runner import run_qemu_img
 from workers.engines.qemu_vm.config import VMPaths
 from workers.engines.qemu_vm.monitor import Monitor
-from workers.failures import Cancelled, OperationFailed, QMPCommandFailed
+from workers.failures import Cancelled, OperationFailed, QMPCommandFailed, VMNotRunning
 
 BITMAP_PREFIX = "vmtask-backup-"
 JOB_PREFIX = "vmtask-backup-job"
@@ -278,12 +278,19 @@ class StorageDaemon:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         pass_fds=tuple(fds), start_new_session=True)
         end = time.monotonic() + DAEMON_START_TIMEOUT
-        while not self.paths.qmp_socket.exists():
+        while True:
+            # The socket's file appears at bind(), a moment before listen(): a connect
+            # in between is refused, so a refusal is retried while the daemon lives.
+            if self.paths.qmp_socket.exists():
+                try:
+                    self.monitor = Monitor(self.paths)
+                    return
+                except VMNotRunning:
+                    pass
             if self.process.poll() is not None or time.monotonic() > end:
                 self.kill()
                 raise OperationFailed(f"qemu-storage-daemon did not start: {self._stderr()}")
             time.sleep(0.02)
-        self.monitor = Monitor(self.paths)
 
     def _stderr(self) -> str:
         assert self.process.stderr is not None
