@@ -108,8 +108,11 @@ def test_running_vm_incremental_across_a_restart_a_save_and_a_crash(server: Virt
     assert first["kind"] == "full" and vm.state is S.Running
     with agent(root, name) as client:
         guest_write(client, 0xB2)  # the guest runs on after the backup
+    ok(vm.pause())  # a Paused VM: its QEMU runs the job all the same
     second = backup_of(vm, repository)
     assert (second["kind"], second["parent"]) == ("incremental", first["id"])
+    assert vm.state is S.Paused
+    ok(vm.resume())
     assert CLUSTER <= int(str(second["bytes_read"])) <= 4 * CLUSTER
 
     ok(vm.turn_off())  # QEMU quits cleanly: the bitmap is written into the qcow2
