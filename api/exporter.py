@@ -41,6 +41,7 @@ from redis.retry import Retry
 from api.connection import RedisEndpoint
 from api.enums import VMTaskResult, VMVMState
 from api.protocol import keys
+from api.protocol.backups import LAST_BACKUP_FIELD
 from api.protocol.records import STARTED, Field
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class Reading:
     vms: dict[tuple[str, str], int]
     running: dict[str, int]
     maintenance: frozenset[str] = frozenset()
+    backups: dict[str, float] = field(default_factory=dict)
+    """Each VM's last successful backup (epoch s), from its record."""
 
 
 def result_name(value: str) -> str:
@@ -133,7 +136,7 @@ def read(client: redis.Redis) -> Reading:
         for queue in LANES.values():
             pipe.llen(queue(host))
     for name in vm_names:
-        pipe.hmget(keys.vm_record(name), "host", "state")
+        pipe.hmget(keys.vm_record(name), "host", "state", LAST_BACKUP_FIELD)
     for task_id in running_ids:
         pipe.hmget(keys.task_record(task_id), Field.HOST, Field.STATE)
     replies = iter(pipe.execute() if hosts or vm_names or running_ids else [])
@@ -143,8 +146,11 @@ def read(client: redis.Redis) -> Reading:
         beats[host] = json.loads(raw) if raw else None
     queues = {(host, lane): int(next(replies)) for host in hosts for lane in LANES}
     vms: dict[tuple[str, str], int] = defaultdict(int)
-    for _ in vm_names:
-        host, state = next(replies)
+    backups: dict[str, float] = {}
+    for name in vm_names:
+        host, state, last_backup = next(replies)
+        if last_backup:
+            backups[name] = float(last_backup)
         if host is None or state is None:
             continue  # deleted between the two round trips
         # As `VirtualMachine.state` reads it: Invalid while its host is down.
@@ -157,7 +163,7 @@ def read(client: redis.Redis) -> Reading:
             running[host] += 1
     totals, histograms = parse_metrics_hash(raw_metrics)
     return Reading(totals, histograms, hosts, beats, queues, dict(vms), dict(running),
-                   frozenset(held))
+                   frozenset(held), backups)
 
 
 def families(reading: Reading) -> Iterator[Metric]:
@@ -205,10 +211,12 @@ def families(reading: Reading) -> Iterator[Metric]:
     for (host, state), count in sorted(reading.vms.items()):
         vms.add_metric((host, state), count)
     yield vms
-    # No backup feature exists yet: the family is declared, with no samples.
-    yield GaugeMetricFamily("vmtask_backup_last_success_timestamp", "Unix time of the VM's "
-                            "last successful backup (no backups exist yet: no samples)",
-                            labels=("vm",))
+    last_backup = GaugeMetricFamily("vmtask_backup_last_success_timestamp", "Unix time of "
+                                    "the VM's last successful backup (VMs never backed up "
+                                    "have no sample)", labels=("vm",))
+    for vm, when in sorted(reading.backups.items()):
+        last_backup.add_metric((vm,), when)
+    yield last_backup
 
 
 class VMTaskCollector(Collector):

@@ -7,6 +7,7 @@ enqueues every operation.
 from __future__ import annotations
 
 from api.arguments import check_int
+from api.backups import BackupOperations
 from api.disks import DiskOperations
 from api.evacuation import EvacuationOperations
 from api.protocol import tasks
@@ -17,7 +18,8 @@ MAX_PING_DURATION_MS = 3_600_000
 MAX_PING_STEPS = 10_000
 
 
-class VirtualServer(DiskOperations, VMOperations, EvacuationOperations):
+class VirtualServer(DiskOperations, VMOperations, EvacuationOperations,
+                    BackupOperations):
     """Hosts, tasks, disks and VMs of one vmtask deployment (one Redis)."""
 
     def ping(self, duration_ms: int = 0, steps: int = 0, *, host: str | None = None) -> VMTask:

@@ -198,6 +198,10 @@ class Settings:
         0, env="VMTASK_MIGRATE_MAX_BANDWIDTH", read=_integer(0),
         doc="bytes/s a live migration may send, per disk mirror and for RAM; 0 is "
             "unlimited")
+    # To spare the VM's disk while it runs.
+    backup_max_bandwidth: int = setting(
+        0, env="VMTASK_BACKUP_MAX_BANDWIDTH", read=_integer(0),
+        doc="bytes/s a backup may read, per disk; 0 is unlimited")
     # They wait on subprocesses and QMP, not on the CPU, so this is not tied to the
     # CPU count.
     concurrency: int = setting(

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from api.arguments import check_int, check_relative_path, check_stream_id, check_text
+from api.backups import BackupVMMethods
 from api.core import ServerCore
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
@@ -54,7 +55,7 @@ VM_PAGE = 1000  # VM records per script call of a listing
 # What a `VirtualMachine` reads of its record when it is made.
 LISTED_FIELDS = vm_schema.LISTED
 
-class VirtualMachine(SnapshotMethods):
+class VirtualMachine(SnapshotMethods, BackupVMMethods):
     """A handle on one VM; its configuration is read once, its state live."""
 
     def __init__(self, server: ServerCore, record: Mapping[str, str]) -> None:

@@ -17,6 +17,9 @@ from api.settings import Settings
 from workers import control as control_lane
 from workers import flower_ext, host, monitoring, transport
 from workers.tasks import (
+    backup_restore,
+    backup_verify,
+    backups,
     clone_remote,
     clones,
     diagnostics,
@@ -40,7 +43,8 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
                      vms.__name__, guest_os.__name__, vm_console.__name__, transfer.__name__,
                      migration.__name__, live_migration.__name__,
                      snapshots.__name__, clones.__name__, live_resize.__name__,
-                     clone_remote.__name__, evacuation.__name__]
+                     clone_remote.__name__, evacuation.__name__, backups.__name__,
+                     backup_restore.__name__, backup_verify.__name__]
 
 # The host's main process runs these, explicitly listed rather than collected as a
 # side effect of imports.
@@ -50,8 +54,8 @@ HOST_HOOKS = host.HostHooks(
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
              move_journal.remove_unfinished_moves,
              vms.index_host_vms, snapshots_live.recover_pending, vms.reconcile_vms,
-             snapshots.recover,
-             clones.remove_unfinished_clones),
+             snapshots.recover, backup_verify.stop_unfinished_verifications,
+             clones.remove_unfinished_clones, backups.recover_repositories),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),
     status=(vms.vm_counts, evacuation.memory_status),
 )

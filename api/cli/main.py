@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from api import errors
+from api.cli.backup import backup
 from api.cli.config import config
 from api.cli.disk import disk
 from api.cli.exits import (
@@ -135,5 +136,5 @@ def main(ctx: click.Context, url: str | None, host: str | None) -> None:
     state.url, state.host = url, host
 
 
-for _command in (disk, vm, task, wait, hosts, ping, worker, demo, config, exporter):
+for _command in (disk, vm, task, wait, hosts, ping, worker, demo, config, exporter, backup):
     main.add_command(_command)

@@ -127,6 +127,12 @@ VM_CLONE_OUT = TaskSpec("vmtask.vm.clone_out", ("name", "snapshot", "destination
 VM_CLONE_IN = TaskSpec("vmtask.vm.clone_in", ("name", "clone", "snapshot", "source_host",
                                               "transfer_id", "server_task_id"),
                        cancelable=True)
+# Backups (issue 24): into a repository folder on the VM's host, under the VM's lock.
+VM_BACKUP = TaskSpec("vmtask.vm.backup", ("name", "repository", "full"), cancelable=True)
+BACKUP_RESTORE = TaskSpec("vmtask.backup.restore", ("repository", "backup_id", "name"),
+                          cancelable=True)
+BACKUP_PRUNE = TaskSpec("vmtask.backup.prune", ("repository", "keep_last"), cancelable=True)
+BACKUP_VERIFY = TaskSpec("vmtask.backup.verify", ("repository", "backup_id"), cancelable=True)
 
 ALL: tuple[TaskSpec, ...] = tuple(v for v in globals().values() if isinstance(v, TaskSpec))
 BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}

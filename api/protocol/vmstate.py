@@ -51,6 +51,8 @@ ALLOWED: dict[str, frozenset[S]] = {
     "clone": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     # hd.resize of a running VM's disk (a TurnedOff VM's is a plain disk resize).
     "resize_disk": frozenset({S.Running, S.Paused}),
+    # Running and Paused: QEMU's backup job reads a point-in-time view meanwhile.
+    "backup": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
 }
 
 EVENTS_MAXLEN = 10_000

@@ -1,0 +1,1 @@
+"""Backups: the repository on disk (`repository`) and the QEMU backup job (`job`)."""
