@@ -20,9 +20,9 @@ import redis
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
+from tests.cli_runs import run_cli
 from tests.helpers import assert_succeeded as done
 from tests.helpers import backing_chain, data_in_top, digest, pids_of, qemu_io
-from tests.integration.test_cli import run_cli
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 from workers.engines import qemu_vm

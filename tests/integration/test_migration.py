@@ -12,9 +12,9 @@ import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
+from tests.cli_runs import cli_env
 from tests.helpers import assert_succeeded as done
 from tests.helpers import qemu_io
-from tests.integration.test_cli import cli_env
 from tests.integration.test_transfer import both, serve_task_of  # noqa: F401 - fixture
 from workers.devtools.sandbox import WorkerProcess
 

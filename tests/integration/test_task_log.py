@@ -21,8 +21,8 @@ import pytest
 from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
 from api.protocol import keys, records, tasklog
 from api.replication import register_script
+from tests.cli_runs import cli_env
 from tests.helpers import assert_succeeded as done
-from tests.integration.test_cli import cli_env
 from tests.integration.test_vms import vm_env, vmhost  # noqa: F401 - fixtures
 from workers.devtools.sandbox import REPO_ROOT, RedisServer, wait_until
 

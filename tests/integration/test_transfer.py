@@ -13,9 +13,9 @@ import pytest
 
 from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
 from api.protocol import hresults, keys
+from tests.cli_runs import run_cli
 from tests.helpers import assert_succeeded as done
 from tests.helpers import qemu_io
-from tests.integration.test_cli import run_cli
 from tests.integration.test_disks import big_image
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
