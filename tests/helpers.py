@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,10 @@ from typing import Any
 
 import redis.connection
 
-from api import VMTask, VMTaskResult
+from api import VirtualServer, VMTask, VMTaskResult
+from api.protocol import keys
+
+MiB = 1 << 20
 
 
 def qemu_io(path: Path, fmt: str, *commands: str) -> str:
@@ -31,6 +35,24 @@ def qemu_io(path: Path, fmt: str, *commands: str) -> str:
     lowered = result.stdout.lower()
     assert "fail" not in lowered and "error" not in lowered, result.stdout
     return result.stdout
+
+
+def big_image(root: Path, name: str, size_mb: int) -> Path:
+    """An image full of non-zero data, so copying it takes real time."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunk = os.urandom(MiB)
+    with path.open("wb") as f:
+        for _ in range(size_mb):
+            f.write(chunk)
+    return path
+
+
+def serve_task_of(server: VirtualServer, pull_id: str) -> str:
+    """The id of the source's serve task that a pull (copy or move) started."""
+    raw = server.redis.hget(keys.task_record(pull_id), "arguments")
+    assert raw is not None
+    return str(json.loads(raw)["server_task_id"])
 
 
 def digest(path: Path) -> str:

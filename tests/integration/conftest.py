@@ -22,6 +22,14 @@ def cli(redis_server: RedisServer, alpha: WorkerProcess) -> Cli:
 
 
 @pytest.fixture
+def both(redis_server: RedisServer, alpha: WorkerProcess, beta: WorkerProcess
+         ) -> Iterator[VirtualServer]:
+    """A client of the session's two hosts (alpha and beta both running), as alpha."""
+    with VirtualServer(redis_server.url, host="alpha", poll_interval=0.2) as vs:
+        yield vs
+
+
+@pytest.fixture
 def vm_name(request: pytest.FixtureRequest, server: VirtualServer) -> Iterator[str]:
     """A VM name for the test; whatever the test left of that VM is removed after it."""
     name: str = "cli-" + request.node.name.removeprefix("test_")[:30]

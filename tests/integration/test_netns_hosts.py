@@ -4,7 +4,6 @@ in the network: a partition of two hosts, a host's cable pulled, kill -9 of a wo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,8 +17,7 @@ import pytest
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import digest, qemu_io
-from tests.integration.test_disks import big_image
+from tests.helpers import big_image, digest, qemu_io, serve_task_of
 from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
 from workers.devtools.sandbox import wait_until
 from workers.devtools.tinyguest import READY_MARKER, build_tiny_guest
@@ -84,12 +82,6 @@ def offer_of(server: VirtualServer) -> dict[str, str]:
         return None
 
     return dict(wait_until(found, 60, "the source to announce its export"))
-
-
-def serve_task_of(server: VirtualServer, pull_id: str) -> str:
-    raw = server.redis.hget(keys.task_record(pull_id), "arguments")
-    assert raw is not None
-    return str(json.loads(raw)["server_task_id"])
 
 
 # -- copies between namespaces ---------------------------------------------------------

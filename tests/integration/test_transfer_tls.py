@@ -15,8 +15,7 @@ import pytest
 from api import VirtualServer, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import qemu_io
-from tests.integration.test_disks import big_image
+from tests.helpers import big_image, qemu_io
 from tests.integration.test_netns_hosts import (
     FAST,
     digest,
