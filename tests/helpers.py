@@ -7,6 +7,7 @@ import collections
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +79,13 @@ def assert_succeeded(task: VMTask, timeout: int = 120_000) -> None:
     snap = task.snapshot()
     assert snap.result is VMTaskResult.Success, (snap.description, hex(snap.error),
                                                  snap.error_description)
+
+
+def kill_leftover_qemu(root: Path) -> None:
+    """SIGKILL whatever still runs from under a storage root (a VM a test left)."""
+    out = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout
+    for pid in out.split():
+        os.kill(int(pid), signal.SIGKILL)
 
 
 def pids_of(pattern: str) -> list[int]:

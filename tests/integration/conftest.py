@@ -4,13 +4,17 @@ helper module (``tests/helpers.py``, ``tests/cli_runs.py``...), never in a test 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from api import VirtualServer, VMVMState
 from tests.cli_runs import Cli, Run, run_cli
+from tests.helpers import kill_leftover_qemu
 from workers.devtools.sandbox import RedisServer, WorkerProcess
+from workers.devtools.tinyguest import build_tiny_guest
 
 
 @pytest.fixture
@@ -40,3 +44,35 @@ def vm_name(request: pytest.FixtureRequest, server: VirtualServer) -> Iterator[s
     if machine.state in (VMVMState.Running, VMVMState.Paused, VMVMState.Saved):
         machine.turn_off().wait_for_completion(60_000)
     machine.delete().wait_for_completion(60_000)
+
+
+@pytest.fixture(scope="module")
+def vm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, Path]]:
+    """A module's own redis-server and base folder for VM tests."""
+    # Short paths: QEMU's unix sockets live under the storage root (108-byte limit).
+    base = Path(tmp_path_factory.mktemp("vm"))
+    redis = RedisServer(base / "redis").start()
+    yield redis, base
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def vmhost(vm_env: tuple[RedisServer, Path]) -> Iterator[WorkerProcess]:
+    """Host vmhost with the tiny guest's kernel and initrds (a normal one, one whose
+    shutdown fails, one whose agent has no file commands) under guest/."""
+    redis, base = vm_env
+    worker = WorkerProcess(redis.url, "vmhost", base / "root", base, concurrency=2,
+                           env={"VMTASK_HEARTBEAT_SECONDS": "1"}).start()
+    guest = build_tiny_guest()
+    (base / "root" / "guest").mkdir(parents=True, exist_ok=True)
+    shutil.copy(guest.kernel, base / "root" / "guest" / "vmlinuz")
+    shutil.copy(guest.initrd, base / "root" / "guest" / "initrd.gz")
+    # A guest whose /sbin/shutdown fails: its real agent refuses guest-shutdown.
+    refusing = build_tiny_guest(shutdown_fails=True)
+    shutil.copy(refusing.initrd, base / "root" / "guest" / "initrd-refuse.gz")
+    # A guest whose agent has its file commands blocked: no boot id to read.
+    no_boot_id = build_tiny_guest(blocked_commands=("guest-file-open",))
+    shutil.copy(no_boot_id.initrd, base / "root" / "guest" / "initrd-noid.gz")
+    yield worker
+    worker.stop()
+    kill_leftover_qemu(base / "root")
