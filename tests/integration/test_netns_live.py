@@ -14,9 +14,9 @@ import pytest
 
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
+from tests.guests import BLOCK, agent, boot_id, guest_write
 from tests.helpers import assert_succeeded as done
 from tests.helpers import backing_chain, digest, pids_of, qemu_io
-from tests.integration.test_live_migration import BLOCK, agent, boot_id, guest_write
 from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
 from workers.devtools.sandbox import wait_until
 from workers.devtools.tinyguest import build_tiny_guest

@@ -20,9 +20,9 @@ import pytest
 
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
+from tests.guests import agent, boot_id
 from tests.helpers import assert_succeeded as done
 from tests.helpers import pids_of
-from tests.integration.test_live_migration import agent, boot_id
 from tests.integration.test_netns_live import (
     FAST,
     LEASE,
