@@ -43,14 +43,14 @@ def agent(root: Path, vm: str) -> GuestAgentClient:
     return GuestAgentClient(root / "vms" / vm / "qga.sock")
 
 
-def wait_for_agent(root: Path, vm: str) -> None:
+def wait_for_agent(root: Path, vm: str, timeout: float = 90) -> None:
     def answers() -> bool:
         with agent(root, vm) as client:
             try:
                 return client.ping(timeout=2)
             except OperationFailed:
                 return False
-    wait_until(answers, 90, f"the guest agent of {vm}", interval=0.5)
+    wait_until(answers, timeout, f"the guest agent of {vm}", interval=0.5)
 
 
 def boot_id(root: Path, vm: str) -> str:

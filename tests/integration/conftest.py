@@ -13,6 +13,7 @@ import pytest
 from api import VirtualServer, VMVMState
 from tests.cli_runs import Cli, Run, run_cli
 from tests.helpers import kill_leftover_qemu
+from tests.netns import Network, skip_reason
 from workers.devtools.sandbox import RedisServer, WorkerProcess
 from workers.devtools.tinyguest import build_tiny_guest
 
@@ -76,3 +77,19 @@ def vmhost(vm_env: tuple[RedisServer, Path]) -> Iterator[WorkerProcess]:
     yield worker
     worker.stop()
     kill_leftover_qemu(base / "root")
+
+
+@pytest.fixture
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+    """A fresh set of namespaces with a Redis on the bridge; add hosts to it."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    # Short: QEMU's unix sockets live under the storage roots.
+    net = Network(tmp_path_factory.mktemp("ns"))
+    try:
+        net.create()
+        net.start_redis()
+        yield net
+    finally:
+        net.close()
