@@ -4,6 +4,8 @@ helper module (``tests/helpers.py``, ``tests/cli_runs.py``...), never in a test 
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,16 @@ def cli(redis_server: RedisServer, alpha: WorkerProcess) -> Cli:
     def call(*args: str, timeout: float = 180) -> Run:
         return run_cli("--url", redis_server.url, "--host", "alpha", *args, timeout=timeout)
     return call
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> str:
+    """A folder and VM name of this test alone across the session (modules share the
+    alpha host's storage root): the test's name, clipped, and a digest of its id.
+    Short, since QEMU's unix sockets live under the root (108-byte limit)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name.removeprefix("test_"))
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    return f"{name[:24].strip('-.')}-{digest}"
 
 
 @pytest.fixture

@@ -34,12 +34,6 @@ E_INVALIDARG = "0x80070057"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    name: str = request.node.name
-    return "cli-" + name.removeprefix("test_")[:40]
-
-
 def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
     forced = ["-f", fmt] if fmt else []
     out = subprocess.run(["qemu-img", "info", "--output=json", "-U", *forced, str(path)],

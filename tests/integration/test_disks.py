@@ -17,11 +17,6 @@ from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 MiB = 1 << 20
 
 
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    return request.node.name.replace("[", "-").replace("]", "")
-
-
 def test_create_each_kind_and_read_it_back(server: VirtualServer, root: Path,
                                            unique: str) -> None:
     done(server.create_fixed_virtual_hard_disk(f"{unique}/fixed.vhd", 16))

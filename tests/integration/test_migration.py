@@ -24,11 +24,6 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    return "mv" + hashlib.sha1(request.node.name.encode()).hexdigest()[:8]
-
-
 def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,
                                               beta: WorkerProcess, unique: str) -> None:
     done(both.create_dynamic_virtual_hard_disk(f"{unique}/base.vhd", 16))

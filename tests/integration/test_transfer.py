@@ -19,11 +19,6 @@ MiB = 1 << 20
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    return "copy-" + request.node.name.replace("[", "-").replace("]", "")
-
-
 def test_heartbeat_advertises_the_transfer_address(both: VirtualServer) -> None:
     status = both.host_status()
     for host in ("alpha", "beta"):
