@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: no import circle, each layer imports
-only below it, every producer task matches a registered worker task."""
+only below it, every producer task matches a registered worker task, and no test
+module imports another (shared fixtures live in conftest.py files)."""
 
 from __future__ import annotations
 
