@@ -19,6 +19,7 @@ import redis
 from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
 from api.protocol import hresults, keys, records
+from api.protocol.records import TaskSnapshot
 from api.replication import register_script
 from api.settings import Settings
 from api.store import (
@@ -484,3 +485,37 @@ def test_a_task_that_never_started_is_counted_without_times(store: TaskStore,
     submit(store, db)
     assert store.cancel(T) == "REVOKED"
     assert db.hgetall(keys.METRICS) == {f"total\t{NAME}\t{HOST}\t1": "1"}
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+def test_a_read_is_the_whole_record_and_its_lease_at_one_instant(
+        store: TaskStore, db: redis.Redis, settings: Settings, conn: WorkerRedis) -> None:
+    submit(store, db)
+    with pytest.raises(TaskNotFoundError):
+        store.read("nope")
+    queued, missing = store.read_many([T, "nope"])
+    assert missing is None and queued is not None
+    assert queued == TaskSnapshot.from_record(T, db.hgetall(RECORD), False)
+    assert TaskRun(T, settings, conn).begin() == records.BEGUN
+    running = store.read(T)
+    assert (running.state, running.lease_alive) == ("STARTED", True)
+    assert running == TaskSnapshot.from_record(T, db.hgetall(RECORD), True)
+    db.delete(LEASE)  # lapsed: read_many reads it as recorded, judging nothing
+    (lapsed,) = store.read_many([T])
+    assert lapsed is not None and (lapsed.state, lapsed.lease_alive) == ("STARTED", False)
+
+
+def test_a_listing_filters_by_state_and_host_newest_first_within_its_horizon(
+        store: TaskStore, db: redis.Redis, settings: Settings, conn: WorkerRedis) -> None:
+    for task_id in ("t1", "t2", "t3", "t4"):
+        submit(store, db, task_id)
+    db.hset(keys.task_record("t4"), "host", "h2")
+    assert TaskRun("t2", settings, conn).begin() == records.BEGUN
+    db.delete(keys.task_record("t3"))  # expired: its index entry stays until trimmed
+    assert store.matching(None, None, 10, 10) == ["t4", "t2", "t1"]
+    assert store.matching("PENDING", None, 10, 10) == ["t4", "t1"]
+    assert store.matching("PENDING", HOST, 10, 10) == ["t1"]
+    assert store.matching(None, HOST, 1, 10) == ["t2"]
+    assert store.matching(None, None, 10, 2) == ["t4"]  # t3, the second, is gone
