@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from api import VirtualServer
 from api.enums import VMVMState as S
 from api.errors import InvalidStateError
 from api.protocol import keys
@@ -225,3 +226,16 @@ def test_a_host_reads_only_the_vms_it_owns(db: redis.Redis, settings: Settings) 
     db.hset(keys.vm_record("b"), "host", "h9")  # moved, the set not yet updated
     db.sadd(keys.host_vms("h1"), "b")
     assert host_vms(db, settings) == [{"name": "a", "host": "h1", "state": "1"}]
+
+
+def test_a_listing_reads_every_vm_in_one_script_call_and_skips_a_gone_one(
+        db: redis.Redis, settings: Settings) -> None:
+    create(db, "a")
+    create(db, "b", host="h2", state=S.Running)
+    db.hset(keys.vm_record("b"), mapping={"memory_mb": "256", "cpus": "2"})
+    create(db, "gone")
+    db.delete(keys.vm_record("gone"))  # deleted between the two round trips
+    with VirtualServer(settings.redis_url, host="h1") as server:
+        listed = server.virtual_machines
+    assert [(vm.name, vm.host, vm.memory_mb, vm.cpus) for vm in listed] == [
+        ("a", "h1", 64, 1), ("b", "h2", 256, 2)]
