@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +16,10 @@ from typing import Any
 
 import redis.connection
 
-from api import VMTask, VMTaskResult
+from api import VirtualServer, VMTask, VMTaskResult
+from api.protocol import keys
+
+MiB = 1 << 20
 
 
 def qemu_io(path: Path, fmt: str, *commands: str) -> str:
@@ -31,6 +36,24 @@ def qemu_io(path: Path, fmt: str, *commands: str) -> str:
     lowered = result.stdout.lower()
     assert "fail" not in lowered and "error" not in lowered, result.stdout
     return result.stdout
+
+
+def big_image(root: Path, name: str, size_mb: int) -> Path:
+    """An image full of non-zero data, so copying it takes real time."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunk = os.urandom(MiB)
+    with path.open("wb") as f:
+        for _ in range(size_mb):
+            f.write(chunk)
+    return path
+
+
+def serve_task_of(server: VirtualServer, pull_id: str) -> str:
+    """The id of the source's serve task that a pull (copy or move) started."""
+    raw = server.redis.hget(keys.task_record(pull_id), "arguments")
+    assert raw is not None
+    return str(json.loads(raw)["server_task_id"])
 
 
 def digest(path: Path) -> str:
@@ -56,6 +79,13 @@ def assert_succeeded(task: VMTask, timeout: int = 120_000) -> None:
     snap = task.snapshot()
     assert snap.result is VMTaskResult.Success, (snap.description, hex(snap.error),
                                                  snap.error_description)
+
+
+def kill_leftover_qemu(root: Path) -> None:
+    """SIGKILL whatever still runs from under a storage root (a VM a test left)."""
+    out = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout
+    for pid in out.split():
+        os.kill(int(pid), signal.SIGKILL)
 
 
 def pids_of(pattern: str) -> list[int]:
@@ -96,3 +126,19 @@ def wire_counter() -> Iterator[collections.Counter[str]]:
     finally:
         cls.send_command, cls.pack_commands = send_command, pack_commands  # type: ignore[method-assign]
         cls.send_packed_command = send_packed  # type: ignore[method-assign]
+
+
+def same(image: Path, raw: Path) -> bool:
+    """A qcow2 image reads the same bytes as a raw file (`qemu-img compare`)."""
+    result = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image),
+                             str(raw)], capture_output=True, text=True)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
+def bitmaps(image: Path) -> dict[str, list[str]]:
+    """The image's persistent bitmaps and their flags, from its header."""
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)],
+                                     check=True, capture_output=True, text=True).stdout)
+    found = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {b["name"]: b["flags"] for b in found}

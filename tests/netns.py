@@ -34,11 +34,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
@@ -263,22 +260,6 @@ class Network:
         for name in reversed(self.namespaces):
             _kill_namespace(name)
         ip("link", "delete", self.root_link, check=False)
-
-
-@pytest.fixture
-def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    """A fresh set of namespaces with a Redis on the bridge; add hosts to it."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    # Short: QEMU's unix sockets live under the storage roots.
-    net = Network(tmp_path_factory.mktemp("ns"))
-    try:
-        net.create()
-        net.start_redis()
-        yield net
-    finally:
-        net.close()
 
 
 def wait_live(net: Network, name: str, timeout: float = 60) -> None:

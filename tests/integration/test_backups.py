@@ -15,7 +15,7 @@ import pytest
 from api import VirtualMachine, VirtualServer, errors
 from api.exporter import families, read
 from tests.helpers import assert_succeeded as ok
-from tests.helpers import qemu_io
+from tests.helpers import bitmaps, qemu_io, same
 
 CLUSTER = 65536
 
@@ -38,21 +38,6 @@ def write(image: Path, pattern: int, offset: str = "0", length: str = "1M") -> N
 def export(image: Path, out: Path) -> Path:
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
     return out
-
-
-def same(image: Path, raw: Path) -> bool:
-    result = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image),
-                             str(raw)], capture_output=True, text=True)
-    assert result.returncode in (0, 1), result.stderr
-    return result.returncode == 0
-
-
-def bitmaps(image: Path) -> dict[str, list[str]]:
-    """The image's persistent bitmaps and their flags, from its header."""
-    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)],
-                                     check=True, capture_output=True, text=True).stdout)
-    found = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-    return {b["name"]: b["flags"] for b in found}
 
 
 def index(root: Path, repository: str) -> dict[str, object]:

@@ -16,7 +16,6 @@ import termios
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,69 +25,13 @@ from click.testing import CliRunner
 
 from api import VirtualServer
 from api.cli import EXIT_CODES, main
+from tests.cli_runs import Cli, Run, assert_one_error_line, cli_env, run_cli
 from tests.helpers import qemu_io
 from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess, free_port, wait_until
 
 MiB = 1 << 20
 E_INVALIDARG = "0x80070057"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def __str__(self) -> str:  # what a failed assertion shows
-        return f"exit {self.code}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
-
-
-def cli_env() -> dict[str, str]:
-    # Only the flags given in each test may choose the Redis and the host.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMTASK_")}
-    env.pop("COLUMNS", None)
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
-
-
-def run_cli(*args: str, timeout: float = 180) -> Run:
-    proc = subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=cli_env(),
-                          cwd=REPO_ROOT)
-    return Run(proc.returncode, proc.stdout, proc.stderr)
-
-
-Cli = Callable[..., Run]
-
-
-@pytest.fixture
-def cli(redis_server: RedisServer, alpha: WorkerProcess) -> Cli:
-    def call(*args: str, timeout: float = 180) -> Run:
-        return run_cli("--url", redis_server.url, "--host", "alpha", *args, timeout=timeout)
-    return call
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    name: str = request.node.name
-    return "cli-" + name.removeprefix("test_")[:40]
-
-
-PROGRESS_LINE = re.compile(r"\d+%\s+\d+:\d\d:\d\d ETA")
-
-
-def assert_one_error_line(run: Run, *fragments: str) -> str:
-    """stderr holds one line, the error (after the progress bar's last frame, if any)."""
-    assert "Traceback" not in run.err, run
-    lines = [line for line in run.err.strip().splitlines() if not PROGRESS_LINE.search(line)]
-    assert len(lines) == 1 and lines[0].startswith("vmtask: error: "), run
-    for fragment in fragments:
-        assert fragment in lines[0], run
-    return lines[0]
 
 
 def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:

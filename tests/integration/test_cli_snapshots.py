@@ -6,14 +6,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.cli_runs import Cli
 from tests.helpers import qemu_io
-from tests.integration.test_cli import Cli, cli, cli_env  # noqa: F401 - fixtures
-from tests.integration.test_cli_vm import api_server, vm_name  # noqa: F401 - fixtures
 
 INVALID_STATE = "0x8007139F"
 
 
-def test_snapshot_verbs_and_clone(cli: Cli, root: Path, vm_name: str) -> None:  # noqa: F811
+def test_snapshot_verbs_and_clone(cli: Cli, root: Path, vm_name: str) -> None:
     disk = f"{vm_name}/disk.qcow2"
     assert cli("disk", "create", disk, "--size-mb", "16").code == 0
     assert cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk).code == 0

@@ -7,37 +7,18 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from api import VirtualServer, VMTaskResult, VMVMState
-from tests.integration.test_cli import Cli, Run, assert_one_error_line, cli, cli_env  # noqa: F401 - fixtures
-from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
+from api import VMTaskResult
+from tests.cli_runs import Cli, Run, assert_one_error_line, cli_env
+from workers.devtools.sandbox import RedisServer, wait_until
 from workers.devtools.tinyguest import READY_MARKER
 
 INVALID_STATE = "0x8007139F"
-
-
-@pytest.fixture
-def api_server(redis_server: RedisServer, alpha: WorkerProcess) -> Iterator[VirtualServer]:
-    with VirtualServer(redis_server.url, host="alpha", poll_interval=0.5) as server:
-        yield server
-
-
-@pytest.fixture
-def vm_name(request: pytest.FixtureRequest, api_server: VirtualServer) -> Iterator[str]:
-    """A VM name for the test; whatever the test left of that VM is removed after it."""
-    name: str = "cli-" + request.node.name.removeprefix("test_")[:30]
-    yield name
-    machine = api_server.find_virtual_machine(name)
-    if machine is None:
-        return
-    if machine.state in (VMVMState.Running, VMVMState.Paused, VMVMState.Saved):
-        machine.turn_off().wait_for_completion(60_000)
-    machine.delete().wait_for_completion(60_000)
 
 
 def vm_state(run: Run) -> str:
@@ -46,7 +27,7 @@ def vm_state(run: Run) -> str:
     return state
 
 
-def test_vm_lifecycle_through_the_cli(cli: Cli, root: Path, vm_name: str) -> None:  # noqa: F811
+def test_vm_lifecycle_through_the_cli(cli: Cli, root: Path, vm_name: str) -> None:
     disk = f"{vm_name}/disk.qcow2"
     assert cli("disk", "create", disk, "--size-mb", "16", "--json").code == 0
 
@@ -96,7 +77,7 @@ def test_vm_lifecycle_through_the_cli(cli: Cli, root: Path, vm_name: str) -> Non
     assert_one_error_line(gone, "No VM named", "0x80070002")
 
 
-def test_vm_no_wait_and_task_wait(cli: Cli, vm_name: str) -> None:  # noqa: F811
+def test_vm_no_wait_and_task_wait(cli: Cli, vm_name: str) -> None:
     assert cli("vm", "create", vm_name, "--memory-mb", "64").code == 0
     run = cli("vm", "start", vm_name, "--no-wait")
     assert run.code == 0 and run.err == "", run
@@ -106,7 +87,7 @@ def test_vm_no_wait_and_task_wait(cli: Cli, vm_name: str) -> None:  # noqa: F811
     assert cli("vm", "off", vm_name).code == 0
 
 
-def test_undo_disks_merge_and_discard(cli: Cli, vm_name: str) -> None:  # noqa: F811
+def test_undo_disks_merge_and_discard(cli: Cli, vm_name: str) -> None:
     disk = f"{vm_name}/base.qcow2"
     assert cli("disk", "create", disk, "--size-mb", "8").code == 0
     created = cli("vm", "create", vm_name, "--memory-mb", "64", "--disk", disk, "--undoable",
@@ -123,7 +104,7 @@ def test_undo_disks_merge_and_discard(cli: Cli, vm_name: str) -> None:  # noqa: 
     assert_one_error_line(refused, INVALID_STATE)
 
 
-def test_guest_verbs_without_an_os(cli: Cli, vm_name: str) -> None:  # noqa: F811
+def test_guest_verbs_without_an_os(cli: Cli, vm_name: str) -> None:
     assert cli("vm", "create", vm_name, "--memory-mb", "64").code == 0
     assert cli("vm", "start", vm_name).code == 0
     # Nobody in the VM hears the power button: the exit code is 10 + TimeOutError.
@@ -156,7 +137,7 @@ def tiny_guest(root: Path) -> Callable[[], dict[str, Any]]:
 
 @pytest.mark.slow
 def test_guest_restart_and_shutdown_with_the_agent(
-    cli: Cli, vm_name: str, tiny_guest: Callable[[], dict[str, Any]]  # noqa: F811
+    cli: Cli, vm_name: str, tiny_guest: Callable[[], dict[str, Any]]
 ) -> None:
     boot = tiny_guest()
     created = cli("vm", "create", vm_name, "--memory-mb", "128", "--kernel", boot["kernel"],
@@ -208,7 +189,7 @@ def assert_log_follows(url: str, serial_log: Path, name: str) -> None:
             follower.wait(timeout=30)
 
 
-def test_vm_edit_console_and_disk_inventory_verbs(cli: Cli, root: Path, tmp_path: Path,  # noqa: F811
+def test_vm_edit_console_and_disk_inventory_verbs(cli: Cli, root: Path, tmp_path: Path,
                                                   vm_name: str,
                                                   redis_server: RedisServer) -> None:
     disk = f"{vm_name}/d.qcow2"

@@ -11,15 +11,10 @@ import pytest
 from api import HardDisk, VirtualServer, VMHardDiskType, VMTaskResult, errors
 from api.protocol import hresults
 from tests.helpers import assert_succeeded as done
-from tests.helpers import qemu_io
+from tests.helpers import big_image, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    return request.node.name.replace("[", "-").replace("]", "")
 
 
 def test_create_each_kind_and_read_it_back(server: VirtualServer, root: Path,
@@ -60,17 +55,6 @@ def test_convert_through_the_queue_keeps_the_bytes(server: VirtualServer, root: 
     done(back)
     subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(source),
                     str(root / unique / "back.qcow2")], check=True, capture_output=True)
-
-
-def big_image(root: Path, name: str, size_mb: int) -> Path:
-    """An image full of non-zero data, so copying it takes real time."""
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    chunk = os.urandom(MiB)
-    with path.open("wb") as f:
-        for _ in range(size_mb):
-            f.write(chunk)
-    return path
 
 
 def test_progress_of_a_large_convert_is_monotonic(server: VirtualServer, root: Path,

@@ -7,7 +7,6 @@ its credentials the way docker-compose.yml gives them: ``FLOWER_BASIC_AUTH``.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -16,9 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -28,6 +24,7 @@ import pytest
 
 from api import VirtualServer, VMHardDiskType, VMTask, VMTaskResult, errors
 from api.protocol import hresults
+from tests.flower_client import CELERY, PASSWORD, USER, Flower
 from tests.helpers import assert_succeeded, pids_of, qemu_io
 from workers.devtools.sandbox import (
     REPO_ROOT,
@@ -39,55 +36,7 @@ from workers.devtools.sandbox import (
 )
 
 HOST = "flowerhost"
-USER, PASSWORD = "ops", "flower-test-password"
 REDIS_PASSWORD = "redis-test-password"
-CELERY = Path(sys.executable).parent / "celery"
-
-
-class Flower:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.port = port
-        self.proc = proc
-        self.log_path = log_path
-
-    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
-        """(HTTP status, body); status 0 when nothing answers."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return int(response.status), response.read().decode()
-        except urllib.error.HTTPError as error:
-            return int(error.code), error.read().decode(errors="replace")
-        except OSError:
-            return 0, ""
-
-    def post(self, path: str) -> tuple[int, str]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=b"",
-                                         method="POST")
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return int(response.status), response.read().decode()
-        except urllib.error.HTTPError as error:
-            return int(error.code), error.read().decode(errors="replace")
-
-    def state_of(self, task_id: str) -> str | None:
-        status, body = self.get(f"/api/task/info/{task_id}")
-        return json.loads(body).get("state") if status == 200 else None
-
-    def get_json(self, path: str) -> Any:
-        status, body = self.get(path)
-        assert status == 200, f"GET {path}: {status} {body[:300]}"
-        return json.loads(body)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WorkerProcess, Flower]]:
     root = tmp_path_factory.mktemp("flower")

@@ -22,9 +22,7 @@ import redis
 from api import VirtualServer, VMTaskResult, VMVMState
 from api.protocol import keys, records
 from api.settings import Settings
-from tests.helpers import assert_succeeded as done
-from tests.helpers import pids_of, qemu_io
-from tests.integration.test_live_migration import (
+from tests.guests import (
     BLOCK,
     FAST,
     add_guest,
@@ -36,6 +34,8 @@ from tests.integration.test_live_migration import (
     stop_all,
     where,
 )
+from tests.helpers import assert_succeeded as done
+from tests.helpers import pids_of, qemu_io
 from tests.pause_points import PAUSING, pause_env
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.engines import qemu_vm

@@ -12,10 +12,9 @@ import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import hresults, keys
+from tests.cli_runs import cli_env
 from tests.helpers import assert_succeeded as done
-from tests.helpers import qemu_io
-from tests.integration.test_cli import cli_env
-from tests.integration.test_transfer import both, serve_task_of  # noqa: F401 - fixture
+from tests.helpers import qemu_io, serve_task_of
 from workers.devtools.sandbox import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -25,12 +24,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    return "mv" + hashlib.sha1(request.node.name.encode()).hexdigest()[:8]
-
-
-def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,  # noqa: F811
+def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,
                                               beta: WorkerProcess, unique: str) -> None:
     done(both.create_dynamic_virtual_hard_disk(f"{unique}/base.vhd", 16))
     qemu_io(root / unique / "base.vhd", "vpc", "write -P 0x21 0 1M")
@@ -64,7 +58,7 @@ def test_a_turned_off_vm_moves_with_its_disks(both: VirtualServer, root: Path,  
 
 
 def test_the_move_completes_only_once_the_source_has_let_go(
-        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:
     """Issue 21, point 4: at the instant wait_for_completion returns Success, the
     source holds nothing of the VM (no disk, no VM folder) and its task has ended."""
     done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))
@@ -83,7 +77,7 @@ def test_the_move_completes_only_once_the_source_has_let_go(
 
 
 def test_a_file_the_source_cannot_remove_is_named_in_the_result(
-        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:
     """The move happened (the record names beta, the files are there): Success, with
     a warning and the leftover named in the output, in the source task's too."""
     done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))
@@ -113,7 +107,7 @@ def test_a_file_the_source_cannot_remove_is_named_in_the_result(
 
 
 def test_a_clash_on_the_destination_leaves_the_vm_where_it_was(
-        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, unique: str) -> None:
     done(both.create_dynamic_virtual_hard_disk(f"{unique}/d.qcow2", 8))
     before = digest(root / unique / "d.qcow2")
     clash = beta.storage_root / unique / "d.qcow2"
@@ -133,7 +127,7 @@ def test_a_clash_on_the_destination_leaves_the_vm_where_it_was(
 
 
 def test_a_bad_migrate_is_refused_before_anything_is_queued(
-        both: VirtualServer, unique: str) -> None:  # noqa: F811
+        both: VirtualServer, unique: str) -> None:
     vm = both.create_virtual_machine(unique, memory_mb=64, host="alpha", network=None)
     with pytest.raises(errors.InvalidArgumentError):
         vm.migrate("alpha")
@@ -142,7 +136,7 @@ def test_a_bad_migrate_is_refused_before_anything_is_queued(
     done(vm.delete())
 
 
-def test_the_cli_moves_a_vm(both: VirtualServer, beta: WorkerProcess,  # noqa: F811
+def test_the_cli_moves_a_vm(both: VirtualServer, beta: WorkerProcess,
                             unique: str) -> None:
     both.create_virtual_machine(unique, memory_mb=64, host="alpha", network=None)
     moved = subprocess.run(

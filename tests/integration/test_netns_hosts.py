@@ -4,9 +4,7 @@ in the network: a partition of two hosts, a host's cable pulled, kill -9 of a wo
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import time
@@ -18,23 +16,18 @@ import pytest
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import digest, qemu_io
-from tests.integration.test_disks import big_image
-from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
+from tests.helpers import big_image, digest, qemu_io, serve_task_of
+from tests.netns import Network, wait_live
+from tests.netns_helpers import FAST, LEASE, STALL, files_under, install_guest, offer_of, root
 from workers.devtools.sandbox import wait_until
-from workers.devtools.tinyguest import READY_MARKER, build_tiny_guest
+from workers.devtools.tinyguest import READY_MARKER
 
 pytestmark = pytest.mark.slow
 S = VMVMState
-LEASE = 6.0
-STALL = 5.0
-# Worker settings: a short heartbeat, lease and stall bound, so losses show within seconds.
-FAST = {"VMTASK_HEARTBEAT_SECONDS": "2", "VMTASK_LEASE_SECONDS": str(int(LEASE)),
-        "VMTASK_TRANSFER_STALL_SECONDS": str(int(STALL))}
 
 
 @pytest.fixture
-def net(network: Network) -> Iterator[Network]:  # noqa: F811
+def net(network: Network) -> Iterator[Network]:
     for name in ("a", "b"):
         network.add_host(name)
     for name in ("a", "b"):
@@ -49,19 +42,6 @@ def server(net: Network) -> Iterator[VirtualServer]:
         yield vs
 
 
-def root(net: Network, name: str) -> Path:
-    worker = net.hosts[name].worker
-    assert worker is not None
-    worker.storage_root.mkdir(parents=True, exist_ok=True)
-    return worker.storage_root
-
-
-def files_under(path: Path) -> list[str]:
-    """The files of a storage root, without its lock files."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if not p.is_dir() and ".vmtask-locks" not in p.parts)
-
-
 def _address(hex_pair: str) -> tuple[str, int]:
     address, port = hex_pair.split(":")
     return socket.inet_ntoa(bytes.fromhex(address)[::-1]), int(port, 16)
@@ -73,23 +53,6 @@ def established(net: Network, name: str) -> set[tuple[tuple[str, int], tuple[str
     assert worker is not None and worker.proc is not None
     lines = Path(f"/proc/{worker.proc.pid}/net/tcp").read_text().splitlines()[1:]
     return {(_address(f[1]), _address(f[2])) for f in map(str.split, lines) if f[3] == "01"}
-
-
-def offer_of(server: VirtualServer) -> dict[str, str]:
-    def found() -> dict[str, str] | None:
-        for key in server.redis.keys(keys.transfer("*")):
-            offer = server.redis.hgetall(key)
-            if "port" in offer:
-                return dict(offer)
-        return None
-
-    return dict(wait_until(found, 60, "the source to announce its export"))
-
-
-def serve_task_of(server: VirtualServer, pull_id: str) -> str:
-    raw = server.redis.hget(keys.task_record(pull_id), "arguments")
-    assert raw is not None
-    return str(json.loads(raw)["server_task_id"])
 
 
 # -- copies between namespaces ---------------------------------------------------------
@@ -225,15 +188,6 @@ def test_a_host_cut_from_redis_crashes_its_tasks_and_is_reconciled(
 
 
 # -- moving a saved VM -----------------------------------------------------------------
-
-
-def install_guest(net: Network) -> None:
-    """The tiny guest's kernel and initrd in both roots (a VM names them by path)."""
-    guest = build_tiny_guest()
-    for host in ("a", "b"):
-        (root(net, host) / "guest").mkdir(parents=True, exist_ok=True)
-        shutil.copy(guest.kernel, root(net, host) / "guest" / "vmlinuz")
-        shutil.copy(guest.initrd, root(net, host) / "guest" / "initrd.gz")
 
 
 def test_a_saved_vm_moves_and_restores_on_the_destination(

@@ -14,28 +14,24 @@ import pytest
 
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
+from tests.guests import BLOCK, agent, boot_id, guest_write
 from tests.helpers import assert_succeeded as done
 from tests.helpers import backing_chain, digest, pids_of, qemu_io
-from tests.integration.test_live_migration import BLOCK, agent, boot_id, guest_write
-from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
+from tests.netns import Network, wait_live
+from tests.netns_helpers import FAST, LEASE, STALL, connect, nothing_of, root, running_guest, where
 from workers.devtools.sandbox import wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 from workers.engines import qemu_vm
 from workers.engines.qemu_vm import Monitor
-from workers.failures import OperationFailed
 
 pytestmark = pytest.mark.slow
 S = VMVMState
-LEASE = 6.0
-STALL = 5.0
-FAST = {"VMTASK_HEARTBEAT_SECONDS": "2", "VMTASK_LEASE_SECONDS": str(int(LEASE)),
-        "VMTASK_TRANSFER_STALL_SECONDS": str(int(STALL))}
 # What a's link sends, in Mbit/s, while a fault is made mid-transfer.
 SLOW_LINK = 32
 
 
 @pytest.fixture
-def net(network: Network) -> Iterator[Network]:  # noqa: F811
+def net(network: Network) -> Iterator[Network]:
     guest = build_tiny_guest()
     for name in ("a", "b"):
         network.add_host(name)
@@ -50,55 +46,6 @@ def net(network: Network) -> Iterator[Network]:  # noqa: F811
 def unthrottle(net: Network, name: str) -> None:
     subprocess.run(["tc", "-n", net.hosts[name].namespace, "qdisc", "del", "dev", "eth0",
                     "root"], check=True, capture_output=True, timeout=30)
-
-
-def root(net: Network, name: str) -> Path:
-    worker = net.hosts[name].worker
-    assert worker is not None
-    return worker.storage_root
-
-
-def connect(net: Network) -> VirtualServer:
-    assert net.redis is not None
-    return VirtualServer(net.redis.url, host="a", poll_interval=0.2)
-
-
-def wait_for_agent(root: Path, vm: str, timeout: float = 90) -> None:
-    def answers() -> bool:
-        with agent(root, vm) as client:
-            try:
-                return client.ping(timeout=2)
-            except OperationFailed:
-                return False
-    wait_until(answers, timeout, f"the guest agent of {vm}", interval=0.5)
-
-
-def running_guest(server: VirtualServer, net: Network, name: str, *, data_mb: int,
-                  undoable: bool = False) -> VirtualMachine:
-    done(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 64, host="a"))
-    qemu_io(root(net, "a") / name / "d.qcow2", "qcow2", f"write -P 0x5a 1M {data_mb}M")
-    vm = server.create_virtual_machine(
-        name, memory_mb=128, disks=[f"{name}/d.qcow2"], guest_agent=True, network=None,
-        undoable=undoable, host="a", kernel="guest/vmlinuz", initrd="guest/initrd.gz",
-        append="console=ttyS0 quiet panic=-1")
-    done(vm.startup())
-    wait_for_agent(root(net, "a"), name)
-    return vm
-
-
-def where(vm: VirtualMachine) -> tuple[str, S]:
-    state = vm.state  # reads the record, and with it the VM's host
-    return vm.host, state
-
-
-def nothing_of(net: Network, host: str, name: str) -> list[str]:
-    """Whatever of VM ``name`` is on the host: files, temporaries, QEMU processes."""
-    here = root(net, host)
-    left = [str(p.relative_to(here)) for p in here.rglob("*")
-            if not p.is_dir() and ".vmtask-locks" not in p.parts
-            and p.parts[len(here.parts)] != "guest"]
-    left += [f"pid {p}" for p in pids_of(f"{here}/vms/{name}/")]
-    return left
 
 
 def under_way(task: VMTask, percent: float = 10, timeout: float = 60) -> None:

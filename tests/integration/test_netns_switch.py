@@ -20,19 +20,11 @@ import pytest
 
 from api import VirtualMachine, VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
+from tests.guests import agent, boot_id
 from tests.helpers import assert_succeeded as done
 from tests.helpers import pids_of
-from tests.integration.test_live_migration import agent, boot_id
-from tests.integration.test_netns_live import (
-    FAST,
-    LEASE,
-    connect,
-    nothing_of,
-    root,
-    running_guest,
-    where,
-)
-from tests.netns import Network, network, wait_live  # noqa: F401 - fixture
+from tests.netns import Network, wait_live
+from tests.netns_helpers import FAST, LEASE, connect, nothing_of, root, running_guest, where
 from tests.pause_points import PAUSING, pause_env
 from workers.devtools.sandbox import wait_until
 from workers.devtools.tinyguest import build_tiny_guest
@@ -111,7 +103,7 @@ def ends_on_b(server: VirtualServer, net: Network, vm: VirtualMachine, before: s
     assert not server.redis.keys(keys.transfer("*"))
 
 
-def test_a_source_cut_off_right_after_the_switch_over_signal(network: Network) -> None:  # noqa: F811
+def test_a_source_cut_off_right_after_the_switch_over_signal(network: Network) -> None:
     """a signals the switch-over and loses its cable (Redis and b) before b moves the
     record: b's compare-and-set wins (a cannot reach Redis to take the guest back),
     b runs the guest and the record names b; a's QEMU, stopped by the completed
@@ -156,7 +148,7 @@ def test_a_source_cut_off_right_after_the_switch_over_signal(network: Network) -
         done(vm.delete())
 
 
-def test_a_partition_of_a_from_b_after_the_switch_over_signal(network: Network) -> None:  # noqa: F811
+def test_a_partition_of_a_from_b_after_the_switch_over_signal(network: Network) -> None:
     """a and b lose each other after a signalled the switch-over, before b moved the
     record and ran the guest; both still reach Redis.  The migration stream is
     whole on b (it waits for its incoming side to read completed before its pause
@@ -182,7 +174,7 @@ def test_a_partition_of_a_from_b_after_the_switch_over_signal(network: Network) 
 
 
 def test_a_destination_cut_off_between_its_compare_and_set_and_cont(
-        network: Network) -> None:  # noqa: F811
+        network: Network) -> None:
     """b has moved the record and loses its cable before its ``cont``: it runs the
     guest (the record names it), but cannot tell a.  a judges b's task dead once
     b's lease lapses, fences, finds the VM moved and removes its copies: its task

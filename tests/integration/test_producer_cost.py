@@ -13,8 +13,8 @@ import pytest
 from api import VirtualServer, VMTaskResult, errors
 from api.protocol import keys
 from api.publish import message_commands
+from tests.cli_runs import cli_env
 from tests.helpers import wire_counter
-from tests.integration.test_cli import cli_env
 from workers.devtools.sandbox import RedisServer, WorkerProcess
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from api import VirtualServer
-from tests.integration.test_flower import CELERY, PASSWORD, USER, Flower
+from tests.flower_client import CELERY, PASSWORD, USER, Flower
 from workers.devtools.sandbox import (
     REPO_ROOT,
     SentinelCluster,

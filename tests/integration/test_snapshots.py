@@ -15,6 +15,7 @@ import pytest
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import keys
+from tests.guests import add_guest, boot_id, wait_for_agent
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import backing_chain, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, free_port, wait_until
@@ -573,8 +574,6 @@ def test_a_revert_to_a_point_with_memory_resumes_the_same_boot(server: VirtualSe
                                                                root: Path) -> None:
     """The tiny guest's kernel boot id, read through its real agent: a Saved VM's point
     with memory brings back that very boot, after the VM has booted afresh since."""
-    from tests.integration.test_live_migration import add_guest, boot_id, wait_for_agent
-
     add_guest(root)
     name = "sboot"  # short: QEMU's sockets live under the root (108-byte limit)
     ok(server.create_dynamic_virtual_hard_disk(f"{name}/d.qcow2", 16))

@@ -21,9 +21,8 @@ import pytest
 from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
 from api.protocol import keys, tasklog
 from api.scripts import Scripts
+from tests.cli_runs import cli_env
 from tests.helpers import assert_succeeded as done
-from tests.integration.test_cli import cli_env
-from tests.integration.test_vms import vm_env, vmhost  # noqa: F401 - fixtures
 from workers.devtools.sandbox import REPO_ROOT, RedisServer, wait_until
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (.*)$")
@@ -245,7 +244,7 @@ def test_no_secret_in_the_log_of_a_psk_transfer_with_a_redis_password(
 
 @pytest.mark.slow
 def test_a_vm_start_save_and_restore_log_qemu_and_qmp(
-        vm_env: tuple[RedisServer, Path], vmhost: Any) -> None:  # noqa: F811
+        vm_env: tuple[RedisServer, Path], vmhost: Any) -> None:
     with VirtualServer(vm_env[0].url, host="vmhost", poll_interval=0.5) as server:
         done(server.create_dynamic_virtual_hard_disk("logvm/disk.qcow2", 16))
         vm = server.create_virtual_machine("logvm", memory_mb=64, disks=["logvm/disk.qcow2"])

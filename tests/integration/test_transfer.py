@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from api import VirtualServer, VMHardDiskType, VMTaskResult, errors
 from api.protocol import hresults, keys
+from tests.cli_runs import run_cli
 from tests.helpers import assert_succeeded as done
-from tests.helpers import qemu_io
-from tests.integration.test_cli import run_cli
-from tests.integration.test_disks import big_image
+from tests.helpers import big_image, digest, qemu_io, serve_task_of
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def unique(request: pytest.FixtureRequest) -> str:
-    return "copy-" + request.node.name.replace("[", "-").replace("]", "")
-
-
-@pytest.fixture
-def both(redis_server: RedisServer, alpha: WorkerProcess, beta: WorkerProcess
-         ) -> Iterator[VirtualServer]:
-    with VirtualServer(redis_server.url, host="alpha", poll_interval=0.2) as vs:
-        yield vs
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def serve_task_of(server: VirtualServer, pull_id: str) -> str:
-    pull = server.redis.hget(keys.task_record(pull_id), "arguments")
-    assert pull is not None
-    return str(json.loads(pull)["server_task_id"])
 
 
 def test_heartbeat_advertises_the_transfer_address(both: VirtualServer) -> None:

@@ -23,8 +23,7 @@ import pytest
 from api import VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import digest, pids_of, qemu_io
-from tests.integration.test_disks import big_image
+from tests.helpers import big_image, digest, pids_of, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 

@@ -15,17 +15,9 @@ import pytest
 from api import VirtualServer, VMTaskResult, VMVMState
 from api.protocol import hresults, keys
 from tests.helpers import assert_succeeded as done
-from tests.helpers import qemu_io
-from tests.integration.test_disks import big_image
-from tests.integration.test_netns_hosts import (
-    FAST,
-    digest,
-    files_under,
-    install_guest,
-    offer_of,
-    root,
-)
-from tests.netns import Network, network  # noqa: F401 - fixture
+from tests.helpers import big_image, digest, qemu_io
+from tests.netns import Network
+from tests.netns_helpers import FAST, files_under, install_guest, offer_of, root
 from workers.devtools.sandbox import TlsFiles, make_qemu_tls_dir, make_tls_files, wait_until
 
 pytestmark = pytest.mark.slow
@@ -50,7 +42,7 @@ def start(net: Network, name: str, tls_dir: Path | None, *,
 
 
 @pytest.fixture
-def tls(network: Network, ca: TlsFiles, tmp_path: Path  # noqa: F811
+def tls(network: Network, ca: TlsFiles, tmp_path: Path
         ) -> Iterator[tuple[Network, dict[str, Path]]]:
     dirs = {}
     for name in ("a", "b"):

@@ -22,8 +22,7 @@ import pytest
 from api import VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import tasks
 from tests.helpers import assert_succeeded as ok
-from tests.helpers import qemu_io
-from tests.integration.test_vms import kill_leftover_qemu
+from tests.helpers import kill_leftover_qemu, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 from workers.engines.qemu_vm.devices import BRIDGE_HELPER

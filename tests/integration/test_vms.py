@@ -4,7 +4,6 @@ the host's watch and reconciliation after a worker is killed.  Real QEMU under T
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -17,46 +16,11 @@ from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import tasks
 from api.protocol.vmstate import VMStateEvent
 from tests.helpers import assert_succeeded as ok
-from tests.helpers import qemu_io
+from tests.helpers import kill_leftover_qemu, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
-from workers.devtools.tinyguest import READY_MARKER, build_tiny_guest
+from workers.devtools.tinyguest import READY_MARKER
 
 S = VMVMState
-
-
-@pytest.fixture(scope="module")
-def vm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, Path]]:
-    # Short paths: QEMU's unix sockets live under the storage root (108-byte limit).
-    base = Path(tmp_path_factory.mktemp("vm"))
-    redis = RedisServer(base / "redis").start()
-    yield redis, base
-    redis.stop()
-
-
-@pytest.fixture(scope="module")
-def vmhost(vm_env: tuple[RedisServer, Path]) -> Iterator[WorkerProcess]:
-    redis, base = vm_env
-    worker = WorkerProcess(redis.url, "vmhost", base / "root", base, concurrency=2,
-                           env={"VMTASK_HEARTBEAT_SECONDS": "1"}).start()
-    guest = build_tiny_guest()
-    (base / "root" / "guest").mkdir(parents=True, exist_ok=True)
-    shutil.copy(guest.kernel, base / "root" / "guest" / "vmlinuz")
-    shutil.copy(guest.initrd, base / "root" / "guest" / "initrd.gz")
-    # A guest whose /sbin/shutdown fails: its real agent refuses guest-shutdown.
-    refusing = build_tiny_guest(shutdown_fails=True)
-    shutil.copy(refusing.initrd, base / "root" / "guest" / "initrd-refuse.gz")
-    # A guest whose agent has its file commands blocked: no boot id to read.
-    no_boot_id = build_tiny_guest(blocked_commands=("guest-file-open",))
-    shutil.copy(no_boot_id.initrd, base / "root" / "guest" / "initrd-noid.gz")
-    yield worker
-    worker.stop()
-    kill_leftover_qemu(base / "root")
-
-
-def kill_leftover_qemu(root: Path) -> None:
-    out = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout
-    for pid in out.split():
-        os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.fixture

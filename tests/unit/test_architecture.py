@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: no import circle, each layer imports
-only below it, every producer task matches a registered worker task."""
+only below it, every producer task matches a registered worker task, and no test
+module imports another (shared fixtures live in conftest.py files)."""
 
 from __future__ import annotations
 
@@ -144,6 +145,58 @@ def test_no_module_is_over_600_lines() -> None:
         for path in (REPO / package).rglob("*.py"):
             lines = len(path.read_text().splitlines())
             assert lines <= 600, f"{path.relative_to(REPO)} has {lines} lines"
+
+
+def imported_modules(source: str, module: str) -> set[str]:
+    """Every module that ``module`` (of this source) imports, anywhere in it (in functions
+    too), relative imports resolved; ``from pkg import name`` counts pkg.name as well, as
+    name may be a module."""
+    package = module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            origin = ((node.module or "") if node.level == 0
+                      else ".".join(filter(None, (base, node.module))))
+            found.add(origin)
+            found.update(f"{origin}.{alias.name}" for alias in node.names)
+    return found
+
+
+def is_test_module(module: str) -> bool:
+    return module.startswith("tests.") and module.rsplit(".", 1)[-1].startswith("test_")
+
+
+def test_no_test_module_imports_another() -> None:
+    """Tests share fixtures through conftest.py files and helpers through plain modules
+    (tests/helpers.py and its kind), never through a test module: running, moving or
+    deleting one test module never changes another."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for module in sorted(imported_modules(path.read_text(), module_name(path))):
+            if is_test_module(module):
+                offenders.append(f"{path.relative_to(REPO)} imports {module}")
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("source", [
+    "from tests.integration.test_cli import cli_env",
+    "import tests.integration.test_cli",
+    "import tests.integration.test_cli as other",
+    "from tests.integration import test_cli",
+    "from .test_cli import cli_env",
+    "from . import test_cli",
+    "from ..integration.test_cli import cli_env",
+    "def f() -> None:\n    from tests.integration.test_cli import cli_env",
+])
+def test_the_test_import_rule_sees_every_spelling(source: str) -> None:
+    found = imported_modules(source, "tests.integration.conftest")
+    assert "tests.integration.test_cli" in found, found
+    assert not any(map(is_test_module, imported_modules(
+        "from tests.helpers import qemu_io\nfrom tests.integration.conftest import x\n"
+        "import tests.netns_helpers", "tests.integration.test_x")))
 
 
 def test_every_task_spec_is_registered_by_the_worker_with_its_parameters(
