@@ -35,9 +35,9 @@ from api.vms import VM_NAME_PATTERN
 from workers.engines import qemu_img
 from workers.engines import snapshots as engine
 from workers.engines.context import raise_if_cancelled
+from workers.engines.files import HostFiles
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import check_snapshot_name, disks_of, vm_directory
 from workers.tasks.vms import begin, config_of, paths_of, vm_lock
 

@@ -34,11 +34,11 @@ from typing import Any
 from api.protocol import hresults
 from workers.engines import nbd, qemu_vm, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livemigrate
 from workers.failures import Cancelled, DiskError, IllegalValue
 from workers.outage import REDIS_AWAY
 from workers.runtime import TaskRun
-from workers.tasks.files import HostFiles
 from workers.tasks.transfer import offer_fields, pull_and_judge
 
 Signal = Callable[[dict[str, str]], None]

@@ -57,6 +57,7 @@ from api.errors import InvalidStateError
 from api.protocol import hresults, keys, scripts, tasks
 from workers.engines import qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.lifecycle import _read_logs as read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
@@ -64,7 +65,6 @@ from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks import live_chain, move_journal
-from workers.tasks.files import HostFiles
 from workers.tasks.migration import move_record
 from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerWatch

@@ -38,12 +38,12 @@ from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
 from workers.failures import DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks import move_journal
-from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import refuse_move
 from workers.tasks.transfer import (
     PeerWatch,

@@ -28,9 +28,9 @@ import redis
 
 from api.protocol import keys
 from api.settings import Settings
+from workers.engines.files import HostFiles
 from workers.failures import OperationFailed
 from workers.tasks.disks import process_exists
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,11 @@ from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
 from workers.engines.context import raise_if_cancelled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import config_fingerprint, fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
 from workers.failures import Cancelled, IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import (
     begin,
     config_of,

@@ -31,10 +31,10 @@ from api.settings import Settings
 from workers.engines import nbd, qemu_img, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.context import OperationContext
+from workers.engines.files import HostFiles
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 
 # How often each side looks at the other's record.
 WATCH_INTERVAL = 0.1

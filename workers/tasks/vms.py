@@ -43,6 +43,7 @@ from api.replication import register_script
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as snapshot_layers
+from workers.engines.files import HostFiles
 from workers.engines.guest_agent import qemu_guest_agent_args
 from workers.engines.storage import resolve_in_root
 from workers.failures import (
@@ -51,7 +52,6 @@ from workers.failures import (
     VMNotRunning,
 )
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 
 log = logging.getLogger(__name__)
 
