@@ -34,7 +34,7 @@ from api.vmargs import new_mac, to_args
 from api.vms import VM_NAME_PATTERN
 from workers.engines import qemu_img
 from workers.engines import snapshots as engine
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
 from workers.engines.files import HostFiles
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
@@ -108,7 +108,7 @@ def _make_disks(run: TaskRun, tops: list[Path], target: Path, linked: bool) -> l
     files = HostFiles.of(run.settings)
     made: list[Path] = []
     for index, top in enumerate(tops):
-        share = engine.Scaled(run, 95 * index / len(tops), 95 * (index + 1) / len(tops))
+        share = scaled(run, 95 * index / len(tops), 95 * (index + 1) / len(tops))
         destination = target / f"{index}-{top.stem}.qcow2"
         with ExitStack() as stack:
             chain = files.open_chain(top, stack)

@@ -38,6 +38,7 @@ from api.protocol import hresults, keys, scripts, tasks
 from api.protocol.vmstate import EVENTS_MAXLEN
 from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.context import scaled
 from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
@@ -260,8 +261,8 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                         "waiting for the source's export")):
                     server.check("source", gave_up="stopped the move")
                     run.sleep(WATCH)
-                share = _Span(run, 100.0 * done / total,
-                              100.0 * (done + int(item["size"])) / total)
+                share = scaled(run, 100.0 * done / total,
+                               100.0 * (done + int(item["size"])) / total)
                 pull_and_judge(run, share, offer, target, verbatim=True,
                                source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
@@ -326,19 +327,3 @@ def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
                                "removing the VM's files; they may be left there"}
         time.sleep(WATCH)
 
-
-class _Span:
-    """A `TaskRun` whose progress is scaled into ``low..high``."""
-
-    def __init__(self, run: TaskRun, low: float, high: float) -> None:
-        self._run, self._low, self._high = run, low, high
-        self.task_id = run.task_id
-
-    def report_progress(self, percent: float) -> None:
-        self._run.report_progress(self._low + (self._high - self._low) * percent / 100)
-
-    def cancel_requested(self) -> bool:
-        return self._run.cancel_requested()
-
-    def log(self, line: str) -> None:
-        self._run.log(line)

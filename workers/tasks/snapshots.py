@@ -29,7 +29,7 @@ from api.protocol.snapshots import CLONE_FIELD, SNAPSHOT_NAME, TREE_FIELD, linke
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
 from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import config_fingerprint, fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
@@ -313,8 +313,8 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
     for index, present in enumerate(presents):
         with ExitStack() as stack:
             chain = files.open_chain(present, stack)
-            qemu_img.merge(present, engine.Scaled(run, 90 + 10 * index / count,
-                                                  90 + 10 * (index + 1) / count),
+            qemu_img.merge(present, scaled(run, 90 + 10 * index / count,
+                                             90 + 10 * (index + 1) / count),
                            run.task_id, chain=chain.pinned())
     engine.store(folder, None)
     for present in presents:

@@ -43,6 +43,7 @@ from api.replication import register_script
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as snapshot_layers
+from workers.engines.context import scaled
 from workers.engines.files import HostFiles
 from workers.engines.guest_agent import qemu_guest_agent_args
 from workers.engines.storage import resolve_in_root
@@ -334,30 +335,14 @@ def merge_undo_disks(run: TaskRun, name: str) -> None:
                         if o.exists()]
             files = HostFiles.of(run.settings)
             for index, overlay in enumerate(overlays):
-                share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
+                share = scaled(run, 100 * index / len(overlays),
+                               100 * (index + 1) / len(overlays))
                 with ExitStack() as stack:
                     chain = files.open_chain(overlay, stack)
                     qemu_img.merge(overlay, share, run.task_id, chain=chain.pinned())
                 overlay.unlink()
         finally:
             settle(client, name, S.TurnedOff)
-
-
-class _Share:
-    """Progress of one step scaled into its share of the whole operation."""
-
-    def __init__(self, run: TaskRun, low: float, high: float) -> None:
-        self.task_id = run.task_id
-        self._run, self._low, self._high = run, low, high
-
-    def report_progress(self, percent: float) -> None:
-        self._run.report_progress(100 * (self._low + (self._high - self._low) * percent / 100))
-
-    def cancel_requested(self) -> bool:
-        return self._run.cancel_requested()
-
-    def log(self, line: str) -> None:
-        self._run.log(line)
 
 
 @operation(tasks.VM_DISCARD_UNDO_DISKS)
