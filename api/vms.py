@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from api.arguments import check_int, check_relative_path, check_stream_id, check_text
-from api.core import ServerCore
+from api.core import Peer, ServerCore, submit_peers
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
 from api.guest import GuestOS
@@ -184,36 +184,27 @@ class VirtualMachine(SnapshotMethods):
         source = self.host
         if state in (VMVMState.Running, VMVMState.Paused):
             # The source drives and the producer follows it; the destination helps.
-            self._server.submit(
-                tasks.VM_LIVE_IN, description=f"Receiving VM {self.name} from {source}",
-                kwargs={"name": self.name, "source_host": source,
-                        "transfer_id": transfer_id, "peer_task_id": out_id},
-                host=target, task_id=in_id)
-            try:
-                return self._server.submit(
-                    tasks.VM_LIVE_OUT, description=f"Migrating VM {self.name} live from "
-                                                   f"{source} to {target}",
-                    kwargs={"name": self.name, "destination_host": target,
-                            "transfer_id": transfer_id, "peer_task_id": in_id},
-                    host=source, task_id=out_id)
-            except Exception:
-                self._server.get_task(in_id).cancel()
-                raise
-        self._server.submit(
-            tasks.VM_MIGRATE_OUT, description=f"Sending VM {self.name} to {target}",
-            kwargs={"name": self.name, "destination_host": target,
-                    "transfer_id": transfer_id, "client_task_id": in_id},
-            host=source, task_id=out_id)
-        try:
-            return self._server.submit(
-                tasks.VM_MIGRATE_IN, description=f"Moving VM {self.name} from {source} "
-                                                 f"to {target}",
-                kwargs={"name": self.name, "source_host": source,
-                        "transfer_id": transfer_id, "server_task_id": out_id},
-                host=target, task_id=in_id)
-        except Exception:
-            self._server.get_task(out_id).cancel()
-            raise
+            return submit_peers(
+                self._server,
+                Peer(tasks.VM_LIVE_IN, f"Receiving VM {self.name} from {source}",
+                     {"name": self.name, "source_host": source,
+                      "transfer_id": transfer_id, "peer_task_id": out_id},
+                     host=target, task_id=in_id),
+                Peer(tasks.VM_LIVE_OUT,
+                     f"Migrating VM {self.name} live from {source} to {target}",
+                     {"name": self.name, "destination_host": target,
+                      "transfer_id": transfer_id, "peer_task_id": in_id},
+                     host=source, task_id=out_id))
+        return submit_peers(
+            self._server,
+            Peer(tasks.VM_MIGRATE_OUT, f"Sending VM {self.name} to {target}",
+                 {"name": self.name, "destination_host": target,
+                  "transfer_id": transfer_id, "client_task_id": in_id},
+                 host=source, task_id=out_id),
+            Peer(tasks.VM_MIGRATE_IN, f"Moving VM {self.name} from {source} to {target}",
+                 {"name": self.name, "source_host": source,
+                  "transfer_id": transfer_id, "server_task_id": out_id},
+                 host=target, task_id=in_id))
 
     def _require_undoable(self) -> None:
         if not self.undoable:
