@@ -115,43 +115,43 @@ class VirtualMachine(SnapshotMethods):
                 f"Cannot {operation.replace('_', ' ')} VM {self.name!r} while it is "
                 f"{state.name} (allowed from: {allowed})")
 
-    def _operate(self, operation: str, description: str, **kwargs: Any) -> VMTask:
-        self._check(operation)
+    def _operate(self, spec: tasks.TaskSpec, description: str, **kwargs: Any) -> VMTask:
+        self._check(spec.vm_operation)
         return self._server.submit(
-            tasks.VM_OPERATIONS[operation], description=f"{description} {self.name}",
+            spec, description=f"{description} {self.name}",
             kwargs={"name": self.name, **kwargs}, host=self.host)
 
     def startup(self) -> VMTask:
         """Boot a TurnedOff VM, or restore a Saved one."""
-        return self._operate("startup", "Starting")
+        return self._operate(tasks.VM_STARTUP, "Starting")
 
     def save(self) -> VMTask:
-        return self._operate("save", "Saving")
+        return self._operate(tasks.VM_SAVE, "Saving")
 
     def reset(self) -> VMTask:
-        return self._operate("reset", "Resetting")
+        return self._operate(tasks.VM_RESET, "Resetting")
 
     def turn_off(self) -> VMTask:
-        return self._operate("turn_off", "Turning off")
+        return self._operate(tasks.VM_TURN_OFF, "Turning off")
 
     def pause(self) -> VMTask:
-        return self._operate("pause", "Pausing")
+        return self._operate(tasks.VM_PAUSE, "Pausing")
 
     def resume(self) -> VMTask:
-        return self._operate("resume", "Resuming")
+        return self._operate(tasks.VM_RESUME, "Resuming")
 
     def merge_undo_disks(self) -> VMTask:
         self._require_undoable()
-        return self._operate("merge_undo_disks", "Merging the undo disks of")
+        return self._operate(tasks.VM_MERGE_UNDO_DISKS, "Merging the undo disks of")
 
     def discard_undo_disks(self) -> VMTask:
         self._require_undoable()
-        return self._operate("discard_undo_disks", "Discarding the undo disks of")
+        return self._operate(tasks.VM_DISCARD_UNDO_DISKS, "Discarding the undo disks of")
 
     def delete(self) -> VMTask:
-        self._check("delete")
+        self._check(tasks.VM_DELETE.vm_operation)
         self._refuse_with_clones()
-        return self._operate("delete", "Deleting")
+        return self._operate(tasks.VM_DELETE, "Deleting")
 
     def migrate(self, destination_host: str) -> VMTask:
         """Move the VM to ``destination_host``; cancelable, progress 0..100.
@@ -277,7 +277,7 @@ class VirtualMachine(SnapshotMethods):
 
     def screenshot(self) -> bytes:
         """A PNG of the VM's display right now (QMP screendump); Running or Paused."""
-        self._check("screenshot")
+        self._check(tasks.VM_SCREENSHOT.vm_operation)
         output = self._server.run_quick(
             tasks.VM_SCREENSHOT, description=f"Taking a screenshot of {self.name}",
             kwargs={"name": self.name}, host=self.host)

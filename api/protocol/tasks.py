@@ -7,6 +7,11 @@ therefore exists once, and a producer cannot send kwargs no worker accepts.
 
 ``quick`` marks the control operations that must never wait behind long work
 (pause, turn off, disk info...): they take milliseconds and hold no slot for long.
+
+A VM operation's name is its task name's last part (``vmtask.vm.startup``:
+``startup``, `TaskSpec.vm_operation`): the producer checks it against
+`vmstate.ALLOWED` and the worker's body begins under it, both from the spec, and
+`vmstate` refuses at import a VM task without an entry there.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+VM_PREFIX = "vmtask.vm."
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,14 @@ class TaskSpec:
     quick: bool = False
     optional: tuple[str, ...] = ()
     """Parameters the worker defaults; the producer may leave them out."""
+
+    @property
+    def vm_operation(self) -> str:
+        """The name `vmstate.ALLOWED` knows this VM operation by; `ValueError` for a
+        task that is not one."""
+        if not self.name.startswith(VM_PREFIX):
+            raise ValueError(f"{self.name} is not a VM operation")
+        return self.name.removeprefix(VM_PREFIX)
 
     def check_kwargs(self, kwargs: Mapping[str, Any]) -> None:
         """`TypeError` for kwargs this task does not take, or required ones missing."""
@@ -115,5 +130,5 @@ BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}
 
 # The VM operations by the name the state machine (`vmstate.ALLOWED`) uses.
 VM_OPERATIONS: Mapping[str, TaskSpec] = {
-    spec.name.removeprefix("vmtask.vm."): spec for spec in ALL if spec.name.startswith("vmtask.vm.")
+    spec.vm_operation: spec for spec in ALL if spec.name.startswith(VM_PREFIX)
 }

@@ -76,7 +76,7 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
     if linked and snapshot is None:
         raise IllegalValue("A linked clone rests on a snapshot: name one")
     with vm_lock(run, name):
-        client, record, _ = begin(run, "clone", name, None)
+        client, record, _ = begin(run, name, None)
         if client.exists(keys.vm_record(clone)):
             raise IllegalValue(f"A VM named {clone!r} already exists")
         tops = source_tops(run, record, snapshot)

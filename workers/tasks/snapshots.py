@@ -147,7 +147,7 @@ def create_snapshot(run: TaskRun, name: str, snapshot: str,
     beside its layer; a TurnedOff VM has no memory: include_memory then reads False."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "create_snapshot", name, None)
+        client, record, state = begin(run, name, None)
         refuse_undoable(record)
         folder = vm_directory(run.settings, name)
         tree = engine.load(folder)
@@ -203,7 +203,7 @@ def revert_to_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]
     """A new empty present over the point's layer; the old present goes."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "revert_to_snapshot", name, None)
+        client, record, state = begin(run, name, None)
         folder = vm_directory(run.settings, name)
         tree = engine.load(folder)
         if tree is None or tree.find(snapshot) is None:
@@ -253,7 +253,7 @@ def delete_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]:
     the point and its layer; the last one also commits the present into the bases."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "delete_snapshot", name, S.MergingDrives)
+        client, record, state = begin(run, name, S.MergingDrives)
         try:
             return _delete(run, client, record, name, snapshot)
         finally:
