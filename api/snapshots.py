@@ -169,7 +169,7 @@ class SnapshotMethods:
                             clone=name, linked=linked, snapshot=snapshot)
 
     def _refuse_with_snapshots(self, record: Mapping[str, str], what: str) -> None:
-        """Operations not built for a tree yet (moves) refuse it before queueing."""
+        """Operations not built for a tree yet (migrations) refuse it before queueing."""
         if tree_of(dict(record))["snapshots"]:
             raise InvalidStateError(
                 f"Cannot {what} VM {self.name!r}: it has snapshots, and moving them is "

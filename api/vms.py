@@ -156,7 +156,7 @@ class VirtualMachine(SnapshotMethods):
     def migrate(self, destination_host: str) -> VMTask:
         """Move the VM to ``destination_host``; cancelable, progress 0..100.
 
-        TurnedOff or Saved: a cold move.  Its disks (with their parents), undo disks
+        TurnedOff or Saved: a cold migration.  Its disks (with their parents), undo disks
         and saved state are copied host to host over NBD, the record then names the
         new host (a fenced compare-and-set), and the source's copies of the VM's own
         files are removed.  Cancel or failure leaves the VM on its host and nothing

@@ -25,7 +25,7 @@ from workers.tasks import (
     live_migration,
     live_recovery,
     migration,
-    move_journal,
+    migration_journal,
     snapshots,
     transfer,
     vm_console,
@@ -41,9 +41,9 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
     # A live migration's half-received VM may have a QEMU running: it goes before
-    # the moves' journals are swept.
+    # the migrations' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
-             move_journal.remove_unfinished_moves,
+             migration_journal.remove_unfinished_migrations,
              vms.index_host_vms, vms.reconcile_vms, snapshots.recover,
              clones.remove_unfinished_clones),
     tick=(vms.watch_vms, vm_console.rotate_console_logs),

@@ -80,7 +80,7 @@ DISK_SERVE = TaskSpec("vmtask.disk.serve", ("path", "transfer_id", "client_task_
 DISK_COPY_IN = TaskSpec("vmtask.disk.copy_in",
                         ("source_host", "path", "destination", "transfer_id", "server_task_id"),
                         cancelable=True)
-# A cold move (TurnedOff or Saved VM) likewise: the source serves the VM's files,
+# A cold migration (TurnedOff or Saved VM) likewise: the source serves the VM's files,
 # the destination pulls them and takes the VM over; the producer holds the latter.
 VM_MIGRATE_OUT = TaskSpec("vmtask.migrate.out",
                           ("name", "destination_host", "transfer_id", "client_task_id"),
@@ -89,8 +89,8 @@ VM_MIGRATE_IN = TaskSpec("vmtask.migrate.in",
                          ("name", "source_host", "transfer_id", "server_task_id"),
                          cancelable=True)
 # A live migration (Running or Paused VM): the source drives and the producer holds
-# it; the destination prepares a paused QEMU and NBD exports, then takes over or
-# gives up when the source says so.
+# it; the destination prepares a paused QEMU and NBD exports, then moves the record
+# or gives up when the source says so.
 VM_LIVE_OUT = TaskSpec("vmtask.migrate.live_out",
                        ("name", "destination_host", "transfer_id", "peer_task_id"),
                        cancelable=True)

@@ -1,19 +1,21 @@
-"""Cold move of a TurnedOff or Saved VM to another host: two tasks, as for a disk copy.
+"""Cold migration of a TurnedOff or Saved VM to another host: two tasks, as for a disk
+copy.
 
-The source task (`migrate_out`) holds the VM's lock for the whole move, so no
+The source task (`migrate_out`) holds the VM's lock for the whole migration, so no
 other operation can touch the VM there, and serves each of its files in turn over
 NBD, byte for byte (`workers.tasks.transfer`): each disk with its parents, the undo
 overlays and the saved state.  The destination task (`migrate_in`, the one the
 producer follows) refuses a clash or too little space before anything moves,
 pulls every file to the same relative path in its root (each all or nothing; on
 failure or cancel it removes what it pulled), rewrites a saved state's fingerprint
-for the paths of its root, then switches the VM record's host with a
-compare-and-set (`vm_move.lua`): only if the record still names the source host
+for the paths of its root, then moves the VM's record to this host (the move: a
+compare-and-set, `vm_move.lua`): only if the record still names the source host
 and the VM is still TurnedOff or Saved.  The source removes its copies only once
 the record names the destination: the record decides who owns the VM, whatever
 either task's fate.  The destination's task ends only after the source's task has
-(a move is complete when the source let go): a file the source could not remove
-is named in its output, and the move still ends Success, since it happened.
+(a migration is complete when the source let go): a file the source could not
+remove is named in its output, and the migration still ends Success, since the
+move happened.
 Parents of the VM's disks are copied but stay on the source (other disks may share
 them).
 """
@@ -44,8 +46,8 @@ from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
 from workers.failures import DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks import move_journal
-from workers.tasks.snapshots import refuse_move
+from workers.tasks import migration_journal
+from workers.tasks.snapshots import refuse_migration
 from workers.tasks.transfer import (
     PeerWatch,
     offer_fields,
@@ -96,7 +98,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
     client = run.redis
     with vm_lock(run, name):
         record = record_of(client, run.settings, name)
-        refuse_move(run.settings, record)  # issue 23: not yet with snapshots
+        refuse_migration(run.settings, record)  # issue 23: not yet with snapshots
         state = S(int(record["state"]))
         if state not in MOVABLE:
             raise InvalidStateError(f"VM {name!r} is {state.name}: only a TurnedOff or Saved VM "
@@ -105,7 +107,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
         publish(run, keys.transfer(transfer_id), {"manifest": json.dumps(manifest)},
-                "announcing the move")
+                "announcing the migration")
 
         client_over = PeerWatch.of(run, client_task_id, destination_host).over
 
@@ -133,14 +135,14 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                             break
                         run.sleep(WATCH)
             # The destination's task waits for this one once the record names it
-            # (a move is complete only when the source has let go), so this one
+            # (a migration is complete only when the source has let go), so this one
             # must not wait for it to end.
             while not client_over() and not run.ride_out(
                     partial(_names, client, name, destination_host), "reading the VM's record"):
                 run.sleep(WATCH)
         finally:
             run.ride_out(lambda: client.delete(keys.transfer(transfer_id)),
-                         "removing the move's hash")
+                         "removing the migration's hash")
         moved = run.ride_out(lambda: _names(client, name, destination_host),
                              "reading the VM's record")
         left = (_remove_owned(files, owned, paths_of(run.settings, name).directory)
@@ -206,7 +208,7 @@ def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
             return manifest
-        server.check("source", gave_up="stopped the move")
+        server.check("source", gave_up="stopped the migration")
         run.sleep(WATCH)
 
 
@@ -251,7 +253,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 raise DiskError(f"Host {run.settings.host} has too little space for VM "
                                 f"{name!r} ({needed} bytes)", hresults.DISK_FULL)
             # A kill -9 from here on leaves whole files no temporary sweep removes.
-            journal = move_journal.write(run.settings, name, run.task_id,
+            journal = migration_journal.write(run.settings, name, run.task_id,
                                          [str(item["path"]) for item in manifest])
             total = max(1, sum(int(item["size"]) for item in manifest))
             done = 0
@@ -259,7 +261,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 while not (offer := run.ride_out(
                         partial(client.hgetall, offer_key(transfer_id, index)),
                         "waiting for the source's export")):
-                    server.check("source", gave_up="stopped the move")
+                    server.check("source", gave_up="stopped the migration")
                     run.sleep(WATCH)
                 share = scaled(run, 100.0 * done / total,
                                100.0 * (done + int(item["size"])) / total)
@@ -274,14 +276,15 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 _refingerprint(run, record)
             outcome = move_record(run, name, source_host, MOVABLE)
             if outcome != "OK":
-                raise InvalidStateError(f"VM {name!r} changed during the move ({outcome})")
+                raise InvalidStateError(f"VM {name!r} changed during the migration ({outcome})")
             journal.unlink()
     except BaseException:
         for path in pulled:
             path.unlink(missing_ok=True)
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
-    # The VM is here now, whatever follows: nothing below may undo or fail the move.
+    # The VM is here now, whatever follows: nothing below may undo the move or fail the
+    # migration.
     return {"host": run.settings.host, "files": len(pulled),
             **_source_let_go(run, server, server_task_id, source_host)}
 

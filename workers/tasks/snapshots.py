@@ -128,8 +128,8 @@ def refingerprint(settings: Settings, record: dict[str, str]) -> None:
     fsync_directory(paths.directory)
 
 
-def refuse_move(settings: Settings, record: dict[str, str]) -> None:
-    """A move does not carry a tree or a linked clone's backing yet: refused, under
+def refuse_migration(settings: Settings, record: dict[str, str]) -> None:
+    """A migration does not carry a tree or a linked clone's backing yet: refused, under
     the VM's lock, before anything moves (the producer refuses it first)."""
     if engine.load(vm_directory(settings, record["name"])) is not None:
         raise InvalidStateError(f"VM {record['name']!r} has snapshots: moving them is not "

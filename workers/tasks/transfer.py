@@ -249,7 +249,7 @@ def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) ->
 
 def publish(run: TaskRun, key: str, fields: dict[str, Any], what: str) -> None:
     """Set ``fields`` in ``key``, which expires should nobody remove it, riding out a
-    Redis outage (an offer, a move's manifest)."""
+    Redis outage (an offer, a migration's manifest)."""
 
     def write() -> None:
         # A pipeline forgets its commands when it fails: built anew for each try.
