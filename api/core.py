@@ -391,3 +391,29 @@ class ServerCore:
         if self._celery is None:
             self._celery = producer_app(self.endpoint, self.timeout, self.sent_events)
         return self._celery
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One of two tasks that make one operation: each names the other's id in its
+    kwargs, so the ids are chosen before either is queued."""
+
+    spec: TaskSpec
+    description: str
+    kwargs: Mapping[str, Any]
+    host: str
+    task_id: str
+
+
+def submit_peers(server: ServerCore, first: Peer, second: Peer) -> VMTask:
+    """Queue ``first``, then ``second``, and return the second (the one the producer
+    holds).  When the second cannot be queued, the first is cancelled: it would
+    otherwise wait for a peer that never comes."""
+    server.submit(first.spec, description=first.description, kwargs=first.kwargs,
+                  host=first.host, task_id=first.task_id)
+    try:
+        return server.submit(second.spec, description=second.description, kwargs=second.kwargs,
+                             host=second.host, task_id=second.task_id)
+    except Exception:
+        server.get_task(first.task_id).cancel()
+        raise

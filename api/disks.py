@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.arguments import check_relative_path, check_text, disk_size_bytes, format_for_name
-from api.core import ServerCore
+from api.core import Peer, ServerCore, submit_peers
 from api.enums import VMHardDiskType, VMVMState
 from api.errors import (
     InvalidArgumentError,
@@ -136,22 +136,18 @@ class HardDisk:
                 f"Host {target} has {free} bytes free; copying {self.file} needs {needed}",
                 DISK_FULL)
         transfer_id, pull_id, serve_id = (str(uuid.uuid4()) for _ in range(3))
-        self.server.submit(
-            tasks.DISK_SERVE, description=f"Serving {self.file} to {target}",
-            kwargs={"path": self.file, "transfer_id": transfer_id, "client_task_id": pull_id,
-                    "mode": "image"},
-            host=self.host, task_id=serve_id)
-        try:
-            return self.server.submit(
-                tasks.DISK_COPY_IN,
-                description=f"Copying {self.host}:{self.file} to {target}:{destination_path}",
-                kwargs={"source_host": self.host, "path": self.file,
-                        "destination": destination_path, "transfer_id": transfer_id,
-                        "server_task_id": serve_id},
-                host=target, task_id=pull_id)
-        except Exception:
-            self.server.get_task(serve_id).cancel()
-            raise
+        return submit_peers(
+            self.server,
+            Peer(tasks.DISK_SERVE, f"Serving {self.file} to {target}",
+                 {"path": self.file, "transfer_id": transfer_id, "client_task_id": pull_id,
+                  "mode": "image"},
+                 host=self.host, task_id=serve_id),
+            Peer(tasks.DISK_COPY_IN,
+                 f"Copying {self.host}:{self.file} to {target}:{destination_path}",
+                 {"source_host": self.host, "path": self.file,
+                  "destination": destination_path, "transfer_id": transfer_id,
+                  "server_task_id": serve_id},
+                 host=target, task_id=pull_id))
 
     def delete(self) -> VMTask:
         """Delete the image; refused (InvalidStateError) while a VM uses it or another

@@ -31,15 +31,15 @@ class GuestOS:
 
     def shutdown(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
         """Ask the guest to power off; TimeOutError (VM still running) if it ignores us."""
-        return self._vm._operate("guest_shutdown", "Shutting down the guest of",
+        return self._vm._operate(tasks.VM_GUEST_SHUTDOWN, "Shutting down the guest of",
                                  timeout_s=_timeout(timeout_s))
 
     def restart(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        return self._vm._operate("guest_restart", "Restarting the guest of",
+        return self._vm._operate(tasks.VM_GUEST_RESTART, "Restarting the guest of",
                                  timeout_s=_timeout(timeout_s))
 
     def logoff(self, timeout_s: int = DEFAULT_GUEST_TIMEOUT_S) -> VMTask:
-        return self._vm._operate("guest_logoff", "Logging off the guest of",
+        return self._vm._operate(tasks.VM_GUEST_LOGOFF, "Logging off the guest of",
                                  timeout_s=_timeout(timeout_s))
 
     def _info(self) -> dict[str, Any]:

@@ -240,7 +240,7 @@ class Settings:
     advertise_address: str = setting(
         "127.0.0.1", env="VMTASK_ADVERTISE_ADDRESS", read=_address,
         doc="the address other hosts reach this host's transfers on (NBD exports for "
-            "`copy_to` and moves); exports bind to it and the heartbeat advertises it")
+            "`copy_to` and migrations); exports bind to it and the heartbeat advertises it")
     transfer_ports: tuple[int, int] = setting(
         (49152, 49407), env="VMTASK_TRANSFER_PORTS", read=_port_range,
         doc="TCP port range (`LOW-HIGH`, inclusive) transfers listen on, one port per "
@@ -248,21 +248,21 @@ class Settings:
     # A partition between hosts stalls a TCP stream for many minutes without failing it.
     transfer_stall_seconds: float = setting(
         60.0, env="VMTASK_TRANSFER_STALL_SECONDS", read=_number(1.0),
-        doc="a transfer (disk copy, cold move, live migration) that moves nothing for "
+        doc="a transfer (disk copy, cold migration, live migration) that moves nothing for "
             "this long ends TimeOutError")
     # At most one of the two transfer TLS settings; neither: plain TCP.
     transfer_tls_dir: str | None = setting(
         None, env="VMTASK_TRANSFER_TLS_DIR", read=_text,
         doc="certificates in QEMU's `tls-creds-x509` layout (`ca-cert.pem`, "
             "`server-cert.pem`, `server-key.pem`, `client-cert.pem`, `client-key.pem`): "
-            "every transfer (copies, cold moves, live migration's NBD and migration "
+            "every transfer (copies, cold migrations, live migration's NBD and migration "
             "channels) is TLS with both ends verified; not together with "
             "`VMTASK_TRANSFER_PSK_DIR`; set on every host or none",
         shown="none (plain TCP)")
     transfer_psk_dir: str | None = setting(
         None, env="VMTASK_TRANSFER_PSK_DIR", read=_text,
         doc="a directory with QEMU's `keys.psk` (`qemu:<hex key>`), the same on every "
-            "host: every transfer (copies, cold moves, live migration's NBD and "
+            "host: every transfer (copies, cold migrations, live migration's NBD and "
             "migration channels) is TLS with that pre-shared key; not together with "
             "`VMTASK_TRANSFER_TLS_DIR`; set on every host or none",
         shown="none (plain TCP)")

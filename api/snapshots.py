@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from api.core import Peer, submit_peers
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError
 from api.protocol import keys, tasks
@@ -196,23 +197,20 @@ class SnapshotMethods:
         destination (the task returned) pulls them and creates the clone there."""
         target = self._server.resolve_host(host)
         transfer_id, in_id, out_id = (str(uuid.uuid4()) for _ in range(3))
-        self._server.submit(
-            tasks.VM_CLONE_OUT, description=f"Serving VM {self.name}{point} to {target} for "
-                                            f"the clone {name}",
-            kwargs={"name": self.name, "snapshot": snapshot, "destination_host": target,
-                    "transfer_id": transfer_id, "client_task_id": in_id},
-            host=self.host, task_id=out_id)
-        try:
-            return self._server.submit(
-                tasks.VM_CLONE_IN, description=f"Cloning VM {self.name}{point} from "
-                                               f"{self.host} into {name} on {target} (full)",
-                kwargs={"name": self.name, "clone": name, "snapshot": snapshot,
-                        "source_host": self.host, "transfer_id": transfer_id,
-                        "server_task_id": out_id},
-                host=target, task_id=in_id)
-        except Exception:
-            self._server.get_task(out_id).cancel()
-            raise
+        return submit_peers(
+            self._server,
+            Peer(tasks.VM_CLONE_OUT,
+                 f"Serving VM {self.name}{point} to {target} for the clone {name}",
+                 {"name": self.name, "snapshot": snapshot, "destination_host": target,
+                  "transfer_id": transfer_id, "client_task_id": in_id},
+                 host=self.host, task_id=out_id),
+            Peer(tasks.VM_CLONE_IN,
+                 f"Cloning VM {self.name}{point} from {self.host} into {name} on {target} "
+                 "(full)",
+                 {"name": self.name, "clone": name, "snapshot": snapshot,
+                  "source_host": self.host, "transfer_id": transfer_id,
+                  "server_task_id": out_id},
+                 host=target, task_id=in_id))
 
     def _refuse_with_snapshots(self, record: Mapping[str, str], what: str) -> None:
         """A move carries the tree (cold or live); a linked clone, or a VM that linked

@@ -19,7 +19,7 @@ import redis
 
 from api.arguments import check_int, check_relative_path, check_stream_id, check_text
 from api.backups import BackupVMMethods
-from api.core import ServerCore
+from api.core import Peer, ServerCore, submit_peers
 from api.enums import VMVMState
 from api.errors import InvalidArgumentError, InvalidStateError, NotFoundError
 from api.guest import GuestOS
@@ -114,50 +114,50 @@ class VirtualMachine(SnapshotMethods, BackupVMMethods):
                 f"Cannot {operation.replace('_', ' ')} VM {self.name!r} while it is "
                 f"{state.name} (allowed from: {allowed})")
 
-    def _operate(self, operation: str, description: str, **kwargs: Any) -> VMTask:
-        self._check(operation)
+    def _operate(self, spec: tasks.TaskSpec, description: str, **kwargs: Any) -> VMTask:
+        self._check(spec.vm_operation)
         return self._server.submit(
-            tasks.VM_OPERATIONS[operation], description=f"{description} {self.name}",
+            spec, description=f"{description} {self.name}",
             kwargs={"name": self.name, **kwargs}, host=self.host)
 
     def startup(self) -> VMTask:
         """Boot a TurnedOff VM, or restore a Saved one; refused (HostUnavailableError)
         while its host is in maintenance."""
         self._server.placeable_host(self.host, f"starting VM {self.name}")
-        return self._operate("startup", "Starting")
+        return self._operate(tasks.VM_STARTUP, "Starting")
 
     def save(self) -> VMTask:
-        return self._operate("save", "Saving")
+        return self._operate(tasks.VM_SAVE, "Saving")
 
     def reset(self) -> VMTask:
-        return self._operate("reset", "Resetting")
+        return self._operate(tasks.VM_RESET, "Resetting")
 
     def turn_off(self) -> VMTask:
-        return self._operate("turn_off", "Turning off")
+        return self._operate(tasks.VM_TURN_OFF, "Turning off")
 
     def pause(self) -> VMTask:
-        return self._operate("pause", "Pausing")
+        return self._operate(tasks.VM_PAUSE, "Pausing")
 
     def resume(self) -> VMTask:
-        return self._operate("resume", "Resuming")
+        return self._operate(tasks.VM_RESUME, "Resuming")
 
     def merge_undo_disks(self) -> VMTask:
         self._require_undoable()
-        return self._operate("merge_undo_disks", "Merging the undo disks of")
+        return self._operate(tasks.VM_MERGE_UNDO_DISKS, "Merging the undo disks of")
 
     def discard_undo_disks(self) -> VMTask:
         self._require_undoable()
-        return self._operate("discard_undo_disks", "Discarding the undo disks of")
+        return self._operate(tasks.VM_DISCARD_UNDO_DISKS, "Discarding the undo disks of")
 
     def delete(self) -> VMTask:
-        self._check("delete")
+        self._check(tasks.VM_DELETE.vm_operation)
         self._refuse_with_clones()
-        return self._operate("delete", "Deleting")
+        return self._operate(tasks.VM_DELETE, "Deleting")
 
     def migrate(self, destination_host: str) -> VMTask:
         """Move the VM to ``destination_host``; cancelable, progress 0..100.
 
-        TurnedOff or Saved: a cold move.  Its disks (with their parents), undo disks
+        TurnedOff or Saved: a cold migration.  Its disks (with their parents), undo disks
         and saved state are copied host to host over NBD, the record then names the
         new host (a fenced compare-and-set), and the source's copies of the VM's own
         files are removed.  Cancel or failure leaves the VM on its host and nothing
@@ -191,37 +191,28 @@ class VirtualMachine(SnapshotMethods, BackupVMMethods):
         if state in (VMVMState.Running, VMVMState.Paused):
             # The source drives and the producer follows it; the destination helps.
             self._server.announce_child(out_id)
-            self._server.submit(
-                tasks.VM_LIVE_IN, description=f"Receiving VM {self.name} from {source}",
-                kwargs={"name": self.name, "source_host": source,
-                        "transfer_id": transfer_id, "peer_task_id": out_id},
-                host=target, task_id=in_id)
-            try:
-                return self._server.submit(
-                    tasks.VM_LIVE_OUT, description=f"Migrating VM {self.name} live from "
-                                                   f"{source} to {target}",
-                    kwargs={"name": self.name, "destination_host": target,
-                            "transfer_id": transfer_id, "peer_task_id": in_id},
-                    host=source, task_id=out_id)
-            except Exception:
-                self._server.get_task(in_id).cancel()
-                raise
+            return submit_peers(
+                self._server,
+                Peer(tasks.VM_LIVE_IN, f"Receiving VM {self.name} from {source}",
+                     {"name": self.name, "source_host": source,
+                      "transfer_id": transfer_id, "peer_task_id": out_id},
+                     host=target, task_id=in_id),
+                Peer(tasks.VM_LIVE_OUT,
+                     f"Migrating VM {self.name} live from {source} to {target}",
+                     {"name": self.name, "destination_host": target,
+                      "transfer_id": transfer_id, "peer_task_id": in_id},
+                     host=source, task_id=out_id))
         self._server.announce_child(in_id)
-        self._server.submit(
-            tasks.VM_MIGRATE_OUT, description=f"Sending VM {self.name} to {target}",
-            kwargs={"name": self.name, "destination_host": target,
-                    "transfer_id": transfer_id, "client_task_id": in_id},
-            host=source, task_id=out_id)
-        try:
-            return self._server.submit(
-                tasks.VM_MIGRATE_IN, description=f"Moving VM {self.name} from {source} "
-                                                 f"to {target}",
-                kwargs={"name": self.name, "source_host": source,
-                        "transfer_id": transfer_id, "server_task_id": out_id},
-                host=target, task_id=in_id)
-        except Exception:
-            self._server.get_task(out_id).cancel()
-            raise
+        return submit_peers(
+            self._server,
+            Peer(tasks.VM_MIGRATE_OUT, f"Sending VM {self.name} to {target}",
+                 {"name": self.name, "destination_host": target,
+                  "transfer_id": transfer_id, "client_task_id": in_id},
+                 host=source, task_id=out_id),
+            Peer(tasks.VM_MIGRATE_IN, f"Moving VM {self.name} from {source} to {target}",
+                 {"name": self.name, "source_host": source,
+                  "transfer_id": transfer_id, "server_task_id": out_id},
+                 host=target, task_id=in_id))
 
     def _require_undoable(self) -> None:
         if not self.undoable:
@@ -294,7 +285,7 @@ class VirtualMachine(SnapshotMethods, BackupVMMethods):
 
     def screenshot(self) -> bytes:
         """A PNG of the VM's display right now (QMP screendump); Running or Paused."""
-        self._check("screenshot")
+        self._check(tasks.VM_SCREENSHOT.vm_operation)
         output = self._server.run_quick(
             tasks.VM_SCREENSHOT, description=f"Taking a screenshot of {self.name}",
             kwargs={"name": self.name}, host=self.host)

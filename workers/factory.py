@@ -31,7 +31,7 @@ from workers.tasks import (
     live_recovery,
     live_resize,
     migration,
-    move_journal,
+    migration_journal,
     snapshots,
     snapshots_live,
     transfer,
@@ -50,9 +50,9 @@ OPERATION_MODULES = [diagnostics.__name__, disks.__name__, disk_inventory.__name
 # side effect of imports.
 HOST_HOOKS = host.HostHooks(
     # A live migration's half-received VM may have a QEMU running: it goes before
-    # the moves' journals are swept.
+    # the migrations' journals are swept.
     startup=(disks.remove_crashed_temporaries, live_recovery.recover_migrations,
-             move_journal.remove_unfinished_moves,
+             migration_journal.remove_unfinished_migrations,
              vms.index_host_vms, snapshots_live.recover_pending, vms.reconcile_vms,
              snapshots.recover, backup_verify.stop_unfinished_verifications,
              clones.remove_unfinished_clones, backups.recover_repositories),

@@ -149,8 +149,10 @@ class TaskRun:
     """One execution of one task; the `OperationContext` handed to engines."""
 
     def __init__(self, task_id: str, settings: Settings, conn: WorkerRedis,
-                 task: Task | None = None) -> None:
+                 task: Task | None = None, spec: TaskSpec | None = None) -> None:
         self.task_id = task_id
+        self.spec = spec
+        """The operation it runs; a VM body's state checks take its name from here."""
         self.settings = settings
         self.redis = conn.client
         self._task = task
@@ -479,10 +481,11 @@ lease_keeper = LeaseKeeper()
 Body = Callable[Concatenate[TaskRun, P], Any]
 
 
-def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+def execute(task: Task, body: Callable[..., Any], kwargs: dict[str, Any],
+            spec: TaskSpec | None = None) -> Any:
     task_id = task.request.id
     settings = settings_of(task)
-    run = TaskRun(task_id, settings, worker_redis(settings), task)
+    run = TaskRun(task_id, settings, worker_redis(settings), task, spec)
     try:
         gate = run.begin()
     except redis.ResponseError as exc:
@@ -556,7 +559,7 @@ def operation(
         check_signature(spec, body)
 
         def run_task(self: Task, **kwargs: Any) -> Any:
-            return execute(self, body, kwargs)
+            return execute(self, body, kwargs, spec)
 
         run_task.__name__ = body.__name__
         run_task.__doc__ = body.__doc__

@@ -7,6 +7,11 @@ therefore exists once, and a producer cannot send kwargs no worker accepts.
 
 ``quick`` marks the control operations that must never wait behind long work
 (pause, turn off, disk info...): they take milliseconds and hold no slot for long.
+
+A VM operation's name is its task name's last part (``vmtask.vm.startup``:
+``startup``, `TaskSpec.vm_operation`): the producer checks it against
+`vmstate.ALLOWED` and the worker's body begins under it, both from the spec, and
+`vmstate` refuses at import a VM task without an entry there.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+VM_PREFIX = "vmtask.vm."
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,14 @@ class TaskSpec:
     quick: bool = False
     optional: tuple[str, ...] = ()
     """Parameters the worker defaults; the producer may leave them out."""
+
+    @property
+    def vm_operation(self) -> str:
+        """The name `vmstate.ALLOWED` knows this VM operation by; `ValueError` for a
+        task that is not one."""
+        if not self.name.startswith(VM_PREFIX):
+            raise ValueError(f"{self.name} is not a VM operation")
+        return self.name.removeprefix(VM_PREFIX)
 
     def check_kwargs(self, kwargs: Mapping[str, Any]) -> None:
         """`TypeError` for kwargs this task does not take, or required ones missing."""
@@ -65,7 +80,7 @@ DISK_SERVE = TaskSpec("vmtask.disk.serve", ("path", "transfer_id", "client_task_
 DISK_COPY_IN = TaskSpec("vmtask.disk.copy_in",
                         ("source_host", "path", "destination", "transfer_id", "server_task_id"),
                         cancelable=True)
-# A cold move (TurnedOff or Saved VM) likewise: the source serves the VM's files,
+# A cold migration (TurnedOff or Saved VM) likewise: the source serves the VM's files,
 # the destination pulls them and takes the VM over; the producer holds the latter.
 VM_MIGRATE_OUT = TaskSpec("vmtask.migrate.out",
                           ("name", "destination_host", "transfer_id", "client_task_id"),
@@ -74,8 +89,8 @@ VM_MIGRATE_IN = TaskSpec("vmtask.migrate.in",
                          ("name", "source_host", "transfer_id", "server_task_id"),
                          cancelable=True)
 # A live migration (Running or Paused VM): the source drives and the producer holds
-# it; the destination prepares a paused QEMU and NBD exports, then takes over or
-# gives up when the source says so.
+# it; the destination prepares a paused QEMU and NBD exports, then moves the record
+# or gives up when the source says so.
 VM_LIVE_OUT = TaskSpec("vmtask.migrate.live_out",
                        ("name", "destination_host", "transfer_id", "peer_task_id"),
                        cancelable=True)
@@ -124,7 +139,9 @@ VM_RESIZE_DISK = TaskSpec("vmtask.vm.resize_disk", ("name", "path", "size_bytes"
 VM_CLONE_OUT = TaskSpec("vmtask.vm.clone_out", ("name", "snapshot", "destination_host",
                                                 "transfer_id", "client_task_id"),
                         cancelable=True)
-VM_CLONE_IN = TaskSpec("vmtask.vm.clone_in", ("name", "clone", "snapshot", "source_host",
+# The destination half checks no VM state (the source half holds the lock): not a
+# VM operation of the state machine, as a migration's halves are not.
+VM_CLONE_IN = TaskSpec("vmtask.clone.in", ("name", "clone", "snapshot", "source_host",
                                               "transfer_id", "server_task_id"),
                        cancelable=True)
 # Backups (issue 24): into a repository folder on the VM's host, under the VM's lock.
@@ -139,5 +156,5 @@ BY_NAME: Mapping[str, TaskSpec] = {spec.name: spec for spec in ALL}
 
 # The VM operations by the name the state machine (`vmstate.ALLOWED`) uses.
 VM_OPERATIONS: Mapping[str, TaskSpec] = {
-    spec.name.removeprefix("vmtask.vm."): spec for spec in ALL if spec.name.startswith("vmtask.vm.")
+    spec.vm_operation: spec for spec in ALL if spec.name.startswith(VM_PREFIX)
 }

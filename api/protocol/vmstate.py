@@ -12,15 +12,18 @@ atomic compare-and-set that moves a VM between states and records the event.
 
 Producers check `ALLOWED` before queueing (InvalidStateError at once); the worker
 re-checks with `lua/vm_transition.lua` under the VM's lock, so a race between two
-producers cannot slip an illegal transition through.
+producers cannot slip an illegal transition through.  Its keys are the VM tasks'
+`TaskSpec.vm_operation` names and the producer's own `PRODUCER_ONLY` ones; any
+other key, or a VM task without one, fails the import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from api.enums import VMVMState as S
-from api.protocol import vm
+from api.protocol import tasks, vm
 
 ALLOWED: dict[str, frozenset[S]] = {
     "startup": frozenset({S.TurnedOff, S.Saved}),
@@ -49,11 +52,31 @@ ALLOWED: dict[str, frozenset[S]] = {
     "revert_to_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "delete_snapshot": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     "clone": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
+    # The source half of a clone onto another host (it refuses a running present).
+    "clone_out": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
     # hd.resize of a running VM's disk (a TurnedOff VM's is a plain disk resize).
     "resize_disk": frozenset({S.Running, S.Paused}),
     # Running and Paused: QEMU's backup job reads a point-in-time view meanwhile.
     "backup": frozenset({S.TurnedOff, S.Saved, S.Running, S.Paused}),
 }
+
+# Checked by the producer, but no one task: configure is a script the producer runs,
+# a migrate two peer tasks (``vmtask.migrate.*``).
+PRODUCER_ONLY = frozenset({"configure", "migrate"})
+
+
+def check_operations(allowed: Mapping[str, frozenset[S]],
+                     operations: Mapping[str, tasks.TaskSpec]) -> None:
+    """`TypeError` when a VM task has no entry in ``allowed`` or an entry names no
+    operation: a misspelt name fails at import, not at its first call."""
+    missing = set(operations) - set(allowed)
+    unknown = set(allowed) - set(operations) - PRODUCER_ONLY
+    if missing or unknown:
+        raise TypeError(f"vmstate.ALLOWED lacks the VM tasks {sorted(missing)} and names "
+                        f"no such operations as {sorted(unknown)}")
+
+
+check_operations(ALLOWED, tasks.VM_OPERATIONS)
 
 EVENTS_MAXLEN = 10_000
 

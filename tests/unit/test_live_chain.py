@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from api.settings import Settings
+from workers.engines.files import HostFiles
 from workers.failures import DiskError
-from workers.tasks.files import HostFiles
 from workers.tasks.live_chain import create_top, syncs
 
 

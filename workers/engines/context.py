@@ -1,7 +1,9 @@
 """What an engine sees of the task it runs: progress, cancellation and its log.
 
 Engines (disk, VM) take an `OperationContext` instead of a Celery task, so they can
-be driven and tested without a broker.  `NullContext` is the do-nothing one.
+be driven and tested without a broker.  `NullContext` is the do-nothing one;
+`scaled` gives one step of several its slice of the progress, and `ProgressSpan`
+maps an engine's own readings onto a slice.
 """
 
 from __future__ import annotations
@@ -59,6 +61,30 @@ class ProgressSpan:
     def span(self, low: float, high: float, fraction: float) -> None:
         """Report ``fraction`` (0..1) of the sub-slice ``low..high`` of this span."""
         self.step(low + (high - low) * max(0.0, min(1.0, fraction)))
+
+
+class _Scaled:
+    """A context whose progress fills the slice ``low..high`` of its parent's."""
+
+    def __init__(self, context: OperationContext, low: float, high: float) -> None:
+        self.task_id = context.task_id
+        self._context, self._low, self._high = context, low, high
+
+    def report_progress(self, percent: float) -> None:
+        self._context.report_progress(self._low + (self._high - self._low) * percent / 100)
+
+    def cancel_requested(self) -> bool:
+        return self._context.cancel_requested()
+
+    def log(self, line: str) -> None:
+        self._context.log(line)
+
+
+def scaled(context: OperationContext, low: float, high: float) -> OperationContext:
+    """``context`` for one step of several: the step reports its own 0..100, which
+    fills ``low..high`` of the task's progress; cancel and log pass through.  Unlike
+    `ProgressSpan` it is a whole context, for handing a step's engine call."""
+    return _Scaled(context, low, high)
 
 
 class NullContext:

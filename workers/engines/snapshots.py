@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.engines.context import OperationContext
+from workers.engines.context import OperationContext, scaled
 from workers.engines.qemu_img import DiskInfo, create_differencing, format_for, info
 from workers.engines.qemu_img.runner import run_qemu_img
 from workers.engines.storage import fsync_directory, remove_quietly
@@ -222,23 +222,6 @@ def thaw(path: Path) -> None:
     os.chmod(path, os.stat(path).st_mode | 0o200)
 
 
-class Scaled:
-    """A context whose progress fills the slice ``low..high`` of the task's."""
-
-    def __init__(self, context: OperationContext, low: float, high: float) -> None:
-        self.task_id = context.task_id
-        self._context, self._low, self._high = context, low, high
-
-    def report_progress(self, percent: float) -> None:
-        self._context.report_progress(self._low + (self._high - self._low) * percent / 100)
-
-    def cancel_requested(self) -> bool:
-        return self._context.cancel_requested()
-
-    def log(self, line: str) -> None:
-        self._context.log(line)
-
-
 def create_overlays(parents: list[Path], targets: list[Path], base_infos: list[DiskInfo],
                     context: OperationContext) -> None:
     """A new empty qcow2 over each parent (backing named relative to it); on any
@@ -247,7 +230,7 @@ def create_overlays(parents: list[Path], targets: list[Path], base_infos: list[D
     try:
         for parent, target, base in zip(parents, targets, base_infos, strict=True):
             target.parent.mkdir(parents=True, exist_ok=True)
-            create_differencing(target, parent, Scaled(context, 0, 0),
+            create_differencing(target, parent, scaled(context, 0, 0),
                                 parent_info=base)
             made.append(target)
     except BaseException:

@@ -1,6 +1,6 @@
 """Which TLS credentials a host's transfers use: one decision for every channel.
 
-Copies and cold moves (qemu-nbd serving, qemu-img reading) and live migrations (the
+Copies and cold migrations (qemu-nbd serving, qemu-img reading) and live migrations (the
 destination QEMU's NBD server and migration listener, the source QEMU's mirrors and
 migration) all take their credentials from here, so both settings cover every
 transfer:

@@ -26,14 +26,13 @@ from api.vmargs import new_mac, to_args
 from api.vms import VM_NAME_PATTERN
 from workers.engines import qemu_img
 from workers.engines.backups import repository as repo
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_img.runner import run_qemu_img
-from workers.engines.snapshots import Scaled
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks.backups import CONFIG_FIELDS, publish_listing, repository_folder, waiting
 from workers.tasks.clones import JOURNAL, remove_clone
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
 
 
@@ -95,7 +94,7 @@ def restore_disks(run: TaskRun, folder: Path, entry: repo.Entry, target: Path,
         with ExitStack() as stack:
             chain = files.open_chain(source, stack)
             qemu_img.convert(source, destination, False,
-                             Scaled(run, low + (high - low) * index / count,
+                             scaled(run, low + (high - low) * index / count,
                                     low + (high - low) * (index + 1) / count),
                              chain=chain.pinned(),
                              source_info=chain.links[0].info)

@@ -27,15 +27,14 @@ from api.settings import Settings
 from api.vmargs import new_mac
 from workers.engines import qemu_vm
 from workers.engines.backups import repository as repo
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
+from workers.engines.files import HostFiles
 from workers.engines.guest_agent import GuestAgentClient
-from workers.engines.snapshots import Scaled
 from workers.failures import OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.backup_restore import restore_disks
 from workers.tasks.backups import CONFIG_FIELDS, repository_folder, waiting
 from workers.tasks.clones import JOURNAL
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import agent_socket, config_of, open_vm_files, paths_of
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def _boot(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths, backup_i
           vm: str) -> dict[str, Any]:
     with ExitStack() as stack:
         opened = open_vm_files(run, record, paths, stack)
-        qemu_vm.start(config_of(run.settings, record), paths, Scaled(run, 60, 70),
+        qemu_vm.start(config_of(run.settings, record), paths, scaled(run, 60, 70),
                       opened=opened)
     try:
         started = time.monotonic()

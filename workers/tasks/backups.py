@@ -46,11 +46,11 @@ from api.settings import Settings
 from workers.engines.backups import job
 from workers.engines.backups import repository as repo
 from workers.engines.context import ProgressSpan, raise_if_cancelled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.monitor import Monitor
 from workers.engines.storage import fsync_directory
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import disks_of
 from workers.tasks.vms import begin, open_vm_files, paths_of, vm_lock
 
@@ -159,7 +159,7 @@ def backup(run: TaskRun, name: str, repository: str, full: bool) -> dict[str, An
     # VM's lock (its start or stop would wait too).  Nothing takes them the other way.
     with repo.locked(folder, exclusive=True, pause=waiting(run, folder)), \
             vm_lock(run, name), ExitStack() as stack:
-        client, record, state = begin(run, "backup", name, None)
+        client, record, state = begin(run, name, None)
         if record.get("undoable") == "1":
             raise InvalidStateError(f"VM {name!r} is undoable: backups of undo disks are not "
                                     "supported yet")

@@ -35,13 +35,12 @@ from api.scripts import Scripts
 from api.vmargs import to_args
 from api.vms import VM_NAME_PATTERN
 from workers.engines import nbd, transfer_tls
-from workers.engines import snapshots as engine
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
+from workers.engines.files import HostFiles
 from workers.engines.storage import free_space
 from workers.failures import DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.clones import JOURNAL, record_fields, remove_clone, source_tops
-from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import check_snapshot_name
 from workers.tasks.transfer import (
     PeerWatch,
@@ -74,7 +73,7 @@ def clone_out(run: TaskRun, name: str, snapshot: str | None, destination_host: s
     client = run.redis
     client_over = PeerWatch.of(run, client_task_id, destination_host).over
     with vm_lock(run, name):
-        _, record, state = begin(run, "clone", name, None)
+        _, record, state = begin(run, name, None)
         if snapshot is None and state in (S.Running, S.Paused):
             raise InvalidStateError(RUNNING_PRESENT.format(name=name, state=state.name))
         tops = source_tops(run, record, snapshot)
@@ -195,7 +194,7 @@ def _pull_disks(run: TaskRun, manifest: list[dict[str, Any]], target: Path, tran
             server.check("source", gave_up="stopped the clone")
             run.sleep(WATCH)
         size = int(item["virtual_size"])
-        share = engine.Scaled(run, 99 * done / total, 99 * (done + size) / total)
+        share = scaled(run, 99 * done / total, 99 * (done + size) / total)
         destination = target / f"{index}-{Path(str(item['stem'])).name}.qcow2"
         pull_and_judge(run, share, offer, destination, verbatim=False,
                        source_host=source_host, server_task_id=server_task_id)

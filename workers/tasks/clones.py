@@ -39,11 +39,11 @@ from api.vmargs import new_mac, to_args
 from api.vms import VM_NAME_PATTERN
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livesnap
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 from workers.tasks.snapshots import check_snapshot_name, disks_of, vm_directory
 from workers.tasks.vms import begin, config_of, paths_of, vm_lock
 
@@ -81,7 +81,7 @@ def clone(run: TaskRun, name: str, clone: str, linked: bool,
     if linked and snapshot is None:
         raise IllegalValue("A linked clone rests on a snapshot: name one")
     with vm_lock(run, name):
-        client, record, state = begin(run, "clone", name, None)
+        client, record, state = begin(run, name, None)
         if client.exists(keys.vm_record(clone)):
             raise IllegalValue(f"A VM named {clone!r} already exists")
         tops = source_tops(run, record, snapshot)
@@ -119,7 +119,7 @@ def _make_disks(run: TaskRun, tops: list[Path], target: Path, linked: bool) -> l
     files = HostFiles.of(run.settings)
     made: list[Path] = []
     for index, top in enumerate(tops):
-        share = engine.Scaled(run, 95 * index / len(tops), 95 * (index + 1) / len(tops))
+        share = scaled(run, 95 * index / len(tops), 95 * (index + 1) / len(tops))
         destination = target / f"{index}-{top.stem}.qcow2"
         with ExitStack() as stack:
             chain = files.open_chain(top, stack)
@@ -141,8 +141,8 @@ def _copy_running(run: TaskRun, name: str, tops: list[Path], target: Path) -> li
     with qemu_vm.connect(paths) as monitor:
         sizes = livesnap.virtual_sizes(monitor, len(tops))
         for path, size in zip(made, sizes, strict=True):
-            qemu_img.create_dynamic(path, size, engine.Scaled(run, 0, 0))
-        livesnap.copy_out(monitor, made, engine.new_layer_id(), engine.Scaled(run, 0, 95))
+            qemu_img.create_dynamic(path, size, scaled(run, 0, 0))
+        livesnap.copy_out(monitor, made, engine.new_layer_id(), scaled(run, 0, 95))
     return made
 
 

@@ -19,10 +19,10 @@ from api.enums import VMVMState as S
 from api.protocol import keys, tasks
 from api.protocol.formats import FORMAT_BY_EXTENSION
 from workers.engines import qemu_img
+from workers.engines.files import LOCK_DIRECTORY, HostFiles
 from workers.engines.storage import resolve_in_root, task_id_of_temporary
 from workers.failures import DiskInUse, OperationFailed
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import LOCK_DIRECTORY, HostFiles
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from api.protocol import keys, tasks
 from api.protocol.lease import Holder
 from api.settings import Settings
 from workers.engines import qemu_img
+from workers.engines.files import HostFiles
 from workers.engines.storage import remove_stale_temporaries
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 
 log = logging.getLogger(__name__)
 

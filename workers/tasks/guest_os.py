@@ -93,7 +93,7 @@ def guest_shutdown(run: TaskRun, name: str, timeout_s: int = 120) -> None:
     asked for) and be lost: the request is sent again when a new boot (a new boot
     id) answers, and the ACPI button is pressed too once the guest takes too long."""
     with vm_lock(run, name):
-        client, record, _ = begin(run, "guest_shutdown", name, S.TurningOff)
+        client, record, _ = begin(run, name, S.TurningOff)
         paths = paths_of(run.settings, name)
         deadline = time.monotonic() + timeout_s
         with_agent = record.get("guest_agent") == "1"
@@ -144,7 +144,7 @@ def guest_restart(run: TaskRun, name: str, timeout_s: int = 120) -> None:
     for a guest without one, its agent fell silent and answers again).  The old
     boot's agent answers on while the OS goes down, so delivery proves nothing."""
     with vm_lock(run, name):
-        _client, record, _ = begin(run, "guest_restart", name, None)
+        _client, record, _ = begin(run, name, None)
         if record.get("guest_agent") != "1":
             raise IllegalValue(f"Restarting the guest of {name!r} needs its guest agent "
                                "(create the VM with guest_agent=True)")
@@ -176,6 +176,6 @@ def guest_restart(run: TaskRun, name: str, timeout_s: int = 120) -> None:
 @operation(tasks.VM_GUEST_LOGOFF)
 def guest_logoff(run: TaskRun, name: str, timeout_s: int = 120) -> None:
     with vm_lock(run, name):
-        begin(run, "guest_logoff", name, None)
+        begin(run, name, None)
         raise IllegalValue("The QEMU guest agent has no log-off command; "
                            "logoff is not supported for QEMU guests")

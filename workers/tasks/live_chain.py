@@ -8,7 +8,7 @@ open read-only and does not change while the VM runs.  So:
 1. The source lists each disk's top image and the images below it (`manifest`).
 2. Once the destination has accepted the migration (its refusals come first), the
    source serves each image below a top byte for byte over NBD (``qemu-nbd``
-   read-only, as a cold move does: `workers.tasks.transfer`), and the destination
+   read-only, as a cold migration does: `workers.tasks.transfer`), and the destination
    pulls each to the same path in its root (`pull_below`): the same bytes, the same
    backing names inside them.
 3. The destination creates each top image empty over its copied parent (the backing
@@ -35,11 +35,11 @@ from api.protocol import hresults
 from api.protocol import transfer as xfer
 from workers.engines import nbd, qemu_vm, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livemigrate
 from workers.failures import Cancelled, DiskError, IllegalValue
 from workers.outage import REDIS_AWAY
 from workers.runtime import TaskRun
-from workers.tasks.files import HostFiles
 from workers.tasks.transfer import offer_fields, pull_and_judge
 
 Signal = Callable[[dict[str, str]], None]

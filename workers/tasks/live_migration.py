@@ -2,7 +2,7 @@
 
 The producer submits both at once, each knowing the other's id, and follows the
 source task (`live_out`), which drives; the destination task (`live_in`)
-prepares, then waits to be told to take over or to give up.  They talk through
+prepares, then waits to be told to move the record or to give up.  They talk through
 one hash, ``keys.transfer(transfer_id)``, and each wakes the other at once with a
 push on its wake list (``<hash>:wake:<side>``, read with BLPOP):
 
@@ -59,14 +59,14 @@ from api.protocol import transfer as xfer
 from api.scripts import Scripts
 from workers.engines import qemu_img, qemu_vm, transfer_tls
 from workers.engines.context import raise_if_cancelled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.lifecycle import read_logs
 from workers.engines.qemu_vm.process import force_stop, wait_pid
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
-from workers.tasks import live_chain, move_journal, tree_moves
-from workers.tasks.files import HostFiles
+from workers.tasks import live_chain, migration_journal, tree_moves
 from workers.tasks.migration import move_record
 from workers.tasks.transfer import OFFER_TTL_SECONDS, PeerWatch
 from workers.tasks.vms import (
@@ -151,9 +151,9 @@ def live_out(run: TaskRun, name: str, destination_host: str, transfer_id: str,
         # Before anything moves: the disks to remove here should this worker die
         # once the destination has the VM, and the transfer, for its successor to
         # fence the destination out before it takes the guest back (`live_recovery`).
-        journal = move_journal.write(run.settings, name, run.task_id,
+        journal = migration_journal.write(run.settings, name, run.task_id,
                                      json.loads(record["disks"]),
-                                     journal=move_journal.OUTGOING, transfer_id=transfer_id)
+                                     journal=migration_journal.OUTGOING, transfer_id=transfer_id)
         sent = _Send(run, files, record, config, key,
                      PeerWatch.of(run, peer_task_id, destination_host))
         try:
@@ -259,16 +259,16 @@ class _Send:
             final = outgoing.migrate(incoming, run, self.check, deadline)
             stopped = time.monotonic()  # the guest stays stopped until the cont there
             outgoing.finish_mirrors(deadline)
-            self.stays = False  # from here the destination may take over (the fence decides)
+            self.stays = False  # from here the destination may move the record (the fence decides)
             _signal(run, key, DESTINATION, {xfer.SWITCH: "1"})
             while _read(run, key, xfer.COMMITTED)[0] != "1":
                 self.check()
-                raise_if_cancelled(run)  # honoured until the destination takes over
+                raise_if_cancelled(run)  # honoured until the destination moves the record
                 _nap(run, key, SOURCE)
             return final, time.monotonic() - stopped
         except BaseException as exc:
             if self.stays:
-                # Never told to switch, the destination cannot take the guest: it
+                # Never told to move (``switch``), the destination cannot take the guest: it
                 # is ours to take back even with Redis out of reach (a host cut off).
                 try:
                     outgoing.rollback()
@@ -406,16 +406,16 @@ def live_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     config = config_of(run.settings, record)  # a missing kernel or initrd: refused here
     # The disks get their final names at once: QEMU reopens an image by its name (at
     # the next migration's switch-over, for one), so a rename under it would break
-    # it.  Until the switch they are listed in the VM's directory, for
+    # it.  Until the switch-over they are listed in the VM's directory, for
     # `live_recovery` should this worker die meanwhile.
-    listing = paths.directory / move_journal.JOURNAL
+    listing = paths.directory / migration_journal.JOURNAL
     made: list[Path] = []
     committed = False
     try:
         with vm_lock(run, name):
             # ``running``: what a successor does should this worker die between the
             # switch-over and the guest's `cont` (`live_recovery`).
-            move_journal.write(run.settings, name, run.task_id,
+            migration_journal.write(run.settings, name, run.task_id,
                                [d["path"] for d in [*below, *disks]],
                                running=S(int(record["state"])) is S.Running)
 

@@ -1,7 +1,7 @@
 """What a worker starting up does about live migrations its predecessor died in.
 
 Each VM folder under ``vms/`` is judged by the registry (the VM record's host) and
-by the journals a migration keeps there (`workers.tasks.move_journal`):
+by the journals a migration keeps there (`workers.tasks.migration_journal`):
 
 - ``outgoing.json``: this host was the source.  Its transfer is fenced first with
   ``vm_move_abort.lua``, exactly as a live source gives up: the destination can
@@ -36,7 +36,7 @@ from workers.engines.qemu_vm import livemigrate
 from workers.engines.qemu_vm.process import force_stop
 from workers.engines.storage import resolve_in_root
 from workers.failures import OperationFailed
-from workers.tasks import move_journal
+from workers.tasks import migration_journal
 from workers.tasks.live_migration import DESTINATION, LIVE, wake_key
 from workers.tasks.transfer import OFFER_TTL_SECONDS
 from workers.tasks.vms import record_runtime, root
@@ -66,8 +66,8 @@ def _recover(client: redis.Redis, settings: Settings, directory: Path) -> None:
     record: dict[str, str] = client.hgetall(keys.vm_record(name))
     owner = record.get("host") if record else None
     paths = qemu_vm.VMPaths(directory)
-    outgoing = move_journal.read(directory, move_journal.OUTGOING)
-    incoming = move_journal.read(directory, move_journal.JOURNAL)
+    outgoing = migration_journal.read(directory, migration_journal.OUTGOING)
+    incoming = migration_journal.read(directory, migration_journal.JOURNAL)
     if owner == settings.host and outgoing is not None and outgoing.get("transfer_id"):
         owner = _fence(client, settings, name, str(outgoing["transfer_id"]))
     if owner == settings.host:
@@ -80,7 +80,7 @@ def _recover(client: redis.Redis, settings: Settings, directory: Path) -> None:
             elif live and livemigrate.abandon_outgoing(paths, running=running):
                 log.warning("VM %s: took the guest back from a migration whose worker "
                             "died", name)
-        (directory / move_journal.OUTGOING).unlink(missing_ok=True)
+        (directory / migration_journal.OUTGOING).unlink(missing_ok=True)
         return
     if owner is None and (outgoing is not None or not _incoming_qemu(paths)):
         # Not a migration's, or the VM is unknown (deleted, or Redis lost its data):
@@ -132,7 +132,7 @@ def _run_received(client: redis.Redis, name: str, paths: qemu_vm.VMPaths,
         record_runtime(client, name, paths, pid)
         if record.get("started"):
             client.hset(keys.vm_record(name), "started", record["started"])  # its uptime
-    (paths.directory / move_journal.JOURNAL).unlink(missing_ok=True)
+    (paths.directory / migration_journal.JOURNAL).unlink(missing_ok=True)
     log.warning("VM %s: ran the guest received before this worker died (%s)", name,
                 "running" if running else "paused")
 

@@ -16,17 +16,17 @@ from api.errors import InvalidStateError
 from api.protocol import tasks
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livesnap
 from workers.failures import IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import begin, paths_of, vm_lock
 
 
 @operation(tasks.VM_RESIZE_DISK)
 def resize_disk(run: TaskRun, name: str, path: str, size_bytes: int) -> dict[str, Any]:
     with vm_lock(run, name):
-        _client, record, _state = begin(run, "resize_disk", name, None)
+        _client, record, _state = begin(run, name, None)
         disks: list[str] = json.loads(record["disks"])
         if path not in disks:
             raise IllegalValue(f"{path} is not a disk of VM {name!r}")

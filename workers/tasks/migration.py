@@ -1,19 +1,21 @@
-"""Cold move of a TurnedOff or Saved VM to another host: two tasks, as for a disk copy.
+"""Cold migration of a TurnedOff or Saved VM to another host: two tasks, as for a disk
+copy.
 
-The source task (`migrate_out`) holds the VM's lock for the whole move, so no
+The source task (`migrate_out`) holds the VM's lock for the whole migration, so no
 other operation can touch the VM there, and serves each of its files in turn over
 NBD, byte for byte (`workers.tasks.transfer`): each disk with its parents, the undo
 overlays and the saved state.  The destination task (`migrate_in`, the one the
 producer follows) refuses a clash or too little space before anything moves,
 pulls every file to the same relative path in its root (each all or nothing; on
 failure or cancel it removes what it pulled), rewrites a saved state's fingerprint
-for the paths of its root, then switches the VM record's host with a
-compare-and-set (`vm_move.lua`): only if the record still names the source host
+for the paths of its root, then moves the VM's record to this host (the move: a
+compare-and-set, `vm_move.lua`): only if the record still names the source host
 and the VM is still TurnedOff or Saved.  The source removes its copies only once
 the record names the destination: the record decides who owns the VM, whatever
 either task's fate.  The destination's task ends only after the source's task has
-(a move is complete when the source let go): a file the source could not remove
-is named in its output, and the move still ends Success, since it happened.
+(a migration is complete when the source let go): a file the source could not
+remove is named in its output, and the migration still ends Success, since the
+move happened.
 Parents of the VM's disks are copied but stay on the source (other disks may share
 them).  A VM with snapshots carries its whole tree (`workers.tasks.tree_moves`).
 """
@@ -41,12 +43,13 @@ from api.protocol.vmstate import EVENTS_MAXLEN, allowed_csv
 from api.scripts import Scripts
 from workers.engines import nbd, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
+from workers.engines.context import scaled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import config_fingerprint
 from workers.engines.storage import free_space
 from workers.failures import DiskError, IllegalValue
 from workers.runtime import TaskRun, operation
-from workers.tasks import move_journal, tree_moves
-from workers.tasks.files import HostFiles
+from workers.tasks import migration_journal, tree_moves
 from workers.tasks.transfer import (
     PeerWatch,
     offer_fields,
@@ -107,7 +110,7 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
         manifest = [{"path": files.relative(p), "size": os.stat(p).st_size,
                      "allocated": os.stat(p).st_blocks * 512} for p in copy]
         publish(run, keys.transfer(transfer_id), {xfer.MANIFEST: json.dumps(manifest)},
-                "announcing the move")
+                "announcing the migration")
 
         client_over = PeerWatch.of(run, client_task_id, destination_host).over
 
@@ -135,14 +138,14 @@ def migrate_out(run: TaskRun, name: str, destination_host: str, transfer_id: str
                             break
                         run.sleep(WATCH)
             # The destination's task waits for this one once the record names it
-            # (a move is complete only when the source has let go), so this one
+            # (a migration is complete only when the source has let go), so this one
             # must not wait for it to end.
             while not client_over() and not run.ride_out(
                     partial(_names, client, name, destination_host), "reading the VM's record"):
                 run.sleep(WATCH)
         finally:
             run.ride_out(lambda: client.delete(keys.transfer(transfer_id)),
-                         "removing the move's hash")
+                         "removing the migration's hash")
         moved = run.ride_out(lambda: _names(client, name, destination_host),
                              "reading the VM's record")
         left = (_remove_owned(files, owned, paths_of(run.settings, name).directory)
@@ -207,7 +210,7 @@ def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
             return manifest
-        server.check("source", gave_up="stopped the move")
+        server.check("source", gave_up="stopped the migration")
         run.sleep(WATCH)
 
 
@@ -252,7 +255,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 raise DiskError(f"Host {run.settings.host} has too little space for VM "
                                 f"{name!r} ({needed} bytes)", hresults.DISK_FULL)
             # A kill -9 from here on leaves whole files no temporary sweep removes.
-            journal = move_journal.write(run.settings, name, run.task_id,
+            journal = migration_journal.write(run.settings, name, run.task_id,
                                          [str(item["path"]) for item in manifest])
             total = max(1, sum(int(item["size"]) for item in manifest))
             done = 0
@@ -260,10 +263,10 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 while not (offer := run.ride_out(
                         partial(client.hgetall, offer_key(transfer_id, index)),
                         "waiting for the source's export")):
-                    server.check("source", gave_up="stopped the move")
+                    server.check("source", gave_up="stopped the migration")
                     run.sleep(WATCH)
-                share = _Span(run, 100.0 * done / total,
-                              100.0 * (done + int(item["size"])) / total)
+                share = scaled(run, 100.0 * done / total,
+                               100.0 * (done + int(item["size"])) / total)
                 pull_and_judge(run, share, offer, target, verbatim=True,
                                source_host=source_host, server_task_id=server_task_id)
                 pulled.append(target)
@@ -276,14 +279,15 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
                 _refingerprint(run, record)
             outcome = move_record(run, name, source_host, MOVABLE)
             if outcome != "OK":
-                raise InvalidStateError(f"VM {name!r} changed during the move ({outcome})")
+                raise InvalidStateError(f"VM {name!r} changed during the migration ({outcome})")
             journal.unlink()
     except BaseException:
         for path in pulled:
             path.unlink(missing_ok=True)
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
-    # The VM is here now, whatever follows: nothing below may undo or fail the move.
+    # The VM is here now, whatever follows: nothing below may undo the move or fail the
+    # migration.
     tree = {"snapshots": snapshots} if snapshots else {}
     return {"host": run.settings.host, "files": len(pulled), **tree,
             **_source_let_go(run, server, server_task_id, source_host)}
@@ -330,19 +334,3 @@ def _source_let_go(run: TaskRun, server: PeerWatch, server_task_id: str,
                                "removing the VM's files; they may be left there"}
         time.sleep(WATCH)
 
-
-class _Span:
-    """A `TaskRun` whose progress is scaled into ``low..high``."""
-
-    def __init__(self, run: TaskRun, low: float, high: float) -> None:
-        self._run, self._low, self._high = run, low, high
-        self.task_id = run.task_id
-
-    def report_progress(self, percent: float) -> None:
-        self._run.report_progress(self._low + (self._high - self._low) * percent / 100)
-
-    def cancel_requested(self) -> bool:
-        return self._run.cancel_requested()
-
-    def log(self, line: str) -> None:
-        self._run.log(line)

@@ -30,13 +30,13 @@ from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as engine
-from workers.engines.context import raise_if_cancelled
+from workers.engines.context import raise_if_cancelled, scaled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import config_fingerprint, fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
 from workers.failures import Cancelled, IllegalValue
 from workers.runtime import TaskRun, operation
 from workers.tasks import snapshots_live
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import (
     begin,
     config_of,
@@ -137,7 +137,7 @@ def create_snapshot(run: TaskRun, name: str, snapshot: str,
     beside its layer; a TurnedOff VM has no memory: include_memory then reads False."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "create_snapshot", name, None)
+        client, record, state = begin(run, name, None)
         refuse_undoable(record)
         folder = vm_directory(run.settings, name)
         tree = engine.load(folder)
@@ -196,7 +196,7 @@ def revert_to_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]
     """A new empty present over the point's layer; the old present goes."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "revert_to_snapshot", name, None)
+        client, record, state = begin(run, name, None)
         folder = vm_directory(run.settings, name)
         tree = engine.load(folder)
         if tree is None or tree.find(snapshot) is None:
@@ -252,7 +252,7 @@ def delete_snapshot(run: TaskRun, name: str, snapshot: str) -> dict[str, Any]:
     the point and its layer; the last one also commits the present into the bases."""
     check_snapshot_name(snapshot)
     with vm_lock(run, name):
-        client, record, state = begin(run, "delete_snapshot", name, None)
+        client, record, state = begin(run, name, None)
         if state in snapshots_live.LIVE:  # the VM runs on while its layers change
             return _delete(run, client, record, name, snapshot, live=True)
         transition(client, name, frozenset({state}), S.MergingDrives)
@@ -317,8 +317,8 @@ def _delete(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str
     for index, present in enumerate(presents):
         with ExitStack() as stack:
             chain = files.open_chain(present, stack)
-            qemu_img.merge(present, engine.Scaled(run, 90 + 10 * index / count,
-                                                  90 + 10 * (index + 1) / count),
+            qemu_img.merge(present, scaled(run, 90 + 10 * index / count,
+                                           90 + 10 * (index + 1) / count),
                            chain=chain.pinned())
     engine.store(folder, None)
     for present in presents:

@@ -35,12 +35,13 @@ from api.enums import VMVMState as S
 from api.settings import Settings
 from workers.engines import qemu_vm
 from workers.engines import snapshots as engine
+from workers.engines.context import scaled
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm import livesnap
 from workers.engines.qemu_vm.config import fingerprint_path
 from workers.engines.storage import fsync_directory, remove_quietly, temporary_path_for
 from workers.failures import IllegalValue, OperationFailed
 from workers.runtime import TaskRun
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import (
     agent_socket,
     config_of,
@@ -123,7 +124,7 @@ def create(run: TaskRun, client: redis.Redis, record: dict[str, str], name: str,
         with qemu_vm.connect(paths) as monitor:
             livesnap.settle_jobs(monitor, run)  # a dead worker's would block the switch
             captured = livesnap.capture(
-                monitor, config, stacks, engine.Scaled(run, 10, 90), state=memory,
+                monitor, config, stacks, scaled(run, 10, 90), state=memory,
                 agent=agent_socket(paths) if record.get("guest_agent") == "1" else None,
                 before_switch=lambda: seal(run))
         # The switch happened: from here the point exists whatever comes.

@@ -33,10 +33,10 @@ from api.settings import Settings
 from workers.engines import nbd, qemu_img, transfer_tls
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.context import OperationContext
+from workers.engines.files import HostFiles
 from workers.engines.storage import free_space
 from workers.failures import Cancelled, DiskError, IllegalValue, OperationFailed, PeerFailed
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 
 # How often each side looks at the other's record.
 WATCH_INTERVAL = 0.1
@@ -252,7 +252,7 @@ def _tls_objects(settings: Settings, offer: dict[str, str], source_host: str) ->
 
 def publish(run: TaskRun, key: str, fields: dict[str, Any], what: str) -> None:
     """Set ``fields`` in ``key``, which expires should nobody remove it, riding out a
-    Redis outage (an offer, a move's manifest)."""
+    Redis outage (an offer, a migration's manifest)."""
 
     def write() -> None:
         # A pipeline forgets its commands when it fails: built anew for each try.

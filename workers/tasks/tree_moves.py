@@ -30,9 +30,9 @@ from typing import Any
 from api.errors import InvalidStateError
 from api.protocol.snapshots import CLONE_FIELD, linked_clones
 from workers.engines import snapshots as engine
+from workers.engines.files import HostFiles
 from workers.engines.qemu_vm.config import fingerprint_path
 from workers.runtime import TaskRun
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
 
 

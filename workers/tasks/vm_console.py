@@ -20,16 +20,17 @@ from workers.engines import qemu_vm
 from workers.engines.guest_agent import GuestAgentClient
 from workers.failures import GuestAgentError, IllegalValue, OperationFailed, OperationTimedOut
 from workers.runtime import TaskRun, operation
-from workers.tasks.vms import agent_socket, beat_vms, paths_of, record_of
+from workers.tasks.vms import agent_socket, beat_vms, operation_of, paths_of, record_of
 
 log = logging.getLogger(__name__)
 
 AGENT_TIMEOUT = 5.0
 
 
-def _require(run: TaskRun, operation_name: str, name: str) -> dict[str, str]:
+def _require(run: TaskRun, name: str) -> dict[str, str]:
     record = record_of(run.redis, run.settings, name)
     state = S(int(record["state"]))
+    operation_name = operation_of(run)
     if state not in ALLOWED[operation_name]:
         raise InvalidStateError(f"Cannot take the {operation_name.replace('_', ' ')} of VM "
                                 f"{name!r} while it is {state.name}")
@@ -38,14 +39,14 @@ def _require(run: TaskRun, operation_name: str, name: str) -> dict[str, str]:
 
 @operation(tasks.VM_SCREENSHOT, soft_time_limit=60)
 def screenshot(run: TaskRun, name: str) -> dict[str, str]:
-    _require(run, "screenshot", name)
+    _require(run, name)
     png = qemu_vm.screendump(paths_of(run.settings, name))
     return {"png": base64.b64encode(png).decode("ascii")}
 
 
 @operation(tasks.VM_CONSOLE_LOG, soft_time_limit=60)
 def console_log(run: TaskRun, name: str, tail_bytes: int) -> dict[str, str]:
-    _require(run, "console_log", name)
+    _require(run, name)
     if not 1 <= tail_bytes <= 4 * 1024 * 1024:
         raise IllegalValue(f"tail_bytes must be in 1..4194304, not {tail_bytes}")
     return {"text": qemu_vm.read_console(paths_of(run.settings, name), tail_bytes)}
@@ -66,7 +67,7 @@ def _interfaces(raw: Any) -> list[dict[str, Any]]:
 
 @operation(tasks.VM_GUEST_INFO, soft_time_limit=60)
 def guest_info(run: TaskRun, name: str) -> dict[str, Any]:
-    record = _require(run, "guest_info", name)
+    record = _require(run, name)
     answer: dict[str, Any] = {"heartbeating": False, "os_name": None, "network_interfaces": []}
     if record.get("guest_agent") != "1":
         return answer

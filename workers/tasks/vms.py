@@ -42,6 +42,8 @@ from api.scripts import Scripts
 from api.settings import Settings
 from workers.engines import qemu_img, qemu_vm
 from workers.engines import snapshots as snapshot_layers
+from workers.engines.context import scaled
+from workers.engines.files import HostFiles
 from workers.engines.guest_agent import qemu_guest_agent_args
 from workers.engines.storage import resolve_in_root
 from workers.failures import (
@@ -50,7 +52,6 @@ from workers.failures import (
     VMNotRunning,
 )
 from workers.runtime import TaskRun, operation
-from workers.tasks.files import HostFiles
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,20 @@ def vm_lock(run: TaskRun, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def begin(run: TaskRun, operation_name: str, name: str, new: S | None
-          ) -> tuple[redis.Redis, dict[str, str], S]:
+def operation_of(run: TaskRun) -> str:
+    """The VM operation ``run`` runs, by the name `ALLOWED` knows it: its spec's, so a
+    body cannot check another operation's states."""
+    if run.spec is None:
+        raise TypeError(f"Task {run.task_id} runs without its operation's spec")
+    return run.spec.vm_operation
+
+
+def begin(run: TaskRun, name: str, new: S | None) -> tuple[redis.Redis, dict[str, str], S]:
+    """Check that ``run``'s operation may start from VM ``name``'s state, or move it to
+    ``new`` by that check (`transition`)."""
     client = run.redis
     record = record_of(client, run.settings, name)
+    operation_name = operation_of(run)
     allowed = ALLOWED[operation_name]
     if new is None:
         current = S(int(record["state"]))
@@ -198,7 +209,7 @@ def begin(run: TaskRun, operation_name: str, name: str, new: S | None
 @operation(tasks.VM_STARTUP)
 def startup(run: TaskRun, name: str) -> None:
     with vm_lock(run, name), ExitStack() as opened_files:
-        client, record, current = begin(run, "startup", name, None)
+        client, record, current = begin(run, name, None)
         paths = paths_of(run.settings, name)
         if current is S.Saved:
             transition(client, name, frozenset({S.Saved}), S.Restoring)
@@ -258,7 +269,7 @@ def open_vm_files(run: TaskRun, record: dict[str, str], paths: qemu_vm.VMPaths,
 @operation(tasks.VM_SAVE)
 def save(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
-        client, record, _ = begin(run, "save", name, S.Saving)
+        client, record, _ = begin(run, name, S.Saving)
         paths = paths_of(run.settings, name)
         try:
             qemu_vm.save(config_of(run.settings, record), paths, run,
@@ -269,46 +280,45 @@ def save(run: TaskRun, name: str) -> None:
         settle(client, name, S.Saved)
 
 
-def simple_command(run: TaskRun, operation_name: str, name: str, after: S,
-                   command: Any) -> None:
+def simple_command(run: TaskRun, name: str, after: S, command: Any) -> None:
     with vm_lock(run, name):
-        client, _record, _current = begin(run, operation_name, name, None)
+        client, _record, _current = begin(run, name, None)
         paths = paths_of(run.settings, name)
         try:
             command(paths)
         except VMNotRunning:
             settle(client, name, qemu_vm.vm_state(paths))
             raise
-        transition(client, name, ALLOWED[operation_name], after)
+        transition(client, name, ALLOWED[operation_of(run)], after)
 
 
 @operation(tasks.VM_PAUSE)
 def pause(run: TaskRun, name: str) -> None:
-    simple_command(run, "pause", name, S.Paused, qemu_vm.pause)
+    simple_command(run, name, S.Paused, qemu_vm.pause)
 
 
 @operation(tasks.VM_RESUME)
 def resume(run: TaskRun, name: str) -> None:
-    simple_command(run, "resume", name, S.Running, qemu_vm.resume)
+    simple_command(run, name, S.Running, qemu_vm.resume)
 
 
 @operation(tasks.VM_RESET)
 def reset(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
-        begin(run, "reset", name, None)
+        begin(run, name, None)
         qemu_vm.reset(paths_of(run.settings, name))
 
 
 @operation(tasks.VM_TURN_OFF)
 def turn_off(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
-        client, _record, current = begin(run, "turn_off", name, None)
+        client, _record, current = begin(run, name, None)
         paths = paths_of(run.settings, name)
         if current is S.Saved:
             qemu_vm.discard_saved_state(paths)
             transition(client, name, frozenset({S.Saved}), S.TurnedOff)
             return
-        transition(client, name, ALLOWED["turn_off"], S.TurningOff)
+        transition(client, name, ALLOWED[operation_of(run)], S.TurningOff)
         try:
             qemu_vm.turn_off(paths)
         finally:
@@ -327,13 +337,14 @@ def overlays_of(settings: Settings, record: dict[str, str], paths: qemu_vm.VMPat
 @operation(tasks.VM_MERGE_UNDO_DISKS)
 def merge_undo_disks(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
-        client, record, _ = begin(run, "merge_undo_disks", name, S.MergingDrives)
+        client, record, _ = begin(run, name, S.MergingDrives)
         try:
             overlays = [o for o in overlays_of(run.settings, record, paths_of(run.settings, name))
                         if o.exists()]
             files = HostFiles.of(run.settings)
             for index, overlay in enumerate(overlays):
-                share = _Share(run, index / len(overlays), (index + 1) / len(overlays))
+                share = scaled(run, 100 * index / len(overlays),
+                               100 * (index + 1) / len(overlays))
                 with ExitStack() as stack:
                     chain = files.open_chain(overlay, stack)
                     qemu_img.merge(overlay, share, chain=chain.pinned())
@@ -342,27 +353,10 @@ def merge_undo_disks(run: TaskRun, name: str) -> None:
             settle(client, name, S.TurnedOff)
 
 
-class _Share:
-    """Progress of one step scaled into its share of the whole operation."""
-
-    def __init__(self, run: TaskRun, low: float, high: float) -> None:
-        self.task_id = run.task_id
-        self._run, self._low, self._high = run, low, high
-
-    def report_progress(self, percent: float) -> None:
-        self._run.report_progress(100 * (self._low + (self._high - self._low) * percent / 100))
-
-    def cancel_requested(self) -> bool:
-        return self._run.cancel_requested()
-
-    def log(self, line: str) -> None:
-        self._run.log(line)
-
-
 @operation(tasks.VM_DISCARD_UNDO_DISKS)
 def discard_undo_disks(run: TaskRun, name: str) -> None:
     with vm_lock(run, name):
-        _client, record, _ = begin(run, "discard_undo_disks", name, None)
+        _client, record, _ = begin(run, name, None)
         for overlay in overlays_of(run.settings, record, paths_of(run.settings, name)):
             overlay.unlink(missing_ok=True)
 
@@ -373,7 +367,7 @@ def delete(run: TaskRun, name: str) -> None:
         if clones := linked_clones(run.redis, name):
             raise InvalidStateError(f"VM {name!r} cannot be deleted: linked clones rest on "
                                     f"its snapshots ({', '.join(sorted(clones))})")
-        client, _record, _ = begin(run, "delete", name, S.DeleteMachine)
+        client, _record, _ = begin(run, name, S.DeleteMachine)
         paths = paths_of(run.settings, name)
         qemu_vm.turn_off(paths)  # only an Invalid VM can still have a process here
         shutil.rmtree(paths.directory, ignore_errors=True)

@@ -1,10 +1,10 @@
 -- KEYS: vm record, events stream[, a live migration's transfer hash].  ARGV: source
 -- host, destination host, allowed states (comma-separated ints), time, stream max
 -- length, the key prefix of the hosts' VM sets (the VM leaves the source's set
--- for the destination's with the ownership change).
--- The fenced ownership change of a moved VM: the record names the destination only
--- if it still names the source, the VM is still in a state that moves and, live,
--- the source has not taken the guest back (vm_move_abort.lua).
+-- for the destination's with the move).
+-- The move, a migrated VM's fenced change of owner: the record names the destination
+-- only if it still names the source, the VM is still in a state that moves and,
+-- live, the source has not taken the guest back (vm_move_abort.lua).
 if KEYS[3] and redis.call('HGET', KEYS[3], 'abort') == '1' then return 'ABORTED' end
 local host = redis.call('HGET', KEYS[1], 'host')
 if not host then return 'MISSING' end

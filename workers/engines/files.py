@@ -14,17 +14,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.enums import VMHardDiskType
 from api.protocol import hresults
-from api.settings import Settings
 from workers.engines import qemu_img
 from workers.engines.beneath import open_beneath, proc_path
 from workers.engines.qemu_img.info import has_protocol
 from workers.engines.qemu_img.pinned import PinnedChain, PinnedImage, device_spec
 from workers.engines.storage import free_space, resolve_in_root
 from workers.failures import DiskError, IllegalValue
+
+if TYPE_CHECKING:  # the settings module loads redis; a HostFiles only reads its fields
+    from api.settings import Settings
 
 LOCK_DIRECTORY = ".vmtask-locks"
 MAX_CHAIN = 64

@@ -1,13 +1,15 @@
-"""What an incoming move has written on the destination, for a worker killed mid-move.
+"""What an incoming migration has written on the destination, for a worker killed
+mid-migration.
 
-A cold move pulls each file whole (`workers.tasks.migration.migrate_in`); a file
+A cold migration pulls each file whole (`workers.tasks.migration.migrate_in`); a file
 published before the worker died is no temporary, so the start-up sweep of crashed
 temporaries would keep it.  Before anything is pulled, the destination writes the
 list of every file it will create to ``vms/<name>/incoming.json`` (the VM's folder
-is new: a move into an existing one is refused).  The journal goes once the VM's
-record names this host.  A worker starting up finds the journals of moves that died:
-where the record still names another host, the move never happened, so what it
-pulled goes; where it names this host, the move did happen, so only the journal goes.
+is new: a migration into an existing one is refused).  The journal goes once the
+VM's record names this host (the move).  A worker starting up finds the journals of
+migrations that died: where the record still names another host, the move never
+happened, so what it pulled goes; where it names this host, the move did happen, so
+only the journal goes.
 
 A live migration's source keeps the other half: ``vms/<name>/outgoing.json`` lists
 the VM's disks on this host before anything moves, and goes with the VM's folder
@@ -27,9 +29,9 @@ import redis
 
 from api.protocol import keys
 from api.settings import Settings
+from workers.engines.files import HostFiles
 from workers.failures import OperationFailed
 from workers.tasks.disks import lease_live
-from workers.tasks.files import HostFiles
 from workers.tasks.vms import paths_of
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def write(settings: Settings, name: str, task_id: str, files: list[str], *,
     once the VM is elsewhere (`OUTGOING`).  ``extra``: what the journal's reader
     needs besides."""
     directory = paths_of(settings, name).directory
-    directory.mkdir(parents=True, exist_ok=True)  # a move into an existing one is refused
+    directory.mkdir(parents=True, exist_ok=True)  # a migration into an existing one is refused
     path = directory / journal
     temp = path.with_name(journal + ".tmp")
     temp.write_text(json.dumps({**extra, "task_id": task_id, "files": files}))
@@ -63,8 +65,9 @@ def read(directory: Path, journal: str) -> dict[str, object] | None:
     return entry if isinstance(entry, dict) else None
 
 
-def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:
-    """Start-up hook: undo the moves into this host whose worker died before the switch."""
+def remove_unfinished_migrations(client: redis.Redis, settings: Settings) -> None:
+    """Start-up hook: undo the migrations into this host whose worker died before the
+    move."""
     files = HostFiles.of(settings)
     for journal in sorted((files.root / "vms").glob(f"*/{JOURNAL}")):
         name = journal.parent.name
@@ -73,7 +76,7 @@ def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:
         except (OSError, ValueError):
             entry = None
         if not isinstance(entry, dict):
-            log.warning("Unreadable move journal %s: left alone", journal)
+            log.warning("Unreadable migration journal %s: left alone", journal)
             continue
         if lease_live(client, str(entry.get("task_id"))):
             continue
@@ -84,6 +87,6 @@ def remove_unfinished_moves(client: redis.Redis, settings: Settings) -> None:
             try:
                 files.resolve(str(relative)).unlink(missing_ok=True)
             except (OSError, OperationFailed) as exc:
-                log.warning("Could not remove %s of an unfinished move: %s", relative, exc)
+                log.warning("Could not remove %s of an unfinished migration: %s", relative, exc)
         shutil.rmtree(journal.parent, ignore_errors=True)
-        log.warning("Removed what an unfinished move of VM %s left on this host", name)
+        log.warning("Removed what an unfinished migration of VM %s left on this host", name)
