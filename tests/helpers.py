@@ -56,6 +56,13 @@ def serve_task_of(server: VirtualServer, pull_id: str) -> str:
     return str(json.loads(raw)["server_task_id"])
 
 
+def peer_of(server: VirtualServer, task: VMTask, field: str) -> VMTask:
+    """The other side of a transfer: the task whose id ``task`` holds in its argument
+    ``field`` (``server_task_id`` for a pull's serve task)."""
+    arguments = json.loads(server.redis.hget(keys.task_record(task.id), "arguments") or "{}")
+    return server.get_task(arguments[field])
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
