@@ -302,6 +302,12 @@ def test_a_vm_that_cannot_move_is_reported_and_stays(
     its source's host): both stay on the host, in ``failed``, and the evacuation ends
     with the first refusal, naming its VM."""
     server.set_maintenance("alpha", False)
+    # Only this test's VMs on gamma: the other tests' guests may have been left there
+    # (evacuated to the least loaded host), whichever of them ran before this one.
+    for name in RUNNING + OFF:
+        found = server.find_virtual_machine(name)
+        if found is not None and found.host == "gamma":
+            done(found.migrate("alpha"))
     done(server.create_dynamic_virtual_hard_disk("ev-base/d.qcow2", 16, host="gamma"))
     base = server.create_virtual_machine("ev-base", memory_mb=64, disks=["ev-base/d.qcow2"],
                                          network=None, host="gamma")
