@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 from celery import Celery
@@ -37,7 +38,9 @@ from api.publish import message_commands
 from api.replication import register_script
 from api.settings import Settings, redact_url, validate_host_name
 from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
-from api.task import VMTask
+from api.task import WAIT_FOREVER, VMTask, validate_timeout
+from api.waiter import completions
+from api.waiting import all_complete, task_ids_of
 
 ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
 QUICK_TIMEOUT_MS = 60_000
@@ -266,6 +269,31 @@ class ServerCore:
             if attempt == 1:
                 target = self.resolve_host(None)
         raise HostUnavailableError(f"Host {target} stopped being live")
+
+    def wait_all(self, tasks: Iterable[VMTask], timeout_ms: int = -1) -> bool:
+        """Wait up to ``timeout_ms`` (-1: forever; 0: look once) for every task; True
+        when all are complete.  However many they are, the wait holds one pub/sub
+        connection, shared with every other wait of this server."""
+        return all_complete(self.as_completed(tasks, timeout_ms))
+
+    def as_completed(self, tasks: Iterable[VMTask], timeout_ms: int = -1) -> Iterator[VMTask]:
+        """Each task as it completes, in completion order (those already complete
+        first, in the order they finished).  Raises `TimeoutError` when
+        ``timeout_ms`` passes first (-1: forever; 0: only those complete now)."""
+        by_id = task_ids_of(tasks, VMTask)
+        validate_timeout(timeout_ms)
+        return self._completed(by_id, timeout_ms)
+
+    def _completed(self, by_id: dict[str, VMTask], timeout_ms: int) -> Iterator[VMTask]:
+        deadline = (None if timeout_ms == WAIT_FOREVER
+                    else time.monotonic() + timeout_ms / 1000)
+        left = len(by_id)
+        for task_id in completions(self.store, list(by_id), deadline, self.poll_interval):
+            left -= 1
+            yield by_id[task_id]
+        if left:
+            raise TimeoutError(f"{left} of {len(by_id)} task(s) not complete after "
+                               f"{timeout_ms} ms")
 
     def task_snapshots(self, ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot, in one pipelined round trip: the same order as

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from kombu.exceptions import BatchPublishError, OperationalError
@@ -29,6 +29,9 @@ from api.errors import (
 from api.protocol import hresults, keys, records, tasklog
 from api.protocol.records import TaskSnapshot
 from api.replication import Acknowledgement, pipelined, register_script, replicated
+
+if TYPE_CHECKING:
+    from api.waiter import TaskWaiter
 
 # A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
 # login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
@@ -127,9 +130,21 @@ class TaskStore:
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
-        # One pub/sub connection per thread, reused across waits: opening one per
-        # wait costs a TCP handshake and an AUTH each time.
+        # One pub/sub connection per thread for task logs followed; every wait of
+        # this store shares the waiter's one connection instead.
         self._local = threading.local()
+        self._waiter: TaskWaiter | None = None
+        self._waiter_lock = threading.Lock()
+
+    @property
+    def waiter(self) -> TaskWaiter:
+        """The one pub/sub connection (and its reader thread) of every wait."""
+        with self._waiter_lock:
+            if self._waiter is None:
+                from api.waiter import TaskWaiter  # api.waiter reads records through us
+
+                self._waiter = TaskWaiter(self.client)
+            return self._waiter
 
     def subscription(self) -> Any:
         pubsub = getattr(self._local, "pubsub", None)
@@ -229,6 +244,10 @@ class TaskStore:
 
     def close(self) -> None:
         self.drop_subscription()
+        with self._waiter_lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
         if self._ack_client is not None:
             self._ack_client.close()
 
