@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
@@ -23,7 +22,6 @@ from api.arguments import check_int, check_task_id
 from api.connection import RedisEndpoint, parse_redis_url
 from api.enums import VMTaskResult
 from api.errors import (
-    BrokerUnavailableError,
     HostUnavailableError,
     InvalidArgumentError,
     InvalidStateError,
@@ -31,13 +29,13 @@ from api.errors import (
     OperationFailedError,
     VMTaskError,
 )
-from api.protocol import hresults, keys, scripts
+from api.protocol import hresults, keys, scripts, taskcalls
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, TaskSnapshot
 from api.protocol.tasks import TaskSpec
-from api.publish import message_commands
 from api.replication import register_script
 from api.settings import Settings, redact_url, validate_host_name
-from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
+from api.store import TaskStore, broker_errors, connect, refusal_of
+from api.submitting import host_not_live, only_host, prepare
 from api.task import WAIT_FOREVER, VMTask, validate_timeout
 from api.waiter import completions
 from api.waiting import all_complete, task_ids_of
@@ -157,8 +155,8 @@ class ServerCore:
     def _live_heartbeats(self) -> dict[str, str]:
         """Every live host's heartbeat: one round trip (a script), O(fleet) in Redis."""
         with broker_errors(self.url):
-            reply = self._hosts_live(args=[keys.KNOWN_HOSTS, keys.host_heartbeat("")])
-        return dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
+            reply = self._hosts_live(args=taskcalls.hosts_live()[1])
+        return taskcalls.live_hosts_of(reply)
 
     @property
     def hosts(self) -> list[str]:
@@ -179,21 +177,11 @@ class ServerCore:
             with broker_errors(self.url):
                 live_now = self.redis.exists(keys.host_heartbeat(wanted))
             if not live_now:
-                live = self.hosts
-                raise HostUnavailableError(
-                    f"No live worker serves host {wanted!r} (live: {', '.join(live) or 'none'})"
-                )
+                raise host_not_live(wanted, self.hosts)
             return wanted
         # No host named: "the only live one" needs the fleet's list (O(fleet), one
         # round trip); a deployment of many hosts names them.
-        live = self.hosts
-        if len(live) == 1:
-            return live[0]
-        if not live:
-            raise HostUnavailableError("No worker host is live; start one with 'vmtask worker'")
-        raise InvalidArgumentError(
-            f"Several hosts are live ({', '.join(live)}): pass host= or set VMTASK_HOST"
-        )
+        return only_host(self.hosts)
 
     # -- tasks ---------------------------------------------------------------
 
@@ -225,19 +213,8 @@ class ServerCore:
         operations made of several tasks that must know each other's ids before any
         is queued.
         """
-        arguments = dict(kwargs or {})
-        quick = False
-        if isinstance(task, TaskSpec):
-            task.check_kwargs(arguments)
-            task_name, cancelable, quick = task.name, task.cancelable, task.quick
-        else:
-            task_name = task
-        if cancelable is None:
-            raise TypeError(f"cancelable is required for the task {task_name!r}")
-        task_id = task_id or str(uuid.uuid4())
-        record: dict[str, Any] = {
-            "name": task_name, "description": description, "cancelable": cancelable,
-            "arguments": {"args": list(args), **arguments}}
+        plan = prepare(task, description=description, cancelable=cancelable, kwargs=kwargs,
+                       args=args, task_id=task_id)
         wanted = host or self.default_host
         if wanted is not None:
             validate_host_name(wanted)
@@ -245,23 +222,11 @@ class ServerCore:
         # once and remembered; when it stops being live, it is looked up again.
         target = wanted or self._only_host or self.resolve_host(None)
         for attempt in (1, 2):
-            queue = keys.control_queue(target) if quick else keys.host_queue(target)
-            try:
-                message = message_commands(
-                    self.celery, task_name, args=list(args), kwargs=arguments,
-                    task_id=task_id, queue=queue, routing_key=queue)
-            except SEND_ERRORS as exc:
-                refusal = refusal_of(exc)
-                if refusal is not None:
-                    raise access_denied(self.url, refusal,
-                                        f"Could not enqueue {task_name}: ") from None
-                raise BrokerUnavailableError(
-                    f"Could not enqueue {task_name}: Redis at {redact_url(self.url)} "
-                    f"cannot be reached: {exc}") from None
+            message = plan.message(self.celery, target, self.url)
             # The host's liveness, the record and the message: one script, one round trip.
-            if self.store.create(task_id, host=target, message=message, **record):
+            if self.store.create(plan.task_id, host=target, message=message, **plan.record):
                 self._only_host = None if wanted else target
-                return VMTask(self.store, task_id, poll_interval=self.poll_interval,
+                return VMTask(self.store, plan.task_id, poll_interval=self.poll_interval,
                               host=target)
             if wanted is not None:
                 self.resolve_host(wanted)  # raises HostUnavailableError, naming the live hosts

@@ -21,7 +21,7 @@ from celery import Celery
 from api.enums import VMTaskResult
 from api.errors import TaskFailedError
 from api.protocol import hresults, keys
-from api.store import CRASH_DESCRIPTION
+from api.protocol.taskcalls import CRASH_DESCRIPTION
 
 log = logging.getLogger(__name__)
 

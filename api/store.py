@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,15 +17,15 @@ import redis
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from api.connection import RedisEndpoint, no_retry, parse_redis_url, redact_url
-from api.enums import VMTaskResult
 from api.errors import (
     BrokerAccessDeniedError,
     BrokerUnavailableError,
     TaskNotCancelableError,
     TaskNotFoundError,
 )
-from api.protocol import hresults, keys, records, tasklog
+from api.protocol import keys, records, taskcalls, tasklog
 from api.protocol.records import TaskSnapshot
+from api.protocol.taskcalls import PublishCommand
 from api.replication import Acknowledgement, pipelined, register_script, replicated
 
 if TYPE_CHECKING:
@@ -49,14 +47,7 @@ ACCESS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.AuthenticationErr
 # message that did arrive meets no record at the start gate and never runs.
 SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, BatchPublishError,
                                             *REFUSED_ERRORS)
-# What kombu's Redis transport sends for one message (`api.publish`).
-PublishCommand = tuple[str, str, Any]
-PUBLISH_COMMANDS = frozenset({"lpush", "pexpire", "publish"})
-PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
 MAX_RECENT_TASKS = 100_000
-UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknowledged the "
-                           "submit (the primary was failing over)")
-CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
 def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0, **options: Any) -> redis.Redis:
@@ -191,28 +182,11 @@ class TaskStore:
         submit no replica acknowledged, or whose reply was lost, is withdrawn
         (`withdraw_unconfirmed`) and raises `BrokerUnavailableError`.
         """
-        now = time.time()
-        fields = {
-            "name": name,
-            "description": description,
-            "host": host,
-            "cancelable": "1" if cancelable else "0",
-            "state": records.PENDING,
-            "percent": "0",
-            "created": repr(now),
-            "arguments": json.dumps(dict(arguments), sort_keys=True),
-        }
-        items = [item for pair in fields.items() for item in pair]
-        args: list[Any] = [repr(now), PENDING_RECORD_TTL_SECONDS, task_id,
-                           keys.host_heartbeat(host), len(items), *items]
-        for command, target, value in message:
-            if command not in PUBLISH_COMMANDS:
-                raise ValueError(f"not a publish command: {command!r}")
-            args += [command, target, value]
-
+        record_keys, args = taskcalls.submit(
+            task_id, name=name, description=description, host=host, cancelable=cancelable,
+            arguments=arguments, message=message)
         def build(pipe: Any) -> None:
-            pipe.evalsha(self._submit.sha, 3, keys.task_record(task_id), keys.RECENT_TASKS,
-                         keys.host_pending(host), *args)
+            pipe.evalsha(self._submit.sha, len(record_keys), *record_keys, *args)
 
         if self._ack_client is None:
             with broker_errors(self.url):
@@ -231,16 +205,10 @@ class TaskStore:
         """A submit no replica acknowledged in time is taken back if no worker took it
         yet, and raises `BrokerUnavailableError`; if a worker did take it, it runs and
         its record says so, and the submit stands."""
+        record_keys, args = taskcalls.withdraw(task_id, self.retention_seconds)
         with broker_errors(self.url):
-            outcome = self._withdraw(
-                keys=[keys.task_record(task_id), keys.task_channel(task_id)],
-                args=[repr(time.time()), self.retention_seconds, int(VMTaskResult.Cancelled),
-                      hresults.E_ABORT, UNCONFIRMED_DESCRIPTION, task_id,
-                      keys.HOST_PENDING_PREFIX])
-        if outcome in ("WITHDRAWN", "MISSING"):
-            raise BrokerUnavailableError(
-                f"Could not enqueue {name}: no Redis replica acknowledged it in time "
-                "(the primary is failing over?); it was withdrawn and will not run")
+            outcome = self._withdraw(keys=record_keys, args=args)
+        withdrawn(name, outcome)
 
     def close(self) -> None:
         self.drop_subscription()
@@ -260,11 +228,8 @@ class TaskStore:
 
     def _read_once(self, task_id: str) -> TaskSnapshot:
         with broker_errors(self.url):
-            reply = self._read(keys=[keys.task_record(task_id), keys.task_lease(task_id)])
-        snapshot = _snapshot_of(task_id, reply)
-        if snapshot is None:
-            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
-        return snapshot
+            reply = self._read(keys=taskcalls.read(task_id)[0])
+        return found(task_id, taskcalls.snapshot_of(task_id, reply))
 
     def read_many(self, task_ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot in one pipelined round trip, in order; None if unknown.
@@ -276,12 +241,11 @@ class TaskStore:
 
         def build(pipe: Any) -> None:
             for task_id in task_ids:
-                pipe.evalsha(self._read.sha, 2, keys.task_record(task_id),
-                             keys.task_lease(task_id))
+                pipe.evalsha(self._read.sha, 2, *taskcalls.read(task_id)[0])
 
         with broker_errors(self.url):
             replies = pipelined(self.client, build, (self._submit, self._read))
-        return [_snapshot_of(task_id, reply)
+        return [taskcalls.snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
 
     def log(self, task_id: str, tail: int | None = None) -> list[str]:
@@ -323,29 +287,14 @@ class TaskStore:
             outcome = cancel_record(self._cancel, task_id, self.retention_seconds)
         if outcome == "REVOKED" and self.on_revoked is not None:
             self.on_revoked(task_id)
-        if outcome == "MISSING":
-            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
-        if outcome == "NOT_CANCELABLE":
-            raise TaskNotCancelableError(f"Task {task_id} cannot be cancelled")
-        if outcome == "COMPLETE":
-            raise TaskNotCancelableError(f"Task {task_id} is already complete")
-        return str(outcome)
-
-
-def _snapshot_of(task_id: str, reply: Sequence[str]) -> TaskSnapshot | None:
-    """A snapshot from `task_read.lua`'s reply: field/value pairs, then the lease flag."""
-    *pairs, lease = reply
-    if not pairs:
-        return None
-    fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
-    return TaskSnapshot.from_record(task_id, fields, lease == "1")
+        return cancelled(task_id, outcome)
 
 
 def matching_tasks(list_script: Any, state: str | None, host: str | None, limit: int,
                    horizon: int) -> list[str]:
     """`TaskStore.matching` with the list script of any client (a worker's too)."""
-    found = list_script(keys=[keys.RECENT_TASKS],
-                        args=[keys.task_record(""), state or "", host or "", limit, horizon])
+    list_keys, args = taskcalls.matching(state, host, limit, horizon)
+    found = list_script(keys=list_keys, args=args)
     return [str(task_id) for task_id in found]
 
 
@@ -366,12 +315,8 @@ def cancel_record(cancel_script: Any, task_id: str, retention_seconds: int, *,
 
     Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
     (it runs, and stops at its next check)."""
-    return str(cancel_script(
-        keys=[keys.task_record(task_id), keys.task_channel(task_id)],
-        args=[repr(time.time()), retention_seconds, int(VMTaskResult.Cancelled),
-              hresults.E_ABORT, "1" if revoke_queued else "0", task_id,
-              keys.HOST_PENDING_PREFIX],
-    ))
+    record_keys, args = taskcalls.cancel(task_id, retention_seconds, revoke_queued)
+    return str(cancel_script(keys=record_keys, args=args))
 
 
 def judge_crashed(
@@ -383,28 +328,34 @@ def judge_crashed(
     ``grace_seconds`` (the lease) is how long after a new Redis primary appears no task
     is judged: leases could not be renewed while the primary was switching.
     """
-    outcome = finish_script(
-        keys=[
-            keys.task_record(task_id),
-            keys.task_lease(task_id),
-            keys.RUNNING_TASKS,
-            keys.task_channel(task_id),
-            keys.REDIS_PRIMARY,
-            keys.LEASE_DEADLINES,
-        ],
-        args=[
-            records.FAILURE,
-            int(VMTaskResult.ThreadCrashError),
-            hresults.SERVER_FAULT,
-            CRASH_DESCRIPTION,
-            repr(time.time()),
-            0,
-            retention_seconds,
-            task_id,
-            "1",
-            "",
-            max(1, math.ceil(grace_seconds)),
-            keys.HOST_RUNNING_PREFIX,
-        ],
-    )
+    record_keys, args = taskcalls.judge_crashed(task_id, retention_seconds, grace_seconds)
+    outcome = finish_script(keys=record_keys, args=args)
     return bool(outcome == "OK")
+
+
+def found(task_id: str, snapshot: TaskSnapshot | None) -> TaskSnapshot:
+    """The snapshot of a task that exists; `TaskNotFoundError` otherwise."""
+    if snapshot is None:
+        raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+    return snapshot
+
+
+def cancelled(task_id: str, outcome: object) -> str:
+    """REVOKED (it was queued) or REQUESTED (it runs, and stops at its next check);
+    the other outcomes of `task_cancel.lua` raise."""
+    outcome = str(outcome)
+    if outcome == "MISSING":
+        raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+    if outcome == "NOT_CANCELABLE":
+        raise TaskNotCancelableError(f"Task {task_id} cannot be cancelled")
+    if outcome == "COMPLETE":
+        raise TaskNotCancelableError(f"Task {task_id} is already complete")
+    return outcome
+
+
+def withdrawn(name: str, outcome: object) -> None:
+    """Raise when the withdrawal took the task back (or it was gone): it will not run."""
+    if outcome in ("WITHDRAWN", "MISSING"):
+        raise BrokerUnavailableError(
+            f"Could not enqueue {name}: no Redis replica acknowledged it in time "
+            "(the primary is failing over?); it was withdrawn and will not run")

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 # What ends a reader's connection: it subscribes anew on a fresh one.
 READER_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
-IDLE_SECONDS = 1.0  # how often an idle reader looks whether it was closed
+IDLE_SECONDS = 1.0
+FLUSH_SECONDS = 0.5  # how often an idle reader looks whether it was closed
 
 
 class ThreadWatch(Watch):
@@ -82,6 +83,9 @@ class TaskWaiter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._pubsub: Any = None
+        # Releases asked for, and those whose UNSUBSCRIBE the reader has sent.
+        self._asked = self._sent = 0
+        self._flushed = threading.Condition(self._lock)
 
     @property
     def reconnects(self) -> int:
@@ -103,9 +107,16 @@ class TaskWaiter:
         return watch
 
     def release(self, watch: Watch) -> None:
+        """Stop watching; returns once the reader has sent the UNSUBSCRIBE (at most
+        `FLUSH_SECONDS`), so that a wait's commands are all sent when it returns."""
         with self._lock:
             self._book.remove(watch)
+            self._asked += 1
+            mine = self._asked
         self._wake()
+        with self._flushed:
+            self._flushed.wait_for(lambda: self._sent >= mine or not self._book.connected,
+                                   FLUSH_SECONDS)
 
     def close(self) -> None:
         with self._lock:
@@ -146,6 +157,7 @@ class TaskWaiter:
                 refusal = refusal_of(exc)
                 with self._lock:
                     watches = self._book.lost(refusal)
+                    self._flushed.notify_all()
                 for watch in watches:
                     watch.notify()
                 log.warning("The task waiter lost Redis; subscribing again: %s", exc)
@@ -171,10 +183,14 @@ class TaskWaiter:
                 if self._closed:
                     return
                 subscribe, unsubscribe = self._book.requests()
+                asked = self._asked
             if subscribe:
                 pubsub.subscribe(*subscribe)
             if unsubscribe:
                 pubsub.unsubscribe(*unsubscribe)
+            with self._flushed:
+                self._sent = asked
+                self._flushed.notify_all()
             self._wait_readable(pubsub)
             notified: set[Watch] = set()
             while (message := pubsub.get_message(timeout=0.0)) is not None:

@@ -39,8 +39,9 @@ class Watch:
         self.failure: BaseException | None = None
 
     def drain(self) -> list[Event]:
-        taken = list(self.events)
-        self.events.clear()
+        taken: list[Event] = []
+        while self.events:  # popleft, not a copy and clear: another thread may append
+            taken.append(self.events.popleft())
         return taken
 
     def notify(self) -> None:
@@ -62,6 +63,10 @@ class WaitBook:
     @property
     def reconnects(self) -> int:
         return max(0, self._connections - 1)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
 
     @property
     def channel_count(self) -> int:
