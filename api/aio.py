@@ -15,10 +15,11 @@ process sends to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Sequence
 from typing import Any, Self
 from weakref import WeakKeyDictionary
 
@@ -107,8 +108,10 @@ class AsyncVMTask:
         if timeout == 0:
             return (await self.snapshot()).is_complete
         deadline = None if timeout == WAIT_FOREVER else time.monotonic() + timeout / 1000
-        async for _ in self._server.completions([self._id], deadline):
-            return True
+        # Closed at once, not when collected: that ends the wait's subscription.
+        async with contextlib.aclosing(self._server.completions([self._id], deadline)) as done:
+            async for _ in done:
+                return True
         return False
 
 
@@ -166,7 +169,8 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
             client = async_client(self.endpoint, self.timeout, max_connections=1)
             self._pubsub_clients.append(client)
             waiter = self._waiters[loop] = AsyncTaskWaiter(
-                lambda: client.pubsub(ignore_subscribe_messages=False))
+                lambda: client.pubsub(ignore_subscribe_messages=False), self.store.read_many,
+                self.poll_interval)
         return waiter
 
     @property
@@ -263,21 +267,22 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
     # -- waiting for many ----------------------------------------------------
 
     def completions(self, task_ids: Sequence[str],
-                    deadline: float | None) -> AsyncIterator[str]:
+                    deadline: float | None) -> AsyncGenerator[str, None]:
         return completions(self.store, self.waiter, task_ids, deadline, self.poll_interval)
 
     async def wait_all(self, tasks: Iterable[AsyncVMTask], timeout_ms: int = -1) -> bool:
         """True once every task is complete, False at ``timeout_ms`` (-1: forever;
         0: look once).  One pub/sub connection, however many tasks."""
         try:
-            async for _ in self.as_completed(tasks, timeout_ms):
-                pass
+            async with contextlib.aclosing(self.as_completed(tasks, timeout_ms)) as done:
+                async for _ in done:
+                    pass
         except TimeoutError:
             return False
         return True
 
     def as_completed(self, tasks: Iterable[AsyncVMTask],
-                     timeout_ms: int = -1) -> AsyncIterator[AsyncVMTask]:
+                     timeout_ms: int = -1) -> AsyncGenerator[AsyncVMTask, None]:
         """Each task as it completes, in completion order; `TimeoutError` when
         ``timeout_ms`` passes first.  Bad input is refused before the first await."""
         by_id = task_ids_of(tasks, AsyncVMTask)
@@ -285,12 +290,13 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
         return self._completed(by_id, timeout_ms)
 
     async def _completed(self, by_id: dict[str, AsyncVMTask],
-                         timeout_ms: int) -> AsyncIterator[AsyncVMTask]:
+                         timeout_ms: int) -> AsyncGenerator[AsyncVMTask, None]:
         deadline = None if timeout_ms == WAIT_FOREVER else time.monotonic() + timeout_ms / 1000
         left = len(by_id)
-        async for task_id in self.completions(list(by_id), deadline):
-            left -= 1
-            yield by_id[task_id]
+        async with contextlib.aclosing(self.completions(list(by_id), deadline)) as done:
+            async for task_id in done:
+                left -= 1
+                yield by_id[task_id]
         if left:
             raise TimeoutError(f"{left} of {len(by_id)} task(s) not complete after "
                                f"{timeout_ms} ms")

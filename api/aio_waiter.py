@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 from api.errors import BrokerAccessDeniedError, BrokerUnavailableError
@@ -31,18 +31,30 @@ READ_SECONDS = 1.0  # one pending read's length: a closed waiter notices within 
 
 
 class AsyncWatch(Watch):
+    """A `Watch` whose owner awaits a future the reader resolves (no task per wait)."""
+
     def __init__(self, task_ids: Iterable[str]) -> None:
         super().__init__(task_ids)
-        self.ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._woken: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
-        self.ready.set()
+        if self._woken is not None and not self._woken.done():
+            self._woken.set_result(None)
+
+    async def _sleep(self, timeout: float) -> None:
+        """Until `notify` or ``timeout`` s."""
+        woken = self._woken = self._loop.create_future()
+        timer = self._loop.call_later(max(0.0, timeout), self.notify)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            self._woken = None
 
     async def take(self, timeout: float) -> list[Event]:
         if not self.events and self.failure is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.ready.wait(), max(0.0, timeout))
-        self.ready.clear()
+            await self._sleep(timeout)
         return self.drain()
 
     async def wait_confirmed(self, timeout: float) -> bool:
@@ -51,9 +63,7 @@ class AsyncWatch(Watch):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.ready.wait(), left)
-            self.ready.clear()
+            await self._sleep(left)
         self.armed = True
         self.events.clear()  # confirmations only: the first read follows
         return not self.unconfirmed
@@ -62,12 +72,21 @@ class AsyncWatch(Watch):
 class AsyncTaskWaiter:
     """One pub/sub connection and its reader task, for every wait on one event loop."""
 
-    def __init__(self, make_pubsub: Callable[[], Any]) -> None:
+    def __init__(self, make_pubsub: Callable[[], Any],
+                 read_many: Callable[[list[str]], Awaitable[list[TaskSnapshot | None]]],
+                 poll_interval: float = 1.0) -> None:
         self._make_pubsub = make_pubsub
+        self._read_many = read_many
+        self.poll_interval = poll_interval
         self._book = WaitBook()
         self._wake = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._book.connected
 
     @property
     def reconnects(self) -> int:
@@ -78,9 +97,11 @@ class AsyncTaskWaiter:
             raise RuntimeError("the waiter is closed")
         watch = AsyncWatch(task_ids)
         self._book.add(watch)
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(
-                self._run(), name="vmtask-aio-waiter")
+            self._reader = loop.create_task(self._run(), name="vmtask-aio-waiter")
+        if self._poller is None or self._poller.done():
+            self._poller = loop.create_task(self._poll(), name="vmtask-aio-poller")
         self._wake.set()
         return watch
 
@@ -90,10 +111,31 @@ class AsyncTaskWaiter:
 
     async def close(self) -> None:
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _poll(self) -> None:
+        """The safety net under pub/sub, for every wait at once: every poll_interval,
+        one pipelined read of every watched task; a wait is told to read again only
+        the tasks found complete (or gone, or to be judged crashed).  Waits that each
+        polled would queue hundreds of reads on the few command connections, and a
+        completion would wait behind them."""
+        while not self._closed:
+            await asyncio.sleep(self.poll_interval)
+            ids = self._book.watched_tasks()
+            if not ids:
+                continue
+            try:
+                snapshots = await self._read_many(ids)
+            except RETRYABLE_WAIT_ERRORS:
+                continue  # the waits see Redis away at their deadline
+            worth = [task_id for task_id, snap in zip(ids, snapshots, strict=True)
+                     if snap is None or snap.is_complete or snap.is_crashed_candidate]
+            for watch in self._book.read_again(worth):
+                watch.notify()
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -114,10 +156,13 @@ class AsyncTaskWaiter:
 
     async def _serve(self, pubsub: Any) -> None:
         self._book.new_connection()
-        read: asyncio.Task[Any] | None = None
+        read: asyncio.Future[Any] | None = None
+        waker: asyncio.Future[Any] | None = None
         try:
             while not self._closed:
-                self._wake.clear()
+                if waker is not None and waker.done():
+                    self._wake.clear()
+                    waker = None
                 subscribe, unsubscribe = self._book.requests()
                 if subscribe:
                     await pubsub.subscribe(*subscribe)
@@ -125,25 +170,25 @@ class AsyncTaskWaiter:
                     await pubsub.unsubscribe(*unsubscribe)
                 if read is None and pubsub.subscribed:
                     read = asyncio.ensure_future(pubsub.get_message(timeout=READ_SECONDS))
-                waker = asyncio.ensure_future(self._wake.wait())
+                if waker is None or waker.done():
+                    waker = asyncio.ensure_future(self._wake.wait())
                 waiting = {waker} if read is None else {waker, read}
                 await asyncio.wait(waiting, timeout=READ_SECONDS,
                                    return_when=asyncio.FIRST_COMPLETED)
-                if not waker.done():
-                    waker.cancel()
                 if read is not None and read.done():
                     message, read = read.result(), None
                     if message is not None:
                         for watch in self._book.received(message):
                             watch.notify()
         finally:
-            if read is not None:
-                read.cancel()
+            for pending in (read, waker):
+                if pending is not None:
+                    pending.cancel()
 
 
 async def completions(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
                       task_ids: Collection[str], deadline: float | None,
-                      poll_interval: float) -> AsyncIterator[str]:
+                      poll_interval: float) -> AsyncGenerator[str, None]:
     """`api.waiter.completions` for coroutines: each id as its task is seen complete,
     in completion order, until all are or ``deadline`` (monotonic) passes."""
     pending = Pending(task_ids)
@@ -152,7 +197,6 @@ async def completions(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
     watch = waiter.watch(list(pending.pending))
     try:
         await watch.wait_confirmed(_left(deadline, poll_interval))
-        next_poll = time.monotonic() + poll_interval
         backoff = 0.05
         while pending:
             if watch.failure is not None:
@@ -181,12 +225,13 @@ async def completions(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
                 continue
             now = time.monotonic()
             if deadline is not None and now >= deadline:
+                if not waiter.connected:
+                    raise BrokerUnavailableError(
+                        "Redis was unreachable until the wait for "
+                        f"{len(pending.pending)} task(s) timed out")
                 return
-            if now >= next_poll:
-                pending.poll()
-                next_poll = now + poll_interval
-                continue
-            limit = next_poll if deadline is None else min(next_poll, deadline)
+            # The waiter's poller is the safety net (`AsyncTaskWaiter._poll`).
+            limit = now + READ_SECONDS if deadline is None else min(now + READ_SECONDS, deadline)
             for task_id in pending.take(await watch.take(limit - now)):
                 yield task_id
     finally:

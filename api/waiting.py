@@ -128,6 +128,19 @@ class WaitBook:
     def watches(self) -> set[Watch]:
         return {watch for watching in self.watchers.values() for watch in watching}
 
+    def watched_tasks(self) -> list[str]:
+        return [channel.removeprefix(_CHANNEL_PREFIX) for channel in self.watchers]
+
+    def read_again(self, task_ids: Iterable[str]) -> set[Watch]:
+        """The safety net found these tasks worth a read (complete, judged, gone): the
+        waits watching them are told to read them again."""
+        woken: set[Watch] = set()
+        for task_id in task_ids:
+            for watch in self.watchers.get(keys.task_channel(task_id), ()):
+                watch.events.append((SYNC, task_id))
+                woken.add(watch)
+        return woken
+
     def received(self, message: Mapping[str, Any]) -> set[Watch]:
         """Queue what ``message`` means for each wait; the waits to wake."""
         kind, channel = message.get("type"), message.get("channel")

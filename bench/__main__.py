@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["commands", "round_trip", "throughput", "enqueue", "status", "backlog", "convert",
            "vm_save_restore", "control_latency", "migrate", "exporter", "scale",
-           "linked_clone", "task_log"]
+           "linked_clone", "task_log", "aio"]
 
 
 def main(names: list[str]) -> int:
