@@ -42,6 +42,8 @@ from api.waiting import task_ids_of
 
 __all__ = ["AsyncVMTask", "AsyncVirtualServer"]
 
+SUBMITS_AT_ONCE = 16
+
 
 class AsyncVMTask:
     """`VMTask` for coroutines: ``await task.snapshot()`` reads every property at once."""
@@ -139,6 +141,7 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
         self._pubsub_clients: list[Any] = []
         self._celery: Celery | None = None
         self._only_host: str | None = None
+        self._submitting: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(self.url)} host={self.default_host}>"
@@ -227,7 +230,21 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
                      cancelable: bool | None = None, kwargs: dict[str, Any] | None = None,
                      host: str | None = None, args: Sequence[Any] = (),
                      task_id: str | None = None) -> AsyncVMTask:
-        """`VirtualServer.submit`: record and enqueue one operation, one round trip."""
+        """`VirtualServer.submit`: record and enqueue one operation, one round trip.
+
+        Building a message is CPU work without an await: thousands of submits started
+        at once take turns (`SUBMITS_AT_ONCE`), so the loop still serves the
+        connections they wait on (a connect starved for seconds timed out)."""
+        if self._submitting is None:
+            self._submitting = asyncio.Semaphore(SUBMITS_AT_ONCE)
+        async with self._submitting:
+            return await self._submit(task, description=description, cancelable=cancelable,
+                                      kwargs=kwargs, host=host, args=args, task_id=task_id)
+
+    async def _submit(self, task: TaskSpec | str, *, description: str,
+                      cancelable: bool | None, kwargs: dict[str, Any] | None,
+                      host: str | None, args: Sequence[Any],
+                      task_id: str | None) -> AsyncVMTask:
         plan = prepare(task, description=description, cancelable=cancelable, kwargs=kwargs,
                        args=args, task_id=task_id)
         wanted = host or self.default_host

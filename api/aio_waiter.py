@@ -69,6 +69,50 @@ class AsyncWatch(Watch):
         return not self.unconfirmed
 
 
+class ReadBatcher:
+    """Reads asked for while one is in flight go together in the next pipeline.
+
+    Two thousand waits that each read their record after subscribing would queue two
+    thousand round trips on the server's few command connections, and a completion
+    would be noticed only once its wait's turn came; batched, they cost a few."""
+
+    BATCH = 1000
+
+    def __init__(self, read_many: Callable[[list[str]], Awaitable[list[TaskSnapshot | None]]],
+                 ) -> None:
+        self._read_many = read_many
+        self._wanted: dict[str, list[asyncio.Future[TaskSnapshot | None]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def read(self, task_ids: list[str]) -> list[TaskSnapshot | None]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for task_id in task_ids:
+            future: asyncio.Future[TaskSnapshot | None] = loop.create_future()
+            self._wanted.setdefault(task_id, []).append(future)
+            futures.append(future)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        return [await future for future in futures]
+
+    async def _flush(self) -> None:
+        while self._wanted:
+            ids = list(self._wanted)[:self.BATCH]
+            waiting = {task_id: self._wanted.pop(task_id) for task_id in ids}
+            try:
+                snapshots = await self._read_many(ids)
+            except Exception as exc:  # noqa: BLE001 - each reader gets it, as its own
+                for futures in waiting.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for task_id, snapshot in zip(ids, snapshots, strict=True):
+                for future in waiting[task_id]:
+                    if not future.done():
+                        future.set_result(snapshot)
+
+
 class AsyncTaskWaiter:
     """One pub/sub connection and its reader task, for every wait on one event loop."""
 
@@ -77,6 +121,7 @@ class AsyncTaskWaiter:
                  poll_interval: float = 1.0) -> None:
         self._make_pubsub = make_pubsub
         self._read_many = read_many
+        self.reads = ReadBatcher(read_many)
         self.poll_interval = poll_interval
         self._book = WaitBook()
         self._wake = asyncio.Event()
@@ -204,7 +249,7 @@ async def completions(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
             wanted = pending.to_read()
             if wanted:
                 try:
-                    snapshots = await read_judged(store, wanted)
+                    snapshots = await read_judged(store, waiter, wanted)
                 except BrokerAccessDeniedError:
                     raise
                 except RETRYABLE_WAIT_ERRORS as exc:
@@ -238,10 +283,11 @@ async def completions(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
         waiter.release(watch)
 
 
-async def read_judged(store: AsyncTaskStore,
+async def read_judged(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
                       task_ids: list[str]) -> list[TaskSnapshot | None]:
-    """`api.waiter.read_judged`: one round trip, crashed tasks judged and read again."""
-    snapshots = await store.read_many(task_ids)
+    """`api.waiter.read_judged`: one round trip (shared with other waits' reads),
+    crashed tasks judged and read again."""
+    snapshots = await waiter.reads.read(task_ids)
     for index, snapshot in enumerate(snapshots):
         if snapshot is not None and snapshot.is_crashed_candidate and \
                 await store.judge_crashed(snapshot.id):

@@ -95,17 +95,30 @@ async def many(server: AsyncVirtualServer, probe: object, n: int,
     return wall
 
 
-async def held(server: AsyncVirtualServer, seconds: float) -> list[AsyncVMTask]:
-    """Every slot of the worker busy for ``seconds``: what is submitted next queues,
+async def held(server: AsyncVirtualServer) -> list[AsyncVMTask]:
+    """Every slot of the worker busy until `release`: what is submitted next queues,
     so its waits are all open before any of it completes."""
-    return list(await asyncio.gather(*(server.ping(duration_ms=int(seconds * 1000))
+    return list(await asyncio.gather(*(server.ping(duration_ms=600_000)
                                        for _ in range(CONCURRENCY))))
+
+
+async def release(server: AsyncVirtualServer, blockers: list[AsyncVMTask],
+                  watches: int) -> None:
+    """Once ``watches`` waits have subscribed and read their records, free the slots."""
+    def armed() -> int:
+        return sum(1 for w in server.waiter._book.watches() if w.armed)
+
+    while armed() < watches:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)  # their first reads
+    for blocker in blockers:
+        await blocker.cancel()
 
 
 async def open_waits(server: AsyncVirtualServer, n: int) -> list[float]:
     """n ping(0) queued behind busy slots, n waits open: each notice latency (s
     after the record's final write)."""
-    blockers = await held(server, 2.0 + n / 500)
+    blockers = await held(server)
     tasks = await asyncio.gather(*(server.ping() for _ in range(n)))
     noticed: dict[str, float] = {}
 
@@ -113,7 +126,7 @@ async def open_waits(server: AsyncVirtualServer, n: int) -> list[float]:
         assert await task.wait_for_completion(-1)
         noticed[task.id] = time.time()
 
-    await asyncio.gather(*(wait(task) for task in tasks))
+    await asyncio.gather(release(server, blockers, n), *(wait(task) for task in tasks))
     assert await server.wait_all(blockers, 60_000)
     snaps = await server.task_snapshots([t.id for t in tasks])
     return [noticed[s.id] - (s.finished or 0.0) for s in snaps if s is not None]
@@ -132,14 +145,16 @@ async def single(server: AsyncVirtualServer, n: int) -> list[float]:
 
 async def mixed(server: AsyncVirtualServer, n: int) -> tuple[list[str], list[float]]:
     """n tasks of mixed lengths queued behind busy slots, through as_completed."""
-    blockers = await held(server, 2.0 + n / 500)
+    blockers = await held(server)
     durations = [(0, 5, 20, 50)[i % 4] for i in range(n)]
     tasks = await asyncio.gather(*(server.ping(duration_ms=ms) for ms in durations))
     order: list[str] = []
     yielded: dict[str, float] = {}
+    releasing = asyncio.ensure_future(release(server, blockers, 1))
     async for task in server.as_completed(tasks, 300_000):
         yielded[task.id] = time.time()
         order.append(task.id)
+    await releasing
     assert await server.wait_all(blockers, 60_000)
     snaps = await server.task_snapshots(order)
     return order, [yielded[s.id] - (s.finished or 0.0) for s in snaps if s is not None]
