@@ -24,6 +24,8 @@ from typing import Any, Self
 from weakref import WeakKeyDictionary
 
 from celery import Celery
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from api.aio_store import AsyncTaskStore, async_client, broker_errors
 from api.aio_waiter import AsyncTaskWaiter, completions
@@ -169,11 +171,14 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
         loop = asyncio.get_running_loop()
         waiter = self._waiters.get(loop)
         if waiter is None:
-            client = async_client(self.endpoint, self.timeout, max_connections=1)
+            # Never retried by redis-py (up to 10 s between tries by default): the
+            # waiter reconnects itself, within a second.
+            client = async_client(self.endpoint, self.timeout, max_connections=1,
+                                  retry=Retry(NoBackoff(), 0))
             self._pubsub_clients.append(client)
             waiter = self._waiters[loop] = AsyncTaskWaiter(
                 lambda: client.pubsub(ignore_subscribe_messages=False), self.store.read_many,
-                self.poll_interval)
+                self.store.worth_reading, self.poll_interval)
         return waiter
 
     @property

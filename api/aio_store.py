@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from api.connection import RedisEndpoint
 from api.errors import BrokerUnavailableError, TaskNotFoundError
@@ -34,7 +34,8 @@ COMMAND_CONNECTIONS = 2  # at most this many command connections per server
 
 
 def async_client(endpoint: RedisEndpoint, timeout: float,
-                 max_connections: int = COMMAND_CONNECTIONS) -> aioredis.Redis:
+                 max_connections: int = COMMAND_CONNECTIONS,
+                 retry: Retry | None = None) -> aioredis.Redis:
     """A ``redis.asyncio`` client of ``endpoint``, as `RedisEndpoint.client` makes a
     sync one: calls fail after ``timeout`` s; with Sentinel, each new connection asks
     the sentinels for the primary; refused or cut connections are retried for
@@ -42,9 +43,15 @@ def async_client(endpoint: RedisEndpoint, timeout: float,
     options: dict[str, Any] = {"decode_responses": True, "socket_timeout": timeout,
                                "socket_connect_timeout": timeout, "socket_keepalive": True,
                                "health_check_interval": 30}
-    if endpoint.failover_seconds > 0:
+    if retry is not None:
+        options["retry"] = retry
+    elif endpoint.failover_seconds > 0:
         retries = 4 + int(max(0.0, endpoint.failover_seconds - 0.75) / 0.5)
         options["retry"] = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
+    else:
+        # One immediate retry (a pooled connection that a restart cut), not redis-py's
+        # default of three with up to 10 s between: the waits ride outages out themselves.
+        options["retry"] = Retry(NoBackoff(), 1)
     if endpoint.sentinel is not None:
         target = endpoint.sentinel
         manager = Sentinel(list(target.sentinels),
@@ -178,6 +185,21 @@ class AsyncTaskStore:
                 self.client, [(self._read, taskcalls.read(task_id)) for task_id in task_ids])
         return [taskcalls.snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
+
+    async def worth_reading(self, task_ids: Sequence[str]) -> list[str]:
+        """Of ``task_ids``, those whose record is complete, gone, or started without a
+        live lease (to be judged): the state and the lease only, one pipeline, so a
+        poll of thousands of waits costs little to parse."""
+        async with broker_errors(self.url):
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hget(keys.task_record(task_id), "state")
+                pipe.exists(keys.task_lease(task_id))
+            replies = await pipe.execute()
+        return [task_id for task_id, state, lease in
+                zip(task_ids, replies[::2], replies[1::2], strict=True)
+                if state is None or state in records.COMPLETE_STATES
+                or (state == records.STARTED and not lease)]
 
     async def judge_crashed(self, task_id: str) -> bool:
         async with broker_errors(self.url):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_SECONDS = 1.0  # one pending read's length: a closed waiter notices within it
+POLL_BATCH = 500  # tasks looked at per poll_interval: what a poll may hold the loop for
 
 
 class AsyncWatch(Watch):
@@ -118,9 +119,10 @@ class AsyncTaskWaiter:
 
     def __init__(self, make_pubsub: Callable[[], Any],
                  read_many: Callable[[list[str]], Awaitable[list[TaskSnapshot | None]]],
+                 worth_reading: Callable[[list[str]], Awaitable[list[str]]],
                  poll_interval: float = 1.0) -> None:
         self._make_pubsub = make_pubsub
-        self._read_many = read_many
+        self._worth_reading = worth_reading
         self.reads = ReadBatcher(read_many)
         self.poll_interval = poll_interval
         self._book = WaitBook()
@@ -164,21 +166,25 @@ class AsyncTaskWaiter:
 
     async def _poll(self) -> None:
         """The safety net under pub/sub, for every wait at once: every poll_interval,
-        one pipelined read of every watched task; a wait is told to read again only
-        the tasks found complete (or gone, or to be judged crashed).  Waits that each
-        polled would queue hundreds of reads on the few command connections, and a
-        completion would wait behind them."""
+        a look at the state and lease of up to `POLL_BATCH` watched tasks, in turn (a
+        task of 2,000 watched is looked at every fourth turn); a wait is told to read
+        again only the tasks found complete (or gone, or to be judged crashed).  Waits
+        that each polled would queue hundreds of reads on the few command connections,
+        and a completion would wait behind them; whole records of thousands of tasks
+        would hold the loop while they are parsed."""
+        cursor = 0
         while not self._closed:
             await asyncio.sleep(self.poll_interval)
             ids = self._book.watched_tasks()
             if not ids:
                 continue
+            cursor %= len(ids)
+            batch = (ids[cursor:] + ids[:cursor])[:POLL_BATCH]
+            cursor += len(batch)
             try:
-                snapshots = await self._read_many(ids)
+                worth = await self._worth_reading(batch)
             except RETRYABLE_WAIT_ERRORS:
                 continue  # the waits see Redis away at their deadline
-            worth = [task_id for task_id, snap in zip(ids, snapshots, strict=True)
-                     if snap is None or snap.is_complete or snap.is_crashed_candidate]
             for watch in self._book.read_again(worth):
                 watch.notify()
 

@@ -102,6 +102,7 @@ class TaskStore:
                  lease_seconds: float = 15.0) -> None:
         self.client = client
         self.url = url
+        self._endpoint, self._timeout = endpoint, timeout
         self.retention_seconds = int(retention_seconds)
         self.lease_seconds = lease_seconds
         # Replica acknowledgement of a submit (`create`): on a client that never
@@ -134,7 +135,11 @@ class TaskStore:
             if self._waiter is None:
                 from api.waiter import TaskWaiter  # api.waiter reads records through us
 
-                self._waiter = TaskWaiter(self.client)
+                # Its own connection, never retried by redis-py (whose default waits
+                # up to 10 s between tries): the waiter reconnects, within a second.
+                client = (connect(self._endpoint, self._timeout, retry=no_retry())
+                          if self._endpoint is not None else self.client)
+                self._waiter = TaskWaiter(client, owns_client=client is not self.client)
             return self._waiter
 
     def subscription(self) -> Any:

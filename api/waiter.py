@@ -17,6 +17,7 @@ bookkeeping is `api.waiting.WaitBook`, shared with the asyncio waiter (`api.aio_
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
@@ -74,14 +75,16 @@ class ThreadWatch(Watch):
 class TaskWaiter:
     """One pub/sub connection and its reader thread, for every wait of a client."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, owns_client: bool = False) -> None:
         self._client = client
+        self._owns_client = owns_client
         self._lock = threading.Lock()
         self._book = WaitBook()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._pid = os.getpid()
         self._pubsub: Any = None
         # Releases asked for, and those whose UNSUBSCRIBE the reader has sent.
         self._asked = self._sent = 0
@@ -98,6 +101,8 @@ class TaskWaiter:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the waiter is closed")
+            if self._pid != os.getpid():
+                self._forked()
             self._book.add(watch)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="vmtask-waiter",
@@ -105,6 +110,17 @@ class TaskWaiter:
                 self._thread.start()
         self._wake()
         return watch
+
+    def _forked(self) -> None:
+        """In a child process (a prefork pool): the reader thread and its connection
+        stayed with the parent; start afresh."""
+        self._pid = os.getpid()
+        self._book = WaitBook()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._thread = None
+        self._pubsub = None
+        self._asked = self._sent = 0
 
     def release(self, watch: Watch) -> None:
         """Stop watching; returns once the reader has sent the UNSUBSCRIBE (at most
@@ -127,6 +143,8 @@ class TaskWaiter:
             thread.join(5)
         self._wake_r.close()
         self._wake_w.close()
+        if self._owns_client:
+            self._client.close()
 
     def _wake(self) -> None:
         try:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from api import VirtualServer, VMTaskResult, errors
+from api import VirtualServer, VMTask, VMTaskResult, errors
 from api.aio import AsyncVirtualServer, AsyncVMTask
 from api.protocol import keys
 from workers.devtools.connections import own_connection_list
@@ -251,3 +251,34 @@ def test_a_redis_restart_in_the_middle_of_500_async_waits(redis_aio: RedisServer
     with VirtualServer(redis_aio.url) as sync:
         wait_until(lambda: sync.hosts == [HOST], 30, "the worker back after the restart")
 
+
+
+def test_a_redis_restart_in_the_middle_of_sync_waits_in_threads(
+        redis_aio: RedisServer, worker: WorkerProcess) -> None:
+    """Forty threads' `wait_for_completion` calls share the server's one waiter; Redis
+    restarts while they wait, and each of the 200 returns True exactly once."""
+    with VirtualServer(redis_aio.url, host=HOST, poll_interval=30) as server:
+        wait_until(lambda: server.hosts == [HOST], 30, "the worker")
+        tasks = [server.ping(duration_ms=15) for _ in range(200)]
+        returned: list[tuple[str, bool]] = []
+        lock = threading.Lock()
+
+        def wait(mine: list[VMTask]) -> None:
+            for task in mine:
+                done = task.wait_for_completion(120_000)
+                with lock:
+                    returned.append((task.id, done))
+
+        threads = [threading.Thread(target=wait, args=(tasks[i::40],)) for i in range(40)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(returned) >= 30, 60, "some waits to return", interval=0.01)
+        assert len(returned) < 170, "too late to restart in the middle"
+        redis_aio.stop()
+        time.sleep(0.5)
+        redis_aio.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(returned) == sorted((t.id, True) for t in tasks)
+        assert server.store.waiter.reconnects >= 1
+        wait_until(lambda: server.hosts == [HOST], 30, "the worker back after the restart")
