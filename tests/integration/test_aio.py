@@ -182,6 +182,7 @@ def test_as_completed_yields_in_completion_order(redis_aio: RedisServer,
     assert order + sync_order == published.stop()
 
 
+@pytest.mark.slow
 def test_hundreds_of_waits_share_one_connection(redis_aio: RedisServer,
                                                 worker: WorkerProcess) -> None:
     """300 concurrent async waits and a sync wait_all of 300: at most 3 producer
@@ -218,6 +219,7 @@ def test_hundreds_of_waits_share_one_connection(redis_aio: RedisServer,
         assert max(sync_counts) <= 3, sync_counts
 
 
+@pytest.mark.slow
 def test_a_redis_restart_in_the_middle_of_500_async_waits(redis_aio: RedisServer,
                                                           worker: WorkerProcess) -> None:
     """Every wait returns True exactly once, though Redis went away while the tasks
@@ -253,6 +255,7 @@ def test_a_redis_restart_in_the_middle_of_500_async_waits(redis_aio: RedisServer
 
 
 
+@pytest.mark.slow
 def test_a_redis_restart_in_the_middle_of_sync_waits_in_threads(
         redis_aio: RedisServer, worker: WorkerProcess) -> None:
     """Forty threads' `wait_for_completion` calls share the server's one waiter; Redis
