@@ -27,7 +27,7 @@ from celery import Celery
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from api.aio_store import AsyncTaskStore, async_client, broker_errors
+from api.aio_store import AsyncTaskStore, async_client, broker_errors, pipelined
 from api.aio_waiter import AsyncTaskWaiter, completions
 from api.arguments import check_int, check_task_id
 from api.core import ALL_STATES, MAX_SCAN, producer_app
@@ -204,7 +204,16 @@ class AsyncVirtualServer(QueuedOperations[Awaitable[AsyncVMTask]]):
         return list(await self._live_heartbeats())
 
     async def host_status(self) -> dict[str, dict[str, Any]]:
-        return {name: json.loads(beat) for name, beat in (await self._live_heartbeats()).items()}
+        """`VirtualServer.host_status`: each live host's last heartbeat, with
+        ``maintenance``, in one round trip."""
+        def build(pipe: Any) -> None:
+            self.store.scripts.hosts_live.queue(pipe, **taskcalls.hosts_arguments())
+            pipe.hgetall(keys.MAINTENANCE)
+
+        async with broker_errors(self.url):
+            reply, held = await pipelined(self.redis, build, self.store.scripts)
+        return {name: {**json.loads(beat), "maintenance": name in held}
+                for name, beat in taskcalls.live_hosts_of(reply).items()}
 
     async def resolve_host(self, host: str | None = None) -> str:
         """`VirtualServer.resolve_host`: explicit, configured, or the only live host."""

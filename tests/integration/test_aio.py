@@ -70,6 +70,12 @@ def test_an_async_task_has_the_members_of_vmtask(redis_aio: RedisServer,
             with VirtualServer(redis_aio.url, host=HOST) as sync:
                 assert sync.get_task(task.id).result is VMTaskResult.Success
                 assert lines and lines == sync.get_task(task.id).log()
+                sync.set_maintenance(HOST, True)
+                try:
+                    assert (await server.host_status())[HOST]["maintenance"] is True
+                finally:
+                    sync.set_maintenance(HOST, False)
+            assert (await server.host_status())[HOST]["maintenance"] is False
 
     run(scenario())
 
