@@ -112,9 +112,9 @@ class AsyncTaskStore:
                      message: Sequence[PublishCommand] = (),
                      extra: dict[str, str] | None = None) -> bool:
         """`TaskStore.create`: record and message in one script, one round trip."""
-        call = taskcalls.submit_arguments(task_id, name=name, description=description, host=host,
-                                cancelable=cancelable, arguments=arguments, message=message,
-                                extra=extra)
+        call = taskcalls.submit_arguments(
+            task_id, name=name, description=description, host=host, cancelable=cancelable,
+            arguments=arguments, message=message, extra=extra)
         if self.ack.replicas <= 0:
             async with broker_errors(self.url):
                 (live,) = await pipelined(

@@ -186,9 +186,9 @@ class TaskStore:
         submit no replica acknowledged, or whose reply was lost, is withdrawn
         (`withdraw_unconfirmed`) and raises `BrokerUnavailableError`.
         """
-        call = taskcalls.submit_arguments(task_id, name=name, description=description, host=host,
-                                cancelable=cancelable, arguments=arguments, message=message,
-                                extra=extra)
+        call = taskcalls.submit_arguments(
+            task_id, name=name, description=description, host=host, cancelable=cancelable,
+            arguments=arguments, message=message, extra=extra)
 
         def build(pipe: Any) -> None:
             self.scripts.task_submit.queue(pipe, **call)

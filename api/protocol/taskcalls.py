@@ -29,9 +29,10 @@ UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknow
                            "submit (the primary was failing over)")
 
 
-def submit_arguments(task_id: str, *, name: str, description: str, host: str, cancelable: bool,
-           arguments: Mapping[str, Any], message: Sequence[PublishCommand] = (),
-           extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+def submit_arguments(task_id: str, *, name: str, description: str, host: str,
+                     cancelable: bool, arguments: Mapping[str, Any],
+                     message: Sequence[PublishCommand] = (),
+                     extra: Mapping[str, str] | None = None) -> dict[str, Any]:
     """`task_submit`: the host's liveness, a PENDING record (with ``extra`` fields: a
     child's parent) and its message."""
     now = time.time()

@@ -17,8 +17,9 @@ import redis
 from api.aio_store import AsyncTaskStore, async_client
 from api.connection import parse_redis_url
 from api.enums import VMTaskResult
-from api.protocol import keys, records
+from api.protocol import keys, records, taskcalls
 from api.protocol.records import Field
+from api.scripts import Scripts
 from api.settings import Settings
 from api.store import TaskStore
 from workers.devtools.sandbox import RedisServer
@@ -105,3 +106,23 @@ def test_an_async_crash_judgment_cancels_the_children_of_a_composite_task(
     assert asyncio.run(with_async_store(settings, scenario))  # type: ignore[arg-type]
     assert [db.hget(keys.task_record(child), Field.STATE) for child in ("child1", "child2")] \
         == [records.REVOKED, records.REVOKED]
+
+
+def test_every_argument_builder_names_the_lines_of_its_script() -> None:
+    """The builders both stores call with ``**`` (which the architecture test's look at
+    call sites skips) give exactly the names their script's registry line declares."""
+    built = [
+        (Scripts.task_submit, taskcalls.submit_arguments(
+            "t", name="n", description="d", host=HOST, cancelable=True, arguments={},
+            message=[("lpush", "q", "m")], extra={Field.PARENT: "p"})),
+        (Scripts.task_read, taskcalls.read_arguments("t")),
+        (Scripts.task_withdraw, taskcalls.withdraw_arguments("t", RETENTION)),
+        (Scripts.task_log_read, taskcalls.log_arguments("t", tail=3)),
+        (Scripts.hosts_live, taskcalls.hosts_arguments()),
+        (Scripts.task_cancel, records.cancel_arguments("t", RETENTION, revoke_queued=True)),
+        (Scripts.task_finish, records.judge_arguments("t", RETENTION, 5.0)),
+        (Scripts.task_list, records.list_arguments(None, HOST, 10, 100)),
+    ]
+    for spec, arguments in built:
+        numkeys, _ = spec.arguments(arguments)
+        assert numkeys == len(spec.keys), spec.name  # every key given, none left out
