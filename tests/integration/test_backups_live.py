@@ -20,9 +20,9 @@ import redis
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState
 from api.protocol.backups import listing_key
+from tests.guests import add_guest, agent, guest_write, wait_for_agent
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import bitmaps, qemu_io, same
-from tests.integration.test_live_migration import add_guest, agent, guest_write, wait_for_agent
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.slow

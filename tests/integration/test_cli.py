@@ -3,17 +3,10 @@ the session's ``alpha`` worker, checked against the real files qemu-img sees."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import select
 import signal
-import struct
 import subprocess
-import sys
-import termios
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +18,9 @@ from click.testing import CliRunner
 
 from api import VirtualServer
 from api.cli import EXIT_CODES, main
-from tests.cli_runs import Cli, Run, assert_one_error_line, cli_env, run_cli
+from tests.cli_runs import Cli, PtyProcess, Run, assert_one_error_line, run_cli
 from tests.helpers import qemu_io
-from workers.devtools.sandbox import REPO_ROOT, RedisServer, WorkerProcess, free_port, wait_until
+from workers.devtools.sandbox import RedisServer, WorkerProcess, free_port, wait_until
 
 MiB = 1 << 20
 E_INVALIDARG = "0x80070057"
@@ -333,65 +326,6 @@ def test_every_verb_takes_json_and_the_exit_codes_are_documented() -> None:
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------
-
-
-class PtyProcess:
-    """The CLI on a pseudo-terminal, as a person at a terminal would run it."""
-
-    def __init__(self, args: list[str]) -> None:
-        import pty
-
-        self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
-        env = cli_env() | {"TERM": "xterm-256color"}
-        # Ctrl-C as at a terminal: a suite started in the background by a
-        # non-interactive shell inherits SIGINT ignored, and so would the CLI.
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], stdin=slave,
-                                     stdout=slave, stderr=slave, env=env, cwd=REPO_ROOT,
-                                     start_new_session=True,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                      signal.SIG_DFL))
-        os.close(slave)
-        self.output = b""
-
-    def expect(self, pattern: bytes, timeout: float = 60) -> re.Match[bytes]:
-        deadline = time.monotonic() + timeout
-        while (found := re.search(pattern, self.output)) is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._read(left) is False:
-                raise AssertionError(f"no {pattern!r} in:\n{self.text()}")
-        return found
-
-    def _read(self, timeout: float) -> bool | None:
-        """True: read something; None: nothing within the timeout; False: closed."""
-        ready, _, _ = select.select([self.master], [], [], timeout)
-        if not ready:
-            return None
-        try:
-            chunk = os.read(self.master, 65536)
-        except OSError:  # EIO: every writer closed the terminal
-            return False
-        self.output += chunk
-        return bool(chunk)
-
-    def send(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def finish(self, timeout: float = 60) -> int:
-        """Read until the process closes the terminal; its exit code."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and self._read(left) is not False:
-            pass
-        return self.proc.wait(timeout=10)
-
-    def text(self) -> str:
-        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.output.decode(errors="replace"))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.master)
 
 
 @pytest.fixture

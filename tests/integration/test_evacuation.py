@@ -20,10 +20,10 @@ from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.celery_backend import PROGRESS
 from api.protocol import hresults, keys, tasks
 from api.protocol.records import STARTED
+from tests.cli_runs import PtyProcess, run_cli
+from tests.guests import add_guest, agent, boot_id, stop_all
 from tests.helpers import assert_succeeded as done
 from tests.helpers import pids_of, qemu_io
-from tests.integration.test_cli import PtyProcess, run_cli
-from tests.integration.test_live_migration import add_guest, agent, boot_id, stop_all
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.engines.guest_agent import GuestAgentClient
 from workers.failures import OperationFailed

@@ -11,7 +11,7 @@ import pytest
 
 from api import VirtualServer, errors
 from api.protocol import keys
-from tests.integration.test_cli import run_cli
+from tests.cli_runs import run_cli
 from workers.devtools.sandbox import wait_until
 
 FAST = {"VMTASK_HEARTBEAT_SECONDS": "1", "VMTASK_LEASE_SECONDS": "3"}

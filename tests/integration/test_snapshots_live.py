@@ -15,8 +15,7 @@ import pytest
 
 from api import VirtualMachine, VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol.formats import MiB
-from tests.helpers import assert_succeeded as ok
-from tests.integration.test_live_migration import (
+from tests.guests import (
     BLOCK,
     add_guest,
     agent,
@@ -24,6 +23,7 @@ from tests.integration.test_live_migration import (
     guest_write,
     wait_for_agent,
 )
+from tests.helpers import assert_succeeded as ok
 from tests.pause_points import PAUSING, pause_env
 from workers.devtools.sandbox import TEST_TASK_MODULE, RedisServer, WorkerProcess, wait_until
 from workers.engines import qemu_vm
