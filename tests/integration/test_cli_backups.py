@@ -8,20 +8,18 @@ import subprocess
 from pathlib import Path
 
 from api import VirtualServer
+from tests.cli_runs import Cli
 from tests.helpers import assert_succeeded as ok
 from tests.helpers import qemu_io
-from tests.integration.test_cli import Cli, cli, cli_env  # noqa: F401 - fixtures
-from tests.integration.test_cli_vm import api_server, vm_name  # noqa: F401 - fixtures
 
 ACCESS_DENIED = "0x80070005"
 
 
-def test_backup_verbs(cli: Cli, root: Path, vm_name: str,  # noqa: F811
-                      api_server: VirtualServer) -> None:  # noqa: F811
+def test_backup_verbs(cli: Cli, root: Path, vm_name: str, server: VirtualServer) -> None:
     disk = f"{vm_name}/disk.qcow2"
     repository = f"repo-{vm_name}"
-    ok(api_server.create_dynamic_virtual_hard_disk(disk, 16))
-    api_server.create_virtual_machine(vm_name, memory_mb=64, disks=[disk])
+    ok(server.create_dynamic_virtual_hard_disk(disk, 16))
+    server.create_virtual_machine(vm_name, memory_mb=64, disks=[disk])
     qemu_io(root / disk, "qcow2", "write -P 0x11 0 1M")
 
     first = cli("vm", "backup", vm_name, repository)
@@ -41,7 +39,7 @@ def test_backup_verbs(cli: Cli, root: Path, vm_name: str,  # noqa: F811
 
     restored = cli("backup", "restore", repository, output["id"], f"{vm_name}-r")
     assert restored.code == 0, restored
-    made = api_server.find_virtual_machine(f"{vm_name}-r")
+    made = server.find_virtual_machine(f"{vm_name}-r")
     assert made is not None
     compare = subprocess.run(["qemu-img", "compare", str(root / made.disks[0]),
                               str(root / disk)], capture_output=True, text=True)

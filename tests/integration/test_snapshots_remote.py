@@ -17,21 +17,10 @@ import pytest
 
 from api import VirtualServer, VMTaskResult, VMVMState, errors
 from api.protocol import keys
+from tests.faults import held, peer_of, restart
 from tests.helpers import assert_succeeded as ok
-from tests.helpers import digest
-from tests.integration.test_snapshots import (
-    export,
-    layer,
-    layer_files,
-    new_vm,
-    present,
-    reads,
-    same,
-    tree,
-    write,
-)
-from tests.integration.test_transfer import both  # noqa: F401 - fixture
-from tests.integration.test_transfer_faults import held, peer_of, restart
+from tests.helpers import digest, same
+from tests.snapshot_files import export, layer, layer_files, new_vm, present, reads, tree, write
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -74,7 +63,7 @@ def branches(root: Path, vm: Any, name: str, tmp_path: Path) -> dict[str, Path]:
 
 
 def test_a_vm_with_snapshots_moves_cold_with_its_tree(
-        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,
         tmp_path: Path) -> None:
     vm = new_vm(both, name)
     views = branches(root, vm, name, tmp_path)
@@ -108,7 +97,7 @@ def test_a_vm_with_snapshots_moves_cold_with_its_tree(
 
 
 def test_a_saved_vm_moves_with_its_points_of_memory(
-        both: VirtualServer, root: Path, beta: WorkerProcess, name: str) -> None:  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, name: str) -> None:
     """A point with memory keeps its saved state beside its layer: it moves with the
     tree, and the VM restores there, from its own state and from the point's."""
     vm = new_vm(both, name)
@@ -134,7 +123,7 @@ def test_a_saved_vm_moves_with_its_points_of_memory(
     ok(vm.delete())
 
 
-def test_full_clones_onto_another_host(both: VirtualServer, root: Path,  # noqa: F811
+def test_full_clones_onto_another_host(both: VirtualServer, root: Path,
                                        beta: WorkerProcess, name: str, tmp_path: Path) -> None:
     vm = new_vm(both, name)
     write(root / name / "disk.qcow2", 0x11)
@@ -177,7 +166,7 @@ def test_full_clones_onto_another_host(both: VirtualServer, root: Path,  # noqa:
     ok(vm.delete())
 
 
-def test_refusals_across_hosts(both: VirtualServer, root: Path, name: str) -> None:  # noqa: F811
+def test_refusals_across_hosts(both: VirtualServer, root: Path, name: str) -> None:
     vm = new_vm(both, name)
     ok(vm.create_snapshot("s1"))
     queued = both.tasks(limit=1)[0].id
@@ -200,7 +189,7 @@ def test_refusals_across_hosts(both: VirtualServer, root: Path, name: str) -> No
 
 
 def test_a_running_vm_with_snapshots_moves_live_with_its_tree(
-        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,
         tmp_path: Path) -> None:
     """Live: the present is mirrored, every other file of the tree goes byte for byte
     first (the layers below the present with the chain, the other branch's too).
@@ -229,7 +218,7 @@ def test_a_running_vm_with_snapshots_moves_live_with_its_tree(
 
 
 def test_cancelled_clone_and_move_leave_nothing(
-        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,  # noqa: F811
+        both: VirtualServer, root: Path, beta: WorkerProcess, name: str,
         tmp_path: Path) -> None:
     vm = new_vm(both, name, size_mb=64)
     write(root / name / "disk.qcow2", 0x11, "0", "48M")

@@ -7,14 +7,10 @@ own (appendonly), real qemu-img and qemu-nbd; the pull's qemu-img is held still
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +18,14 @@ import pytest
 
 from api import VirtualServer, VMTask, VMTaskResult, VMVMState
 from api.protocol import keys
+from tests.faults import held, peer_of, restart
 from tests.helpers import assert_succeeded as done
-from tests.helpers import big_image, digest, pids_of, qemu_io
+from tests.helpers import big_image, digest, qemu_io
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.devtools.tinyguest import build_tiny_guest
 
 pytestmark = pytest.mark.slow
 S = VMVMState
-# Redis stays down this long in a restart: a short outage, as a service restart makes.
-DOWN = 1.5
-
-
-def restart(redis: RedisServer, *, kill: bool = False, down: float = DOWN) -> None:
-    """Stop Redis (SIGTERM: it writes its AOF and exits; or kill -9: it loses what
-    it had not fsynced), keep it down ``down`` seconds, start it on the same port."""
-    assert redis.proc is not None
-    if kill:
-        os.kill(redis.proc.pid, signal.SIGKILL)
-        redis.proc.wait()
-        redis.proc = None
-    else:
-        redis.stop()
-    time.sleep(down)  # the outage itself: no condition to wait for
-    redis.start()
 
 
 def durable(redis: RedisServer) -> None:
@@ -57,32 +38,12 @@ def durable(redis: RedisServer) -> None:
                "the AOF rewrite")
 
 
-@contextmanager
-def held(task_id: str) -> Iterator[None]:
-    """The task's qemu-img stopped (SIGSTOP) inside the block: its transfer stands
-    mid-way, both sides waiting on each other through Redis."""
-    pids = wait_until(lambda: pids_of(f"vmtask-{task_id}"), 60, "the pull's qemu-img")
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with suppress(ProcessLookupError):  # ended meanwhile (a cancel, a lost lease)
-                os.kill(pid, signal.SIGCONT)
-
-
 @pytest.fixture
 def pair(spawn: Callable[..., Any]) -> tuple[RedisServer, WorkerProcess, WorkerProcess]:
     redis = spawn("redis", appendonly=True)
     source = spawn("worker", redis_url=redis.url, host="tfa", concurrency=2)
     destination = spawn("worker", redis_url=redis.url, host="tfb", concurrency=1)
     return redis, source, destination
-
-
-def peer_of(server: VirtualServer, task: VMTask, field: str) -> VMTask:
-    arguments = json.loads(server.redis.hget(keys.task_record(task.id), "arguments") or "{}")
-    return server.get_task(arguments[field])
 
 
 def leftovers(root: Path) -> list[str]:
