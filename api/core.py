@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Self
 
 from celery import Celery
@@ -23,7 +23,6 @@ from api.arguments import check_int, check_task_id
 from api.connection import RedisEndpoint, parse_redis_url
 from api.enums import VMTaskResult
 from api.errors import (
-    BrokerUnavailableError,
     HostUnavailableError,
     InvalidArgumentError,
     InvalidStateError,
@@ -31,14 +30,16 @@ from api.errors import (
     OperationFailedError,
     VMTaskError,
 )
-from api.protocol import hresults, keys
+from api.protocol import hresults, keys, taskcalls
 from api.protocol.records import COMPLETE_STATES, PENDING, STARTED, Field, TaskSnapshot
 from api.protocol.tasks import TaskSpec
-from api.publish import message_commands
 from api.replication import pipelined
 from api.settings import Settings, redact_url, validate_host_name
-from api.store import SEND_ERRORS, TaskStore, access_denied, broker_errors, connect, refusal_of
-from api.task import VMTask
+from api.store import TaskStore, broker_errors, connect, refusal_of
+from api.submitting import ParentLink, host_not_live, only_host, prepare
+from api.task import WAIT_FOREVER, VMTask, validate_timeout
+from api.waiter import completions
+from api.waiting import all_complete, task_ids_of
 
 ALL_STATES = frozenset({PENDING, STARTED, *COMPLETE_STATES})
 QUICK_TIMEOUT_MS = 60_000
@@ -103,18 +104,6 @@ def _connect_retry(endpoint: RedisEndpoint) -> dict[str, Any]:
             "interval_step": 0.2, "interval_max": 0.5, "errback": _give_up_when_refused}
 
 
-@dataclass
-class ParentLink:
-    """A composite task's hold on what it submits (`workers.composite`): every task
-    carries the parent's id (the record's ``parent``, Celery's ``parent_id`` and
-    ``root_id``, so Flower shows the tree), and the children it follows are listed in
-    the parent's record before they are queued."""
-
-    parent_id: str
-    root_id: str
-    children: list[str] = field(default_factory=list)
-
-
 class ServerCore:
     def __init__(
         self,
@@ -168,9 +157,8 @@ class ServerCore:
     def _live_heartbeats(self) -> dict[str, str]:
         """Every live host's heartbeat: one round trip (a script), O(fleet) in Redis."""
         with broker_errors(self.url):
-            reply = self.scripts.hosts_live(known_hosts=keys.KNOWN_HOSTS,
-                                            heartbeat_prefix=keys.host_heartbeat(""))
-        return dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
+            reply = self.scripts.hosts_live(**taskcalls.hosts_arguments())
+        return taskcalls.live_hosts_of(reply)
 
     @property
     def hosts(self) -> list[str]:
@@ -181,14 +169,13 @@ class ServerCore:
         """Each live host's last heartbeat, as the worker wrote it, with
         ``maintenance``: True while the host is in maintenance (`set_maintenance`)."""
         def build(pipe: Any) -> None:
-            self.scripts.hosts_live.queue(pipe, known_hosts=keys.KNOWN_HOSTS,
-                                          heartbeat_prefix=keys.host_heartbeat(""))
+            self.scripts.hosts_live.queue(pipe, **taskcalls.hosts_arguments())
             pipe.hgetall(keys.MAINTENANCE)
 
         # One round trip, as before there was maintenance.
         with broker_errors(self.url):
             reply, held = pipelined(self.redis, build, self.scripts)
-        beats = dict(sorted(zip(reply[::2], reply[1::2], strict=True)))
+        beats = taskcalls.live_hosts_of(reply)
         return {name: {**json.loads(beat), "maintenance": name in held}
                 for name, beat in beats.items()}
 
@@ -224,21 +211,11 @@ class ServerCore:
             with broker_errors(self.url):
                 live_now = self.redis.exists(keys.host_heartbeat(wanted))
             if not live_now:
-                live = self.hosts
-                raise HostUnavailableError(
-                    f"No live worker serves host {wanted!r} (live: {', '.join(live) or 'none'})"
-                )
+                raise host_not_live(wanted, self.hosts)
             return wanted
         # No host named: "the only live one" needs the fleet's list (O(fleet), one
         # round trip); a deployment of many hosts names them.
-        live = self.hosts
-        if len(live) == 1:
-            return live[0]
-        if not live:
-            raise HostUnavailableError("No worker host is live; start one with 'vmtask worker'")
-        raise InvalidArgumentError(
-            f"Several hosts are live ({', '.join(live)}): pass host= or set VMTASK_HOST"
-        )
+        return only_host(self.hosts)
 
     # -- tasks ---------------------------------------------------------------
 
@@ -270,24 +247,8 @@ class ServerCore:
         operations made of several tasks that must know each other's ids before any
         is queued.
         """
-        arguments = dict(kwargs or {})
-        quick = False
-        if isinstance(task, TaskSpec):
-            task.check_kwargs(arguments)
-            task_name, cancelable, quick = task.name, task.cancelable, task.quick
-        else:
-            task_name = task
-        if cancelable is None:
-            raise TypeError(f"cancelable is required for the task {task_name!r}")
-        task_id = task_id or str(uuid.uuid4())
-        record: dict[str, Any] = {
-            "name": task_name, "description": description, "cancelable": cancelable,
-            "arguments": {"args": list(args), **arguments}}
-        link = self.parent_link
-        tree: dict[str, str] = {}
-        if link is not None:
-            record["extra"] = {Field.PARENT: link.parent_id, Field.ROOT: link.root_id}
-            tree = {"parent_id": link.parent_id, "root_id": link.root_id}
+        plan = prepare(task, description=description, cancelable=cancelable, kwargs=kwargs,
+                       args=args, task_id=task_id, link=self.parent_link)
         wanted = host or self.default_host
         if wanted is not None:
             validate_host_name(wanted)
@@ -295,23 +256,11 @@ class ServerCore:
         # once and remembered; when it stops being live, it is looked up again.
         target = wanted or self._only_host or self.resolve_host(None)
         for attempt in (1, 2):
-            queue = keys.control_queue(target) if quick else keys.host_queue(target)
-            try:
-                message = message_commands(
-                    self.celery, task_name, args=list(args), kwargs=arguments,
-                    task_id=task_id, queue=queue, routing_key=queue, **tree)
-            except SEND_ERRORS as exc:
-                refusal = refusal_of(exc)
-                if refusal is not None:
-                    raise access_denied(self.url, refusal,
-                                        f"Could not enqueue {task_name}: ") from None
-                raise BrokerUnavailableError(
-                    f"Could not enqueue {task_name}: Redis at {redact_url(self.url)} "
-                    f"cannot be reached: {exc}") from None
+            message = plan.message(self.celery, target, self.url)
             # The host's liveness, the record and the message: one script, one round trip.
-            if self.store.create(task_id, host=target, message=message, **record):
+            if self.store.create(plan.task_id, host=target, message=message, **plan.record):
                 self._only_host = None if wanted else target
-                return VMTask(self.store, task_id, poll_interval=self.poll_interval,
+                return VMTask(self.store, plan.task_id, poll_interval=self.poll_interval,
                               host=target)
             if wanted is not None:
                 self.resolve_host(wanted)  # raises HostUnavailableError, naming the live hosts
@@ -332,6 +281,31 @@ class ServerCore:
         with broker_errors(self.url):
             self.redis.hset(keys.task_record(link.parent_id), Field.CHILDREN,
                             json.dumps(link.children))
+
+    def wait_all(self, tasks: Iterable[VMTask], timeout_ms: int = -1) -> bool:
+        """Wait up to ``timeout_ms`` (-1: forever; 0: look once) for every task; True
+        when all are complete.  However many they are, the wait holds one pub/sub
+        connection, shared with every other wait of this server."""
+        return all_complete(self.as_completed(tasks, timeout_ms))
+
+    def as_completed(self, tasks: Iterable[VMTask], timeout_ms: int = -1) -> Iterator[VMTask]:
+        """Each task as it completes, in completion order (those already complete
+        first, in the order they finished).  Raises `TimeoutError` when
+        ``timeout_ms`` passes first (-1: forever; 0: only those complete now)."""
+        by_id = task_ids_of(tasks, VMTask)
+        validate_timeout(timeout_ms)
+        return self._completed(by_id, timeout_ms)
+
+    def _completed(self, by_id: dict[str, VMTask], timeout_ms: int) -> Iterator[VMTask]:
+        deadline = (None if timeout_ms == WAIT_FOREVER
+                    else time.monotonic() + timeout_ms / 1000)
+        left = len(by_id)
+        for task_id in completions(self.store, list(by_id), deadline, self.poll_interval):
+            left -= 1
+            yield by_id[task_id]
+        if left:
+            raise TimeoutError(f"{left} of {len(by_id)} task(s) not complete after "
+                               f"{timeout_ms} ms")
 
     def task_snapshots(self, ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot, in one pipelined round trip: the same order as

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from api.arguments import check_relative_path, check_text, disk_size_bytes, format_for_name
+from api.arguments import check_relative_path, disk_size_bytes, format_for_name
 from api.core import Peer, ServerCore, submit_peers
 from api.enums import VMHardDiskType, VMVMState
 from api.errors import (
@@ -24,6 +24,7 @@ from api.errors import (
 from api.protocol import keys, tasks
 from api.protocol.hresults import DISK_FULL, FILE_NOT_FOUND
 from api.protocol.tasks import TaskSpec
+from api.queued import QueuedOperations
 from api.settings import validate_host_name
 from api.store import broker_errors
 from api.task import VMTask
@@ -214,55 +215,12 @@ def _chain_of(disk: HardDisk) -> list[HardDisk]:
     return chain
 
 
-class DiskOperations(ServerCore):
+class DiskOperations(ServerCore, QueuedOperations[VMTask]):
     """The IVMVirtualServer disk methods; mixed into `VirtualServer`."""
 
-    def _create(self, spec: TaskSpec, what: str, path: str, host: str | None,
-                **kwargs: Any) -> VMTask:
-        check_relative_path(path)
-        return self.submit(spec, description=f"Creating {what} {path}",
-                           kwargs={"path": path, **kwargs}, host=host)
-
-    def create_fixed_virtual_hard_disk(self, path: str, size_mb: int, *,
-                                       host: str | None = None) -> VMTask:
-        size = disk_size_bytes(path, size_mb)
-        return self._create(tasks.DISK_CREATE_FIXED, f"fixed-size disk of {size_mb} MB", path,
-                            host,
-                            size_bytes=size)
-
-    def create_dynamic_virtual_hard_disk(self, path: str, size_mb: int, *,
-                                         host: str | None = None) -> VMTask:
-        size = disk_size_bytes(path, size_mb)
-        return self._create(tasks.DISK_CREATE_DYNAMIC, f"dynamic disk of {size_mb} MB", path,
-                            host,
-                            size_bytes=size)
-
-    def create_differencing_virtual_hard_disk(self, path: str, parent_path: str, *,
-                                              host: str | None = None) -> VMTask:
-        check_relative_path(path)
-        check_relative_path(parent_path, "parent_path")
-        if format_for_name(path) != "qcow2":
-            raise InvalidArgumentError(
-                f"A differencing disk must be a .qcow2 overlay, not {path!r}: qemu cannot "
-                "write VHD differencing disks (the parent may be any format)")
-        format_for_name(parent_path)
-        return self._create(tasks.DISK_CREATE_DIFFERENCING,
-                            f"differencing disk over {parent_path}:",
-                            path, host, parent_path=parent_path)
-
-    def create_host_drive_virtual_hard_disk(self, path: str, host_drive: str, *,
-                                            read_only: bool = True,
-                                            host: str | None = None) -> VMTask:
-        check_relative_path(path)
-        check_text(host_drive, "host_drive", max_bytes=4096)
-        if not host_drive.startswith("/"):
-            raise InvalidArgumentError(f"host_drive must be an absolute host path, "
-                                       f"not {host_drive!r}")
-        if format_for_name(path) != "qcow2":
-            raise InvalidArgumentError(f"A host-drive disk must be a .qcow2 file, not {path!r}")
-        return self._create(tasks.DISK_CREATE_HOST_DRIVE, f"host-drive disk for {host_drive}:",
-                            path,
-                            host, host_drive=host_drive, read_only=bool(read_only))
+    def _queue(self, spec: TaskSpec, description: str, kwargs: dict[str, Any],
+               host: str | None) -> VMTask:
+        return self.submit(spec, description=description, kwargs=kwargs, host=host)
 
     def hard_disks(self, host: str | None = None) -> list[HardDisk]:
         """Every image in the host's storage root, VM internals (``vms/``) excluded."""

@@ -19,7 +19,8 @@ from typing import Any
 from api.errors import BrokerAccessDeniedError, BrokerUnavailableError
 from api.protocol import keys, tasklog
 from api.store import TaskStore
-from api.task import RETRYABLE_WAIT_ERRORS, VMTask
+from api.task import VMTask
+from api.waiter import RETRYABLE_WAIT_ERRORS
 
 # A follower rides out a Redis restart this long before giving up.
 BROKER_GRACE_SECONDS = 30.0

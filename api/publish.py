@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 
-from api.store import PublishCommand
+from api.protocol.taskcalls import PublishCommand
 
 
 class _Collector:
@@ -35,6 +35,16 @@ class _Collector:
         self.commands.append((name, target, value))
 
 
+def _release_idle(channel: Any) -> None:
+    """Close the idle connections kombu's channel opened (its first PING, a queue's
+    first declaration): nothing is sent through them after that, and a producer
+    that waits for many tasks holds only its command and pub/sub connections."""
+    for name in ("_pool", "_async_pool"):
+        pool = getattr(channel, name, None)
+        if pool is not None:
+            pool.disconnect(inuse_connections=False)
+
+
 def message_commands(app: Celery, name: str, **options: Any) -> list[PublishCommand]:
     """The Redis commands that ``app.send_task(name, **options)`` would send.
 
@@ -50,6 +60,7 @@ def message_commands(app: Celery, name: str, **options: Any) -> list[PublishComm
             app.send_task(name, producer=producer, **options)
         finally:
             del producer._batch_local.current
+            _release_idle(producer.channel)
     if not any(command == "lpush" for command, _, _ in collector.commands):
         raise RuntimeError(f"kombu routed the message of {name} to no queue")
     return collector.commands

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from api.protocol.taskcalls import acknowledged
 from api.scripts import WholeScripts
 
 log = logging.getLogger(__name__)
@@ -89,5 +90,5 @@ def replicated(client: redis.Redis, build: Callable[[Any], None], scripts: Itera
         pipe.execute_command("WAIT", wanted, ack.wait_ms)
 
     *replies, role, acked = pipelined(client, with_wait, scripts)
-    ack.connected = len(role[2]) if role and role[0] in ("master", b"master") else 0
-    return replies, int(acked) >= min(wanted, ack.connected)
+    ack.connected, enough = acknowledged(role, acked, wanted)
+    return replies, enough

@@ -15,6 +15,10 @@ failover or a restart) gets its body by EVAL: `LuaScript` for a call, `pipelined
 resend.  Nothing else in `api` or `workers` sends EVAL, EVALSHA or registers a
 script (the architecture test says so).
 
+The asyncio producer (`api.aio_store`) has the same registry on a ``redis.asyncio``
+client, `AsyncScripts.of(client)`: the same lines, names and NOSCRIPT answer, awaited
+(``await scripts.task_read(record=..., lease=...)``).
+
 **Adding a script** is a file and one line: write ``api/protocol/lua/<name>.lua``
 (its first lines say ``-- KEYS:`` and ``-- ARGV:``), and add to `Scripts`
 
@@ -36,9 +40,11 @@ import logging
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import sha1
 from typing import Any, overload
 
 import redis
+import redis.asyncio as aioredis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
@@ -233,4 +239,57 @@ class Scripts:
         return registry
 
     def __iter__(self) -> Iterator[BoundScript]:
+        return iter(self.bound.values())
+
+
+class AsyncBoundScript:
+    """`BoundScript` on a ``redis.asyncio`` client: await it, or queue it into a
+    pipeline (`api.aio_store.pipelined` resends it whole to a server that lacks it)."""
+
+    def __init__(self, client: aioredis.Redis, spec: Lua) -> None:
+        self.client = client
+        self.spec = spec
+        self.script = lua.load(spec.name)
+        self.sha = sha1(self.script.encode("utf-8")).hexdigest()
+
+    async def __call__(self, **given: Any) -> Any:
+        numkeys, arguments = self.spec.arguments(given)
+        try:
+            return await self.client.evalsha(self.sha, numkeys, *arguments)
+        except NoScriptError:
+            log.info("Redis did not have a script cached (a new primary?): sending its body")
+            return await self.client.eval(self.script, numkeys, *arguments)
+
+    def queue(self, pipe: Any, **given: Any) -> None:
+        numkeys, arguments = self.spec.arguments(given)
+        pipe.evalsha(self.sha, numkeys, *arguments)
+
+
+_async_registries: weakref.WeakKeyDictionary[aioredis.Redis, AsyncScripts] = \
+    weakref.WeakKeyDictionary()
+
+
+class AsyncScripts:
+    """`Scripts`' lines on a ``redis.asyncio`` client: ``scripts.<name>`` is the
+    `AsyncBoundScript` of the script `Scripts` names so."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.bound = {spec.name: AsyncBoundScript(client, spec) for spec in Scripts.specs()}
+
+    @classmethod
+    def of(cls, client: aioredis.Redis) -> AsyncScripts:
+        """The registry of ``client``, built on its first use."""
+        registry = _async_registries.get(client)
+        if registry is None:
+            registry = _async_registries[client] = cls(client)
+        return registry
+
+    def __getattr__(self, name: str) -> AsyncBoundScript:
+        try:
+            return self.__dict__["bound"][name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __iter__(self) -> Iterator[AsyncBoundScript]:
         return iter(self.bound.values())

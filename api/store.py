@@ -7,33 +7,34 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from api.connection import RedisEndpoint, no_retry, parse_redis_url, redact_url
-from api.enums import VMTaskResult
 from api.errors import (
     BrokerAccessDeniedError,
     BrokerUnavailableError,
     TaskNotCancelableError,
     TaskNotFoundError,
 )
-from api.protocol import hresults, keys, records, tasklog
+from api.protocol import taskcalls, tasklog
 from api.protocol.records import (
     TaskSnapshot,
     cancel_record,
     judge_crashed,
     matching_tasks,
 )
+from api.protocol.taskcalls import PublishCommand
 from api.replication import Acknowledgement, pipelined, replicated
 from api.scripts import Scripts
+
+if TYPE_CHECKING:
+    from api.waiter import TaskWaiter
 
 # A TLS handshake that fails (wrong CA, wrong client certificate) and a refused
 # login are ConnectionErrors too; an ACL that forbids a command is NoPermissionError.
@@ -51,12 +52,6 @@ ACCESS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.AuthenticationErr
 # message that did arrive meets no record at the start gate and never runs.
 SEND_ERRORS: tuple[type[Exception], ...] = (OperationalError, BatchPublishError,
                                             *REFUSED_ERRORS)
-# What kombu's Redis transport sends for one message (`api.publish`).
-PublishCommand = tuple[str, str, Any]
-PUBLISH_COMMANDS = frozenset({"lpush", "pexpire", "publish"})
-PENDING_RECORD_TTL_SECONDS = 30 * 86400  # a queued task may wait for a host that is down
-UNCONFIRMED_DESCRIPTION = ("Withdrawn before it started: no Redis replica acknowledged the "
-                           "submit (the primary was failing over)")
 
 
 def connect(endpoint: RedisEndpoint | str, timeout: float = 5.0, **options: Any) -> redis.Redis:
@@ -111,6 +106,7 @@ class TaskStore:
                  lease_seconds: float = 15.0) -> None:
         self.client = client
         self.url = url
+        self._endpoint, self._timeout = endpoint, timeout
         self.retention_seconds = int(retention_seconds)
         self.lease_seconds = lease_seconds
         # Replica acknowledgement of a submit (`create`): on a client that never
@@ -124,9 +120,25 @@ class TaskStore:
         # Monitoring hooks (Celery events for Flower), set by whoever owns a Celery app.
         self.on_revoked: Callable[[str], None] | None = None
         self.on_crash_judged: Callable[[str], None] | None = None
-        # One pub/sub connection per thread, reused across waits: opening one per
-        # wait costs a TCP handshake and an AUTH each time.
+        # One pub/sub connection per thread for task logs followed; every wait of
+        # this store shares the waiter's one connection instead.
         self._local = threading.local()
+        self._waiter: TaskWaiter | None = None
+        self._waiter_lock = threading.Lock()
+
+    @property
+    def waiter(self) -> TaskWaiter:
+        """The one pub/sub connection (and its reader thread) of every wait."""
+        with self._waiter_lock:
+            if self._waiter is None:
+                from api.waiter import TaskWaiter  # api.waiter reads records through us
+
+                # Its own connection, never retried by redis-py (whose default waits
+                # up to 10 s between tries): the waiter reconnects, within a second.
+                client = (connect(self._endpoint, self._timeout, retry=no_retry())
+                          if self._endpoint is not None else self.client)
+                self._waiter = TaskWaiter(client, owns_client=client is not self.client)
+            return self._waiter
 
     def subscription(self) -> Any:
         pubsub = getattr(self._local, "pubsub", None)
@@ -174,33 +186,12 @@ class TaskStore:
         submit no replica acknowledged, or whose reply was lost, is withdrawn
         (`withdraw_unconfirmed`) and raises `BrokerUnavailableError`.
         """
-        now = time.time()
-        field = records.Field
-        fields = {
-            field.NAME: name,
-            field.DESCRIPTION: description,
-            field.HOST: host,
-            field.CANCELABLE: "1" if cancelable else "0",
-            field.STATE: records.PENDING,
-            field.PERCENT: "0",
-            field.CREATED: repr(now),
-            field.ARGUMENTS: json.dumps(dict(arguments), sort_keys=True),
-            **(extra or {}),
-        }
-        items: list[Any] = [item for pair in fields.items() for item in pair]
-        field_count = len(items)
-        for command, target, value in message:
-            if command not in PUBLISH_COMMANDS:
-                raise ValueError(f"not a publish command: {command!r}")
-            items += [command, target, value]
+        call = taskcalls.submit_arguments(
+            task_id, name=name, description=description, host=host, cancelable=cancelable,
+            arguments=arguments, message=message, extra=extra)
 
         def build(pipe: Any) -> None:
-            self.scripts.task_submit.queue(
-                pipe, record=keys.task_record(task_id), recent=keys.RECENT_TASKS,
-                host_pending=keys.host_pending(host), now=repr(now),
-                ttl=PENDING_RECORD_TTL_SECONDS, task_id=task_id,
-                heartbeat=keys.host_heartbeat(host), field_count=field_count,
-                items=items)
+            self.scripts.task_submit.queue(pipe, **call)
 
         if self._ack_client is None:
             with broker_errors(self.url):
@@ -220,18 +211,15 @@ class TaskStore:
         its record says so, and the submit stands."""
         with broker_errors(self.url):
             outcome = self.scripts.task_withdraw(
-                record=keys.task_record(task_id), channel=keys.task_channel(task_id),
-                now=repr(time.time()), retention=self.retention_seconds,
-                result=int(VMTaskResult.Cancelled), error=hresults.E_ABORT,
-                description=UNCONFIRMED_DESCRIPTION, task_id=task_id,
-                host_pending_prefix=keys.HOST_PENDING_PREFIX)
-        if outcome in ("WITHDRAWN", "MISSING"):
-            raise BrokerUnavailableError(
-                f"Could not enqueue {name}: no Redis replica acknowledged it in time "
-                "(the primary is failing over?); it was withdrawn and will not run")
+                **taskcalls.withdraw_arguments(task_id, self.retention_seconds))
+        withdrawn(name, outcome)
 
     def close(self) -> None:
         self.drop_subscription()
+        with self._waiter_lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
         if self._ack_client is not None:
             self._ack_client.close()
 
@@ -244,12 +232,8 @@ class TaskStore:
 
     def _read_once(self, task_id: str) -> TaskSnapshot:
         with broker_errors(self.url):
-            reply = self.scripts.task_read(record=keys.task_record(task_id),
-                                           lease=keys.task_lease(task_id))
-        snapshot = _snapshot_of(task_id, reply)
-        if snapshot is None:
-            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
-        return snapshot
+            reply = self.scripts.task_read(**taskcalls.read_arguments(task_id))
+        return found(task_id, taskcalls.snapshot_of(task_id, reply))
 
     def read_many(self, task_ids: Sequence[str]) -> list[TaskSnapshot | None]:
         """Every task's snapshot in one pipelined round trip, in order; None if unknown.
@@ -261,12 +245,11 @@ class TaskStore:
 
         def build(pipe: Any) -> None:
             for task_id in task_ids:
-                self.scripts.task_read.queue(pipe, record=keys.task_record(task_id),
-                                             lease=keys.task_lease(task_id))
+                self.scripts.task_read.queue(pipe, **taskcalls.read_arguments(task_id))
 
         with broker_errors(self.url):
             replies = pipelined(self.client, build, self.scripts)
-        return [_snapshot_of(task_id, reply)
+        return [taskcalls.snapshot_of(task_id, reply)
                 for task_id, reply in zip(task_ids, replies, strict=True)]
 
     def log(self, task_id: str, tail: int | None = None) -> list[str]:
@@ -280,9 +263,7 @@ class TaskStore:
         """The number of the first entry returned, and the log's entries, oldest
         first: those numbered after ``after``, the last ``tail`` of them at most."""
         with broker_errors(self.url):
-            reply = self.scripts.task_log_read(
-                record=keys.task_record(task_id), log=keys.task_log(task_id), after=after,
-                tail="" if tail is None else tail)
+            reply = self.scripts.task_log_read(**taskcalls.log_arguments(task_id, after, tail))
         if not reply:
             raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
         first, *raw = reply
@@ -309,19 +290,32 @@ class TaskStore:
             outcome = cancel_record(self.scripts, task_id, self.retention_seconds)
         if outcome == "REVOKED" and self.on_revoked is not None:
             self.on_revoked(task_id)
-        if outcome == "MISSING":
-            raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
-        if outcome == "NOT_CANCELABLE":
-            raise TaskNotCancelableError(f"Task {task_id} cannot be cancelled")
-        if outcome == "COMPLETE":
-            raise TaskNotCancelableError(f"Task {task_id} is already complete")
-        return str(outcome)
+        return cancelled(task_id, outcome)
 
 
-def _snapshot_of(task_id: str, reply: Sequence[str]) -> TaskSnapshot | None:
-    """A snapshot from `task_read.lua`'s reply: field/value pairs, then the lease flag."""
-    *pairs, lease = reply
-    if not pairs:
-        return None
-    fields = dict(zip(pairs[::2], pairs[1::2], strict=True))
-    return TaskSnapshot.from_record(task_id, fields, lease == "1")
+def found(task_id: str, snapshot: TaskSnapshot | None) -> TaskSnapshot:
+    """The snapshot of a task that exists; `TaskNotFoundError` otherwise."""
+    if snapshot is None:
+        raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+    return snapshot
+
+
+def cancelled(task_id: str, outcome: object) -> str:
+    """REVOKED (it was queued) or REQUESTED (it runs, and stops at its next check);
+    the other outcomes of `task_cancel.lua` raise."""
+    outcome = str(outcome)
+    if outcome == "MISSING":
+        raise TaskNotFoundError(f"No task with id {task_id!r} (unknown, or expired)")
+    if outcome == "NOT_CANCELABLE":
+        raise TaskNotCancelableError(f"Task {task_id} cannot be cancelled")
+    if outcome == "COMPLETE":
+        raise TaskNotCancelableError(f"Task {task_id} is already complete")
+    return outcome
+
+
+def withdrawn(name: str, outcome: object) -> None:
+    """Raise when the withdrawal took the task back (or it was gone): it will not run."""
+    if outcome in ("WITHDRAWN", "MISSING"):
+        raise BrokerUnavailableError(
+            f"Could not enqueue {name}: no Redis replica acknowledged it in time "
+            "(the primary is failing over?); it was withdrawn and will not run")

@@ -10,22 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from api.enums import VMTaskResult
-from api.errors import (
-    BrokerAccessDeniedError,
-    BrokerUnavailableError,
-    InvalidArgumentError,
-    InvalidTimeoutError,
-)
-from api.protocol import keys, records
+from api.errors import InvalidArgumentError, InvalidTimeoutError
 from api.protocol.records import TaskSnapshot
-from api.store import CONNECTION_ERRORS, TaskStore, access_denied, refusal_of
+from api.store import TaskStore
+from api.waiter import completions
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_WAIT_ERRORS: tuple[type[Exception], ...] = (BrokerUnavailableError, *CONNECTION_ERRORS)
 MAX_TIMEOUT_MS = 4_000_000
 WAIT_FOREVER = -1
 
@@ -153,74 +146,13 @@ class VMTask:
 
         Subscribes to the task's channel before reading its state, so a completion
         that lands between the two is never missed; re-reads every `poll_interval`
-        anyway in case a message is lost, and rides out Redis restarts.
+        anyway in case a message is lost, and rides out Redis restarts.  Every wait
+        of a server shares its one pub/sub connection (`api.waiter`).
         """
         validate_timeout(timeout)
         if timeout == 0:
             return self.snapshot().is_complete
         deadline = None if timeout == WAIT_FOREVER else time.monotonic() + timeout / 1000
-        backoff = 0.05
-        while True:
-            try:
-                return self._wait_subscribed(deadline)
-            except BrokerAccessDeniedError:
-                self._store.drop_subscription()
-                raise
-            except RETRYABLE_WAIT_ERRORS as exc:
-                self._store.drop_subscription()
-                # A lost connection is ridden out; a refused login (the password or
-                # ACL changed) will not heal by waiting.
-                refusal = refusal_of(exc)
-                if refusal is not None:
-                    raise access_denied(self._store.url, refusal) from None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise BrokerUnavailableError(
-                        f"Redis was unreachable until the wait for task {self._id} timed out"
-                    ) from exc
-                log.warning("Lost Redis while waiting for task %s; retrying: %s", self._id, exc)
-                time.sleep(backoff if remaining is None else min(backoff, remaining))
-                backoff = min(backoff * 2, 1.0)
-
-    def _wait_subscribed(self, deadline: float | None) -> bool:
-        """Subscribe, and only once Redis confirms it read the record: a completion
-        that lands in between is then either in the record or on the channel."""
-        channel = keys.task_channel(self._id)
-        pubsub = self._store.subscription()
-        pubsub.subscribe(channel)
-        try:
-            if not self._until(pubsub, channel, "subscribe", deadline):
-                return self.snapshot().is_complete
-            while True:
-                if self.snapshot().is_complete:
-                    return True
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                # The safety net: re-read every poll_interval in case a message is lost.
-                slice_end = time.monotonic() + (
-                    self.poll_interval if remaining is None else min(self.poll_interval, remaining)
-                )
-                # 'done' is published by the script that completes the record, so it
-                # needs no second read; 'progress' messages need none at all.
-                if self._until(pubsub, channel, records.MSG_DONE, slice_end):
-                    return True
-        finally:
-            self._store.release_subscription(channel)
-
-    @staticmethod
-    def _until(pubsub: Any, channel: str, wanted: str, deadline: float | None) -> bool:
-        """Read the subscription until ``wanted`` (a subscribe confirmation, or a
-        message's data) arrives on ``channel``; False at ``deadline``.  Replies left
-        over from earlier waits on this connection are skipped."""
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            message = pubsub.get_message(timeout=1.0 if left is None else left)
-            if message is None or message.get("channel") != channel:
-                continue
-            kind = message.get("type")
-            if (kind == "subscribe" and wanted == "subscribe") or (
-                    kind == "message" and message.get("data") == wanted):
-                return True
+        for _ in completions(self._store, [self._id], deadline, self.poll_interval):
+            return True
+        return False

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["commands", "round_trip", "throughput", "enqueue", "status", "backlog", "convert",
            "vm_save_restore", "control_latency", "migrate", "exporter", "scale",
            "linked_clone", "task_log", "live_snapshot",
-           "clone_remote", "evacuate", "backup"]
+           "clone_remote", "evacuate", "backup", "aio"]
 
 
 def main(names: list[str]) -> int:

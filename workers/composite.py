@@ -2,7 +2,7 @@
 
 A composite operation's body (a host evacuation is the first) drives its children
 through a `Composite`.  The children are ordinary tasks, submitted through a
-`VirtualServer` linked to the parent (`api.core.ParentLink`): each carries the
+`VirtualServer` linked to the parent (`api.submitting.ParentLink`): each carries the
 parent's id in its record and Celery's ``parent_id``/``root_id`` in its message,
 and is listed in the parent's record before it is queued.
 
@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from api.core import ParentLink
 from api.enums import VMTaskResult
 from api.errors import TaskNotCancelableError, VMTaskError
 from api.protocol import hresults, keys
 from api.protocol.records import TaskSnapshot
 from api.server import VirtualServer
+from api.submitting import ParentLink
 from api.task import VMTask
 from workers.failures import Cancelled, PeerFailed
 from workers.runtime import TaskRun

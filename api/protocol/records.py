@@ -78,6 +78,7 @@ MSG_CANCEL = "cancel"
 MSG_DONE = "done"
 
 MAX_RECENT_TASKS = 100_000
+CANCELLED = ("REVOKED", "REQUESTED")  # what a cancel answers when it took
 CRASH_DESCRIPTION = "The worker running the task stopped (killed, out of memory, or host lost)"
 
 
@@ -166,6 +167,16 @@ def finish_arguments(task_id: str, *, state: str, result: int, error: int, descr
     }
 
 
+def judge_arguments(task_id: str, retention_seconds: int,
+                    grace_seconds: float) -> dict[str, Any]:
+    """`lua/task_finish.lua`'s keyword arguments as a crash judgment of ``task_id``."""
+    return finish_arguments(
+        task_id, state=FAILURE, result=int(VMTaskResult.ThreadCrashError),
+        error=hresults.SERVER_FAULT, description=CRASH_DESCRIPTION,
+        finished=repr(time.time()), percent=0, retention=retention_seconds, judged=True,
+        grace=max(1, math.ceil(grace_seconds)))
+
+
 def judge_crashed(scripts: Scripts, task_id: str, retention_seconds: int,
                   grace_seconds: float) -> bool:
     """End a started task whose lease expired with ThreadCrashError; True if it did.
@@ -175,14 +186,15 @@ def judge_crashed(scripts: Scripts, task_id: str, retention_seconds: int,
     appears no task is judged: leases could not be renewed while the primary was
     switching.
     """
-    outcome = scripts.task_finish(**finish_arguments(
-        task_id, state=FAILURE, result=int(VMTaskResult.ThreadCrashError),
-        error=hresults.SERVER_FAULT, description=CRASH_DESCRIPTION,
-        finished=repr(time.time()), percent=0, retention=retention_seconds, judged=True,
-        grace=max(1, math.ceil(grace_seconds))))
+    outcome = scripts.task_finish(**judge_arguments(task_id, retention_seconds, grace_seconds))
     if outcome == "OK":
         cascade_cancel(scripts, task_id, retention_seconds)
     return bool(outcome == "OK")
+
+
+def children_of(raw: str | None) -> list[str]:
+    """A composite task's children, from its record's ``children`` field."""
+    return [str(child) for child in json.loads(raw)] if raw else []
 
 
 def cascade_cancel(scripts: Scripts, task_id: str, retention_seconds: int) -> list[str]:
@@ -191,11 +203,19 @@ def cascade_cancel(scripts: Scripts, task_id: str, retention_seconds: int) -> li
     runs on with nobody to follow it.  A child past its point of no return (a live
     migration past its switch-over) refuses, and finishes by itself.  The children
     cancelled."""
-    raw = scripts.client.hget(keys.task_record(task_id), Field.CHILDREN)
-    if not raw:
-        return []
-    return [child for child in json.loads(raw)
-            if cancel_record(scripts, child, retention_seconds) in ("REVOKED", "REQUESTED")]
+    children = children_of(scripts.client.hget(keys.task_record(task_id), Field.CHILDREN))
+    return [child for child in children
+            if cancel_record(scripts, child, retention_seconds) in CANCELLED]
+
+
+def cancel_arguments(task_id: str, retention_seconds: int, *,
+                     revoke_queued: bool = False) -> dict[str, Any]:
+    """`lua/task_cancel.lua`'s keyword arguments for ``task_id``."""
+    return {"record": keys.task_record(task_id), "channel": keys.task_channel(task_id),
+            "now": repr(time.time()), "retention": retention_seconds,
+            "result": int(VMTaskResult.Cancelled), "error": hresults.E_ABORT,
+            "revoke_queued": "1" if revoke_queued else "0", "task_id": task_id,
+            "host_pending_prefix": keys.HOST_PENDING_PREFIX}
 
 
 def cancel_record(scripts: Scripts, task_id: str, retention_seconds: int, *,
@@ -205,21 +225,22 @@ def cancel_record(scripts: Scripts, task_id: str, retention_seconds: int, *,
 
     Returns MISSING, COMPLETE, NOT_CANCELABLE, REVOKED (it was queued) or REQUESTED
     (it runs, and stops at its next check)."""
-    return str(scripts.task_cancel(
-        record=keys.task_record(task_id), channel=keys.task_channel(task_id),
-        now=repr(time.time()), retention=retention_seconds,
-        result=int(VMTaskResult.Cancelled), error=hresults.E_ABORT,
-        revoke_queued="1" if revoke_queued else "0", task_id=task_id,
-        host_pending_prefix=keys.HOST_PENDING_PREFIX))
+    return str(scripts.task_cancel(**cancel_arguments(task_id, retention_seconds,
+                                                      revoke_queued=revoke_queued)))
+
+
+def list_arguments(state: str | None, host: str | None, limit: int,
+                   horizon: int) -> dict[str, Any]:
+    """`lua/task_list.lua`'s keyword arguments (None: any state, any host)."""
+    return {"recent": keys.RECENT_TASKS, "record_prefix": keys.task_record(""),
+            "state": state or "", "host": host or "", "limit": limit, "horizon": horizon}
 
 
 def matching_tasks(scripts: Scripts, state: str | None, host: str | None, limit: int,
                    horizon: int) -> list[str]:
     """Ids of the newest tasks in ``state`` on ``host`` (None: any), newest first,
     looking at most ``horizon`` tasks back: filtered by Redis, one round trip."""
-    found = scripts.task_list(recent=keys.RECENT_TASKS, record_prefix=keys.task_record(""),
-                              state=state or "", host=host or "", limit=limit,
-                              horizon=horizon)
+    found = scripts.task_list(**list_arguments(state, host, limit, horizon))
     return [str(task_id) for task_id in found]
 
 

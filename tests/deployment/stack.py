@@ -38,7 +38,7 @@ from tests.deployment.docker_engine import (
 from workers.devtools.sandbox import REPO_ROOT, free_port, wait_until
 
 IMAGE_SERVICES = ("worker-a", "worker-b", "flower", "exporter", "worker-a-ha", "worker-b-ha",
-                  "flower-ha")
+                  "flower-ha", "exporter-ha")
 REDIS_SERVICES = ("redis", "redis-primary", "redis-replica")
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
 
@@ -53,7 +53,8 @@ def override(resolver: str) -> dict[str, Any]:
         services[name] = {"build": {"network": "host"}, "dns": [resolver],
                           "healthcheck": {"interval": "3s", "start_period": "60s"}}
     services["flower"]["healthcheck"] = services["flower-ha"]["healthcheck"] = \
-        services["exporter"]["healthcheck"] = {"interval": "2s", "start_period": "30s"}
+        services["exporter"]["healthcheck"] = services["exporter-ha"]["healthcheck"] = \
+        {"interval": "2s", "start_period": "30s"}
     return {"services": services}
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import redis
 
+from api import exporter
+from api.protocol import keys
 from api.settings import Settings
 from tests.deployment.compose_files import (
     COMPOSE,
@@ -34,7 +36,7 @@ from tests.deployment.compose_files import (
 from workers.devtools.sandbox import REPO_ROOT, free_port, stop_process_group, wait_until
 
 HA_SERVICES = {"redis-primary", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3",
-               "worker-a-ha", "worker-b-ha", "flower-ha"}
+               "worker-a-ha", "worker-b-ha", "flower-ha", "exporter-ha"}
 SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
 FOLLOWERS = ("worker-a-ha", "worker-b-ha", "flower-ha")
 MASTER = "vmtask"
@@ -61,6 +63,19 @@ def test_docker_compose_accepts_the_ha_profile(tmp_path: Path) -> None:
         assert environment["VMTASK_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_worker_password"
         # Started by name with their dependencies, they never pull in the single redis.
         assert set(service["depends_on"]) == set(SENTINELS)
+    # The exporter follows the primary too, as the read-only "exporter" user, and is
+    # the single stack's exporter otherwise (command, port, health check, hardening).
+    ha_exporter, single = services["exporter-ha"], services["exporter"]
+    assert ha_exporter["environment"]["VMTASK_REDIS_URL"].split(";") == [
+        "sentinel://exporter@sentinel-1:26379", "sentinel://sentinel-2:26379",
+        "sentinel://sentinel-3:26379"]
+    assert ha_exporter["environment"]["VMTASK_REDIS_SENTINEL_MASTER"] == MASTER
+    assert ha_exporter["environment"]["VMTASK_REDIS_PASSWORD_FILE"] == \
+        "/run/secrets/redis_exporter_password"
+    assert set(ha_exporter["depends_on"]) == set(SENTINELS)
+    for key in ("command", "ports", "healthcheck", "cap_drop", "security_opt", "secrets",
+                "mem_limit", "read_only", "user"):
+        assert ha_exporter.get(key) == single.get(key), key
     for name in ("redis-primary", "redis-replica", *SENTINELS):
         assert "ports" not in services[name], f"{name} must stay on the compose network"
     assert set(services["redis-replica"]["depends_on"]) == {"redis-primary"}
@@ -214,6 +229,20 @@ def test_the_profiles_redis_and_sentinels_fail_over_with_the_rendered_configs(
     assert worker_view.get("vmtask:ha-before") == "kept"
     worker_view.set("vmtask:ha-probe", "after")
     assert replica.get("vmtask:ha-probe") == "after"
+    # So does the exporter's, as the read-only "exporter" user: a scrape of the new
+    # primary that Redis refuses nothing of.
+    environment = {name: in_sandbox(value, secrets_dir)
+                   for name, value in service_env(compose, "exporter-ha").items()}
+    url = environment["VMTASK_REDIS_URL"]
+    for service, port in zip(SENTINELS, sentinel_ports, strict=True):
+        url = url.replace(f"{service}:26379", f"127.0.0.1:{port}")
+    environment["VMTASK_REDIS_URL"] = url
+    replica.sadd(keys.KNOWN_HOSTS, "ha-host")
+    replica.set(keys.host_heartbeat("ha-host"), "{}")
+    scraped = exporter.read(exporter.scrape_client(Settings.from_env(environment).endpoint,
+                                                   5.0))
+    assert scraped.hosts == ["ha-host"]
+    assert [e for e in replica.acl_log() if e.get("username") == "exporter"] == []
 
     # The old primary comes back with its own command and becomes a replica.
     nodes.append(data_node(compose, "redis-primary", secrets_dir, tmp_path / "primary",

@@ -279,7 +279,7 @@ def test_children_carry_celerys_parent_and_root_ids(redis_url: str) -> None:
     """What Flower draws its tree from: the message's parent_id and root_id headers."""
     import json
 
-    from api.core import ParentLink
+    from api.submitting import ParentLink
 
     with VirtualServer(redis_url, poll_interval=0.2) as linked:
         linked.redis.set(keys.host_heartbeat("phantom"), "{}", ex=30)

@@ -20,9 +20,10 @@ from api.enums import VMTaskResult
 from api.errors import BrokerUnavailableError, TaskNotCancelableError, TaskNotFoundError
 from api.protocol import hresults, keys, records
 from api.protocol.records import CRASH_DESCRIPTION, TaskSnapshot, cancel_record
+from api.protocol.taskcalls import PENDING_RECORD_TTL_SECONDS, UNCONFIRMED_DESCRIPTION
 from api.scripts import Scripts
 from api.settings import Settings
-from api.store import PENDING_RECORD_TTL_SECONDS, UNCONFIRMED_DESCRIPTION, TaskStore
+from api.store import TaskStore
 from workers.devtools.sandbox import RedisServer
 from workers.failures import Cancelled, Failure
 from workers.runtime import TaskRun, WorkerRedis, worker_identity

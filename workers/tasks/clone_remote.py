@@ -41,6 +41,7 @@ from workers.engines.storage import free_space
 from workers.failures import DiskError, IllegalValue, OperationFailed
 from workers.runtime import TaskRun, operation
 from workers.tasks.clones import JOURNAL, record_fields, remove_clone, source_tops
+from workers.tasks.migration import wait_manifest
 from workers.tasks.snapshots import check_snapshot_name
 from workers.tasks.transfer import (
     PeerWatch,
@@ -124,17 +125,6 @@ def _serve_one(run: TaskRun, served: Served, transfer_id: str, index: int,
     return True
 
 
-def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch) -> list[dict[str, Any]]:
-    while True:
-        raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), xfer.MANIFEST),
-                           "waiting for the source's manifest")
-        if raw:
-            manifest: list[dict[str, Any]] = json.loads(raw)
-            return manifest
-        server.check("source", gave_up="stopped the clone")
-        run.sleep(WATCH)
-
-
 @operation(tasks.VM_CLONE_IN)
 def clone_in(run: TaskRun, name: str, clone: str, snapshot: str | None, source_host: str,
              transfer_id: str, server_task_id: str) -> dict[str, Any]:
@@ -158,7 +148,7 @@ def clone_in(run: TaskRun, name: str, clone: str, snapshot: str | None, source_h
                                                  "source_host": source_host}))
     server = PeerWatch.of(run, server_task_id, source_host)
     try:
-        manifest = _wait_manifest(run, transfer_id, server)
+        manifest = wait_manifest(run, transfer_id, server, "clone")
         needed = sum(int(item["allocated"]) for item in manifest)
         if free_space(target) < needed:
             raise DiskError(f"Host {run.settings.host} has too little space for the clone "

@@ -202,15 +202,17 @@ def move_record(run: TaskRun, name: str, source_host: str, allowed: frozenset[S]
     return run.ride_out(move, f"moving the record of VM {name}")
 
 
-def _wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch
-                   ) -> list[dict[str, Any]]:
+def wait_manifest(run: TaskRun, transfer_id: str, server: PeerWatch,
+                  operation: str = "migration") -> list[dict[str, Any]]:
+    """The source's manifest of the files it serves, once it is published; the source
+    ending first ends this too (`PeerWatch.check`)."""
     while True:
         raw = run.ride_out(lambda: run.redis.hget(keys.transfer(transfer_id), xfer.MANIFEST),
                            "waiting for the source's manifest")
         if raw:
             manifest: list[dict[str, Any]] = json.loads(raw)
             return manifest
-        server.check("source", gave_up="stopped the migration")
+        server.check("source", gave_up=f"stopped the {operation}")
         run.sleep(WATCH)
 
 
@@ -243,7 +245,7 @@ def migrate_in(run: TaskRun, name: str, source_host: str, transfer_id: str,
     server = PeerWatch.of(run, server_task_id, source_host)
     try:
         with vm_lock(run, name):
-            manifest = _wait_manifest(run, transfer_id, server)
+            manifest = wait_manifest(run, transfer_id, server)
             targets = [files.resolve_output(item["path"]) for item in manifest]
             clash = [item["path"] for item, t in zip(manifest, targets, strict=True)
                      if os.path.lexists(t)]
