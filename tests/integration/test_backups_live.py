@@ -25,7 +25,8 @@ from tests.helpers import assert_succeeded as ok
 from tests.helpers import bitmaps, qemu_io, same
 from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 
-pytestmark = pytest.mark.slow
+# One xdist process runs the module in order: its booted guest is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("backups-live")]
 S = VMVMState
 CLUSTER = 65536
 # Backups read at 32 MiB/s per disk: slow enough to cancel or kill one mid-copy.

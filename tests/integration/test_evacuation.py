@@ -28,7 +28,8 @@ from workers.devtools.sandbox import RedisServer, WorkerProcess, wait_until
 from workers.engines.guest_agent import GuestAgentClient
 from workers.failures import OperationFailed
 
-pytestmark = pytest.mark.slow
+# One xdist process runs the module in order: its hosts and booted guests are built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evacuation")]
 S = VMVMState
 FAST = {"VMTASK_HEARTBEAT_SECONDS": "1", "VMTASK_LEASE_SECONDS": "3"}
 SLOW = {**FAST, "VMTASK_MIGRATE_MAX_BANDWIDTH": str(8 << 20)}
@@ -231,16 +232,24 @@ def test_evacuation_moves_every_vm_each_running_exactly_once(
     assert shown.code == 0 and "children" in shown.out
 
 
-def test_the_refusals_before_queueing(server: VirtualServer,
-                                      hosts: dict[str, WorkerProcess]) -> None:
+def test_the_refusals_before_queueing(server: VirtualServer, hosts: dict[str, WorkerProcess],
+                                      guests: dict[str, str]) -> None:
     with pytest.raises(errors.InvalidArgumentError):
         server.evacuate_host("alpha", destinations=["alpha"])
     with pytest.raises(errors.InvalidArgumentError):
         server.evacuate_host("alpha", max_parallel=0)
     with pytest.raises(errors.HostUnavailableError):
         server.evacuate_host("alpha", destinations=["nosuch"])
-    with pytest.raises(errors.HostUnavailableError, match="maintenance"):
-        vm(server, OFF[0]).migrate("alpha")
+    # A move onto a host in maintenance, wherever the earlier tests left the VM.
+    moving = vm(server, OFF[0])
+    target = next(h for h in HOSTS if h != moving.host)
+    held = server.host_status()[target]["maintenance"]
+    server.set_maintenance(target, True)
+    try:
+        with pytest.raises(errors.HostUnavailableError, match="maintenance"):
+            moving.migrate(target)
+    finally:
+        server.set_maintenance(target, held)
 
 
 def test_kill_9_of_the_driving_worker_ends_it_and_its_children(

@@ -69,6 +69,10 @@ class Rig:
             self.pausing = False
 
 
+# One xdist process runs the module in order: its booted guest is built once.
+pytestmark = pytest.mark.xdist_group("snapshots-live")
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     rig = Rig(Path(tmp_path_factory.mktemp("ls")))
