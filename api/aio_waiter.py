@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from api.errors import BrokerAccessDeniedError, BrokerUnavailableError
 from api.protocol.records import TaskSnapshot
 from api.store import access_denied, refusal_of
-from api.waiter import READER_ERRORS, RETRYABLE_WAIT_ERRORS
+from api.waiter import READER_ERRORS, RETRYABLE_WAIT_ERRORS, raise_unless_retryable
 from api.waiting import Event, Pending, WaitBook, Watch
 
 if TYPE_CHECKING:
@@ -259,13 +259,7 @@ async def completions(store: AsyncTaskStore, waiter: AsyncTaskWaiter,
                 except BrokerAccessDeniedError:
                     raise
                 except RETRYABLE_WAIT_ERRORS as exc:
-                    refusal = refusal_of(exc)
-                    if refusal is not None:
-                        raise access_denied(store.url, refusal) from None
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise BrokerUnavailableError(
-                            "Redis was unreachable until the wait for "
-                            f"{len(pending.pending)} task(s) timed out") from exc
+                    raise_unless_retryable(store.url, exc, deadline, len(pending.pending))
                     pending.reread.update(wanted)
                     await asyncio.sleep(min(backoff, _left(deadline, backoff)))
                     backoff = min(backoff * 2, 1.0)

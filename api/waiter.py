@@ -38,6 +38,21 @@ if TYPE_CHECKING:
 # A wait rides these out until its deadline; a refused login it does not.
 RETRYABLE_WAIT_ERRORS: tuple[type[Exception], ...] = (BrokerUnavailableError, *CONNECTION_ERRORS)
 
+
+def raise_unless_retryable(url: str, exc: Exception, deadline: float | None,
+                           waiting: int) -> None:
+    """After a failed read of the waited records: raise what ends the wait (an ACL
+    refusal, or Redis still away at the deadline); return when the read may be
+    tried again.  Shared by the sync and async waits."""
+    refusal = refusal_of(exc)
+    if refusal is not None:
+        raise access_denied(url, refusal) from None
+    if deadline is not None and time.monotonic() >= deadline:
+        raise BrokerUnavailableError(
+            f"Redis was unreachable until the wait for {waiting} task(s) timed out"
+        ) from exc
+
+
 log = logging.getLogger(__name__)
 
 # What ends a reader's connection: it subscribes anew on a fresh one.
@@ -255,13 +270,7 @@ def completions(store: TaskStore, task_ids: Collection[str], deadline: float | N
                 except BrokerAccessDeniedError:
                     raise
                 except RETRYABLE_WAIT_ERRORS as exc:
-                    refusal = refusal_of(exc)
-                    if refusal is not None:
-                        raise access_denied(store.url, refusal) from None
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise BrokerUnavailableError(
-                            "Redis was unreachable until the wait for "
-                            f"{len(pending.pending)} task(s) timed out") from exc
+                    raise_unless_retryable(store.url, exc, deadline, len(pending.pending))
                     pending.reread.update(wanted)
                     time.sleep(min(backoff, _left(deadline, backoff)))
                     backoff = min(backoff * 2, 1.0)
